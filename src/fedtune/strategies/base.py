@@ -1,0 +1,76 @@
+"""The Strategy protocol, its registry, and the pure aggregation functions strategies share."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from fedtune.errors import IncompatibleUpdateError
+from fedtune.registry import Registry
+from fedtune.types import AdapterState, ClientUpdate
+
+
+class Strategy(Protocol):
+    """Server-side logic of a method. State is a plain value passed in and returned, so a
+    checkpoint is just that value and a resumed run continues exactly.
+
+    Class attributes say how the recipe treats the strategy:
+        has_global: there is one shared model to evaluate and export.
+        personalized: each client ends with its own model (configure sends it).
+        pools_data: train on the pooled data of all clients (the centralized upper bound).
+    """
+
+    has_global: bool
+    personalized: bool
+    pools_data: bool
+
+    def init_state(self, global_state: AdapterState) -> Any: ...
+
+    def configure(self, rnd: int, client_ids: Sequence[str], state: Any) -> Mapping[str, AdapterState]: ...
+
+    def aggregate(self, rnd: int, updates: Sequence[ClientUpdate], state: Any) -> tuple[AdapterState, Any]: ...
+
+
+STRATEGIES: Registry[type] = Registry("strategy")
+
+
+def example_weights(updates: Sequence[ClientUpdate]) -> list[float]:
+    """p_k = n_k / sum_j n_j (FedAvg weights)."""
+    total = sum(u.num_examples for u in updates)
+    if total <= 0:
+        return [1.0 / len(updates)] * len(updates)
+    return [u.num_examples / total for u in updates]
+
+
+def weighted_mean(states: Sequence[AdapterState], weights: Sequence[float]) -> AdapterState:
+    """sum_k w_k * state_k, key by key (fp64 accumulation, fp32 result)."""
+    out: AdapterState = {}
+    for key in states[0]:
+        acc = torch.zeros_like(states[0][key], dtype=torch.float64)
+        for s, w in zip(states, weights):
+            acc += w * s[key].to(torch.float64)
+        out[key] = acc.to(torch.float32)
+    return out
+
+
+def sorted_updates(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+    """Updates in client-id order, so aggregation does not depend on arrival order."""
+    return sorted(updates, key=lambda u: u.client_id)
+
+
+def check_compatible(update: ClientUpdate, reference: AdapterState) -> None:
+    """Raise IncompatibleUpdateError unless keys, shapes and dtypes match the reference."""
+    keys, ref = set(update.delta), set(reference)
+    if keys != ref:
+        raise IncompatibleUpdateError(
+            f"update from {update.client_id!r}: missing keys {sorted(ref - keys)[:3]}, "
+            f"unknown keys {sorted(keys - ref)[:3]}"
+        )
+    for k, v in update.delta.items():
+        if v.shape != reference[k].shape:
+            raise IncompatibleUpdateError(
+                f"update from {update.client_id!r}: {k} has shape {tuple(v.shape)}, "
+                f"expected {tuple(reference[k].shape)}"
+            )

@@ -35,6 +35,16 @@ def _env() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _quiet_bars() -> None:
+    """Our own progress bars replace the library ones (partitioning, weight loading)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 @app.command()
 def run(
     config: Annotated[Path | None, typer.Argument(help="experiment YAML (see configs/)")] = None,
@@ -62,6 +72,8 @@ def run(
                 raise FedtuneError("give a CONFIG file, e.g. `fedtune run configs/demo.yaml`")
             cfg = load_config(config, set_ or [])
         from fedtune.recipes.federated import print_summary, run_federated
+
+        _quiet_bars()
 
         result = run_federated(cfg, resume=resume is not None, overwrite=overwrite, progress=progress)
     except FedtuneError as e:

@@ -32,6 +32,7 @@ def lora_config(cfg: AdapterConfig, model_type: str, r: int | None = None) -> An
         lora_dropout=cfg.dropout,
         target_modules=targets,
         bias="none",
+        fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores weights as Conv1D (in x out)
     )
 
 

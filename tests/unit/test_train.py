@@ -1,0 +1,49 @@
+import math
+
+import pytest
+import torch
+
+from fedtune.client.train import TrainSpec, get_lr, local_train_
+from fedtune.errors import TrainingDivergedError
+
+
+def test_lr_schedules() -> None:
+    s = TrainSpec(lr=1.0, lr_schedule="cosine", warmup_steps=2)
+    assert [get_lr(i, 10, s) for i in (0, 1)] == [0.5, 1.0]
+    assert get_lr(2, 10, s) == pytest.approx(1.0)
+    assert get_lr(6, 10, s) == pytest.approx(0.5)  # halfway through the cosine
+    lin = TrainSpec(lr=2.0, lr_schedule="linear")
+    assert get_lr(5, 10, lin) == pytest.approx(1.0)
+    assert get_lr(3, 10, TrainSpec(lr=0.3)) == 0.3
+
+
+def test_epochs_set_the_number_of_steps() -> None:
+    assert TrainSpec(epochs=2, batch_size=4, grad_accum=2).num_steps(20) == 5
+    assert TrainSpec(steps=7).num_steps(1000) == 7
+
+
+class Quadratic(torch.nn.Module):
+    """A stand-in 'language model' whose loss is ||w - 3||^2 (any batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, input_ids, labels):  # noqa: ARG002
+        return type("Out", (), {"loss": ((self.w - 3) ** 2).sum()})()
+
+
+def test_local_train_minimises_the_loss_and_reports_it() -> None:
+    m = Quadratic()
+    spec = TrainSpec(steps=200, lr=0.1, batch_size=2, max_grad_norm=None)
+    metrics = local_train_(m, [m.w], torch.zeros(8, 4, dtype=torch.long), spec, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(m.w.detach(), torch.full((4,), 3.0), atol=1e-2, rtol=0)
+    assert metrics["steps"] == 200 and metrics["train_last_loss"] < 1e-3
+
+
+def test_nan_loss_stops_training() -> None:
+    m = Quadratic()
+    with torch.no_grad():
+        m.w[0] = math.nan
+    with pytest.raises(TrainingDivergedError, match="loss is nan at local step 0"):
+        local_train_(m, [m.w], torch.zeros(4, 4, dtype=torch.long), TrainSpec(steps=3), torch.Generator())

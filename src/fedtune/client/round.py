@@ -9,9 +9,9 @@ import torch
 
 from fedtune.client.train import TrainSpec, local_train_
 from fedtune.data.blocks import Shard
-from fedtune.models.adapters import get_state, set_state_, trainable_parameters
+from fedtune.models.adapters import get_state, select_trainable_, set_state_
 from fedtune.seeding import derive_seed, torch_generator
-from fedtune.types import AdapterState, sub_states
+from fedtune.types import AdapterState
 
 
 def client_round(
@@ -23,11 +23,15 @@ def client_round(
     rnd: int,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> tuple[AdapterState, dict[str, float]]:
-    """Train from `received` on the client's shard; return (delta, metrics). Mutates only the
-    adapter tensors of the shared model, which the next client overwrites."""
+    """Train the received adapter tensors on the client's shard; return (delta, metrics).
+
+    Only the tensors in `received` train (and come back as a delta); the others keep their
+    shared initial values. Mutates only adapter tensors of the shared model, which the next
+    client overwrites."""
     set_state_(model, received)
-    params = trainable_parameters(model)
+    params = select_trainable_(model, received)
     gen = torch_generator(seed, "train", rnd, shard.client_id)
     torch.manual_seed(derive_seed(seed, "dropout", rnd, shard.client_id))  # LoRA dropout draws globally
     metrics = local_train_(model, params, shard.train, spec, gen, on_step=on_step)
-    return sub_states(get_state(model), received), metrics
+    trained = get_state(model)
+    return {k: trained[k] - received[k] for k in received}, metrics

@@ -65,8 +65,26 @@ def set_state_(model: Any, state: AdapterState) -> None:
         raise KeyError(f"adapter keys not in the model: {unexpected[:5]}")
 
 
-def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+def adapter_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
+    """Adapter parameters keyed like the adapter state (the adapter name 'default' removed)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            out[name.replace(".default", "")] = p
+    return out
+
+
+def select_trainable_(model: Any, keys: Any) -> list[torch.nn.Parameter]:
+    """Train exactly the adapter tensors named in `keys` (a client trains what it receives:
+    FFA-LoRA sends only B, so A stays the shared frozen init); return them in key order."""
+    params = adapter_parameters(model)
+    wanted = set(keys)
+    missing = wanted - set(params)
+    if missing:
+        raise KeyError(f"adapter keys not in the model: {sorted(missing)[:5]}")
+    for k, p in params.items():
+        p.requires_grad_(k in wanted)
+    return [params[k] for k in sorted(wanted)]
 
 
 def export_peft(state: AdapterState, config: Any, base_model: str, out_dir: str | Path) -> Path:

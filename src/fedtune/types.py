@@ -63,8 +63,8 @@ def clone_state(state: AdapterState) -> AdapterState:
 
 
 def add_states(a: AdapterState, b: AdapterState, scale: float = 1.0) -> AdapterState:
-    """Return a + scale * b (same keys)."""
-    return {k: a[k] + scale * b[k] for k in a}
+    """Return a + scale * b; keys of `a` missing from `b` are kept as they are (partial deltas)."""
+    return {k: a[k] + scale * b[k] if k in b else a[k] for k in a}
 
 
 def sub_states(a: AdapterState, b: AdapterState) -> AdapterState:

@@ -58,3 +58,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, monkeypatch
     run_dir = Path(cfg.run_dir())
     assert io.load_checkpoint(run_dir / io.CHECKPOINT)["round"] == 1
     assert max(r["round"] for r in io.read_jsonl(run_dir / io.METRICS)) == 1
+
+
+def test_ffa_moves_only_b_and_fedit_logs_its_error(tiny_cfg) -> None:
+    from fedtune.codecs import serialize
+    from fedtune.strategies.lora_math import B_SUFFIX
+
+    runs = {s: run_federated(tiny_cfg(f"strategy.name={s}", name=s), progress=False) for s in ("fedit", "ffa_lora")}
+    ckpt = io.load_checkpoint(runs["fedit"].run_dir / io.CHECKPOINT)
+    full = ckpt["global"]
+    only_b = {k: v for k, v in full.items() if k.endswith(B_SUFFIX)}
+    for name, expected in (("fedit", full), ("ffa_lora", only_b)):
+        recs = [r for r in runs[name].records if r["client"] and r["round"] == 1]
+        # bytes per client per direction = the serialized fp32 tensors it sends: 4 bytes a parameter + header
+        assert {r["bytes_up"] for r in recs} == {len(serialize(expected))}
+        assert {r["bytes_down"] for r in recs} == {len(serialize(expected))}
+    n_b = sum(v.numel() for v in only_b.values())
+    n_all = sum(v.numel() for v in full.values())
+    assert 4 * n_b < len(serialize(only_b)) < 4 * n_b + 1024 and n_b < n_all
+    summary = [r for r in runs["fedit"].records if r["client"] is None and r["round"] >= 1]
+    assert all(0 < r["agg_error"] < 1 for r in summary)

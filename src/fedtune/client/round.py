@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fedtune.client.train import TrainSpec, local_train_
+from fedtune.client.train import TrainSpec, local_train_, proximal_term
 from fedtune.data.blocks import Shard
 from fedtune.models.adapters import get_state, select_trainable_, set_state_
 from fedtune.seeding import derive_seed, torch_generator
@@ -32,6 +32,9 @@ def client_round(
     params = select_trainable_(model, received)
     gen = torch_generator(seed, "train", rnd, shard.client_id)
     torch.manual_seed(derive_seed(seed, "dropout", rnd, shard.client_id))  # LoRA dropout draws globally
-    metrics = local_train_(model, params, shard.train, spec, gen, on_step=on_step)
+    extra = None
+    if spec.prox_mu > 0:
+        extra = proximal_term(params, [received[k].clone() for k in sorted(received)], spec.prox_mu)
+    metrics = local_train_(model, params, shard.train, spec, gen, extra_loss=extra, on_step=on_step)
     trained = get_state(model)
     return {k: trained[k] - received[k] for k in received}, metrics

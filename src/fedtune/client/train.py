@@ -28,6 +28,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     bf16: bool = False
+    prox_mu: float = 0.0
 
     def num_steps(self, num_blocks: int) -> int:
         if self.epochs is None:
@@ -66,6 +67,15 @@ def lm_loss(model: Any, batch: torch.Tensor, bf16: bool) -> torch.Tensor:
     """Mean next-token cross-entropy of a batch of packed blocks [B, T]."""
     with autocast(bf16):
         return model(input_ids=batch, labels=batch).loss
+
+
+def proximal_term(params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float) -> Callable[[], torch.Tensor]:
+    """FedProx (arXiv:1812.06127): mu/2 * ||w - w_received||^2 keeps local steps near the global model."""
+
+    def term() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))  # type: ignore[return-value]
+
+    return term
 
 
 def local_train_(

@@ -94,6 +94,9 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
     bf16: bool = Field(False, description="bf16 autocast (about 1.5x faster on AVX512-BF16 CPUs)")
+    prox_mu: float = Field(
+        0.0, ge=0.0, description="FedProx proximal term mu/2 ||w - w_received||^2 (arXiv:1812.06127)"
+    )
 
 
 class _Named(BaseModel):

@@ -224,6 +224,8 @@ def run_federated(
             summary = _round_summary(evals, shards, up, down, wall, len(failures), prev.get("cum_bytes", 0))
             if updates:
                 summary["train_loss"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
+            if isinstance(sstate, dict):
+                summary.update(sstate.get("round_metrics", {}))  # e.g. FedIT's aggregation error
             records.append({"round": rnd, "client": None, **summary})
 
             # checkpoint: everything needed to continue exactly

@@ -17,6 +17,9 @@ from fedtune.models.load import model_problem
 from fedtune.registry import Registry
 from fedtune.strategies import STRATEGIES
 
+# Strategy fields fedtune fills in from the run (not user parameters).
+CONTEXT_FIELDS = ("lora_scale", "seed", "client_ranks")
+
 REGISTRIES: dict[str, Registry[Any]] = {
     "strategy": STRATEGIES,
     "codec": CODECS,
@@ -32,8 +35,10 @@ def check_named(field: str, registry: Registry[type], name: str, params: dict[st
     fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     problems = []
     for key in params:
-        if key not in fields:
-            valid = ", ".join(sorted(fields)) or "(none)"
+        if key in CONTEXT_FIELDS:
+            problems.append(Problem(f"{field}.{key}", params[key], "set by fedtune from the run", "remove it (use adapter.alpha / adapter.ranks / seed)"))
+        elif key not in fields:
+            valid = ", ".join(sorted(set(fields) - set(CONTEXT_FIELDS))) or "(none)"
             problems.append(Problem(f"{field}.{key}", params[key], f"unknown parameter of {registry.kind} {name!r}", f"valid parameters: {valid}"))
     known = {k: v for k, v in params.items() if k in fields}
     if known:
@@ -46,6 +51,16 @@ def check_named(field: str, registry: Registry[type], name: str, params: dict[st
         except (TypeError, ValueError) as e:
             problems.append(Problem(field, known, str(e), "fix the parameters"))
     return problems
+
+
+def check_ranks(cfg: ExperimentConfig) -> list[Problem]:
+    if cfg.adapter.ranks is None or cfg.strategy.name not in STRATEGIES:
+        return []
+    if getattr(STRATEGIES.get(cfg.strategy.name), "heterogeneous_ranks", False):
+        return []
+    ok = [n for n in STRATEGIES.names() if getattr(STRATEGIES.get(n), "heterogeneous_ranks", False)]
+    return [Problem("adapter.ranks", cfg.adapter.ranks, f"strategy {cfg.strategy.name!r} needs one rank for all clients",
+                    f"drop adapter.ranks or use one of: {', '.join(ok)}")]
 
 
 def check_data_source(cfg: ExperimentConfig) -> list[Problem]:
@@ -66,8 +81,13 @@ def check_model(cfg: ExperimentConfig) -> list[Problem]:
     return [Problem("model.name", cfg.model.name, why, "use 'smollm2', 'tiny' or a local HF model dir")]
 
 
-def build_strategy(cfg: ExperimentConfig) -> Any:
-    return STRATEGIES.get(cfg.strategy.name)(**cfg.strategy.params())
+def build_strategy(cfg: ExperimentConfig, **context: Any) -> Any:
+    """Instantiate the configured strategy; context (lora_scale, seed, client_ranks) is passed to
+    the strategies that declare those fields."""
+    cls = STRATEGIES.get(cfg.strategy.name)
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    extra = {k: v for k, v in context.items() if k in fields and k in CONTEXT_FIELDS}
+    return cls(**cfg.strategy.params(), **extra)
 
 
 def build_codec(cfg: ExperimentConfig) -> Any:

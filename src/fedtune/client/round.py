@@ -9,7 +9,7 @@ import torch
 
 from fedtune.client.train import TrainSpec, local_train_, proximal_term
 from fedtune.data.blocks import Shard
-from fedtune.models.adapters import get_state, select_trainable_, set_state_
+from fedtune.models.adapters import crop_to, get_state, select_trainable_, set_state_, split_state
 from fedtune.seeding import derive_seed, torch_generator
 from fedtune.types import AdapterState
 
@@ -29,12 +29,14 @@ def client_round(
     shared initial values. Mutates only adapter tensors of the shared model, which the next
     client overwrites."""
     set_state_(model, received)
-    params = select_trainable_(model, received)
+    lora, _ = split_state(received)
+    params = select_trainable_(model, lora)
     gen = torch_generator(seed, "train", rnd, shard.client_id)
     torch.manual_seed(derive_seed(seed, "dropout", rnd, shard.client_id))  # LoRA dropout draws globally
     extra = None
     if spec.prox_mu > 0:
-        extra = proximal_term(params, [received[k].clone() for k in sorted(received)], spec.prox_mu)
+        extra = proximal_term(params, [p.detach().clone() for p in params], spec.prox_mu)
     metrics = local_train_(model, params, shard.train, spec, gen, extra_loss=extra, on_step=on_step)
     trained = get_state(model)
-    return {k: trained[k] - received[k] for k in received}, metrics
+    # the delta has the received shapes (a rank-r_k client returns rank-r_k factors)
+    return {k: crop_to(trained[k], v.shape) - v for k, v in lora.items()}, metrics

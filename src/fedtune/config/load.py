@@ -129,6 +129,7 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
             Problem("data.source", cfg.data.source, "unknown data source",
                     f"use one of: {', '.join(components.DATA_SOURCES.names())}")
         )
+    problems += components.check_ranks(cfg)
     problems += components.check_data_source(cfg)
     problems += components.check_model(cfg)
     return problems

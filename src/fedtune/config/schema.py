@@ -76,9 +76,19 @@ class AdapterConfig(_Strict):
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    ranks: list[int] | None = Field(
+        None, description="per-client ranks in client-id order (flora, flexlora, hetlora); scale stays alpha/r"
+    )
     target_modules: list[str] | Literal["auto", "all-linear"] = Field(
         "auto", description="'auto' = PEFT's default per architecture (q,v for Llama; c_attn for GPT-2)"
     )
+
+
+    @model_validator(mode="after")
+    def _positive_ranks(self) -> AdapterConfig:
+        if self.ranks is not None and (not self.ranks or min(self.ranks) < 1):
+            raise ValueError(f"ranks = {self.ranks}: give one positive rank per client, e.g. [4, 8, 16, 16]")
+        return self
 
 
 class TrainConfig(_Strict):

@@ -23,7 +23,7 @@ from fedtune.data.sources import load_corpus
 from fedtune.engines.inprocess import InProcessEngine
 from fedtune.errors import FedtuneError, ResumeError, TrainingDivergedError
 from fedtune.evaluation.metrics import evaluate_blocks, summarize
-from fedtune.models.adapters import export_peft, get_state, inject_, lora_config, set_state_
+from fedtune.models.adapters import export_peft, get_state, inject_, lora_config, lora_scale, set_state_
 from fedtune.models.load import load_model, load_tokenizer, model_type, resolve_model_dir
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
@@ -62,6 +62,19 @@ def load_shards(cfg: ExperimentConfig, tokenizer: Any) -> dict[str, Shard]:
     corpus = load_corpus(cfg.data)
     parts = partition(corpus, cfg.partition, cfg.seed)
     return make_shards(parts, tokenizer, cfg.data, cfg.seed)
+
+
+def rank_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:
+    """adapter.ranks, in client-id order, as {client: rank} ({} when all clients share adapter.r)."""
+    ranks = cfg.adapter.ranks
+    if ranks is None:
+        return {}
+    if len(ranks) != len(client_ids):
+        from fedtune.errors import ConfigError, Problem
+
+        raise ConfigError([Problem("adapter.ranks", ranks, f"one rank per client is needed; there are {len(client_ids)} clients ({', '.join(client_ids)})",
+                                   f"give {len(client_ids)} ranks")])
+    return dict(zip(client_ids, ranks))
 
 
 def sample_clients(client_ids: list[str], fraction: float, min_clients: int, seed: int, rnd: int) -> list[str]:
@@ -130,13 +143,17 @@ def run_federated(
     client_ids = list(shards)
 
     # 2. model + adapter, built once
+    client_ranks = rank_per_client(cfg, client_ids)
     model = load_model(model_dir, cfg.model)
-    adapter_cfg = lora_config(cfg.adapter, model_type(model_dir))
+    r_max = max(client_ranks.values()) if client_ranks else None
+    adapter_cfg = lora_config(cfg.adapter, model_type(model_dir), r=r_max)
     model = inject_(model, adapter_cfg, derive_seed(cfg.seed, "adapter-init"))
     init_state = get_state(model)
 
     # 3. components
-    strategy = components.build_strategy(cfg)
+    strategy = components.build_strategy(
+        cfg, lora_scale=lora_scale(model), seed=cfg.seed, client_ranks=client_ranks
+    )
     codec = components.build_codec(cfg)
     spec = components.build_train_spec(cfg)
     train_shards = dict(shards)

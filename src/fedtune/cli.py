@@ -115,12 +115,17 @@ def validate(
 @app.command("ls")
 def ls() -> None:
     """List every registered component by kind."""
+    from rich.table import Table
+
     from fedtune.components import REGISTRIES
 
     for kind, reg in REGISTRIES.items():
-        out.print(f"[bold]{kind}[/bold]")
+        t = Table(title=kind, title_justify="left", show_header=False, box=None, padding=(0, 2))
+        t.add_column(style="bold", no_wrap=True)
+        t.add_column()
         for name in reg:
-            out.print(f"  {name:<16} {reg.doc(name)}", highlight=False)
+            t.add_row(name, reg.doc(name))
+        out.print(t)
 
 
 @app.command()

@@ -28,8 +28,8 @@ class Registry(Generic[T]):
             if name in self._items:
                 raise FedtuneError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = obj
-            first = (doc or (getattr(obj, "__doc__", None) or "")).strip().splitlines()
-            self._docs[name] = first[0] if first else ""
+            text = (doc or (getattr(obj, "__doc__", None) or "")).strip()
+            self._docs[name] = " ".join(text.split("\n\n")[0].split())  # first paragraph
             return obj
 
         return deco

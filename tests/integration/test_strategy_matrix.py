@@ -17,6 +17,9 @@ MATRIX = {
     "fedadam": ["strategy.inner=ffa_lora", "strategy.server_lr=0.01", "train.lr=0.02"],
     "fedavgm": ["strategy.server_lr=1.0", "strategy.beta1=0.5"],
     "fedyogi": ["strategy.server_lr=0.01"],
+    "flexlora": ["adapter.ranks=[2, 4, 4, 8]"],
+    "hetlora": ["adapter.ranks=[2, 4, 4, 8]"],
+    "lora_fair": [],
     "local": [],
     "centralized": [],
 }

@@ -19,8 +19,11 @@ StepCallback = Callable[[str, int, int, float], None]
 class InProcessEngine:
     """Runs client rounds sequentially on one shared model."""
 
-    def __init__(self, model: Any, shards: Mapping[str, Shard], codec: Any, spec: TrainSpec, seed: int):
+    def __init__(
+        self, model: Any, shards: Mapping[str, Shard], codec: Any, spec: TrainSpec, seed: int, penalty: Any = None
+    ):
         self.model = model
+        self.penalty = penalty
         self.shards = shards
         self.codec = codec
         self.spec = spec
@@ -44,7 +47,9 @@ class InProcessEngine:
             t0 = time.perf_counter()
             received, _ = self.codec.decode(payload, None)
             cb = (lambda s, n, loss, cid=cid: on_step(cid, s, n, loss)) if on_step else None
-            delta, metrics = client_round(self.model, received, shard, self.spec, self.seed, rnd, cb)
+            delta, metrics = client_round(
+                self.model, received, shard, self.spec, self.seed, rnd, cb, self.penalty
+            )
             up, states[cid] = self.codec.encode(delta, states.get(cid), torch_generator(self.seed, "codec-up", rnd, cid))
             metrics["client_seconds"] = time.perf_counter() - t0
             replies.append(

@@ -159,7 +159,7 @@ def run_federated(
     train_shards = dict(shards)
     if strategy.pools_data:
         train_shards = {"pooled": pooled(shards)}
-    engine = InProcessEngine(model, train_shards, codec, spec, cfg.seed)
+    engine = InProcessEngine(model, train_shards, codec, spec, cfg.seed, getattr(strategy, "client_penalty", None))
 
     # 4. start or resume
     if resume:

@@ -48,7 +48,7 @@ def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:
     rounds = round_rows(records)
     t = Table(title=f"{name}: test perplexity per client (base = round 0)")
     for col in ("client", "base ppl", "final ppl", "change", "MB up", "MB down", "train s"):
-        t.add_column(col, justify="left" if col == "client" else "right")
+        t.add_column(col, justify="left" if col == "client" else "right", no_wrap=col == "client")
     for cid, r in rows.items():
         base, final = r.get("base_ppl"), r.get("final_ppl")
         change = f"{100 * (final / base - 1):+.1f}%" if base and final else "-"

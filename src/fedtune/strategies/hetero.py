@@ -1,0 +1,131 @@
+"""Heterogeneous client ranks: FlexLoRA (SVD redistribution) and HetLoRA (zero-padding, norm
+weighting, rank self-pruning). Clients of rank r_k receive and return rank-r_k factors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedtune.models.adapters import pad_to
+from fedtune.strategies.base import STRATEGIES, example_weights, sorted_updates
+from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, lora_modules
+from fedtune.strategies.merge import client_states, truncate_rank, weighted_products
+from fedtune.types import AdapterState, ClientUpdate
+
+
+def svd_factors(dw: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-`rank` factors of dw = s * B @ A (Eckart-Young): A = V^T[:r], B = U[:, :r] S[:r] / s.
+    Also returns the relative truncation error ||dw - s B A||_F / ||dw||_F."""
+    u, s, vh = torch.linalg.svd(dw.double(), full_matrices=False)
+    r = min(rank, s.numel())
+    a = pad_to(vh[:r].float(), torch.Size([rank, dw.shape[1]]))
+    b = pad_to((u[:, :r] * s[:r] / scale).float(), torch.Size([dw.shape[0], rank]))
+    total = float(s.pow(2).sum())
+    err = (float(s[r:].pow(2).sum()) / total) ** 0.5 if total > 0 else 0.0
+    return a, b, err
+
+
+@STRATEGIES.register("flexlora")
+@dataclass(frozen=True)
+class FlexLoRA:
+    """FlexLoRA (arXiv:2402.11505): aggregate full dW = s sum_k p_k B_k A_k, redistribute by SVD
+    truncated to each client's rank (best rank-r_k approximation). Exact up to the max rank."""
+
+    lora_scale: float = 1.0  # set by fedtune
+    client_ranks: dict[str, int] = field(default_factory=dict)  # set by fedtune
+
+    has_global = True
+    personalized = False
+    pools_data = False
+    heterogeneous_ranks = True
+
+    def init_state(self, global_state: AdapterState) -> dict[str, Any]:
+        return {"global": global_state}
+
+    def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
+        return {cid: truncate_rank(state["global"], self.client_ranks.get(cid)) for cid in client_ids}
+
+    def aggregate(
+        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
+    ) -> tuple[AdapterState, dict[str, Any]]:
+        if not updates:
+            return state["global"], state
+        glob = state["global"]
+        ups = sorted_updates(updates)
+        sent = self.configure(rnd, [u.client_id for u in ups], state)
+        dense = weighted_products(client_states(glob, sent, ups), example_weights(ups), self.lora_scale)
+        new, errs = dict(glob), []
+        for m, dw in dense.items():
+            rank = glob[m + A_SUFFIX].shape[0]
+            new[m + A_SUFFIX], new[m + B_SUFFIX], err = svd_factors(dw, rank, self.lora_scale)
+            errs.append(err)
+        return new, {**state, "global": new, "round_metrics": {"agg_error": max(errs)}}
+
+
+def hetlora_tail(a: torch.Tensor, b: torch.Tensor, r: int, gamma: float) -> torch.Tensor:
+    """||A[floor(gamma r):r]|| * ||B[:, floor(gamma r):r]||: HetLoRA's rank self-pruning signal."""
+    cut = int(gamma * r)
+    return a[cut:r].norm() * b[:, cut:r].norm()
+
+
+@STRATEGIES.register("hetlora")
+@dataclass(frozen=True)
+class HetLoRA:
+    """HetLoRA (arXiv:2401.06432): zero-pad client factors to the max rank, average each tensor with
+    weights ||T_k||_F / sum_j ||T_j||_F, send client k the first r_k ranks. Rank self-pruning: a
+    client's loss adds lambda * sum ||A[gamma r:]|| ||B[:, gamma r:]||, and its rank drops to
+    floor(gamma r) when its tail product is below the global model's. Inexact (like FedIT)."""
+
+    prune_lambda: float = 0.01
+    prune_gamma: float = 0.99
+    client_ranks: dict[str, int] = field(default_factory=dict)  # set by fedtune
+
+    has_global = True
+    personalized = False
+    pools_data = False
+    heterogeneous_ranks = True
+
+    def init_state(self, global_state: AdapterState) -> dict[str, Any]:
+        return {"global": global_state, "ranks": dict(self.client_ranks)}
+
+    def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
+        return {cid: truncate_rank(state["global"], state["ranks"].get(cid)) for cid in client_ids}
+
+    def client_penalty(self, params: Mapping[str, torch.nn.Parameter], received: AdapterState) -> Callable[[], torch.Tensor] | None:
+        """The self-pruning regulariser on the client's own rank r_k (= the rank it received)."""
+        if self.prune_lambda <= 0:
+            return None
+        mods = [(params[m + A_SUFFIX], params[m + B_SUFFIX], received[m + A_SUFFIX].shape[0]) for m in lora_modules(received)]
+
+        def penalty() -> torch.Tensor:
+            return self.prune_lambda * sum(hetlora_tail(a, b, r, self.prune_gamma) for a, b, r in mods)  # type: ignore[return-value]
+
+        return penalty
+
+    def aggregate(
+        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
+    ) -> tuple[AdapterState, dict[str, Any]]:
+        if not updates:
+            return state["global"], state
+        glob = state["global"]
+        ups = sorted_updates(updates)
+        sent = self.configure(rnd, [u.client_id for u in ups], state)
+        clients = client_states(glob, sent, ups)
+        new = dict(glob)
+        for key in clients[0]:
+            padded = [pad_to(c[key], glob[key].shape) for c in clients]
+            norms = torch.stack([p.norm() for p in padded])
+            w = norms / norms.sum() if float(norms.sum()) > 0 else torch.full_like(norms, 1 / len(padded))
+            new[key] = sum(wi * p for wi, p in zip(w, padded))  # type: ignore[assignment]
+        ranks = dict(state["ranks"])
+        for u, c in zip(ups, clients):
+            r = ranks.get(u.client_id, glob[lora_modules(glob)[0] + A_SUFFIX].shape[0])
+            own = sum(float(hetlora_tail(c[m + A_SUFFIX], c[m + B_SUFFIX], r, self.prune_gamma)) for m in lora_modules(c))
+            ref = sum(float(hetlora_tail(new[m + A_SUFFIX], new[m + B_SUFFIX], r, self.prune_gamma)) for m in lora_modules(new))
+            if own < ref and int(self.prune_gamma * r) >= 1:
+                ranks[u.client_id] = int(self.prune_gamma * r)
+        return new, {**state, "global": new, "ranks": ranks,
+                     "round_metrics": {"mean_rank": sum(ranks.values()) / max(1, len(ranks))}}

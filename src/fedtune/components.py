@@ -53,6 +53,19 @@ def check_named(field: str, registry: Registry[type], name: str, params: dict[st
     return problems
 
 
+def check_adapter_kind(cfg: ExperimentConfig) -> list[Problem]:
+    """A strategy that needs a particular adapter (Fed-SB needs LoRA-SB) says so."""
+    if cfg.strategy.name not in STRATEGIES:
+        return []
+    need = getattr(STRATEGIES.get(cfg.strategy.name), "adapter_kind", None)
+    if need is not None and cfg.adapter.kind != need:
+        return [Problem("adapter.kind", cfg.adapter.kind, f"strategy {cfg.strategy.name!r} needs adapter.kind {need!r}",
+                        f"set adapter.kind: {need}")]
+    if cfg.adapter.kind == "lora_sb" and cfg.adapter.ranks is not None:
+        return [Problem("adapter.ranks", cfg.adapter.ranks, "LoRA-SB shares A and B: one rank for all", "drop adapter.ranks")]
+    return []
+
+
 def check_ranks(cfg: ExperimentConfig) -> list[Problem]:
     if cfg.adapter.ranks is None or cfg.strategy.name not in STRATEGIES:
         return []

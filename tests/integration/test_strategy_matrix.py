@@ -20,6 +20,7 @@ MATRIX = {
     "flexlora": ["adapter.ranks=[2, 4, 4, 8]"],
     "hetlora": ["adapter.ranks=[2, 4, 4, 8]"],
     "lora_fair": [],
+    "fedsb": ["adapter.kind=lora_sb", "train.lr=0.02"],
     "local": [],
     "centralized": [],
 }
@@ -52,7 +53,7 @@ def test_strategy_end_to_end_and_resume(tiny_cfg, name: str) -> None:
     assert no_time(resumed.records) == no_time(full.records)
 
 
-@pytest.mark.parametrize("name", ["fedex_lora", "flora", "ffa_lora"])
+@pytest.mark.parametrize("name", ["fedex_lora", "flora", "ffa_lora", "fedsb"])
 def test_exported_adapter_reproduces_the_global_model(tiny_cfg, name: str) -> None:
     from peft import PeftModel
 
@@ -66,8 +67,13 @@ def test_exported_adapter_reproduces_the_global_model(tiny_cfg, name: str) -> No
     mcfg = ModelConfig(name="tiny")
     d = str(tiny_dir(mcfg, 0))
     # the engine's view: base + offsets + adapter at the run's max rank and scale alpha/r = 2
-    r = max(v.shape[0] for k, v in glob.items() if k.endswith("lora_A.weight"))
-    ours = inject_(load_model(d, mcfg), lora_config(AdapterConfig(r=r, alpha=2.0 * r), "llama"), 0)
+    if name == "fedsb":
+        from fedtune.adapters.lora_sb import inject_lora_sb_
+
+        ours = inject_lora_sb_(load_model(d, mcfg), ["q_proj", "v_proj"], 4, torch.zeros(1, 8, dtype=torch.long), 0.0)
+    else:
+        r = max(v.shape[0] for k, v in glob.items() if k.endswith("lora_A.weight"))
+        ours = inject_(load_model(d, mcfg), lora_config(AdapterConfig(r=r, alpha=2.0 * r), "llama"), 0)
     set_state_(ours, glob)
     theirs = PeftModel.from_pretrained(load_model(d, mcfg), str(run.run_dir / "adapters" / "global"))
     ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -9,7 +9,7 @@ import torch
 
 from fedtune.client.train import TrainSpec, local_train_, proximal_term
 from fedtune.data.blocks import Shard
-from fedtune.models.adapters import adapter_parameters, crop_to, get_state, select_trainable_, set_state_, split_state
+from fedtune.models.adapters import adapter_parameters, crop_to, get_state, select_trainable_, set_state_, trainable_keys
 from fedtune.seeding import derive_seed, torch_generator
 from fedtune.types import AdapterState
 
@@ -33,7 +33,7 @@ def client_round(
     client overwrites. `penalty(params_by_key, received)` may add a strategy's client-side
     regulariser (HetLoRA's rank self-pruning term)."""
     set_state_(model, received)
-    lora, _ = split_state(received)
+    lora = {k: received[k] for k in trainable_keys(received)}
     params = select_trainable_(model, lora)
     gen = torch_generator(seed, "train", rnd, shard.client_id)
     torch.manual_seed(derive_seed(seed, "dropout", rnd, shard.client_id))  # LoRA dropout draws globally

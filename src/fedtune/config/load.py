@@ -130,6 +130,7 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
                     f"use one of: {', '.join(components.DATA_SOURCES.names())}")
         )
     problems += components.check_ranks(cfg)
+    problems += components.check_adapter_kind(cfg)
     problems += components.check_data_source(cfg)
     problems += components.check_model(cfg)
     return problems

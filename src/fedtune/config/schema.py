@@ -72,7 +72,7 @@ class PartitionConfig(_Strict):
 
 
 class AdapterConfig(_Strict):
-    kind: Literal["lora"] = "lora"
+    kind: Literal["lora", "lora_sb"] = Field("lora", description="'lora_sb': dW = B R A, only R trains (Fed-SB)")
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -83,6 +83,13 @@ class AdapterConfig(_Strict):
         "auto", description="'auto' = PEFT's default per architecture (q,v for Llama; c_attn for GPT-2)"
     )
 
+
+    sb_init: str = Field(
+        "client", description="LoRA-SB init data: 'client' (first client's validation split), "
+        "'client:<id>' (a consenting client), or 'source:<name>' (a public corpus)"
+    )
+    sb_init_blocks: int = Field(8, ge=1, description="blocks of init data for the gradient estimate")
+    sb_init_lr: float | None = Field(None, ge=0.0, description="R_0 = -init_lr * S_r (default: train.lr)")
 
     @model_validator(mode="after")
     def _positive_ranks(self) -> AdapterConfig:

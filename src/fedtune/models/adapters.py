@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from fedtune.adapters.lora_sb import FROZEN_SUFFIXES, SB_R, is_lora_sb, sb_parameters, sb_to_lora
 from fedtune.config.schema import AdapterConfig
 from fedtune.types import AdapterState
 
@@ -51,7 +52,7 @@ def get_state(model: Any) -> AdapterState:
     """The adapter tensors (PEFT names without the adapter name), detached fp32 CPU copies."""
     from peft import get_peft_model_state_dict
 
-    sd = get_peft_model_state_dict(model)
+    sd = sb_parameters(model) if is_lora_sb(model) else get_peft_model_state_dict(model)
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
 
 
@@ -91,7 +92,12 @@ def set_state_(model: Any, state: AdapterState) -> None:
     unknown = [k for k in lora if k not in params]
     if unknown:
         raise KeyError(f"adapter keys not in the model: {unknown[:5]}")
-    set_peft_model_state_dict(model, {k: pad_to(v, params[k].shape) for k, v in lora.items()})
+    if is_lora_sb(model):
+        with torch.no_grad():
+            for k, v in lora.items():
+                params[k].copy_(v)
+    else:
+        set_peft_model_state_dict(model, {k: pad_to(v, params[k].shape) for k, v in lora.items()})
     apply_base_deltas_(model, base)
 
 
@@ -116,7 +122,9 @@ def apply_base_deltas_(model: Any, deltas: AdapterState) -> None:
 
 
 def lora_scale(model: Any) -> float:
-    """The LoRA scale s = alpha / r of the injected adapter."""
+    """The LoRA scale s = alpha / r of the injected adapter (1 for LoRA-SB)."""
+    if is_lora_sb(model):
+        return 1.0
     for m in model.modules():
         scaling = getattr(m, "scaling", None)
         if isinstance(scaling, dict) and "default" in scaling:
@@ -126,6 +134,8 @@ def lora_scale(model: Any) -> float:
 
 def adapter_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
     """Adapter parameters keyed like the adapter state (the adapter name 'default' removed)."""
+    if is_lora_sb(model):
+        return sb_parameters(model)
     out = {}
     for name, p in model.named_parameters():
         if "lora_" in name:
@@ -133,11 +143,16 @@ def adapter_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
     return out
 
 
+def trainable_keys(state: AdapterState) -> list[str]:
+    """Keys a client trains and returns: not base offsets, not frozen shared factors (LoRA-SB A, B)."""
+    return [k for k in state if not k.endswith(BASE_DELTA) and not k.endswith(FROZEN_SUFFIXES)]
+
+
 def select_trainable_(model: Any, keys: Any) -> list[torch.nn.Parameter]:
     """Train exactly the adapter tensors named in `keys` (a client trains what it receives:
     FFA-LoRA sends only B, so A stays the shared frozen init); return them in key order."""
     params = adapter_parameters(model)
-    wanted = {k for k in keys if not k.endswith(BASE_DELTA)}
+    wanted = set(trainable_keys(dict.fromkeys(keys)))  # type: ignore[arg-type]
     missing = wanted - set(params)
     if missing:
         raise KeyError(f"adapter keys not in the model: {sorted(missing)[:5]}")
@@ -171,6 +186,10 @@ def export_peft(state: AdapterState, config: Any, base_model: str, out_dir: str 
     Base-weight offsets (FedEx-LoRA, FLoRA) are folded exactly into a LoRA of larger rank."""
     import copy
 
+    if any(k.endswith(SB_R) for k in state):  # LoRA-SB: B (R A) is an ordinary LoRA of scale 1
+        state = sb_to_lora(state)
+        config = copy.deepcopy(config)
+        config.lora_alpha = float(config.r)
     state, folded_rank = fold_base_deltas(state, config.lora_alpha / config.r)
     if folded_rank is not None:
         config = copy.deepcopy(config)

@@ -23,6 +23,7 @@ from fedtune.data.sources import load_corpus
 from fedtune.engines.inprocess import InProcessEngine
 from fedtune.errors import FedtuneError, ResumeError, TrainingDivergedError
 from fedtune.evaluation.metrics import evaluate_blocks, summarize
+from fedtune.adapters.lora_sb import inject_lora_sb_
 from fedtune.models.adapters import export_peft, get_state, inject_, lora_config, lora_scale, set_state_
 from fedtune.models.load import load_model, load_tokenizer, model_type, resolve_model_dir
 from fedtune.report import io
@@ -75,6 +76,31 @@ def rank_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, i
         raise ConfigError([Problem("adapter.ranks", ranks, f"one rank per client is needed; there are {len(client_ids)} clients ({', '.join(client_ids)})",
                                    f"give {len(client_ids)} ranks")])
     return dict(zip(client_ids, ranks))
+
+
+def target_names(model: Any, adapter_cfg: Any) -> list[str]:
+    """Explicit target module names ('all-linear' = every Linear but the LM head)."""
+    if not isinstance(adapter_cfg.target_modules, str):
+        return sorted(adapter_cfg.target_modules)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(names - {"lm_head"})
+
+
+def sb_init_blocks(cfg: ExperimentConfig, shards: dict[str, Shard], tokenizer: Any) -> torch.Tensor:
+    """Data for LoRA-SB's gradient estimate: only what the server may see (adapter.sb_init)."""
+    how, n = cfg.adapter.sb_init, cfg.adapter.sb_init_blocks
+    if how.startswith("source:"):
+        from fedtune.data.blocks import pack
+
+        public = load_corpus(cfg.data.model_copy(update={"source": how.split(":", 1)[1], "labels": None}))
+        return pack([str(t) for t in public["text"][: 4 * n]], tokenizer, cfg.data.block_size)[:n]
+    cid = how.split(":", 1)[1] if ":" in how else next(iter(shards))
+    if cid not in shards:
+        from fedtune.errors import ConfigError, Problem
+
+        raise ConfigError([Problem("adapter.sb_init", how, "unknown client", f"use one of: {', '.join(shards)}")])
+    shard = shards[cid]
+    return (shard.val if shard.val.shape[0] > 0 else shard.train)[:n]
 
 
 def sample_clients(client_ids: list[str], fraction: float, min_clients: int, seed: int, rnd: int) -> list[str]:
@@ -147,7 +173,12 @@ def run_federated(
     model = load_model(model_dir, cfg.model)
     r_max = max(client_ranks.values()) if client_ranks else None
     adapter_cfg = lora_config(cfg.adapter, model_type(model_dir), r=r_max)
-    model = inject_(model, adapter_cfg, derive_seed(cfg.seed, "adapter-init"))
+    if cfg.adapter.kind == "lora_sb":
+        init_lr = cfg.adapter.sb_init_lr if cfg.adapter.sb_init_lr is not None else cfg.train.lr
+        model = inject_lora_sb_(model, target_names(model, adapter_cfg), cfg.adapter.r,
+                                sb_init_blocks(cfg, shards, tokenizer), init_lr)
+    else:
+        model = inject_(model, adapter_cfg, derive_seed(cfg.seed, "adapter-init"))
     init_state = get_state(model)
 
     # 3. components

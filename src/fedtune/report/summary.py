@@ -40,7 +40,7 @@ def round_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def mb(n: float) -> str:
-    return f"{n / 1e6:.2f}"
+    return f"{n / 1e6:.3g}"
 
 
 def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:

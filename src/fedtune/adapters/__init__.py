@@ -1,0 +1,1 @@
+"""Adapters from the papers that PEFT does not ship, one file each."""

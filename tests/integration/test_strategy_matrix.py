@@ -34,13 +34,27 @@ def no_time(records):
     return [{k: v for k, v in r.items() if "seconds" not in k} for r in records]
 
 
+def fedtune_cli(*args: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name", list(MATRIX))
-def test_strategy_end_to_end_and_resume(tiny_cfg, name: str) -> None:
+def test_strategy_end_to_end_and_resume(tiny_cfg, tmp_path, name: str) -> None:
     over = (f"strategy.name={name}", "rounds=3", "train.steps=3", *MATRIX[name])
-    full = run_federated(tiny_cfg(*over, name="full"), progress=False)
-    rounds = {r["round"]: r for r in full.records if r["client"] is None}
+    sets = [x for o in over for x in ("--set", o)]
+    # uninterrupted, through the CLI
+    fedtune_cli("run", "configs/tiny.yaml", "--no-progress", *sets, "--set", f"output_dir={tmp_path / 'full'}")
+    full = io.read_jsonl(tmp_path / "full" / io.METRICS)
+    rounds = {r["round"]: r for r in full if r["client"] is None}
     assert rounds[3]["mean_ppl"] < rounds[0]["mean_ppl"]
 
+    # interrupted after round 2, then `fedtune run --resume`
     cfg = tiny_cfg(*over, name="cut")
 
     def stop(rnd: int) -> None:
@@ -49,8 +63,8 @@ def test_strategy_end_to_end_and_resume(tiny_cfg, name: str) -> None:
 
     with pytest.raises(Interrupt):
         run_federated(cfg, progress=False, after_round=stop)
-    resumed = run_federated(cfg, resume=True, progress=False)
-    assert no_time(resumed.records) == no_time(full.records)
+    fedtune_cli("run", "--resume", cfg.run_dir(), "--no-progress")
+    assert no_time(io.read_jsonl(tmp_path / "cut" / io.METRICS)) == no_time(full)
 
 
 @pytest.mark.parametrize("name", ["fedex_lora", "flora", "ffa_lora", "fedsb"])
@@ -79,3 +93,37 @@ def test_exported_adapter_reproduces_the_global_model(tiny_cfg, name: str) -> No
     ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["fedex_lora", "flora"])
+def test_merging_strategies_count_the_dense_offset_on_the_downlink(tiny_cfg, name: str) -> None:
+    from fedtune.codecs import serialize
+    from fedtune.models.adapters import BASE_DELTA
+
+    over = (f"strategy.name={name}", "rounds=1", "train.steps=2")
+    run = run_federated(tiny_cfg(*over, name="bytes"), progress=False)
+    glob = io.load_checkpoint(run.run_dir / io.CHECKPOINT)["global"]
+    lora = {k: v for k, v in glob.items() if not k.endswith(BASE_DELTA)}
+    recs = [r for r in run.records if r["client"] and r["round"] == 1]
+    # uplink: the trained A and B; downlink: A, B and the dense d x k offset of every module
+    assert {r["bytes_up"] for r in recs} == {len(serialize(lora))}
+    assert {r["bytes_down"] for r in recs} == {len(serialize(glob))}
+    dense = sum(v.numel() for k, v in glob.items() if k.endswith(BASE_DELTA))
+    assert len(serialize(glob)) - len(serialize(lora)) >= 4 * dense
+
+
+@pytest.mark.parametrize("name", ["flexlora", "hetlora", "flora"])
+def test_a_rank_r_client_moves_rank_r_factors(tiny_cfg, name: str) -> None:
+    from fedtune.codecs import serialize
+    from fedtune.models.adapters import BASE_DELTA
+    from fedtune.strategies.merge import truncate_rank
+
+    run = run_federated(tiny_cfg(f"strategy.name={name}", "rounds=1", "train.steps=2",
+                                 "adapter.ranks=[2, 4, 4, 8]", name="ranks"), progress=False)
+    glob = io.load_checkpoint(run.run_dir / io.CHECKPOINT)["global"]
+    lora = {k: v for k, v in glob.items() if not k.endswith(BASE_DELTA)}
+    ups = {r["client"]: r["bytes_up"] for r in run.records if r["client"] and r["round"] == 1}
+    ranks = dict(zip(sorted(ups), [2, 4, 4, 8]))
+    for cid, n in ups.items():
+        assert n == len(serialize(truncate_rank(lora, ranks[cid])))
+    assert ups["email"] < ups["http"] == ups["json"] < ups["logging"]

@@ -86,6 +86,22 @@ def run(
     print_summary(result, out)
 
 
+def _run_flower_sim(cfg, resume: bool, overwrite: bool):  # type: ignore[no-untyped-def]
+    from fedtune.errors import FedtuneError
+
+    try:
+        from fedtune.engines import flower
+    except ImportError:
+        raise FedtuneError(
+            "engine 'flower-sim' needs the flower extra: pip install -e '.[flower]' (pins flwr==1.41.0)"
+        ) from None
+    from fedtune.data.partition import partition
+    from fedtune.data.sources import load_corpus
+
+    num_clients = len(partition(load_corpus(cfg.data), cfg.partition, cfg.seed))
+    return flower.run_simulation(cfg, num_clients, resume=resume, overwrite=overwrite)
+
+
 @app.command()
 def validate(
     config: Annotated[Path, typer.Argument(help="experiment YAML")],

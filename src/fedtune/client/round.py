@@ -9,7 +9,14 @@ import torch
 
 from fedtune.client.train import TrainSpec, local_train_, proximal_term
 from fedtune.data.blocks import Shard
-from fedtune.models.adapters import adapter_parameters, crop_to, get_state, select_trainable_, set_state_, trainable_keys
+from fedtune.models.adapters import (
+    adapter_parameters,
+    crop_to,
+    get_state,
+    select_trainable_,
+    set_state_,
+    trainable_keys,
+)
 from fedtune.seeding import derive_seed, torch_generator
 from fedtune.types import AdapterState
 

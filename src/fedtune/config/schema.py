@@ -135,7 +135,10 @@ class CodecConfig(_Named):
 
 
 class EngineConfig(_Strict):
-    name: Literal["inprocess"] = "inprocess"
+    name: Literal["inprocess", "flower-sim"] = Field(
+        "inprocess", description="'inprocess' (default) or 'flower-sim' (Flower's simulation runtime; extra 'flower')"
+    )
+    timeout: float = Field(600.0, gt=0.0, description="seconds to wait for client replies (Flower)")
 
 
 class SamplingConfig(_Strict):

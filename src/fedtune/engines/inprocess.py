@@ -10,6 +10,8 @@ from typing import Any
 from fedtune.client.round import client_round
 from fedtune.client.train import TrainSpec
 from fedtune.data.blocks import Shard
+from fedtune.evaluation.metrics import evaluate_blocks
+from fedtune.models.adapters import set_state_
 from fedtune.seeding import torch_generator
 from fedtune.types import AdapterState, ClientFailure, ClientUpdate
 
@@ -20,10 +22,14 @@ class InProcessEngine:
     """Runs client rounds sequentially on one shared model."""
 
     def __init__(
-        self, model: Any, shards: Mapping[str, Shard], codec: Any, spec: TrainSpec, seed: int, penalty: Any = None
+        self, model: Any, shards: Mapping[str, Shard], codec: Any, spec: TrainSpec, seed: int, penalty: Any = None,
+        *, eval_shards: Mapping[str, Shard] | None = None, eval_batch_size: int = 8,
     ):
         self.model = model
         self.penalty = penalty
+        self.eval_shards = eval_shards if eval_shards is not None else shards
+        self.eval_batch_size = eval_batch_size
+        self.collected_bytes = 0
         self.shards = shards
         self.codec = codec
         self.spec = spec
@@ -56,6 +62,24 @@ class InProcessEngine:
                 ClientUpdate(cid, _decode(self.codec, up), shard.num_examples, metrics, len(up), len(payload))
             )
         return replies, states
+
+    def evaluate(self, states: Mapping[str, AdapterState]) -> dict[str, dict[str, float]]:
+        """Each client's test loss/ppl under the state given for it."""
+        return evaluate_states(self.model, self.eval_shards, states, self.eval_batch_size, self.spec.bf16)
+
+
+def evaluate_states(
+    model: Any, shards: Mapping[str, Shard], states: Mapping[str, AdapterState], batch_size: int, bf16: bool
+) -> dict[str, dict[str, float]]:
+    """Test loss/ppl of each client under the adapter state given for it."""
+    out: dict[str, dict[str, float]] = {}
+    current: AdapterState | None = None
+    for cid, state in states.items():
+        if state is not current:  # global strategies share one state: load it once
+            set_state_(model, state)
+            current = state
+        out[cid] = evaluate_blocks(model, shards[cid].test, batch_size, bf16)
+    return out
 
 
 def _decode(codec: Any, payload: bytes) -> AdapterState:

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedtune import components
+from fedtune.adapters.lora_sb import inject_lora_sb_
 from fedtune.codecs import serialize
 from fedtune.config import ExperimentConfig, config_to_yaml
 from fedtune.data.blocks import Shard, make_shards, pooled
@@ -22,9 +23,14 @@ from fedtune.data.partition import partition
 from fedtune.data.sources import load_corpus
 from fedtune.engines.inprocess import InProcessEngine
 from fedtune.errors import FedtuneError, ResumeError, TrainingDivergedError
-from fedtune.evaluation.metrics import evaluate_blocks, summarize
-from fedtune.adapters.lora_sb import inject_lora_sb_
-from fedtune.models.adapters import export_peft, get_state, inject_, lora_config, lora_scale, set_state_
+from fedtune.evaluation.metrics import summarize
+from fedtune.models.adapters import (
+    export_peft,
+    get_state,
+    inject_,
+    lora_config,
+    lora_scale,
+)
 from fedtune.models.load import load_model, load_tokenizer, model_type, resolve_model_dir
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
@@ -90,10 +96,7 @@ def sb_init_blocks(cfg: ExperimentConfig, shards: dict[str, Shard], tokenizer: A
     """Data for LoRA-SB's gradient estimate: only what the server may see (adapter.sb_init)."""
     how, n = cfg.adapter.sb_init, cfg.adapter.sb_init_blocks
     if how.startswith("source:"):
-        from fedtune.data.blocks import pack
-
-        public = load_corpus(cfg.data.model_copy(update={"source": how.split(":", 1)[1], "labels": None}))
-        return pack([str(t) for t in public["text"][: 4 * n]], tokenizer, cfg.data.block_size)[:n]
+        return sb_public_blocks(cfg, tokenizer)
     cid = how.split(":", 1)[1] if ":" in how else next(iter(shards))
     if cid not in shards:
         from fedtune.errors import ConfigError, Problem
@@ -101,6 +104,19 @@ def sb_init_blocks(cfg: ExperimentConfig, shards: dict[str, Shard], tokenizer: A
         raise ConfigError([Problem("adapter.sb_init", how, "unknown client", f"use one of: {', '.join(shards)}")])
     shard = shards[cid]
     return (shard.val if shard.val.shape[0] > 0 else shard.train)[:n]
+
+
+def sb_public_blocks(cfg: ExperimentConfig, tokenizer: Any) -> torch.Tensor:
+    """LoRA-SB init data from a public corpus (adapter.sb_init = 'source:<name>')."""
+    from fedtune.data.blocks import pack
+
+    how, n = cfg.adapter.sb_init, cfg.adapter.sb_init_blocks
+    if not how.startswith("source:"):
+        from fedtune.errors import ConfigError, Problem
+
+        raise ConfigError([Problem("adapter.sb_init", how, "needs a public corpus here", "use source:<name>")])
+    public = load_corpus(cfg.data.model_copy(update={"source": how.split(":", 1)[1], "labels": None}))
+    return pack([str(t) for t in public["text"][: 4 * n]], tokenizer, cfg.data.block_size)[:n]
 
 
 def sample_clients(client_ids: list[str], fraction: float, min_clients: int, seed: int, rnd: int) -> list[str]:
@@ -112,42 +128,72 @@ def sample_clients(client_ids: list[str], fraction: float, min_clients: int, see
     return sorted(client_ids[i] for i in picked)
 
 
-def evaluate_clients(
-    model: Any, shards: dict[str, Shard], states: dict[str, AdapterState], batch_size: int, bf16: bool
-) -> dict[str, dict[str, float]]:
-    """Test loss/ppl of each client under the adapter state given for it."""
-    out: dict[str, dict[str, float]] = {}
-    current: AdapterState | None = None
-    for cid, shard in shards.items():
-        if states[cid] is not current:  # global strategies share one state: load it once
-            set_state_(model, states[cid])
-            current = states[cid]
-        out[cid] = evaluate_blocks(model, shard.test, batch_size, bf16)
-    return out
-
-
 def eval_records(
-    rnd: int, strategy: Any, model: Any, shards: dict[str, Shard], global_state: AdapterState,
-    sstate: Any, cfg: ExperimentConfig,
+    rnd: int, strategy: Any, engine: Any, client_ids: list[str], global_state: AdapterState, sstate: Any
 ) -> dict[str, dict[str, float]]:
-    """Per-client metrics: global model, personal model (if the strategy personalizes), and
-    test_* = the model the client actually ends with."""
-    ids = list(shards)
-    bs, bf16 = cfg.evaluation.batch_size, cfg.train.bf16
-    out: dict[str, dict[str, float]] = {cid: {} for cid in ids}
+    """Per-client test metrics (computed where the data is, by the engine): the global model,
+    the personal model (if the strategy personalizes), and test_* = the model the client ends with."""
+    out: dict[str, dict[str, float]] = {cid: {} for cid in client_ids}
     if strategy.has_global or rnd == 0:
-        res = evaluate_clients(model, shards, {cid: global_state for cid in ids}, bs, bf16)
-        for cid in ids:
-            out[cid].update(global_loss=res[cid]["loss"], global_ppl=res[cid]["ppl"])
+        res = engine.evaluate({cid: global_state for cid in client_ids})
+        for cid in client_ids:
+            out[cid].update(global_loss=res[cid]["loss"], global_ppl=res[cid]["ppl"], test_tokens=res[cid]["tokens"])
     if strategy.personalized and rnd > 0:
-        personal = dict(strategy.configure(rnd + 1, ids, sstate))
-        res = evaluate_clients(model, shards, personal, bs, bf16)
-        for cid in ids:
-            out[cid].update(personal_loss=res[cid]["loss"], personal_ppl=res[cid]["ppl"])
-    for cid in ids:
+        res = engine.evaluate(dict(strategy.configure(rnd + 1, client_ids, sstate)))
+        for cid in client_ids:
+            out[cid].update(personal_loss=res[cid]["loss"], personal_ppl=res[cid]["ppl"], test_tokens=res[cid]["tokens"])
+    for cid in client_ids:
         kind = "personal" if "personal_loss" in out[cid] else "global"
         out[cid].update(test_loss=out[cid][f"{kind}_loss"], test_ppl=out[cid][f"{kind}_ppl"])
     return out
+
+
+@dataclass
+class Federation:
+    """What the loop needs from where the clients live: their ids, the server's copy of the base
+    model with the adapter (initial state, export), and a factory for the engine."""
+
+    client_ids: list[str]
+    model: Any
+    model_dir: str
+    adapter_cfg: Any
+    client_ranks: dict[str, int]
+    make_engine: Callable[[Any, Any, Any], Any]
+
+
+def build_adapted_model(
+    cfg: ExperimentConfig, model_dir: str, client_ranks: dict[str, int], sb_blocks: Callable[[], torch.Tensor]
+) -> tuple[Any, Any]:
+    """Load the base model once and add the adapter (seeded; LoRA-SB from its init data)."""
+    model = load_model(model_dir, cfg.model)
+    r_max = max(client_ranks.values()) if client_ranks else None
+    adapter_cfg = lora_config(cfg.adapter, model_type(model_dir), r=r_max)
+    if cfg.adapter.kind == "lora_sb":
+        init_lr = cfg.adapter.sb_init_lr if cfg.adapter.sb_init_lr is not None else cfg.train.lr
+        model = inject_lora_sb_(model, target_names(model, adapter_cfg), cfg.adapter.r, sb_blocks(), init_lr)
+    else:
+        model = inject_(model, adapter_cfg, derive_seed(cfg.seed, "adapter-init"))
+    return model, adapter_cfg
+
+
+def inprocess_federation(cfg: ExperimentConfig) -> Federation:
+    """All clients in this process (data loaded and checked before any model weights load)."""
+    model_dir = resolve_model_dir(cfg.model, cfg.seed)
+    tokenizer = load_tokenizer(model_dir)
+    shards = load_shards(cfg, tokenizer)
+    client_ids = list(shards)
+    client_ranks = rank_per_client(cfg, client_ids)
+    model, adapter_cfg = build_adapted_model(cfg, model_dir, client_ranks, lambda: sb_init_blocks(cfg, shards, tokenizer))
+
+    def make_engine(strategy: Any, codec: Any, spec: Any) -> InProcessEngine:
+        train = {"pooled": pooled(shards)} if strategy.pools_data else dict(shards)
+        engine = InProcessEngine(model, train, codec, spec, cfg.seed, getattr(strategy, "client_penalty", None),
+                                 eval_shards=shards, eval_batch_size=cfg.evaluation.batch_size)
+        # the centralized baseline has to collect the raw training tokens once
+        engine.collected_bytes = _data_bytes(shards) if strategy.pools_data else 0
+        return engine
+
+    return Federation(client_ids, model, model_dir, adapter_cfg, client_ranks, make_engine)
 
 
 def run_federated(
@@ -158,39 +204,23 @@ def run_federated(
     progress: bool = True,
     after_round: AfterRound | None = None,
     console: Console | None = None,
+    federation: Callable[[ExperimentConfig], Federation] | None = None,
 ) -> RunResult:
     console = console or Console(stderr=True)
     run_dir = prepare_run_dir(cfg, resume, overwrite)
 
-    # 1. data (fails before any model weights load)
-    model_dir = resolve_model_dir(cfg.model, cfg.seed)
-    tokenizer = load_tokenizer(model_dir)
-    shards = load_shards(cfg, tokenizer)
-    client_ids = list(shards)
-
-    # 2. model + adapter, built once
-    client_ranks = rank_per_client(cfg, client_ids)
-    model = load_model(model_dir, cfg.model)
-    r_max = max(client_ranks.values()) if client_ranks else None
-    adapter_cfg = lora_config(cfg.adapter, model_type(model_dir), r=r_max)
-    if cfg.adapter.kind == "lora_sb":
-        init_lr = cfg.adapter.sb_init_lr if cfg.adapter.sb_init_lr is not None else cfg.train.lr
-        model = inject_lora_sb_(model, target_names(model, adapter_cfg), cfg.adapter.r,
-                                sb_init_blocks(cfg, shards, tokenizer), init_lr)
-    else:
-        model = inject_(model, adapter_cfg, derive_seed(cfg.seed, "adapter-init"))
+    # 1. clients, data and the adapted base model (data fails before any weights load)
+    fed = (federation or inprocess_federation)(cfg)
+    client_ids, model = fed.client_ids, fed.model
     init_state = get_state(model)
 
-    # 3. components
+    # 2. components
     strategy = components.build_strategy(
-        cfg, lora_scale=lora_scale(model), seed=cfg.seed, client_ranks=client_ranks
+        cfg, lora_scale=lora_scale(model), seed=cfg.seed, client_ranks=fed.client_ranks
     )
     codec = components.build_codec(cfg)
     spec = components.build_train_spec(cfg)
-    train_shards = dict(shards)
-    if strategy.pools_data:
-        train_shards = {"pooled": pooled(shards)}
-    engine = InProcessEngine(model, train_shards, codec, spec, cfg.seed, getattr(strategy, "client_penalty", None))
+    engine = fed.make_engine(strategy, codec, spec)
 
     # 4. start or resume
     if resume:
@@ -201,9 +231,9 @@ def run_federated(
     else:
         io.write_atomic(run_dir / io.CONFIG, config_to_yaml(cfg))
         global_state, sstate, codec_states = init_state, strategy.init_state(init_state), {}
-        base = eval_records(0, strategy, model, shards, init_state, sstate, cfg)
+        base = eval_records(0, strategy, engine, client_ids, init_state, sstate)
         records = [{"round": 0, "client": cid, **base[cid]} for cid in client_ids]
-        records.append({"round": 0, "client": None, **_round_summary(base, shards, 0, 0, 0.0, 0)})
+        records.append({"round": 0, "client": None, **_round_summary(base, 0, 0, 0.0, 0)})
         start = 1
         io.write_jsonl(run_dir / io.METRICS, records)
 
@@ -252,7 +282,7 @@ def run_federated(
             # evaluate, log
             last = rnd == cfg.rounds
             evals = (
-                eval_records(rnd, strategy, model, shards, global_state, sstate, cfg)
+                eval_records(rnd, strategy, engine, client_ids, global_state, sstate)
                 if last or rnd % cfg.evaluation.every == 0 else {cid: {} for cid in client_ids}
             )
             by_id = {u.client_id: u for u in updates}
@@ -266,10 +296,10 @@ def run_federated(
                     rec.update(failure=fail_ids[cid].reason, bytes_down=fail_ids[cid].bytes_down)
                 records.append(rec)
             # the centralized baseline has to collect the raw training tokens once
-            up = sum(u.bytes_up for u in updates) + (_data_bytes(shards) if strategy.pools_data and rnd == 1 else 0)
+            up = sum(u.bytes_up for u in updates) + (engine.collected_bytes if rnd == 1 else 0)
             down = sum(len(p) for p in payloads.values())
             prev = next(r for r in reversed(records) if r.get("client") is None)
-            summary = _round_summary(evals, shards, up, down, wall, len(failures), prev.get("cum_bytes", 0))
+            summary = _round_summary(evals, up, down, wall, len(failures), prev.get("cum_bytes", 0))
             if updates:
                 summary["train_loss"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
             if isinstance(sstate, dict):
@@ -287,7 +317,7 @@ def run_federated(
                 after_round(rnd)
 
     # 6. export + report
-    _export(run_dir, strategy, global_state, sstate, client_ids, adapter_cfg, model_dir, cfg.rounds)
+    _export(run_dir, strategy, global_state, sstate, client_ids, fed.adapter_cfg, fed.model_dir, cfg.rounds)
     plot_runs({cfg.name: records}, run_dir / "plots")
     io.write_atomic(run_dir / io.SUMMARY, _summary_json(cfg, records))
     return RunResult(run_dir, records, cfg.rounds)
@@ -305,14 +335,14 @@ def _data_bytes(shards: dict[str, Shard]) -> int:
 
 
 def _round_summary(
-    evals: dict[str, dict[str, float]], shards: dict[str, Shard], up: int, down: int,
-    wall: float, failures: int, cum_before: int = 0,
+    evals: dict[str, dict[str, float]], up: int, down: int, wall: float, failures: int, cum_before: int = 0
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"bytes_up": up, "bytes_down": down, "cum_bytes": cum_before + up + down,
                            "wall_seconds": wall, "failures": failures}
-    ppl = [evals[c]["test_ppl"] for c in shards if "test_ppl" in evals[c]]
+    done = [c for c in evals if "test_ppl" in evals[c]]
+    ppl = [evals[c]["test_ppl"] for c in done]
     if ppl:
-        w = [float(shards[c].test.numel()) for c in shards if "test_ppl" in evals[c]]
+        w = [evals[c]["test_tokens"] for c in done]
         s = summarize(ppl, w)
         out.update(mean_ppl=s["mean"], weighted_mean_ppl=s["weighted_mean"], worst_ppl=s["worst"])
     return out

@@ -1,0 +1,299 @@
+"""The Flower engine: the same client update, codec and Strategy inside a Flower ServerApp and
+ClientApp (Message API, flwr==1.41.0). The only module that imports `flwr`.
+
+Payloads are the codec's bytes carried as one uint8 Flower array, so bytes are counted exactly as
+in-process. The experiment config travels as YAML in the run config (key `fedtune-config`); each
+SuperNode finds its client from `partition-id` in its node config (client ids in sorted order).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")  # never a CUDA torch
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from fedtune.client.round import client_round  # noqa: E402
+from fedtune.codecs import CODECS  # noqa: E402
+from fedtune.config import ExperimentConfig, config_from_dict, config_to_yaml  # noqa: E402
+from fedtune.errors import ConfigError, FedtuneError, Problem  # noqa: E402
+from fedtune.seeding import torch_generator  # noqa: E402
+from fedtune.types import AdapterState, ClientFailure, ClientUpdate  # noqa: E402
+
+FLWR_VERSION = "1.41.0"
+CONFIG_KEY = "fedtune-config"
+
+
+# -- wire format ---------------------------------------------------------------------------------
+
+
+def to_record(payload: bytes) -> ArrayRecord:
+    return ArrayRecord(array_dict={"payload": Array(np.frombuffer(payload, dtype=np.uint8).copy())})
+
+
+def from_record(record: ArrayRecord) -> bytes:
+    return record["payload"].numpy().tobytes()
+
+
+def config_from_yaml(text: str) -> ExperimentConfig:
+    import yaml
+
+    return config_from_dict(yaml.safe_load(text))
+
+
+# -- client side ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ClientRuntime:
+    """Everything a SuperNode keeps between messages (the base model is loaded once per process)."""
+
+    cfg: ExperimentConfig
+    client_id: str
+    shard: Any
+    model: Any
+    codec: Any
+    spec: Any
+    penalty: Any
+
+
+_RUNTIMES: dict[tuple[str, int], ClientRuntime] = {}
+
+
+def client_runtime(cfg_yaml: str, partition_id: int) -> ClientRuntime:
+    key = (cfg_yaml, partition_id)
+    if key not in _RUNTIMES:
+        from fedtune import components
+        from fedtune.models.load import load_tokenizer, resolve_model_dir
+        from fedtune.recipes.federated import build_adapted_model, load_shards, rank_per_client, sb_public_blocks
+
+        cfg = config_from_yaml(cfg_yaml)
+        model_dir = resolve_model_dir(cfg.model, cfg.seed)
+        tokenizer = load_tokenizer(model_dir)
+        shards = load_shards(cfg, tokenizer)
+        ids = list(shards)
+        cid = ids[partition_id]
+        ranks = rank_per_client(cfg, ids)
+        model, _ = build_adapted_model(cfg, model_dir, ranks, lambda: sb_public_blocks(cfg, tokenizer))
+        from fedtune.models.adapters import lora_scale
+
+        strategy = components.build_strategy(cfg, lora_scale=lora_scale(model), seed=cfg.seed, client_ranks=ranks)
+        _RUNTIMES[key] = ClientRuntime(cfg, cid, shards[cid], model, components.build_codec(cfg),
+                                       components.build_train_spec(cfg), getattr(strategy, "client_penalty", None))
+    return _RUNTIMES[key]
+
+
+def _runtime(context: Context, cfg_yaml: str | None) -> ClientRuntime:
+    text = cfg_yaml or str(context.run_config.get(CONFIG_KEY, ""))
+    if not text:
+        raise FedtuneError(f"run config has no {CONFIG_KEY!r}; start the run with fedtune")
+    return client_runtime(text, int(context.node_config.get("partition-id", 0)))
+
+
+def make_client_app(cfg_yaml: str | None = None) -> ClientApp:
+    """A ClientApp; in deployment the config comes from the run config, in simulation from here."""
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        rt = _runtime(context, cfg_yaml)
+        return Message(RecordDict({"info": ConfigRecord({"client": rt.client_id})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        rt = _runtime(context, cfg_yaml)
+        rnd = int(msg.content["config"]["round"])
+        t0 = time.perf_counter()
+        received, _ = rt.codec.decode(from_record(msg.content["payload"]), None)
+        delta, metrics = client_round(rt.model, received, rt.shard, rt.spec, rt.cfg.seed, rnd, None, rt.penalty)
+        up, _ = rt.codec.encode(delta, None, torch_generator(rt.cfg.seed, "codec-up", rnd, rt.client_id))
+        metrics["client_seconds"] = time.perf_counter() - t0
+        content = RecordDict({"payload": to_record(up),
+                              "metrics": MetricRecord({**metrics, "num-examples": rt.shard.num_examples})})
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        from fedtune.evaluation.metrics import evaluate_blocks
+        from fedtune.models.adapters import set_state_
+
+        rt = _runtime(context, cfg_yaml)
+        state, _ = CODECS.get("identity")().decode(from_record(msg.content["payload"]), None)
+        set_state_(rt.model, state)
+        res = evaluate_blocks(rt.model, rt.shard.test, rt.cfg.evaluation.batch_size, rt.spec.bf16)
+        return Message(RecordDict({"metrics": MetricRecord(res)}), reply_to=msg)
+
+    return app
+
+
+client_app = make_client_app()  # for `flwr run` (deployment): config from the run config
+
+
+# -- server side ---------------------------------------------------------------------------------
+
+
+class FlowerEngine:
+    """Runs client rounds by sending Flower messages; expected failures become ClientFailure."""
+
+    def __init__(self, grid: Grid, node_of: Mapping[str, int], codec: Any, timeout: float):
+        self.grid = grid
+        self.node_of = dict(node_of)
+        self.client_of = {n: c for c, n in node_of.items()}
+        self.codec = codec
+        self.timeout = timeout
+        self.collected_bytes = 0
+
+    def _send(self, kind: str, payloads: Mapping[str, bytes], rnd: int) -> dict[str, Message | str]:
+        msgs = []
+        for cid, payload in payloads.items():
+            content = RecordDict({"payload": to_record(payload), "config": ConfigRecord({"round": rnd})})
+            msgs.append(self.grid.create_message(content, kind, self.node_of[cid], group_id=f"{kind}-{rnd}"))
+        out: dict[str, Message | str] = {cid: "timeout: no reply" for cid in payloads}
+        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            cid = self.client_of[reply.metadata.src_node_id]
+            out[cid] = f"error: {reply.error.reason}" if reply.has_error() else reply
+        return out
+
+    def run_clients(
+        self, rnd: int, payloads: Mapping[str, bytes], codec_states: dict[str, Any], on_step: Any = None
+    ) -> tuple[list[ClientUpdate | ClientFailure], dict[str, Any]]:
+        replies: list[ClientUpdate | ClientFailure] = []
+        for cid, reply in self._send("train", payloads, rnd).items():
+            if isinstance(reply, str):
+                replies.append(ClientFailure(cid, reply, len(payloads[cid])))
+                continue
+            up = from_record(reply.content["payload"])
+            metrics = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
+            n = int(metrics.pop("num-examples"))
+            delta, _ = self.codec.decode(up, None)
+            replies.append(ClientUpdate(cid, delta, n, metrics, len(up), len(payloads[cid])))
+        return replies, codec_states
+
+    def evaluate(self, states: Mapping[str, AdapterState]) -> dict[str, dict[str, float]]:
+        ident = CODECS.get("identity")()
+        encoded: dict[int, bytes] = {}
+        payloads = {}
+        for cid, st in states.items():
+            if id(st) not in encoded:
+                encoded[id(st)], _ = ident.encode(st, None, torch_generator(0, "eval"))
+            payloads[cid] = encoded[id(st)]
+        out = {}
+        for cid, reply in self._send("evaluate", payloads, 0).items():
+            if isinstance(reply, str):
+                raise FedtuneError(f"client {cid!r} could not evaluate: {reply}")
+            out[cid] = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
+        return out
+
+
+def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[str, int]:
+    """Wait for `expected` SuperNodes, then ask each which client it is."""
+    deadline = time.monotonic() + timeout
+    nodes: list[int] = []
+    while time.monotonic() < deadline:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected:
+            break
+        time.sleep(1.0)
+    if len(nodes) < expected:
+        raise FedtuneError(f"only {len(nodes)} of {expected} SuperNodes connected within {timeout:.0f} s")
+    msgs = [grid.create_message(RecordDict({"q": ConfigRecord({"what": "client"})}), "query", n, group_id="query")
+            for n in nodes]
+    node_of: dict[str, int] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        if reply.has_error():
+            raise FedtuneError(f"SuperNode {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
+        node_of[str(reply.content["info"]["client"])] = reply.metadata.src_node_id
+    return dict(sorted(node_of.items()))
+
+
+def flower_federation(grid: Grid, expected: int, timeout: float) -> Callable[[ExperimentConfig], Any]:
+    from fedtune.models.load import load_tokenizer, resolve_model_dir
+    from fedtune.recipes.federated import Federation, build_adapted_model, rank_per_client, sb_public_blocks
+
+    def build(cfg: ExperimentConfig) -> Federation:
+        node_of = discover_clients(grid, expected, timeout)
+        ids = list(node_of)
+        ranks = rank_per_client(cfg, ids)
+        model_dir = resolve_model_dir(cfg.model, cfg.seed)
+        tokenizer = load_tokenizer(model_dir)
+        model, adapter_cfg = build_adapted_model(cfg, model_dir, ranks, lambda: sb_public_blocks(cfg, tokenizer))
+
+        def make_engine(strategy: Any, codec: Any, spec: Any) -> FlowerEngine:
+            return FlowerEngine(grid, node_of, codec, timeout)
+
+        return Federation(ids, model, model_dir, adapter_cfg, ranks, make_engine)
+
+    return build
+
+
+def check_flower(cfg: ExperimentConfig) -> None:
+    """What the Flower engine cannot do (yet), as config errors."""
+    from fedtune.components import STRATEGIES
+
+    problems = []
+    if getattr(STRATEGIES.get(cfg.strategy.name), "pools_data", False):
+        problems.append(Problem("engine.name", cfg.engine.name, "the centralized baseline pools raw data",
+                                "run strategy 'centralized' with engine 'inprocess'"))
+    if cfg.adapter.kind == "lora_sb" and not cfg.adapter.sb_init.startswith("source:"):
+        problems.append(Problem("adapter.sb_init", cfg.adapter.sb_init,
+                                "on Flower every party computes the LoRA-SB init itself, from public data",
+                                "use adapter.sb_init: source:<public corpus>, e.g. source:stdlib"))
+    if problems:
+        raise ConfigError(problems)
+
+
+def make_server_app(expected: int, timeout: float, cfg_yaml: str | None = None, *, resume: bool = False,
+                    overwrite: bool = False, result: dict[str, Any] | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from fedtune.recipes.federated import run_federated
+
+        text = cfg_yaml or str(context.run_config.get(CONFIG_KEY, ""))
+        try:
+            cfg = config_from_yaml(text)
+            run = run_federated(cfg, federation=flower_federation(grid, expected, timeout), resume=resume,
+                                overwrite=overwrite, progress=False)
+            if result is not None:
+                result["run"] = run
+        except BaseException as e:  # surfaced by the caller; Flower would only log it
+            if result is not None:
+                result["error"] = e
+            raise
+
+    return app
+
+
+def run_simulation(cfg: ExperimentConfig, num_clients: int, *, resume: bool = False, overwrite: bool = False) -> Any:
+    """Run the experiment on Flower's simulation runtime (Ray), one SuperNode per client."""
+    import logging
+
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    check_flower(cfg)
+    text = config_to_yaml(cfg)
+    result: dict[str, Any] = {}
+    server = make_server_app(num_clients, cfg.engine.timeout, text, resume=resume, overwrite=overwrite, result=result)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    flwr_run_simulation(
+        server_app=server, client_app=make_client_app(text), num_supernodes=num_clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"log_to_driver": False, "include_dashboard": False}},
+    )
+    if "error" in result:
+        raise result["error"]
+    if "run" not in result:
+        raise FedtuneError("the Flower simulation ended without a result (see the log above)")
+    return result["run"]

@@ -103,6 +103,35 @@ def _run_flower_sim(cfg, resume: bool, overwrite: bool):  # type: ignore[no-unty
 
 
 @app.command()
+def deploy(
+    config: Annotated[Path, typer.Argument(help="experiment YAML")],
+    set_: SetOpt = None,
+    work: Annotated[Path, typer.Option(help="folder for certificates, Flower state and logs")] = Path("runs/deploy"),
+    tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and the SuperLink")] = True,
+) -> None:
+    """Run on Flower's deployment engine on this machine: a SuperLink and one SuperNode per client
+    as separate processes (TLS), then stop them all."""
+    _env()
+    from fedtune.config import load_config
+    from fedtune.errors import FedtuneError
+
+    try:
+        cfg = load_config(config, set_ or [])
+        from fedtune.data.partition import partition
+        from fedtune.data.sources import load_corpus
+        from fedtune.engines.flower_deploy import deploy_locally
+
+        n = len(partition(load_corpus(cfg.data), cfg.partition, cfg.seed))
+        run_dir = deploy_locally(cfg, n, work.resolve(), tls=tls)
+    except FedtuneError as e:
+        _fail(e)
+    from fedtune.report.summary import load_run, run_table
+
+    name, recs = load_run(run_dir)
+    out.print(run_table(name, recs))
+
+
+@app.command()
 def validate(
     config: Annotated[Path, typer.Argument(help="experiment YAML")],
     set_: SetOpt = None,

@@ -34,3 +34,28 @@ def test_flower_refuses_what_it_cannot_run(tiny_cfg) -> None:
         check_flower(tiny_cfg("strategy.name=centralized", "engine.name=flower-sim"))
     with pytest.raises(ConfigError, match="from public data"):
         check_flower(tiny_cfg("strategy.name=fedsb", "adapter.kind=lora_sb", "engine.name=flower-sim"))
+
+
+def flower_processes() -> list[str]:
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    names = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
+    return [line for line in out.splitlines() if any(n in line for n in names) and "<defunct>" not in line]
+
+
+def test_deployment_with_tls_on_loopback(tiny_cfg, tmp_path) -> None:
+    """SuperLink + 2 SuperNodes as separate processes with TLS; same numbers as in-process;
+    nothing left running afterwards."""
+    import json
+
+    from fedtune.engines.flower_deploy import deploy_locally
+
+    over = ["data.labels=[email, json]", "rounds=2", "train.steps=2"]
+    local = run_federated(tiny_cfg(*over, name="inproc"), progress=False)
+    before = flower_processes()
+    run_dir = deploy_locally(tiny_cfg(*over, name="deployed"), 2, tmp_path / "work", tls=True, timeout=900)
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert no_time(recs) == no_time(local.records)
+    assert (tmp_path / "work" / "certs" / "ca.crt").exists()
+    assert flower_processes() == before

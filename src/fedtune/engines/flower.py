@@ -253,19 +253,29 @@ def check_flower(cfg: ExperimentConfig) -> None:
         raise ConfigError(problems)
 
 
-def make_server_app(expected: int, timeout: float, cfg_yaml: str | None = None, *, resume: bool = False,
+def make_server_app(expected: int | None = None, cfg_yaml: str | None = None, *, resume: bool | None = None,
                     overwrite: bool = False, result: dict[str, Any] | None = None) -> ServerApp:
+    """The ServerApp: runs fedtune's federated loop with Flower as the engine. In deployment the
+    config and client count come from the run config, and a restarted ServerApp resumes from the
+    run directory's checkpoint (resume=None: resume when an unfinished checkpoint exists)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from pathlib import Path
+
         from fedtune.recipes.federated import run_federated
+        from fedtune.report import io
 
         text = cfg_yaml or str(context.run_config.get(CONFIG_KEY, ""))
+        n = expected if expected is not None else int(context.run_config.get("fedtune-num-clients", 0))
         try:
             cfg = config_from_yaml(text)
-            run = run_federated(cfg, federation=flower_federation(grid, expected, timeout), resume=resume,
-                                overwrite=overwrite, progress=False)
+            run_dir = Path(cfg.run_dir())
+            again = resume if resume is not None else (
+                (run_dir / io.CHECKPOINT).exists() and not (run_dir / io.SUMMARY).exists())
+            run = run_federated(cfg, federation=flower_federation(grid, n, cfg.engine.timeout), resume=again,
+                                overwrite=overwrite or (resume is None and not again), progress=False)
             if result is not None:
                 result["run"] = run
         except BaseException as e:  # surfaced by the caller; Flower would only log it
@@ -285,7 +295,7 @@ def run_simulation(cfg: ExperimentConfig, num_clients: int, *, resume: bool = Fa
     check_flower(cfg)
     text = config_to_yaml(cfg)
     result: dict[str, Any] = {}
-    server = make_server_app(num_clients, cfg.engine.timeout, text, resume=resume, overwrite=overwrite, result=result)
+    server = make_server_app(num_clients, text, resume=resume, overwrite=overwrite, result=result)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     flwr_run_simulation(
         server_app=server, client_app=make_client_app(text), num_supernodes=num_clients,
@@ -297,3 +307,6 @@ def run_simulation(cfg: ExperimentConfig, num_clients: int, *, resume: bool = Fa
     if "run" not in result:
         raise FedtuneError("the Flower simulation ended without a result (see the log above)")
     return result["run"]
+
+
+server_app = make_server_app()  # for `flwr run` (deployment): config from the run config

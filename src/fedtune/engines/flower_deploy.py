@@ -1,0 +1,189 @@
+"""Flower deployment on this machine or across machines: certificates, a SuperLink, SuperNodes
+and the Flower app that carries the experiment, as separate processes started with Flower's own
+CLIs (`flower-superlink`, `flower-supernode`, `flwr run`). Every process started here is stopped
+here (with its process group, so Flower's `flower-superexec` children go too).
+
+`fedtune deploy CONFIG --nodes 2` runs the whole thing on loopback; README "Running across
+machines" shows the same commands split over hosts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedtune.config import ExperimentConfig, config_to_yaml
+from fedtune.errors import FedtuneError
+
+BIN = Path(sys.executable).parent
+
+
+def flower_env(flwr_home: Path, threads: int = 1) -> dict[str, str]:
+    """Environment for every Flower process: no runtime installs (they would pull a CUDA torch),
+    no update check, one thread per process so several SuperNodes share 2 cores."""
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # Flower spawns its own CLIs by name
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TQDM_DISABLE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def make_certificates(out: Path, host: str = "127.0.0.1") -> dict[str, Path]:
+    """A throw-away CA and a server certificate for `host` (openssl), for TLS on the SuperLink."""
+    out.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_crt = out / "ca.key", out / "ca.crt"
+    key, csr, crt, ext = out / "server.key", out / "server.csr", out / "server.crt", out / "ext.cnf"
+
+    def ssl(*args: str) -> None:
+        r = subprocess.run(["openssl", *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise FedtuneError(f"openssl {args[0]} failed: {r.stderr.strip()[-300:]}")
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca_crt),
+        "-days", "2", "-subj", "/CN=fedtune-test-ca")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={host}")
+    ext.write_text(f"subjectAltName=IP:{host},DNS:localhost\n")
+    ssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial",
+        "-out", str(crt), "-days", "2", "-extfile", str(ext))
+    return {"ca": ca_crt, "cert": crt, "key": key}
+
+
+def write_app(cfg: ExperimentConfig, app_dir: Path, num_clients: int) -> Path:
+    """A Flower app dir whose ServerApp/ClientApp are fedtune's; the experiment travels in its run
+    config. No [project] dependencies: the app runs in this environment (never installs torch)."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    text = config_to_yaml(cfg).replace("'''", "")
+    (app_dir / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        f'[project]\nname = "fedtune-app"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
+        '[tool.flwr.app]\npublisher = "fedtune"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "fedtune.engines.flower:server_app"\n'
+        'clientapp = "fedtune.engines.flower:client_app"\n\n'
+        f"[tool.flwr.app.config]\nfedtune-num-clients = {num_clients}\n"
+        f"fedtune-config = '''\n{text}'''\n"
+    )
+    return app_dir
+
+
+@dataclass
+class LocalDeployment:
+    """A SuperLink and SuperNodes on loopback, with TLS by default."""
+
+    root: Path
+    num_nodes: int
+    tls: bool = True
+    port: int = 9192
+    node_port: int = 9300
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.flwr_home = self.root / "flwr_home"
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.certs = make_certificates(self.root / "certs") if self.tls else {}
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (kept open for the process)
+        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+                                            env=flower_env(self.flwr_home), start_new_session=True)
+
+    def start_superlink(self) -> None:
+        cmd = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+               "--database", str(self.root / "state.db")]
+        if self.tls:
+            cmd += ["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["cert"]),
+                    "--ssl-keyfile", str(self.certs["key"])]
+        else:
+            cmd.append("--insecure")
+        self._spawn("superlink", cmd)
+
+    def wait_for_superlink(self, timeout: float = 60.0) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs["superlink"].poll() is not None:
+                raise FedtuneError(f"the SuperLink exited; see {self.root / 'superlink.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise FedtuneError(f"the SuperLink did not open port {self.port} within {timeout:.0f} s")
+
+    def start_supernode(self, i: int) -> None:
+        cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+               "--port", str(self.node_port + i),
+               "--node-config", f"partition-id={i} num-partitions={self.num_nodes}"]
+        cmd += ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
+        self._spawn(f"supernode-{i}", cmd)
+
+    def stop_supernode(self, i: int) -> None:
+        self._kill(f"supernode-{i}")
+
+    def write_connection(self) -> None:
+        lines = ['[superlink]\ndefault = "fedtune"\n\n[superlink.fedtune]\n', f'address = "127.0.0.1:{self.port}"\n']
+        lines.append(f'root-certificates = "{self.certs["ca"]}"\n' if self.tls else "insecure = true\n")
+        (self.flwr_home / "config.toml").write_text("".join(lines))
+
+    def submit(self, app_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+        """`flwr run APP fedtune --stream` and wait for the run to end."""
+        self.write_connection()
+        return subprocess.run([str(BIN / "flwr"), "run", str(app_dir), "fedtune", "--stream"],
+                              capture_output=True, text=True, env=flower_env(self.flwr_home, threads=2),
+                              cwd=self.root, timeout=timeout)
+
+    def _kill(self, name: str) -> None:
+        p = self.procs.pop(name, None)
+        if p is None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self._kill(name)
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def deploy_locally(cfg: ExperimentConfig, num_clients: int, work: Path, *, tls: bool = True,
+                   timeout: float = 1800.0) -> Path:
+    """Run `cfg` on a SuperLink and one SuperNode per client on loopback; return the run dir."""
+    run_dir = Path(cfg.run_dir()).resolve()
+    cfg = cfg.model_copy(update={"output_dir": str(run_dir)})
+    if shutil.which("openssl") is None and tls:
+        raise FedtuneError("TLS needs openssl on PATH (or pass --insecure)")
+    app = write_app(cfg, work / "app", num_clients)
+    with LocalDeployment(work, num_clients, tls=tls) as dep:
+        dep.start_superlink()
+        dep.wait_for_superlink()
+        for i in range(num_clients):
+            dep.start_supernode(i)
+        r = dep.submit(app, timeout)
+        if r.returncode != 0 or not (run_dir / "summary.json").exists():
+            tail = (r.stdout + r.stderr)[-3000:]
+            raise FedtuneError(f"the Flower deployment run failed (logs in {work}):\n{tail}")
+    return run_dir

@@ -59,3 +59,52 @@ def test_deployment_with_tls_on_loopback(tiny_cfg, tmp_path) -> None:
     assert no_time(recs) == no_time(local.records)
     assert (tmp_path / "work" / "certs" / "ca.crt").exists()
     assert flower_processes() == before
+
+
+def wait_for_round(run_dir, rnd: int, timeout: float = 900) -> None:
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        f = run_dir / "metrics.jsonl"
+        if f.exists():
+            recs = [json.loads(x) for x in f.read_text().splitlines()]
+            if any(r["client"] is None and r["round"] >= rnd for r in recs):
+                return
+        time.sleep(1.0)
+    raise TimeoutError(f"round {rnd} did not finish within {timeout} s")
+
+
+def test_killed_supernode_is_a_recorded_failure_and_rejoins(tiny_cfg, tmp_path) -> None:
+    import json
+    from pathlib import Path
+
+    from fedtune.engines.flower_deploy import LocalDeployment, write_app
+
+    over = ["data.labels=[email, json]", "rounds=4", "train.steps=2", "engine.timeout=60"]
+    cfg = tiny_cfg(*over, name="fault")
+    run_dir = Path(cfg.run_dir()).resolve()
+    app = write_app(cfg.model_copy(update={"output_dir": str(run_dir)}), tmp_path / "app", 2)
+    before = flower_processes()
+    with LocalDeployment(tmp_path / "work", 2, tls=False, port=9292, node_port=9400) as dep:
+        dep.start_superlink()
+        dep.wait_for_superlink()
+        dep.start_supernode(0)
+        dep.start_supernode(1)
+        run = dep.submit_async(app)
+        wait_for_round(run_dir, 1)
+        dep.stop_supernode(1)  # client 'json' (partition 1) dies after round 1
+        wait_for_round(run_dir, 2)
+        dep.start_supernode(1)  # and comes back
+        assert run.wait(timeout=900) == 0
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = {r["round"]: r for r in recs if r["client"] is None}
+    json2 = next(r for r in recs if r["round"] == 2 and r["client"] == "json")
+    assert "failure" in json2 and summary[2]["failures"] == 1
+    email2 = next(r for r in recs if r["round"] == 2 and r["client"] == "email")
+    assert email2["bytes_up"] > 0  # the round completed with the rest
+    rejoined = [r for r in recs if r["round"] > 2 and r["client"] == "json" and r.get("bytes_up", 0) > 0]
+    assert rejoined, "the restarted SuperNode did not rejoin"
+    assert (run_dir / "summary.json").exists()
+    assert flower_processes() == before

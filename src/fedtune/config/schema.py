@@ -144,6 +144,7 @@ class EngineConfig(_Strict):
 class SamplingConfig(_Strict):
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients sampled per round")
     min_clients: int = Field(1, ge=1)
+    min_updates: int = Field(1, ge=0, description="aggregate only when at least this many clients replied")
 
 
 class EvalConfig(_Strict):

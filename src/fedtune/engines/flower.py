@@ -154,15 +154,34 @@ class FlowerEngine:
         self.timeout = timeout
         self.collected_bytes = 0
 
+    def refresh(self) -> None:
+        """A SuperNode that restarted comes back with a new node id: ask new nodes who they are."""
+        nodes = set(self.grid.get_node_ids())
+        new = sorted(nodes - set(self.client_of))
+        if not new:
+            return
+        msgs = [self.grid.create_message(RecordDict({"q": ConfigRecord({"what": "client"})}), "query", n,
+                                         group_id="query") for n in new]
+        for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
+            if reply.has_error():
+                continue
+            cid = str(reply.content["info"]["client"])
+            if cid in self.node_of:
+                self.client_of.pop(self.node_of[cid], None)
+            self.node_of[cid] = reply.metadata.src_node_id
+            self.client_of[reply.metadata.src_node_id] = cid
+
     def _send(self, kind: str, payloads: Mapping[str, bytes], rnd: int) -> dict[str, Message | str]:
+        self.refresh()
         msgs = []
         for cid, payload in payloads.items():
             content = RecordDict({"payload": to_record(payload), "config": ConfigRecord({"round": rnd})})
             msgs.append(self.grid.create_message(content, kind, self.node_of[cid], group_id=f"{kind}-{rnd}"))
         out: dict[str, Message | str] = {cid: "timeout: no reply" for cid in payloads}
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
-            cid = self.client_of[reply.metadata.src_node_id]
-            out[cid] = f"error: {reply.error.reason}" if reply.has_error() else reply
+            cid = self.client_of.get(reply.metadata.src_node_id)
+            if cid is not None:
+                out[cid] = f"error: {reply.error.reason}" if reply.has_error() else reply
         return out
 
     def run_clients(
@@ -190,9 +209,8 @@ class FlowerEngine:
             payloads[cid] = encoded[id(st)]
         out = {}
         for cid, reply in self._send("evaluate", payloads, 0).items():
-            if isinstance(reply, str):
-                raise FedtuneError(f"client {cid!r} could not evaluate: {reply}")
-            out[cid] = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
+            if not isinstance(reply, str):  # a client that is down is simply not evaluated this round
+                out[cid] = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
         return out
 
 

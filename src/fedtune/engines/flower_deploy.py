@@ -145,6 +145,16 @@ class LocalDeployment:
                               capture_output=True, text=True, env=flower_env(self.flwr_home, threads=2),
                               cwd=self.root, timeout=timeout)
 
+    def submit_async(self, app_dir: Path) -> subprocess.Popen[str]:
+        """Start `flwr run` without waiting (for fault injection while a run is going)."""
+        self.write_connection()
+        log = open(self.root / "flwr-run.log", "w")  # noqa: SIM115
+        p = subprocess.Popen([str(BIN / "flwr"), "run", str(app_dir), "fedtune", "--stream"], stdout=log,
+                             stderr=subprocess.STDOUT, text=True, env=flower_env(self.flwr_home, threads=2),
+                             cwd=self.root, start_new_session=True)
+        self.procs["flwr-run"] = p  # type: ignore[assignment]
+        return p
+
     def _kill(self, name: str) -> None:
         p = self.procs.pop(name, None)
         if p is None:

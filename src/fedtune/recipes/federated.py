@@ -136,15 +136,16 @@ def eval_records(
     out: dict[str, dict[str, float]] = {cid: {} for cid in client_ids}
     if strategy.has_global or rnd == 0:
         res = engine.evaluate({cid: global_state for cid in client_ids})
-        for cid in client_ids:
-            out[cid].update(global_loss=res[cid]["loss"], global_ppl=res[cid]["ppl"], test_tokens=res[cid]["tokens"])
+        for cid, r in res.items():  # a client that is down is missing here
+            out[cid].update(global_loss=r["loss"], global_ppl=r["ppl"], test_tokens=r["tokens"])
     if strategy.personalized and rnd > 0:
         res = engine.evaluate(dict(strategy.configure(rnd + 1, client_ids, sstate)))
-        for cid in client_ids:
-            out[cid].update(personal_loss=res[cid]["loss"], personal_ppl=res[cid]["ppl"], test_tokens=res[cid]["tokens"])
+        for cid, r in res.items():
+            out[cid].update(personal_loss=r["loss"], personal_ppl=r["ppl"], test_tokens=r["tokens"])
     for cid in client_ids:
         kind = "personal" if "personal_loss" in out[cid] else "global"
-        out[cid].update(test_loss=out[cid][f"{kind}_loss"], test_ppl=out[cid][f"{kind}_ppl"])
+        if f"{kind}_loss" in out[cid]:
+            out[cid].update(test_loss=out[cid][f"{kind}_loss"], test_ppl=out[cid][f"{kind}_ppl"])
     return out
 
 
@@ -275,8 +276,10 @@ def run_federated(
             updates = [r for r in replies if isinstance(r, ClientUpdate)]
             failures = [r for r in replies if isinstance(r, ClientFailure)]
 
-            # aggregate
-            global_state, sstate = strategy.aggregate(rnd, updates, sstate)
+            # aggregate (too few replies: keep the global model; the failures are recorded)
+            skipped = len(updates) < cfg.sampling.min_updates
+            if not skipped:
+                global_state, sstate = strategy.aggregate(rnd, updates, sstate)
             wall = time.perf_counter() - t0
 
             # evaluate, log
@@ -300,6 +303,8 @@ def run_federated(
             down = sum(len(p) for p in payloads.values())
             prev = next(r for r in reversed(records) if r.get("client") is None)
             summary = _round_summary(evals, up, down, wall, len(failures), prev.get("cum_bytes", 0))
+            if skipped:
+                summary["skipped"] = f"{len(updates)} updates < sampling.min_updates = {cfg.sampling.min_updates}"
             if updates:
                 summary["train_loss"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
             if isinstance(sstate, dict):

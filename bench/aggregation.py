@@ -54,7 +54,9 @@ def main() -> None:
     for row in args.rows.split(","):
         d = out / row.replace(" ", "_").replace(",", "-")
         if not (d / "summary.json").exists():
-            cfg = load_config("configs/demo.yaml", [*ROWS[row], f"rounds={args.rounds}", f"output_dir={d}", f"name={row}"])
+            cfg = load_config(
+                "configs/demo.yaml", [*ROWS[row], f"rounds={args.rounds}", f"output_dir={d}", f"name={row}"]
+            )
             run_federated(cfg, overwrite=True, progress=False)
         results[row] = json.loads((d / "summary.json").read_text())
         print(row, results[row]["final"].get("mean_ppl"), flush=True)
@@ -67,13 +69,18 @@ def write_table(results: dict, path: Path) -> None:
     head = "| strategy | " + " | ".join(clients) + " | mean ppl | worst | MB moved | wall s |"
     lines = [head, "|" + "---|" * (len(clients) + 5)]
     base = next(iter(results.values()))["clients"]
-    lines.append("| base model | " + " | ".join(f"{base[c]['base_ppl']:.2f}" for c in clients) + " | "
-                 f"{sum(base[c]['base_ppl'] for c in clients) / len(clients):.2f} | "
-                 f"{max(base[c]['base_ppl'] for c in clients):.2f} | 0 | - |")
+    lines.append(
+        "| base model | " + " | ".join(f"{base[c]['base_ppl']:.2f}" for c in clients) + " | "
+        f"{sum(base[c]['base_ppl'] for c in clients) / len(clients):.2f} | "
+        f"{max(base[c]['base_ppl'] for c in clients):.2f} | 0 | - |"
+    )
     for row, s in results.items():
         f = s["final"]
-        lines.append(f"| {row} | " + " | ".join(f"{s['clients'][c]['final_ppl']:.2f}" for c in clients)
-                     + f" | {f['mean_ppl']:.2f} | {f['worst_ppl']:.2f} | {f['cum_bytes'] / 1e6:.2f} | {s['wall_seconds']:.0f} |")
+        lines.append(
+            f"| {row} | "
+            + " | ".join(f"{s['clients'][c]['final_ppl']:.2f}" for c in clients)
+            + f" | {f['mean_ppl']:.2f} | {f['worst_ppl']:.2f} | {f['cum_bytes'] / 1e6:.2f} | {s['wall_seconds']:.0f} |"
+        )
     path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -81,8 +81,10 @@ def main() -> None:
         tb.append(bare())
         tf.append(fedtune())
     mb, mf = statistics.median(tb), statistics.median(tf)
-    print(f"model={args.model} steps={args.steps} bs={args.batch_size}x{args.block_size} bf16={args.bf16} "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"model={args.model} steps={args.steps} bs={args.batch_size}x{args.block_size} bf16={args.bf16} "
+        f"threads={torch.get_num_threads()}"
+    )
     print(f"bare PyTorch+PEFT: median {mb:.3f} s ({mb / args.steps:.3f} s/step) runs {[round(x, 3) for x in tb]}")
     print(f"fedtune client:    median {mf:.3f} s ({mf / args.steps:.3f} s/step) runs {[round(x, 3) for x in tf]}")
     print(f"ratio fedtune/bare: {mf / mb:.3f} (target <= 1.05)")

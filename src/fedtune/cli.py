@@ -80,8 +80,10 @@ def run(
     except FedtuneError as e:
         _fail(e)
     except KeyboardInterrupt:
-        err.print("[yellow]interrupted[/yellow]: the last finished round is checkpointed; continue with "
-                  f"`fedtune run --resume {cfg.run_dir()}`")
+        err.print(
+            "[yellow]interrupted[/yellow]: the last finished round is checkpointed; continue with "
+            f"`fedtune run --resume {cfg.run_dir()}`"
+        )
         raise typer.Exit(130) from None
     print_summary(result, out)
 

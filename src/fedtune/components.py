@@ -30,16 +30,32 @@ REGISTRIES: dict[str, Registry[Any]] = {
 def check_named(field: str, registry: Registry[type], name: str, params: dict[str, Any]) -> list[Problem]:
     """Problems with a component name and its keyword parameters (unknown keys, wrong types)."""
     if name not in registry:
-        return [Problem(f"{field}.name", name, f"unknown {registry.kind}", f"use one of: {', '.join(registry.names())}")]
+        return [
+            Problem(f"{field}.name", name, f"unknown {registry.kind}", f"use one of: {', '.join(registry.names())}")
+        ]
     cls = registry.get(name)
     fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     problems = []
     for key in params:
         if key in CONTEXT_FIELDS:
-            problems.append(Problem(f"{field}.{key}", params[key], "set by fedtune from the run", "remove it (use adapter.alpha / adapter.ranks / seed)"))
+            problems.append(
+                Problem(
+                    f"{field}.{key}",
+                    params[key],
+                    "set by fedtune from the run",
+                    "remove it (use adapter.alpha / adapter.ranks / seed)",
+                )
+            )
         elif key not in fields:
             valid = ", ".join(sorted(set(fields) - set(CONTEXT_FIELDS))) or "(none)"
-            problems.append(Problem(f"{field}.{key}", params[key], f"unknown parameter of {registry.kind} {name!r}", f"valid parameters: {valid}"))
+            problems.append(
+                Problem(
+                    f"{field}.{key}",
+                    params[key],
+                    f"unknown parameter of {registry.kind} {name!r}",
+                    f"valid parameters: {valid}",
+                )
+            )
     known = {k: v for k, v in params.items() if k in fields}
     if known:
         try:
@@ -47,7 +63,11 @@ def check_named(field: str, registry: Registry[type], name: str, params: dict[st
         except ValidationError as e:
             for err in e.errors():
                 loc = ".".join(str(x) for x in err["loc"])
-                problems.append(Problem(f"{field}.{loc}", err.get("input"), err["msg"], "see `fedtune ls` for the parameter's meaning"))
+                problems.append(
+                    Problem(
+                        f"{field}.{loc}", err.get("input"), err["msg"], "see `fedtune ls` for the parameter's meaning"
+                    )
+                )
         except (TypeError, ValueError) as e:
             problems.append(Problem(field, known, str(e), "fix the parameters"))
     return problems
@@ -59,10 +79,20 @@ def check_adapter_kind(cfg: ExperimentConfig) -> list[Problem]:
         return []
     need = getattr(STRATEGIES.get(cfg.strategy.name), "adapter_kind", None)
     if need is not None and cfg.adapter.kind != need:
-        return [Problem("adapter.kind", cfg.adapter.kind, f"strategy {cfg.strategy.name!r} needs adapter.kind {need!r}",
-                        f"set adapter.kind: {need}")]
+        return [
+            Problem(
+                "adapter.kind",
+                cfg.adapter.kind,
+                f"strategy {cfg.strategy.name!r} needs adapter.kind {need!r}",
+                f"set adapter.kind: {need}",
+            )
+        ]
     if cfg.adapter.kind == "lora_sb" and cfg.adapter.ranks is not None:
-        return [Problem("adapter.ranks", cfg.adapter.ranks, "LoRA-SB shares A and B: one rank for all", "drop adapter.ranks")]
+        return [
+            Problem(
+                "adapter.ranks", cfg.adapter.ranks, "LoRA-SB shares A and B: one rank for all", "drop adapter.ranks"
+            )
+        ]
     return []
 
 
@@ -72,8 +102,14 @@ def check_ranks(cfg: ExperimentConfig) -> list[Problem]:
     if getattr(STRATEGIES.get(cfg.strategy.name), "heterogeneous_ranks", False):
         return []
     ok = [n for n in STRATEGIES.names() if getattr(STRATEGIES.get(n), "heterogeneous_ranks", False)]
-    return [Problem("adapter.ranks", cfg.adapter.ranks, f"strategy {cfg.strategy.name!r} needs one rank for all clients",
-                    f"drop adapter.ranks or use one of: {', '.join(ok)}")]
+    return [
+        Problem(
+            "adapter.ranks",
+            cfg.adapter.ranks,
+            f"strategy {cfg.strategy.name!r} needs one rank for all clients",
+            f"drop adapter.ranks or use one of: {', '.join(ok)}",
+        )
+    ]
 
 
 def check_data_source(cfg: ExperimentConfig) -> list[Problem]:

@@ -14,7 +14,9 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 def fedtune(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +89,16 @@ def test_errors_are_clear_and_without_traceback(tmp_path) -> None:
     assert "Traceback" not in r.stderr
     assert "3 problems" in r.stderr and "train.stepz" in r.stderr and "rounds = 0" in r.stderr
 
-    r = fedtune("run", TINY, "--set", "partition.kind=iid", "--set", "partition.num_clients=5000",
-                "--set", f"output_dir={tmp_path / 'x'}")
+    r = fedtune(
+        "run",
+        TINY,
+        "--set",
+        "partition.kind=iid",
+        "--set",
+        "partition.num_clients=5000",
+        "--set",
+        f"output_dir={tmp_path / 'x'}",
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "more than the" in r.stderr and "documents available" in r.stderr
 

@@ -39,8 +39,12 @@ def fedtune_cli(*args: str) -> None:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True,
-                       env={**os.environ, "COLUMNS": "200"})
+    r = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -118,8 +122,10 @@ def test_a_rank_r_client_moves_rank_r_factors(tiny_cfg, name: str) -> None:
     from fedtune.models.adapters import BASE_DELTA
     from fedtune.strategies.merge import truncate_rank
 
-    run = run_federated(tiny_cfg(f"strategy.name={name}", "rounds=1", "train.steps=2",
-                                 "adapter.ranks=[2, 4, 4, 8]", name="ranks"), progress=False)
+    run = run_federated(
+        tiny_cfg(f"strategy.name={name}", "rounds=1", "train.steps=2", "adapter.ranks=[2, 4, 4, 8]", name="ranks"),
+        progress=False,
+    )
     glob = io.load_checkpoint(run.run_dir / io.CHECKPOINT)["global"]
     lora = {k: v for k, v in glob.items() if not k.endswith(BASE_DELTA)}
     ups = {r["client"]: r["bytes_up"] for r in run.records if r["client"] and r["round"] == 1}

@@ -71,7 +71,14 @@ def test_aggregation_ignores_client_order(name: str) -> None:
     glob = lora_state(g)
     ups = [ClientUpdate(f"c{i}", sub_states(lora_state(g), glob), i + 1) for i in range(4)]
     strat = STRATEGIES.get(name)()
-    ups = [ClientUpdate(u.client_id, {k: v for k, v in u.delta.items() if k in strat.configure(1, ["x"], strat.init_state(glob))["x"]}, u.num_examples) for u in ups]
+    ups = [
+        ClientUpdate(
+            u.client_id,
+            {k: v for k, v in u.delta.items() if k in strat.configure(1, ["x"], strat.init_state(glob))["x"]},
+            u.num_examples,
+        )
+        for u in ups
+    ]
     a, _ = strat.aggregate(1, ups, strat.init_state(glob))
     b, _ = strat.aggregate(1, ups[::-1], strat.init_state(glob))
     assert all(torch.equal(a[k], b[k]) for k in a)

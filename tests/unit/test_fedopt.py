@@ -58,7 +58,13 @@ def test_fedprox_term_pulls_towards_the_received_weights() -> None:
             return type("O", (), {"loss": ((w - 5) ** 2).sum()})()
 
     spec = TrainSpec(steps=300, lr=0.1, max_grad_norm=None)
-    local_train_(M(), [w], torch.zeros(4, 2, dtype=torch.long), spec, torch.Generator(),
-                 extra_loss=proximal_term([w], [anchor], mu=2.0))
+    local_train_(
+        M(),
+        [w],
+        torch.zeros(4, 2, dtype=torch.long),
+        spec,
+        torch.Generator(),
+        extra_loss=proximal_term([w], [anchor], mu=2.0),
+    )
     # minimiser of (w-5)^2 + (w-1)^2 is w = 3
     torch.testing.assert_close(w.detach(), torch.full((3,), 3.0), atol=2e-2, rtol=0)

@@ -51,7 +51,10 @@ def test_fedsb_is_exact_and_moves_4r2_bytes_per_module() -> None:
     assert sorted(sent) == sorted(m + SB_R for m in mods)
     assert 4 * r * r * len(mods) < len(serialize(sent)) < 4 * r * r * len(mods) + 512
     rs = [{m + SB_R: torch.randn(r, r, generator=g) for m in mods} for _ in range(2)]
-    ups = [ClientUpdate(f"c{i}", {kk: v - glob[kk] for kk, v in ri.items()}, n) for i, (ri, n) in enumerate(zip(rs, [1, 3]))]
+    ups = [
+        ClientUpdate(f"c{i}", {kk: v - glob[kk] for kk, v in ri.items()}, n)
+        for i, (ri, n) in enumerate(zip(rs, [1, 3]))
+    ]
     new, _ = strat.aggregate(1, ups, state)
     for m in mods:
         dw = new[m + SB_B] @ new[m + SB_R] @ new[m + SB_A]
@@ -59,8 +62,12 @@ def test_fedsb_is_exact_and_moves_4r2_bytes_per_module() -> None:
         torch.testing.assert_close(dw, exact, rtol=1e-5, atol=1e-5)
     lora = sb_to_lora(new)
     for m in mods:
-        torch.testing.assert_close(lora[m + ".lora_B.weight"] @ lora[m + ".lora_A.weight"],
-                                   new[m + SB_B] @ new[m + SB_R] @ new[m + SB_A], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            lora[m + ".lora_B.weight"] @ lora[m + ".lora_A.weight"],
+            new[m + SB_B] @ new[m + SB_R] @ new[m + SB_A],
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_fedsb_needs_the_lora_sb_adapter() -> None:

@@ -33,7 +33,9 @@ def aggregate(strategy, glob, trained, ns):
     ups = []
     for cid, t, n in zip(ids, trained, ns):
         received = {k: v for k, v in sent[cid].items() if not k.endswith(BASE_DELTA)}
-        ups.append(ClientUpdate(cid, {k: t[k][tuple(slice(0, x) for x in v.shape)] - v for k, v in received.items()}, n))
+        ups.append(
+            ClientUpdate(cid, {k: t[k][tuple(slice(0, x) for x in v.shape)] - v for k, v in received.items()}, n)
+        )
     return state, sent, strategy.aggregate(1, ups, state)[0]
 
 
@@ -45,7 +47,10 @@ def test_fedex_is_exact_and_keeps_the_factor_average() -> None:
     state, _, new = aggregate(STRATEGIES.get("fedex_lora")(lora_scale=S), glob, trained, ns)
     for m in MODULES:
         target = effective(state["global"], m) - effective(state["global"], m)  # zero base at start
-        target = target + sum(n / 10 * S * t[m + ".lora_B.weight"].double() @ t[m + ".lora_A.weight"].double() for t, n in zip(trained, ns))
+        target = target + sum(
+            n / 10 * S * t[m + ".lora_B.weight"].double() @ t[m + ".lora_A.weight"].double()
+            for t, n in zip(trained, ns)
+        )
         torch.testing.assert_close(effective(new, m), target, rtol=1e-5, atol=1e-5)
         a_bar = sum(n / 10 * t[m + ".lora_A.weight"] for t, n in zip(trained, ns))
         torch.testing.assert_close(new[m + ".lora_A.weight"], a_bar, rtol=1e-5, atol=1e-6)

@@ -56,7 +56,9 @@ def _targets(model: nn.Module, names: list[str]) -> list[str]:
     return out
 
 
-def gradient_estimate(model: nn.Module, prefixes: list[str], blocks: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+def gradient_estimate(
+    model: nn.Module, prefixes: list[str], blocks: torch.Tensor, batch_size: int
+) -> dict[str, torch.Tensor]:
     """Mean full-weight gradient [d, k] of the LM loss for each target module over `blocks`."""
     mods = dict(model.named_modules())
     weights = [mods[p].weight for p in prefixes]

@@ -69,7 +69,9 @@ def lm_loss(model: Any, batch: torch.Tensor, bf16: bool) -> torch.Tensor:
         return model(input_ids=batch, labels=batch).loss
 
 
-def proximal_term(params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float) -> Callable[[], torch.Tensor]:
+def proximal_term(
+    params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float
+) -> Callable[[], torch.Tensor]:
     """FedProx (arXiv:1812.06127): mu/2 * ||w - w_received||^2 keeps local steps near the global model."""
 
     def term() -> torch.Tensor:

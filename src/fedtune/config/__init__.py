@@ -1,4 +1,5 @@
 """Experiment configuration."""
+
 from fedtune.config.load import config_from_dict, config_to_yaml, load_config
 from fedtune.config.schema import ExperimentConfig
 

@@ -126,8 +126,12 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
     problems += components.check_named("codec", components.CODECS, cfg.codec.name, cfg.codec.params())
     if cfg.data.source not in components.DATA_SOURCES:
         problems.append(
-            Problem("data.source", cfg.data.source, "unknown data source",
-                    f"use one of: {', '.join(components.DATA_SOURCES.names())}")
+            Problem(
+                "data.source",
+                cfg.data.source,
+                "unknown data source",
+                f"use one of: {', '.join(components.DATA_SOURCES.names())}",
+            )
         )
     problems += components.check_ranks(cfg)
     problems += components.check_adapter_kind(cfg)

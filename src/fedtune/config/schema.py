@@ -58,9 +58,7 @@ class DataConfig(_Strict):
 
 class PartitionConfig(_Strict):
     kind: Literal["natural", "iid", "dirichlet"] = "natural"
-    num_clients: int | None = Field(
-        None, ge=1, description="required for iid/dirichlet; natural: one client per label"
-    )
+    num_clients: int | None = Field(None, ge=1, description="required for iid/dirichlet; natural: one client per label")
     alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (smaller = more skew)")
     min_docs: int = Field(2, ge=1, description="dirichlet: resample until every client has this many")
 
@@ -83,10 +81,10 @@ class AdapterConfig(_Strict):
         "auto", description="'auto' = PEFT's default per architecture (q,v for Llama; c_attn for GPT-2)"
     )
 
-
     sb_init: str = Field(
-        "client", description="LoRA-SB init data: 'client' (first client's validation split), "
-        "'client:<id>' (a consenting client), or 'source:<name>' (a public corpus)"
+        "client",
+        description="LoRA-SB init data: 'client' (first client's validation split), "
+        "'client:<id>' (a consenting client), or 'source:<name>' (a public corpus)",
     )
     sb_init_blocks: int = Field(8, ge=1, description="blocks of init data for the gradient estimate")
     sb_init_lr: float | None = Field(None, ge=0.0, description="R_0 = -init_lr * S_r (default: train.lr)")

@@ -58,9 +58,7 @@ def pack(texts: list[str], tokenizer: Any, block_size: int) -> torch.Tensor:
     return torch.tensor(flat[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
-def make_shards(
-    parts: dict[str, datasets.Dataset], tokenizer: Any, cfg: DataConfig, seed: int
-) -> dict[str, Shard]:
+def make_shards(parts: dict[str, datasets.Dataset], tokenizer: Any, cfg: DataConfig, seed: int) -> dict[str, Shard]:
     """Build every client's shard; raise DataError naming each client that ends up without data."""
     shards: dict[str, Shard] = {}
     problems: list[str] = []
@@ -80,14 +78,14 @@ def make_shards(
             val = val[: cfg.max_test_blocks]
         if train.shape[0] == 0 or test.shape[0] == 0:
             problems.append(
-                f"client {cid!r} has {train.shape[0]} train and {test.shape[0]} test blocks of "
-                f"{cfg.block_size} tokens"
+                f"client {cid!r} has {train.shape[0]} train and {test.shape[0]} test blocks of {cfg.block_size} tokens"
             )
             continue
         shards[cid] = Shard(cid, train, val, test, len(texts))
     if problems:
         raise DataError(
-            "some clients have no usable data:\n  - " + "\n  - ".join(problems)
+            "some clients have no usable data:\n  - "
+            + "\n  - ".join(problems)
             + "\nFix: lower data.block_size, raise data.test_fraction or data.max_docs_per_label, "
             "or use fewer clients"
         )

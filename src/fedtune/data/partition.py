@@ -33,8 +33,7 @@ def partition(ds: datasets.Dataset, cfg: PartitionConfig, seed: int) -> dict[str
     n = int(cfg.num_clients or 0)
     if n > n_docs:
         raise DataError(
-            f"partition.num_clients = {n} is more than the {n_docs} documents available; "
-            "lower num_clients or add data"
+            f"partition.num_clients = {n} is more than the {n_docs} documents available; lower num_clients or add data"
         )
     if cfg.kind == "iid":
         shuffled = ds.shuffle(seed=derive_seed(seed, "partition") % 2**32)

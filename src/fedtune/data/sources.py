@@ -101,7 +101,7 @@ def stdlib(cfg: DataConfig) -> datasets.Dataset:
         if pkg.name in ("test", "idlelib", "lib2to3", "site-packages", "ensurepip"):
             continue
         for f in sorted(pkg.rglob("*.py")):
-            if "test" in f.parts[len(root.parts):]:
+            if "test" in f.parts[len(root.parts) :]:
                 continue
             text = f.read_text(encoding="utf-8", errors="replace")
             if len(text) > 200:
@@ -165,9 +165,7 @@ def files(cfg: DataConfig) -> datasets.Dataset:
 
 def _col(ds: datasets.Dataset, name: str, cfg: DataConfig) -> str:
     if name not in ds.column_names:
-        raise DataError(
-            f"data.text_column = {name!r} is not a column of {cfg.path}; columns: {ds.column_names}"
-        )
+        raise DataError(f"data.text_column = {name!r} is not a column of {cfg.path}; columns: {ds.column_names}")
     return name
 
 

@@ -89,8 +89,15 @@ def client_runtime(cfg_yaml: str, partition_id: int) -> ClientRuntime:
         from fedtune.models.adapters import lora_scale
 
         strategy = components.build_strategy(cfg, lora_scale=lora_scale(model), seed=cfg.seed, client_ranks=ranks)
-        _RUNTIMES[key] = ClientRuntime(cfg, cid, shards[cid], model, components.build_codec(cfg),
-                                       components.build_train_spec(cfg), getattr(strategy, "client_penalty", None))
+        _RUNTIMES[key] = ClientRuntime(
+            cfg,
+            cid,
+            shards[cid],
+            model,
+            components.build_codec(cfg),
+            components.build_train_spec(cfg),
+            getattr(strategy, "client_penalty", None),
+        )
     return _RUNTIMES[key]
 
 
@@ -119,8 +126,9 @@ def make_client_app(cfg_yaml: str | None = None) -> ClientApp:
         delta, metrics = client_round(rt.model, received, rt.shard, rt.spec, rt.cfg.seed, rnd, None, rt.penalty)
         up, _ = rt.codec.encode(delta, None, torch_generator(rt.cfg.seed, "codec-up", rnd, rt.client_id))
         metrics["client_seconds"] = time.perf_counter() - t0
-        content = RecordDict({"payload": to_record(up),
-                              "metrics": MetricRecord({**metrics, "num-examples": rt.shard.num_examples})})
+        content = RecordDict(
+            {"payload": to_record(up), "metrics": MetricRecord({**metrics, "num-examples": rt.shard.num_examples})}
+        )
         return Message(content, reply_to=msg)
 
     @app.evaluate()
@@ -160,8 +168,10 @@ class FlowerEngine:
         new = sorted(nodes - set(self.client_of))
         if not new:
             return
-        msgs = [self.grid.create_message(RecordDict({"q": ConfigRecord({"what": "client"})}), "query", n,
-                                         group_id="query") for n in new]
+        msgs = [
+            self.grid.create_message(RecordDict({"q": ConfigRecord({"what": "client"})}), "query", n, group_id="query")
+            for n in new
+        ]
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
             if reply.has_error():
                 continue
@@ -225,8 +235,10 @@ def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[str, int
         time.sleep(1.0)
     if len(nodes) < expected:
         raise FedtuneError(f"only {len(nodes)} of {expected} SuperNodes connected within {timeout:.0f} s")
-    msgs = [grid.create_message(RecordDict({"q": ConfigRecord({"what": "client"})}), "query", n, group_id="query")
-            for n in nodes]
+    msgs = [
+        grid.create_message(RecordDict({"q": ConfigRecord({"what": "client"})}), "query", n, group_id="query")
+        for n in nodes
+    ]
     node_of: dict[str, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if reply.has_error():
@@ -261,18 +273,35 @@ def check_flower(cfg: ExperimentConfig) -> None:
 
     problems = []
     if getattr(STRATEGIES.get(cfg.strategy.name), "pools_data", False):
-        problems.append(Problem("engine.name", cfg.engine.name, "the centralized baseline pools raw data",
-                                "run strategy 'centralized' with engine 'inprocess'"))
+        problems.append(
+            Problem(
+                "engine.name",
+                cfg.engine.name,
+                "the centralized baseline pools raw data",
+                "run strategy 'centralized' with engine 'inprocess'",
+            )
+        )
     if cfg.adapter.kind == "lora_sb" and not cfg.adapter.sb_init.startswith("source:"):
-        problems.append(Problem("adapter.sb_init", cfg.adapter.sb_init,
-                                "on Flower every party computes the LoRA-SB init itself, from public data",
-                                "use adapter.sb_init: source:<public corpus>, e.g. source:stdlib"))
+        problems.append(
+            Problem(
+                "adapter.sb_init",
+                cfg.adapter.sb_init,
+                "on Flower every party computes the LoRA-SB init itself, from public data",
+                "use adapter.sb_init: source:<public corpus>, e.g. source:stdlib",
+            )
+        )
     if problems:
         raise ConfigError(problems)
 
 
-def make_server_app(expected: int | None = None, cfg_yaml: str | None = None, *, resume: bool | None = None,
-                    overwrite: bool = False, result: dict[str, Any] | None = None) -> ServerApp:
+def make_server_app(
+    expected: int | None = None,
+    cfg_yaml: str | None = None,
+    *,
+    resume: bool | None = None,
+    overwrite: bool = False,
+    result: dict[str, Any] | None = None,
+) -> ServerApp:
     """The ServerApp: runs fedtune's federated loop with Flower as the engine. In deployment the
     config and client count come from the run config, and a restarted ServerApp resumes from the
     run directory's checkpoint (resume=None: resume when an unfinished checkpoint exists)."""
@@ -290,10 +319,18 @@ def make_server_app(expected: int | None = None, cfg_yaml: str | None = None, *,
         try:
             cfg = config_from_yaml(text)
             run_dir = Path(cfg.run_dir())
-            again = resume if resume is not None else (
-                (run_dir / io.CHECKPOINT).exists() and not (run_dir / io.SUMMARY).exists())
-            run = run_federated(cfg, federation=flower_federation(grid, n, cfg.engine.timeout), resume=again,
-                                overwrite=overwrite or (resume is None and not again), progress=False)
+            again = (
+                resume
+                if resume is not None
+                else ((run_dir / io.CHECKPOINT).exists() and not (run_dir / io.SUMMARY).exists())
+            )
+            run = run_federated(
+                cfg,
+                federation=flower_federation(grid, n, cfg.engine.timeout),
+                resume=again,
+                overwrite=overwrite or (resume is None and not again),
+                progress=False,
+            )
             if result is not None:
                 result["run"] = run
         except BaseException as e:  # surfaced by the caller; Flower would only log it
@@ -316,9 +353,13 @@ def run_simulation(cfg: ExperimentConfig, num_clients: int, *, resume: bool = Fa
     server = make_server_app(num_clients, text, resume=resume, overwrite=overwrite, result=result)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     flwr_run_simulation(
-        server_app=server, client_app=make_client_app(text), num_supernodes=num_clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"log_to_driver": False, "include_dashboard": False}},
+        server_app=server,
+        client_app=make_client_app(text),
+        num_supernodes=num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"log_to_driver": False, "include_dashboard": False},
+        },
     )
     if "error" in result:
         raise result["error"]

@@ -51,12 +51,40 @@ def make_certificates(out: Path, host: str = "127.0.0.1") -> dict[str, Path]:
         if r.returncode != 0:
             raise FedtuneError(f"openssl {args[0]} failed: {r.stderr.strip()[-300:]}")
 
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca_crt),
-        "-days", "2", "-subj", "/CN=fedtune-test-ca")
+    ssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca_crt),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fedtune-test-ca",
+    )
     ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={host}")
     ext.write_text(f"subjectAltName=IP:{host},DNS:localhost\n")
-    ssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial",
-        "-out", str(crt), "-days", "2", "-extfile", str(ext))
+    ssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca_crt),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-out",
+        str(crt),
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+    )
     return {"ca": ca_crt, "cert": crt, "key": key}
 
 
@@ -96,15 +124,34 @@ class LocalDeployment:
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (kept open for the process)
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-                                            env=flower_env(self.flwr_home), start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            env=flower_env(self.flwr_home),
+            start_new_session=True,
+        )
 
     def start_superlink(self) -> None:
-        cmd = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
-               "--database", str(self.root / "state.db")]
+        cmd = [
+            str(BIN / "flower-superlink"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.root / "state.db"),
+        ]
         if self.tls:
-            cmd += ["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["cert"]),
-                    "--ssl-keyfile", str(self.certs["key"])]
+            cmd += [
+                "--ssl-ca-certfile",
+                str(self.certs["ca"]),
+                "--ssl-certfile",
+                str(self.certs["cert"]),
+                "--ssl-keyfile",
+                str(self.certs["key"]),
+            ]
         else:
             cmd.append("--insecure")
         self._spawn("superlink", cmd)
@@ -124,9 +171,15 @@ class LocalDeployment:
         raise FedtuneError(f"the SuperLink did not open port {self.port} within {timeout:.0f} s")
 
     def start_supernode(self, i: int) -> None:
-        cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
-               "--port", str(self.node_port + i),
-               "--node-config", f"partition-id={i} num-partitions={self.num_nodes}"]
+        cmd = [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(self.node_port + i),
+            "--node-config",
+            f"partition-id={i} num-partitions={self.num_nodes}",
+        ]
         cmd += ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
         self._spawn(f"supernode-{i}", cmd)
 
@@ -141,17 +194,28 @@ class LocalDeployment:
     def submit(self, app_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
         """`flwr run APP fedtune --stream` and wait for the run to end."""
         self.write_connection()
-        return subprocess.run([str(BIN / "flwr"), "run", str(app_dir), "fedtune", "--stream"],
-                              capture_output=True, text=True, env=flower_env(self.flwr_home, threads=2),
-                              cwd=self.root, timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "flwr"), "run", str(app_dir), "fedtune", "--stream"],
+            capture_output=True,
+            text=True,
+            env=flower_env(self.flwr_home, threads=2),
+            cwd=self.root,
+            timeout=timeout,
+        )
 
     def submit_async(self, app_dir: Path) -> subprocess.Popen[str]:
         """Start `flwr run` without waiting (for fault injection while a run is going)."""
         self.write_connection()
         log = open(self.root / "flwr-run.log", "w")  # noqa: SIM115
-        p = subprocess.Popen([str(BIN / "flwr"), "run", str(app_dir), "fedtune", "--stream"], stdout=log,
-                             stderr=subprocess.STDOUT, text=True, env=flower_env(self.flwr_home, threads=2),
-                             cwd=self.root, start_new_session=True)
+        p = subprocess.Popen(
+            [str(BIN / "flwr"), "run", str(app_dir), "fedtune", "--stream"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=flower_env(self.flwr_home, threads=2),
+            cwd=self.root,
+            start_new_session=True,
+        )
         self.procs["flwr-run"] = p  # type: ignore[assignment]
         return p
 
@@ -179,8 +243,9 @@ class LocalDeployment:
         self.stop()
 
 
-def deploy_locally(cfg: ExperimentConfig, num_clients: int, work: Path, *, tls: bool = True,
-                   timeout: float = 1800.0) -> Path:
+def deploy_locally(
+    cfg: ExperimentConfig, num_clients: int, work: Path, *, tls: bool = True, timeout: float = 1800.0
+) -> Path:
     """Run `cfg` on a SuperLink and one SuperNode per client on loopback; return the run dir."""
     run_dir = Path(cfg.run_dir()).resolve()
     cfg = cfg.model_copy(update={"output_dir": str(run_dir)})

@@ -22,8 +22,16 @@ class InProcessEngine:
     """Runs client rounds sequentially on one shared model."""
 
     def __init__(
-        self, model: Any, shards: Mapping[str, Shard], codec: Any, spec: TrainSpec, seed: int, penalty: Any = None,
-        *, eval_shards: Mapping[str, Shard] | None = None, eval_batch_size: int = 8,
+        self,
+        model: Any,
+        shards: Mapping[str, Shard],
+        codec: Any,
+        spec: TrainSpec,
+        seed: int,
+        penalty: Any = None,
+        *,
+        eval_shards: Mapping[str, Shard] | None = None,
+        eval_batch_size: int = 8,
     ):
         self.model = model
         self.penalty = penalty
@@ -53,10 +61,10 @@ class InProcessEngine:
             t0 = time.perf_counter()
             received, _ = self.codec.decode(payload, None)
             cb = (lambda s, n, loss, cid=cid: on_step(cid, s, n, loss)) if on_step else None
-            delta, metrics = client_round(
-                self.model, received, shard, self.spec, self.seed, rnd, cb, self.penalty
+            delta, metrics = client_round(self.model, received, shard, self.spec, self.seed, rnd, cb, self.penalty)
+            up, states[cid] = self.codec.encode(
+                delta, states.get(cid), torch_generator(self.seed, "codec-up", rnd, cid)
             )
-            up, states[cid] = self.codec.encode(delta, states.get(cid), torch_generator(self.seed, "codec-up", rnd, cid))
             metrics["client_seconds"] = time.perf_counter() - t0
             replies.append(
                 ClientUpdate(cid, _decode(self.codec, up), shard.num_examples, metrics, len(up), len(payload))

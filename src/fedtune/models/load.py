@@ -104,18 +104,29 @@ def tiny_dir(cfg: ModelConfig, seed: int) -> Path:
     if t.arch == "llama":
         model: Any = LlamaForCausalLM(
             LlamaConfig(
-                vocab_size=vocab, hidden_size=t.hidden, intermediate_size=2 * t.hidden,
-                num_hidden_layers=t.layers, num_attention_heads=t.heads,
-                num_key_value_heads=max(1, t.heads // 2), max_position_embeddings=2048,
-                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
+                vocab_size=vocab,
+                hidden_size=t.hidden,
+                intermediate_size=2 * t.hidden,
+                num_hidden_layers=t.layers,
+                num_attention_heads=t.heads,
+                num_key_value_heads=max(1, t.heads // 2),
+                max_position_embeddings=2048,
+                eos_token_id=tok.eos_token_id,
+                bos_token_id=tok.bos_token_id,
+                pad_token_id=tok.pad_token_id,
+                tie_word_embeddings=True,
             )
         )
     else:
         model = GPT2LMHeadModel(
             GPT2Config(
-                vocab_size=vocab, n_embd=t.hidden, n_layer=t.layers, n_head=t.heads, n_positions=2048,
-                eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                vocab_size=vocab,
+                n_embd=t.hidden,
+                n_layer=t.layers,
+                n_head=t.heads,
+                n_positions=2048,
+                eos_token_id=tok.eos_token_id,
+                bos_token_id=tok.bos_token_id,
             )
         )
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -79,8 +79,16 @@ def rank_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, i
     if len(ranks) != len(client_ids):
         from fedtune.errors import ConfigError, Problem
 
-        raise ConfigError([Problem("adapter.ranks", ranks, f"one rank per client is needed; there are {len(client_ids)} clients ({', '.join(client_ids)})",
-                                   f"give {len(client_ids)} ranks")])
+        raise ConfigError(
+            [
+                Problem(
+                    "adapter.ranks",
+                    ranks,
+                    f"one rank per client is needed; there are {len(client_ids)} clients ({', '.join(client_ids)})",
+                    f"give {len(client_ids)} ranks",
+                )
+            ]
+        )
     return dict(zip(client_ids, ranks))
 
 
@@ -184,12 +192,22 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     shards = load_shards(cfg, tokenizer)
     client_ids = list(shards)
     client_ranks = rank_per_client(cfg, client_ids)
-    model, adapter_cfg = build_adapted_model(cfg, model_dir, client_ranks, lambda: sb_init_blocks(cfg, shards, tokenizer))
+    model, adapter_cfg = build_adapted_model(
+        cfg, model_dir, client_ranks, lambda: sb_init_blocks(cfg, shards, tokenizer)
+    )
 
     def make_engine(strategy: Any, codec: Any, spec: Any) -> InProcessEngine:
         train = {"pooled": pooled(shards)} if strategy.pools_data else dict(shards)
-        engine = InProcessEngine(model, train, codec, spec, cfg.seed, getattr(strategy, "client_penalty", None),
-                                 eval_shards=shards, eval_batch_size=cfg.evaluation.batch_size)
+        engine = InProcessEngine(
+            model,
+            train,
+            codec,
+            spec,
+            cfg.seed,
+            getattr(strategy, "client_penalty", None),
+            eval_shards=shards,
+            eval_batch_size=cfg.evaluation.batch_size,
+        )
         # the centralized baseline has to collect the raw training tokens once
         engine.collected_bytes = _data_bytes(shards) if strategy.pools_data else 0
         return engine
@@ -240,8 +258,12 @@ def run_federated(
 
     # 5. rounds
     bars = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=not progress,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
     )
     with bars:
         round_task = bars.add_task("rounds", total=cfg.rounds, completed=start - 1)
@@ -286,7 +308,8 @@ def run_federated(
             last = rnd == cfg.rounds
             evals = (
                 eval_records(rnd, strategy, engine, client_ids, global_state, sstate)
-                if last or rnd % cfg.evaluation.every == 0 else {cid: {} for cid in client_ids}
+                if last or rnd % cfg.evaluation.every == 0
+                else {cid: {} for cid in client_ids}
             )
             by_id = {u.client_id: u for u in updates}
             fail_ids = {f.client_id: f for f in failures}
@@ -313,10 +336,16 @@ def run_federated(
 
             # checkpoint: everything needed to continue exactly
             io.write_jsonl(run_dir / io.METRICS, records)
-            io.save_checkpoint(run_dir / io.CHECKPOINT, {
-                "round": rnd, "global": global_state, "strategy_state": sstate,
-                "codec_states": codec_states, "records": records,
-            })
+            io.save_checkpoint(
+                run_dir / io.CHECKPOINT,
+                {
+                    "round": rnd,
+                    "global": global_state,
+                    "strategy_state": sstate,
+                    "codec_states": codec_states,
+                    "records": records,
+                },
+            )
             bars.update(round_task, completed=rnd)
             if after_round is not None:
                 after_round(rnd)
@@ -342,8 +371,13 @@ def _data_bytes(shards: dict[str, Shard]) -> int:
 def _round_summary(
     evals: dict[str, dict[str, float]], up: int, down: int, wall: float, failures: int, cum_before: int = 0
 ) -> dict[str, Any]:
-    out: dict[str, Any] = {"bytes_up": up, "bytes_down": down, "cum_bytes": cum_before + up + down,
-                           "wall_seconds": wall, "failures": failures}
+    out: dict[str, Any] = {
+        "bytes_up": up,
+        "bytes_down": down,
+        "cum_bytes": cum_before + up + down,
+        "wall_seconds": wall,
+        "failures": failures,
+    }
     done = [c for c in evals if "test_ppl" in evals[c]]
     ppl = [evals[c]["test_ppl"] for c in done]
     if ppl:
@@ -354,8 +388,14 @@ def _round_summary(
 
 
 def _export(
-    run_dir: Path, strategy: Any, global_state: AdapterState, sstate: Any, client_ids: list[str],
-    adapter_cfg: Any, model_dir: str, rounds: int,
+    run_dir: Path,
+    strategy: Any,
+    global_state: AdapterState,
+    sstate: Any,
+    client_ids: list[str],
+    adapter_cfg: Any,
+    model_dir: str,
+    rounds: int,
 ) -> None:
     base = str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir
     if strategy.has_global:
@@ -372,11 +412,19 @@ def _summary_json(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> str:
     from fedtune.report.summary import client_rows, round_rows
 
     rr = round_rows(records)
-    return json.dumps({
-        "name": cfg.name, "strategy": cfg.strategy.name, "rounds": cfg.rounds, "status": "complete",
-        "clients": client_rows(records), "final": rr[-1] if rr else {},
-        "wall_seconds": sum(r.get("wall_seconds", 0.0) for r in rr),
-    }, indent=2, sort_keys=True)
+    return json.dumps(
+        {
+            "name": cfg.name,
+            "strategy": cfg.strategy.name,
+            "rounds": cfg.rounds,
+            "status": "complete",
+            "clients": client_rows(records),
+            "final": rr[-1] if rr else {},
+            "wall_seconds": sum(r.get("wall_seconds", 0.0) for r in rr),
+        },
+        indent=2,
+        sort_keys=True,
+    )
 
 
 def print_summary(run: RunResult, console: Console) -> None:

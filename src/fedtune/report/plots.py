@@ -41,7 +41,7 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], out_dir: Path) -> list[
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (name, recs) in enumerate(runs.items()):
+    for name, recs in runs.items():
         rr = [r for r in recs if r.get("client") is None]
         ax.plot([r["round"] for r in rr], [r.get("cum_bytes", 0) / 1e6 for r in rr], marker="o", label=name)
     ax.set_xlabel("round")

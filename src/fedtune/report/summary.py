@@ -55,10 +55,12 @@ def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:
         t.add_row(cid, _f(base), _f(final), change, mb(r["bytes_up"]), mb(r["bytes_down"]), f"{r['train_seconds']:.1f}")
     if rounds:
         last = rounds[-1]
+        wall = sum(x.get("wall_seconds", 0.0) for x in rounds)
+        failures = sum(x.get("failures", 0) for x in rounds)
         t.caption = (
-            f"final round {last['round']}: mean ppl {_f(last.get('mean_ppl'))}, weighted {_f(last.get('weighted_mean_ppl'))}, "
-            f"worst {_f(last.get('worst_ppl'))}; total {mb(last.get('cum_bytes', 0))} MB moved; "
-            f"wall {sum(x.get('wall_seconds', 0.0) for x in rounds):.1f} s; failures {sum(x.get('failures', 0) for x in rounds)}"
+            f"final round {last['round']}: mean ppl {_f(last.get('mean_ppl'))}, "
+            f"weighted {_f(last.get('weighted_mean_ppl'))}, worst {_f(last.get('worst_ppl'))}; "
+            f"total {mb(last.get('cum_bytes', 0))} MB moved; wall {wall:.1f} s; failures {failures}"
         )
     return t
 
@@ -76,12 +78,12 @@ def compare_table(runs: dict[str, Sequence[dict[str, Any]]]) -> Table:
         base = next((rows[c].get("base_ppl") for rows in per_run.values() if c in rows), None)
         t.add_row(c, _f(base), *[_f(per_run[n].get(c, {}).get("final_ppl")) for n in runs])
     totals = []
-    for name, recs in runs.items():
+    for recs in runs.values():
         rr = round_rows(recs)
         totals.append(f"{mb(rr[-1].get('cum_bytes', 0))} MB" if rr else "-")
     t.add_row("[b]total moved[/b]", "", *totals)
     means = []
-    for name, recs in runs.items():
+    for recs in runs.values():
         rr = round_rows(recs)
         means.append(_f(rr[-1].get("mean_ppl")) if rr else "-")
     t.add_row("[b]mean ppl[/b]", "", *means)

@@ -79,11 +79,16 @@ class LoRAFAIR:
         clients = [add_states(glob, u.delta) for u in ups]
         new = weighted_mean(clients, p)
         targets = weighted_products(clients, p, 1.0)
-        before = relative_error({m: t.double() for m, t in targets.items()},
-                                {m: new[m + B_SUFFIX].double() @ new[m + A_SUFFIX].double() for m in targets})
+        before = relative_error(
+            {m: t.double() for m, t in targets.items()},
+            {m: new[m + B_SUFFIX].double() @ new[m + A_SUFFIX].double() for m in targets},
+        )
         for m, t in targets.items():
             new[m + B_SUFFIX] = new[m + B_SUFFIX] + fair_correction(
-                t, new[m + A_SUFFIX], new[m + B_SUFFIX], self.objective, self.lam, self.steps, self.server_lr)
-        after = relative_error({m: t.double() for m, t in targets.items()},
-                               {m: new[m + B_SUFFIX].double() @ new[m + A_SUFFIX].double() for m in targets})
+                t, new[m + A_SUFFIX], new[m + B_SUFFIX], self.objective, self.lam, self.steps, self.server_lr
+            )
+        after = relative_error(
+            {m: t.double() for m, t in targets.items()},
+            {m: new[m + B_SUFFIX].double() @ new[m + A_SUFFIX].double() for m in targets},
+        )
         return new, {**state, "global": new, "round_metrics": {"agg_error_fedit": before, "agg_error": after}}

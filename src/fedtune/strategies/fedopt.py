@@ -21,8 +21,15 @@ LINEAR = ("fedavg", "fedit", "ffa_lora")
 
 
 def server_step(
-    kind: str, global_state: AdapterState, pseudo_grad: AdapterState, m: AdapterState, v: AdapterState,
-    lr: float, beta1: float, beta2: float, tau: float,
+    kind: str,
+    global_state: AdapterState,
+    pseudo_grad: AdapterState,
+    m: AdapterState,
+    v: AdapterState,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
 ) -> tuple[AdapterState, AdapterState, AdapterState]:
     """One server optimizer step; returns (new global, m, v). Keys absent from pseudo_grad stay put."""
     new, m2, v2 = dict(global_state), dict(m), dict(v)
@@ -78,11 +85,18 @@ class _FedOpt:
         target, inner = self._inner().aggregate(rnd, updates, state["inner"])
         touched = set().union(*(u.delta.keys() for u in updates))
         pseudo = {k: target[k] - glob[k] for k in touched}
-        new, m, v = server_step(self.kind, glob, pseudo, state["m"], state["v"],
-                                self.server_lr, self.beta1, self.beta2, self.tau)
+        new, m, v = server_step(
+            self.kind, glob, pseudo, state["m"], state["v"], self.server_lr, self.beta1, self.beta2, self.tau
+        )
         inner = {**inner, "global": new}
-        return new, {**state, "global": new, "inner": inner, "m": m, "v": v,
-                     "round_metrics": inner.get("round_metrics", {})}
+        return new, {
+            **state,
+            "global": new,
+            "inner": inner,
+            "m": m,
+            "v": v,
+            "round_metrics": inner.get("round_metrics", {}),
+        }
 
 
 @STRATEGIES.register("fedavgm")

@@ -94,11 +94,16 @@ class HetLoRA:
     def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
         return {cid: truncate_rank(state["global"], state["ranks"].get(cid)) for cid in client_ids}
 
-    def client_penalty(self, params: Mapping[str, torch.nn.Parameter], received: AdapterState) -> Callable[[], torch.Tensor] | None:
+    def client_penalty(
+        self, params: Mapping[str, torch.nn.Parameter], received: AdapterState
+    ) -> Callable[[], torch.Tensor] | None:
         """The self-pruning regulariser on the client's own rank r_k (= the rank it received)."""
         if self.prune_lambda <= 0:
             return None
-        mods = [(params[m + A_SUFFIX], params[m + B_SUFFIX], received[m + A_SUFFIX].shape[0]) for m in lora_modules(received)]
+        mods = [
+            (params[m + A_SUFFIX], params[m + B_SUFFIX], received[m + A_SUFFIX].shape[0])
+            for m in lora_modules(received)
+        ]
 
         def penalty() -> torch.Tensor:
             return self.prune_lambda * sum(hetlora_tail(a, b, r, self.prune_gamma) for a, b, r in mods)  # type: ignore[return-value]
@@ -123,9 +128,18 @@ class HetLoRA:
         ranks = dict(state["ranks"])
         for u, c in zip(ups, clients):
             r = ranks.get(u.client_id, glob[lora_modules(glob)[0] + A_SUFFIX].shape[0])
-            own = sum(float(hetlora_tail(c[m + A_SUFFIX], c[m + B_SUFFIX], r, self.prune_gamma)) for m in lora_modules(c))
-            ref = sum(float(hetlora_tail(new[m + A_SUFFIX], new[m + B_SUFFIX], r, self.prune_gamma)) for m in lora_modules(new))
+            own = sum(
+                float(hetlora_tail(c[m + A_SUFFIX], c[m + B_SUFFIX], r, self.prune_gamma)) for m in lora_modules(c)
+            )
+            ref = sum(
+                float(hetlora_tail(new[m + A_SUFFIX], new[m + B_SUFFIX], r, self.prune_gamma))
+                for m in lora_modules(new)
+            )
             if own < ref and int(self.prune_gamma * r) >= 1:
                 ranks[u.client_id] = int(self.prune_gamma * r)
-        return new, {**state, "global": new, "ranks": ranks,
-                     "round_metrics": {"mean_rank": sum(ranks.values()) / max(1, len(ranks))}}
+        return new, {
+            **state,
+            "global": new,
+            "ranks": ranks,
+            "round_metrics": {"mean_rank": sum(ranks.values()) / max(1, len(ranks))},
+        }

@@ -19,7 +19,9 @@ B_SUFFIX = ".lora_B.weight"
 
 def lora_modules(state: AdapterState) -> list[str]:
     """Module prefixes that carry a LoRA pair in `state`."""
-    return sorted(k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX) and k[: -len(A_SUFFIX)] + B_SUFFIX in state)
+    return sorted(
+        k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX) and k[: -len(A_SUFFIX)] + B_SUFFIX in state
+    )
 
 
 def products(state: AdapterState) -> dict[str, torch.Tensor]:
@@ -40,8 +42,7 @@ def covariance_error(states: Sequence[AdapterState], weights: Sequence[float]) -
         a_bar = sum(w * s[m + A_SUFFIX].double() for w, s in zip(weights, states))
         b_bar = sum(w * s[m + B_SUFFIX].double() for w, s in zip(weights, states))
         out[m] = sum(
-            w * (s[m + B_SUFFIX].double() - b_bar) @ (s[m + A_SUFFIX].double() - a_bar)
-            for w, s in zip(weights, states)
+            w * (s[m + B_SUFFIX].double() - b_bar) @ (s[m + A_SUFFIX].double() - a_bar) for w, s in zip(weights, states)
         )
     return out  # type: ignore[return-value]
 

@@ -28,7 +28,9 @@ def with_zero_base(state: AdapterState) -> AdapterState:
     return out
 
 
-def weighted_products(clients: Sequence[AdapterState], weights: Sequence[float], scale: float) -> dict[str, torch.Tensor]:
+def weighted_products(
+    clients: Sequence[AdapterState], weights: Sequence[float], scale: float
+) -> dict[str, torch.Tensor]:
     """s * sum_k p_k B_k @ A_k per module (fp64 accumulation), for factors of any (per-client) rank."""
     out: dict[str, torch.Tensor] = {}
     for m in lora_modules(clients[0]):
@@ -37,7 +39,9 @@ def weighted_products(clients: Sequence[AdapterState], weights: Sequence[float],
     return out
 
 
-def client_states(glob: AdapterState, sent: Mapping[str, AdapterState], updates: Sequence[ClientUpdate]) -> list[AdapterState]:
+def client_states(
+    glob: AdapterState, sent: Mapping[str, AdapterState], updates: Sequence[ClientUpdate]
+) -> list[AdapterState]:
     """Each client's trained tensors = what it received + its delta."""
     return [add_states({k: v for k, v in sent[u.client_id].items() if k in u.delta}, u.delta) for u in updates]
 

@@ -25,6 +25,7 @@ demo: setup
 	$(BIN)/fedtune run configs/demo.yaml --overwrite
 
 test: install
+	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest -q tests
 
 lint: install

@@ -74,3 +74,37 @@ def check_compatible(update: ClientUpdate, reference: AdapterState) -> None:
                 f"update from {update.client_id!r}: {k} has shape {tuple(v.shape)}, "
                 f"expected {tuple(reference[k].shape)}"
             )
+
+
+class GlobalModel:
+    """Plumbing shared by strategies with one global adapter (one level of inheritance):
+    state = {"global": adapter, ...}; `send` picks what a client receives (all of it by default);
+    `combine` does the method's maths on the updates in client-id order. Subclasses are frozen
+    dataclasses holding only hyperparameters."""
+
+    has_global = True
+    personalized = False
+    pools_data = False
+
+    def init_state(self, global_state: AdapterState) -> dict[str, Any]:
+        return {"global": global_state}
+
+    def send(self, state: dict[str, Any], client_id: str) -> AdapterState:
+        return state["global"]
+
+    def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
+        return {cid: self.send(state, cid) for cid in client_ids}
+
+    def aggregate(
+        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
+    ) -> tuple[AdapterState, dict[str, Any]]:
+        if not updates:
+            return state["global"], state
+        new, extra = self.combine(rnd, sorted_updates(updates), state)
+        return new, {**state, **extra, "global": new}
+
+    def combine(
+        self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]
+    ) -> tuple[AdapterState, dict[str, Any]]:
+        """(new global adapter, other state entries to update) from sorted, non-empty updates."""
+        raise NotImplementedError

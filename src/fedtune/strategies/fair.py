@@ -14,13 +14,12 @@ not exact (a residual outside A_bar's row space cannot be corrected through B).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from fedtune.strategies.base import STRATEGIES, example_weights, sorted_updates, weighted_mean
+from fedtune.strategies.base import STRATEGIES, GlobalModel, example_weights, weighted_mean
 from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, relative_error
 from fedtune.strategies.merge import weighted_products
 from fedtune.types import AdapterState, ClientUpdate, add_states
@@ -49,7 +48,7 @@ def fair_correction(
 
 @STRATEGIES.register("lora_fair")
 @dataclass(frozen=True)
-class LoRAFAIR:
+class LoRAFAIR(GlobalModel):
     """LoRA-FAIR (arXiv:2411.14961): FedIT plus a server correction dB so that (B_bar + dB) A_bar
     approaches sum_k p_k B_k A_k; no extra bytes. Objective and solver in the module docstring."""
 
@@ -58,25 +57,10 @@ class LoRAFAIR:
     steps: int = 50
     server_lr: float = 1e-3
 
-    has_global = True
-    personalized = False
-    pools_data = False
-
-    def init_state(self, global_state: AdapterState) -> dict[str, Any]:
-        return {"global": global_state}
-
-    def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
-        return {cid: state["global"] for cid in client_ids}
-
-    def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
-        if not updates:
-            return state["global"], state
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
         glob = state["global"]
-        ups = sorted_updates(updates)
-        p = example_weights(ups)
-        clients = [add_states(glob, u.delta) for u in ups]
+        p = example_weights(updates)
+        clients = [add_states(glob, u.delta) for u in updates]
         new = weighted_mean(clients, p)
         targets = weighted_products(clients, p, 1.0)
         before = relative_error(
@@ -91,4 +75,4 @@ class LoRAFAIR:
             {m: t.double() for m, t in targets.items()},
             {m: new[m + B_SUFFIX].double() @ new[m + A_SUFFIX].double() for m in targets},
         )
-        return new, {**state, "global": new, "round_metrics": {"agg_error_fedit": before, "agg_error": after}}
+        return new, {"round_metrics": {"agg_error_fedit": before, "agg_error": after}}

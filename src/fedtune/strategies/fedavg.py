@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedtune.strategies.base import STRATEGIES, example_weights, sorted_updates, weighted_mean
+from fedtune.strategies.base import STRATEGIES, GlobalModel, example_weights, sorted_updates, weighted_mean
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
 
@@ -19,23 +19,8 @@ def fedavg_aggregate(global_state: AdapterState, updates: Sequence[ClientUpdate]
 
 @STRATEGIES.register("fedavg")
 @dataclass(frozen=True)
-class FedAvg:
+class FedAvg(GlobalModel):
     """FedAvg of adapter tensors, weighted by client examples (arXiv:1602.05629)."""
 
-    has_global = True
-    personalized = False
-    pools_data = False
-
-    def init_state(self, global_state: AdapterState) -> dict[str, Any]:
-        return {"global": global_state}
-
-    def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
-        return {cid: state["global"] for cid in client_ids}
-
-    def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
-        if not updates:
-            return state["global"], state
-        new = fedavg_aggregate(state["global"], updates)
-        return new, {**state, "global": new}
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
+        return fedavg_aggregate(state["global"], updates), {}

@@ -2,39 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fedtune.adapters.lora_sb import SB_R
-from fedtune.strategies.base import STRATEGIES
+from fedtune.strategies.base import STRATEGIES, GlobalModel
 from fedtune.strategies.fedavg import fedavg_aggregate
 from fedtune.types import AdapterState, ClientUpdate
 
 
 @STRATEGIES.register("fedsb")
 @dataclass(frozen=True)
-class FedSB:
+class FedSB(GlobalModel):
     """Fed-SB (arXiv:2502.15436): LoRA-SB adapters dW = B R A with B, A frozen and shared; only the
     r x r R is trained, sent and averaged, so B R_bar A = sum_k p_k B R_k A exactly, and the bytes
     (4 r^2 per module in fp32) do not depend on the layer width. Needs adapter.kind: lora_sb."""
 
     adapter_kind = "lora_sb"
-    has_global = True
-    personalized = False
-    pools_data = False
 
-    def init_state(self, global_state: AdapterState) -> dict[str, Any]:
-        return {"global": global_state}
+    def send(self, state: dict[str, Any], client_id: str) -> AdapterState:
+        return {k: v for k, v in state["global"].items() if k.endswith(SB_R)}
 
-    def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
-        only_r = {k: v for k, v in state["global"].items() if k.endswith(SB_R)}
-        return {cid: only_r for cid in client_ids}
-
-    def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
-        if not updates:
-            return state["global"], state
-        new = fedavg_aggregate(state["global"], updates)
-        return new, {**state, "global": new}
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
+        return fedavg_aggregate(state["global"], updates), {}

@@ -3,14 +3,14 @@ weighting, rank self-pruning). Clients of rank r_k receive and return rank-r_k f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from fedtune.models.adapters import pad_to
-from fedtune.strategies.base import STRATEGIES, example_weights, sorted_updates
+from fedtune.strategies.base import STRATEGIES, GlobalModel, example_weights
 from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.strategies.merge import client_states, truncate_rank, weighted_products
 from fedtune.types import AdapterState, ClientUpdate
@@ -30,39 +30,28 @@ def svd_factors(dw: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor
 
 @STRATEGIES.register("flexlora")
 @dataclass(frozen=True)
-class FlexLoRA:
+class FlexLoRA(GlobalModel):
     """FlexLoRA (arXiv:2402.11505): aggregate full dW = s sum_k p_k B_k A_k, redistribute by SVD
     truncated to each client's rank (best rank-r_k approximation). Exact up to the max rank."""
 
     lora_scale: float = 1.0  # set by fedtune
     client_ranks: dict[str, int] = field(default_factory=dict)  # set by fedtune
 
-    has_global = True
-    personalized = False
-    pools_data = False
     heterogeneous_ranks = True
 
-    def init_state(self, global_state: AdapterState) -> dict[str, Any]:
-        return {"global": global_state}
+    def send(self, state: dict[str, Any], client_id: str) -> AdapterState:
+        return truncate_rank(state["global"], self.client_ranks.get(client_id))
 
-    def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
-        return {cid: truncate_rank(state["global"], self.client_ranks.get(cid)) for cid in client_ids}
-
-    def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
-        if not updates:
-            return state["global"], state
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
         glob = state["global"]
-        ups = sorted_updates(updates)
-        sent = self.configure(rnd, [u.client_id for u in ups], state)
-        dense = weighted_products(client_states(glob, sent, ups), example_weights(ups), self.lora_scale)
+        sent = self.configure(rnd, [u.client_id for u in updates], state)
+        dense = weighted_products(client_states(sent, updates), example_weights(updates), self.lora_scale)
         new, errs = dict(glob), []
         for m, dw in dense.items():
             rank = glob[m + A_SUFFIX].shape[0]
             new[m + A_SUFFIX], new[m + B_SUFFIX], err = svd_factors(dw, rank, self.lora_scale)
             errs.append(err)
-        return new, {**state, "global": new, "round_metrics": {"agg_error": max(errs)}}
+        return new, {"round_metrics": {"agg_error": max(errs)}}
 
 
 def hetlora_tail(a: torch.Tensor, b: torch.Tensor, r: int, gamma: float) -> torch.Tensor:
@@ -73,7 +62,7 @@ def hetlora_tail(a: torch.Tensor, b: torch.Tensor, r: int, gamma: float) -> torc
 
 @STRATEGIES.register("hetlora")
 @dataclass(frozen=True)
-class HetLoRA:
+class HetLoRA(GlobalModel):
     """HetLoRA (arXiv:2401.06432): zero-pad client factors to the max rank, average each tensor with
     weights ||T_k||_F / sum_j ||T_j||_F, send client k the first r_k ranks. Rank self-pruning: a
     client's loss adds lambda * sum ||A[gamma r:]|| ||B[:, gamma r:]||, and its rank drops to
@@ -83,16 +72,13 @@ class HetLoRA:
     prune_gamma: float = 0.99
     client_ranks: dict[str, int] = field(default_factory=dict)  # set by fedtune
 
-    has_global = True
-    personalized = False
-    pools_data = False
     heterogeneous_ranks = True
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"global": global_state, "ranks": dict(self.client_ranks)}
 
-    def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
-        return {cid: truncate_rank(state["global"], state["ranks"].get(cid)) for cid in client_ids}
+    def send(self, state: dict[str, Any], client_id: str) -> AdapterState:
+        return truncate_rank(state["global"], state["ranks"].get(client_id))
 
     def client_penalty(
         self, params: Mapping[str, torch.nn.Parameter], received: AdapterState
@@ -110,15 +96,10 @@ class HetLoRA:
 
         return penalty
 
-    def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
-        if not updates:
-            return state["global"], state
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
         glob = state["global"]
-        ups = sorted_updates(updates)
-        sent = self.configure(rnd, [u.client_id for u in ups], state)
-        clients = client_states(glob, sent, ups)
+        sent = self.configure(rnd, [u.client_id for u in updates], state)
+        clients = client_states(sent, updates)
         new = dict(glob)
         for key in clients[0]:
             padded = [pad_to(c[key], glob[key].shape) for c in clients]
@@ -126,7 +107,7 @@ class HetLoRA:
             w = norms / norms.sum() if float(norms.sum()) > 0 else torch.full_like(norms, 1 / len(padded))
             new[key] = sum(wi * p for wi, p in zip(w, padded))  # type: ignore[assignment]
         ranks = dict(state["ranks"])
-        for u, c in zip(ups, clients):
+        for u, c in zip(updates, clients):
             r = ranks.get(u.client_id, glob[lora_modules(glob)[0] + A_SUFFIX].shape[0])
             own = sum(
                 float(hetlora_tail(c[m + A_SUFFIX], c[m + B_SUFFIX], r, self.prune_gamma)) for m in lora_modules(c)
@@ -137,9 +118,4 @@ class HetLoRA:
             )
             if own < ref and int(self.prune_gamma * r) >= 1:
                 ranks[u.client_id] = int(self.prune_gamma * r)
-        return new, {
-            **state,
-            "global": new,
-            "ranks": ranks,
-            "round_metrics": {"mean_rank": sum(ranks.values()) / max(1, len(ranks))},
-        }
+        return new, {"ranks": ranks, "round_metrics": {"mean_rank": sum(ranks.values()) / max(1, len(ranks))}}

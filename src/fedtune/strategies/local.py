@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedtune.strategies.base import STRATEGIES
+from fedtune.strategies.base import STRATEGIES, GlobalModel
 from fedtune.strategies.fedavg import fedavg_aggregate
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
@@ -39,25 +39,14 @@ class Local:
 
 @STRATEGIES.register("centralized")
 @dataclass(frozen=True)
-class Centralized:
+class Centralized(GlobalModel):
     """One model trained on the pooled training data of all clients (no privacy; the upper bound).
 
     The recipe trains a single 'pooled' client for (steps x clients sampled) steps per round, so
     the compute matches a federated round; the raw data it needed is counted as uplink bytes.
     """
 
-    has_global = True
-    personalized = False
     pools_data = True
 
-    def init_state(self, global_state: AdapterState) -> dict[str, Any]:
-        return {"global": global_state}
-
-    def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
-        return {cid: state["global"] for cid in client_ids}
-
-    def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
-        new = fedavg_aggregate(state["global"], updates) if updates else state["global"]
-        return new, {**state, "global": new}
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
+        return fedavg_aggregate(state["global"], updates), {}

@@ -14,7 +14,7 @@ import torch
 
 from fedtune.models.adapters import BASE_DELTA
 from fedtune.seeding import torch_generator
-from fedtune.strategies.base import STRATEGIES, example_weights, sorted_updates, weighted_mean
+from fedtune.strategies.base import STRATEGIES, GlobalModel, example_weights, weighted_mean
 from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
@@ -39,53 +39,37 @@ def weighted_products(
     return out
 
 
-def client_states(
-    glob: AdapterState, sent: Mapping[str, AdapterState], updates: Sequence[ClientUpdate]
-) -> list[AdapterState]:
+def client_states(sent: Mapping[str, AdapterState], updates: Sequence[ClientUpdate]) -> list[AdapterState]:
     """Each client's trained tensors = what it received + its delta."""
     return [add_states({k: v for k, v in sent[u.client_id].items() if k in u.delta}, u.delta) for u in updates]
 
 
 @STRATEGIES.register("fedex_lora")
 @dataclass(frozen=True)
-class FedExLoRA:
+class FedExLoRA(GlobalModel):
     """FedEx-LoRA (arXiv:2410.09432): average A and B, and fold the residual
     s(sum_k p_k B_k A_k - B_bar A_bar) into the base weights. Exact; the dense residual is downlink."""
 
     lora_scale: float = 1.0  # set by fedtune from the adapter (alpha / r)
 
-    has_global = True
-    personalized = False
-    pools_data = False
-
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"global": with_zero_base(global_state)}
 
-    def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
-        return {cid: state["global"] for cid in client_ids}
-
-    def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
-        if not updates:
-            return state["global"], state
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
         glob = state["global"]
-        ups = sorted_updates(updates)
-        p = example_weights(ups)
-        clients = [add_states({k: glob[k] for k in u.delta}, u.delta) for u in ups]
+        p = example_weights(updates)
+        clients = [add_states({k: glob[k] for k in u.delta}, u.delta) for u in updates]
         avg = weighted_mean(clients, p)
-        exact = weighted_products(clients, p, self.lora_scale)
-        new = dict(glob)
-        new.update(avg)
-        for m, target in exact.items():
+        new = {**glob, **avg}
+        for m, target in weighted_products(clients, p, self.lora_scale).items():
             naive = self.lora_scale * (avg[m + B_SUFFIX].double() @ avg[m + A_SUFFIX].double())
             new[m + BASE_DELTA] = glob[m + BASE_DELTA] + (target.double() - naive).float()
-        return new, {**state, "global": new}
+        return new, {}
 
 
 @STRATEGIES.register("flora")
 @dataclass(frozen=True)
-class FLoRA:
+class FLoRA(GlobalModel):
     """FLoRA stacking (arXiv:2409.05976): the stacked update s * sum_k p_k B_k A_k (exact, any
     per-client rank) is merged into the base weights; every client restarts LoRA each round (A
     fresh from a seeded draw, B = 0). Clients receive the dense merged offset each round."""
@@ -94,30 +78,22 @@ class FLoRA:
     seed: int = 0  # set by fedtune
     client_ranks: dict[str, int] = field(default_factory=dict)  # set by fedtune (adapter.ranks)
 
-    has_global = True
-    personalized = False
-    pools_data = False
     heterogeneous_ranks = True
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"global": with_zero_base(global_state)}
 
-    def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
-        return {cid: truncate_rank(state["global"], self.client_ranks.get(cid)) for cid in client_ids}
+    def send(self, state: dict[str, Any], client_id: str) -> AdapterState:
+        return truncate_rank(state["global"], self.client_ranks.get(client_id))
 
-    def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
-        if not updates:
-            return state["global"], state
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
         glob = state["global"]
-        ups = sorted_updates(updates)
-        sent = self.configure(rnd, [u.client_id for u in ups], state)
-        merged = weighted_products(client_states(glob, sent, ups), example_weights(ups), self.lora_scale)
+        sent = self.configure(rnd, [u.client_id for u in updates], state)
+        merged = weighted_products(client_states(sent, updates), example_weights(updates), self.lora_scale)
         new = fresh_lora(glob, torch_generator(self.seed, "flora-reinit", rnd))
         for m, dw in merged.items():
             new[m + BASE_DELTA] = glob[m + BASE_DELTA] + dw
-        return new, {**state, "global": new}
+        return new, {}
 
 
 def truncate_rank(state: AdapterState, r: int | None) -> AdapterState:

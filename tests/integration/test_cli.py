@@ -66,11 +66,14 @@ def test_local_exports_one_adapter_per_client_and_no_bytes_move(runs) -> None:
     assert sorted(p.name for p in (d / "adapters").iterdir()) == ["email", "http", "json", "logging"]
     last = [r for r in records(d) if r["round"] == 2 and r["client"]]
     assert all("personal_ppl" in r and "global_ppl" not in r for r in last)
+    assert all(r.get("bytes_up", 0) == 0 and r.get("bytes_down", 0) == 0 for r in records(d) if r["client"])
+    assert [r["cum_bytes"] for r in records(d) if r["client"] is None] == [0, 0, 0]
 
 
 def test_centralized_counts_the_raw_data_it_collects(runs) -> None:
     rounds = [r for r in records(runs["centralized"]) if r["client"] is None]
-    assert rounds[1]["bytes_up"] > rounds[2]["bytes_up"] > 0
+    assert rounds[1]["bytes_up"] > 0 and rounds[1]["bytes_down"] == 0  # the raw tokens, once
+    assert rounds[2]["bytes_up"] == 0 and rounds[2]["cum_bytes"] == rounds[1]["cum_bytes"]
 
 
 def test_report_puts_runs_side_by_side(runs, tmp_path) -> None:

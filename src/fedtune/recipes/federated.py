@@ -312,18 +312,19 @@ def run_federated(
                 else {cid: {} for cid in client_ids}
             )
             by_id = {u.client_id: u for u in updates}
+            wire = int(strategy.transmits)  # local / centralized: nothing crosses the network
             fail_ids = {f.client_id: f for f in failures}
             for cid in client_ids:
                 rec: dict[str, Any] = {"round": rnd, "client": cid, "sampled": cid in sampled, **evals[cid]}
                 if cid in by_id:
                     u = by_id[cid]
-                    rec.update(bytes_up=u.bytes_up, bytes_down=u.bytes_down, **u.metrics)
+                    rec.update(bytes_up=wire * u.bytes_up, bytes_down=wire * u.bytes_down, **u.metrics)
                 if cid in fail_ids:
                     rec.update(failure=fail_ids[cid].reason, bytes_down=fail_ids[cid].bytes_down)
                 records.append(rec)
             # the centralized baseline has to collect the raw training tokens once
-            up = sum(u.bytes_up for u in updates) + (engine.collected_bytes if rnd == 1 else 0)
-            down = sum(len(p) for p in payloads.values())
+            up = wire * sum(u.bytes_up for u in updates) + (engine.collected_bytes if rnd == 1 else 0)
+            down = wire * sum(len(p) for p in payloads.values())
             prev = next(r for r in reversed(records) if r.get("client") is None)
             summary = _round_summary(evals, up, down, wall, len(failures), prev.get("cum_bytes", 0))
             if skipped:

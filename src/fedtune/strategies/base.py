@@ -20,11 +20,14 @@ class Strategy(Protocol):
         has_global: there is one shared model to evaluate and export.
         personalized: each client ends with its own model (configure sends it).
         pools_data: train on the pooled data of all clients (the centralized upper bound).
+        transmits: model payloads cross the network (False for `local` and `centralized`, where
+            the training happens where the adapter lives: their payload bytes count as 0).
     """
 
     has_global: bool
     personalized: bool
     pools_data: bool
+    transmits: bool
 
     def init_state(self, global_state: AdapterState) -> Any: ...
 
@@ -85,6 +88,7 @@ class GlobalModel:
     has_global = True
     personalized = False
     pools_data = False
+    transmits = True
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"global": global_state}

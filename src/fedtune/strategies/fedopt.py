@@ -62,6 +62,7 @@ class _FedOpt:
     has_global = True
     personalized = False
     pools_data = False
+    transmits = True
 
     def __post_init__(self) -> None:
         if self.inner not in LINEAR:

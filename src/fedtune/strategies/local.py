@@ -20,6 +20,7 @@ class Local:
     has_global = False
     personalized = True
     pools_data = False
+    transmits = False  # each adapter stays on its client
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"init": global_state, "clients": {}}
@@ -47,6 +48,7 @@ class Centralized(GlobalModel):
     """
 
     pools_data = True
+    transmits = False  # the server trains on the data it collected (counted once, as raw tokens)
 
     def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
         return fedavg_aggregate(state["global"], updates), {}

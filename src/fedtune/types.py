@@ -1,9 +1,8 @@
-"""The nouns of fedtune: adapter state, client updates and failures, round records."""
+"""The nouns of fedtune: adapter state, client updates and failures."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -39,27 +38,6 @@ class ClientFailure:
     client_id: str
     reason: str
     bytes_down: int = 0
-
-
-@dataclass
-class RoundRecord:
-    """One line of metrics.jsonl: one client in one round (or the round summary when client is None)."""
-
-    round: int
-    client: str | None
-    values: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"round": self.round, "client": self.client, **self.values}
-
-
-def state_num_bytes(state: AdapterState) -> int:
-    """Raw tensor bytes of a state (without serialization overhead)."""
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def clone_state(state: AdapterState) -> AdapterState:
-    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def add_states(a: AdapterState, b: AdapterState, scale: float = 1.0) -> AdapterState:

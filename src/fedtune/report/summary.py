@@ -6,10 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
-from fedtune.report.io import METRICS, SUMMARY, read_jsonl
+from fedtune.report.io import METRICS, read_jsonl
 
 
 def client_rows(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -101,11 +100,3 @@ def load_run(run_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
 
         raise FedtuneError(f"{d} has no {METRICS}; give a run directory made by `fedtune run`")
     return d.name, read_jsonl(d / METRICS)
-
-
-def print_run(console: Console, name: str, records: Sequence[dict[str, Any]]) -> None:
-    console.print(run_table(name, records))
-
-
-def summary_exists(run_dir: Path) -> bool:
-    return (run_dir / SUMMARY).exists()

@@ -7,7 +7,6 @@ from typing import Any, Protocol
 
 import torch
 
-from fedtune.errors import IncompatibleUpdateError
 from fedtune.registry import Registry
 from fedtune.types import AdapterState, ClientUpdate
 
@@ -61,22 +60,6 @@ def weighted_mean(states: Sequence[AdapterState], weights: Sequence[float]) -> A
 def sorted_updates(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
     """Updates in client-id order, so aggregation does not depend on arrival order."""
     return sorted(updates, key=lambda u: u.client_id)
-
-
-def check_compatible(update: ClientUpdate, reference: AdapterState) -> None:
-    """Raise IncompatibleUpdateError unless keys, shapes and dtypes match the reference."""
-    keys, ref = set(update.delta), set(reference)
-    if keys != ref:
-        raise IncompatibleUpdateError(
-            f"update from {update.client_id!r}: missing keys {sorted(ref - keys)[:3]}, "
-            f"unknown keys {sorted(keys - ref)[:3]}"
-        )
-    for k, v in update.delta.items():
-        if v.shape != reference[k].shape:
-            raise IncompatibleUpdateError(
-                f"update from {update.client_id!r}: {k} has shape {tuple(v.shape)}, "
-                f"expected {tuple(reference[k].shape)}"
-            )
 
 
 class GlobalModel:

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _series(records: Sequence[dict[str, Any]], client: str, key: str) -> tuple[list[int], list[float]]:
@@ -31,6 +32,7 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], out_dir: Path) -> list[
                 label = c if len(runs) == 1 else f"{name}: {c}"
                 ax.plot(x, y, styles[i % len(styles)], color=colors[c], marker="o", ms=3, label=label)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test loss (nats/token)")
     ax.set_title("per-client test loss" + ("" if len(runs) == 1 else " (line style = run)"))
     ax.grid(alpha=0.3)
@@ -45,6 +47,7 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], out_dir: Path) -> list[
         rr = [r for r in recs if r.get("client") is None]
         ax.plot([r["round"] for r in rr], [r.get("cum_bytes", 0) / 1e6 for r in rr], marker="o", label=name)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("cumulative MB moved (up + down)")
     ax.set_title("communication")
     ax.grid(alpha=0.3)

@@ -241,7 +241,7 @@ def run_federated(
     spec = components.build_train_spec(cfg)
     engine = fed.make_engine(strategy, codec, spec)
 
-    # 4. start or resume
+    # 3. start or resume
     if resume:
         ckpt = io.load_checkpoint(run_dir / io.CHECKPOINT)
         start, global_state, sstate = ckpt["round"] + 1, ckpt["global"], ckpt["strategy_state"]
@@ -256,7 +256,7 @@ def run_federated(
         start = 1
         io.write_jsonl(run_dir / io.METRICS, records)
 
-    # 5. rounds
+    # 4. rounds
     bars = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -351,7 +351,7 @@ def run_federated(
             if after_round is not None:
                 after_round(rnd)
 
-    # 6. export + report
+    # 5. export + report
     _export(run_dir, strategy, global_state, sstate, client_ids, fed.adapter_cfg, fed.model_dir, cfg.rounds)
     plot_runs({cfg.name: records}, run_dir / "plots")
     io.write_atomic(run_dir / io.SUMMARY, _summary_json(cfg, records))

@@ -33,3 +33,29 @@ def tiny_cfg(tmp_path: Path):
         return load_config(ROOT / "configs" / "tiny.yaml", [f"output_dir={tmp_path / name}", *overrides])
 
     return make
+
+
+class Interrupt(Exception):
+    """Raised after a chosen round to simulate a run that was killed there."""
+
+
+@pytest.fixture
+def interrupt_after():
+    """Run `cfg` in-process and stop it right after round `rnd` was checkpointed."""
+    from fedtune.recipes.federated import run_federated
+
+    def run(cfg, rnd: int) -> None:
+        def stop(r: int) -> None:
+            if r == rnd:
+                raise Interrupt
+
+        with pytest.raises(Interrupt):
+            run_federated(cfg, progress=False, after_round=stop)
+
+    return run
+
+
+@pytest.fixture
+def no_time():
+    """Metric records without wall-clock fields (the only values that differ between runs)."""
+    return lambda records: [{k: v for k, v in r.items() if "seconds" not in k} for r in records]

@@ -10,12 +10,8 @@ from fedtune.recipes.federated import run_federated  # noqa: E402
 pytestmark = pytest.mark.flower
 
 
-def no_time(records):
-    return [{k: v for k, v in r.items() if "seconds" not in k} for r in records]
-
-
 @pytest.mark.parametrize("strategy", ["fedavg", "flora"])
-def test_flower_simulation_matches_inprocess(tiny_cfg, strategy: str) -> None:
+def test_flower_simulation_matches_inprocess(tiny_cfg, no_time, strategy: str) -> None:
     from fedtune.engines.flower import run_simulation
 
     over = [f"strategy.name={strategy}", "rounds=2", "train.steps=2"]
@@ -44,7 +40,7 @@ def flower_processes() -> list[str]:
     return [line for line in out.splitlines() if any(n in line for n in names) and "<defunct>" not in line]
 
 
-def test_deployment_with_tls_on_loopback(tiny_cfg, tmp_path) -> None:
+def test_deployment_with_tls_on_loopback(tiny_cfg, tmp_path, no_time) -> None:
     """SuperLink + 2 SuperNodes as separate processes with TLS; same numbers as in-process;
     nothing left running afterwards."""
     import json

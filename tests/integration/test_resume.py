@@ -9,32 +9,18 @@ from fedtune.recipes.federated import run_federated
 from fedtune.report import io
 
 
-class Interrupt(Exception):
-    pass
-
-
-def strip_time(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if "seconds" not in k} for r in records]
-
-
 @pytest.mark.parametrize("strategy", ["fedavg", "local"])
-def test_resume_equals_uninterrupted(tiny_cfg, strategy: str) -> None:
+def test_resume_equals_uninterrupted(tiny_cfg, interrupt_after, no_time, strategy: str) -> None:
     over = (f"strategy.name={strategy}", "rounds=3", "train.steps=3")
     full = run_federated(tiny_cfg(*over, name="full"), progress=False)
 
     cfg = tiny_cfg(*over, name="cut")
-
-    def stop_after_1(rnd: int) -> None:
-        if rnd == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        run_federated(cfg, progress=False, after_round=stop_after_1)
+    interrupt_after(cfg, 1)
     assert io.load_checkpoint(full.run_dir.parent / "cut" / io.CHECKPOINT)["round"] == 1
     assert not (full.run_dir.parent / "cut" / io.SUMMARY).exists()
 
     resumed = run_federated(cfg, resume=True, progress=False)
-    assert strip_time(resumed.records) == strip_time(full.records)
+    assert no_time(resumed.records) == no_time(full.records)
     assert io.read_jsonl(resumed.run_dir / io.METRICS) == resumed.records
 
 

@@ -26,14 +26,6 @@ MATRIX = {
 }
 
 
-class Interrupt(Exception):
-    pass
-
-
-def no_time(records):
-    return [{k: v for k, v in r.items() if "seconds" not in k} for r in records]
-
-
 def fedtune_cli(*args: str) -> None:
     import os
     import subprocess
@@ -49,7 +41,7 @@ def fedtune_cli(*args: str) -> None:
 
 
 @pytest.mark.parametrize("name", list(MATRIX))
-def test_strategy_end_to_end_and_resume(tiny_cfg, tmp_path, name: str) -> None:
+def test_strategy_end_to_end_and_resume(tiny_cfg, tmp_path, interrupt_after, no_time, name: str) -> None:
     over = (f"strategy.name={name}", "rounds=3", "train.steps=3", *MATRIX[name])
     sets = [x for o in over for x in ("--set", o)]
     # uninterrupted, through the CLI
@@ -60,13 +52,7 @@ def test_strategy_end_to_end_and_resume(tiny_cfg, tmp_path, name: str) -> None:
 
     # interrupted after round 2, then `fedtune run --resume`
     cfg = tiny_cfg(*over, name="cut")
-
-    def stop(rnd: int) -> None:
-        if rnd == 2:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        run_federated(cfg, progress=False, after_round=stop)
+    interrupt_after(cfg, 2)
     fedtune_cli("run", "--resume", cfg.run_dir(), "--no-progress")
     assert no_time(io.read_jsonl(tmp_path / "cut" / io.METRICS)) == no_time(full)
 

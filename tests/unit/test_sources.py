@@ -10,8 +10,10 @@ from fedtune.errors import DataError
 
 def test_jsonl_file_with_a_label_column(tmp_path) -> None:
     f = tmp_path / "notes.jsonl"
-    rows = [{"body": f"note {i} about {'cardiology' if i % 2 else 'oncology'}", "ward": "cardio" if i % 2 else "onco"}
-            for i in range(10)]
+    rows = [
+        {"body": f"note {i} about {'cardiology' if i % 2 else 'oncology'}", "ward": "cardio" if i % 2 else "onco"}
+        for i in range(10)
+    ]
     f.write_text("\n".join(json.dumps(r) for r in rows))
     ds = load_corpus(DataConfig(source="files", path=str(f), text_column="body", label_column="ward"))
     assert sorted(set(ds["label"])) == ["cardio", "onco"] and len(ds) == 10

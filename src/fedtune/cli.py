@@ -110,9 +110,10 @@ def deploy(
     set_: SetOpt = None,
     work: Annotated[Path, typer.Option(help="folder for certificates, Flower state and logs")] = Path("runs/deploy"),
     tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and the SuperLink")] = True,
+    auth: Annotated[bool, typer.Option(help="SuperNode authentication: only registered node keys connect")] = True,
 ) -> None:
     """Run on Flower's deployment engine on this machine: a SuperLink and one SuperNode per client
-    as separate processes (TLS), then stop them all."""
+    as separate processes (TLS, SuperNode authentication), then stop them all."""
     _env()
     from fedtune.config import load_config
     from fedtune.errors import FedtuneError
@@ -124,7 +125,7 @@ def deploy(
         from fedtune.engines.flower_deploy import deploy_locally
 
         n = len(partition(load_corpus(cfg.data), cfg.partition, cfg.seed))
-        run_dir = deploy_locally(cfg, n, work.resolve(), tls=tls)
+        run_dir = deploy_locally(cfg, n, work.resolve(), tls=tls, auth=auth)
     except FedtuneError as e:
         _fail(e)
     from fedtune.report.summary import load_run, run_table

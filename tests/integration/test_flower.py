@@ -40,20 +40,50 @@ def flower_processes() -> list[str]:
     return [line for line in out.splitlines() if any(n in line for n in names) and "<defunct>" not in line]
 
 
-def test_deployment_with_tls_on_loopback(tiny_cfg, tmp_path, no_time) -> None:
-    """SuperLink + 2 SuperNodes as separate processes with TLS; same numbers as in-process;
-    nothing left running afterwards."""
+def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time) -> None:
+    """SuperLink + 2 SuperNodes as separate processes with TLS and SuperNode authentication: an
+    unregistered node is refused; the ServerApp is killed after round 1 and a new `flwr run`
+    continues from the checkpoint; the numbers equal an uninterrupted in-process run; nothing is
+    left running afterwards."""
     import json
+    import os
+    import signal
+    from pathlib import Path
 
-    from fedtune.engines.flower_deploy import deploy_locally
+    from fedtune.engines.flower_deploy import LocalDeployment, make_node_keys, write_app
 
-    over = ["data.labels=[email, json]", "rounds=2", "train.steps=2"]
+    over = ["data.labels=[email, json]", "rounds=3", "train.steps=2"]
     local = run_federated(tiny_cfg(*over, name="inproc"), progress=False)
+    cfg = tiny_cfg(*over, name="deployed")
+    run_dir = Path(cfg.run_dir()).resolve()
+    app = write_app(cfg.model_copy(update={"output_dir": str(run_dir)}), tmp_path / "app", 2)
     before = flower_processes()
-    run_dir = deploy_locally(tiny_cfg(*over, name="deployed"), 2, tmp_path / "work", tls=True, timeout=900)
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert no_time(recs) == no_time(local.records)
-    assert (tmp_path / "work" / "certs" / "ca.crt").exists()
+    with LocalDeployment(tmp_path / "work", 2, tls=True, auth=True, port=9492, node_port=9500) as dep:
+        dep.start_superlink()
+        dep.wait_for_superlink()
+        for i in range(2):
+            dep.register_supernode(i)
+            dep.start_supernode(i)
+        (intruder_key, _), = make_node_keys(tmp_path / "intruder", 1)
+        dep.start_supernode(2, key=intruder_key)  # a third node whose key was never registered
+        intruder = dep.procs["supernode-2"]
+        run = dep.submit_async(app)
+        wait_for_round(run_dir, 1)
+        round1 = [x for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"round": 1' in x]
+        assert round1
+        serverapps = [int(line.split()[0]) for line in flower_processes() if "flwr-serverapp" in line]
+        assert serverapps, flower_processes()
+        for pid in serverapps:
+            os.kill(pid, signal.SIGKILL)  # the ServerApp dies mid-run
+        run.wait(timeout=300)
+        assert not (run_dir / "summary.json").exists()
+        assert intruder.wait(timeout=120) != 0  # refused by the SuperLink
+        assert "Failed to activate SuperNode" in (tmp_path / "work" / "supernode-2.log").read_text()
+        again = dep.submit(app, timeout=900)  # a new ServerApp resumes from the checkpoint
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert all(x in lines for x in round1)  # round 1 kept as written (wall times too): resumed, not rerun
+    assert no_time([json.loads(x) for x in lines]) == no_time(local.records)
     assert flower_processes() == before
 
 

@@ -88,6 +88,25 @@ def make_certificates(out: Path, host: str = "127.0.0.1") -> dict[str, Path]:
     return {"ca": ca_crt, "cert": crt, "key": key}
 
 
+def make_node_keys(out: Path, num_nodes: int) -> list[tuple[Path, Path]]:
+    """One P-384 key pair per SuperNode (OpenSSH format, as Flower reads them): the private key
+    stays with the node (`--auth-supernode-private-key`), the public key is registered on the
+    SuperLink (`flwr supernode register`). Equivalent to `ssh-keygen -t ecdsa -b 384 -N ""`."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for i in range(num_nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        priv, pub = out / f"node-{i}", out / f"node-{i}.pub"
+        priv.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()))
+        priv.chmod(0o600)
+        pub.write_bytes(key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH))
+        pairs.append((priv, pub))
+    return pairs
+
+
 def write_app(cfg: ExperimentConfig, app_dir: Path, num_clients: int) -> Path:
     """A Flower app dir whose ServerApp/ClientApp are fedtune's; the experiment travels in its run
     config. No [project] dependencies: the app runs in this environment (never installs torch)."""
@@ -108,11 +127,13 @@ def write_app(cfg: ExperimentConfig, app_dir: Path, num_clients: int) -> Path:
 
 @dataclass
 class LocalDeployment:
-    """A SuperLink and SuperNodes on loopback, with TLS by default."""
+    """A SuperLink and SuperNodes on loopback, with TLS by default. With `auth`, the SuperLink
+    accepts only SuperNodes whose public key was registered (`register_supernode`)."""
 
     root: Path
     num_nodes: int
     tls: bool = True
+    auth: bool = False
     port: int = 9192
     node_port: int = 9300
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -121,6 +142,9 @@ class LocalDeployment:
         self.flwr_home = self.root / "flwr_home"
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.certs = make_certificates(self.root / "certs") if self.tls else {}
+        if self.auth and not self.tls:
+            raise FedtuneError("SuperNode authentication needs TLS (Flower refuses it on an insecure link)")
+        self.node_keys = make_node_keys(self.root / "keys", self.num_nodes) if self.auth else []
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (kept open for the process)
@@ -154,7 +178,23 @@ class LocalDeployment:
             ]
         else:
             cmd.append("--insecure")
+        if self.auth:
+            cmd.append("--enable-supernode-auth")
         self._spawn("superlink", cmd)
+
+    def register_supernode(self, i: int) -> None:
+        """`flwr supernode register node-i.pub`: the SuperLink will accept node i."""
+        self.write_connection()
+        r = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "register", str(self.node_keys[i][1]), "fedtune"],
+            capture_output=True,
+            text=True,
+            env=flower_env(self.flwr_home),
+            cwd=self.root,
+            timeout=120,
+        )
+        if r.returncode != 0:
+            raise FedtuneError(f"registering SuperNode {i} failed: {(r.stdout + r.stderr).strip()[-500:]}")
 
     def wait_for_superlink(self, timeout: float = 60.0) -> None:
         import socket
@@ -170,7 +210,8 @@ class LocalDeployment:
                 time.sleep(0.5)
         raise FedtuneError(f"the SuperLink did not open port {self.port} within {timeout:.0f} s")
 
-    def start_supernode(self, i: int) -> None:
+    def start_supernode(self, i: int, key: Path | None = None) -> None:
+        """SuperNode for partition i (with node i's private key, or `key`, when auth is on)."""
         cmd = [
             str(BIN / "flower-supernode"),
             "--superlink",
@@ -181,6 +222,8 @@ class LocalDeployment:
             f"partition-id={i} num-partitions={self.num_nodes}",
         ]
         cmd += ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
+        if self.auth:
+            cmd += ["--auth-supernode-private-key", str(key or self.node_keys[i][0])]
         self._spawn(f"supernode-{i}", cmd)
 
     def stop_supernode(self, i: int) -> None:
@@ -244,18 +287,27 @@ class LocalDeployment:
 
 
 def deploy_locally(
-    cfg: ExperimentConfig, num_clients: int, work: Path, *, tls: bool = True, timeout: float = 1800.0
+    cfg: ExperimentConfig,
+    num_clients: int,
+    work: Path,
+    *,
+    tls: bool = True,
+    auth: bool = True,
+    timeout: float = 1800.0,
 ) -> Path:
-    """Run `cfg` on a SuperLink and one SuperNode per client on loopback; return the run dir."""
+    """Run `cfg` on a SuperLink and one SuperNode per client on loopback; return the run dir.
+    With `auth` (needs TLS) each SuperNode gets a key pair and only registered keys may connect."""
     run_dir = Path(cfg.run_dir()).resolve()
     cfg = cfg.model_copy(update={"output_dir": str(run_dir)})
     if shutil.which("openssl") is None and tls:
-        raise FedtuneError("TLS needs openssl on PATH (or pass --insecure)")
+        raise FedtuneError("TLS needs openssl on PATH (or pass --no-tls)")
     app = write_app(cfg, work / "app", num_clients)
-    with LocalDeployment(work, num_clients, tls=tls) as dep:
+    with LocalDeployment(work, num_clients, tls=tls, auth=auth and tls) as dep:
         dep.start_superlink()
         dep.wait_for_superlink()
         for i in range(num_clients):
+            if dep.auth:
+                dep.register_supernode(i)
             dep.start_supernode(i)
         r = dep.submit(app, timeout)
         if r.returncode != 0 or not (run_dir / "summary.json").exists():

@@ -96,6 +96,15 @@ def check_adapter_kind(cfg: ExperimentConfig) -> list[Problem]:
     return []
 
 
+def check_strategy_fit(cfg: ExperimentConfig) -> list[Problem]:
+    """A strategy's own cross-field checks (`config_problems(params, adapter)`), e.g. CoMiGS's
+    generalists against the clients' expert counts."""
+    if cfg.strategy.name not in STRATEGIES:
+        return []
+    check = getattr(STRATEGIES.get(cfg.strategy.name), "config_problems", None)
+    return check(cfg.strategy.params(), cfg.adapter) if check is not None else []
+
+
 def check_ranks(cfg: ExperimentConfig) -> list[Problem]:
     if cfg.adapter.ranks is None or cfg.strategy.name not in STRATEGIES:
         return []
@@ -144,4 +153,16 @@ def build_codec(cfg: ExperimentConfig) -> Any:
 
 
 def build_train_spec(cfg: ExperimentConfig) -> TrainSpec:
-    return TrainSpec(**cfg.train.model_dump())
+    spec = TrainSpec(**cfg.train.model_dump())
+    if cfg.adapter.kind != "moe_lora":
+        return spec
+    from dataclasses import replace
+
+    a = cfg.adapter
+    return replace(
+        spec,
+        lb_weight=a.lb_weight,
+        router_every=a.router_every if a.router != "frozen" else 0,
+        router_steps=a.router_steps,
+        router_lr=a.router_lr if a.router_lr is not None else cfg.train.lr,
+    )

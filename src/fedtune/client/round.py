@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from fedtune.adapters.moe_lora import is_moe, is_router_key, set_expert_count_
 from fedtune.client.train import TrainSpec, local_train_, proximal_term
 from fedtune.data.blocks import Shard
 from fedtune.models.adapters import (
@@ -32,28 +33,51 @@ def client_round(
     rnd: int,
     on_step: Callable[[int, int, float], None] | None = None,
     penalty: PenaltyFactory | None = None,
-) -> tuple[AdapterState, dict[str, float]]:
-    """Train the received adapter tensors on the client's shard; return (delta, metrics).
+    private: AdapterState | None = None,
+    experts: int | None = None,
+) -> tuple[AdapterState, dict[str, float], AdapterState]:
+    """Train the received adapter tensors on the client's shard; return (delta, metrics, private).
 
-    Only the tensors in `received` train (and come back as a delta); the others keep their
-    shared initial values. Mutates only adapter tensors of the shared model, which the next
-    client overwrites. `penalty(params_by_key, received)` may add a strategy's client-side
-    regulariser (HetLoRA's rank self-pruning term)."""
-    set_state_(model, received)
+    Only the tensors in `received` and `private` train; only the received ones come back, as a
+    delta (the others keep their shared initial values). `private` are tensors that never leave
+    the client (CoMiGS's specialists and router); their trained values are returned for the
+    client to keep. `experts` is the client's expert count (mixture-of-experts adapters).
+    Mutates only adapter tensors of the shared model, which the next client overwrites.
+    `penalty(params_by_key, received)` may add a strategy's client-side regulariser (HetLoRA's
+    rank self-pruning term)."""
+    private = private or {}
+    if is_moe(model):
+        set_expert_count_(model, experts)
+    set_state_(model, {**received, **private})
     lora = {k: received[k] for k in trainable_keys(received)}
-    params = select_trainable_(model, lora)
+    keys = [*lora, *trainable_keys(private)]
+    select_trainable_(model, keys)
+    by_key = adapter_parameters(model)
+    routers = [by_key[k] for k in sorted(keys) if is_router_key(k)]
+    params = [by_key[k] for k in sorted(keys) if not is_router_key(k)]
     gen = torch_generator(seed, "train", rnd, shard.client_id)
     torch.manual_seed(derive_seed(seed, "dropout", rnd, shard.client_id))  # LoRA dropout draws globally
     terms = []
     if spec.prox_mu > 0:
         terms.append(proximal_term(params, [p.detach().clone() for p in params], spec.prox_mu))
     if penalty is not None:
-        params_by_key = {k: p for k, p in adapter_parameters(model).items() if k in lora}
-        term = penalty(params_by_key, lora)
+        term = penalty({k: p for k, p in by_key.items() if k in lora}, lora)
         if term is not None:
             terms.append(term)
     extra = (lambda: sum(t() for t in terms)) if terms else None  # noqa: E731
-    metrics = local_train_(model, params, shard.train, spec, gen, extra_loss=extra, on_step=on_step)
+    metrics = local_train_(
+        model,
+        params,
+        shard.train,
+        spec,
+        gen,
+        extra_loss=extra,
+        on_step=on_step,
+        router_params=routers,
+        router_blocks=shard.val,
+        step_offset=(rnd - 1) * spec.num_steps(int(shard.train.shape[0])),
+    )
     trained = get_state(model)
     # the delta has the received shapes (a rank-r_k client returns rank-r_k factors)
-    return {k: crop_to(trained[k], v.shape) - v for k, v in lora.items()}, metrics
+    delta = {k: crop_to(trained[k], v.shape) - v for k, v in lora.items()}
+    return delta, metrics, {k: trained[k] for k in private}

@@ -29,6 +29,11 @@ class TrainSpec:
     max_grad_norm: float | None = 1.0
     bf16: bool = False
     prox_mu: float = 0.0
+    # mixture-of-LoRA-experts adapters (CoMiGS): load balancing and the alternating router schedule
+    lb_weight: float = 0.0
+    router_every: int = 0
+    router_steps: int = 1
+    router_lr: float = 5e-4
 
     def num_steps(self, num_blocks: int) -> int:
         if self.epochs is None:
@@ -63,10 +68,18 @@ def autocast(bf16: bool) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def lm_loss(model: Any, batch: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch of packed blocks [B, T]."""
+def lm_loss(model: Any, batch: torch.Tensor, bf16: bool, lb_weight: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch of packed blocks [B, T] (plus lb_weight times the
+    load-balancing loss of a mixture-of-experts adapter)."""
     with autocast(bf16):
-        return model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=batch, labels=batch).loss
+    if lb_weight > 0:
+        from fedtune.adapters.moe_lora import load_balancing_loss
+
+        lb = load_balancing_loss(model)
+        if lb is not None:
+            loss = loss + lb_weight * lb
+    return loss
 
 
 def proximal_term(
@@ -89,46 +102,88 @@ def local_train_(
     *,
     extra_loss: Callable[[], torch.Tensor] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    router_params: list[torch.nn.Parameter] | None = None,
+    router_blocks: torch.Tensor | None = None,
+    step_offset: int = 0,
 ) -> dict[str, float]:
     """Train `params` of `model` in place on `blocks` [N, T]; return train metrics.
 
     `extra_loss` adds a term to every micro-batch loss (e.g. a FedProx proximal term).
+    `router_params` (mixture-of-experts routers): with spec.router_every > 0 they follow CoMiGS's
+    alternating schedule: after every router_every-th expert step (counted over the client's whole
+    training, from `step_offset`), router_steps steps of their own AdamW on `router_blocks` (the
+    validation split) with the same loss; otherwise they train jointly with `params`.
     Raises TrainingDivergedError on a NaN or infinite loss.
     """
     total = spec.num_steps(int(blocks.shape[0]))
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    router_params = router_params or []
+    alternate = bool(router_params) and spec.router_every > 0
+    trained = params if alternate else params + router_params
+    opt = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=spec.weight_decay)
     stream = batch_indices(int(blocks.shape[0]), spec.batch_size, gen)
+    if alternate:
+        rblocks = router_blocks if router_blocks is not None and router_blocks.shape[0] > 0 else blocks
+        router_opt = torch.optim.AdamW(router_params, lr=spec.router_lr, weight_decay=spec.weight_decay)
+        router_stream = batch_indices(int(rblocks.shape[0]), spec.batch_size, gen)
+        for p in router_params:
+            p.requires_grad_(False)
     model.train()
     t0 = time.perf_counter()
     losses: list[float] = []
-    for step in range(total):
-        lr = get_lr(step, total, spec)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    router_losses: list[float] = []
+
+    def step_on(
+        optimizer: torch.optim.Optimizer,
+        group: list[torch.nn.Parameter],
+        data: torch.Tensor,
+        it: Iterator[torch.Tensor],
+    ) -> float:
         step_loss = 0.0
         for _ in range(spec.grad_accum):
-            loss = lm_loss(model, blocks[next(stream)], spec.bf16)
+            loss = lm_loss(model, data[next(it)], spec.bf16, spec.lb_weight)
             if extra_loss is not None:
                 loss = loss + extra_loss()
             if not torch.isfinite(loss):
                 model.eval()
                 raise TrainingDivergedError(
-                    f"loss is {loss.item()} at local step {step}; lower train.lr "
+                    f"loss is {loss.item()} at local step {len(losses)}; lower train.lr "
                     f"(now {spec.lr:g}) or set train.max_grad_norm"
                 )
             (loss / spec.grad_accum).backward()
             step_loss += loss.item() / spec.grad_accum
         if spec.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(step_loss)
+            torch.nn.utils.clip_grad_norm_(group, spec.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return step_loss
+
+    for step in range(total):
+        lr = get_lr(step, total, spec)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        losses.append(step_on(opt, trained, blocks, stream))
+        if alternate and (step_offset + step + 1) % spec.router_every == 0:
+            for p in trained:
+                p.requires_grad_(False)
+            for p in router_params:
+                p.requires_grad_(True)
+            for _ in range(spec.router_steps):
+                router_losses.append(step_on(router_opt, router_params, rblocks, router_stream))
+            for p in router_params:
+                p.requires_grad_(False)
+            for p in trained:
+                p.requires_grad_(True)
         if on_step is not None:
-            on_step(step + 1, total, step_loss)
+            on_step(step + 1, total, losses[-1])
+    for p in router_params:
+        p.requires_grad_(True)
     model.eval()
-    return {
+    out = {
         "train_loss": sum(losses) / len(losses),
         "train_last_loss": losses[-1],
         "steps": float(total),
         "train_seconds": time.perf_counter() - t0,
     }
+    if router_losses:
+        out["router_loss"] = sum(router_losses) / len(router_losses)
+    return out

@@ -70,7 +70,9 @@ class PartitionConfig(_Strict):
 
 
 class AdapterConfig(_Strict):
-    kind: Literal["lora", "lora_sb"] = Field("lora", description="'lora_sb': dW = B R A, only R trains (Fed-SB)")
+    kind: Literal["lora", "lora_sb", "moe_lora"] = Field(
+        "lora", description="'lora_sb': dW = B R A, only R trains (Fed-SB); 'moe_lora': LoRA experts + router (CoMiGS)"
+    )
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -89,11 +91,35 @@ class AdapterConfig(_Strict):
     sb_init_blocks: int = Field(8, ge=1, description="blocks of init data for the gradient estimate")
     sb_init_lr: float | None = Field(None, ge=0.0, description="R_0 = -init_lr * S_r (default: train.lr)")
 
+    experts: int | list[int] = Field(
+        2, description="moe_lora: experts per block, or one count per client in client-id order, e.g. [2, 2, 4, 4]"
+    )
+    top_k: int = Field(2, ge=1, description="moe_lora: experts mixed per token (>= experts: a dense softmax mixture)")
+    router: Literal["token", "sequence", "frozen"] = Field(
+        "token", description="moe_lora: learned per token, learned per causal prefix, or frozen random"
+    )
+    moe_modules: Literal["mlp", "mlp+attention"] = Field("mlp", description="moe_lora: blocks that get experts")
+    lb_weight: float = Field(0.01, ge=0.0, description="moe_lora: weight of the Switch load-balancing loss")
+    router_every: int = Field(
+        3,
+        ge=0,
+        description="moe_lora: every this many expert steps, router_steps router steps on the validation split "
+        "(CoMiGS's alternating schedule; 0 = router and experts train jointly on the training split)",
+    )
+    router_steps: int = Field(1, ge=1, description="moe_lora: router steps each time (CoMiGS: 10 every 30)")
+    router_lr: float | None = Field(None, gt=0.0, description="moe_lora: router learning rate (default: train.lr)")
+
     @model_validator(mode="after")
     def _positive_ranks(self) -> AdapterConfig:
         if self.ranks is not None and (not self.ranks or min(self.ranks) < 1):
             raise ValueError(f"ranks = {self.ranks}: give one positive rank per client, e.g. [4, 8, 16, 16]")
+        counts = self.experts if isinstance(self.experts, list) else [self.experts]
+        if not counts or min(counts) < 1:
+            raise ValueError(f"experts = {self.experts}: give a positive count, or one per client, e.g. [2, 2, 4, 4]")
         return self
+
+    def max_experts(self) -> int:
+        return max(self.experts) if isinstance(self.experts, list) else self.experts
 
 
 class TrainConfig(_Strict):
@@ -148,6 +174,11 @@ class SamplingConfig(_Strict):
 class EvalConfig(_Strict):
     every: int = Field(1, ge=1, description="evaluate every N rounds (and always after the last)")
     batch_size: int = Field(8, ge=1)
+    ood: bool = Field(
+        False,
+        description="also test every client's model on the mixture of all clients' test data "
+        "(out of distribution; per-client ood_ppl)",
+    )
 
 
 class ExperimentConfig(_Strict):

@@ -123,7 +123,7 @@ def make_client_app(cfg_yaml: str | None = None) -> ClientApp:
         rnd = int(msg.content["config"]["round"])
         t0 = time.perf_counter()
         received, _ = rt.codec.decode(from_record(msg.content["payload"]), None)
-        delta, metrics = client_round(rt.model, received, rt.shard, rt.spec, rt.cfg.seed, rnd, None, rt.penalty)
+        delta, metrics, _ = client_round(rt.model, received, rt.shard, rt.spec, rt.cfg.seed, rnd, None, rt.penalty)
         up, _ = rt.codec.encode(delta, None, torch_generator(rt.cfg.seed, "codec-up", rnd, rt.client_id))
         metrics["client_seconds"] = time.perf_counter() - t0
         content = RecordDict(
@@ -288,6 +288,35 @@ def check_flower(cfg: ExperimentConfig) -> None:
                 cfg.adapter.sb_init,
                 "on Flower every party computes the LoRA-SB init itself, from public data",
                 "use adapter.sb_init: source:<public corpus>, e.g. source:stdlib",
+            )
+        )
+    cls = STRATEGIES.get(cfg.strategy.name) if cfg.strategy.name in STRATEGIES else None
+    if getattr(cls, "client_private", False) or getattr(cls, "uses_engine", False):
+        problems.append(
+            Problem(
+                "engine.name",
+                cfg.engine.name,
+                f"strategy {cfg.strategy.name!r} keeps client-side state or evaluates peers' models on clients, "
+                "which the Flower engine does not carry yet",
+                "run it with engine 'inprocess'",
+            )
+        )
+    if cfg.adapter.kind == "moe_lora" and isinstance(cfg.adapter.experts, list):
+        problems.append(
+            Problem(
+                "adapter.experts",
+                cfg.adapter.experts,
+                "per-client expert counts are not carried to Flower clients yet",
+                "give one count, or run with engine 'inprocess'",
+            )
+        )
+    if cfg.evaluation.ood:
+        problems.append(
+            Problem(
+                "evaluation.ood",
+                True,
+                "the out-of-distribution test pools every client's test data in one place",
+                "set evaluation.ood: false, or run with engine 'inprocess'",
             )
         )
     if problems:

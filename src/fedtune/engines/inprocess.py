@@ -7,6 +7,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
+from fedtune.adapters.moe_lora import is_moe, set_expert_count_
 from fedtune.client.round import client_round
 from fedtune.client.train import TrainSpec
 from fedtune.data.blocks import Shard
@@ -32,8 +35,15 @@ class InProcessEngine:
         *,
         eval_shards: Mapping[str, Shard] | None = None,
         eval_batch_size: int = 8,
+        private_init: Mapping[str, AdapterState] | None = None,
+        expert_counts: Mapping[str, int] | None = None,
     ):
         self.model = model
+        # client-side state that never leaves a client (CoMiGS specialists, routers): the
+        # initial values per client, and what each client holds now (checkpointed by the recipe)
+        self.private_init = dict(private_init or {})
+        self.private: dict[str, AdapterState] = {}
+        self.expert_counts = dict(expert_counts or {})
         self.penalty = penalty
         self.eval_shards = eval_shards if eval_shards is not None else shards
         self.eval_batch_size = eval_batch_size
@@ -61,7 +71,18 @@ class InProcessEngine:
             t0 = time.perf_counter()
             received, _ = self.codec.decode(payload, None)
             cb = (lambda s, n, loss, cid=cid: on_step(cid, s, n, loss)) if on_step else None
-            delta, metrics = client_round(self.model, received, shard, self.spec, self.seed, rnd, cb, self.penalty)
+            delta, metrics, self.private[cid] = client_round(
+                self.model,
+                received,
+                shard,
+                self.spec,
+                self.seed,
+                rnd,
+                cb,
+                self.penalty,
+                private=self.private_of(cid),
+                experts=self.expert_counts.get(cid),
+            )
             up, states[cid] = self.codec.encode(
                 delta, states.get(cid), torch_generator(self.seed, "codec-up", rnd, cid)
             )
@@ -71,23 +92,69 @@ class InProcessEngine:
             )
         return replies, states
 
-    def evaluate(self, states: Mapping[str, AdapterState]) -> dict[str, dict[str, float]]:
-        """Each client's test loss/ppl under the state given for it."""
-        return evaluate_states(self.model, self.eval_shards, states, self.eval_batch_size, self.spec.bf16)
+    def private_of(self, cid: str) -> AdapterState:
+        return self.private.get(cid, self.private_init.get(cid, {}))
 
+    def _load(self, cid: str, state: AdapterState) -> None:
+        """Client cid's model: the state it was sent plus what it keeps privately."""
+        if is_moe(self.model):
+            set_expert_count_(self.model, self.expert_counts.get(cid))
+        set_state_(self.model, {**state, **self.private_of(cid)})
 
-def evaluate_states(
-    model: Any, shards: Mapping[str, Shard], states: Mapping[str, AdapterState], batch_size: int, bf16: bool
-) -> dict[str, dict[str, float]]:
-    """Test loss/ppl of each client under the adapter state given for it."""
-    out: dict[str, dict[str, float]] = {}
-    current: AdapterState | None = None
-    for cid, state in states.items():
-        if state is not current:  # global strategies share one state: load it once
-            set_state_(model, state)
-            current = state
-        out[cid] = evaluate_blocks(model, shards[cid].test, batch_size, bf16)
-    return out
+    def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, float]]:
+        """Each client's loss/ppl on its own `split` ('test', 'val'; 'ood' = the mixture of every
+        client's test data) under the state given for it (plus its private state)."""
+        out: dict[str, dict[str, float]] = {}
+        for cid, state in states.items():
+            self._load(cid, state)
+            blocks = self.ood_blocks() if split == "ood" else getattr(self.eval_shards[cid], split)
+            out[cid] = evaluate_blocks(self.model, blocks, self.eval_batch_size, self.spec.bf16)
+        return out
+
+    def ood_blocks(self) -> torch.Tensor:
+        """Out-of-distribution test set: the same number of test blocks from every client."""
+        n = min(int(s.test.shape[0]) for s in self.eval_shards.values())
+        return torch.cat([s.test[:n] for s in self.eval_shards.values()])
+
+    def reference_blocks(self, per_client: int) -> torch.Tensor:
+        """A shared reference set: the first `per_client` validation blocks of every client
+        (contributed with consent, as PCL's reference set is built from each domain's data)."""
+        parts = [(s.val if s.val.shape[0] > 0 else s.train)[:per_client] for s in self.eval_shards.values()]
+        return torch.cat(parts)
+
+    def peer_evaluate(self, states: Mapping[str, AdapterState], split: str = "val") -> dict[str, dict[str, float]]:
+        """On each client i, the loss of every peer model j on i's own `split` (PCL's validation
+        trust): {i: {j: loss}}. Client i evaluates with j's shared state (its private part stays
+        with j). The peers' states travel to i: the caller counts those bytes."""
+        out: dict[str, dict[str, float]] = {}
+        for j, state in states.items():
+            if is_moe(self.model):
+                set_expert_count_(self.model, self.expert_counts.get(j))
+            set_state_(self.model, {**state, **self.private_of(j)})
+            for i in states:
+                blocks = getattr(self.eval_shards[i], split)
+                if blocks.shape[0] == 0:
+                    blocks = self.eval_shards[i].train[: self.eval_batch_size]
+                out.setdefault(i, {})[j] = evaluate_blocks(self.model, blocks, self.eval_batch_size, self.spec.bf16)[
+                    "loss"
+                ]
+        return out
+
+    @torch.no_grad()
+    def reference_logits(self, states: Mapping[str, AdapterState], blocks: torch.Tensor, k: int) -> dict[str, Any]:
+        """Each client's model's top-k logits on a shared reference set (PCL's prediction
+        trust): {client: (values [N, T, k], indices [N, T, k])}, computed on the client."""
+        out = {}
+        for cid, state in states.items():
+            self._load(cid, state)
+            vals, idx = [], []
+            for i in range(0, int(blocks.shape[0]), self.eval_batch_size):
+                logits = self.model(input_ids=blocks[i : i + self.eval_batch_size]).logits.float()
+                top = logits.topk(k, dim=-1)
+                vals.append(top.values)
+                idx.append(top.indices)
+            out[cid] = (torch.cat(vals), torch.cat(idx))
+        return out
 
 
 def _decode(codec: Any, payload: bytes) -> AdapterState:

@@ -11,10 +11,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from fedtune.adapters.lora_sb import FROZEN_SUFFIXES, SB_R, is_lora_sb, sb_parameters, sb_to_lora
+from fedtune.adapters.lora_sb import FROZEN_SUFFIXES as SB_FROZEN
+from fedtune.adapters.lora_sb import SB_R, is_lora_sb, sb_parameters, sb_to_lora
+from fedtune.adapters.moe_lora import FROZEN_ROUTER, is_moe, moe_parameters
 from fedtune.config.schema import AdapterConfig
 from fedtune.types import AdapterState
 
+FROZEN_SUFFIXES = (*SB_FROZEN, FROZEN_ROUTER)  # shared frozen tensors: never trained, never sent back
 PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the same tensors
 
 
@@ -52,7 +55,10 @@ def get_state(model: Any) -> AdapterState:
     """The adapter tensors (PEFT names without the adapter name), detached fp32 CPU copies."""
     from peft import get_peft_model_state_dict
 
-    sd = sb_parameters(model) if is_lora_sb(model) else get_peft_model_state_dict(model)
+    if is_moe(model):
+        sd = moe_parameters(model)
+    else:
+        sd = sb_parameters(model) if is_lora_sb(model) else get_peft_model_state_dict(model)
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
 
 
@@ -92,7 +98,7 @@ def set_state_(model: Any, state: AdapterState) -> None:
     unknown = [k for k in lora if k not in params]
     if unknown:
         raise KeyError(f"adapter keys not in the model: {unknown[:5]}")
-    if is_lora_sb(model):
+    if is_lora_sb(model) or is_moe(model):
         with torch.no_grad():
             for k, v in lora.items():
                 params[k].copy_(v)
@@ -125,6 +131,9 @@ def lora_scale(model: Any) -> float:
     """The LoRA scale s = alpha / r of the injected adapter (1 for LoRA-SB)."""
     if is_lora_sb(model):
         return 1.0
+    if is_moe(model):
+        info = model.__dict__["_fedtune_moe"]
+        return float(info["alpha"] / info["r"])
     for m in model.modules():
         scaling = getattr(m, "scaling", None)
         if isinstance(scaling, dict) and "default" in scaling:
@@ -136,6 +145,8 @@ def adapter_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
     """Adapter parameters keyed like the adapter state (the adapter name 'default' removed)."""
     if is_lora_sb(model):
         return sb_parameters(model)
+    if is_moe(model):
+        return moe_parameters(model)
     out = {}
     for name, p in model.named_parameters():
         if "lora_" in name:

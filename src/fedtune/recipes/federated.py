@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedtune import components
 from fedtune.adapters.lora_sb import inject_lora_sb_
+from fedtune.adapters.moe_lora import inject_moe_lora_, is_moe, save_moe_adapter
 from fedtune.codecs import serialize
 from fedtune.config import ExperimentConfig, config_to_yaml
 from fedtune.data.blocks import Shard, make_shards, pooled
@@ -92,6 +93,28 @@ def rank_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, i
     return dict(zip(client_ids, ranks))
 
 
+def experts_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:
+    """adapter.experts as {client: count} when given per client ({} otherwise)."""
+    counts = cfg.adapter.experts
+    if cfg.adapter.kind != "moe_lora" or not isinstance(counts, list):
+        return {}
+    if len(counts) != len(client_ids):
+        from fedtune.errors import ConfigError, Problem
+
+        raise ConfigError(
+            [
+                Problem(
+                    "adapter.experts",
+                    counts,
+                    f"one expert count per client is needed; there are {len(client_ids)} clients "
+                    f"({', '.join(client_ids)})",
+                    f"give {len(client_ids)} counts, or one number for all",
+                )
+            ]
+        )
+    return dict(zip(client_ids, counts))
+
+
 def target_names(model: Any, adapter_cfg: Any) -> list[str]:
     """Explicit target module names ('all-linear' = every Linear but the LM head)."""
     if not isinstance(adapter_cfg.target_modules, str):
@@ -137,7 +160,13 @@ def sample_clients(client_ids: list[str], fraction: float, min_clients: int, see
 
 
 def eval_records(
-    rnd: int, strategy: Any, engine: Any, client_ids: list[str], global_state: AdapterState, sstate: Any
+    rnd: int,
+    strategy: Any,
+    engine: Any,
+    client_ids: list[str],
+    global_state: AdapterState,
+    sstate: Any,
+    ood: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Per-client test metrics (computed where the data is, by the engine): the global model,
     the personal model (if the strategy personalizes), and test_* = the model the client ends with."""
@@ -154,6 +183,12 @@ def eval_records(
         kind = "personal" if "personal_loss" in out[cid] else "global"
         if f"{kind}_loss" in out[cid]:
             out[cid].update(test_loss=out[cid][f"{kind}_loss"], test_ppl=out[cid][f"{kind}_ppl"])
+    if ood:  # the model each client ends with, on the mixture of all clients' test data
+        personal = strategy.personalized and rnd > 0
+        states = dict(strategy.configure(rnd + 1, client_ids, sstate)) if personal else {}
+        res = engine.evaluate({cid: states.get(cid, global_state) for cid in client_ids}, split="ood")
+        for cid, r in res.items():
+            out[cid].update(ood_loss=r["loss"], ood_ppl=r["ppl"])
     return out
 
 
@@ -180,6 +215,19 @@ def build_adapted_model(
     if cfg.adapter.kind == "lora_sb":
         init_lr = cfg.adapter.sb_init_lr if cfg.adapter.sb_init_lr is not None else cfg.train.lr
         model = inject_lora_sb_(model, target_names(model, adapter_cfg), cfg.adapter.r, sb_blocks(), init_lr)
+    elif cfg.adapter.kind == "moe_lora":
+        a = cfg.adapter
+        model = inject_moe_lora_(
+            model,
+            num_experts=a.max_experts(),
+            r=a.r,
+            alpha=a.alpha,
+            top_k=a.top_k,
+            router=a.router,
+            dropout=a.dropout,
+            modules=a.moe_modules,
+            seed=derive_seed(cfg.seed, "adapter-init"),
+        )
     else:
         model = inject_(model, adapter_cfg, derive_seed(cfg.seed, "adapter-init"))
     return model, adapter_cfg
@@ -196,8 +244,12 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
         cfg, model_dir, client_ranks, lambda: sb_init_blocks(cfg, shards, tokenizer)
     )
 
+    experts = experts_per_client(cfg, client_ids)
+
     def make_engine(strategy: Any, codec: Any, spec: Any) -> InProcessEngine:
         train = {"pooled": pooled(shards)} if strategy.pools_data else dict(shards)
+        init = get_state(model)
+        keep = strategy.private_keys(init) if hasattr(strategy, "private_keys") else set()
         engine = InProcessEngine(
             model,
             train,
@@ -207,6 +259,8 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
             getattr(strategy, "client_penalty", None),
             eval_shards=shards,
             eval_batch_size=cfg.evaluation.batch_size,
+            private_init={cid: {k: init[k] for k in sorted(keep)} for cid in client_ids} if keep else None,
+            expert_counts=experts,
         )
         # the centralized baseline has to collect the raw training tokens once
         engine.collected_bytes = _data_bytes(shards) if strategy.pools_data else 0
@@ -246,11 +300,13 @@ def run_federated(
         ckpt = io.load_checkpoint(run_dir / io.CHECKPOINT)
         start, global_state, sstate = ckpt["round"] + 1, ckpt["global"], ckpt["strategy_state"]
         codec_states, records = ckpt["codec_states"], ckpt["records"]
+        if hasattr(engine, "private"):
+            engine.private = ckpt.get("client_private", {})
         console.print(f"resuming {run_dir} after round {ckpt['round']}")
     else:
         io.write_atomic(run_dir / io.CONFIG, config_to_yaml(cfg))
         global_state, sstate, codec_states = init_state, strategy.init_state(init_state), {}
-        base = eval_records(0, strategy, engine, client_ids, init_state, sstate)
+        base = eval_records(0, strategy, engine, client_ids, init_state, sstate, cfg.evaluation.ood)
         records = [{"round": 0, "client": cid, **base[cid]} for cid in client_ids]
         records.append({"round": 0, "client": None, **_round_summary(base, 0, 0, 0.0, 0)})
         start = 1
@@ -301,13 +357,16 @@ def run_federated(
             # aggregate (too few replies: keep the global model; the failures are recorded)
             skipped = len(updates) < cfg.sampling.min_updates
             if not skipped:
-                global_state, sstate = strategy.aggregate(rnd, updates, sstate)
+                if getattr(strategy, "uses_engine", False):  # e.g. PCL's trust from peers' validation loss
+                    global_state, sstate = strategy.aggregate(rnd, updates, sstate, engine=engine)
+                else:
+                    global_state, sstate = strategy.aggregate(rnd, updates, sstate)
             wall = time.perf_counter() - t0
 
             # evaluate, log
             last = rnd == cfg.rounds
             evals = (
-                eval_records(rnd, strategy, engine, client_ids, global_state, sstate)
+                eval_records(rnd, strategy, engine, client_ids, global_state, sstate, cfg.evaluation.ood)
                 if last or rnd % cfg.evaluation.every == 0
                 else {cid: {} for cid in client_ids}
             )
@@ -325,6 +384,9 @@ def run_federated(
             # the centralized baseline has to collect the raw training tokens once
             up = wire * sum(u.bytes_up for u in updates) + (engine.collected_bytes if rnd == 1 else 0)
             down = wire * sum(len(p) for p in payloads.values())
+            if not skipped and isinstance(sstate, dict):  # bytes a strategy moves besides the adapters
+                up += int(sstate.get("round_metrics", {}).get("extra_bytes_up", 0))
+                down += int(sstate.get("round_metrics", {}).get("extra_bytes_down", 0))
             prev = next(r for r in reversed(records) if r.get("client") is None)
             summary = _round_summary(evals, up, down, wall, len(failures), prev.get("cum_bytes", 0))
             if skipped:
@@ -344,6 +406,7 @@ def run_federated(
                     "global": global_state,
                     "strategy_state": sstate,
                     "codec_states": codec_states,
+                    "client_private": getattr(engine, "private", {}),
                     "records": records,
                 },
             )
@@ -352,7 +415,7 @@ def run_federated(
                 after_round(rnd)
 
     # 5. export + report
-    _export(run_dir, strategy, global_state, sstate, client_ids, fed.adapter_cfg, fed.model_dir, cfg.rounds)
+    _export(run_dir, strategy, engine, global_state, sstate, client_ids, fed, cfg)
     plot_runs({cfg.name: records}, run_dir / "plots")
     io.write_atomic(run_dir / io.SUMMARY, _summary_json(cfg, records))
     return RunResult(run_dir, records, cfg.rounds)
@@ -385,26 +448,44 @@ def _round_summary(
         w = [evals[c]["test_tokens"] for c in done]
         s = summarize(ppl, w)
         out.update(mean_ppl=s["mean"], weighted_mean_ppl=s["weighted_mean"], worst_ppl=s["worst"])
+    ood = [evals[c]["ood_ppl"] for c in evals if "ood_ppl" in evals[c]]
+    if ood:
+        out["ood_mean_ppl"] = sum(ood) / len(ood)
     return out
 
 
 def _export(
     run_dir: Path,
     strategy: Any,
+    engine: Any,
     global_state: AdapterState,
     sstate: Any,
     client_ids: list[str],
-    adapter_cfg: Any,
-    model_dir: str,
-    rounds: int,
+    fed: Federation,
+    cfg: ExperimentConfig,
 ) -> None:
+    """PEFT-format adapters (global and/or one per client); a mixture-of-experts adapter, which
+    PEFT cannot express, as moe_adapter.safetensors + moe_config.json (load_moe_adapter)."""
+    model_dir = fed.model_dir
     base = str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir
+    private = getattr(engine, "private_of", lambda cid: {})
+    counts = getattr(engine, "expert_counts", {})
+
+    def write(state: AdapterState, name: str, cid: str | None) -> None:
+        out = run_dir / "adapters" / name.replace("/", "_")
+        if is_moe(fed.model):
+            info = {**fed.model.__dict__["_fedtune_moe"], "base_model_name_or_path": base}
+            info["client_experts"] = counts.get(cid) if cid else None
+            save_moe_adapter(state, info, out)
+        else:
+            export_peft(state, fed.adapter_cfg, base, out)
+
     if strategy.has_global:
-        export_peft(global_state, adapter_cfg, base, run_dir / "adapters" / "global")
+        write(global_state, "global", None)
     if strategy.personalized:
-        personal = strategy.configure(rounds + 1, client_ids, sstate)
+        personal = strategy.configure(cfg.rounds + 1, client_ids, sstate)
         for cid in client_ids:
-            export_peft(personal[cid], adapter_cfg, base, run_dir / "adapters" / cid.replace("/", "_"))
+            write({**personal[cid], **private(cid)}, cid, cid)
 
 
 def _summary_json(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> str:

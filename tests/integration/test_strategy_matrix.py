@@ -7,7 +7,7 @@ import torch
 from fedtune.recipes.federated import run_federated
 from fedtune.report import io
 
-# name -> extra overrides (the test matrix: add a row per new strategy)
+# name[:variant] -> extra overrides (the test matrix: add a row per new strategy)
 MATRIX = {
     "fedavg": [],
     "fedit": [],
@@ -23,6 +23,13 @@ MATRIX = {
     "fedsb": ["adapter.kind=lora_sb", "train.lr=0.02"],
     "local": [],
     "centralized": [],
+    "local:moe-frozen-router": ["adapter.kind=moe_lora", "adapter.router=frozen", "adapter.top_k=1"],
+    "comigs": ["adapter.kind=moe_lora", "strategy.preset=1G1S", "evaluation.ood=true"],
+    "comigs:hetero-sequence": ["adapter.kind=moe_lora", "adapter.experts=[2, 2, 3, 3]", "adapter.router=sequence"],
+    "pcl": ["strategy.trust=val"],
+    "pcl:predictions": ["strategy.trust=predictions", "strategy.top_k=8"],
+    "pcl:weights": ["strategy.trust=weights"],
+    "tac": ["strategy.clusters=2"],
 }
 
 
@@ -42,7 +49,7 @@ def fedtune_cli(*args: str) -> None:
 
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_strategy_end_to_end_and_resume(tiny_cfg, tmp_path, interrupt_after, no_time, name: str) -> None:
-    over = (f"strategy.name={name}", "rounds=3", "train.steps=3", *MATRIX[name])
+    over = (f"strategy.name={name.split(':')[0]}", "rounds=3", "train.steps=3", *MATRIX[name])
     sets = [x for o in over for x in ("--set", o)]
     # uninterrupted, through the CLI
     fedtune_cli("run", "configs/tiny.yaml", "--no-progress", *sets, "--set", f"output_dir={tmp_path / 'full'}")

@@ -17,8 +17,9 @@ def corpus(n_per_label: int = 30, labels: str = "abcd") -> datasets.Dataset:
         PartitionConfig(kind="iid", num_clients=5),
         PartitionConfig(kind="dirichlet", num_clients=3, alpha=0.3, min_docs=2),
         PartitionConfig(kind="natural"),
+        PartitionConfig(kind="natural", clients_per_label=3),
     ],
-    ids=["iid", "dirichlet", "natural"],
+    ids=["iid", "dirichlet", "natural", "natural-3-per-label"],
 )
 def test_partition_is_a_disjoint_cover(cfg: PartitionConfig) -> None:
     ds = corpus()
@@ -42,6 +43,15 @@ def test_natural_partition_one_client_per_label() -> None:
     parts = partition(corpus(labels="xyz"), PartitionConfig(kind="natural"), seed=0)
     assert list(parts) == ["x", "y", "z"]
     assert all(set(p["label"]) == {cid} for cid, p in parts.items())
+
+
+def test_natural_partition_several_clients_per_label() -> None:
+    parts = partition(corpus(n_per_label=7, labels="xy"), PartitionConfig(kind="natural", clients_per_label=2), seed=0)
+    assert list(parts) == ["x-0", "x-1", "y-0", "y-1"]
+    assert all(set(p["label"]) == {cid[0]} for cid, p in parts.items())
+    assert sorted(len(p) for p in parts.values()) == [3, 3, 4, 4]
+    with pytest.raises(DataError, match="clients_per_label"):
+        partition(corpus(n_per_label=2, labels="xy"), PartitionConfig(kind="natural", clients_per_label=3), seed=0)
 
 
 def test_small_alpha_is_more_skewed_than_large() -> None:

@@ -61,6 +61,9 @@ class PartitionConfig(_Strict):
     num_clients: int | None = Field(None, ge=1, description="required for iid/dirichlet; natural: one client per label")
     alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (smaller = more skew)")
     min_docs: int = Field(2, ge=1, description="dirichlet: resample until every client has this many")
+    clients_per_label: int = Field(
+        1, ge=1, description="natural: split each label's documents over this many clients ('<label>-<i>')"
+    )
 
     @model_validator(mode="after")
     def _needs_clients(self) -> PartitionConfig:

@@ -29,6 +29,19 @@ def partition(ds: datasets.Dataset, cfg: PartitionConfig, seed: int) -> dict[str
         p.dataset = ds
         names = [str(p.partition_id_to_natural_id[i]) for i in range(p.num_partitions)]
         parts = {name: p.load_partition(i) for i, name in enumerate(names)}
+        k = cfg.clients_per_label
+        if k > 1:  # several parties per domain: shuffled equal shards of each label
+            split = {}
+            for name, docs in parts.items():
+                if len(docs) < k:
+                    raise DataError(
+                        f"label {name!r} has {len(docs)} documents, fewer than partition.clients_per_label = {k}; "
+                        "lower clients_per_label or raise data.max_docs_per_label"
+                    )
+                shards = IidPartitioner(num_partitions=k)
+                shards.dataset = docs.shuffle(seed=derive_seed(seed, "partition", name) % 2**32)
+                split.update({f"{name}-{i}": shards.load_partition(i) for i in range(k)})
+            parts = split
         return dict(sorted(parts.items()))
     n = int(cfg.num_clients or 0)
     if n > n_docs:

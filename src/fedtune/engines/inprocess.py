@@ -105,10 +105,17 @@ class InProcessEngine:
         """Each client's loss/ppl on its own `split` ('test', 'val'; 'ood' = the mixture of every
         client's test data) under the state given for it (plus its private state)."""
         out: dict[str, dict[str, float]] = {}
+        shared: dict[int, dict[str, float]] = {}  # OOD data is the same for all: score a shared model once
         for cid, state in states.items():
+            alone = not self.private_of(cid) and cid not in self.expert_counts
+            if split == "ood" and alone and id(state) in shared:
+                out[cid] = dict(shared[id(state)])
+                continue
             self._load(cid, state)
             blocks = self.ood_blocks() if split == "ood" else getattr(self.eval_shards[cid], split)
             out[cid] = evaluate_blocks(self.model, blocks, self.eval_batch_size, self.spec.bf16)
+            if split == "ood" and alone:
+                shared[id(state)] = out[cid]
         return out
 
     def ood_blocks(self) -> torch.Tensor:
@@ -122,7 +129,9 @@ class InProcessEngine:
         parts = [(s.val if s.val.shape[0] > 0 else s.train)[:per_client] for s in self.eval_shards.values()]
         return torch.cat(parts)
 
-    def peer_evaluate(self, states: Mapping[str, AdapterState], split: str = "val") -> dict[str, dict[str, float]]:
+    def peer_evaluate(
+        self, states: Mapping[str, AdapterState], split: str = "val", max_blocks: int | None = None
+    ) -> dict[str, dict[str, float]]:
         """On each client i, the loss of every peer model j on i's own `split` (PCL's validation
         trust): {i: {j: loss}}. Client i evaluates with j's shared state (its private part stays
         with j). The peers' states travel to i: the caller counts those bytes."""
@@ -135,6 +144,7 @@ class InProcessEngine:
                 blocks = getattr(self.eval_shards[i], split)
                 if blocks.shape[0] == 0:
                     blocks = self.eval_shards[i].train[: self.eval_batch_size]
+                blocks = blocks[:max_blocks]
                 out.setdefault(i, {})[j] = evaluate_blocks(self.model, blocks, self.eval_batch_size, self.spec.bf16)[
                     "loss"
                 ]

@@ -177,6 +177,7 @@ class PCL(PerClient):
     top_k: int = 100
     temperature: float = 10.0
     reference_blocks: int = 2
+    val_blocks: int = 16  # 'val': validation blocks each peer model is scored on
     warmup_rounds: int = 0
 
     uses_engine = True
@@ -214,7 +215,7 @@ class PCL(PerClient):
         if engine is None:
             raise ValueError(f"PCL trust {self.trust!r} needs the clients (an engine)")
         if self.trust == "val":
-            losses = engine.peer_evaluate(dict(zip(ids, states)), split="val")
+            losses = engine.peer_evaluate(dict(zip(ids, states)), split="val", max_blocks=self.val_blocks)
             t = torch.tensor([[-float(np.exp(min(losses[i][j], 50.0))) for j in ids] for i in ids])
             sizes = [len(serialize(s)) for s in states]
             down = sum(sizes[j] for i in range(n) for j in range(n) if i != j)  # peers' adapters to i

@@ -30,6 +30,10 @@ def test_flower_refuses_what_it_cannot_run(tiny_cfg) -> None:
         check_flower(tiny_cfg("strategy.name=centralized", "engine.name=flower-sim"))
     with pytest.raises(ConfigError, match="from public data"):
         check_flower(tiny_cfg("strategy.name=fedsb", "adapter.kind=lora_sb", "engine.name=flower-sim"))
+    with pytest.raises(ConfigError, match="keeps client-side state"):
+        check_flower(tiny_cfg("strategy.name=comigs", "adapter.kind=moe_lora", "engine.name=flower-sim"))
+    with pytest.raises(ConfigError, match="pools every client's test data"):
+        check_flower(tiny_cfg("evaluation.ood=true", "engine.name=flower-sim"))
 
 
 def flower_processes() -> list[str]:

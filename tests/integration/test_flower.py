@@ -68,7 +68,7 @@ def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time) 
         for i in range(2):
             dep.register_supernode(i)
             dep.start_supernode(i)
-        (intruder_key, _), = make_node_keys(tmp_path / "intruder", 1)
+        ((intruder_key, _),) = make_node_keys(tmp_path / "intruder", 1)
         dep.start_supernode(2, key=intruder_key)  # a third node whose key was never registered
         intruder = dep.procs["supernode-2"]
         run = dep.submit_async(app)

@@ -28,8 +28,10 @@ MATRIX = {
     "comigs:hetero-sequence": ["adapter.kind=moe_lora", "adapter.experts=[2, 2, 3, 3]", "adapter.router=sequence"],
     "pcl": ["strategy.trust=val"],
     "pcl:predictions": ["strategy.trust=predictions", "strategy.top_k=8"],
-    "pcl:weights": ["strategy.trust=weights"],
     "tac": ["strategy.clusters=2"],
+    # codec state (error-feedback residuals) must survive the interruption too
+    "fedavg:topk-ef-q4": ["codec.name=chain", "codec.stages=[{name: topk, fraction: 0.2}, {name: quantize, bits: 4}]"],
+    "ffa_lora:q8-down-fp16": ["train.lr=0.02", "codec.name=quantize", "codec.bits=8", "downlink_codec.name=fp16"],
 }
 
 

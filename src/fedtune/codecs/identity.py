@@ -1,4 +1,5 @@
-"""Uncompressed codecs: fp32 as is, and fp16 (half the bytes, ~1e-3 relative error)."""
+"""Uncompressed stages: fp32 as is, and fp16 (half the bytes, ~1e-3 relative error). Only
+floating-point tensors are cast (indices from an earlier stage pass through)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fedtune.codecs.base import CODECS, deserialize, serialize
+from fedtune.codecs.base import CODECS, is_float
 from fedtune.types import AdapterState
 
 
@@ -16,14 +17,13 @@ from fedtune.types import AdapterState
 class Identity:
     """fp32 tensors as they are (safetensors)."""
 
-    def init_state(self) -> Any:
-        return None
+    stateful = False
 
-    def encode(self, tensors: AdapterState, state: Any, rng: torch.Generator) -> tuple[bytes, Any]:
-        return serialize({k: v.to(torch.float32) for k, v in tensors.items()}), state
+    def forward(self, tensors: AdapterState, state: Any, rng: torch.Generator) -> tuple[AdapterState, dict, Any]:
+        return {k: v.to(torch.float32) if is_float(v) else v for k, v in tensors.items()}, {}, None
 
-    def decode(self, payload: bytes, state: Any) -> tuple[AdapterState, Any]:
-        return deserialize(payload), state
+    def backward(self, tensors: AdapterState, meta: dict, state: Any) -> tuple[AdapterState, Any]:
+        return tensors, None
 
 
 @CODECS.register("fp16")
@@ -31,11 +31,10 @@ class Identity:
 class Fp16:
     """Half precision on the wire; decoded back to fp32."""
 
-    def init_state(self) -> Any:
-        return None
+    stateful = False
 
-    def encode(self, tensors: AdapterState, state: Any, rng: torch.Generator) -> tuple[bytes, Any]:
-        return serialize({k: v.to(torch.float16) for k, v in tensors.items()}), state
+    def forward(self, tensors: AdapterState, state: Any, rng: torch.Generator) -> tuple[AdapterState, dict, Any]:
+        return {k: v.to(torch.float16) if is_float(v) else v for k, v in tensors.items()}, {}, None
 
-    def decode(self, payload: bytes, state: Any) -> tuple[AdapterState, Any]:
-        return {k: v.to(torch.float32) for k, v in deserialize(payload).items()}, state
+    def backward(self, tensors: AdapterState, meta: dict, state: Any) -> tuple[AdapterState, Any]:
+        return {k: v.to(torch.float32) if is_float(v) else v for k, v in tensors.items()}, None

@@ -123,7 +123,9 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
 
     problems: list[Problem] = []
     problems += components.check_named("strategy", components.STRATEGIES, cfg.strategy.name, cfg.strategy.params())
-    problems += components.check_named("codec", components.CODECS, cfg.codec.name, cfg.codec.params())
+    problems += components.check_codec("codec", cfg.codec)
+    if cfg.downlink_codec is not None:
+        problems += components.check_codec("downlink_codec", cfg.downlink_codec)
     if cfg.data.source not in components.DATA_SOURCES:
         problems.append(
             Problem(

@@ -195,7 +195,18 @@ class ExperimentConfig(_Strict):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
-    codec: CodecConfig = Field(default_factory=CodecConfig)
+    codec: CodecConfig = Field(
+        default_factory=CodecConfig,
+        description="how updates travel (uplink, and downlink unless downlink_codec is set); "
+        "a stage name or {name: chain, stages: [...]}",
+    )
+    downlink_codec: CodecConfig | None = Field(None, description="server -> client codec (default: codec)")
+    budget_mb: float | None = Field(
+        None,
+        gt=0.0,
+        description="communication budget: stop cleanly (checkpointed, exported) after the round in which "
+        "the bytes moved (up + down, all clients) reach this many MB",
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)

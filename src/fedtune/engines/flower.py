@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from fedtune.client.round import client_round  # noqa: E402
-from fedtune.codecs import CODECS  # noqa: E402
+from fedtune.codecs import make_codec  # noqa: E402
 from fedtune.config import ExperimentConfig, config_from_dict, config_to_yaml  # noqa: E402
 from fedtune.errors import ConfigError, FedtuneError, Problem  # noqa: E402
 from fedtune.seeding import torch_generator  # noqa: E402
@@ -64,6 +64,7 @@ class ClientRuntime:
     shard: Any
     model: Any
     codec: Any
+    down_codec: Any
     spec: Any
     penalty: Any
 
@@ -95,6 +96,7 @@ def client_runtime(cfg_yaml: str, partition_id: int) -> ClientRuntime:
             shards[cid],
             model,
             components.build_codec(cfg),
+            components.build_codec(cfg, downlink=True),
             components.build_train_spec(cfg),
             getattr(strategy, "client_penalty", None),
         )
@@ -122,7 +124,7 @@ def make_client_app(cfg_yaml: str | None = None) -> ClientApp:
         rt = _runtime(context, cfg_yaml)
         rnd = int(msg.content["config"]["round"])
         t0 = time.perf_counter()
-        received, _ = rt.codec.decode(from_record(msg.content["payload"]), None)
+        received, _ = rt.down_codec.decode(from_record(msg.content["payload"]), None)
         delta, metrics, _ = client_round(rt.model, received, rt.shard, rt.spec, rt.cfg.seed, rnd, None, rt.penalty)
         up, _ = rt.codec.encode(delta, None, torch_generator(rt.cfg.seed, "codec-up", rnd, rt.client_id))
         metrics["client_seconds"] = time.perf_counter() - t0
@@ -137,7 +139,7 @@ def make_client_app(cfg_yaml: str | None = None) -> ClientApp:
         from fedtune.models.adapters import set_state_
 
         rt = _runtime(context, cfg_yaml)
-        state, _ = CODECS.get("identity")().decode(from_record(msg.content["payload"]), None)
+        state, _ = make_codec("identity").decode(from_record(msg.content["payload"]), None)
         set_state_(rt.model, state)
         res = evaluate_blocks(rt.model, rt.shard.test, rt.cfg.evaluation.batch_size, rt.spec.bf16)
         return Message(RecordDict({"metrics": MetricRecord(res)}), reply_to=msg)
@@ -210,7 +212,7 @@ class FlowerEngine:
         return replies, codec_states
 
     def evaluate(self, states: Mapping[str, AdapterState]) -> dict[str, dict[str, float]]:
-        ident = CODECS.get("identity")()
+        ident = make_codec("identity")
         encoded: dict[int, bytes] = {}
         payloads = {}
         for cid, st in states.items():
@@ -308,6 +310,17 @@ def check_flower(cfg: ExperimentConfig) -> None:
                 cfg.adapter.experts,
                 "per-client expert counts are not carried to Flower clients yet",
                 "give one count, or run with engine 'inprocess'",
+            )
+        )
+    from fedtune.components import build_codec
+
+    if build_codec(cfg).stateful or build_codec(cfg, downlink=True).stateful:
+        problems.append(
+            Problem(
+                "codec",
+                cfg.codec.name,
+                "this codec keeps state between rounds (error feedback), which Flower clients do not carry yet",
+                "use a stateless codec (identity, fp16, quantize) or engine 'inprocess'",
             )
         )
     if cfg.evaluation.ood:

@@ -50,6 +50,7 @@ class InProcessEngine:
         self.collected_bytes = 0
         self.shards = shards
         self.codec = codec
+        self.down_codec = codec  # the recipe sets the downlink codec when it differs
         self.spec = spec
         self.seed = seed
 
@@ -69,7 +70,7 @@ class InProcessEngine:
         for cid, payload in payloads.items():
             shard = self.shards[cid]
             t0 = time.perf_counter()
-            received, _ = self.codec.decode(payload, None)
+            received, _ = self.down_codec.decode(payload, None)
             cb = (lambda s, n, loss, cid=cid: on_step(cid, s, n, loss)) if on_step else None
             delta, metrics, self.private[cid] = client_round(
                 self.model,
@@ -87,9 +88,9 @@ class InProcessEngine:
                 delta, states.get(cid), torch_generator(self.seed, "codec-up", rnd, cid)
             )
             metrics["client_seconds"] = time.perf_counter() - t0
-            replies.append(
-                ClientUpdate(cid, _decode(self.codec, up), shard.num_examples, metrics, len(up), len(payload))
-            )
+            # the server sees exactly what was on the wire (a stateful decoder keeps one state per client)
+            delta_seen, states["dec:" + cid] = self.codec.decode(up, states.get("dec:" + cid))
+            replies.append(ClientUpdate(cid, delta_seen, shard.num_examples, metrics, len(up), len(payload)))
         return replies, states
 
     def private_of(self, cid: str) -> AdapterState:
@@ -165,9 +166,3 @@ class InProcessEngine:
                 idx.append(top.indices)
             out[cid] = (torch.cat(vals), torch.cat(idx))
         return out
-
-
-def _decode(codec: Any, payload: bytes) -> AdapterState:
-    """The server sees exactly what was on the wire."""
-    tensors, _ = codec.decode(payload, None)
-    return tensors

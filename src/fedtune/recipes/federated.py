@@ -292,8 +292,10 @@ def run_federated(
         cfg, lora_scale=lora_scale(model), seed=cfg.seed, client_ranks=fed.client_ranks
     )
     codec = components.build_codec(cfg)
+    down_codec = components.build_codec(cfg, downlink=True)
     spec = components.build_train_spec(cfg)
     engine = fed.make_engine(strategy, codec, spec)
+    engine.down_codec = down_codec
 
     # 3. start or resume
     if resume:
@@ -329,6 +331,8 @@ def run_federated(
             bars.update(step_task, description=f"client {cid} loss {loss:.3f}", completed=step, total=total)
 
         for rnd in range(start, cfg.rounds + 1):
+            if any("stopped" in r for r in records if r.get("client") is None):
+                break  # resumed after the budget stopped the run: nothing more to do
             t0 = time.perf_counter()
             sampled = sample_clients(client_ids, cfg.sampling.fraction, cfg.sampling.min_clients, cfg.seed, rnd)
             trainers = ["pooled"] if strategy.pools_data else sampled
@@ -339,8 +343,8 @@ def run_federated(
             sent = strategy.configure(rnd, trainers, sstate)
             payloads = {}
             for cid in trainers:
-                payloads[cid], codec_states["server"] = codec.encode(
-                    sent[cid], codec_states.get("server"), torch_generator(cfg.seed, "codec-down", rnd, cid)
+                payloads[cid], codec_states["down:" + cid] = down_codec.encode(
+                    sent[cid], codec_states.get("down:" + cid), torch_generator(cfg.seed, "codec-down", rnd, cid)
                 )
 
             # clients train and reply
@@ -363,15 +367,25 @@ def run_federated(
                     global_state, sstate = strategy.aggregate(rnd, updates, sstate)
             wall = time.perf_counter() - t0
 
+            # bytes this round (every number is the length of a real payload)
+            wire = int(strategy.transmits)  # local / centralized: nothing crosses the network
+            # the centralized baseline has to collect the raw training tokens once
+            up = wire * sum(u.bytes_up for u in updates) + (engine.collected_bytes if rnd == 1 else 0)
+            down = wire * sum(len(p) for p in payloads.values())
+            if not skipped and isinstance(sstate, dict):  # bytes a strategy moves besides the adapters
+                up += int(sstate.get("round_metrics", {}).get("extra_bytes_up", 0))
+                down += int(sstate.get("round_metrics", {}).get("extra_bytes_down", 0))
+            spent_before = next(r for r in reversed(records) if r.get("client") is None).get("cum_bytes", 0)
+            over_budget = cfg.budget_mb is not None and spent_before + up + down >= cfg.budget_mb * 1e6
+
             # evaluate, log
-            last = rnd == cfg.rounds
+            last = rnd == cfg.rounds or over_budget
             evals = (
                 eval_records(rnd, strategy, engine, client_ids, global_state, sstate, cfg.evaluation.ood)
                 if last or rnd % cfg.evaluation.every == 0
                 else {cid: {} for cid in client_ids}
             )
             by_id = {u.client_id: u for u in updates}
-            wire = int(strategy.transmits)  # local / centralized: nothing crosses the network
             fail_ids = {f.client_id: f for f in failures}
             for cid in client_ids:
                 rec: dict[str, Any] = {"round": rnd, "client": cid, "sampled": cid in sampled, **evals[cid]}
@@ -381,14 +395,10 @@ def run_federated(
                 if cid in fail_ids:
                     rec.update(failure=fail_ids[cid].reason, bytes_down=fail_ids[cid].bytes_down)
                 records.append(rec)
-            # the centralized baseline has to collect the raw training tokens once
-            up = wire * sum(u.bytes_up for u in updates) + (engine.collected_bytes if rnd == 1 else 0)
-            down = wire * sum(len(p) for p in payloads.values())
-            if not skipped and isinstance(sstate, dict):  # bytes a strategy moves besides the adapters
-                up += int(sstate.get("round_metrics", {}).get("extra_bytes_up", 0))
-                down += int(sstate.get("round_metrics", {}).get("extra_bytes_down", 0))
             prev = next(r for r in reversed(records) if r.get("client") is None)
             summary = _round_summary(evals, up, down, wall, len(failures), prev.get("cum_bytes", 0))
+            if over_budget:
+                summary["stopped"] = f"budget_mb = {cfg.budget_mb:g} reached ({summary['cum_bytes'] / 1e6:.3f} MB)"
             if skipped:
                 summary["skipped"] = f"{len(updates)} updates < sampling.min_updates = {cfg.sampling.min_updates}"
             if updates:
@@ -413,12 +423,15 @@ def run_federated(
             bars.update(round_task, completed=rnd)
             if after_round is not None:
                 after_round(rnd)
+            if over_budget:
+                console.print(f"[yellow]stopping after round {rnd}: {summary['stopped']}[/yellow]")
+                break
 
     # 5. export + report
     _export(run_dir, strategy, engine, global_state, sstate, client_ids, fed, cfg)
     plot_runs({cfg.name: records}, run_dir / "plots")
     io.write_atomic(run_dir / io.SUMMARY, _summary_json(cfg, records))
-    return RunResult(run_dir, records, cfg.rounds)
+    return RunResult(run_dir, records, max(r["round"] for r in records))
 
 
 def _scaled(spec: Any, factor: int) -> Any:
@@ -500,6 +513,7 @@ def _summary_json(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> str:
             "strategy": cfg.strategy.name,
             "rounds": cfg.rounds,
             "status": "complete",
+            "stopped": next((r["stopped"] for r in rr if "stopped" in r), None),
             "clients": client_rows(records),
             "final": rr[-1] if rr else {},
             "wall_seconds": sum(r.get("wall_seconds", 0.0) for r in rr),

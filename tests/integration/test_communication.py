@@ -1,0 +1,24 @@
+"""Communication budget: the run stops cleanly (checkpointed, exported, summarized) after the round
+that spends it, and a resume does not go past it."""
+
+import json
+
+from fedtune.recipes.federated import run_federated
+from fedtune.report import io
+
+
+def test_budget_stops_the_run_cleanly_and_resume_respects_it(tiny_cfg) -> None:
+    probe = run_federated(tiny_cfg("rounds=1", name="probe"), progress=False)
+    per_round = probe.records[-1]["cum_bytes"]  # bytes of one round (fixed for fedavg + identity)
+    cfg = tiny_cfg("rounds=6", f"budget_mb={2.5 * per_round / 1e6}", name="budget")
+    run = run_federated(cfg, progress=False)
+    rounds = [r for r in run.records if r["client"] is None]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]  # round 3 crosses 2.5 rounds' worth
+    assert rounds[-1]["cum_bytes"] == 3 * per_round and "budget_mb" in rounds[-1]["stopped"]
+    assert all("test_ppl" in r for r in run.records if r["round"] == 3 and r["client"])  # evaluated at the stop
+    summary = json.loads((run.run_dir / io.SUMMARY).read_text())
+    assert summary["stopped"] == rounds[-1]["stopped"] and run.final_round == 3
+    assert (run.run_dir / "adapters" / "global" / "adapter_model.safetensors").exists()
+
+    again = run_federated(cfg, resume=True, progress=False)
+    assert again.records == run.records  # nothing more to do

@@ -1,11 +1,11 @@
 """Personalization on the real task: every client's own model, in and out of distribution.
 
-    .venv/bin/python bench/personalization.py                 # all rows, about 50 min on 2 cores
+    .venv/bin/python bench/personalization.py                 # all rows, about 30 min on 2 cores
     .venv/bin/python bench/personalization.py --rows local,fedavg
 
 Task: configs/demo.yaml (SmolLM2-135M-Instruct, bf16) with 8 clients, two per 20-Newsgroups
 topic (comp.graphics, rec.sport.hockey, sci.med, talk.politics.guns; `partition.clients_per_label=2`),
-3 rounds x 6 local steps. In-distribution = each client's own test split; out-of-distribution
+3 rounds x 4 local steps of 4 x 128 tokens. In-distribution = each client's own test split; out-of-distribution
 (OOD) = the same number of test blocks from every client (`evaluation.ood`). LoRA rows: r=8 on
 q,v; mixture rows (CoMiGS): 2 LoRA experts (r=8) on every MLP with a token router.
 Writes bench/out/personalization/<row>/ run dirs, bench/out/personalization.md (tables) and
@@ -20,8 +20,9 @@ from pathlib import Path
 
 COMMON = [
     "partition.clients_per_label=2",
-    "data.max_docs_per_label=120",
-    "data.max_test_blocks=6",
+    "data.max_docs_per_label=100",
+    "data.max_test_blocks=4",
+    "train.steps=4",
     "evaluation.ood=true",
     "evaluation.every=3",
 ]

@@ -18,7 +18,7 @@ from fedtune.registry import Registry
 from fedtune.strategies import STRATEGIES
 
 # Strategy fields fedtune fills in from the run (not user parameters).
-CONTEXT_FIELDS = ("lora_scale", "seed", "client_ranks")
+CONTEXT_FIELDS = ("lora_scale", "seed", "client_ranks", "train_lr")
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "strategy": STRATEGIES,
@@ -102,7 +102,14 @@ def check_strategy_fit(cfg: ExperimentConfig) -> list[Problem]:
     if cfg.strategy.name not in STRATEGIES:
         return []
     check = getattr(STRATEGIES.get(cfg.strategy.name), "config_problems", None)
-    return check(cfg.strategy.params(), cfg.adapter) if check is not None else []
+    if check is None:
+        return []
+    import inspect
+
+    if "codec" in inspect.signature(check).parameters:
+        down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
+        return check(cfg.strategy.params(), cfg.adapter, codec=down)
+    return check(cfg.strategy.params(), cfg.adapter)
 
 
 def check_ranks(cfg: ExperimentConfig) -> list[Problem]:
@@ -143,6 +150,7 @@ def build_strategy(cfg: ExperimentConfig, **context: Any) -> Any:
     """Instantiate the configured strategy; context (lora_scale, seed, client_ranks) is passed to
     the strategies that declare those fields."""
     cls = STRATEGIES.get(cfg.strategy.name)
+    context.setdefault("train_lr", cfg.train.lr)
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     extra = {k: v for k, v in context.items() if k in fields and k in CONTEXT_FIELDS}
     return cls(**cfg.strategy.params(), **extra)

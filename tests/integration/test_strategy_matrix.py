@@ -31,6 +31,9 @@ MATRIX = {
     "tac": ["strategy.clusters=2"],
     # codec state (error-feedback residuals) must survive the interruption too
     "fedavg:topk-ef-q4": ["codec.name=chain", "codec.stages=[{name: topk, fraction: 0.2}, {name: quantize, bits: 4}]"],
+    "fedavg:aquila": ["codec.name=aquila", "downlink_codec.name=fp16"],
+    "fedkseed": ["strategy.lr=0.05", "strategy.num_seeds=256", "strategy.pro=true", "train.steps=8"],
+    "fedkseed:one-byte": ["strategy.lr=0.05", "strategy.num_seeds=256", "strategy.one_byte=true", "train.steps=8"],
     "ffa_lora:q8-down-fp16": ["train.lr=0.02", "codec.name=quantize", "codec.bits=8", "downlink_codec.name=fp16"],
 }
 

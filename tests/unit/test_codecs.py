@@ -125,3 +125,51 @@ def test_codec_config_errors_name_the_stage(tiny_cfg) -> None:
         tiny_cfg("codec.name=chain")
     with pytest.raises(ConfigError, match="unknown codec"):
         tiny_cfg("downlink_codec.name=zip")
+
+
+def test_bit_packing_round_trips_any_width() -> None:
+    from fedtune.codecs.aquila import pack_bits, unpack_bits
+
+    for bits in (1, 3, 5, 11, 16):
+        codes = torch.randint(0, 1 << bits, (37,), generator=torch.Generator().manual_seed(bits))
+        packed = pack_bits(codes, bits)
+        assert packed.numel() == math.ceil(37 * bits / 8)
+        assert torch.equal(unpack_bits(packed, bits, 37), codes.to(torch.int32))
+
+
+def test_aquila_adapts_bits_skips_small_innovations_and_the_server_reuses_the_stale_update() -> None:
+    from fedtune.codecs.aquila import choose_bits
+
+    codec = make_codec("aquila", tol=0.01, beta=0.05, max_skips=2)
+    gen = torch.Generator().manual_seed(0)
+    g = state()
+    client, server = None, None
+    # round 1: a fresh update is always sent; the server's view is within the chosen precision
+    p1, client = codec.encode(g, client, gen)
+    seen1, server = codec.decode(p1, server)
+    bits1 = client[0]["report"]["codec_bits"]
+    assert bits1 == choose_bits([v.reshape(-1) for v in g.values()], 0.01) and client[0]["report"]["codec_skipped"] == 0
+    err = sum(float((seen1[k] - g[k]).pow(2).sum()) for k in g)
+    assert err <= 0.01 * sum(float(v.pow(2).sum()) for v in g.values())
+    # round 2: almost the same update -> the innovation is small -> skipped, a header-only payload
+    g2 = {k: v + 1e-4 * torch.randn(v.shape, generator=gen) for k, v in g.items()}
+    p2, client = codec.encode(g2, client, gen)
+    assert client[0]["report"]["codec_skipped"] == 1 and len(p2) < 100 and len(p1) > 768  # 1024 values x 6 bits
+    seen2, server = codec.decode(p2, server)
+    assert all(torch.equal(seen2[k], seen1[k]) for k in g)  # stale reuse
+    # round 3: a different update -> sent; only the innovation travels, with fewer bits when it is smooth
+    g3 = {k: 2 * v for k, v in g.items()}
+    p3, client = codec.encode(g3, client, gen)
+    seen3, server = codec.decode(p3, server)
+    assert client[0]["report"]["codec_skipped"] == 0
+    assert sum(float((seen3[k] - g3[k]).pow(2).sum()) for k in g) <= 0.01 * sum(
+        float((g3[k] - seen2[k]).pow(2).sum()) for k in g
+    )
+    # sender and receiver hold the same q (bit for bit)
+    assert all(torch.equal(client[0]["q"][k], server[0]["q"][k]) for k in g)
+    # max_skips forces an upload after that many skips in a row
+    for _ in range(2):
+        _, client = codec.encode(g3, client, gen)
+        assert client[0]["report"]["codec_skipped"] == 1
+    _, client = codec.encode(g3, client, gen)
+    assert client[0]["report"]["codec_skipped"] == 0

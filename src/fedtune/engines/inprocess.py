@@ -37,6 +37,7 @@ class InProcessEngine:
         eval_batch_size: int = 8,
         private_init: Mapping[str, AdapterState] | None = None,
         expert_counts: Mapping[str, int] | None = None,
+        client_fn: Any = None,
     ):
         self.model = model
         # client-side state that never leaves a client (CoMiGS specialists, routers): the
@@ -44,6 +45,7 @@ class InProcessEngine:
         self.private_init = dict(private_init or {})
         self.private: dict[str, AdapterState] = {}
         self.expert_counts = dict(expert_counts or {})
+        self.client_fn = client_fn  # a strategy's own client update (FedKSeed's zeroth-order steps)
         self.penalty = penalty
         self.eval_shards = eval_shards if eval_shards is not None else shards
         self.eval_batch_size = eval_batch_size
@@ -72,22 +74,30 @@ class InProcessEngine:
             t0 = time.perf_counter()
             received, _ = self.down_codec.decode(payload, None)
             cb = (lambda s, n, loss, cid=cid: on_step(cid, s, n, loss)) if on_step else None
-            delta, metrics, self.private[cid] = client_round(
-                self.model,
-                received,
-                shard,
-                self.spec,
-                self.seed,
-                rnd,
-                cb,
-                self.penalty,
-                private=self.private_of(cid),
-                experts=self.expert_counts.get(cid),
-            )
+            if self.client_fn is not None:
+                delta, metrics, self.private[cid] = self.client_fn(
+                    self.model, received, self.private_of(cid), shard, self.spec, self.seed, rnd, cb
+                )
+            else:
+                delta, metrics, self.private[cid] = client_round(
+                    self.model,
+                    received,
+                    shard,
+                    self.spec,
+                    self.seed,
+                    rnd,
+                    cb,
+                    self.penalty,
+                    private=self.private_of(cid),
+                    experts=self.expert_counts.get(cid),
+                )
             up, states[cid] = self.codec.encode(
                 delta, states.get(cid), torch_generator(self.seed, "codec-up", rnd, cid)
             )
             metrics["client_seconds"] = time.perf_counter() - t0
+            for st in states[cid] or []:  # what an adaptive codec decided (AQUILA: bits, skipped)
+                if isinstance(st, dict):
+                    metrics.update(st.get("report", {}))
             # the server sees exactly what was on the wire (a stateful decoder keeps one state per client)
             delta_seen, states["dec:" + cid] = self.codec.decode(up, states.get("dec:" + cid))
             replies.append(ClientUpdate(cid, delta_seen, shard.num_examples, metrics, len(up), len(payload)))
@@ -100,7 +110,7 @@ class InProcessEngine:
         """Client cid's model: the state it was sent plus what it keeps privately."""
         if is_moe(self.model):
             set_expert_count_(self.model, self.expert_counts.get(cid))
-        set_state_(self.model, {**state, **self.private_of(cid)})
+        set_state_(self.model, {**self.private_of(cid), **state})
 
     def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, float]]:
         """Each client's loss/ppl on its own `split` ('test', 'val'; 'ood' = the mixture of every
@@ -140,7 +150,7 @@ class InProcessEngine:
         for j, state in states.items():
             if is_moe(self.model):
                 set_expert_count_(self.model, self.expert_counts.get(j))
-            set_state_(self.model, {**state, **self.private_of(j)})
+            set_state_(self.model, {**self.private_of(j), **state})
             for i in states:
                 blocks = getattr(self.eval_shards[i], split)
                 if blocks.shape[0] == 0:

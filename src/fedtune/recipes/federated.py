@@ -404,6 +404,8 @@ def run_federated(
                 summary["skipped"] = f"{len(updates)} updates < sampling.min_updates = {cfg.sampling.min_updates}"
             if updates:
                 summary["train_loss"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
+            if any("codec_skipped" in u.metrics for u in updates):  # lazy uploads (AQUILA)
+                summary["uploads_skipped"] = int(sum(u.metrics.get("codec_skipped", 0) for u in updates))
             if isinstance(sstate, dict):
                 summary.update(sstate.get("round_metrics", {}))  # e.g. FedIT's aggregation error
             records.append({"round": rnd, "client": None, **summary})

@@ -22,3 +22,17 @@ def test_budget_stops_the_run_cleanly_and_resume_respects_it(tiny_cfg) -> None:
 
     again = run_federated(cfg, resume=True, progress=False)
     assert again.records == run.records  # nothing more to do
+
+
+def test_injected_dropout_is_recorded_and_safari_fills_in(tiny_cfg) -> None:
+    over = ("rounds=3", "train.steps=2", "sampling.dropout=0.4")
+    avg = run_federated(tiny_cfg(*over, name="avg"), progress=False)
+    failed = [r for r in avg.records if r.get("failure")]
+    assert failed and all(r["failure"] == "no reply (injected dropout)" and r["bytes_down"] > 0 for r in failed)
+    per_round = {r["round"]: r["failures"] for r in avg.records if r["client"] is None and r["round"] > 0}
+    assert sum(per_round.values()) == len(failed)
+    saf = run_federated(tiny_cfg(*over, "strategy.name=safari", name="saf"), progress=False)
+    assert [r.get("failure") for r in saf.records] == [r.get("failure") for r in avg.records]  # same seeded faults
+    used = [r["surrogates"] for r in saf.records if r["client"] is None and r.get("surrogates")]
+    late = [r for r in failed if r["round"] > 1]  # a client heard from before and then lost
+    assert bool(used) == bool(late)

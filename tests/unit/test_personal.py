@@ -132,3 +132,27 @@ def test_comigs_refuses_more_generalists_than_experts(tiny_cfg) -> None:
         )
     with pytest.raises(ConfigError, match="adapter.kind"):
         tiny_cfg("strategy.name=comigs")
+
+
+def test_safari_substitutes_the_most_similar_clients_update_for_a_missing_one() -> None:
+    from fedtune.strategies.safari import Safari
+
+    key = "m.lora_B.weight"
+    s = Safari(neighbours=1)
+    state = s.init_state({key: torch.zeros(1, 3)})
+    r1 = [
+        update("a", {key: torch.tensor([[1.0, 0.0, 0.0]])}, 10),
+        update("b", {key: torch.tensor([[0.9, 0.1, 0.0]])}, 30),  # b moves like a
+        update("c", {key: torch.tensor([[0.0, 0.0, 1.0]])}, 20),
+    ]
+    g1, state = s.aggregate(1, r1, state)
+    torch.testing.assert_close(g1[key], (10 * r1[0].delta[key] + 30 * r1[1].delta[key] + 20 * r1[2].delta[key]) / 60)
+    # round 2: b's update is lost; a (most similar to b) stands in for it, with b's weight
+    r2 = [
+        update("a", {key: torch.tensor([[2.0, 0.0, 0.0]])}, 10),
+        update("c", {key: torch.tensor([[0.0, 0.0, 4.0]])}, 20),
+    ]
+    g2, state = s.aggregate(2, r2, state)
+    expect = g1[key] + (10 * r2[0].delta[key] + 30 * r2[0].delta[key] + 20 * r2[1].delta[key]) / 60
+    torch.testing.assert_close(g2[key], expect)
+    assert state["round_metrics"] == {"surrogates": {"b": ["a"]}}

@@ -14,7 +14,7 @@ and uploads Q(v) unless the innovation is small, the lazy rule:
 
 A skipped upload is a header of a few dozen bytes; the server then reuses the client's stale q.
 Both sides update q <- q + Q(v) on an upload, so quantization errors are corrected next round.
-Adaptation (stated in docs/architecture.md): the paper's rules compare against the global model's
+Adaptation: the paper's rules compare against the global model's
 change ||theta^k - theta^(k-1)||^2, which a codec does not see; here the reference is the client's
 own last update ||q||^2, and the bit width targets a relative error instead of the paper's
 closed form.

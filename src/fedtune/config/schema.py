@@ -172,6 +172,13 @@ class SamplingConfig(_Strict):
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients sampled per round")
     min_clients: int = Field(1, ge=1)
     min_updates: int = Field(1, ge=0, description="aggregate only when at least this many clients replied")
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="fault injection (in-process): each sampled client fails to reply with this probability "
+        "(seeded per round and client; recorded as a failure)",
+    )
 
 
 class EvalConfig(_Strict):

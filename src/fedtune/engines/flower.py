@@ -323,6 +323,15 @@ def check_flower(cfg: ExperimentConfig) -> None:
                 "use a stateless codec (identity, fp16, quantize) or engine 'inprocess'",
             )
         )
+    if cfg.sampling.dropout > 0:
+        problems.append(
+            Problem(
+                "sampling.dropout",
+                cfg.sampling.dropout,
+                "fault injection is for the in-process engine; on Flower, failures are real (timeouts)",
+                "set sampling.dropout: 0 (use engine.timeout and sampling.min_updates)",
+            )
+        )
     if cfg.evaluation.ood:
         problems.append(
             Problem(

@@ -15,7 +15,7 @@ from fedtune.client.train import TrainSpec
 from fedtune.data.blocks import Shard
 from fedtune.evaluation.metrics import evaluate_blocks
 from fedtune.models.adapters import set_state_
-from fedtune.seeding import torch_generator
+from fedtune.seeding import numpy_rng, torch_generator
 from fedtune.types import AdapterState, ClientFailure, ClientUpdate
 
 StepCallback = Callable[[str, int, int, float], None]
@@ -38,6 +38,7 @@ class InProcessEngine:
         private_init: Mapping[str, AdapterState] | None = None,
         expert_counts: Mapping[str, int] | None = None,
         client_fn: Any = None,
+        dropout: float = 0.0,
     ):
         self.model = model
         # client-side state that never leaves a client (CoMiGS specialists, routers): the
@@ -46,6 +47,7 @@ class InProcessEngine:
         self.private: dict[str, AdapterState] = {}
         self.expert_counts = dict(expert_counts or {})
         self.client_fn = client_fn  # a strategy's own client update (FedKSeed's zeroth-order steps)
+        self.dropout = dropout  # fault injection: the chance a sampled client never replies
         self.penalty = penalty
         self.eval_shards = eval_shards if eval_shards is not None else shards
         self.eval_batch_size = eval_batch_size
@@ -70,6 +72,9 @@ class InProcessEngine:
         replies: list[ClientUpdate | ClientFailure] = []
         states = dict(codec_states)
         for cid, payload in payloads.items():
+            if self.dropout > 0 and float(numpy_rng(self.seed, "dropout", rnd, cid).random()) < self.dropout:
+                replies.append(ClientFailure(cid, "no reply (injected dropout)", len(payload)))
+                continue
             shard = self.shards[cid]
             t0 = time.perf_counter()
             received, _ = self.down_codec.decode(payload, None)

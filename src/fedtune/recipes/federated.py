@@ -262,6 +262,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
             private_init={cid: {k: init[k] for k in sorted(keep)} for cid in client_ids} if keep else None,
             expert_counts=experts,
             client_fn=getattr(strategy, "client_train", None),
+            dropout=cfg.sampling.dropout,
         )
         # the centralized baseline has to collect the raw training tokens once
         engine.collected_bytes = _data_bytes(shards) if strategy.pools_data else 0

@@ -56,14 +56,13 @@ def fedtune_cli(*args: str) -> None:
 @pytest.mark.parametrize("name", list(MATRIX))
 def test_strategy_end_to_end_and_resume(tiny_cfg, tmp_path, interrupt_after, no_time, name: str) -> None:
     over = (f"strategy.name={name.split(':')[0]}", "rounds=3", "train.steps=3", *MATRIX[name])
-    sets = [x for o in over for x in ("--set", o)]
-    # uninterrupted, through the CLI
-    fedtune_cli("run", "configs/tiny.yaml", "--no-progress", *sets, "--set", f"output_dir={tmp_path / 'full'}")
+    # uninterrupted, in this process (test_cli covers `fedtune run --set ...`)
+    run_federated(tiny_cfg(*over, name="full"), progress=False)
     full = io.read_jsonl(tmp_path / "full" / io.METRICS)
     rounds = {r["round"]: r for r in full if r["client"] is None}
     assert rounds[3]["mean_ppl"] < rounds[0]["mean_ppl"]
 
-    # interrupted after round 2, then `fedtune run --resume`
+    # interrupted after round 2, then `fedtune run --resume` in a fresh process
     cfg = tiny_cfg(*over, name="cut")
     interrupt_after(cfg, 2)
     fedtune_cli("run", "--resume", cfg.run_dir(), "--no-progress")

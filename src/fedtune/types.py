@@ -38,6 +38,7 @@ class ClientFailure:
     client_id: str
     reason: str
     bytes_down: int = 0
+    bytes_up: int = 0  # a rejected update still crossed the network
 
 
 def add_states(a: AdapterState, b: AdapterState, scale: float = 1.0) -> AdapterState:

@@ -36,3 +36,30 @@ def test_injected_dropout_is_recorded_and_safari_fills_in(tiny_cfg) -> None:
     used = [r["surrogates"] for r in saf.records if r["client"] is None and r.get("surrogates")]
     late = [r for r in failed if r["round"] > 1]  # a client heard from before and then lost
     assert bool(used) == bool(late)
+
+
+def test_a_poisoned_update_is_rejected_and_recorded(tiny_cfg, monkeypatch) -> None:
+    """A client whose update has NaNs (or the wrong shape) is a recorded failure; the round
+    aggregates the others and the model stays finite."""
+    import math
+
+    import torch
+
+    import fedtune.engines.inprocess as inprocess
+
+    real = inprocess.client_round
+
+    def broken(model, received, shard, *args, **kwargs):
+        delta, metrics, private = real(model, received, shard, *args, **kwargs)
+        if shard.client_id == "json":
+            delta = {k: torch.full_like(v, float("nan")) for k, v in delta.items()}
+        if shard.client_id == "http":
+            delta = {k: v[..., :1] for k, v in delta.items()}
+        return delta, metrics, private
+
+    monkeypatch.setattr(inprocess, "client_round", broken)
+    run = run_federated(tiny_cfg("rounds=2", "train.steps=2", name="poison"), progress=False)
+    by = {(r["round"], r["client"]): r for r in run.records}
+    assert "NaN or Inf" in by[(1, "json")]["failure"] and "has shape" in by[(1, "http")]["failure"]
+    assert by[(1, "json")]["bytes_up"] > 0 and by[(1, None)]["failures"] == 2
+    assert all(math.isfinite(by[(2, c)]["test_ppl"]) for c in ("email", "json", "http", "logging"))

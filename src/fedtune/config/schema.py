@@ -172,6 +172,9 @@ class SamplingConfig(_Strict):
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients sampled per round")
     min_clients: int = Field(1, ge=1)
     min_updates: int = Field(1, ge=0, description="aggregate only when at least this many clients replied")
+    max_update_mb: float | None = Field(
+        None, gt=0.0, description="reject (record as a failure) any client upload larger than this"
+    )
     dropout: float = Field(
         0.0,
         ge=0.0,

@@ -31,6 +31,7 @@ from fedtune.models.adapters import (
     inject_,
     lora_config,
     lora_scale,
+    trainable_keys,
 )
 from fedtune.models.load import load_model, load_tokenizer, model_type, resolve_model_dir
 from fedtune.report import io
@@ -38,6 +39,7 @@ from fedtune.report.plots import plot_runs
 from fedtune.report.summary import run_table
 from fedtune.seeding import derive_seed, numpy_rng, torch_generator
 from fedtune.types import AdapterState, ClientFailure, ClientUpdate
+from fedtune.validation import screen
 
 AfterRound = Callable[[int], None]
 
@@ -359,6 +361,11 @@ def run_federated(
                 ) from None
             updates = [r for r in replies if isinstance(r, ClientUpdate)]
             failures = [r for r in replies if isinstance(r, ClientFailure)]
+            # reject NaN/Inf, unknown or missing keys, wrong shapes or dtypes, oversized payloads
+            max_up = int(cfg.sampling.max_update_mb * 1e6) if cfg.sampling.max_update_mb else None
+            expected = None if hasattr(strategy, "client_train") else _expected_delta
+            updates, rejected = screen(updates, sent, expected, max_up)
+            failures += rejected
 
             # aggregate (too few replies: keep the global model; the failures are recorded)
             skipped = len(updates) < cfg.sampling.min_updates
@@ -373,6 +380,7 @@ def run_federated(
             wire = int(strategy.transmits)  # local / centralized: nothing crosses the network
             # the centralized baseline has to collect the raw training tokens once
             up = wire * sum(u.bytes_up for u in updates) + (engine.collected_bytes if rnd == 1 else 0)
+            up += wire * sum(f.bytes_up for f in failures)  # rejected uploads crossed the network too
             down = wire * sum(len(p) for p in payloads.values())
             if not skipped and isinstance(sstate, dict):  # bytes a strategy moves besides the adapters
                 up += int(sstate.get("round_metrics", {}).get("extra_bytes_up", 0))
@@ -395,7 +403,8 @@ def run_federated(
                     u = by_id[cid]
                     rec.update(bytes_up=wire * u.bytes_up, bytes_down=wire * u.bytes_down, **u.metrics)
                 if cid in fail_ids:
-                    rec.update(failure=fail_ids[cid].reason, bytes_down=fail_ids[cid].bytes_down)
+                    f = fail_ids[cid]
+                    rec.update(failure=f.reason, bytes_down=wire * f.bytes_down, bytes_up=wire * f.bytes_up)
                 records.append(rec)
             prev = next(r for r in reversed(records) if r.get("client") is None)
             summary = _round_summary(evals, up, down, wall, len(failures), prev.get("cum_bytes", 0))
@@ -436,6 +445,11 @@ def run_federated(
     plot_runs({cfg.name: records}, run_dir / "plots")
     io.write_atomic(run_dir / io.SUMMARY, _summary_json(cfg, records))
     return RunResult(run_dir, records, max(r["round"] for r in records))
+
+
+def _expected_delta(sent: AdapterState) -> dict[str, torch.Size]:
+    """An adapter delta has exactly the trainable keys a client received, at their shapes."""
+    return {k: sent[k].shape for k in trainable_keys(sent)}
 
 
 def _scaled(spec: Any, factor: int) -> Any:

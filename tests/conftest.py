@@ -59,3 +59,35 @@ def interrupt_after():
 def no_time():
     """Metric records without wall-clock fields (the only values that differ between runs)."""
     return lambda records: [{k: v for k, v in r.items() if "seconds" not in k} for r in records]
+
+
+@pytest.fixture
+def tiny_with_lora():
+    """A factory: (tiny llama with a rank-2 LoRA on q, v; its initial adapter state)."""
+
+    def make():
+        from fedtune.config.schema import AdapterConfig, ModelConfig
+        from fedtune.models.adapters import get_state, inject_, lora_config
+        from fedtune.models.load import load_model, tiny_dir
+
+        mcfg = ModelConfig(name="tiny")
+        model = inject_(load_model(str(tiny_dir(mcfg, 0)), mcfg), lora_config(AdapterConfig(r=2, alpha=4), "llama"), 0)
+        return model, get_state(model)
+
+    return make
+
+
+@pytest.fixture
+def random_shard():
+    """A factory: a client shard of 12 random token blocks (seeded by the client id)."""
+
+    def make(cid: str):
+        import torch
+
+        from fedtune.data.blocks import Shard
+
+        g = torch.Generator().manual_seed(len(cid))
+        blocks = torch.randint(0, 300, (12, 16), generator=g)
+        return Shard(cid, blocks, blocks[:2], blocks[:2], 3)
+
+    return make

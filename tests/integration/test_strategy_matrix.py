@@ -34,6 +34,7 @@ MATRIX = {
     "fedavg:aquila": ["codec.name=aquila", "downlink_codec.name=fp16"],
     "fedkseed": ["strategy.lr=0.05", "strategy.num_seeds=256", "strategy.pro=true", "train.steps=8"],
     "fedkseed:one-byte": ["strategy.lr=0.05", "strategy.num_seeds=256", "strategy.one_byte=true", "train.steps=8"],
+    "ferret": ["train.lr=0.5", "strategy.bases=32"],
     "safari": ["sampling.dropout=0.3", "codec.name=topk", "codec.fraction=0.5"],
     "ffa_lora:q8-down-fp16": ["train.lr=0.02", "codec.name=quantize", "codec.bits=8", "downlink_codec.name=fp16"],
 }

@@ -20,26 +20,9 @@ from fedtune.strategies.fedkseed import (
 from fedtune.types import ClientUpdate
 
 
-def tiny_with_lora():
-    from fedtune.config.schema import AdapterConfig, ModelConfig
-    from fedtune.models.adapters import get_state, inject_, lora_config
-    from fedtune.models.load import load_model, tiny_dir
-
-    mcfg = ModelConfig(name="tiny")
-    model = inject_(load_model(str(tiny_dir(mcfg, 0)), mcfg), lora_config(AdapterConfig(r=2, alpha=4), "llama"), 0)
-    return model, get_state(model)
-
-
-def shard(cid: str):
-    from fedtune.data.blocks import Shard
-
-    g = torch.Generator().manual_seed(len(cid))
-    blocks = torch.randint(0, 300, (12, 16), generator=g)
-    return Shard(cid, blocks, blocks[:2], blocks[:2], 3)
-
-
-def test_clients_and_server_replay_the_same_model_and_seed_draws() -> None:
+def test_clients_and_server_replay_the_same_model_and_seed_draws(tiny_with_lora, random_shard) -> None:
     model, w0 = tiny_with_lora()
+    shard = random_shard
     ks = FedKSeed(num_seeds=64, eps=1e-3, lr=0.05, seed=7)
     state = ks.init_state(w0)
     spec = TrainSpec(steps=6, batch_size=2)

@@ -29,6 +29,7 @@ class TrainSpec:
     max_grad_norm: float | None = 1.0
     bf16: bool = False
     prox_mu: float = 0.0
+    optimizer: str = "adamw"  # or "sgd" (no momentum)
     # mixture-of-LoRA-experts adapters (CoMiGS): load balancing and the alternating router schedule
     lb_weight: float = 0.0
     router_every: int = 0
@@ -119,7 +120,11 @@ def local_train_(
     router_params = router_params or []
     alternate = bool(router_params) and spec.router_every > 0
     trained = params if alternate else params + router_params
-    opt = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=spec.weight_decay)
+    opt = (
+        torch.optim.SGD(trained, lr=spec.lr, weight_decay=spec.weight_decay)
+        if spec.optimizer == "sgd"
+        else torch.optim.AdamW(trained, lr=spec.lr, weight_decay=spec.weight_decay)
+    )
     stream = batch_indices(int(blocks.shape[0]), spec.batch_size, gen)
     if alternate:
         rblocks = router_blocks if router_blocks is not None and router_blocks.shape[0] > 0 else blocks

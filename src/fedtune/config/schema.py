@@ -134,6 +134,7 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-4, gt=0.0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer ('sgd': no momentum)")
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)

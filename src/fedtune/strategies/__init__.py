@@ -1,6 +1,19 @@
-"""Strategies: one file per method, registered by name."""
+"""Strategies: one file per method, registered by name (importing the modules registers them)."""
 
-from fedtune.strategies import fair, fedavg, fedkseed, fedopt, fedsb, ffa, hetero, local, merge, personal, safari  # noqa: F401
+from fedtune.strategies import (  # noqa: F401
+    fair,
+    fedavg,
+    fedkseed,
+    fedopt,
+    fedsb,
+    ferret,
+    ffa,
+    hetero,
+    local,
+    merge,
+    personal,
+    safari,
+)
 from fedtune.strategies.base import STRATEGIES, Strategy
 
 __all__ = ["STRATEGIES", "Strategy"]

@@ -63,3 +63,15 @@ def test_a_poisoned_update_is_rejected_and_recorded(tiny_cfg, monkeypatch) -> No
     assert "NaN or Inf" in by[(1, "json")]["failure"] and "has shape" in by[(1, "http")]["failure"]
     assert by[(1, "json")]["bytes_up"] > 0 and by[(1, None)]["failures"] == 2
     assert all(math.isfinite(by[(2, c)]["test_ppl"]) for c in ("email", "json", "http", "logging"))
+
+
+def test_sign_flip_attack_hurts_fedavg_and_a_robust_rule_resists(tiny_cfg) -> None:
+    over = ("rounds=3", "train.steps=3", "data.labels=[email, json, http, logging, urllib]")
+    clean = run_federated(tiny_cfg(*over, name="clean"), progress=False).records[-1]["mean_ppl"]
+    attack = ("attack.kind=sign_flip", "attack.fraction=0.2", "attack.scale=4")
+    hit = run_federated(tiny_cfg(*over, *attack, name="hit"), progress=False).records[-1]["mean_ppl"]
+    robust = run_federated(
+        tiny_cfg(*over, *attack, "strategy.name=robust", "strategy.rule=median", name="robust"), progress=False
+    ).records[-1]["mean_ppl"]
+    assert hit > clean * 1.02  # the attack does damage
+    assert robust < hit and abs(robust / clean - 1) < 0.02

@@ -185,6 +185,18 @@ class SamplingConfig(_Strict):
     )
 
 
+class AttackConfig(_Strict):
+    """Attack injection (in-process simulation): a fixed, seeded set of attacking clients."""
+
+    kind: Literal["none", "sign_flip", "scale", "gaussian", "data"] = Field(
+        "none",
+        description="sign_flip: send -scale * update; scale: scale * update; gaussian: N(0, scale^2) noise "
+        "instead of the update; data: train on corrupted text (random tokens)",
+    )
+    fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of clients that attack")
+    scale: float = Field(1.0, gt=0.0)
+
+
 class EvalConfig(_Strict):
     every: int = Field(1, ge=1, description="evaluate every N rounds (and always after the last)")
     batch_size: int = Field(8, ge=1)
@@ -221,6 +233,7 @@ class ExperimentConfig(_Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
 
     def run_dir(self) -> str:
         return self.output_dir.replace("{name}", self.name)

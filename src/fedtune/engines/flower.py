@@ -323,6 +323,15 @@ def check_flower(cfg: ExperimentConfig) -> None:
                 "use a stateless codec (identity, fp16, quantize) or engine 'inprocess'",
             )
         )
+    if cfg.attack.kind != "none":
+        problems.append(
+            Problem(
+                "attack.kind",
+                cfg.attack.kind,
+                "attack injection is a simulation feature of the in-process engine",
+                "set attack.kind: none, or run with engine 'inprocess'",
+            )
+        )
     if cfg.sampling.dropout > 0:
         problems.append(
             Problem(

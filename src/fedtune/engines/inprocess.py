@@ -39,6 +39,7 @@ class InProcessEngine:
         expert_counts: Mapping[str, int] | None = None,
         client_fn: Any = None,
         dropout: float = 0.0,
+        attack: Any = None,
     ):
         self.model = model
         # client-side state that never leaves a client (CoMiGS specialists, routers): the
@@ -48,6 +49,7 @@ class InProcessEngine:
         self.expert_counts = dict(expert_counts or {})
         self.client_fn = client_fn  # a strategy's own client update (FedKSeed's zeroth-order steps)
         self.dropout = dropout  # fault injection: the chance a sampled client never replies
+        self.attack = attack  # attack injection: (kind, scale, attacker ids) or None
         self.penalty = penalty
         self.eval_shards = eval_shards if eval_shards is not None else shards
         self.eval_batch_size = eval_batch_size
@@ -96,6 +98,8 @@ class InProcessEngine:
                     private=self.private_of(cid),
                     experts=self.expert_counts.get(cid),
                 )
+            if self.attack is not None and cid in self.attack[2]:
+                delta = poison(delta, self.attack[0], self.attack[1], torch_generator(self.seed, "attack", rnd, cid))
             up, states[cid] = self.codec.encode(
                 delta, states.get(cid), torch_generator(self.seed, "codec-up", rnd, cid)
             )
@@ -181,3 +185,32 @@ class InProcessEngine:
                 idx.append(top.indices)
             out[cid] = (torch.cat(vals), torch.cat(idx))
         return out
+
+
+def attackers(client_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """round(fraction * n) clients chosen by a seeded permutation (the same in every round)."""
+    k = round(fraction * len(client_ids))
+    order = numpy_rng(seed, "attackers").permutation(len(client_ids))
+    return {sorted(client_ids)[i] for i in order[:k]}
+
+
+def poison(delta: AdapterState, kind: str, scale: float, gen: torch.Generator) -> AdapterState:
+    """A model-poisoning attacker's update."""
+    if kind == "sign_flip":
+        return {k: -scale * v if v.is_floating_point() else v for k, v in delta.items()}
+    if kind == "scale":
+        return {k: scale * v if v.is_floating_point() else v for k, v in delta.items()}
+    if kind == "gaussian":
+        return {
+            k: scale * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in delta.items()
+        }
+    return delta  # 'data' poisons the training text instead
+
+
+def corrupt_shard(shard: Shard, seed: int) -> Shard:
+    """Data poisoning: the attacker's training blocks become random tokens of the same vocabulary."""
+    from dataclasses import replace
+
+    gen = torch_generator(seed, "attack-data", shard.client_id)
+    vocab = int(shard.train.max()) + 1
+    return replace(shard, train=torch.randint(0, vocab, shard.train.shape, generator=gen))

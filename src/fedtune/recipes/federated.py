@@ -22,7 +22,7 @@ from fedtune.config import ExperimentConfig, config_to_yaml
 from fedtune.data.blocks import Shard, make_shards, pooled
 from fedtune.data.partition import partition
 from fedtune.data.sources import load_corpus
-from fedtune.engines.inprocess import InProcessEngine
+from fedtune.engines.inprocess import InProcessEngine, attackers, corrupt_shard
 from fedtune.errors import FedtuneError, ResumeError, TrainingDivergedError
 from fedtune.evaluation.metrics import summarize
 from fedtune.models.adapters import (
@@ -248,8 +248,12 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
 
     experts = experts_per_client(cfg, client_ids)
 
+    bad = attackers(client_ids, cfg.attack.fraction, cfg.seed) if cfg.attack.kind != "none" else set()
+
     def make_engine(strategy: Any, codec: Any, spec: Any) -> InProcessEngine:
         train = {"pooled": pooled(shards)} if strategy.pools_data else dict(shards)
+        if cfg.attack.kind == "data":
+            train.update({cid: corrupt_shard(train[cid], cfg.seed) for cid in bad if cid in train})
         init = get_state(model)
         keep = strategy.private_keys(init) if hasattr(strategy, "private_keys") else set()
         engine = InProcessEngine(
@@ -265,6 +269,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
             expert_counts=experts,
             client_fn=getattr(strategy, "client_train", None),
             dropout=cfg.sampling.dropout,
+            attack=(cfg.attack.kind, cfg.attack.scale, bad) if bad else None,
         )
         # the centralized baseline has to collect the raw training tokens once
         engine.collected_bytes = _data_bytes(shards) if strategy.pools_data else 0

@@ -12,6 +12,7 @@ from fedtune.strategies import (  # noqa: F401
     local,
     merge,
     personal,
+    robust,
     safari,
 )
 from fedtune.strategies.base import STRATEGIES, Strategy

@@ -18,7 +18,7 @@ from fedtune.registry import Registry
 from fedtune.strategies import STRATEGIES
 
 # Strategy fields fedtune fills in from the run (not user parameters).
-CONTEXT_FIELDS = ("lora_scale", "seed", "client_ranks", "train_lr")
+CONTEXT_FIELDS = ("lora_scale", "seed", "client_ranks", "train_lr", "sampling_rate")
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "strategy": STRATEGIES,
@@ -151,6 +151,7 @@ def build_strategy(cfg: ExperimentConfig, **context: Any) -> Any:
     the strategies that declare those fields."""
     cls = STRATEGIES.get(cfg.strategy.name)
     context.setdefault("train_lr", cfg.train.lr)
+    context.setdefault("sampling_rate", cfg.sampling.fraction)
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     extra = {k: v for k, v in context.items() if k in fields and k in CONTEXT_FIELDS}
     return cls(**cfg.strategy.params(), **extra)

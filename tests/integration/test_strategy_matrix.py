@@ -36,6 +36,14 @@ MATRIX = {
     "fedkseed:one-byte": ["strategy.lr=0.05", "strategy.num_seeds=256", "strategy.one_byte=true", "train.steps=8"],
     "ferret": ["train.lr=0.5", "strategy.bases=32"],
     "safari": ["sampling.dropout=0.3", "codec.name=topk", "codec.fraction=0.5"],
+    "dp_fedavg": [
+        "strategy.inner=ffa_lora",
+        "strategy.noise_multiplier=0.5",
+        "strategy.clip=0.5",
+        "strategy.adaptive=true",
+        "train.lr=0.02",
+    ],
+    "robust": ["strategy.rule=trimmed_mean", "attack.kind=sign_flip", "attack.fraction=0.25"],
     "ffa_lora:q8-down-fp16": ["train.lr=0.02", "codec.name=quantize", "codec.bits=8", "downlink_codec.name=fp16"],
 }
 

@@ -392,6 +392,8 @@ def run_federated(
                 down += int(sstate.get("round_metrics", {}).get("extra_bytes_down", 0))
             spent_before = next(r for r in reversed(records) if r.get("client") is None).get("cum_bytes", 0)
             over_budget = cfg.budget_mb is not None and spent_before + up + down >= cfg.budget_mb * 1e6
+            strategy_stop = isinstance(sstate, dict) and sstate.get("round_metrics", {}).get("stop")
+            over_budget = over_budget or bool(strategy_stop)  # e.g. DP's target epsilon
 
             # evaluate, log
             last = rnd == cfg.rounds or over_budget
@@ -414,7 +416,9 @@ def run_federated(
             prev = next(r for r in reversed(records) if r.get("client") is None)
             summary = _round_summary(evals, up, down, wall, len(failures), prev.get("cum_bytes", 0))
             if over_budget:
-                summary["stopped"] = f"budget_mb = {cfg.budget_mb:g} reached ({summary['cum_bytes'] / 1e6:.3f} MB)"
+                summary["stopped"] = strategy_stop or (
+                    f"budget_mb = {cfg.budget_mb:g} reached ({summary['cum_bytes'] / 1e6:.3f} MB)"
+                )
             if skipped:
                 summary["skipped"] = f"{len(updates)} updates < sampling.min_updates = {cfg.sampling.min_updates}"
             if updates:

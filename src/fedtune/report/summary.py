@@ -61,6 +61,10 @@ def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:
             f"weighted {_f(last.get('weighted_mean_ppl'))}, worst {_f(last.get('worst_ppl'))}; "
             f"total {mb(last.get('cum_bytes', 0))} MB moved; wall {wall:.1f} s; failures {failures}"
         )
+        if "epsilon" in last:
+            t.caption += f"; privacy epsilon {last['epsilon']:.3g} at delta {last.get('dp_delta', 0):g}"
+        if "stopped" in last:
+            t.caption += f"; stopped: {last['stopped']}"
     return t
 
 

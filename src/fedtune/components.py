@@ -112,6 +112,23 @@ def check_strategy_fit(cfg: ExperimentConfig) -> list[Problem]:
     return check(cfg.strategy.params(), cfg.adapter)
 
 
+def check_secure_aggregation(cfg: ExperimentConfig) -> list[Problem]:
+    if not cfg.secure_aggregation or cfg.strategy.name not in STRATEGIES:
+        return []
+    if not getattr(STRATEGIES.get(cfg.strategy.name), "sum_aggregate", False):
+        sums = sorted(n for n in STRATEGIES.names() if getattr(STRATEGIES.get(n), "sum_aggregate", False))
+        return [
+            Problem(
+                "secure_aggregation",
+                True,
+                f"strategy {cfg.strategy.name!r} needs the individual updates (it does not aggregate by a sum), "
+                "but secure aggregation reveals only their sum",
+                f"use one of {', '.join(sums)}, or set secure_aggregation: false",
+            )
+        ]
+    return []
+
+
 def check_ranks(cfg: ExperimentConfig) -> list[Problem]:
     if cfg.adapter.ranks is None or cfg.strategy.name not in STRATEGIES:
         return []

@@ -11,7 +11,7 @@ from fedtune.types import AdapterState, ClientFailure, ClientUpdate
 
 
 def update_problem(
-    update: ClientUpdate, expected: Mapping[str, torch.Size] | None, max_bytes: int | None
+    update: ClientUpdate, expected: Mapping[str, torch.Size] | None, max_bytes: int | None, masked: bool = False
 ) -> str | None:
     """Why `update` must be rejected, or None. `expected`: the keys and shapes an adapter delta
     must have (None when the strategy defines its own payload, e.g. FedKSeed's scalars)."""
@@ -31,7 +31,9 @@ def update_problem(
             if tuple(delta[k].shape) != tuple(shape):
                 return f"{k} has shape {tuple(delta[k].shape)}, expected {tuple(shape)}"
     for k, v in delta.items():
-        if expected is not None and not v.is_floating_point():
+        if masked and v.dtype != torch.int64:
+            return f"{k} has dtype {v.dtype}, expected int64 (a masked secure-aggregation upload)"
+        if not masked and expected is not None and not v.is_floating_point():
             return f"{k} has dtype {v.dtype}, expected a floating-point tensor"
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             return f"{k} contains NaN or Inf"
@@ -43,13 +45,14 @@ def screen(
     sent: Mapping[str, AdapterState],
     expected_of: object,
     max_bytes: int | None,
+    masked: bool = False,
 ) -> tuple[list[ClientUpdate], list[ClientFailure]]:
     """(accepted updates, rejections) for one round; `expected_of(sent_state)` gives the
     expected keys and shapes (or None)."""
     ok, bad = [], []
     for u in updates:
         expected = expected_of(sent[u.client_id]) if callable(expected_of) else None
-        reason = update_problem(u, expected, max_bytes)
+        reason = update_problem(u, expected, max_bytes, masked)
         if reason is None:
             ok.append(u)
         else:

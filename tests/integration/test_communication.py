@@ -75,3 +75,26 @@ def test_sign_flip_attack_hurts_fedavg_and_a_robust_rule_resists(tiny_cfg) -> No
     ).records[-1]["mean_ppl"]
     assert hit > clean * 1.02  # the attack does damage
     assert robust < hit and abs(robust / clean - 1) < 0.02
+
+
+def test_secure_aggregation_gives_the_fedavg_result_from_masked_uploads(tiny_cfg, monkeypatch) -> None:
+    import fedtune.strategies.fedavg as fedavg_mod
+
+    seen = []
+    real = fedavg_mod.fedavg_aggregate
+
+    def spy(global_state, updates):
+        seen.append([u.client_id for u in updates])
+        return real(global_state, updates)
+
+    monkeypatch.setattr(fedavg_mod, "fedavg_aggregate", spy)
+    over = ("rounds=2", "train.steps=2")
+    plain = run_federated(tiny_cfg(*over, name="plain"), progress=False).records
+    seen.clear()
+    masked = run_federated(tiny_cfg(*over, "secure_aggregation=true", name="masked"), progress=False).records
+    assert seen == [["secure-sum"], ["secure-sum"]]  # the strategy never saw a single client's update
+    for p, m in zip(plain, masked):
+        if "test_ppl" in p:
+            assert abs(m["test_ppl"] / p["test_ppl"] - 1) < 1e-4  # fixed point, 24 fractional bits
+        if p["client"] and p["round"] > 0:
+            assert m["bytes_up"] > 1.9 * p["bytes_up"] - 1000  # int64 uploads: twice the fp32 bytes

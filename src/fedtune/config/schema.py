@@ -234,6 +234,11 @@ class ExperimentConfig(_Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    secure_aggregation: bool = Field(
+        False,
+        description="pairwise-masked uploads: the server only learns the sum of the updates "
+        "(strategies that aggregate by a sum: fedavg, fedit, ffa_lora, fedsb)",
+    )
 
     def run_dir(self) -> str:
         return self.output_dir.replace("{name}", self.name)

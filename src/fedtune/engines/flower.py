@@ -323,6 +323,15 @@ def check_flower(cfg: ExperimentConfig) -> None:
                 "use a stateless codec (identity, fp16, quantize) or engine 'inprocess'",
             )
         )
+    if cfg.secure_aggregation:
+        problems.append(
+            Problem(
+                "secure_aggregation",
+                True,
+                "SecAgg+ is not wired into the Flower engine yet (in-process pairwise masks only)",
+                "set secure_aggregation: false, or run with engine 'inprocess'",
+            )
+        )
     if cfg.attack.kind != "none":
         problems.append(
             Problem(

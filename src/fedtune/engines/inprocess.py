@@ -15,6 +15,7 @@ from fedtune.client.train import TrainSpec
 from fedtune.data.blocks import Shard
 from fedtune.evaluation.metrics import evaluate_blocks
 from fedtune.models.adapters import set_state_
+from fedtune.secagg import mask, to_fixed
 from fedtune.seeding import numpy_rng, torch_generator
 from fedtune.types import AdapterState, ClientFailure, ClientUpdate
 
@@ -40,6 +41,7 @@ class InProcessEngine:
         client_fn: Any = None,
         dropout: float = 0.0,
         attack: Any = None,
+        secure_aggregation: bool = False,
     ):
         self.model = model
         # client-side state that never leaves a client (CoMiGS specialists, routers): the
@@ -50,6 +52,7 @@ class InProcessEngine:
         self.client_fn = client_fn  # a strategy's own client update (FedKSeed's zeroth-order steps)
         self.dropout = dropout  # fault injection: the chance a sampled client never replies
         self.attack = attack  # attack injection: (kind, scale, attacker ids) or None
+        self.secure_aggregation = secure_aggregation  # uploads pairwise-masked (fedtune.secagg)
         self.penalty = penalty
         self.eval_shards = eval_shards if eval_shards is not None else shards
         self.eval_batch_size = eval_batch_size
@@ -73,8 +76,14 @@ class InProcessEngine:
         """
         replies: list[ClientUpdate | ClientFailure] = []
         states = dict(codec_states)
+        dropped = {
+            c
+            for c in payloads
+            if self.dropout > 0 and float(numpy_rng(self.seed, "dropout", rnd, c).random()) < self.dropout
+        }
+        participants = sorted(c for c in payloads if c not in dropped)  # who masks with whom
         for cid, payload in payloads.items():
-            if self.dropout > 0 and float(numpy_rng(self.seed, "dropout", rnd, cid).random()) < self.dropout:
+            if cid in dropped:
                 replies.append(ClientFailure(cid, "no reply (injected dropout)", len(payload)))
                 continue
             shard = self.shards[cid]
@@ -100,6 +109,9 @@ class InProcessEngine:
                 )
             if self.attack is not None and cid in self.attack[2]:
                 delta = poison(delta, self.attack[0], self.attack[1], torch_generator(self.seed, "attack", rnd, cid))
+            if self.secure_aggregation:
+                fixed = to_fixed(delta, float(shard.num_examples))
+                delta = mask(fixed, cid, participants, self.seed, rnd)
             up, states[cid] = self.codec.encode(
                 delta, states.get(cid), torch_generator(self.seed, "codec-up", rnd, cid)
             )

@@ -270,6 +270,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
             client_fn=getattr(strategy, "client_train", None),
             dropout=cfg.sampling.dropout,
             attack=(cfg.attack.kind, cfg.attack.scale, bad) if bad else None,
+            secure_aggregation=cfg.secure_aggregation,
         )
         # the centralized baseline has to collect the raw training tokens once
         engine.collected_bytes = _data_bytes(shards) if strategy.pools_data else 0
@@ -369,11 +370,14 @@ def run_federated(
             # reject NaN/Inf, unknown or missing keys, wrong shapes or dtypes, oversized payloads
             max_up = int(cfg.sampling.max_update_mb * 1e6) if cfg.sampling.max_update_mb else None
             expected = None if hasattr(strategy, "client_train") else _expected_delta
-            updates, rejected = screen(updates, sent, expected, max_up)
+            updates, rejected = screen(updates, sent, expected, max_up, masked=cfg.secure_aggregation)
             failures += rejected
+            client_updates = updates  # what each client sent (records, bytes)
+            if cfg.secure_aggregation and updates:  # the strategy sees only the unmasked sum
+                updates = [secure_sum(updates)]
 
             # aggregate (too few replies: keep the global model; the failures are recorded)
-            skipped = len(updates) < cfg.sampling.min_updates
+            skipped = len(client_updates) < cfg.sampling.min_updates
             if not skipped:
                 if getattr(strategy, "uses_engine", False):  # e.g. PCL's trust from peers' validation loss
                     global_state, sstate = strategy.aggregate(rnd, updates, sstate, engine=engine)
@@ -384,7 +388,7 @@ def run_federated(
             # bytes this round (every number is the length of a real payload)
             wire = int(strategy.transmits)  # local / centralized: nothing crosses the network
             # the centralized baseline has to collect the raw training tokens once
-            up = wire * sum(u.bytes_up for u in updates) + (engine.collected_bytes if rnd == 1 else 0)
+            up = wire * sum(u.bytes_up for u in client_updates) + (engine.collected_bytes if rnd == 1 else 0)
             up += wire * sum(f.bytes_up for f in failures)  # rejected uploads crossed the network too
             down = wire * sum(len(p) for p in payloads.values())
             if not skipped and isinstance(sstate, dict):  # bytes a strategy moves besides the adapters
@@ -402,7 +406,7 @@ def run_federated(
                 if last or rnd % cfg.evaluation.every == 0
                 else {cid: {} for cid in client_ids}
             )
-            by_id = {u.client_id: u for u in updates}
+            by_id = {u.client_id: u for u in client_updates}
             fail_ids = {f.client_id: f for f in failures}
             for cid in client_ids:
                 rec: dict[str, Any] = {"round": rnd, "client": cid, "sampled": cid in sampled, **evals[cid]}
@@ -420,11 +424,13 @@ def run_federated(
                     f"budget_mb = {cfg.budget_mb:g} reached ({summary['cum_bytes'] / 1e6:.3f} MB)"
                 )
             if skipped:
-                summary["skipped"] = f"{len(updates)} updates < sampling.min_updates = {cfg.sampling.min_updates}"
-            if updates:
-                summary["train_loss"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
-            if any("codec_skipped" in u.metrics for u in updates):  # lazy uploads (AQUILA)
-                summary["uploads_skipped"] = int(sum(u.metrics.get("codec_skipped", 0) for u in updates))
+                summary["skipped"] = (
+                    f"{len(client_updates)} updates < sampling.min_updates = {cfg.sampling.min_updates}"
+                )
+            if client_updates:
+                summary["train_loss"] = sum(u.metrics["train_loss"] for u in client_updates) / len(client_updates)
+            if any("codec_skipped" in u.metrics for u in client_updates):  # lazy uploads (AQUILA)
+                summary["uploads_skipped"] = int(sum(u.metrics.get("codec_skipped", 0) for u in client_updates))
             if isinstance(sstate, dict):
                 summary.update(sstate.get("round_metrics", {}))  # e.g. FedIT's aggregation error
             records.append({"round": rnd, "client": None, **summary})
@@ -454,6 +460,16 @@ def run_federated(
     plot_runs({cfg.name: records}, run_dir / "plots")
     io.write_atomic(run_dir / io.SUMMARY, _summary_json(cfg, records))
     return RunResult(run_dir, records, max(r["round"] for r in records))
+
+
+def secure_sum(updates: list[ClientUpdate]) -> ClientUpdate:
+    """The one update a strategy sees under secure aggregation: sum_k n_k delta_k / sum_k n_k,
+    recovered from the masked fixed-point uploads (the masks cancel in the sum)."""
+    from fedtune.secagg import unmask_sum
+
+    n = sum(u.num_examples for u in updates)
+    total = unmask_sum([u.delta for u in updates])
+    return ClientUpdate("secure-sum", {k: v / n for k, v in total.items()}, n, {"train_loss": 0.0}, 0, 0)
 
 
 def _expected_delta(sent: AdapterState) -> dict[str, torch.Size]:

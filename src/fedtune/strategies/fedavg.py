@@ -22,5 +22,7 @@ def fedavg_aggregate(global_state: AdapterState, updates: Sequence[ClientUpdate]
 class FedAvg(GlobalModel):
     """FedAvg of adapter tensors, weighted by client examples (arXiv:1602.05629)."""
 
+    sum_aggregate = True  # a weighted sum of the updates: works under secure aggregation
+
     def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
         return fedavg_aggregate(state["global"], updates), {}

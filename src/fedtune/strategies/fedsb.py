@@ -18,6 +18,8 @@ class FedSB(GlobalModel):
     r x r R is trained, sent and averaged, so B R_bar A = sum_k p_k B R_k A exactly, and the bytes
     (4 r^2 per module in fp32) do not depend on the layer width. Needs adapter.kind: lora_sb."""
 
+    sum_aggregate = True  # a weighted sum of the updates: works under secure aggregation
+
     adapter_kind = "lora_sb"
 
     def send(self, state: dict[str, Any], client_id: str) -> AdapterState:

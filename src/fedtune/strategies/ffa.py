@@ -17,6 +17,8 @@ class FedIT(GlobalModel):
     """FedIT (arXiv:2305.05644): average A and B separately. INEXACT: the global B_bar A_bar misses
     sum_k p_k (B_k - B_bar)(A_k - A_bar); the relative error is logged every round as agg_error."""
 
+    sum_aggregate = True  # a weighted sum of the updates: works under secure aggregation
+
     def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
         new = fedavg_aggregate(state["global"], updates)
         clients = [add_states(state["global"], u.delta) for u in updates]
@@ -29,6 +31,8 @@ class FedIT(GlobalModel):
 class FFALoRA(GlobalModel):
     """FFA-LoRA (arXiv:2403.12313): A random, shared by seed and frozen; only B is trained, sent
     and averaged, so s * B_bar A = sum_k p_k s B_k A exactly, with half of FedIT's bytes."""
+
+    sum_aggregate = True  # a weighted sum of the updates: works under secure aggregation
 
     def send(self, state: dict[str, Any], client_id: str) -> AdapterState:
         return {k: v for k, v in state["global"].items() if k.endswith(B_SUFFIX)}

@@ -1,0 +1,33 @@
+"""Shared by the benchmark scripts: run named rows of overrides on a config, each into its own
+run directory (a finished row is reused), and read back records and summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def run_rows(rows: dict[str, list[str]], config: str, common: list[str], out: Path) -> dict[str, dict[str, Any]]:
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from fedtune.config import load_config
+    from fedtune.recipes.federated import run_federated
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    results = {}
+    for row, over in rows.items():
+        d = out / "".join(c if c.isalnum() else "_" for c in row)
+        if not (d / "summary.json").exists():
+            cfg = load_config(config, [*common, *over, f"output_dir={d}", f"name={row}"])
+            run_federated(cfg, overwrite=True, progress=False)
+        recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        results[row] = {"records": recs, "summary": json.loads((d / "summary.json").read_text())}
+        print(row, results[row]["summary"]["final"].get("mean_ppl"), flush=True)
+    return results
+
+
+def final(result: dict[str, Any], key: str = "mean_ppl") -> Any:
+    return result["summary"]["final"].get(key)

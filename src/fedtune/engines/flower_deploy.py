@@ -234,17 +234,26 @@ class LocalDeployment:
         lines.append(f'root-certificates = "{self.certs["ca"]}"\n' if self.tls else "insecure = true\n")
         (self.flwr_home / "config.toml").write_text("".join(lines))
 
-    def submit(self, app_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-        """`flwr run APP fedtune --stream` and wait for the run to end."""
+    def submit(self, app_dir: Path, timeout: float, attempts: int = 3) -> subprocess.CompletedProcess[str]:
+        """`flwr run APP fedtune --stream` and wait for the run to end. A submission the SuperLink
+        did not answer (a busy machine) is retried; one that started a run never is."""
         self.write_connection()
-        return subprocess.run(
-            [str(BIN / "flwr"), "run", str(app_dir), "fedtune", "--stream"],
-            capture_output=True,
-            text=True,
-            env=flower_env(self.flwr_home, threads=2),
-            cwd=self.root,
-            timeout=timeout,
-        )
+        r: subprocess.CompletedProcess[str] | None = None
+        for attempt in range(attempts):
+            r = subprocess.run(
+                [str(BIN / "flwr"), "run", str(app_dir), "fedtune", "--stream"],
+                capture_output=True,
+                text=True,
+                env=flower_env(self.flwr_home, threads=2),
+                cwd=self.root,
+                timeout=timeout,
+            )
+            out = r.stdout + r.stderr
+            if r.returncode == 0 or "Successfully started run" in out or "unavailable" not in out:
+                return r
+            time.sleep(5.0 * (attempt + 1))
+        assert r is not None
+        return r
 
     def submit_async(self, app_dir: Path) -> subprocess.Popen[str]:
         """Start `flwr run` without waiting (for fault injection while a run is going)."""

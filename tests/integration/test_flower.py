@@ -36,12 +36,23 @@ def test_flower_refuses_what_it_cannot_run(tiny_cfg) -> None:
         check_flower(tiny_cfg("evaluation.ood=true", "engine.name=flower-sim"))
 
 
-def flower_processes() -> list[str]:
-    import subprocess
+def flower_processes(work) -> list[tuple[int, str]]:
+    """Live Flower processes of the deployment in `work` (FLWR_HOME under it), as (pid, command):
+    other Flower runs on the machine do not count. Full command lines (psutil), never cut."""
+    import psutil
 
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     names = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
-    return [line for line in out.splitlines() if any(n in line for n in names) and "<defunct>" not in line]
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.info["status"] == psutil.STATUS_ZOMBIE or not any(n in cmd for n in names):
+                continue
+            if p.environ().get("FLWR_HOME", "").startswith(str(work)):
+                out.append((p.info["pid"], cmd))
+        except psutil.Error:
+            continue
+    return out
 
 
 def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time) -> None:
@@ -61,7 +72,6 @@ def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time) 
     cfg = tiny_cfg(*over, name="deployed")
     run_dir = Path(cfg.run_dir()).resolve()
     app = write_app(cfg.model_copy(update={"output_dir": str(run_dir)}), tmp_path / "app", 2)
-    before = flower_processes()
     with LocalDeployment(tmp_path / "work", 2, tls=True, auth=True, port=9492, node_port=9500) as dep:
         dep.start_superlink()
         dep.wait_for_superlink()
@@ -75,8 +85,8 @@ def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time) 
         wait_for_round(run_dir, 1)
         round1 = [x for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"round": 1' in x]
         assert round1
-        serverapps = [int(line.split()[0]) for line in flower_processes() if "flwr-serverapp" in line]
-        assert serverapps, flower_processes()
+        serverapps = [pid for pid, cmd in flower_processes(tmp_path / "work") if "flwr-serverapp" in cmd]
+        assert serverapps, flower_processes(tmp_path / "work")
         for pid in serverapps:
             os.kill(pid, signal.SIGKILL)  # the ServerApp dies mid-run
         run.wait(timeout=300)
@@ -88,7 +98,7 @@ def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time) 
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert all(x in lines for x in round1)  # round 1 kept as written (wall times too): resumed, not rerun
     assert no_time([json.loads(x) for x in lines]) == no_time(local.records)
-    assert flower_processes() == before
+    assert flower_processes(tmp_path / "work") == []
 
 
 def wait_for_round(run_dir, rnd: int, timeout: float = 900) -> None:
@@ -116,7 +126,6 @@ def test_killed_supernode_is_a_recorded_failure_and_rejoins(tiny_cfg, tmp_path) 
     cfg = tiny_cfg(*over, name="fault")
     run_dir = Path(cfg.run_dir()).resolve()
     app = write_app(cfg.model_copy(update={"output_dir": str(run_dir)}), tmp_path / "app", 2)
-    before = flower_processes()
     with LocalDeployment(tmp_path / "work", 2, tls=False, port=9292, node_port=9400) as dep:
         dep.start_superlink()
         dep.wait_for_superlink()
@@ -137,4 +146,4 @@ def test_killed_supernode_is_a_recorded_failure_and_rejoins(tiny_cfg, tmp_path) 
     rejoined = [r for r in recs if r["round"] > 2 and r["client"] == "json" and r.get("bytes_up", 0) > 0]
     assert rejoined, "the restarted SuperNode did not rejoin"
     assert (run_dir / "summary.json").exists()
-    assert flower_processes() == before
+    assert flower_processes(tmp_path / "work") == []

@@ -48,6 +48,13 @@ MATRIX = {
 }
 
 
+def serialize(state: dict) -> bytes:
+    """The identity codec's payload of `state` (fp32 tensors + the codec's stage metadata)."""
+    from fedtune.codecs import make_codec
+
+    return make_codec("identity").encode(state, None, torch.Generator())[0]
+
+
 def fedtune_cli(*args: str) -> None:
     import os
     import subprocess
@@ -108,7 +115,7 @@ def test_exported_adapter_reproduces_the_global_model(tiny_cfg, name: str) -> No
 
 @pytest.mark.parametrize("name", ["fedex_lora", "flora"])
 def test_merging_strategies_count_the_dense_offset_on_the_downlink(tiny_cfg, name: str) -> None:
-    from fedtune.codecs import serialize
+
     from fedtune.models.adapters import BASE_DELTA
 
     over = (f"strategy.name={name}", "rounds=1", "train.steps=2")
@@ -125,7 +132,7 @@ def test_merging_strategies_count_the_dense_offset_on_the_downlink(tiny_cfg, nam
 
 @pytest.mark.parametrize("name", ["flexlora", "hetlora", "flora"])
 def test_a_rank_r_client_moves_rank_r_factors(tiny_cfg, name: str) -> None:
-    from fedtune.codecs import serialize
+
     from fedtune.models.adapters import BASE_DELTA
     from fedtune.strategies.merge import truncate_rank
 

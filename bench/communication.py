@@ -13,7 +13,6 @@ baseline) and bench/out/communication.png (mean test ppl vs total MB, Pareto fro
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 TOPK_EF = "codec.stages=[{name: topk, fraction: 0.05}, {name: quantize, bits: 8}]"
@@ -55,24 +54,11 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/communication")
     args = ap.parse_args()
 
-    import datasets
-    from transformers.utils import logging as hf_logging
+    from runs import run_rows
 
-    from fedtune.config import load_config
-    from fedtune.recipes.federated import run_federated
-
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
     out = Path(args.out)
-    results = {}
-    for row in args.rows.split(","):
-        d = out / "".join(c if c.isalnum() else "_" for c in row)
-        if not (d / "summary.json").exists():
-            over = [*ROWS[row], f"rounds={args.rounds}", f"output_dir={d}", f"name={row}"]
-            run_federated(load_config("configs/demo.yaml", over), overwrite=True, progress=False)
-        recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-        results[row] = {"summary": json.loads((d / "summary.json").read_text()), "records": recs}
-        print(row, results[row]["summary"]["final"].get("mean_ppl"), flush=True)
+    chosen = {row: [*ROWS[row], f"rounds={args.rounds}"] for row in args.rows.split(",")}
+    results = run_rows(chosen, "configs/demo.yaml", [], out)
     text = table(results)
     out.with_suffix(".md").write_text(text)
     print(text)

@@ -48,25 +48,12 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/personalization")
     args = ap.parse_args()
 
-    import datasets
-    from transformers.utils import logging as hf_logging
+    from runs import run_rows
 
-    from fedtune.config import load_config
-    from fedtune.recipes.federated import run_federated
-
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
     out = Path(args.out)
-    runs = {}
-    for row in args.rows.split(","):
-        d = out / row.replace(" ", "_").replace("=", "")
-        if not (d / "summary.json").exists():
-            over = [*COMMON, *ROWS[row], f"rounds={args.rounds}", f"evaluation.every={args.rounds}"]
-            cfg = load_config("configs/demo.yaml", [*over, f"output_dir={d}", f"name={row}"])
-            run_federated(cfg, overwrite=True, progress=False)
-        recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-        runs[row] = {"records": recs, "summary": json.loads((d / "summary.json").read_text())}
-        print(row, runs[row]["summary"]["final"].get("mean_ppl"), flush=True)
+    rounds = [f"rounds={args.rounds}", f"evaluation.every={args.rounds}"]
+    chosen = {row: [*ROWS[row], *rounds] for row in args.rows.split(",")}
+    runs = run_rows(chosen, "configs/demo.yaml", COMMON, out)
     text = tables(runs)
     out.with_suffix(".md").write_text(text)
     print(text)

@@ -126,7 +126,8 @@ def check_secure_aggregation(cfg: ExperimentConfig) -> list[Problem]:
                 f"use one of {', '.join(sums)}, or set secure_aggregation: false",
             )
         ]
-    return []
+    check = getattr(STRATEGIES.get(cfg.strategy.name), "secure_problems", None)
+    return check(cfg.strategy.params()) if check is not None else []
 
 
 def check_ranks(cfg: ExperimentConfig) -> list[Problem]:

@@ -3,6 +3,8 @@ that spends it, and a resume does not go past it."""
 
 import json
 
+import pytest
+
 from fedtune.recipes.federated import run_federated
 from fedtune.report import io
 
@@ -98,3 +100,45 @@ def test_secure_aggregation_gives_the_fedavg_result_from_masked_uploads(tiny_cfg
             assert abs(m["test_ppl"] / p["test_ppl"] - 1) < 1e-4  # fixed point, 24 fractional bits
         if p["client"] and p["round"] > 0:
             assert m["bytes_up"] > 1.9 * p["bytes_up"] - 1000  # int64 uploads: twice the fp32 bytes
+
+
+def test_dp_fedavg_under_secure_aggregation_clips_on_clients_and_equals_the_clear_run(tiny_cfg, monkeypatch) -> None:
+    """Distributed-noise DP-FedAvg: with secure aggregation each client clips and adds its noise
+    share before masking; the server sees one masked sum and ends with the same model as the
+    run that clips and noises in the clear (same seeded noise, fixed-point error only)."""
+    pytest.importorskip("dp_accounting")
+    from fedtune.strategies.dp import DPFedAvg, norm
+
+    seen, sent = [], []
+    real_agg, real_tr = DPFedAvg.aggregate, DPFedAvg.client_transform
+
+    def spy_agg(self, rnd, updates, state):
+        seen.append([u.client_id for u in updates])
+        return real_agg(self, rnd, updates, state)
+
+    def spy_tr(self, delta, state, rnd, cid, n):
+        out = real_tr(self, delta, state, rnd, cid, n)
+        sent.append((norm(delta), state["clip"]))
+        return out
+
+    monkeypatch.setattr(DPFedAvg, "aggregate", spy_agg)
+    monkeypatch.setattr(DPFedAvg, "client_transform", spy_tr)
+    over = (
+        "rounds=2",
+        "train.steps=2",
+        "strategy.name=dp_fedavg",
+        "strategy.noise=distributed",
+        "strategy.noise_multiplier=0.5",
+        "strategy.clip=0.01",
+    )
+    clear = run_federated(tiny_cfg(*over, name="clear"), progress=False).records
+    assert all(ids != ["secure-sum"] for ids in seen) and not sent
+    seen.clear()
+    masked = run_federated(tiny_cfg(*over, "secure_aggregation=true", name="masked"), progress=False).records
+    assert seen == [["secure-sum"], ["secure-sum"]]
+    assert len(sent) == 8 and any(n > clip for n, clip in sent)  # the clip binds on the clients
+    for c, m in zip(clear, masked):
+        if "test_ppl" in c:
+            assert abs(m["test_ppl"] / c["test_ppl"] - 1) < 1e-4
+        if c["client"] is None and c["round"] > 0:
+            assert m["epsilon"] == c["epsilon"]

@@ -29,6 +29,11 @@ def test_masks_cancel_exactly_in_the_sum() -> None:
 def test_secure_aggregation_is_refused_for_non_sum_strategies(tiny_cfg) -> None:
     from fedtune.errors import ConfigError
 
-    for name in ("flora", "pcl", "robust", "dp_fedavg"):
+    for name in ("flora", "pcl", "robust"):
         with pytest.raises(ConfigError, match="secure_aggregation"):
             tiny_cfg("secure_aggregation=true", f"strategy.name={name}")
+    # DP-FedAvg clips on the clients and works with secure aggregation, but not with adaptive
+    # clipping, which needs each client's clipped bit in the clear
+    tiny_cfg("secure_aggregation=true", "strategy.name=dp_fedavg")
+    with pytest.raises(ConfigError, match="strategy.adaptive"):
+        tiny_cfg("secure_aggregation=true", "strategy.name=dp_fedavg", "strategy.adaptive=true")

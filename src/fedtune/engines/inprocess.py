@@ -53,6 +53,10 @@ class InProcessEngine:
         self.dropout = dropout  # fault injection: the chance a sampled client never replies
         self.attack = attack  # attack injection: (kind, scale, attacker ids) or None
         self.secure_aggregation = secure_aggregation  # uploads pairwise-masked (fedtune.secagg)
+        # under secure aggregation: what a strategy does on the client before masking (DP-FedAvg's
+        # clip + noise share: (delta, rnd, cid, participants) -> delta) and a client's weight in the sum
+        self.client_transform: Callable[..., AdapterState] | None = None
+        self.secure_weight: Callable[[int], float] = float
         self.penalty = penalty
         self.eval_shards = eval_shards if eval_shards is not None else shards
         self.eval_batch_size = eval_batch_size
@@ -110,7 +114,9 @@ class InProcessEngine:
             if self.attack is not None and cid in self.attack[2]:
                 delta = poison(delta, self.attack[0], self.attack[1], torch_generator(self.seed, "attack", rnd, cid))
             if self.secure_aggregation:
-                fixed = to_fixed(delta, float(shard.num_examples))
+                if self.client_transform is not None:
+                    delta = self.client_transform(delta, rnd, cid, participants)
+                fixed = to_fixed(delta, self.secure_weight(shard.num_examples))
                 delta = mask(fixed, cid, participants, self.seed, rnd)
             up, states[cid] = self.codec.encode(
                 delta, states.get(cid), torch_generator(self.seed, "codec-up", rnd, cid)

@@ -306,6 +306,7 @@ def run_federated(
     spec = components.build_train_spec(cfg)
     engine = fed.make_engine(strategy, codec, spec)
     engine.down_codec = down_codec
+    engine.secure_weight = getattr(strategy, "secure_weight", float)  # a client's weight in a masked sum
 
     # 3. start or resume
     if resume:
@@ -358,6 +359,10 @@ def run_federated(
                 )
 
             # clients train and reply
+            if cfg.secure_aggregation and hasattr(strategy, "client_transform"):  # e.g. DP clipping
+                engine.client_transform = lambda d, r, c, parts, st=sstate: strategy.client_transform(
+                    d, st, r, c, len(parts)
+                )
             try:
                 replies, codec_states = engine.run_clients(rnd, payloads, codec_states, on_step)
             except TrainingDivergedError as e:
@@ -374,7 +379,7 @@ def run_federated(
             failures += rejected
             client_updates = updates  # what each client sent (records, bytes)
             if cfg.secure_aggregation and updates:  # the strategy sees only the unmasked sum
-                updates = [secure_sum(updates)]
+                updates = [secure_sum(updates, getattr(strategy, "secure_weight", float))]
 
             # aggregate (too few replies: keep the global model; the failures are recorded)
             skipped = len(client_updates) < cfg.sampling.min_updates
@@ -462,12 +467,13 @@ def run_federated(
     return RunResult(run_dir, records, max(r["round"] for r in records))
 
 
-def secure_sum(updates: list[ClientUpdate]) -> ClientUpdate:
-    """The one update a strategy sees under secure aggregation: sum_k n_k delta_k / sum_k n_k,
-    recovered from the masked fixed-point uploads (the masks cancel in the sum)."""
+def secure_sum(updates: list[ClientUpdate], weight: Callable[[int], float] = float) -> ClientUpdate:
+    """The one update a strategy sees under secure aggregation: sum_k w_k delta_k / sum_k w_k
+    (w_k = n_k, the FedAvg weight, unless the strategy says otherwise), recovered from the masked
+    fixed-point uploads (the masks cancel in the sum)."""
     from fedtune.secagg import unmask_sum
 
-    n = sum(u.num_examples for u in updates)
+    n = sum(weight(u.num_examples) for u in updates)
     total = unmask_sum([u.delta for u in updates])
     return ClientUpdate("secure-sum", {k: v / n for k, v in total.items()}, n, {"train_loss": 0.0}, 0, 0)
 

@@ -22,6 +22,13 @@ fraction and noise multiplier sigma_eff, composed over the rounds done (RDP, the
 same rate is the standard approximation (stated in every round's `dp_accounting`). The epsilon is
 recomputed from the round count, so a resumed run reports exactly the uninterrupted value.
 `target_epsilon`: the run stops after the last round whose epsilon stays within it.
+
+With `secure_aggregation: true` the server never sees a single update, so clipping (and, with
+noise 'distributed', each client's noise share) happen on the client before masking
+(`client_transform`); the masked fixed-point sum is unweighted (`secure_weight` = 1, the
+sensitivity is S per client) and the server only adds server noise, if any, and divides by n.
+Adaptive clipping needs each client's clipped bit in the clear and is refused with secure
+aggregation.
 """
 
 from __future__ import annotations
@@ -94,6 +101,47 @@ class DPFedAvg:
     personalized = False
     pools_data = False
     transmits = True
+    sum_aggregate = True  # with secure aggregation: clip + noise share on the client, masked sum
+
+    @staticmethod
+    def secure_weight(num_examples: int) -> float:
+        """Weight of a client in the masked sum: 1 (DP-FedAvg averages clipped updates uniformly)."""
+        return 1.0
+
+    @classmethod
+    def secure_problems(cls, params: dict[str, Any]) -> list[Any]:
+        from fedtune.errors import Problem
+
+        if params.get("adaptive"):
+            return [
+                Problem(
+                    "strategy.adaptive",
+                    True,
+                    "adaptive clipping needs each client's clipped/not-clipped bit, which secure aggregation hides",
+                    "set strategy.adaptive: false (fixed clip) or secure_aggregation: false",
+                )
+            ]
+        return []
+
+    def privatize(self, delta: AdapterState, clip: float, rnd: int, client_id: str, n: int) -> AdapterState:
+        """One client's contribution: its update clipped to `clip` (float64), plus its share of
+        the noise, N(0, (sigma S)^2 / n), when the noise is 'distributed'."""
+        nk = norm(delta)
+        factor = min(1.0, clip / nk) if nk > 0 else 1.0
+        out = {k: factor * v.double() for k, v in delta.items()}
+        if self.noise == "distributed":  # from the client's own generator
+            gen = torch_generator(self.seed, "dp-noise", rnd, client_id)
+            for k in sorted(out):
+                out[k] += torch.randn(out[k].shape, generator=gen, dtype=torch.float64) * (
+                    self.noise_multiplier * clip / math.sqrt(n)
+                )
+        return out
+
+    def client_transform(
+        self, delta: AdapterState, state: dict[str, Any], rnd: int, client_id: str, n: int
+    ) -> AdapterState:
+        """What a client uploads under secure aggregation (before masking)."""
+        return {k: v.float() for k, v in self.privatize(delta, float(state["clip"]), rnd, client_id, n).items()}
 
     @classmethod
     def config_problems(cls, params: dict[str, Any], adapter: Any) -> list[Any]:
@@ -132,19 +180,18 @@ class DPFedAvg:
         if not updates:
             return state["global"], state
         ups = sorted_updates(updates)
-        n, s = len(ups), float(state["clip"])
-        norms = [norm(u.delta) for u in ups]
-        total: AdapterState = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in ups[0].delta.items()}
-        for u, nk in zip(ups, norms):
-            factor = min(1.0, s / nk) if nk > 0 else 1.0
-            for k, v in u.delta.items():
-                total[k] += factor * v.double()
-            if self.noise == "distributed":  # each client's share of the noise, from its own generator
-                gen = torch_generator(self.seed, "dp-noise", rnd, u.client_id)
-                for k in sorted(total):
-                    total[k] += torch.randn(total[k].shape, generator=gen, dtype=torch.float64) * (
-                        self.noise_multiplier * s / math.sqrt(n)
-                    )
+        s = float(state["clip"])
+        if ups[0].client_id == "secure-sum":  # clipped (and noised) on the clients; only the sum is known
+            n = int(round(ups[0].num_examples))
+            norms: list[float] = []
+            total = {k: v.double() * n for k, v in ups[0].delta.items()}
+        else:
+            n = len(ups)
+            norms = [norm(u.delta) for u in ups]
+            total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in ups[0].delta.items()}
+            for u in ups:
+                for k, v in self.privatize(u.delta, s, rnd, u.client_id, n).items():
+                    total[k] += v
         if self.noise == "server":
             gen = torch_generator(self.seed, "dp-noise", rnd)
             for k in sorted(total):
@@ -157,7 +204,7 @@ class DPFedAvg:
 
         default_count = max(n / 20, self.noise_multiplier)  # must exceed sigma / 2 (see effective_sigma)
         count_sigma = (self.count_noise if self.count_noise is not None else default_count) if self.adaptive else None
-        below = sum(nk <= s for nk in norms)
+        below = sum(nk <= s for nk in norms) if norms else n
         next_clip = s
         if self.adaptive:
             gen = torch_generator(self.seed, "dp-clip", rnd)
@@ -170,7 +217,7 @@ class DPFedAvg:
             "epsilon": eps,
             "dp_delta": self.delta,
             "dp_clip": s,
-            "dp_clipped_fraction": 1 - below / n,
+            "dp_clipped_fraction": 1 - below / n if norms else None,  # unknown under secure aggregation
             "dp_accounting": f"RDP, Poisson-subsampled Gaussian, q={self.sampling_rate:g}, sigma={sigma:.4g}",
         }
         if (

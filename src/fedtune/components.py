@@ -130,6 +130,33 @@ def check_secure_aggregation(cfg: ExperimentConfig) -> list[Problem]:
     return check(cfg.strategy.params()) if check is not None else []
 
 
+def check_dp_sgd(cfg: ExperimentConfig) -> list[Problem]:
+    """Sample-level DP-SGD replaces the first-order local loop; strategies that train their own
+    way (zeroth-order, projected) and CoMiGS's router steps on the validation split are not covered."""
+    if cfg.train.dp_sgd is None:
+        return []
+    own = cfg.strategy.name in STRATEGIES and hasattr(STRATEGIES.get(cfg.strategy.name), "client_train")
+    if own:
+        return [
+            Problem(
+                "train.dp_sgd",
+                cfg.train.dp_sgd.model_dump(),
+                f"strategy {cfg.strategy.name!r} trains with its own client update, which DP-SGD does not cover",
+                "use a first-order strategy (fedavg, fedit, ffa_lora, fedsb, ...) or drop train.dp_sgd",
+            )
+        ]
+    if cfg.adapter.kind == "moe_lora" and cfg.adapter.router != "frozen" and cfg.adapter.router_every > 0:
+        return [
+            Problem(
+                "adapter.router_every",
+                cfg.adapter.router_every,
+                "the alternating router steps read the validation split outside DP-SGD's accounting",
+                "set adapter.router_every: 0 (routers train inside DP-SGD) or drop train.dp_sgd",
+            )
+        ]
+    return []
+
+
 def check_ranks(cfg: ExperimentConfig) -> list[Problem]:
     if cfg.adapter.ranks is None or cfg.strategy.name not in STRATEGIES:
         return []
@@ -216,7 +243,10 @@ def build_codec(cfg: ExperimentConfig, downlink: bool = False) -> Any:
 
 
 def build_train_spec(cfg: ExperimentConfig) -> TrainSpec:
-    spec = TrainSpec(**cfg.train.model_dump())
+    fields = cfg.train.model_dump(exclude={"dp_sgd"})
+    if cfg.train.dp_sgd is not None:
+        fields.update(dp_clip=cfg.train.dp_sgd.clip, dp_noise=cfg.train.dp_sgd.noise_multiplier)
+    spec = TrainSpec(**fields)
     if cfg.adapter.kind != "moe_lora":
         return spec
     from dataclasses import replace

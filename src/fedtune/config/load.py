@@ -139,6 +139,7 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
     problems += components.check_adapter_kind(cfg)
     problems += components.check_strategy_fit(cfg)
     problems += components.check_secure_aggregation(cfg)
+    problems += components.check_dp_sgd(cfg)
     problems += components.check_data_source(cfg)
     problems += components.check_model(cfg)
     return problems

@@ -125,6 +125,18 @@ class AdapterConfig(_Strict):
         return max(self.experts) if isinstance(self.experts, list) else self.experts
 
 
+class DPSGDConfig(_Strict):
+    """Sample-level DP-SGD on every client (Abadi et al. 2016): Poisson-sampled batches,
+    per-example gradient clipping, Gaussian noise; accounted per client (RDP)."""
+
+    noise_multiplier: float = Field(1.0, gt=0.0, description="sigma: noise std = sigma * clip on the summed gradient")
+    clip: float = Field(1.0, gt=0.0, description="C: bound on each example's gradient norm (adapter parameters)")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="epsilon is reported at this delta")
+    target_epsilon: float | None = Field(
+        None, gt=0.0, description="stop the run before any client's epsilon would exceed this"
+    )
+
+
 class TrainConfig(_Strict):
     """Local training on each client, every round."""
 
@@ -141,6 +153,11 @@ class TrainConfig(_Strict):
     bf16: bool = Field(False, description="bf16 autocast (about 1.5x faster on AVX512-BF16 CPUs)")
     prox_mu: float = Field(
         0.0, ge=0.0, description="FedProx proximal term mu/2 ||w - w_received||^2 (arXiv:1812.06127)"
+    )
+    dp_sgd: DPSGDConfig | None = Field(
+        None,
+        description="sample-level differential privacy on each client (per-example clipping + noise; "
+        "batches are Poisson samples of expected size batch_size * grad_accum; max_grad_norm is not used)",
     )
 
 

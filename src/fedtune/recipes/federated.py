@@ -402,6 +402,14 @@ def run_federated(
             spent_before = next(r for r in reversed(records) if r.get("client") is None).get("cum_bytes", 0)
             over_budget = cfg.budget_mb is not None and spent_before + up + down >= cfg.budget_mb * 1e6
             strategy_stop = isinstance(sstate, dict) and sstate.get("round_metrics", {}).get("stop")
+            sample_dp = sample_epsilons(records, client_updates, cfg.train.dp_sgd) if cfg.train.dp_sgd else {}
+            if cfg.train.dp_sgd and cfg.train.dp_sgd.target_epsilon is not None and not strategy_stop:
+                over = sorted(c for c, (_, nxt) in sample_dp.items() if nxt > cfg.train.dp_sgd.target_epsilon)
+                if over:
+                    strategy_stop = (
+                        f"train.dp_sgd.target_epsilon = {cfg.train.dp_sgd.target_epsilon:g}: another round would "
+                        f"give client {over[0]} a sample-level epsilon above it"
+                    )
             over_budget = over_budget or bool(strategy_stop)  # e.g. DP's target epsilon
 
             # evaluate, log
@@ -418,6 +426,8 @@ def run_federated(
                 if cid in by_id:
                     u = by_id[cid]
                     rec.update(bytes_up=wire * u.bytes_up, bytes_down=wire * u.bytes_down, **u.metrics)
+                    if cid in sample_dp:
+                        rec["sample_epsilon"] = sample_dp[cid][0]
                 if cid in fail_ids:
                     f = fail_ids[cid]
                     rec.update(failure=f.reason, bytes_down=wire * f.bytes_down, bytes_up=wire * f.bytes_up)
@@ -438,6 +448,14 @@ def run_federated(
                 summary["uploads_skipped"] = int(sum(u.metrics.get("codec_skipped", 0) for u in client_updates))
             if isinstance(sstate, dict):
                 summary.update(sstate.get("round_metrics", {}))  # e.g. FedIT's aggregation error
+            if cfg.train.dp_sgd is not None:  # the worst client's epsilon so far (each only grows)
+                now = [e for e, _ in sample_dp.values()] + [prev.get("sample_epsilon", 0.0)]
+                summary.update(
+                    sample_epsilon=max(now),
+                    sample_dp_delta=cfg.train.dp_sgd.delta,
+                    sample_dp_accounting="RDP, Poisson-subsampled Gaussian per local step, composed over each "
+                    f"client's steps, sigma={cfg.train.dp_sgd.noise_multiplier:g}",
+                )
             records.append({"round": rnd, "client": None, **summary})
 
             # checkpoint: everything needed to continue exactly
@@ -476,6 +494,27 @@ def secure_sum(updates: list[ClientUpdate], weight: Callable[[int], float] = flo
     n = sum(weight(u.num_examples) for u in updates)
     total = unmask_sum([u.delta for u in updates])
     return ClientUpdate("secure-sum", {k: v / n for k, v in total.items()}, n, {"train_loss": 0.0}, 0, 0)
+
+
+def sample_epsilons(
+    records: list[dict[str, Any]], updates: list[ClientUpdate], dp: Any
+) -> dict[str, tuple[float, float]]:
+    """Sample-level DP-SGD accounting: for each client that trained this round, (epsilon after
+    its steps so far, epsilon after one more round like this one), from the steps recorded in
+    earlier rounds (so a resumed run reproduces them exactly)."""
+    from fedtune.strategies.dp import epsilon
+
+    out = {}
+    for u in updates:
+        if "dp_steps" not in u.metrics:
+            continue
+        prior = sum(r.get("dp_steps", 0.0) for r in records if r.get("client") == u.client_id)
+        steps, q = int(prior + u.metrics["dp_steps"]), float(u.metrics["dp_rate"])
+        out[u.client_id] = (
+            epsilon(q, dp.noise_multiplier, steps, dp.delta),
+            epsilon(q, dp.noise_multiplier, steps + int(u.metrics["dp_steps"]), dp.delta),
+        )
+    return out
 
 
 def _expected_delta(sent: AdapterState) -> dict[str, torch.Size]:

@@ -63,6 +63,11 @@ def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:
         )
         if "epsilon" in last:
             t.caption += f"; privacy epsilon {last['epsilon']:.3g} at delta {last.get('dp_delta', 0):g}"
+        if "sample_epsilon" in last:
+            t.caption += (
+                f"; sample-level epsilon {last['sample_epsilon']:.3g} (worst client) "
+                f"at delta {last.get('sample_dp_delta', 0):g}"
+            )
         if "stopped" in last:
             t.caption += f"; stopped: {last['stopped']}"
     return t

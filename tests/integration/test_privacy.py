@@ -1,0 +1,43 @@
+"""Sample-level DP-SGD end to end: every client's epsilon is the accountant's value for its
+steps, target epsilon stops the run, and a resumed run reports the uninterrupted epsilon."""
+
+import pytest
+
+from fedtune.recipes.federated import run_federated
+
+pytest.importorskip("dp_accounting", reason="needs the dp extra (make test installs it)")
+
+
+def test_dp_sgd_epsilon_per_client_resume_and_target(tiny_cfg, interrupt_after, no_time) -> None:
+    from fedtune.strategies.dp import epsilon
+
+    over = ("rounds=3", "train.steps=2", "train.dp_sgd.noise_multiplier=1.0", "train.dp_sgd.clip=0.5")
+    full = run_federated(tiny_cfg(*over, name="full"), progress=False)
+    for r in full.records:
+        if r["client"] is not None and r["round"] > 0:
+            # each client's rate q = batch_size / its own training blocks; 2 steps per round
+            assert r["sample_epsilon"] == pytest.approx(epsilon(r["dp_rate"], 1.0, 2 * r["round"], 1e-5), rel=1e-12)
+    rounds = [r for r in full.records if r["client"] is None and r["round"] > 0]
+    worst = [max(r["sample_epsilon"] for r in full.records if r["round"] == k and r["client"]) for k in (1, 2, 3)]
+    assert [r["sample_epsilon"] for r in rounds] == worst and worst[0] < worst[1] < worst[2]
+
+    cfg = tiny_cfg(*over, name="cut")
+    interrupt_after(cfg, 1)
+    resumed = run_federated(cfg, resume=True, progress=False)
+    assert no_time(resumed.records) == no_time(full.records)
+
+    # a target between round 2's and round 3's worst epsilon: stop after round 2, evaluated
+    target = (worst[1] + worst[2]) / 2
+    stop = run_federated(tiny_cfg(*over, f"train.dp_sgd.target_epsilon={target}", name="stop"), progress=False)
+    last = stop.records[-1]
+    assert last["round"] == 2 and "target_epsilon" in last["stopped"] and last["sample_epsilon"] <= target
+    assert last["mean_ppl"] == pytest.approx(rounds[1]["mean_ppl"], rel=1e-9)
+
+
+def test_dp_sgd_is_refused_where_it_does_not_apply(tiny_cfg) -> None:
+    from fedtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.dp_sgd"):
+        tiny_cfg("train.dp_sgd.clip=1.0", "strategy.name=fedkseed")
+    with pytest.raises(ConfigError, match="adapter.router_every"):
+        tiny_cfg("train.dp_sgd.clip=1.0", "adapter.kind=moe_lora", "strategy.name=comigs")

@@ -142,3 +142,32 @@ def test_dp_fedavg_under_secure_aggregation_clips_on_clients_and_equals_the_clea
             assert abs(m["test_ppl"] / c["test_ppl"] - 1) < 1e-4
         if c["client"] is None and c["round"] > 0:
             assert m["epsilon"] == c["epsilon"]
+
+
+def test_stragglers_past_the_deadline_are_recorded_and_min_updates_holds_the_model(tiny_cfg) -> None:
+    """Seeded stragglers: those slower than the deadline are failures (no upload), those within
+    it are aggregated; the round lasts until the deadline when someone missed it; with too few
+    replies (sampling.min_updates) the global model is kept."""
+    from fedtune.engines.inprocess import InProcessEngine
+
+    over = ("rounds=3", "train.steps=1", "sampling.straggler_fraction=0.6", "sampling.straggler_slowdown=5")
+    run = run_federated(tiny_cfg(*over, "sampling.deadline=2.5", name="late"), progress=False)
+    eng = InProcessEngine.__new__(InProcessEngine)
+    eng.seed, eng.stragglers = 0, (0.6, 5.0, 2.5)
+    clients = [r for r in run.records if r["client"] and r["round"] > 0]
+    want_late = {(r["round"], r["client"]) for r in clients if eng.sim_time(r["round"], r["client"]) > 2.5}
+    got_late = {(r["round"], r["client"]) for r in clients if "deadline" in r.get("failure", "")}
+    assert got_late == want_late and 0 < len(got_late) < len(clients)
+    assert all(r.get("bytes_up", 0) == 0 for r in clients if (r["round"], r["client"]) in got_late)
+    slow_ok = [r for r in clients if "sim_time" in r and r["sim_time"] > 1.0]
+    assert slow_ok and all(r["sim_time"] <= 2.5 for r in slow_ok)  # stragglers that made it count
+    for s in (r for r in run.records if r["client"] is None and r["round"] > 0):
+        missed = any(rnd == s["round"] for rnd, _ in got_late)
+        assert s["sim_round_time"] == (2.5 if missed else max(r.get("sim_time", 1.0) for r in clients if r["round"] == s["round"] and "sim_time" in r))
+
+    strict = run_federated(tiny_cfg(*over, "sampling.deadline=2.5", "sampling.min_updates=4", name="strict"), progress=False)
+    rounds = [r for r in strict.records if r["client"] is None]
+    for prev, s in zip(rounds, rounds[1:]):
+        if "skipped" in s:  # nothing aggregated: every client's global test ppl is unchanged
+            assert s["mean_ppl"] == pytest.approx(prev["mean_ppl"], rel=1e-9)
+    assert any("skipped" in s for s in rounds)

@@ -34,6 +34,8 @@ def test_flower_refuses_what_it_cannot_run(tiny_cfg) -> None:
         check_flower(tiny_cfg("strategy.name=comigs", "adapter.kind=moe_lora", "engine.name=flower-sim"))
     with pytest.raises(ConfigError, match="pools every client's test data"):
         check_flower(tiny_cfg("evaluation.ood=true", "engine.name=flower-sim"))
+    with pytest.raises(ConfigError, match="sampling.deadline"):
+        check_flower(tiny_cfg("sampling.deadline=2", "engine.name=flower-sim"))
 
 
 def flower_processes(work) -> list[tuple[int, str]]:

@@ -200,6 +200,20 @@ class SamplingConfig(_Strict):
         description="fault injection (in-process): each sampled client fails to reply with this probability "
         "(seeded per round and client; recorded as a failure)",
     )
+    straggler_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="straggler injection (in-process): each sampled client is slow in a round with this "
+        "probability; a slow client takes 1 + (straggler_slowdown - 1) * U(0, 1) times a normal client's time",
+    )
+    straggler_slowdown: float = Field(4.0, ge=1.0, description="the slowest a straggler gets, in normal client times")
+    deadline: float | None = Field(
+        None,
+        ge=1.0,
+        description="in-process: the server closes a round after this many normal client times; a later "
+        "reply is a recorded failure (Flower: engine.timeout, in seconds)",
+    )
 
 
 class AttackConfig(_Strict):

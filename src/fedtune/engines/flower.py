@@ -350,6 +350,18 @@ def check_flower(cfg: ExperimentConfig) -> None:
                 "set sampling.dropout: 0 (use engine.timeout and sampling.min_updates)",
             )
         )
+    for field in ("straggler_fraction", "deadline"):
+        value = getattr(cfg.sampling, field)
+        if value:
+            problems.append(
+                Problem(
+                    f"sampling.{field}",
+                    value,
+                    "simulated stragglers and deadlines are for the in-process engine; on Flower, a reply "
+                    "later than engine.timeout seconds is a recorded failure",
+                    f"drop sampling.{field} (use engine.timeout and sampling.min_updates)",
+                )
+            )
     if cfg.evaluation.ood:
         problems.append(
             Problem(

@@ -40,6 +40,7 @@ class InProcessEngine:
         expert_counts: Mapping[str, int] | None = None,
         client_fn: Any = None,
         dropout: float = 0.0,
+        stragglers: tuple[float, float, float | None] = (0.0, 4.0, None),
         attack: Any = None,
         secure_aggregation: bool = False,
     ):
@@ -51,6 +52,9 @@ class InProcessEngine:
         self.expert_counts = dict(expert_counts or {})
         self.client_fn = client_fn  # a strategy's own client update (FedKSeed's zeroth-order steps)
         self.dropout = dropout  # fault injection: the chance a sampled client never replies
+        # straggler injection: (chance a client is slow this round, slowest slowdown, deadline), in
+        # units of a normal client's round time (simulated, so runs stay reproducible)
+        self.stragglers = stragglers
         self.attack = attack  # attack injection: (kind, scale, attacker ids) or None
         self.secure_aggregation = secure_aggregation  # uploads pairwise-masked (fedtune.secagg)
         # under secure aggregation: what a strategy does on the client before masking (DP-FedAvg's
@@ -85,10 +89,20 @@ class InProcessEngine:
             for c in payloads
             if self.dropout > 0 and float(numpy_rng(self.seed, "dropout", rnd, c).random()) < self.dropout
         }
-        participants = sorted(c for c in payloads if c not in dropped)  # who masks with whom
+        times = {c: self.sim_time(rnd, c) for c in payloads if c not in dropped}
+        deadline = self.stragglers[2]
+        late = {c for c, t in times.items() if deadline is not None and t > deadline}
+        participants = sorted(c for c in times if c not in late)  # who masks with whom
         for cid, payload in payloads.items():
             if cid in dropped:
                 replies.append(ClientFailure(cid, "no reply (injected dropout)", len(payload)))
+                continue
+            if cid in late:  # the server closed the round first (the client's work is wasted)
+                replies.append(
+                    ClientFailure(
+                        cid, f"missed the deadline (simulated {times[cid]:.2f} > {deadline:g} client times)", len(payload)
+                    )
+                )
                 continue
             shard = self.shards[cid]
             t0 = time.perf_counter()
@@ -122,6 +136,7 @@ class InProcessEngine:
                 delta, states.get(cid), torch_generator(self.seed, "codec-up", rnd, cid)
             )
             metrics["client_seconds"] = time.perf_counter() - t0
+            metrics["sim_time"] = times[cid]  # in normal client times (1.0 unless a straggler)
             for st in states[cid] or []:  # what an adaptive codec decided (AQUILA: bits, skipped)
                 if isinstance(st, dict):
                     metrics.update(st.get("report", {}))
@@ -129,6 +144,15 @@ class InProcessEngine:
             delta_seen, states["dec:" + cid] = self.codec.decode(up, states.get("dec:" + cid))
             replies.append(ClientUpdate(cid, delta_seen, shard.num_examples, metrics, len(up), len(payload)))
         return replies, states
+
+    def sim_time(self, rnd: int, cid: str) -> float:
+        """Client cid's simulated round time in normal client times (seeded per round and client)."""
+        fraction, slowdown, _ = self.stragglers
+        if fraction <= 0:
+            return 1.0
+        rng = numpy_rng(self.seed, "straggler", rnd, cid)
+        slow, u = rng.random() < fraction, rng.random()
+        return 1.0 + (slowdown - 1.0) * float(u) if slow else 1.0
 
     def private_of(self, cid: str) -> AdapterState:
         return self.private.get(cid, self.private_init.get(cid, {}))

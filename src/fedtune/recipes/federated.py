@@ -269,6 +269,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
             expert_counts=experts,
             client_fn=getattr(strategy, "client_train", None),
             dropout=cfg.sampling.dropout,
+            stragglers=(cfg.sampling.straggler_fraction, cfg.sampling.straggler_slowdown, cfg.sampling.deadline),
             attack=(cfg.attack.kind, cfg.attack.scale, bad) if bad else None,
             secure_aggregation=cfg.secure_aggregation,
         )
@@ -444,6 +445,12 @@ def run_federated(
                 )
             if client_updates:
                 summary["train_loss"] = sum(u.metrics["train_loss"] for u in client_updates) / len(client_updates)
+            if any("sim_time" in u.metrics for u in client_updates) and (
+                cfg.sampling.straggler_fraction > 0 or cfg.sampling.deadline is not None
+            ):  # the round lasts until the slowest reply, or until the deadline if someone missed it
+                slowest = max(u.metrics["sim_time"] for u in client_updates)
+                missed = any(f.reason.startswith("missed the deadline") for f in failures)
+                summary["sim_round_time"] = float(cfg.sampling.deadline) if missed else slowest
             if any("codec_skipped" in u.metrics for u in client_updates):  # lazy uploads (AQUILA)
                 summary["uploads_skipped"] = int(sum(u.metrics.get("codec_skipped", 0) for u in client_updates))
             if isinstance(sstate, dict):

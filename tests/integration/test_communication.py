@@ -77,6 +77,18 @@ def test_sign_flip_attack_hurts_fedavg_and_a_robust_rule_resists(tiny_cfg) -> No
     ).records[-1]["mean_ppl"]
     assert hit > clean * 1.02  # the attack does damage
     assert robust < hit and abs(robust / clean - 1) < 0.02
+    from fedtune.engines.inprocess import attackers
+
+    bad = attackers(["email", "http", "json", "logging", "urllib"], 0.2, 0)
+    bristle = run_federated(tiny_cfg(*over, *attack, "strategy.name=bristle", name="bristle"), progress=False)
+    # measured: clean 275.3, attacked FedAvg 312.6, Bristle 286.7 (median 279.6): in round 1 the
+    # flipped factors still lower the reference loss (B starts at 0, so -4 dB (A0 - 4 dA) is not
+    # a reversal) and get weight; once they hurt, they get none
+    damage = bristle.records[-1]["mean_ppl"] - clean
+    assert damage < 0.5 * (hit - clean)
+    weights = [r["bristle_weights"] for r in bristle.records if r["client"] is None and r["round"] > 0]
+    assert len(bad) == 1 and all(weights[-1][c] == 0 for c in bad)
+    assert all(sum(w.values()) == pytest.approx(1.0, abs=1e-5) for w in weights)
 
 
 def test_secure_aggregation_gives_the_fedavg_result_from_masked_uploads(tiny_cfg, monkeypatch) -> None:

@@ -68,3 +68,18 @@ def test_attacks_transform_updates_and_data() -> None:
     sh = Shard("a", torch.arange(40).reshape(4, 10), torch.zeros(0, 10), torch.zeros(0, 10), 1)
     bad = corrupt_shard(sh, 0)
     assert bad.train.shape == sh.train.shape and not torch.equal(bad.train, sh.train) and int(bad.train.max()) < 40
+
+
+def test_bristle_integrator_weights_follow_per_domain_gains() -> None:
+    from fedtune.strategies.robust import integrator_weights
+
+    base = {"a": 3.0, "b": 2.0}
+    cands = [
+        {"a": 2.0, "b": 2.0},  # helps a by 1
+        {"a": 2.5, "b": 1.5},  # helps a by 0.5, b by 0.5
+        {"a": 4.0, "b": 3.0},  # hurts both: weight 0
+    ]
+    w = integrator_weights(base, cands)
+    # domain a: gains 1, 0.5, 0 -> 2/3, 1/3, 0; domain b: 0, 0.5, 0 -> 0, 1, 0; mean over domains
+    torch.testing.assert_close(w, torch.tensor([1 / 3, 2 / 3, 0.0], dtype=torch.float64))
+    assert float(integrator_weights(base, [{"a": 3.5, "b": 2.5}]).sum()) == 0.0  # nobody helps: no move

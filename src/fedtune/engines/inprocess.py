@@ -191,6 +191,22 @@ class InProcessEngine:
         parts = [(s.val if s.val.shape[0] > 0 else s.train)[:per_client] for s in self.eval_shards.values()]
         return torch.cat(parts)
 
+    def reference_losses(self, states: Mapping[str, AdapterState], per_client: int) -> dict[str, dict[str, float]]:
+        """The server's scoring of candidate models on its trusted reference set (the first
+        `per_client` validation blocks each client contributes), per contributing client:
+        {candidate: {client: loss}}."""
+        out: dict[str, dict[str, float]] = {}
+        for name, state in states.items():
+            set_state_(self.model, state)
+            out[name] = {
+                cid: evaluate_blocks(
+                    self.model, (s.val if s.val.shape[0] > 0 else s.train)[:per_client], self.eval_batch_size,
+                    self.spec.bf16,
+                )["loss"]
+                for cid, s in self.eval_shards.items()
+            }
+        return out
+
     def peer_evaluate(
         self, states: Mapping[str, AdapterState], split: str = "val", max_blocks: int | None = None
     ) -> dict[str, dict[str, float]]:

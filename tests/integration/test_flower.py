@@ -23,6 +23,38 @@ def test_flower_simulation_matches_inprocess(tiny_cfg, no_time, strategy: str) -
     assert (sim.run_dir / "adapters" / "global" / "adapter_model.safetensors").exists()
 
 
+def test_secaggplus_on_flower_with_dp_matches_inprocess_secure_aggregation(tiny_cfg) -> None:
+    """DP-FedAvg (clip on the client, distributed noise) under Flower's SecAgg+: the server sees
+    only the unmasked mean, and the run ends where the in-process pairwise-masked run ends (both
+    quantize: 24 fractional bits in-process, SecAgg+'s ~2e-8 steps on Flower)."""
+    pytest.importorskip("dp_accounting")
+    from fedtune.engines.flower import run_simulation
+
+    over = [
+        "rounds=2",
+        "train.steps=2",
+        "secure_aggregation=true",
+        "strategy.name=dp_fedavg",
+        "strategy.noise=distributed",
+        "strategy.noise_multiplier=0.5",
+        "strategy.clip=0.01",
+    ]
+    local = run_federated(tiny_cfg(*over, name="inproc"), progress=False)
+    sim = run_simulation(tiny_cfg(*over, name="sim"), num_clients=4)
+    for a, b in zip(local.records, sim.records):
+        assert a["round"] == b["round"] and a["client"] == b["client"]
+        if "test_ppl" in a:
+            assert b["test_ppl"] == pytest.approx(a["test_ppl"], rel=1e-4)
+        if a["client"] is None and a["round"] > 0:
+            assert b["epsilon"] == a["epsilon"] and b["failures"] == 0
+        if a["client"] and a["round"] > 0:  # SecAgg+ moves keys and shares besides the masked vector
+            assert b["bytes_up"] > 0 and "failure" not in b
+    with pytest.raises(ConfigError, match="SecAgg\\+ quantizes"):
+        from fedtune.engines.flower import check_flower
+
+        check_flower(tiny_cfg(*over, "codec.name=fp16", "engine.name=flower-sim"))
+
+
 def test_flower_refuses_what_it_cannot_run(tiny_cfg) -> None:
     from fedtune.engines.flower import check_flower
 

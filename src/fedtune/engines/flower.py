@@ -67,6 +67,7 @@ class ClientRuntime:
     down_codec: Any
     spec: Any
     penalty: Any
+    strategy: Any
 
 
 _RUNTIMES: dict[tuple[str, int], ClientRuntime] = {}
@@ -99,6 +100,7 @@ def client_runtime(cfg_yaml: str, partition_id: int) -> ClientRuntime:
             components.build_codec(cfg, downlink=True),
             components.build_train_spec(cfg),
             getattr(strategy, "client_penalty", None),
+            strategy,
         )
     return _RUNTIMES[key]
 
@@ -110,18 +112,65 @@ def _runtime(context: Context, cfg_yaml: str | None) -> ClientRuntime:
     return client_runtime(text, int(context.node_config.get("partition-id", 0)))
 
 
+def secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's SecAgg+ client mod for the train messages of a secure-aggregation round (they
+    carry SecAgg+ configs); plain train messages go straight to the handler."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def secure_train(rt: ClientRuntime, msg: Message) -> Message:
+    """A client's part of a SecAgg+ round: train, apply the strategy's client-side step (DP-FedAvg:
+    clip + noise share), and reply with the delta as float arrays in the legacy FitRes format;
+    Flower's SecAgg+ mod quantizes and masks them (stochastic rounding seeded per round/client)."""
+    import json
+
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
+
+    from fedtune.seeding import derive_seed
+
+    fitins = recorddict_to_fitins(msg.content, keep_input=True)
+    rnd = int(fitins.config["round"])
+    payload = parameters_to_ndarrays(fitins.parameters)[0].tobytes()
+    t0 = time.perf_counter()
+    received, _ = rt.down_codec.decode(payload, None)
+    delta, metrics, _ = client_round(rt.model, received, rt.shard, rt.spec, rt.cfg.seed, rnd, None, rt.penalty)
+    if hasattr(rt.strategy, "client_transform"):
+        conf = {k[len("transform-") :]: v for k, v in fitins.config.items() if k.startswith("transform-")}
+        delta = rt.strategy.client_transform(delta, conf, rnd, rt.client_id, int(fitins.config["participants"]))
+    keys = sorted(delta)
+    weight = getattr(rt.strategy, "secure_weight", float)(rt.shard.num_examples)
+    metrics["client_seconds"] = time.perf_counter() - t0
+    np.random.seed(derive_seed(rt.cfg.seed, "secaggplus", rnd, rt.client_id) % 2**32)  # SecAgg+ rounding
+    res = FitRes(
+        Status(Code.OK, ""),
+        ndarrays_to_parameters([delta[k].detach().double().numpy() for k in keys]),
+        int(round(weight)),
+        {**metrics, "secagg-keys": json.dumps(keys), "num-examples": rt.shard.num_examples},
+    )
+    return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
 def make_client_app(cfg_yaml: str | None = None) -> ClientApp:
     """A ClientApp; in deployment the config comes from the run config, in simulation from here."""
-    app = ClientApp()
+    app = ClientApp(mods=[secagg_when_asked])
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         rt = _runtime(context, cfg_yaml)
-        return Message(RecordDict({"info": ConfigRecord({"client": rt.client_id})}), reply_to=msg)
+        info = ConfigRecord({"client": rt.client_id, "examples": int(rt.shard.num_examples)})
+        return Message(RecordDict({"info": info}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         rt = _runtime(context, cfg_yaml)
+        if "fitins.parameters" in msg.content.array_records:  # a SecAgg+ round
+            return secure_train(rt, msg)
         rnd = int(msg.content["config"]["round"])
         t0 = time.perf_counter()
         received, _ = rt.down_codec.decode(from_record(msg.content["payload"]), None)
@@ -153,16 +202,99 @@ client_app = make_client_app()  # for `flwr run` (deployment): config from the r
 # -- server side ---------------------------------------------------------------------------------
 
 
-class FlowerEngine:
-    """Runs client rounds by sending Flower messages; expected failures become ClientFailure."""
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of a message's records: array data, bytes and strings at their length, numbers 8."""
 
-    def __init__(self, grid: Grid, node_of: Mapping[str, int], codec: Any, timeout: float):
+    def size(v: Any) -> int:
+        if isinstance(v, (bytes, bytearray)):
+            return len(v)
+        if isinstance(v, str):
+            return len(v.encode())
+        if isinstance(v, list):
+            return sum(size(x) for x in v)
+        return 8
+
+    total = 0
+    for rec in content.array_records.values():
+        total += sum(len(a.data) for a in rec.values())
+    for crec in content.config_records.values():
+        total += sum(size(v) for v in crec.values())
+    for mrec in content.metric_records.values():
+        total += sum(size(v) for v in mrec.values())
+    return total
+
+
+class CountingGrid:
+    """A Grid that counts the bytes of every message to, and reply from, each node."""
+
+    def __init__(self, grid: Grid):
+        self._grid = grid
+        self.down: dict[int, int] = {}
+        self.up: dict[int, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
+        msgs = list(messages)
+        for m in msgs:
+            self.down[m.metadata.dst_node_id] = self.down.get(m.metadata.dst_node_id, 0) + content_bytes(m.content)
+        replies = list(self._grid.send_and_receive(msgs, timeout=timeout))
+        for r in replies:
+            if not r.has_error():
+                src = r.metadata.src_node_id
+                self.up[src] = self.up.get(src, 0) + content_bytes(r.content)
+        return replies
+
+
+@dataclass
+class _Proxy:
+    node_id: int
+
+
+class SecAggRound:
+    """The legacy-Strategy face SecAgg+'s workflow expects: hands out this round's FitIns and
+    keeps the unmasked aggregate (the only thing the server learns)."""
+
+    def __init__(self, fitins: Mapping[int, Any]):
+        self.fitins = dict(fitins)
+        self.results: list[Any] = []
+
+    def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list[Any]:
+        return [(_Proxy(n), ins) for n, ins in sorted(self.fitins.items())]
+
+    def aggregate_fit(self, server_round: int, results: list[Any], failures: list[Any]) -> tuple[Any, dict]:
+        self.results = list(results)
+        return (results[0][1].parameters if results else None), {}
+
+
+class FlowerEngine:
+    """Runs client rounds by sending Flower messages; expected failures become ClientFailure.
+    With secure aggregation a round runs Flower's SecAgg+ protocol (module `secure_round`)."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        node_of: Mapping[str, int],
+        codec: Any,
+        timeout: float,
+        *,
+        context: Context | None = None,
+        examples: Mapping[str, int] | None = None,
+        secure: bool = False,
+    ):
         self.grid = grid
         self.node_of = dict(node_of)
         self.client_of = {n: c for c, n in node_of.items()}
         self.codec = codec
         self.timeout = timeout
         self.collected_bytes = 0
+        self.context = context
+        self.examples = dict(examples or {})
+        self.secure = secure
+        self.secure_result: ClientUpdate | None = None  # the unmasked aggregate of a SecAgg+ round
+        self.secure_weight: Callable[[int], float] = float  # set by the recipe from the strategy
+        self.transform_config: dict[str, Any] = {}  # sent to clients for their client-side step (DP clip)
 
     def refresh(self) -> None:
         """A SuperNode that restarted comes back with a new node id: ask new nodes who they are."""
@@ -199,6 +331,8 @@ class FlowerEngine:
     def run_clients(
         self, rnd: int, payloads: Mapping[str, bytes], codec_states: dict[str, Any], on_step: Any = None
     ) -> tuple[list[ClientUpdate | ClientFailure], dict[str, Any]]:
+        if self.secure:
+            return self.secure_round(rnd, payloads), codec_states
         replies: list[ClientUpdate | ClientFailure] = []
         for cid, reply in self._send("train", payloads, rnd).items():
             if isinstance(reply, str):
@@ -210,6 +344,66 @@ class FlowerEngine:
             delta, _ = self.codec.decode(up, None)
             replies.append(ClientUpdate(cid, delta, n, metrics, len(up), len(payloads[cid])))
         return replies, codec_states
+
+    def secure_round(self, rnd: int, payloads: Mapping[str, bytes]) -> list[ClientUpdate | ClientFailure]:
+        """One round under Flower's SecAgg+ (Bell et al., CCS 2020): clients quantize and mask
+        their (weighted) deltas, secret-share their keys, and the server only recovers the
+        weighted mean, which becomes `secure_result`; each client's reply carries metrics only.
+        Bytes are those of every protocol message (4 stages), counted per node."""
+        import json
+
+        import torch
+        from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+        from flwr.server.compat.legacy_context import LegacyContext
+        from flwr.server.workflow import SecAggPlusWorkflow
+        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+        from flwr.server.workflow.constant import Key as WorkflowKey
+
+        if self.context is None:
+            raise FedtuneError("secure aggregation on Flower needs the ServerApp's context")
+        self.refresh()
+        self.secure_result = None
+        n = len(payloads)
+        conf = {"round": rnd, "participants": n, **{f"transform-{k}": v for k, v in self.transform_config.items()}}
+        fitins = {
+            self.node_of[c]: FitIns(ndarrays_to_parameters([np.frombuffer(p, dtype=np.uint8)]), dict(conf))
+            for c, p in payloads.items()
+        }
+        adapter = SecAggRound(fitins)
+        ctx = LegacyContext(self.context, strategy=adapter)  # type: ignore[arg-type]
+        ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
+        ctx.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+        weights = [self.secure_weight(self.examples.get(c, 1)) for c in payloads]
+        grid = CountingGrid(self.grid)
+        workflow = SecAggPlusWorkflow(
+            num_shares=1.0,  # every participant is a neighbour (small federations)
+            reconstruction_threshold=0.5,
+            max_weight=max(1.0, max(weights)),
+            clipping_range=8.0,  # |delta| entries beyond this are clipped by SecAgg+'s quantizer
+            quantization_range=min(2**30, 2**32 // (n + 1)),  # the masked sum must not wrap mod 2^32
+            timeout=self.timeout,
+        )
+        workflow(grid, ctx)  # type: ignore[arg-type]
+        got = {self.client_of.get(proxy.node_id): res for proxy, res in adapter.results}
+        out: list[ClientUpdate | ClientFailure] = []
+        for cid in payloads:
+            node = self.node_of[cid]
+            res = got.get(cid)
+            if res is None:
+                why = "secure aggregation: no reply" if adapter.results else "secure aggregation halted (too few clients)"
+                out.append(ClientFailure(cid, why, grid.down.get(node, 0), grid.up.get(node, 0)))
+                continue
+            metrics = {k: float(v) for k, v in res.metrics.items() if k not in ("secagg-keys", "num-examples")}
+            num = int(res.metrics.get("num-examples", res.num_examples))
+            out.append(ClientUpdate(cid, {}, num, metrics, grid.up.get(node, 0), grid.down.get(node, 0)))
+        if adapter.results:
+            _, first = adapter.results[0]
+            keys = json.loads(str(first.metrics["secagg-keys"]))
+            arrays = parameters_to_ndarrays(first.parameters)
+            mean = {k: torch.from_numpy(np.asarray(a, dtype=np.float64)).float() for k, a in zip(keys, arrays)}
+            total_w = sum(float(r.num_examples) for _, r in adapter.results)
+            self.secure_result = ClientUpdate("secure-sum", mean, total_w, {"train_loss": 0.0}, 0, 0)  # type: ignore[arg-type]
+        return out
 
     def evaluate(self, states: Mapping[str, AdapterState]) -> dict[str, dict[str, float]]:
         ident = make_codec("identity")
@@ -226,8 +420,11 @@ class FlowerEngine:
         return out
 
 
-def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[str, int]:
-    """Wait for `expected` SuperNodes, then ask each which client it is."""
+def discover_clients(
+    grid: Grid, expected: int, timeout: float, examples: dict[str, int] | None = None
+) -> dict[str, int]:
+    """Wait for `expected` SuperNodes, then ask each which client it is (and, into `examples`,
+    how many training examples it has: SecAgg+ needs the largest weight in advance)."""
     deadline = time.monotonic() + timeout
     nodes: list[int] = []
     while time.monotonic() < deadline:
@@ -245,16 +442,22 @@ def discover_clients(grid: Grid, expected: int, timeout: float) -> dict[str, int
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if reply.has_error():
             raise FedtuneError(f"SuperNode {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
-        node_of[str(reply.content["info"]["client"])] = reply.metadata.src_node_id
+        info = reply.content["info"]
+        node_of[str(info["client"])] = reply.metadata.src_node_id
+        if examples is not None and "examples" in info:
+            examples[str(info["client"])] = int(info["examples"])  # type: ignore[arg-type]
     return dict(sorted(node_of.items()))
 
 
-def flower_federation(grid: Grid, expected: int, timeout: float) -> Callable[[ExperimentConfig], Any]:
+def flower_federation(
+    grid: Grid, expected: int, timeout: float, context: Context | None = None
+) -> Callable[[ExperimentConfig], Any]:
     from fedtune.models.load import load_tokenizer, resolve_model_dir
     from fedtune.recipes.federated import Federation, build_adapted_model, rank_per_client, sb_public_blocks
 
     def build(cfg: ExperimentConfig) -> Federation:
-        node_of = discover_clients(grid, expected, timeout)
+        examples: dict[str, int] = {}
+        node_of = discover_clients(grid, expected, timeout, examples)
         ids = list(node_of)
         ranks = rank_per_client(cfg, ids)
         model_dir = resolve_model_dir(cfg.model, cfg.seed)
@@ -262,7 +465,9 @@ def flower_federation(grid: Grid, expected: int, timeout: float) -> Callable[[Ex
         model, adapter_cfg = build_adapted_model(cfg, model_dir, ranks, lambda: sb_public_blocks(cfg, tokenizer))
 
         def make_engine(strategy: Any, codec: Any, spec: Any) -> FlowerEngine:
-            return FlowerEngine(grid, node_of, codec, timeout)
+            return FlowerEngine(
+                grid, node_of, codec, timeout, context=context, examples=examples, secure=cfg.secure_aggregation
+            )
 
         return Federation(ids, model, model_dir, adapter_cfg, ranks, make_engine)
 
@@ -323,13 +528,14 @@ def check_flower(cfg: ExperimentConfig) -> None:
                 "use a stateless codec (identity, fp16, quantize) or engine 'inprocess'",
             )
         )
-    if cfg.secure_aggregation:
+    down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
+    if cfg.secure_aggregation and (cfg.codec.name != "identity" or down.name != "identity"):
         problems.append(
             Problem(
-                "secure_aggregation",
-                True,
-                "SecAgg+ is not wired into the Flower engine yet (in-process pairwise masks only)",
-                "set secure_aggregation: false, or run with engine 'inprocess'",
+                "codec.name" if cfg.codec.name != "identity" else "downlink_codec.name",
+                cfg.codec.name if cfg.codec.name != "identity" else down.name,
+                "with secure aggregation on Flower, SecAgg+ quantizes and masks the update itself",
+                "use codec: identity (and no downlink_codec)",
             )
         )
     if cfg.attack.kind != "none":
@@ -407,7 +613,7 @@ def make_server_app(
             )
             run = run_federated(
                 cfg,
-                federation=flower_federation(grid, n, cfg.engine.timeout),
+                federation=flower_federation(grid, n, cfg.engine.timeout, context),
                 resume=again,
                 overwrite=overwrite or (resume is None and not again),
                 progress=False,

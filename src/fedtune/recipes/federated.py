@@ -364,6 +364,7 @@ def run_federated(
                 engine.client_transform = lambda d, r, c, parts, st=sstate: strategy.client_transform(
                     d, st, r, c, len(parts)
                 )
+                engine.transform_config = strategy.client_transform_config(sstate)  # what Flower clients get
             try:
                 replies, codec_states = engine.run_clients(rnd, payloads, codec_states, on_step)
             except TrainingDivergedError as e:
@@ -375,12 +376,15 @@ def run_federated(
             failures = [r for r in replies if isinstance(r, ClientFailure)]
             # reject NaN/Inf, unknown or missing keys, wrong shapes or dtypes, oversized payloads
             max_up = int(cfg.sampling.max_update_mb * 1e6) if cfg.sampling.max_update_mb else None
-            expected = None if hasattr(strategy, "client_train") else _expected_delta
+            presummed = getattr(engine, "secure_result", None)  # Flower's SecAgg+ unmasks the sum itself
+            expected = None if hasattr(strategy, "client_train") or presummed is not None else _expected_delta
             updates, rejected = screen(updates, sent, expected, max_up, masked=cfg.secure_aggregation)
             failures += rejected
             client_updates = updates  # what each client sent (records, bytes)
             if cfg.secure_aggregation and updates:  # the strategy sees only the unmasked sum
-                updates = [secure_sum(updates, getattr(strategy, "secure_weight", float))]
+                updates = [
+                    presummed if presummed is not None else secure_sum(updates, getattr(strategy, "secure_weight", float))
+                ]
 
             # aggregate (too few replies: keep the global model; the failures are recorded)
             skipped = len(client_updates) < cfg.sampling.min_updates

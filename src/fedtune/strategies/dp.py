@@ -137,6 +137,10 @@ class DPFedAvg:
                 )
         return out
 
+    def client_transform_config(self, state: dict[str, Any]) -> dict[str, Any]:
+        """What a client needs for `client_transform` (sent with the round on Flower)."""
+        return {"clip": float(state["clip"])}
+
     def client_transform(
         self, delta: AdapterState, state: dict[str, Any], rnd: int, client_id: str, n: int
     ) -> AdapterState:

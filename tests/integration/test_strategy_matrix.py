@@ -33,7 +33,14 @@ MATRIX = {
     "fedavg:topk-ef-q4": ["codec.name=chain", "codec.stages=[{name: topk, fraction: 0.2}, {name: quantize, bits: 4}]"],
     "fedavg:aquila": ["codec.name=aquila", "downlink_codec.name=fp16"],
     "fedkseed": ["strategy.lr=0.05", "strategy.num_seeds=256", "strategy.pro=true", "train.steps=8"],
-    "fedkseed:one-byte": ["strategy.lr=0.05", "strategy.num_seeds=256", "strategy.one_byte=true", "train.steps=8"],
+    "fedkseed:full-one-byte": [  # full-parameter (every linear weight of the tiny model), one-byte scalars
+        "strategy.lr=0.01",
+        "strategy.num_seeds=256",
+        "strategy.one_byte=true",
+        "strategy.full=true",
+        "adapter.target_modules=all-linear",
+        "train.steps=8",
+    ],
     "ferret": ["train.lr=0.5", "strategy.bases=32"],
     "safari": ["sampling.dropout=0.3", "codec.name=topk", "codec.fraction=0.5"],
     "dp_fedavg": [

@@ -74,3 +74,35 @@ def test_fedkseed_refuses_a_lossy_downlink(tiny_cfg) -> None:
 
     with pytest.raises(ConfigError, match="must arrive exactly"):
         tiny_cfg("strategy.name=fedkseed", "codec.name=fp16")
+
+
+def test_full_parameter_mode_perturbs_base_weights_and_replays_bit_identically(tiny_with_lora, random_shard) -> None:
+    """`full`: the seeds move dense offsets of the adapted layers' base weights (q, v here); the
+    LoRA factors stay at their init; server and client replay the same offsets; the model the
+    client evaluates is W0 + offset."""
+    from fedtune.evaluation.metrics import evaluate_blocks
+    from fedtune.models.adapters import BASE_DELTA, set_state_
+
+    model, w0 = tiny_with_lora()
+    ks = FedKSeed(num_seeds=32, eps=1e-3, lr=0.02, seed=3, full=True)
+    state = ks.init_state(w0)
+    offsets = [k for k in state["w0"] if k.endswith(BASE_DELTA)]
+    assert len(offsets) == 4  # q, v of 2 layers, at their weights' [out, in] shapes
+    for k in offsets:
+        m = k[: -len(BASE_DELTA)]
+        assert state["w0"][k].shape == (w0[m + ".lora_B.weight"].shape[0], w0[m + ".lora_A.weight"].shape[1])
+    shard = random_shard("a")
+    before = evaluate_blocks(model, shard.train, 4, False)["loss"]
+    sent = ks.configure(1, ["a"], state)["a"]
+    payload, metrics, kept = ks.client_train(model, sent, w0, shard, TrainSpec(steps=8, batch_size=2), 3, 1)
+    assert kept is w0 and payload[SCALARS].shape == (8,)
+    new, state = ks.aggregate(1, [ClientUpdate("a", payload, 10, metrics, 0, 0)], state)
+    assert all(torch.equal(new[k], w0[k]) for k in w0)  # the adapter did not move
+    assert all(float(new[k].abs().max()) > 0 for k in offsets)  # the base weights did
+    client_view = replay(ks.start(w0), ks.configure(2, ["a"], state)["a"][G_KEY], seed_pool(3, 32), 0.02, offsets)
+    assert all(torch.equal(client_view[k], new[k]) for k in new)
+    set_state_(model, new)
+    after = evaluate_blocks(model, shard.train, 4, False)["loss"]
+    assert after != before
+    set_state_(model, w0)  # W0 restored when the offsets are gone
+    assert evaluate_blocks(model, shard.train, 4, False)["loss"] == before

@@ -17,6 +17,13 @@ K random seeds, so a round moves scalars instead of tensors.
 - FedKSeed-Pro (`pro: true`): p(seed j) = softmax(minmax(mean_history |clip(g, +-1000)|)), sent as
   fp16 with G.
 
+- `full: true` (small models): the perturbed tensors are the base weights of every adapted
+  linear layer (use `adapter.target_modules: all-linear` for all of them), carried as dense
+  offsets `<module>.base_delta` from the pretrained W0 (the LoRA factors stay at their init, so
+  with B = 0 they add nothing). A direction then has as many entries as those weights, so
+  replay costs grow with the model: adapter-only (the default) is the mode for larger models.
+  The export folds the offsets into a PEFT LoRA of full rank.
+
 Losses are computed in fp32 (a bf16 loss is too coarse for eps-size differences), dropout off.
 The replay is one function used by server and clients, so both hold bit-identical models.
 """
@@ -32,7 +39,7 @@ import torch
 
 from fedtune.client.train import batch_indices, lm_loss
 from fedtune.data.blocks import Shard
-from fedtune.models.adapters import select_trainable_, set_state_, trainable_keys
+from fedtune.models.adapters import BASE_DELTA, select_trainable_, set_state_, trainable_keys
 from fedtune.seeding import derive_seed, torch_generator
 from fedtune.strategies.base import STRATEGIES, example_weights, sorted_updates
 from fedtune.types import AdapterState, ClientUpdate
@@ -97,6 +104,7 @@ class FedKSeed:
     lr: float | None = None  # default: train.lr
     pro: bool = False
     one_byte: bool = False
+    full: bool = False  # perturb the adapted layers' base weights instead of the adapter
     seed: int = 0  # set by fedtune
     train_lr: float = 1e-3  # set by fedtune (train.lr)
 
@@ -113,8 +121,21 @@ class FedKSeed:
     def private_keys(self, state: AdapterState) -> set[str]:
         return set(state)
 
+    def start(self, w0: AdapterState) -> AdapterState:
+        """The replay origin: the adapter init, plus zero base-weight offsets in full mode."""
+        if not self.full:
+            return w0
+        from fedtune.strategies.merge import with_zero_base
+
+        return with_zero_base(w0)
+
+    def perturbed(self, w0: AdapterState) -> list[str]:
+        """The keys the seeds perturb: base-weight offsets (full) or the trainable adapter tensors."""
+        return sorted(k for k in w0 if k.endswith(BASE_DELTA)) if self.full else trainable_keys(w0)
+
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         k = self.num_seeds
+        global_state = self.start(global_state)
         return {
             "w0": global_state,
             "G": torch.zeros(k),
@@ -149,7 +170,7 @@ class FedKSeed:
                 g[j] += p * s
                 abs_sum[j] += min(abs(s), 1000.0)
                 count[j] += 1
-        keys = trainable_keys(state["w0"])
+        keys = self.perturbed(state["w0"])
         new = replay(state["w0"], g, seed_pool(self.seed, self.num_seeds), self.step, keys)
         return new, {**state, "G": g, "abs_sum": abs_sum, "count": count, "global": new}
 
@@ -187,12 +208,22 @@ class FedKSeed:
         import time
 
         t0 = time.perf_counter()
-        keys = trainable_keys(private)
+        w0 = self.start(private)
+        keys = self.perturbed(w0)
         pool = seed_pool(self.seed, self.num_seeds)
-        w = replay(private, received[G_KEY], pool, self.step, keys)  # the global model, bit-identical
+        w = replay(w0, received[G_KEY], pool, self.step, keys)  # the global model, bit-identical
         set_state_(model, w)
-        params = dict(zip(sorted(keys), select_trainable_(model, keys)))
-        shapes = {k: params[k].shape for k in keys}
+        shapes = {k: w0[k].shape for k in keys}
+        if self.full:  # perturb the base weights in place (set_state_ put them at W0 + offset)
+            modules = dict(model.named_modules())
+            select_trainable_(model, [])
+            params = {}
+            for k in keys:
+                layer = modules[k[: -len(BASE_DELTA)]]
+                weight = layer.base_layer.weight
+                params[k] = weight.T if getattr(layer, "fan_in_fan_out", False) else weight  # a view: [out, in]
+        else:
+            params = dict(zip(sorted(keys), select_trainable_(model, keys)))
         probs = received[P_KEY].float() if self.pro else None
         n = spec.num_steps(int(shard.train.shape[0]))
         draws = seed_draws(torch_generator(self.seed, "fedkseed-draws", rnd, shard.client_id), n, self.num_seeds, probs)

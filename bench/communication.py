@@ -1,6 +1,6 @@
 """Communication: quality vs bytes for codecs, lazy uploads and seed-based zeroth-order training.
 
-    .venv/bin/python bench/communication.py                 # all rows, about 30 min on 2 cores
+    .venv/bin/python bench/communication.py                 # all rows, about 40 min on 2 cores
     .venv/bin/python bench/communication.py --rows "fedit fp32,fedsb q4"
 
 Each row is one run of configs/demo.yaml (SmolLM2-135M-Instruct, LoRA r=8 on q,v, four
@@ -20,6 +20,7 @@ ROWS: dict[str, list[str]] = {
     "fedit fp32": ["strategy.name=fedit"],
     "fedit q8": ["strategy.name=fedit", "codec.name=quantize", "codec.bits=8"],
     "fedit q4": ["strategy.name=fedit", "codec.name=quantize", "codec.bits=4"],
+    "fedit q2": ["strategy.name=fedit", "codec.name=quantize", "codec.bits=2"],
     "fedit top5%+EF+q8 up, q8 down": [
         "strategy.name=fedit",
         "codec.name=chain",
@@ -33,10 +34,13 @@ ROWS: dict[str, list[str]] = {
         "downlink_codec.name=quantize",
         "downlink_codec.bits=8",
     ],
+    "ffa_lora fp32": ["strategy.name=ffa_lora", "train.lr=0.005"],
     "ffa_lora q8": ["strategy.name=ffa_lora", "train.lr=0.005", "codec.name=quantize", "codec.bits=8"],
+    "ffa_lora q4": ["strategy.name=ffa_lora", "train.lr=0.005", "codec.name=quantize", "codec.bits=4"],
     "fedsb fp32": ["strategy.name=fedsb", "adapter.kind=lora_sb", "train.lr=0.01"],
     "fedsb q8": ["strategy.name=fedsb", "adapter.kind=lora_sb", "train.lr=0.01", "codec.name=quantize", "codec.bits=8"],
     "fedsb q4": ["strategy.name=fedsb", "adapter.kind=lora_sb", "train.lr=0.01", "codec.name=quantize", "codec.bits=4"],
+    "fedsb q2": ["strategy.name=fedsb", "adapter.kind=lora_sb", "train.lr=0.01", "codec.name=quantize", "codec.bits=2"],
     "fedkseed one-byte": [
         "strategy.name=fedkseed",
         "strategy.lr=0.001",

@@ -95,7 +95,13 @@ def main() -> None:
         line = ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"DP-FedAvg({inner})")
         ax.axhline(final(res[f"{inner} non-private"]), ls=":", color=line[0].get_color())
         sgd = res[f"{inner} dp-sgd {SAMPLE_SIGMA}"]
-        ax.plot([final(sgd, "sample_epsilon")], [final(sgd)], "s", color=line[0].get_color(), label=f"{inner} + DP-SGD (sample-level)")
+        ax.plot(
+            [final(sgd, "sample_epsilon")],
+            [final(sgd)],
+            "s",
+            color=line[0].get_color(),
+            label=f"{inner} + DP-SGD (sample-level)",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("epsilon at delta = 1e-5 (log; circles user-level, squares sample-level)")
     ax.set_ylabel("mean test perplexity (dotted: no DP)")

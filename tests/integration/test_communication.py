@@ -175,9 +175,15 @@ def test_stragglers_past_the_deadline_are_recorded_and_min_updates_holds_the_mod
     assert slow_ok and all(r["sim_time"] <= 2.5 for r in slow_ok)  # stragglers that made it count
     for s in (r for r in run.records if r["client"] is None and r["round"] > 0):
         missed = any(rnd == s["round"] for rnd, _ in got_late)
-        assert s["sim_round_time"] == (2.5 if missed else max(r.get("sim_time", 1.0) for r in clients if r["round"] == s["round"] and "sim_time" in r))
+        assert s["sim_round_time"] == (
+            2.5
+            if missed
+            else max(r.get("sim_time", 1.0) for r in clients if r["round"] == s["round"] and "sim_time" in r)
+        )
 
-    strict = run_federated(tiny_cfg(*over, "sampling.deadline=2.5", "sampling.min_updates=4", name="strict"), progress=False)
+    strict = run_federated(
+        tiny_cfg(*over, "sampling.deadline=2.5", "sampling.min_updates=4", name="strict"), progress=False
+    )
     rounds = [r for r in strict.records if r["client"] is None]
     for prev, s in zip(rounds, rounds[1:]):
         if "skipped" in s:  # nothing aggregated: every client's global test ppl is unchanged

@@ -390,7 +390,9 @@ class FlowerEngine:
             node = self.node_of[cid]
             res = got.get(cid)
             if res is None:
-                why = "secure aggregation: no reply" if adapter.results else "secure aggregation halted (too few clients)"
+                why = (
+                    "secure aggregation: no reply" if adapter.results else "secure aggregation halted (too few clients)"
+                )
                 out.append(ClientFailure(cid, why, grid.down.get(node, 0), grid.up.get(node, 0)))
                 continue
             metrics = {k: float(v) for k, v in res.metrics.items() if k not in ("secagg-keys", "num-examples")}

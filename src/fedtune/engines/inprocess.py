@@ -100,7 +100,9 @@ class InProcessEngine:
             if cid in late:  # the server closed the round first (the client's work is wasted)
                 replies.append(
                     ClientFailure(
-                        cid, f"missed the deadline (simulated {times[cid]:.2f} > {deadline:g} client times)", len(payload)
+                        cid,
+                        f"missed the deadline (simulated {times[cid]:.2f} > {deadline:g} client times)",
+                        len(payload),
                     )
                 )
                 continue
@@ -200,7 +202,9 @@ class InProcessEngine:
             set_state_(self.model, state)
             out[name] = {
                 cid: evaluate_blocks(
-                    self.model, (s.val if s.val.shape[0] > 0 else s.train)[:per_client], self.eval_batch_size,
+                    self.model,
+                    (s.val if s.val.shape[0] > 0 else s.train)[:per_client],
+                    self.eval_batch_size,
                     self.spec.bf16,
                 )["loss"]
                 for cid, s in self.eval_shards.items()

@@ -383,7 +383,9 @@ def run_federated(
             client_updates = updates  # what each client sent (records, bytes)
             if cfg.secure_aggregation and updates:  # the strategy sees only the unmasked sum
                 updates = [
-                    presummed if presummed is not None else secure_sum(updates, getattr(strategy, "secure_weight", float))
+                    presummed
+                    if presummed is not None
+                    else secure_sum(updates, getattr(strategy, "secure_weight", float))
                 ]
 
             # aggregate (too few replies: keep the global model; the failures are recorded)

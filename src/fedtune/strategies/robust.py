@@ -14,9 +14,9 @@ Where the rule is applied (`space`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-import math
 from typing import Any, Literal
 
 import torch
@@ -193,7 +193,10 @@ class Bristle(GlobalModel):
             mix = {k: sum(float(w[j]) * ups[i].delta[k].double() for j, i in enumerate(scored)) for k in keys}
             new = add_states(glob, {k: v.float() for k, v in mix.items()})
         weights = {ups[i].client_id: round(float(w[j]), 6) for j, i in enumerate(scored)}
-        metrics: dict[str, Any] = {"bristle_weights": weights, "robust_kept": sorted(c for c, x in weights.items() if x > 0)}
+        metrics: dict[str, Any] = {
+            "bristle_weights": weights,
+            "robust_kept": sorted(c for c, x in weights.items() if x > 0),
+        }
         if rnd == 1:  # the reference blocks reach the server once
             ref = engine.reference_blocks(self.reference_blocks)
             metrics["extra_bytes_up"] = len(serialize({"tokens": ref.to(torch.int32)}))

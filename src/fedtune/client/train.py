@@ -6,9 +6,10 @@ or sample-level DP-SGD (Abadi et al., arXiv:1607.00133) when `dp_noise` is set:
     noise:  g = (sum_i g_i + N(0, (sigma C)^2 I)) / (q N), then the optimizer step (AdamW or SGD;
             any optimizer is post-processing)
 
-Per-example gradients come from one backward per example (exact for any adapter, including
-mixtures of experts and LoRA-SB; about as fast as a batched backward on CPU at these batch
-sizes). Each step is a Poisson-subsampled Gaussian mechanism with rate q and multiplier sigma;
+Per-example gradients come from one backward per example: exact for any adapter (Opacus's
+per-sample hooks cover nn.Linear, so PEFT LoRA, but not the mixture-of-experts ParameterLists or
+LoRA-SB's bare R), no extra dependency, and on CPU at these batch sizes about as fast as a batched
+backward. Each step is a Poisson-subsampled Gaussian mechanism with rate q and multiplier sigma;
 the recipe composes a client's steps over its rounds with an RDP accountant.
 """
 

@@ -1,7 +1,7 @@
 """Communication: quality vs bytes for codecs, lazy uploads and seed-based zeroth-order training.
 
     .venv/bin/python bench/communication.py                 # all rows, about 40 min on 2 cores
-    .venv/bin/python bench/communication.py --rows "fedit fp32,fedsb q4"
+    .venv/bin/python bench/communication.py --rows "fedit fp32;fedsb q4"
 
 Each row is one run of configs/demo.yaml (SmolLM2-135M-Instruct, LoRA r=8 on q,v, four
 20-Newsgroups topics, 3 rounds x 6 steps, bf16) with the row's overrides; the codec applies to the
@@ -53,7 +53,7 @@ BASELINE = "fedit fp32"
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--rows", default=";".join(ROWS), help="row names separated by ';'")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench/out/communication")
     args = ap.parse_args()
@@ -61,7 +61,7 @@ def main() -> None:
     from runs import run_rows
 
     out = Path(args.out)
-    chosen = {row: [*ROWS[row], f"rounds={args.rounds}"] for row in args.rows.split(",")}
+    chosen = {row: [*ROWS[row], f"rounds={args.rounds}"] for row in args.rows.split(";")}
     results = run_rows(chosen, "configs/demo.yaml", [], out)
     text = table(results)
     out.with_suffix(".md").write_text(text)

@@ -138,7 +138,8 @@ class InProcessEngine:
                 delta, states.get(cid), torch_generator(self.seed, "codec-up", rnd, cid)
             )
             metrics["client_seconds"] = time.perf_counter() - t0
-            metrics["sim_time"] = times[cid]  # in normal client times (1.0 unless a straggler)
+            if self.stragglers[0] > 0 or deadline is not None:
+                metrics["sim_time"] = times[cid]  # in normal client times (1.0 unless a straggler)
             for st in states[cid] or []:  # what an adaptive codec decided (AQUILA: bits, skipped)
                 if isinstance(st, dict):
                     metrics.update(st.get("report", {}))

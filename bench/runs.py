@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any
 
 
-def run_rows(rows: dict[str, list[str]], config: str, common: list[str], out: Path) -> dict[str, dict[str, Any]]:
+def run_rows(
+    rows: dict[str, list[str]], config: str, common: list[str], out: Path, only_finished: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Run each row not yet finished in `out` (`only_finished`: run nothing, return what is there)."""
     import datasets
     from transformers.utils import logging as hf_logging
 
@@ -21,6 +24,8 @@ def run_rows(rows: dict[str, list[str]], config: str, common: list[str], out: Pa
     for row, over in rows.items():
         d = out / "".join(c if c.isalnum() else "_" for c in row)
         if not (d / "summary.json").exists():
+            if only_finished:
+                continue
             cfg = load_config(config, [*common, *over, f"output_dir={d}", f"name={row}"])
             run_federated(cfg, overwrite=True, progress=False)
         recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]

@@ -26,7 +26,7 @@ demo: setup
 
 test: install
 	$(BIN)/ruff check src tests bench
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: install
 	$(BIN)/ruff check src tests bench

@@ -10,7 +10,7 @@ from fedtune.report import io
 # name[:variant] -> extra overrides (the test matrix: add a row per new strategy)
 MATRIX = {
     "fedavg": [],
-    "fedit": [],
+    # fedit = fedavg's algorithm (its aggregation-error log: test_resume)
     "ffa_lora": ["train.lr=0.02"],
     "fedex_lora": [],
     "flora": ["adapter.ranks=[2, 4, 4, 8]"],

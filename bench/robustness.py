@@ -4,7 +4,7 @@ aggregator, and with 0/20/50 % dropped clients for FedAvg and SAFARI.
     .venv/bin/python bench/robustness.py                              # real task, 10 clients
     .venv/bin/python bench/robustness.py --config configs/tiny.yaml   # a smoke run
 
-Clients: 5 20-Newsgroups topics x 2 clients each (`partition.clients_per_label=2`, 40 documents
+Clients: 5 20-Newsgroups topics x 2 clients each (`partition.clients_per_label=2`, 60 documents
 per topic, 2 rounds x 3 steps, 6 test blocks per client, to fit 34 runs in about 40 minutes), so
 10/20/30 % is 1/2/3 attackers (sign flip, scale 4). Robust rules assume f = 3 and work on the
 transmitted A, B deltas (all clients start each round from the same factors); Bristle scores
@@ -44,7 +44,7 @@ def rows(tiny: bool) -> tuple[dict[str, list[str]], list[str]]:
         else [
             "data.labels=[comp.graphics, rec.sport.hockey, sci.med, talk.politics.guns, sci.space]",
             "partition.clients_per_label=2",
-            "data.max_docs_per_label=40",
+            "data.max_docs_per_label=60",
             "data.max_test_blocks=6",
             "train.steps=3",
             "rounds=2",

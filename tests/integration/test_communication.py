@@ -88,6 +88,7 @@ def test_sign_flip_attack_hurts_fedavg_and_a_robust_rule_resists(tiny_cfg) -> No
     assert damage < 0.5 * (hit - clean)
     weights = [r["bristle_weights"] for r in bristle.records if r["client"] is None and r["round"] > 0]
     assert len(bad) == 1 and all(weights[-1][c] == 0 for c in bad)
+    assert [r["attackers"] for r in bristle.records if "attackers" in r] == [sorted(bad)]  # round 0 names them
     assert all(sum(w.values()) == pytest.approx(1.0, abs=1e-5) for w in weights)
 
 

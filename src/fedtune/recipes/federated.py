@@ -323,6 +323,8 @@ def run_federated(
         base = eval_records(0, strategy, engine, client_ids, init_state, sstate, cfg.evaluation.ood)
         records = [{"round": 0, "client": cid, **base[cid]} for cid in client_ids]
         records.append({"round": 0, "client": None, **_round_summary(base, 0, 0, 0.0, 0)})
+        if getattr(engine, "attack", None):  # who the simulated attackers are (e.g. to judge what Krum kept)
+            records[-1]["attackers"] = sorted(engine.attack[2])
         start = 1
         io.write_jsonl(run_dir / io.METRICS, records)
 

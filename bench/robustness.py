@@ -108,7 +108,6 @@ def main() -> None:
     ax.axhline(clean * 1.05, ls=":", color="gray", label="attack-free FedAvg + 5 %")
     ax.set_xlabel("sign-flip attackers (% of clients)")
     ax.set_ylabel("mean test perplexity")
-    ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

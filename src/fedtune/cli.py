@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -75,8 +75,10 @@ def run(
         from fedtune.recipes.federated import print_summary, run_federated
 
         _quiet_bars()
-
-        result = run_federated(cfg, resume=resume is not None, overwrite=overwrite, progress=progress)
+        if cfg.engine.name == "flower-sim":
+            result = _run_flower_sim(cfg, resume is not None, overwrite)
+        else:
+            result = run_federated(cfg, resume=resume is not None, overwrite=overwrite, progress=progress)
     except FedtuneError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -88,11 +90,12 @@ def run(
     print_summary(result, out)
 
 
-def _run_flower_sim(cfg, resume: bool, overwrite: bool):  # type: ignore[no-untyped-def]
+def _run_flower_sim(cfg: Any, resume: bool, overwrite: bool) -> Any:
+    """engine.name: flower-sim: the same experiment on Flower's simulation runtime (Ray)."""
     from fedtune.errors import FedtuneError
 
     try:
-        from fedtune.engines import flower
+        from fedtune.recipes import flower
     except ImportError:
         raise FedtuneError(
             "engine 'flower-sim' needs the flower extra: pip install -e '.[flower]' (pins flwr==1.41.0)"
@@ -120,9 +123,15 @@ def deploy(
 
     try:
         cfg = load_config(config, set_ or [])
+        from fedtune import components
         from fedtune.data.partition import partition
         from fedtune.data.sources import load_corpus
         from fedtune.engines.flower_deploy import deploy_locally
+        from fedtune.errors import ConfigError
+
+        problems = components.check_engine(cfg, "flower-deploy")
+        if problems:
+            raise ConfigError(problems)
 
         n = len(partition(load_corpus(cfg.data), cfg.partition, cfg.seed))
         run_dir = deploy_locally(cfg, n, work.resolve(), tls=tls, auth=auth)

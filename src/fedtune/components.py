@@ -12,13 +12,15 @@ from fedtune.client.train import TrainSpec
 from fedtune.codecs import CODECS
 from fedtune.config.schema import ExperimentConfig
 from fedtune.data.sources import DATA_SOURCES
+from fedtune.engines.capabilities import ENGINES, engine_problems
 from fedtune.errors import Problem
 from fedtune.models.load import model_problem
 from fedtune.registry import Registry
 from fedtune.strategies import STRATEGIES
+from fedtune.strategies.base import Capabilities, RunContext
 
-# Strategy fields fedtune fills in from the run (not user parameters).
-CONTEXT_FIELDS = ("lora_scale", "seed", "client_ranks", "train_lr", "sampling_rate")
+# The one strategy field fedtune fills in from the run (not a user parameter).
+CONTEXT_FIELD = "ctx"
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "strategy": STRATEGIES,
@@ -37,17 +39,10 @@ def check_named(field: str, registry: Registry[type], name: str, params: dict[st
     fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     problems = []
     for key in params:
-        if key in CONTEXT_FIELDS:
-            problems.append(
-                Problem(
-                    f"{field}.{key}",
-                    params[key],
-                    "set by fedtune from the run",
-                    "remove it (use adapter.alpha / adapter.ranks / seed)",
-                )
-            )
+        if key == CONTEXT_FIELD:
+            problems.append(Problem(f"{field}.{key}", params[key], "set by fedtune from the run", "remove it"))
         elif key not in fields:
-            valid = ", ".join(sorted(set(fields) - set(CONTEXT_FIELDS))) or "(none)"
+            valid = ", ".join(sorted(set(fields) - {CONTEXT_FIELD})) or "(none)"
             problems.append(
                 Problem(
                     f"{field}.{key}",
@@ -73,104 +68,88 @@ def check_named(field: str, registry: Registry[type], name: str, params: dict[st
     return problems
 
 
-def check_adapter_kind(cfg: ExperimentConfig) -> list[Problem]:
-    """A strategy that needs a particular adapter (Fed-SB needs LoRA-SB) says so."""
-    if cfg.strategy.name not in STRATEGIES:
+def strategy_class(cfg: ExperimentConfig) -> Any:
+    return STRATEGIES.get(cfg.strategy.name) if cfg.strategy.name in STRATEGIES else None
+
+
+def strategy_capabilities(cfg: ExperimentConfig) -> Capabilities | None:
+    """The configured strategy's declared capabilities (None if the name or params are invalid)."""
+    cls = strategy_class(cfg)
+    if cls is None:
+        return None
+    try:
+        return cls(**cfg.strategy.params()).capabilities  # type: ignore[no-any-return]
+    except (TypeError, ValueError):
+        return None  # reported by check_named
+
+
+def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
+    """A strategy's declared needs against the config: its adapter, per-client ranks, secure
+    aggregation, DP-SGD, and its own cross-field checks."""
+    caps = strategy_capabilities(cfg)
+    if caps is None:
         return []
-    need = getattr(STRATEGIES.get(cfg.strategy.name), "adapter_kind", None)
-    if need is not None and cfg.adapter.kind != need:
-        return [
+    name = cfg.strategy.name
+    problems: list[Problem] = []
+    if caps.adapter_kind is not None and cfg.adapter.kind != caps.adapter_kind:
+        problems.append(
             Problem(
                 "adapter.kind",
                 cfg.adapter.kind,
-                f"strategy {cfg.strategy.name!r} needs adapter.kind {need!r}",
-                f"set adapter.kind: {need}",
+                f"strategy {name!r} needs adapter.kind {caps.adapter_kind!r}",
+                f"set adapter.kind: {caps.adapter_kind}",
             )
-        ]
+        )
     if cfg.adapter.kind == "lora_sb" and cfg.adapter.ranks is not None:
-        return [
+        problems.append(
             Problem(
                 "adapter.ranks", cfg.adapter.ranks, "LoRA-SB shares A and B: one rank for all", "drop adapter.ranks"
             )
-        ]
-    return []
-
-
-def check_strategy_fit(cfg: ExperimentConfig) -> list[Problem]:
-    """A strategy's own cross-field checks (`config_problems(params, adapter)`), e.g. CoMiGS's
-    generalists against the clients' expert counts."""
-    if cfg.strategy.name not in STRATEGIES:
-        return []
-    check = getattr(STRATEGIES.get(cfg.strategy.name), "config_problems", None)
-    if check is None:
-        return []
-    import inspect
-
-    if "codec" in inspect.signature(check).parameters:
-        down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
-        return check(cfg.strategy.params(), cfg.adapter, codec=down)
-    return check(cfg.strategy.params(), cfg.adapter)
-
-
-def check_secure_aggregation(cfg: ExperimentConfig) -> list[Problem]:
-    if not cfg.secure_aggregation or cfg.strategy.name not in STRATEGIES:
-        return []
-    if not getattr(STRATEGIES.get(cfg.strategy.name), "sum_aggregate", False):
-        sums = sorted(n for n in STRATEGIES.names() if getattr(STRATEGIES.get(n), "sum_aggregate", False))
-        return [
+        )
+    elif cfg.adapter.ranks is not None and not caps.heterogeneous_ranks:
+        ok = [n for n in STRATEGIES.names() if STRATEGIES.get(n)().capabilities.heterogeneous_ranks]
+        problems.append(
+            Problem(
+                "adapter.ranks",
+                cfg.adapter.ranks,
+                f"strategy {name!r} needs one rank for all clients",
+                f"drop adapter.ranks or use one of: {', '.join(ok)}",
+            )
+        )
+    if cfg.secure_aggregation and not caps.sum_only:
+        sums = sorted(n for n in STRATEGIES.names() if STRATEGIES.get(n)().capabilities.sum_only)
+        problems.append(
             Problem(
                 "secure_aggregation",
                 True,
-                f"strategy {cfg.strategy.name!r} needs the individual updates (it does not aggregate by a sum), "
+                f"strategy {name!r} needs the individual updates (it does not aggregate by a sum), "
                 "but secure aggregation reveals only their sum",
                 f"use one of {', '.join(sums)}, or set secure_aggregation: false",
             )
-        ]
-    check = getattr(STRATEGIES.get(cfg.strategy.name), "secure_problems", None)
-    return check(cfg.strategy.params()) if check is not None else []
-
-
-def check_dp_sgd(cfg: ExperimentConfig) -> list[Problem]:
-    """Sample-level DP-SGD replaces the first-order local loop; strategies that train their own
-    way (zeroth-order, projected) and CoMiGS's router steps on the validation split are not covered."""
-    if cfg.train.dp_sgd is None:
-        return []
-    own = cfg.strategy.name in STRATEGIES and hasattr(STRATEGIES.get(cfg.strategy.name), "client_train")
-    if own:
-        return [
+        )
+    if cfg.train.dp_sgd is not None and caps.client_step:
+        problems.append(
             Problem(
                 "train.dp_sgd",
                 cfg.train.dp_sgd.model_dump(),
-                f"strategy {cfg.strategy.name!r} trains with its own client update, which DP-SGD does not cover",
+                f"strategy {name!r} trains with its own client update, which DP-SGD does not cover",
                 "use a first-order strategy (fedavg, fedit, ffa_lora, fedsb, ...) or drop train.dp_sgd",
             )
-        ]
-    if cfg.adapter.kind == "moe_lora" and cfg.adapter.router != "frozen" and cfg.adapter.router_every > 0:
-        return [
-            Problem(
-                "adapter.router_every",
-                cfg.adapter.router_every,
-                "the alternating router steps read the validation split outside DP-SGD's accounting",
-                "set adapter.router_every: 0 (routers train inside DP-SGD) or drop train.dp_sgd",
-            )
-        ]
-    return []
-
-
-def check_ranks(cfg: ExperimentConfig) -> list[Problem]:
-    if cfg.adapter.ranks is None or cfg.strategy.name not in STRATEGIES:
-        return []
-    if getattr(STRATEGIES.get(cfg.strategy.name), "heterogeneous_ranks", False):
-        return []
-    ok = [n for n in STRATEGIES.names() if getattr(STRATEGIES.get(n), "heterogeneous_ranks", False)]
-    return [
-        Problem(
-            "adapter.ranks",
-            cfg.adapter.ranks,
-            f"strategy {cfg.strategy.name!r} needs one rank for all clients",
-            f"drop adapter.ranks or use one of: {', '.join(ok)}",
         )
-    ]
+    if cfg.train.dp_sgd is not None and cfg.adapter.kind == "moe_lora":
+        a = cfg.adapter
+        if a.router != "frozen" and a.router_every > 0:
+            problems.append(
+                Problem(
+                    "adapter.router_every",
+                    a.router_every,
+                    "the alternating router steps read the validation split outside DP-SGD's accounting",
+                    "set adapter.router_every: 0 (routers train inside DP-SGD) or drop train.dp_sgd",
+                )
+            )
+    down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
+    problems += strategy_class(cfg).config_problems(cfg.strategy.params(), cfg.adapter, down, cfg.secure_aggregation)
+    return problems
 
 
 def check_data_source(cfg: ExperimentConfig) -> list[Problem]:
@@ -191,15 +170,39 @@ def check_model(cfg: ExperimentConfig) -> list[Problem]:
     return [Problem("model.name", cfg.model.name, why, "use 'smollm2', 'tiny' or a local HF model dir")]
 
 
-def build_strategy(cfg: ExperimentConfig, **context: Any) -> Any:
-    """Instantiate the configured strategy; context (lora_scale, seed, client_ranks) is passed to
-    the strategies that declare those fields."""
-    cls = STRATEGIES.get(cfg.strategy.name)
-    context.setdefault("train_lr", cfg.train.lr)
-    context.setdefault("sampling_rate", cfg.sampling.fraction)
-    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    extra = {k: v for k, v in context.items() if k in fields and k in CONTEXT_FIELDS}
-    return cls(**cfg.strategy.params(), **extra)
+def check_engine(cfg: ExperimentConfig, engine: str | None = None) -> list[Problem]:
+    """What the chosen engine (default: engine.name) cannot do for this config."""
+    name = engine or cfg.engine.name
+    caps = strategy_capabilities(cfg)
+    if caps is None:
+        return []
+    stateful = build_codec(cfg).stateful or build_codec(cfg, downlink=True).stateful
+    return engine_problems(ENGINES[name], cfg, caps, stateful)
+
+
+def build_strategy(cfg: ExperimentConfig, ctx: RunContext) -> Any:
+    """Instantiate the configured strategy with its run context."""
+    return STRATEGIES.get(cfg.strategy.name)(**cfg.strategy.params(), ctx=ctx)
+
+
+def run_context(cfg: ExperimentConfig, client_ids: list[str], lora_scale: float) -> RunContext:
+    """The run facts a strategy may use, including the real sampling rate and scheme."""
+    from fedtune.sampling import sample_size
+
+    n = len(client_ids)
+    k = sample_size(n, cfg.sampling.fraction, cfg.sampling.min_clients)
+    q = cfg.sampling.fraction if cfg.sampling.scheme == "poisson" else k / n
+    ranks = dict(zip(client_ids, cfg.adapter.ranks)) if cfg.adapter.ranks is not None else {}
+    return RunContext(
+        seed=cfg.seed,
+        lora_scale=lora_scale,
+        client_ranks=ranks,
+        train_lr=cfg.train.lr,
+        sampling_rate=q,
+        sampling_scheme=cfg.sampling.scheme,
+        num_clients=n,
+        sample_size=k,
+    )
 
 
 def codec_stages(codec: Any) -> list[tuple[str, dict[str, Any]]]:

@@ -18,12 +18,15 @@ what SecAgg+'s secret sharing repairs on Flower and which is not simulated here.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from fedtune.seeding import derive_seed
 from fedtune.types import AdapterState
 
+SECURE_SUM = "secure-sum"  # the id of the one update a strategy sees under secure aggregation
 FRAC = 24  # fractional bits of the fixed-point encoding
 MASK_RANGE = 2**62
 
@@ -61,3 +64,28 @@ def unmask_sum(masked: Sequence[AdapterState]) -> AdapterState:
         for k in total:
             total[k] += m[k]
     return {k: (v.double() / 2.0**FRAC).float() for k, v in total.items()}
+
+
+@dataclass(frozen=True)
+class MaskTransform:
+    """The last client-side step under secure aggregation: fixed point, weighted by the
+    strategy's sum weight ('examples' = n_k, 'uniform' = 1), then masked with the round's
+    participants."""
+
+    seed: int
+    weighting: str = "examples"
+
+    def __call__(self, delta: AdapterState, job: Any, shard: Any) -> AdapterState:
+        weight = 1.0 if self.weighting == "uniform" else float(shard.num_examples)
+        return mask(to_fixed(delta, weight), job.client_id, job.participants, self.seed, job.round)
+
+
+def secure_sum(updates: Sequence[Any], weighting: str = "examples") -> Any:
+    """The one update a strategy sees under secure aggregation: sum_k w_k delta_k / sum_k w_k
+    (w_k = n_k, the FedAvg weight, or 1), recovered from the masked fixed-point uploads (the masks
+    cancel in the sum)."""
+    from fedtune.types import ClientUpdate
+
+    n = sum(1.0 if weighting == "uniform" else float(u.num_examples) for u in updates)
+    total = unmask_sum([u.delta for u in updates])
+    return ClientUpdate(SECURE_SUM, {k: v / n for k, v in total.items()}, n, {"train_loss": 0.0}, 0, 0)  # type: ignore[arg-type]

@@ -47,9 +47,9 @@ def test_a_poisoned_update_is_rejected_and_recorded(tiny_cfg, monkeypatch) -> No
 
     import torch
 
-    import fedtune.engines.inprocess as inprocess
+    import fedtune.client.run as client_run
 
-    real = inprocess.client_round
+    real = client_run.client_round
 
     def broken(model, received, shard, *args, **kwargs):
         delta, metrics, private = real(model, received, shard, *args, **kwargs)
@@ -59,7 +59,7 @@ def test_a_poisoned_update_is_rejected_and_recorded(tiny_cfg, monkeypatch) -> No
             delta = {k: v[..., :1] for k, v in delta.items()}
         return delta, metrics, private
 
-    monkeypatch.setattr(inprocess, "client_round", broken)
+    monkeypatch.setattr(client_run, "client_round", broken)
     run = run_federated(tiny_cfg("rounds=2", "train.steps=2", name="poison"), progress=False)
     by = {(r["round"], r["client"]): r for r in run.records}
     assert "NaN or Inf" in by[(1, "json")]["failure"] and "has shape" in by[(1, "http")]["failure"]
@@ -77,7 +77,7 @@ def test_sign_flip_attack_hurts_fedavg_and_a_robust_rule_resists(tiny_cfg) -> No
     ).records[-1]["mean_ppl"]
     assert hit > clean * 1.02  # the attack does damage
     assert robust < hit and abs(robust / clean - 1) < 0.02
-    from fedtune.engines.inprocess import attackers
+    from fedtune.engines.faults import attackers
 
     bad = attackers(["email", "http", "json", "logging", "urllib"], 0.2, 0)
     bristle = run_federated(tiny_cfg(*over, *attack, "strategy.name=bristle", name="bristle"), progress=False)
@@ -125,9 +125,9 @@ def test_dp_fedavg_under_secure_aggregation_clips_on_clients_and_equals_the_clea
     seen, sent = [], []
     real_agg, real_tr = DPFedAvg.aggregate, DPFedAvg.client_transform
 
-    def spy_agg(self, rnd, updates, state):
+    def spy_agg(self, rnd, updates, state, peers=None):
         seen.append([u.client_id for u in updates])
-        return real_agg(self, rnd, updates, state)
+        return real_agg(self, rnd, updates, state, peers)
 
     def spy_tr(self, delta, state, rnd, cid, n):
         out = real_tr(self, delta, state, rnd, cid, n)
@@ -161,14 +161,13 @@ def test_stragglers_past_the_deadline_are_recorded_and_min_updates_holds_the_mod
     """Seeded stragglers: those slower than the deadline are failures (no upload), those within
     it are aggregated; the round lasts until the deadline when someone missed it; with too few
     replies (sampling.min_updates) the global model is kept."""
-    from fedtune.engines.inprocess import InProcessEngine
+    from fedtune.engines.faults import Faults
 
     over = ("rounds=3", "train.steps=1", "sampling.straggler_fraction=0.6", "sampling.straggler_slowdown=5")
     run = run_federated(tiny_cfg(*over, "sampling.deadline=2.5", name="late"), progress=False)
-    eng = InProcessEngine.__new__(InProcessEngine)
-    eng.seed, eng.stragglers = 0, (0.6, 5.0, 2.5)
+    faults = Faults(straggler_fraction=0.6, straggler_slowdown=5.0, deadline=2.5)
     clients = [r for r in run.records if r["client"] and r["round"] > 0]
-    want_late = {(r["round"], r["client"]) for r in clients if eng.sim_time(r["round"], r["client"]) > 2.5}
+    want_late = {(r["round"], r["client"]) for r in clients if faults.sim_time(0, r["round"], r["client"]) > 2.5}
     got_late = {(r["round"], r["client"]) for r in clients if "deadline" in r.get("failure", "")}
     assert got_late == want_late and 0 < len(got_late) < len(clients)
     assert all(r.get("bytes_up", 0) == 0 for r in clients if (r["round"], r["client"]) in got_late)

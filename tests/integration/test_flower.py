@@ -1,5 +1,10 @@
 """The same experiment on Flower's simulation runtime gives the same numbers as in-process."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("flwr", reason="needs the flower extra (make test installs it)")
@@ -9,18 +14,55 @@ from fedtune.recipes.federated import run_federated  # noqa: E402
 
 pytestmark = pytest.mark.flower
 
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "tiny.yaml")
 
-@pytest.mark.parametrize("strategy", ["fedavg", "flora"])
-def test_flower_simulation_matches_inprocess(tiny_cfg, no_time, strategy: str) -> None:
-    from fedtune.engines.flower import run_simulation
 
-    over = [f"strategy.name={strategy}", "rounds=2", "train.steps=2"]
-    if strategy == "flora":
-        over.append("adapter.ranks=[2, 4, 4, 8]")
+def fedtune(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+
+
+def test_fedtune_run_honours_engine_flower_sim(tiny_cfg, tmp_path, no_time) -> None:
+    """`fedtune run --set engine.name=flower-sim` runs on Flower's simulation runtime (the
+    landed CLI ignored engine.name and ran in-process): the records are those of an in-process
+    run, and Flower's own client processes did the training (their client-state folders)."""
+    import json
+
+    over = ["strategy.name=flora", "rounds=2", "train.steps=2", "adapter.ranks=[2, 4, 4, 8]"]
+    local = run_federated(tiny_cfg(*over, name="inproc"), progress=False)
+    d = tmp_path / "sim"
+    sets = [x for o in [*over, f"output_dir={d}", "engine.name=flower-sim"] for x in ("--set", o)]
+    r = fedtune("run", TINY, "--no-progress", *sets)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sim = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert no_time(sim) == no_time(local.records)  # losses, ppl, bytes: identical
+    assert (d / "adapters" / "global" / "adapter_model.safetensors").exists()
+    token = (d / ".run-token").read_text()
+    assert sorted(p.name for p in (d / "clients" / token).iterdir()) == ["email", "http", "json", "logging"]
+    assert not (local.run_dir / "clients" / token).exists()
+
+
+def test_comigs_and_error_feedback_on_flower_keep_client_state_and_match_inprocess(tiny_cfg, no_time) -> None:
+    """Client state on the SuperNodes' own disk: CoMiGS's specialists and routers, and top-k's
+    error-feedback residual, carried between rounds by each client; the same numbers as in-process."""
+    from fedtune.recipes.flower import run_simulation
+
+    over = [
+        "adapter.kind=moe_lora",
+        "strategy.name=comigs",
+        "codec.name=topk",
+        "codec.fraction=0.2",
+        "rounds=3",
+        "train.steps=2",
+    ]
     local = run_federated(tiny_cfg(*over, name="inproc"), progress=False)
     sim = run_simulation(tiny_cfg(*over, name="sim"), num_clients=4)
-    assert no_time(sim.records) == no_time(local.records)  # losses, ppl, bytes: identical
-    assert (sim.run_dir / "adapters" / "global" / "adapter_model.safetensors").exists()
+    assert no_time(sim.records) == no_time(local.records)
+    last = [r for r in sim.records if r["round"] == 3 and r["client"]]
+    assert all("personal_ppl" in r for r in last)
 
 
 def test_secaggplus_on_flower_with_dp_matches_inprocess_secure_aggregation(tiny_cfg) -> None:
@@ -28,7 +70,7 @@ def test_secaggplus_on_flower_with_dp_matches_inprocess_secure_aggregation(tiny_
     only the unmasked mean, and the run ends where the in-process pairwise-masked run ends (both
     quantize: 24 fractional bits in-process, SecAgg+'s ~2e-8 steps on Flower)."""
     pytest.importorskip("dp_accounting")
-    from fedtune.engines.flower import run_simulation
+    from fedtune.recipes.flower import run_simulation
 
     over = [
         "rounds=2",
@@ -50,24 +92,30 @@ def test_secaggplus_on_flower_with_dp_matches_inprocess_secure_aggregation(tiny_
         if a["client"] and a["round"] > 0:  # SecAgg+ moves keys and shares besides the masked vector
             assert b["bytes_up"] > 0 and "failure" not in b
     with pytest.raises(ConfigError, match="SecAgg\\+ quantizes"):
-        from fedtune.engines.flower import check_flower
+        from fedtune.recipes.flower import check_flower
 
         check_flower(tiny_cfg(*over, "codec.name=fp16", "engine.name=flower-sim"))
 
 
 def test_flower_refuses_what_it_cannot_run(tiny_cfg) -> None:
-    from fedtune.engines.flower import check_flower
+    from fedtune.recipes.flower import check_flower
 
     with pytest.raises(ConfigError, match="pools raw data"):
         check_flower(tiny_cfg("strategy.name=centralized", "engine.name=flower-sim"))
     with pytest.raises(ConfigError, match="from public data"):
         check_flower(tiny_cfg("strategy.name=fedsb", "adapter.kind=lora_sb", "engine.name=flower-sim"))
-    with pytest.raises(ConfigError, match="keeps client-side state"):
-        check_flower(tiny_cfg("strategy.name=comigs", "adapter.kind=moe_lora", "engine.name=flower-sim"))
+    with pytest.raises(ConfigError, match="scores models on clients' data"):
+        check_flower(tiny_cfg("strategy.name=pcl", "strategy.trust=val", "engine.name=flower-sim"))
     with pytest.raises(ConfigError, match="pools every client's test data"):
         check_flower(tiny_cfg("evaluation.ood=true", "engine.name=flower-sim"))
     with pytest.raises(ConfigError, match="sampling.deadline"):
         check_flower(tiny_cfg("sampling.deadline=2", "engine.name=flower-sim"))
+
+
+def test_validate_reports_what_flower_cannot_run() -> None:
+    """`fedtune validate` runs the engine checks (the landed code ran them only inside a Flower run)."""
+    r = fedtune("validate", TINY, "--set", "engine.name=flower-sim", "--set", "strategy.name=centralized")
+    assert r.returncode == 2 and "pools raw data" in r.stderr and "Traceback" not in r.stderr
 
 
 def flower_processes(work) -> list[tuple[int, str]]:

@@ -1,4 +1,5 @@
-"""DP-FedAvg: clipping bound, noise scale, the accountant's epsilon, adaptive clipping, target epsilon."""
+"""DP-FedAvg: clipping bound, noise scale, the accountant's epsilon for the mechanism as run
+(adaptive clipping's two Gaussians, the real sampling rate and scheme), target epsilon."""
 
 import math
 
@@ -7,7 +8,12 @@ import torch
 
 pytest.importorskip("dp_accounting", reason="needs the dp extra (make test installs it)")
 
-from fedtune.strategies.dp import DPFedAvg, effective_sigma, epsilon, norm  # noqa: E402
+import dp_accounting as dpa  # noqa: E402
+from dp_accounting.rdp import RdpAccountant  # noqa: E402
+
+from fedtune.privacy.accounting import Sampling, adaptive_value_sigma, epsilon_of  # noqa: E402
+from fedtune.strategies.base import RunContext  # noqa: E402
+from fedtune.strategies.dp import DPFedAvg, epsilon, norm  # noqa: E402
 from fedtune.types import ClientUpdate  # noqa: E402
 
 KEY = "m.lora_B.weight"
@@ -17,50 +23,105 @@ def upd(cid: str, v: torch.Tensor) -> ClientUpdate:
     return ClientUpdate(cid, {KEY: v}, 1, {}, 0, 0)
 
 
+def rdp(event, steps: int, delta: float = 1e-5, relation=None) -> float:
+    acc = RdpAccountant(neighboring_relation=relation) if relation else RdpAccountant()
+    for _ in range(steps):  # separate compositions instead of one self-composed event
+        acc.compose(event)
+    return float(acc.get_epsilon(delta))
+
+
 def test_clipped_updates_never_exceed_s_and_the_mean_is_exact_without_noise_leverage() -> None:
-    s = DPFedAvg(clip=1.0, noise_multiplier=1e-9, sampling_rate=1.0)  # noise negligible
+    s = DPFedAvg(clip=1.0, noise_multiplier=1e-9)  # noise negligible
     state = s.init_state({KEY: torch.zeros(4, 4)})
     g = torch.Generator().manual_seed(0)
     big = [upd(c, 10 * torch.randn(4, 4, generator=g)) for c in "abc"]
     small = upd("d", torch.full((4, 4), 0.01))
-    new, st = s.aggregate(1, [*big, small], state)
+    res = s.aggregate(1, [*big, small], state)
     clipped = [u.delta[KEY] * min(1.0, 1.0 / norm(u.delta)) for u in [*big, small]]
     assert all(norm({KEY: c}) <= 1.0 + 1e-6 for c in clipped)
-    torch.testing.assert_close(new[KEY], sum(clipped) / 4, atol=1e-6, rtol=0)
-    assert st["round_metrics"]["dp_clipped_fraction"] == 0.75
+    torch.testing.assert_close(res.global_state[KEY], sum(clipped) / 4, atol=1e-6, rtol=0)
+    assert "round_metrics" not in res.state  # metrics are returned, never kept as strategy state
 
 
 @pytest.mark.parametrize("mode", ["server", "distributed"])
 def test_noise_standard_deviation_is_sigma_times_s(mode: str) -> None:
-    s = DPFedAvg(clip=0.5, noise_multiplier=1.3, noise=mode, sampling_rate=1.0)
+    s = DPFedAvg(clip=0.5, noise_multiplier=1.3, noise=mode)
     zeros = {KEY: torch.zeros(200, 200)}
-    new, _ = s.aggregate(1, [upd(c, zeros[KEY]) for c in "abcd"], s.init_state(zeros))
+    new = s.aggregate(1, [upd(c, zeros[KEY]) for c in "abcd"], s.init_state(zeros)).global_state
     noise_on_sum = new[KEY] * 4
     assert float(noise_on_sum.std()) == pytest.approx(1.3 * 0.5, rel=0.02)
     assert abs(float(noise_on_sum.mean())) < 0.01
 
 
 def test_epsilon_is_the_libraries_value_for_the_same_mechanism() -> None:
-    import dp_accounting as dpa
-    from dp_accounting.rdp import RdpAccountant
-
-    acc = RdpAccountant()
-    for _ in range(5):  # five separate compositions instead of one self-composed event
-        acc.compose(dpa.PoissonSampledDpEvent(0.25, dpa.GaussianDpEvent(1.1)))
-    assert epsilon(0.25, 1.1, 5, 1e-5) == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    ref = rdp(dpa.PoissonSampledDpEvent(0.25, dpa.GaussianDpEvent(1.1)), 5)
+    assert epsilon(0.25, 1.1, 5, 1e-5) == pytest.approx(ref, rel=1e-9)
     assert epsilon(0.25, 1.1, 5, 1e-5) < epsilon(0.25, 1.1, 10, 1e-5) < epsilon(1.0, 1.1, 10, 1e-5)
-    assert effective_sigma(1.0, 10.0) == pytest.approx((1 - 1 / 400) ** -0.5)
 
 
-def test_adaptive_clipping_moves_s_towards_the_target_quantile_and_target_epsilon_stops() -> None:
-    s = DPFedAvg(clip=0.1, noise_multiplier=2.0, adaptive=True, clip_lr=0.5, count_noise=1.5, sampling_rate=1.0)
+def test_adaptive_clipping_adds_value_noise_z_delta_and_accounts_both_gaussians() -> None:
+    """Andrew et al.: total multiplier z = 1.0 with count noise sigma_b = 2 needs value noise
+    z_delta = (1 - 1/16)^-1/2 = 1.0328 (more than z), and the epsilon is that of the composed value
+    and count Gaussians (multipliers z_delta and 2 sigma_b), which is the epsilon of one Gaussian
+    at z, and above the epsilon of the value noise alone. The landed code reported the epsilon of
+    (z^-2 - (2 sigma_b)^-2)^-1/2 applied to noise of only z."""
+    z, cs, clip = 1.0, 2.0, 0.5
+    assert adaptive_value_sigma(z, cs) == pytest.approx((1 - 1 / 16) ** -0.5)
+    s = DPFedAvg(clip=clip, noise_multiplier=z, adaptive=True, count_noise=cs)
+    zeros = {KEY: torch.zeros(300, 300)}
+    res = s.aggregate(1, [upd(c, zeros[KEY]) for c in "abcd"], s.init_state(zeros))
+    noise_on_sum = res.global_state[KEY] * 4
+    assert float(noise_on_sum.std()) == pytest.approx(adaptive_value_sigma(z, cs) * clip, rel=0.02)
+    both = dpa.ComposedDpEvent([dpa.GaussianDpEvent(adaptive_value_sigma(z, cs)), dpa.GaussianDpEvent(2 * cs)])
+    assert res.metrics["epsilon"] == pytest.approx(rdp(both, 1), rel=1e-9)
+    assert res.metrics["epsilon"] == pytest.approx(rdp(dpa.GaussianDpEvent(z), 1), rel=1e-3)
+    assert res.metrics["epsilon"] >= rdp(dpa.GaussianDpEvent(adaptive_value_sigma(z, cs)), 1)
+
+
+def test_adaptive_clipping_releases_only_the_noised_count() -> None:
+    s = DPFedAvg(clip=0.1, noise_multiplier=2.0, adaptive=True, clip_lr=0.5, count_noise=1.5)
     state = s.init_state({KEY: torch.zeros(3)})
     ups = [upd(c, torch.full((3,), 5.0)) for c in "abcdefgh"]  # every norm is above S
-    _, state = s.aggregate(1, ups, state)
-    assert 0.1 < state["clip"] < 0.1 * math.exp(0.5 * (0.5 + 3 * 1.5 / 8))  # b ~ 0 (+ noise) -> S grows
+    res = s.aggregate(1, ups, state)
+    assert "dp_clipped_fraction" not in res.metrics  # the exact count is what adaptive clipping must noise
+    noisy = res.metrics["dp_noisy_clipped_fraction"]
+    assert noisy != 1.0  # noised: not the true fraction 1.0
+    b = 1.0 - noisy  # what the update of S used: S grows since b < target quantile
+    assert res.state["clip"] == pytest.approx(0.1 * math.exp(-0.5 * (b - 0.5)))
     with pytest.raises(ValueError, match="must exceed"):
-        effective_sigma(2.0, 0.9)
+        adaptive_value_sigma(2.0, 0.9)
+
+
+def test_target_epsilon_stops() -> None:
+    ups = [upd(c, torch.full((3,), 5.0)) for c in "abcd"]
     eps1 = epsilon(1.0, 2.0, 1, 1e-5)
-    target = DPFedAvg(clip=0.1, noise_multiplier=2.0, target_epsilon=eps1 * 1.05, sampling_rate=1.0)
-    _, st = target.aggregate(1, ups, target.init_state({KEY: torch.zeros(3)}))
-    assert "target_epsilon" in st["round_metrics"]["stop"]
+    target = DPFedAvg(clip=0.1, noise_multiplier=2.0, target_epsilon=eps1 * 1.05)
+    res = target.aggregate(1, ups, target.init_state({KEY: torch.zeros(3)}))
+    assert res.stop is not None and "target_epsilon" in res.stop
+
+
+def test_the_accountant_uses_the_rate_and_scheme_actually_sampled() -> None:
+    """n = 4 clients, fraction 0.1: k = max(min_clients=1, round(0.4)) = 1 client per round, so
+    the rate is 1/4, not 0.1 (the landed code reported 7.9 instead of about 20)."""
+    from fedtune import components
+    from fedtune.config import load_config
+
+    cfg = load_config(None, ["sampling.fraction=0.1", "strategy.name=dp_fedavg", "strategy.noise_multiplier=1.0"])
+    ctx = components.run_context(cfg, ["a", "b", "c", "d"], 1.0)
+    assert (ctx.sampling_rate, ctx.sample_size, ctx.sampling_scheme) == (0.25, 1, "fixed")
+    s = DPFedAvg(noise_multiplier=1.0, clip=0.1, ctx=ctx)
+    res = s.aggregate(1, [upd("a", torch.ones(3))], s.init_state({KEY: torch.zeros(3)}))
+    fixed = dpa.SampledWithoutReplacementDpEvent(4, 1, dpa.GaussianDpEvent(1.0))
+    assert res.metrics["epsilon"] == pytest.approx(rdp(fixed, 1, relation=dpa.NeighboringRelation.REPLACE_ONE))
+    assert "without replacement, 1 of 4" in res.metrics["dp_accounting"]
+    assert res.metrics["epsilon"] > epsilon(0.1, 1.0, 1, 1e-5)  # what the landed code reported
+    poisson = components.run_context(
+        cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"scheme": "poisson"})}),
+        ["a", "b", "c", "d"],
+        1.0,
+    )
+    assert poisson.sampling_rate == 0.1
+    p = DPFedAvg(noise_multiplier=1.0, clip=0.1, ctx=poisson)
+    res = p.aggregate(1, [upd("a", torch.ones(3))], p.init_state({KEY: torch.zeros(3)}))
+    assert res.metrics["epsilon"] == pytest.approx(epsilon_of(Sampling("poisson", 0.1), [1.0], 1, 1e-5))
+    assert RunContext().sampling_rate == 1.0

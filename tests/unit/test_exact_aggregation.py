@@ -26,7 +26,8 @@ def run(name: str, glob: dict, clients: list[dict], ns: list[int]) -> dict:
     for i, (c, n) in enumerate(zip(clients, ns)):
         received = sent[f"c{i}"]
         ups.append(ClientUpdate(f"c{i}", {k: c[k] - received[k] for k in received}, n))
-    new, _ = strat.aggregate(1, ups, state)
+    res = strat.aggregate(1, ups, state)
+    new, _ = res.global_state, res.state
     return new
 
 
@@ -79,7 +80,9 @@ def test_aggregation_ignores_client_order(name: str) -> None:
         )
         for u in ups
     ]
-    a, _ = strat.aggregate(1, ups, strat.init_state(glob))
-    b, _ = strat.aggregate(1, ups[::-1], strat.init_state(glob))
+    res = strat.aggregate(1, ups, strat.init_state(glob))
+    a, _ = res.global_state, res.state
+    res = strat.aggregate(1, ups[::-1], strat.init_state(glob))
+    b, _ = res.global_state, res.state
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert add_states(glob, {}) == glob

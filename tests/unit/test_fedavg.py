@@ -16,7 +16,8 @@ def test_fedavg_is_the_example_weighted_mean() -> None:
     ns = [10, 30, 60]
     ups = [ClientUpdate(f"c{i}", d, n) for i, (d, n) in enumerate(zip(deltas, ns))]
     strat = FedAvg()
-    new, state = strat.aggregate(1, ups, strat.init_state(glob))
+    res = strat.aggregate(1, ups, strat.init_state(glob))
+    new, state = res.global_state, res.state
     for k in glob:
         expected = glob[k] + sum(n / 100 * d[k] for d, n in zip(deltas, ns))
         torch.testing.assert_close(new[k], expected, rtol=1e-6, atol=1e-6)
@@ -28,8 +29,10 @@ def test_fedavg_does_not_depend_on_client_order() -> None:
     glob = rand_state(g)
     ups = [ClientUpdate(f"c{i}", rand_state(g), 7 + i) for i in range(5)]
     strat = FedAvg()
-    a, _ = strat.aggregate(1, ups, strat.init_state(glob))
-    b, _ = strat.aggregate(1, ups[::-1], strat.init_state(glob))
+    res = strat.aggregate(1, ups, strat.init_state(glob))
+    a, _ = res.global_state, res.state
+    res = strat.aggregate(1, ups[::-1], strat.init_state(glob))
+    b, _ = res.global_state, res.state
     for k in a:
         assert torch.equal(a[k], b[k])  # bit-identical, not just close
 
@@ -37,7 +40,8 @@ def test_fedavg_does_not_depend_on_client_order() -> None:
 def test_fedavg_with_no_updates_keeps_the_global_model() -> None:
     glob = rand_state(torch.Generator().manual_seed(2))
     strat = FedAvg()
-    new, _ = strat.aggregate(1, [], strat.init_state(glob))
+    res = strat.aggregate(1, [], strat.init_state(glob))
+    new, _ = res.global_state, res.state
     assert new is glob
 
 
@@ -47,7 +51,8 @@ def test_local_keeps_each_clients_own_adapter() -> None:
     strat = Local()
     state = strat.init_state(init)
     d0, d1 = rand_state(g), rand_state(g)
-    _, state = strat.aggregate(1, [ClientUpdate("c0", d0, 1), ClientUpdate("c1", d1, 1)], state)
+    res = strat.aggregate(1, [ClientUpdate("c0", d0, 1), ClientUpdate("c1", d1, 1)], state)
+    _, state = res.global_state, res.state
     sent = strat.configure(2, ["c0", "c1", "c2"], state)
     torch.testing.assert_close(sent["c0"]["a.lora_B.weight"], init["a.lora_B.weight"] + d0["a.lora_B.weight"])
     torch.testing.assert_close(sent["c1"]["a.lora_B.weight"], init["a.lora_B.weight"] + d1["a.lora_B.weight"])

@@ -7,6 +7,7 @@ import torch
 
 from fedtune.client.train import TrainSpec
 from fedtune.codecs import make_codec
+from fedtune.strategies.base import RunContext
 from fedtune.strategies.fedkseed import (
     G_KEY,
     SCALARS,
@@ -23,7 +24,7 @@ from fedtune.types import ClientUpdate
 def test_clients_and_server_replay_the_same_model_and_seed_draws(tiny_with_lora, random_shard) -> None:
     model, w0 = tiny_with_lora()
     shard = random_shard
-    ks = FedKSeed(num_seeds=64, eps=1e-3, lr=0.05, seed=7)
+    ks = FedKSeed(num_seeds=64, eps=1e-3, lr=0.05, ctx=RunContext(seed=7))
     state = ks.init_state(w0)
     spec = TrainSpec(steps=6, batch_size=2)
     updates = []
@@ -32,7 +33,8 @@ def test_clients_and_server_replay_the_same_model_and_seed_draws(tiny_with_lora,
         payload, metrics, kept = ks.client_train(model, sent, w0, shard(cid), spec, 7, 1)
         assert kept is w0 and payload[SCALARS].shape == (6,) and math.isfinite(metrics["train_loss"])
         updates.append(ClientUpdate(cid, payload, 10, metrics, 0, 0))
-    new, state = ks.aggregate(1, updates, state)
+    res = ks.aggregate(1, updates, state)
+    new, state = res.global_state, res.state
     # the server regenerated each client's draws: G holds 1/2 of every client's scalars per seed
     total = sum(float(u.delta[SCALARS].sum()) for u in updates) / 2
     assert math.isclose(float(state["G"].sum()), total, rel_tol=1e-5) and int((state["G"] != 0).sum()) <= 12
@@ -84,7 +86,7 @@ def test_full_parameter_mode_perturbs_base_weights_and_replays_bit_identically(t
     from fedtune.models.adapters import BASE_DELTA, set_state_
 
     model, w0 = tiny_with_lora()
-    ks = FedKSeed(num_seeds=32, eps=1e-3, lr=0.02, seed=3, full=True)
+    ks = FedKSeed(num_seeds=32, eps=1e-3, lr=0.02, ctx=RunContext(seed=3), full=True)
     state = ks.init_state(w0)
     offsets = [k for k in state["w0"] if k.endswith(BASE_DELTA)]
     assert len(offsets) == 4  # q, v of 2 layers, at their weights' [out, in] shapes
@@ -96,7 +98,8 @@ def test_full_parameter_mode_perturbs_base_weights_and_replays_bit_identically(t
     sent = ks.configure(1, ["a"], state)["a"]
     payload, metrics, kept = ks.client_train(model, sent, w0, shard, TrainSpec(steps=8, batch_size=2), 3, 1)
     assert kept is w0 and payload[SCALARS].shape == (8,)
-    new, state = ks.aggregate(1, [ClientUpdate("a", payload, 10, metrics, 0, 0)], state)
+    res = ks.aggregate(1, [ClientUpdate("a", payload, 10, metrics, 0, 0)], state)
+    new, state = res.global_state, res.state
     assert all(torch.equal(new[k], w0[k]) for k in w0)  # the adapter did not move
     assert all(float(new[k].abs().max()) > 0 for k in offsets)  # the base weights did
     client_view = replay(ks.start(w0), ks.configure(2, ["a"], state)["a"][G_KEY], seed_pool(3, 32), 0.02, offsets)

@@ -30,15 +30,19 @@ def test_fedavgm_with_lr_1_and_no_momentum_is_fedavg() -> None:
     g = torch.Generator().manual_seed(0)
     glob = {"a.lora_B.weight": torch.randn(3, 2, generator=g)}
     ups = [ClientUpdate(f"c{i}", {"a.lora_B.weight": torch.randn(3, 2, generator=g)}, i + 1) for i in range(3)]
-    avg, _ = STRATEGIES.get("fedavg")().aggregate(1, ups, {"global": glob})
+    res = STRATEGIES.get("fedavg")().aggregate(1, ups, {"global": glob})
+    avg, _ = res.global_state, res.state
     m = STRATEGIES.get("fedavgm")(server_lr=1.0, beta1=0.0)
-    new, state = m.aggregate(1, ups, m.init_state(glob))
+    res = m.aggregate(1, ups, m.init_state(glob))
+    new = res.global_state
     torch.testing.assert_close(new["a.lora_B.weight"], avg["a.lora_B.weight"])
     # momentum carries over: a second identical round moves further than plain FedAvg would
     m9 = STRATEGIES.get("fedavgm")(server_lr=1.0, beta1=0.9)
     s9 = m9.init_state(glob)
-    one, s9 = m9.aggregate(1, ups, s9)
-    two, _ = m9.aggregate(2, ups, s9)
+    res = m9.aggregate(1, ups, s9)
+    one, s9 = res.global_state, res.state
+    res = m9.aggregate(2, ups, s9)
+    two, _ = res.global_state, res.state
     step1 = (one["a.lora_B.weight"] - glob["a.lora_B.weight"]).norm()
     step2 = (two["a.lora_B.weight"] - one["a.lora_B.weight"]).norm()
     assert step2 > 1.5 * step1

@@ -5,6 +5,7 @@ import torch
 
 from fedtune.client.train import TrainSpec
 from fedtune.codecs import make_codec
+from fedtune.strategies.base import RunContext
 from fedtune.strategies.ferret import COORDS, Ferret, blocks_of, project
 from fedtune.types import ClientUpdate
 
@@ -41,7 +42,7 @@ def test_projection_is_small_and_aligned_with_the_update() -> None:
 def test_clients_catch_up_to_the_servers_model_bit_for_bit(tiny_with_lora, random_shard) -> None:
     shard = random_shard
     model, w0 = tiny_with_lora()
-    fe = Ferret(bases=16, server_lr=1.0, seed=3)
+    fe = Ferret(bases=16, server_lr=1.0, ctx=RunContext(seed=3))
     state = fe.init_state(w0)
     spec = TrainSpec(steps=2, batch_size=2, lr=0.5)
     held = {"a": w0, "b": w0}
@@ -51,7 +52,8 @@ def test_clients_catch_up_to_the_servers_model_bit_for_bit(tiny_with_lora, rando
             msg = fe.configure(rnd, [cid], state)[cid]
             payload, metrics, held[cid] = fe.client_train(model, msg, held[cid], shard(cid), spec, 3, rnd)
             ups.append(ClientUpdate(cid, payload, 10, metrics, 0, 0))
-        new, state = fe.aggregate(rnd, ups, state)
+        res = fe.aggregate(rnd, ups, state)
+        new, state = res.global_state, res.state
     assert any(k.startswith(COORDS) for k in fe.configure(4, ["b"], state)["b"])
     # one more catch-up: a client that applies everything it missed equals the server exactly
     msg = fe.configure(4, ["b"], state)["b"]

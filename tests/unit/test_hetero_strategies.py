@@ -1,6 +1,6 @@
 import torch
 
-from fedtune.strategies.base import STRATEGIES
+from fedtune.strategies.base import STRATEGIES, RunContext
 from fedtune.strategies.fair import fair_correction
 from fedtune.strategies.lora_math import mean_of_products, products, relative_error
 from fedtune.types import ClientUpdate
@@ -21,11 +21,12 @@ def updates_for(strategy, state, trained):
 def test_flexlora_gives_each_client_the_best_rank_r_approximation() -> None:
     g = torch.Generator().manual_seed(0)
     ranks = {"c0": 2, "c1": 3, "c2": 6}
-    strat = STRATEGIES.get("flexlora")(lora_scale=S, client_ranks=ranks)
+    strat = STRATEGIES.get("flexlora")(ctx=RunContext(lora_scale=S, client_ranks=ranks))
     state = strat.init_state(factors(g, 6))
     trained = {c: factors(g, r) for c, r in ranks.items()}
     ups, _ = updates_for(strat, state, trained)
-    new, state = strat.aggregate(1, ups, state)
+    res = strat.aggregate(1, ups, state)
+    new, state = res.global_state, res.state
     dw = S * sum(t[M + ".lora_B.weight"].double() @ t[M + ".lora_A.weight"].double() for t in trained.values()) / 3
     # sum of ranks 11 > max rank 6: the global is the best rank-6 approximation (Eckart-Young)
     sv = torch.linalg.svdvals(dw)
@@ -34,17 +35,18 @@ def test_flexlora_gives_each_client_the_best_rank_r_approximation() -> None:
     two = strat.configure(2, ["c0"], state)["c0"]
     got2 = S * two[M + ".lora_B.weight"].double() @ two[M + ".lora_A.weight"].double()
     torch.testing.assert_close((dw - got2).norm(), sv[2:].norm(), rtol=1e-4, atol=1e-5)
-    assert 0 < state["round_metrics"]["agg_error"] < 1
+    assert 0 < res.metrics["agg_error"] < 1
 
 
 def test_hetlora_weights_tensors_by_norm_and_pads() -> None:
     g = torch.Generator().manual_seed(1)
     ranks = {"c0": 2, "c1": 4}
-    strat = STRATEGIES.get("hetlora")(client_ranks=ranks)
+    strat = STRATEGIES.get("hetlora")(ctx=RunContext(client_ranks=ranks))
     state = strat.init_state(factors(g, 4))
     trained = {c: factors(g, r) for c, r in ranks.items()}
     ups, _ = updates_for(strat, state, trained)
-    new, state = strat.aggregate(1, ups, state)
+    res = strat.aggregate(1, ups, state)
+    new, state = res.global_state, res.state
     a0 = torch.zeros(4, 10)
     a0[:2] = trained["c0"][M + ".lora_A.weight"]
     a1 = trained["c1"][M + ".lora_A.weight"]
@@ -55,12 +57,13 @@ def test_hetlora_weights_tensors_by_norm_and_pads() -> None:
 def test_hetlora_prunes_a_rank_whose_tail_is_weaker_than_the_global() -> None:
     g = torch.Generator().manual_seed(2)
     ranks = {"c0": 4, "c1": 4}
-    strat = STRATEGIES.get("hetlora")(client_ranks=ranks, prune_gamma=0.75)
+    strat = STRATEGIES.get("hetlora")(ctx=RunContext(client_ranks=ranks), prune_gamma=0.75)
     state = strat.init_state(factors(g, 4))
     trained = {c: factors(g, 4) for c in ranks}
     trained["c0"][M + ".lora_A.weight"][3] = 0.0  # c0's last rank carries nothing
     ups, _ = updates_for(strat, state, trained)
-    _, state = strat.aggregate(1, ups, state)
+    res = strat.aggregate(1, ups, state)
+    _, state = res.global_state, res.state
     assert state["ranks"]["c0"] == 3 and state["ranks"]["c1"] == 4
     assert strat.configure(2, ["c0"], state)["c0"][M + ".lora_A.weight"].shape == (3, 10)
 
@@ -82,8 +85,9 @@ def test_lora_fair_correction_reduces_the_aggregation_error() -> None:
         strat = STRATEGIES.get("lora_fair")(objective=objective, steps=200, server_lr=0.05, lam=1e-4)
         state = strat.init_state(glob)
         ups = [ClientUpdate(f"c{i}", {k: c[k] - glob[k] for k in c}, 1) for i, c in enumerate(clients)]
-        new, state = strat.aggregate(1, ups, state)
-        m = state["round_metrics"]
+        res = strat.aggregate(1, ups, state)
+        new, state = res.global_state, res.state
+        m = res.metrics
         assert m["agg_error"] < 0.9 * m["agg_error_fedit"], objective
         exact = mean_of_products(clients, [1 / 3] * 3)
         assert abs(relative_error(exact, products(new)) - m["agg_error"]) < 1e-6

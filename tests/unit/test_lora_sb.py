@@ -55,7 +55,8 @@ def test_fedsb_is_exact_and_moves_4r2_bytes_per_module() -> None:
         ClientUpdate(f"c{i}", {kk: v - glob[kk] for kk, v in ri.items()}, n)
         for i, (ri, n) in enumerate(zip(rs, [1, 3]))
     ]
-    new, _ = strat.aggregate(1, ups, state)
+    res = strat.aggregate(1, ups, state)
+    new, _ = res.global_state, res.state
     for m in mods:
         dw = new[m + SB_B] @ new[m + SB_R] @ new[m + SB_A]
         exact = sum(p * glob[m + SB_B] @ ri[m + SB_R] @ glob[m + SB_A] for p, ri in zip([0.25, 0.75], rs))

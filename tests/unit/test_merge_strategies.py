@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedtune.models.adapters import BASE_DELTA, fold_base_deltas
-from fedtune.strategies.base import STRATEGIES
+from fedtune.strategies.base import STRATEGIES, RunContext
 from fedtune.strategies.lora_math import lora_modules
 from fedtune.types import ClientUpdate
 
@@ -36,7 +36,7 @@ def aggregate(strategy, glob, trained, ns):
         ups.append(
             ClientUpdate(cid, {k: t[k][tuple(slice(0, x) for x in v.shape)] - v for k, v in received.items()}, n)
         )
-    return state, sent, strategy.aggregate(1, ups, state)[0]
+    return state, sent, strategy.aggregate(1, ups, state).global_state
 
 
 def test_fedex_is_exact_and_keeps_the_factor_average() -> None:
@@ -44,7 +44,7 @@ def test_fedex_is_exact_and_keeps_the_factor_average() -> None:
     glob = lora_state(g)
     trained = [lora_state(g) for _ in range(3)]
     ns = [2, 3, 5]
-    state, _, new = aggregate(STRATEGIES.get("fedex_lora")(lora_scale=S), glob, trained, ns)
+    state, _, new = aggregate(STRATEGIES.get("fedex_lora")(ctx=RunContext(lora_scale=S)), glob, trained, ns)
     for m in MODULES:
         target = effective(state["global"], m) - effective(state["global"], m)  # zero base at start
         target = target + sum(
@@ -60,7 +60,7 @@ def test_flora_is_exact_with_heterogeneous_ranks_and_restarts_lora() -> None:
     g = torch.Generator().manual_seed(1)
     glob = lora_state(g, r=8)
     ranks = {"c0": 2, "c1": 4, "c2": 8}
-    strat = STRATEGIES.get("flora")(lora_scale=S, seed=0, client_ranks=ranks)
+    strat = STRATEGIES.get("flora")(ctx=RunContext(lora_scale=S, seed=0, client_ranks=ranks))
     trained = [lora_state(g, r=8) for _ in range(3)]
     ns = [1, 1, 2]
     state, sent, new = aggregate(strat, glob, trained, ns)

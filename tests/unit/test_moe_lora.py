@@ -117,49 +117,38 @@ def test_comigs_uploads_only_generalists_and_keeps_specialists(tiny_cfg, tmp_pat
     train (they change) and stay with the client; an exported client adapter reloads exactly."""
     from safetensors.torch import load as load_bytes
 
-    from fedtune import components
     from fedtune.adapters.moe_lora import load_moe_adapter
-    from fedtune.models.adapters import get_state, lora_scale
-    from fedtune.recipes.federated import inprocess_federation
+    from fedtune.client.run import ClientJob
+    from fedtune.engines.inprocess import inprocess_federation
+    from fedtune.models.adapters import get_state
+    from fedtune.models.export import export_adapters
     from fedtune.seeding import torch_generator
 
     cfg = tiny_cfg("adapter.kind=moe_lora", "strategy.name=comigs", "adapter.experts=[2, 2, 3, 3]", "train.steps=3")
     fed = inprocess_federation(cfg)
     init = get_state(fed.model)
-    strategy = components.build_strategy(cfg, lora_scale=lora_scale(fed.model), seed=0, client_ranks={})
-    codec = components.build_codec(cfg)
-    engine = fed.make_engine(strategy, codec, components.build_train_spec(cfg))
-
-    uplinks: list[bytes] = []
-    encode = codec.encode
-
-    def recording_encode(state, cstate, gen):
-        payload, cstate = encode(state, cstate, gen)
-        uplinks.append(payload)
-        return payload, cstate
-
-    engine.codec = type("Rec", (), {"encode": staticmethod(recording_encode), "decode": codec.decode})()
+    strategy, engine = fed.strategy, fed.engine
+    codec = engine.plan.down_codec
     sstate = strategy.init_state(init)
     sent = strategy.configure(1, fed.client_ids, sstate)
-    payloads = {cid: codec.encode(sent[cid], None, torch_generator(0, "d", cid))[0] for cid in fed.client_ids}
-    replies, _ = engine.run_clients(1, payloads, {})
-    assert len(uplinks) == 4 and all(r.bytes_up == len(p) for r, p in zip(replies, uplinks))
-    for payload in uplinks:
-        keys = set(load_bytes(payload))
+    jobs = [ClientJob(1, c, codec.encode(sent[c], None, torch_generator(0, "d", c))[0]) for c in fed.client_ids]
+    replies = engine.run(jobs)
+    assert len(replies) == 4 and all(r.bytes_up == len(r.payload) for r in replies)
+    for r in replies:
+        keys = set(load_bytes(r.payload))
         assert keys and all(expert_index(k) == 0 for k in keys), sorted(keys)[:4]
         assert not any(is_router_key(k) for k in keys)
     for cid in fed.client_ids:
-        private = engine.private[cid]
+        private = engine.private_of(cid)
         assert {k for k in private if is_router_key(k)} and {k for k in private if expert_index(k) == 1}
         changed = [k for k in private if ".moe_lora_B.1" in k and not torch.equal(private[k], init[k])]
         assert changed, f"{cid}'s specialist did not train"
     # clients with 2 experts never touch expert 2
-    assert all(torch.equal(engine.private["email"][k], init[k]) for k in init if ".moe_lora_B.2" in k)
+    assert all(torch.equal(engine.private_of("email")[k], init[k]) for k in init if ".moe_lora_B.2" in k)
 
     # the exported adapter of a 3-expert client reproduces the engine's model
-    from fedtune.recipes.federated import _export
-
-    _export(tmp_path, strategy, engine, sstate["global"], sstate, fed.client_ids, fed, cfg)
+    personal = strategy.configure(2, fed.client_ids, sstate)
+    export_adapters(tmp_path, fed, None, personal, engine.private_of, engine.plan.experts)
     x = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(3))
     engine._load("logging", sstate["global"])
     with torch.no_grad():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedtune.strategies.base import RunContext
 from fedtune.strategies.personal import (
     PCL,
     TAC,
@@ -66,9 +67,10 @@ def test_pcl_mixes_weights_not_deltas() -> None:
     pcl = PCL(trust="weights")
     state = pcl.init_state(init)
     ups = [update(c, {"m.lora_A.weight": torch.tensor([[v, 1.0]])}) for c, v in [("a", 1.0), ("b", -1.0), ("c", 2.0)]]
-    _, state = pcl.aggregate(1, ups, state)
+    res = pcl.aggregate(1, ups, state)
+    _, state = res.global_state, res.state
     thetas = [u.delta["m.lora_A.weight"] for u in ups]
-    w = torch.tensor(state["round_metrics"]["trust"], dtype=torch.float64)
+    w = torch.tensor(res.metrics["trust"], dtype=torch.float64)
     expect_w = pcl_weights("weights", weight_similarity([{"k": t} for t in thetas]))
     torch.testing.assert_close(w, expect_w, atol=1e-6, rtol=0)
     for i, cid in enumerate("abc"):
@@ -86,9 +88,10 @@ def test_tac_recovers_planted_clusters() -> None:
         update(c, {"m.lora_B.weight": centers[k] + 0.05 * torch.randn(4, 8, generator=gen)}, n=1 + i)
         for i, (c, k) in enumerate(truth.items())
     ]
-    tac = TAC(clusters=3, seed=0)
-    _, state = tac.aggregate(1, ups, tac.init_state(init))
-    found = state["round_metrics"]["clusters"]
+    tac = TAC(clusters=3, ctx=RunContext(seed=0))
+    res = tac.aggregate(1, ups, tac.init_state(init))
+    _, state = res.global_state, res.state
+    found = res.metrics["clusters"]
     groups = {frozenset(c for c in truth if truth[c] == k) for k in range(3)}
     assert {frozenset(c for c in found if found[c] == k) for k in range(3)} == groups
     members = [u for u in ups if truth[u.client_id] == 0]
@@ -117,7 +120,8 @@ def test_comigs_averages_generalists_only() -> None:
     assert set(state["global"]) == {key.format(0)}
     assert s.private_keys(init) == {key.format(1), "model.layers.0.mlp.moe_router.weight"}
     ups = [update("a", {key.format(0): torch.ones(2, 2)}, 1), update("b", {key.format(0): 3 * torch.ones(2, 2)}, 9)]
-    new, _ = s.aggregate(1, ups, state)
+    res = s.aggregate(1, ups, state)
+    new, _ = res.global_state, res.state
     torch.testing.assert_close(new[key.format(0)], 2 * torch.ones(2, 2))  # uniform, as the paper
     assert CoMiGS(preset="2G").private_keys(init) == {"model.layers.0.mlp.moe_router.weight"}
     assert CoMiGS(preset="2S").init_state(init)["global"] == {}
@@ -145,14 +149,16 @@ def test_safari_substitutes_the_most_similar_clients_update_for_a_missing_one() 
         update("b", {key: torch.tensor([[0.9, 0.1, 0.0]])}, 30),  # b moves like a
         update("c", {key: torch.tensor([[0.0, 0.0, 1.0]])}, 20),
     ]
-    g1, state = s.aggregate(1, r1, state)
+    res = s.aggregate(1, r1, state)
+    g1, state = res.global_state, res.state
     torch.testing.assert_close(g1[key], (10 * r1[0].delta[key] + 30 * r1[1].delta[key] + 20 * r1[2].delta[key]) / 60)
     # round 2: b's update is lost; a (most similar to b) stands in for it, with b's weight
     r2 = [
         update("a", {key: torch.tensor([[2.0, 0.0, 0.0]])}, 10),
         update("c", {key: torch.tensor([[0.0, 0.0, 4.0]])}, 20),
     ]
-    g2, state = s.aggregate(2, r2, state)
+    res = s.aggregate(2, r2, state)
+    g2, state = res.global_state, res.state
     expect = g1[key] + (10 * r2[0].delta[key] + 30 * r2[0].delta[key] + 20 * r2[1].delta[key]) / 60
     torch.testing.assert_close(g2[key], expect)
-    assert state["round_metrics"] == {"surrogates": {"b": ["a"]}}
+    assert res.metrics == {"surrogates": {"b": ["a"]}}

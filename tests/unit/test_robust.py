@@ -4,7 +4,8 @@ transform updates as specified."""
 import pytest
 import torch
 
-from fedtune.engines.inprocess import attackers, corrupt_shard, poison
+from fedtune.engines.faults import attackers, corrupt_shard, poison
+from fedtune.strategies.base import RunContext
 from fedtune.strategies.robust import Robust, robust_mean
 from fedtune.types import ClientUpdate
 
@@ -47,12 +48,13 @@ def test_robust_in_dw_space_returns_a_rank_r_lora_of_the_honest_update() -> None
     db = torch.randn(5, 2, generator=g)
     ups = [ClientUpdate(c, {"m.lora_B.weight": db.clone()}, 1, {}, 0, 0) for c in "abcd"]
     ups.append(ClientUpdate("z", {"m.lora_B.weight": -50 * db}, 1, {}, 0, 0))
-    s = Robust(rule="median", space="dw", lora_scale=2.0)
-    new, state = s.aggregate(1, ups, s.init_state(glob))
+    s = Robust(rule="median", space="dw", ctx=RunContext(lora_scale=2.0))
+    res = s.aggregate(1, ups, s.init_state(glob))
+    new = res.global_state
     got = 2.0 * new["m.lora_B.weight"] @ new["m.lora_A.weight"]
     want = 2.0 * db @ a  # every coordinate's median is the honest value
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert state["round_metrics"]["robust_kept"] == list("abcdz")
+    assert res.metrics["robust_kept"] == list("abcdz")
 
 
 def test_attacks_transform_updates_and_data() -> None:

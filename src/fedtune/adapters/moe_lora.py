@@ -207,6 +207,11 @@ def inject_moe_lora_(
     return model
 
 
+def moe_info(model: Any) -> dict[str, Any]:
+    """The mixture's settings recorded at injection (for export)."""
+    return dict(model.__dict__["_fedtune_moe"])
+
+
 def is_moe(model: Any) -> bool:
     return getattr(model, "__dict__", {}).get("_fedtune_adapter") == "moe_lora"
 

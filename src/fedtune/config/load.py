@@ -135,11 +135,9 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
                 f"use one of: {', '.join(components.DATA_SOURCES.names())}",
             )
         )
-    problems += components.check_ranks(cfg)
-    problems += components.check_adapter_kind(cfg)
-    problems += components.check_strategy_fit(cfg)
-    problems += components.check_secure_aggregation(cfg)
-    problems += components.check_dp_sgd(cfg)
+    problems += components.check_strategy(cfg)
+    if not problems:  # engine checks need a valid strategy and codecs
+        problems += components.check_engine(cfg)
     problems += components.check_data_source(cfg)
     problems += components.check_model(cfg)
     return problems

@@ -188,7 +188,13 @@ class EngineConfig(_Strict):
 
 class SamplingConfig(_Strict):
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients sampled per round")
-    min_clients: int = Field(1, ge=1)
+    scheme: Literal["fixed", "poisson"] = Field(
+        "fixed",
+        description="'fixed': k = max(min_clients, round(fraction * n)) clients without replacement; "
+        "'poisson': each client independently with probability fraction (a round may have none); "
+        "the DP accountant uses the scheme and rate actually run",
+    )
+    min_clients: int = Field(1, ge=1, description="fixed scheme: at least this many clients per round")
     min_updates: int = Field(1, ge=0, description="aggregate only when at least this many clients replied")
     max_update_mb: float | None = Field(
         None, gt=0.0, description="reject (record as a failure) any client upload larger than this"
@@ -216,6 +222,16 @@ class SamplingConfig(_Strict):
     )
 
 
+    @model_validator(mode="after")
+    def _poisson(self) -> SamplingConfig:
+        if self.scheme == "poisson" and self.min_clients > 1:
+            raise ValueError(
+                f"min_clients = {self.min_clients} has no meaning for Poisson sampling (each client is drawn "
+                "independently); use sampling.min_updates to require replies, or scheme: fixed"
+            )
+        return self
+
+
 class AttackConfig(_Strict):
     """Attack injection (in-process simulation): a fixed, seeded set of attacking clients."""
 
@@ -226,7 +242,6 @@ class AttackConfig(_Strict):
     )
     fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of clients that attack")
     scale: float = Field(1.0, gt=0.0)
-
 
 class EvalConfig(_Strict):
     every: int = Field(1, ge=1, description="evaluate every N rounds (and always after the last)")

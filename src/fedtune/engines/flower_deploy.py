@@ -117,8 +117,8 @@ def write_app(cfg: ExperimentConfig, app_dir: Path, num_clients: int) -> Path:
         f'[project]\nname = "fedtune-app"\nversion = "1.0.0"\ndependencies = []\n\n'
         '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
         '[tool.flwr.app]\npublisher = "fedtune"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "fedtune.engines.flower:server_app"\n'
-        'clientapp = "fedtune.engines.flower:client_app"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "fedtune.recipes.flower:server_app"\n'
+        'clientapp = "fedtune.recipes.flower:client_app"\n\n'
         f"[tool.flwr.app.config]\nfedtune-num-clients = {num_clients}\n"
         f"fedtune-config = '''\n{text}'''\n"
     )

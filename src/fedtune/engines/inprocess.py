@@ -1,169 +1,84 @@
 """The default engine: one process, the base model loaded once, clients run in turn with their
-adapters swapped in and out. Payloads are really encoded and decoded, so bytes are measured."""
+adapters swapped in and out. Every client runs `run_client` (the same as on Flower); payloads
+are really encoded and decoded, so bytes are measured. Client state lives in a `ClientStateStore`
+under the run directory."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedtune.adapters.moe_lora import is_moe, set_expert_count_
-from fedtune.client.round import client_round
-from fedtune.client.train import TrainSpec
-from fedtune.data.blocks import Shard
+from fedtune.client.run import ClientJob, ClientPlan, ClientReply, run_client
+from fedtune.client.store import ClientStateStore
+from fedtune.codecs import serialize
+from fedtune.config import ExperimentConfig
+from fedtune.data.blocks import Shard, pooled
+from fedtune.engines.capabilities import INPROCESS
+from fedtune.engines.faults import FaultInjection, Faults, attackers, corrupt_shard
+from fedtune.engines.federation import (
+    Federation,
+    build_adapted_model,
+    experts_per_client,
+    load_shards,
+    rank_per_client,
+    sb_init_blocks,
+)
+from fedtune.engines.plan import build_plan
 from fedtune.evaluation.metrics import evaluate_blocks
-from fedtune.models.adapters import set_state_
-from fedtune.secagg import mask, to_fixed
-from fedtune.seeding import numpy_rng, torch_generator
-from fedtune.types import AdapterState, ClientFailure, ClientUpdate
+from fedtune.models.adapters import get_state, lora_scale, set_state_
+from fedtune.models.load import load_tokenizer, resolve_model_dir
+from fedtune.types import AdapterState, ClientFailure
 
 StepCallback = Callable[[str, int, int, float], None]
 
 
 class InProcessEngine:
-    """Runs client rounds sequentially on one shared model."""
+    """Runs client rounds sequentially on one shared model; also the clients' side of peer
+    scoring (PCL) and the server's reference set (Bristle), which need the clients' data."""
+
+    capabilities = INPROCESS
 
     def __init__(
         self,
         model: Any,
         shards: Mapping[str, Shard],
-        codec: Any,
-        spec: TrainSpec,
-        seed: int,
-        penalty: Any = None,
+        plan: ClientPlan,
+        store: ClientStateStore,
         *,
         eval_shards: Mapping[str, Shard] | None = None,
         eval_batch_size: int = 8,
-        private_init: Mapping[str, AdapterState] | None = None,
-        expert_counts: Mapping[str, int] | None = None,
-        client_fn: Any = None,
-        dropout: float = 0.0,
-        stragglers: tuple[float, float, float | None] = (0.0, 4.0, None),
-        attack: Any = None,
-        secure_aggregation: bool = False,
     ):
         self.model = model
-        # client-side state that never leaves a client (CoMiGS specialists, routers): the
-        # initial values per client, and what each client holds now (checkpointed by the recipe)
-        self.private_init = dict(private_init or {})
-        self.private: dict[str, AdapterState] = {}
-        self.expert_counts = dict(expert_counts or {})
-        self.client_fn = client_fn  # a strategy's own client update (FedKSeed's zeroth-order steps)
-        self.dropout = dropout  # fault injection: the chance a sampled client never replies
-        # straggler injection: (chance a client is slow this round, slowest slowdown, deadline), in
-        # units of a normal client's round time (simulated, so runs stay reproducible)
-        self.stragglers = stragglers
-        self.attack = attack  # attack injection: (kind, scale, attacker ids) or None
-        self.secure_aggregation = secure_aggregation  # uploads pairwise-masked (fedtune.secagg)
-        # under secure aggregation: what a strategy does on the client before masking (DP-FedAvg's
-        # clip + noise share: (delta, rnd, cid, participants) -> delta) and a client's weight in the sum
-        self.client_transform: Callable[..., AdapterState] | None = None
-        self.secure_weight: Callable[[int], float] = float
-        self.penalty = penalty
+        self.shards = shards  # training data per trainer (the pooled shard for 'centralized')
         self.eval_shards = eval_shards if eval_shards is not None else shards
+        self.plan = plan
+        self.store = store
         self.eval_batch_size = eval_batch_size
-        self.collected_bytes = 0
-        self.shards = shards
-        self.codec = codec
-        self.down_codec = codec  # the recipe sets the downlink codec when it differs
-        self.spec = spec
-        self.seed = seed
+        self.peers = self
 
-    def run_clients(
-        self,
-        rnd: int,
-        payloads: Mapping[str, bytes],
-        codec_states: dict[str, Any],
-        on_step: StepCallback | None = None,
-    ) -> tuple[list[ClientUpdate | ClientFailure], dict[str, Any]]:
-        """Each client decodes its downlink payload, trains, and encodes its delta (uplink).
-
-        Returns the replies and the updated per-client codec states.
-        """
-        replies: list[ClientUpdate | ClientFailure] = []
-        states = dict(codec_states)
-        dropped = {
-            c
-            for c in payloads
-            if self.dropout > 0 and float(numpy_rng(self.seed, "dropout", rnd, c).random()) < self.dropout
-        }
-        times = {c: self.sim_time(rnd, c) for c in payloads if c not in dropped}
-        deadline = self.stragglers[2]
-        late = {c for c, t in times.items() if deadline is not None and t > deadline}
-        participants = sorted(c for c in times if c not in late)  # who masks with whom
-        for cid, payload in payloads.items():
-            if cid in dropped:
-                replies.append(ClientFailure(cid, "no reply (injected dropout)", len(payload)))
-                continue
-            if cid in late:  # the server closed the round first (the client's work is wasted)
-                replies.append(
-                    ClientFailure(
-                        cid,
-                        f"missed the deadline (simulated {times[cid]:.2f} > {deadline:g} client times)",
-                        len(payload),
-                    )
-                )
-                continue
-            shard = self.shards[cid]
-            t0 = time.perf_counter()
-            received, _ = self.down_codec.decode(payload, None)
+    def run(self, jobs: Sequence[ClientJob], on_step: StepCallback | None = None) -> list[ClientReply | ClientFailure]:
+        replies: list[ClientReply | ClientFailure] = []
+        for job in jobs:
+            cid = job.client_id
             cb = (lambda s, n, loss, cid=cid: on_step(cid, s, n, loss)) if on_step else None
-            if self.client_fn is not None:
-                delta, metrics, self.private[cid] = self.client_fn(
-                    self.model, received, self.private_of(cid), shard, self.spec, self.seed, rnd, cb
-                )
-            else:
-                delta, metrics, self.private[cid] = client_round(
-                    self.model,
-                    received,
-                    shard,
-                    self.spec,
-                    self.seed,
-                    rnd,
-                    cb,
-                    self.penalty,
-                    private=self.private_of(cid),
-                    experts=self.expert_counts.get(cid),
-                )
-            if self.attack is not None and cid in self.attack[2]:
-                delta = poison(delta, self.attack[0], self.attack[1], torch_generator(self.seed, "attack", rnd, cid))
-            if self.secure_aggregation:
-                if self.client_transform is not None:
-                    delta = self.client_transform(delta, rnd, cid, participants)
-                fixed = to_fixed(delta, self.secure_weight(shard.num_examples))
-                delta = mask(fixed, cid, participants, self.seed, rnd)
-            up, states[cid] = self.codec.encode(
-                delta, states.get(cid), torch_generator(self.seed, "codec-up", rnd, cid)
-            )
-            metrics["client_seconds"] = time.perf_counter() - t0
-            if self.stragglers[0] > 0 or deadline is not None:
-                metrics["sim_time"] = times[cid]  # in normal client times (1.0 unless a straggler)
-            for st in states[cid] or []:  # what an adaptive codec decided (AQUILA: bits, skipped)
-                if isinstance(st, dict):
-                    metrics.update(st.get("report", {}))
-            # the server sees exactly what was on the wire (a stateful decoder keeps one state per client)
-            delta_seen, states["dec:" + cid] = self.codec.decode(up, states.get("dec:" + cid))
-            replies.append(ClientUpdate(cid, delta_seen, shard.num_examples, metrics, len(up), len(payload)))
-        return replies, states
-
-    def sim_time(self, rnd: int, cid: str) -> float:
-        """Client cid's simulated round time in normal client times (seeded per round and client)."""
-        fraction, slowdown, _ = self.stragglers
-        if fraction <= 0:
-            return 1.0
-        rng = numpy_rng(self.seed, "straggler", rnd, cid)
-        slow, u = rng.random() < fraction, rng.random()
-        return 1.0 + (slowdown - 1.0) * float(u) if slow else 1.0
+            state = self.store.get(cid, before=job.round)
+            reply, state = run_client(job, self.model, self.shards[cid], self.plan, state, cb)
+            self.store.put(cid, state, job.round)
+            replies.append(reply)
+        return replies
 
     def private_of(self, cid: str) -> AdapterState:
-        return self.private.get(cid, self.private_init.get(cid, {}))
+        return self.store.get(cid).private
 
     def _load(self, cid: str, state: AdapterState) -> None:
         """Client cid's model: the state it was sent plus what it keeps privately."""
         if is_moe(self.model):
-            set_expert_count_(self.model, self.expert_counts.get(cid))
+            set_expert_count_(self.model, self.plan.experts.get(cid))
         set_state_(self.model, {**self.private_of(cid), **state})
 
     def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, float]]:
@@ -172,16 +87,20 @@ class InProcessEngine:
         out: dict[str, dict[str, float]] = {}
         shared: dict[int, dict[str, float]] = {}  # OOD data is the same for all: score a shared model once
         for cid, state in states.items():
-            alone = not self.private_of(cid) and cid not in self.expert_counts
+            alone = not self.private_of(cid) and cid not in self.plan.experts
             if split == "ood" and alone and id(state) in shared:
                 out[cid] = dict(shared[id(state)])
                 continue
             self._load(cid, state)
-            blocks = self.ood_blocks() if split == "ood" else getattr(self.eval_shards[cid], split)
-            out[cid] = evaluate_blocks(self.model, blocks, self.eval_batch_size, self.spec.bf16)
+            blocks = self.ood_blocks() if split == "ood" else self._split(cid, split)
+            out[cid] = evaluate_blocks(self.model, blocks, self.eval_batch_size, self.plan.spec.bf16)
             if split == "ood" and alone:
                 shared[id(state)] = out[cid]
         return out
+
+    def _split(self, cid: str, split: str) -> torch.Tensor:
+        s = self.eval_shards[cid]
+        return {"train": s.train, "val": s.val, "test": s.test}[split]
 
     def ood_blocks(self) -> torch.Tensor:
         """Out-of-distribution test set: the same number of test blocks from every client."""
@@ -206,7 +125,7 @@ class InProcessEngine:
                     self.model,
                     (s.val if s.val.shape[0] > 0 else s.train)[:per_client],
                     self.eval_batch_size,
-                    self.spec.bf16,
+                    self.plan.spec.bf16,
                 )["loss"]
                 for cid, s in self.eval_shards.items()
             }
@@ -220,17 +139,15 @@ class InProcessEngine:
         with j). The peers' states travel to i: the caller counts those bytes."""
         out: dict[str, dict[str, float]] = {}
         for j, state in states.items():
-            if is_moe(self.model):
-                set_expert_count_(self.model, self.expert_counts.get(j))
-            set_state_(self.model, {**self.private_of(j), **state})
+            self._load(j, state)
             for i in states:
-                blocks = getattr(self.eval_shards[i], split)
+                blocks = self._split(i, split)
                 if blocks.shape[0] == 0:
                     blocks = self.eval_shards[i].train[: self.eval_batch_size]
                 blocks = blocks[:max_blocks]
-                out.setdefault(i, {})[j] = evaluate_blocks(self.model, blocks, self.eval_batch_size, self.spec.bf16)[
-                    "loss"
-                ]
+                out.setdefault(i, {})[j] = evaluate_blocks(
+                    self.model, blocks, self.eval_batch_size, self.plan.spec.bf16
+                )["loss"]
         return out
 
     @torch.no_grad()
@@ -250,30 +167,40 @@ class InProcessEngine:
         return out
 
 
-def attackers(client_ids: list[str], fraction: float, seed: int) -> set[str]:
-    """round(fraction * n) clients chosen by a seeded permutation (the same in every round)."""
-    k = round(fraction * len(client_ids))
-    order = numpy_rng(seed, "attackers").permutation(len(client_ids))
-    return {sorted(client_ids)[i] for i in order[:k]}
+def inprocess_federation(cfg: ExperimentConfig) -> Federation:
+    """All clients in this process (data loaded and checked before any model weights load)."""
+    from fedtune import components
+
+    model_dir = resolve_model_dir(cfg.model, cfg.seed)
+    tokenizer = load_tokenizer(model_dir)
+    shards = load_shards(cfg, tokenizer)
+    ids = list(shards)
+    ranks = rank_per_client(cfg, ids)
+    experts_per_client(cfg, ids)  # the lists' lengths are checked before the model loads
+    model, adapter_cfg = build_adapted_model(cfg, model_dir, ranks, lambda: sb_init_blocks(cfg, shards, tokenizer))
+    strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
+    caps = strategy.capabilities
+    plan = build_plan(cfg, strategy, get_state(model), ids)
+    if caps.pools_data and cfg.train.epochs is None:  # the pooled client trains as long as k clients would
+        k = components.run_context(cfg, ids, 1.0).sample_size
+        plan = replace(plan, spec=replace(plan.spec, steps=plan.spec.steps * k))
+    train = {"pooled": pooled(shards)} if caps.pools_data else dict(shards)
+    bad = attackers(ids, cfg.attack.fraction, cfg.seed) if cfg.attack.kind != "none" else frozenset()
+    if cfg.attack.kind == "data":
+        train.update({cid: corrupt_shard(train[cid], cfg.seed) for cid in bad if cid in train})
+    store = ClientStateStore(Path(cfg.run_dir()) / "clients", plan.initial_state())
+    engine: Any = InProcessEngine(
+        model, train, plan, store, eval_shards=shards, eval_batch_size=cfg.evaluation.batch_size
+    )
+    s = cfg.sampling
+    faults = Faults(s.dropout, s.straggler_fraction, s.straggler_slowdown, s.deadline)
+    if faults.dropout > 0 or faults.timed:
+        engine = FaultInjection(engine, faults, cfg.seed)
+    collected = _data_bytes(shards) if caps.pools_data else 0
+    round0 = {"attackers": sorted(bad)} if bad else {}
+    return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, collected, round0)
 
 
-def poison(delta: AdapterState, kind: str, scale: float, gen: torch.Generator) -> AdapterState:
-    """A model-poisoning attacker's update."""
-    if kind == "sign_flip":
-        return {k: -scale * v if v.is_floating_point() else v for k, v in delta.items()}
-    if kind == "scale":
-        return {k: scale * v if v.is_floating_point() else v for k, v in delta.items()}
-    if kind == "gaussian":
-        return {
-            k: scale * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v for k, v in delta.items()
-        }
-    return delta  # 'data' poisons the training text instead
-
-
-def corrupt_shard(shard: Shard, seed: int) -> Shard:
-    """Data poisoning: the attacker's training blocks become random tokens of the same vocabulary."""
-    from dataclasses import replace
-
-    gen = torch_generator(seed, "attack-data", shard.client_id)
-    vocab = int(shard.train.max()) + 1
-    return replace(shard, train=torch.randint(0, vocab, shard.train.shape, generator=gen))
+def _data_bytes(shards: Mapping[str, Shard]) -> int:
+    """Bytes of raw training tokens the centralized baseline must collect (int32 on the wire)."""
+    return sum(len(serialize({"tokens": s.train.to(torch.int32)})) for s in shards.values())

@@ -4,28 +4,21 @@ half-written survives an interruption."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedtune.files import append_jsonl, remove_temp_files, write_atomic, write_atomic_with
+
+__all__ = ["append_jsonl", "remove_temp_files", "write_atomic", "write_atomic_with"]
+
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+TOKEN = ".run-token"  # a random id of this run (clients keep their state per run)
 
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
@@ -37,12 +30,22 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_atomic_with(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, weights_only=False)
+
+
+def new_token(run_dir: Path) -> str:
+    import secrets
+
+    token = secrets.token_hex(8)
+    write_atomic(run_dir / TOKEN, token)
+    return token
+
+
+def run_token(run_dir: Path) -> str:
+    """The run's token (written when the run started)."""
+    f = Path(run_dir) / TOKEN
+    return f.read_text().strip() if f.exists() else ""

@@ -109,3 +109,30 @@ def load_run(run_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
 
         raise FedtuneError(f"{d} has no {METRICS}; give a run directory made by `fedtune run`")
     return d.name, read_jsonl(d / METRICS)
+
+
+def summary_json(cfg: Any, records: Sequence[dict[str, Any]], total_seconds: float) -> str:
+    """summary.json: the final numbers; written last, so its presence marks a completed run."""
+    import json
+
+    rr = round_rows(records)
+    rounds = [r for r in rr if r["round"] > 0]
+    return json.dumps(
+        {
+            "name": cfg.name,
+            "strategy": cfg.strategy.name,
+            "rounds": cfg.rounds,
+            "status": "complete",
+            "stopped": next((r["stopped"] for r in rr if "stopped" in r), None),
+            "clients": client_rows(records),
+            "final": rr[-1] if rr else {},
+            "wall_seconds": total_seconds,  # the whole run: set-up, rounds, evaluation, export
+            "setup_seconds": rr[0].get("setup_seconds", 0.0) if rr else 0.0,
+            "round_seconds": sum(r.get("wall_seconds", 0.0) for r in rounds),
+            "train_seconds": sum(r.get("train_seconds", 0.0) for r in rounds),
+            "aggregate_seconds": sum(r.get("aggregate_seconds", 0.0) for r in rounds),
+            "eval_seconds": sum(r.get("eval_seconds", 0.0) for r in rounds),
+        },
+        indent=2,
+        sort_keys=True,
+    )

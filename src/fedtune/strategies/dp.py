@@ -12,28 +12,30 @@ Each round, over the n updates that arrived (all transmitted tensors of one clie
 What is noised is what travels: A and B for `inner: fedavg / fedit`, only B for `ffa_lora`, only
 R for `fedsb`, so the same sigma gives the same epsilon but very different noise per parameter.
 
-Adaptive clipping: b_k = 1[||D_k|| <= S]; b = (sum b_k + N(0, sigma_b^2)) / n;
-S <- S exp(-clip_lr (b - target_quantile)); the count noise costs privacy, so the accountant uses
-sigma_eff = (sigma^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al., Thm. 1).
+Adaptive clipping (Andrew et al., Thm. 1): centred bits b_k = 1[||D_k|| <= S] - 1/2
+(sensitivity 1/2), b = (sum b_k + N(0, sigma_b^2)) / n + 1/2, S <- S exp(-clip_lr (b - target_quantile)).
+The count noise is paid from the same budget: for a total multiplier sigma the value noise is
+z_delta = (sigma^-2 - (2 sigma_b)^-2)^(-1/2) > sigma, and the accountant composes both Gaussians
+(value at z_delta, count at 2 sigma_b), which together cost exactly a Gaussian at sigma. Only the
+noised fraction is released (`dp_noisy_clipped_fraction`).
 
-Accounting: each round is a Poisson-subsampled Gaussian mechanism with rate q = the sampling
-fraction and noise multiplier sigma_eff, composed over the rounds done (RDP, then epsilon at
-`delta`). fedtune samples a fixed number of clients without replacement; Poisson sampling at the
-same rate is the standard approximation (stated in every round's `dp_accounting`). The epsilon is
-recomputed from the round count, so a resumed run reports exactly the uninterrupted value.
-`target_epsilon`: the run stops after the last round whose epsilon stays within it.
+Accounting (`fedtune.privacy.accounting`, dp-accounting's RDP accountant): each round is the
+composed Gaussian(s) on the sample the round really draws: Poisson sampling at the real rate q,
+or fixed-size sampling without replacement (k of n, replace-one neighbours), or q = 1; composed
+over the rounds done and recomputed from the round count, so a resumed run reports exactly the
+uninterrupted value. `target_epsilon`: the run stops after the last round whose epsilon stays
+within it.
 
 With `secure_aggregation: true` the server never sees a single update, so clipping (and, with
 noise 'distributed', each client's noise share) happen on the client before masking
-(`client_transform`); the masked fixed-point sum is unweighted (`secure_weight` = 1, the
-sensitivity is S per client) and the server only adds server noise, if any, and divides by n.
+(`client_transform`); the masked fixed-point sum is unweighted (capability sum_weight 'uniform',
+the sensitivity is S per client) and the server only adds server noise, if any, and divides by n.
 Adaptive clipping needs each client's clipped bit in the clear and is refused with secure
 aggregation.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,8 +43,17 @@ from typing import Any, Literal
 
 import torch
 
+from fedtune.privacy.accounting import Sampling, adaptive_value_sigma, epsilon_of
 from fedtune.seeding import torch_generator
-from fedtune.strategies.base import STRATEGIES, sorted_updates
+from fedtune.strategies.base import (
+    STRATEGIES,
+    Aggregate,
+    Capabilities,
+    PeerScoring,
+    StrategyBase,
+    inner_strategy,
+    sorted_updates,
+)
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
 SUM_STRATEGIES = ("fedavg", "fedit", "ffa_lora", "fedsb")
@@ -50,28 +61,7 @@ SUM_STRATEGIES = ("fedavg", "fedit", "ffa_lora", "fedsb")
 
 def epsilon(q: float, sigma: float, rounds: int, delta: float) -> float:
     """(epsilon at delta) of `rounds` compositions of a Poisson-subsampled Gaussian (RDP)."""
-    if rounds <= 0:
-        return 0.0
-    import dp_accounting as dpa
-    from dp_accounting.rdp import RdpAccountant
-
-    logging.getLogger("absl").setLevel(logging.ERROR)  # RDP orders that fail to converge are skipped
-    step = dpa.GaussianDpEvent(sigma) if q >= 1.0 else dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma))
-    acc = RdpAccountant()
-    acc.compose(dpa.SelfComposedDpEvent(step, rounds))
-    return float(acc.get_epsilon(delta))
-
-
-def effective_sigma(sigma: float, count_sigma: float | None) -> float:
-    if count_sigma is None:
-        return sigma
-    inv = sigma**-2 - (2 * count_sigma) ** -2
-    if inv <= 0:
-        raise ValueError(
-            f"count_noise = {count_sigma} must exceed noise_multiplier / 2 = {sigma / 2:g} "
-            "(the clip-count noise is paid from the same privacy budget); raise count_noise"
-        )
-    return inv**-0.5
+    return epsilon_of(Sampling("poisson", q), [sigma], rounds, delta)
 
 
 def norm(state: AdapterState) -> float:
@@ -80,7 +70,7 @@ def norm(state: AdapterState) -> float:
 
 @STRATEGIES.register("dp_fedavg")
 @dataclass(frozen=True)
-class DPFedAvg:
+class DPFedAvg(StrategyBase):
     """User-level DP-FedAvg: clip each client's update to S, Gaussian noise sigma * S on the sum,
     fixed or adaptive clipping, epsilon from an RDP accountant every round (module docstring)."""
 
@@ -94,34 +84,25 @@ class DPFedAvg:
     count_noise: float | None = None  # sigma_b; default max(n / 20 (Andrew et al.), noise_multiplier)
     delta: float = 1e-5
     target_epsilon: float | None = None
-    sampling_rate: float = 1.0  # set by fedtune (sampling.fraction)
-    seed: int = 0  # set by fedtune
 
-    has_global = True
-    personalized = False
-    pools_data = False
-    transmits = True
-    sum_aggregate = True  # with secure aggregation: clip + noise share on the client, masked sum
+    # with secure aggregation: clip + noise share on the client, an unweighted masked sum
+    capabilities = Capabilities(sum_only=True, sum_weight="uniform", client_transform=True)
 
-    @staticmethod
-    def secure_weight(num_examples: int) -> float:
-        """Weight of a client in the masked sum: 1 (DP-FedAvg averages clipped updates uniformly)."""
-        return 1.0
+    def count_sigma(self, n: int) -> float | None:
+        """sigma_b, the noise on the count of unclipped updates (adaptive clipping only)."""
+        if not self.adaptive:
+            return None
+        return self.count_noise if self.count_noise is not None else max(n / 20, self.noise_multiplier)
 
-    @classmethod
-    def secure_problems(cls, params: dict[str, Any]) -> list[Any]:
-        from fedtune.errors import Problem
+    def value_sigma(self, n: int) -> float:
+        """The noise multiplier actually added to the clipped sum: sigma, or with adaptive
+        clipping z_delta > sigma, so that value and count noise together cost sigma."""
+        cs = self.count_sigma(n)
+        return self.noise_multiplier if cs is None else adaptive_value_sigma(self.noise_multiplier, cs)
 
-        if params.get("adaptive"):
-            return [
-                Problem(
-                    "strategy.adaptive",
-                    True,
-                    "adaptive clipping needs each client's clipped/not-clipped bit, which secure aggregation hides",
-                    "set strategy.adaptive: false (fixed clip) or secure_aggregation: false",
-                )
-            ]
-        return []
+    def sampling(self) -> Sampling:
+        c = self.ctx
+        return Sampling(c.sampling_scheme, c.sampling_rate, c.num_clients, c.sample_size)
 
     def privatize(self, delta: AdapterState, clip: float, rnd: int, client_id: str, n: int) -> AdapterState:
         """One client's contribution: its update clipped to `clip` (float64), plus its share of
@@ -130,10 +111,10 @@ class DPFedAvg:
         factor = min(1.0, clip / nk) if nk > 0 else 1.0
         out = {k: factor * v.double() for k, v in delta.items()}
         if self.noise == "distributed":  # from the client's own generator
-            gen = torch_generator(self.seed, "dp-noise", rnd, client_id)
+            gen = torch_generator(self.ctx.seed, "dp-noise", rnd, client_id)
             for k in sorted(out):
                 out[k] += torch.randn(out[k].shape, generator=gen, dtype=torch.float64) * (
-                    self.noise_multiplier * clip / math.sqrt(n)
+                    self.value_sigma(n) * clip / math.sqrt(n)
                 )
         return out
 
@@ -148,9 +129,18 @@ class DPFedAvg:
         return {k: v.float() for k, v in self.privatize(delta, float(state["clip"]), rnd, client_id, n).items()}
 
     @classmethod
-    def config_problems(cls, params: dict[str, Any], adapter: Any) -> list[Any]:
+    def config_problems(cls, params: dict[str, Any], adapter: Any, codec: Any, secure: bool) -> list[Any]:
         from fedtune.errors import Problem
 
+        if secure and params.get("adaptive"):
+            return [
+                Problem(
+                    "strategy.adaptive",
+                    True,
+                    "adaptive clipping needs each client's clipped/not-clipped bit, which secure aggregation hides",
+                    "set strategy.adaptive: false (fixed clip) or secure_aggregation: false",
+                )
+            ]
         cn, nm = params.get("count_noise"), params.get("noise_multiplier", 1.0)
         if params.get("adaptive") and cn is not None and isinstance(nm, (int, float)) and cn <= nm / 2:
             return [
@@ -170,7 +160,7 @@ class DPFedAvg:
         return []
 
     def _inner(self) -> Any:
-        return STRATEGIES.get(self.inner)()
+        return inner_strategy(self.inner, self.ctx)
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"global": global_state, "inner": self._inner().init_state(global_state), "clip": self.clip, "rounds": 0}
@@ -179,10 +169,10 @@ class DPFedAvg:
         return self._inner().configure(rnd, client_ids, state["inner"])
 
     def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
+        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None
+    ) -> Aggregate:
         if not updates:
-            return state["global"], state
+            return Aggregate(state["global"], state)
         ups = sorted_updates(updates)
         s = float(state["clip"])
         if ups[0].client_id == "secure-sum":  # clipped (and noised) on the clients; only the sum is known
@@ -197,43 +187,43 @@ class DPFedAvg:
                 for k, v in self.privatize(u.delta, s, rnd, u.client_id, n).items():
                     total[k] += v
         if self.noise == "server":
-            gen = torch_generator(self.seed, "dp-noise", rnd)
+            gen = torch_generator(self.ctx.seed, "dp-noise", rnd)
             for k in sorted(total):
-                total[k] += torch.randn(total[k].shape, generator=gen, dtype=torch.float64) * (
-                    self.noise_multiplier * s
-                )
+                total[k] += torch.randn(total[k].shape, generator=gen, dtype=torch.float64) * (self.value_sigma(n) * s)
         mean = {k: (v / n).float() for k, v in total.items()}
         new = add_states(state["global"], mean)
         inner = {**state["inner"], "global": new}
 
-        default_count = max(n / 20, self.noise_multiplier)  # must exceed sigma / 2 (see effective_sigma)
-        count_sigma = (self.count_noise if self.count_noise is not None else default_count) if self.adaptive else None
-        below = sum(nk <= s for nk in norms) if norms else n
-        next_clip = s
-        if self.adaptive:
-            gen = torch_generator(self.seed, "dp-clip", rnd)
-            b = (below + float(torch.randn(1, generator=gen, dtype=torch.float64)) * count_sigma) / n
+        # adaptive clipping (Andrew et al.): centred bits b_k - 1/2 (sensitivity 1/2), noised;
+        # only the noised count is released
+        count_sigma = self.count_sigma(n)
+        next_clip, noisy_fraction = s, None
+        if count_sigma is not None:
+            below = sum(nk <= s for nk in norms)
+            gen = torch_generator(self.ctx.seed, "dp-clip", rnd)
+            centred = below - n / 2 + float(torch.randn(1, generator=gen, dtype=torch.float64)) * count_sigma
+            b = centred / n + 0.5
             next_clip = s * math.exp(-self.clip_lr * (b - self.target_quantile))
-        sigma = effective_sigma(self.noise_multiplier, count_sigma)
+            noisy_fraction = 1.0 - b
+        sigmas = [self.value_sigma(n)] + ([2 * count_sigma] if count_sigma is not None else [])
         rounds = state["rounds"] + 1
-        eps = epsilon(self.sampling_rate, sigma, rounds, self.delta)
+        sampling = self.sampling()
+        eps = epsilon_of(sampling, sigmas, rounds, self.delta)
         metrics: dict[str, Any] = {
             "epsilon": eps,
             "dp_delta": self.delta,
             "dp_clip": s,
-            "dp_clipped_fraction": 1 - below / n if norms else None,  # unknown under secure aggregation
-            "dp_accounting": f"RDP, Poisson-subsampled Gaussian, q={self.sampling_rate:g}, sigma={sigma:.4g}",
+            "dp_accounting": f"RDP; {sampling.describe()}; Gaussians with noise multipliers "
+            + " and ".join(f"{x:.4g}" for x in sigmas)
+            + (" (clipped sum, centred clip count)" if count_sigma is not None else " (clipped sum)"),
         }
+        if noisy_fraction is not None:  # the noised estimate adaptive clipping used (inside the guarantee)
+            metrics["dp_noisy_clipped_fraction"] = noisy_fraction
+        stop = None
         if (
             self.target_epsilon is not None
-            and epsilon(self.sampling_rate, sigma, rounds + 1, self.delta) > self.target_epsilon
+            and epsilon_of(sampling, sigmas, rounds + 1, self.delta) > self.target_epsilon
         ):
-            metrics["stop"] = f"target_epsilon = {self.target_epsilon:g}: another round would give epsilon > target"
-        return new, {
-            **state,
-            "global": new,
-            "inner": inner,
-            "clip": next_clip,
-            "rounds": rounds,
-            "round_metrics": metrics,
-        }
+            stop = f"target_epsilon = {self.target_epsilon:g}: another round would give epsilon > target"
+        new_state = {**state, "global": new, "inner": inner, "clip": next_clip, "rounds": rounds}
+        return Aggregate(new, new_state, metrics, stop=stop)

@@ -19,10 +19,10 @@ from typing import Any, Literal
 
 import torch
 
-from fedtune.strategies.base import STRATEGIES, GlobalModel, example_weights, weighted_mean
+from fedtune.strategies.base import STRATEGIES, Combined, GlobalModel, example_weights, weighted_mean
 from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, relative_error
 from fedtune.strategies.merge import weighted_products
-from fedtune.types import AdapterState, ClientUpdate, add_states
+from fedtune.types import ClientUpdate, add_states
 
 
 def fair_correction(
@@ -57,7 +57,7 @@ class LoRAFAIR(GlobalModel):
     steps: int = 50
     server_lr: float = 1e-3
 
-    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
         glob = state["global"]
         p = example_weights(updates)
         clients = [add_states(glob, u.delta) for u in updates]
@@ -75,4 +75,4 @@ class LoRAFAIR(GlobalModel):
             {m: t.double() for m, t in targets.items()},
             {m: new[m + B_SUFFIX].double() @ new[m + A_SUFFIX].double() for m in targets},
         )
-        return new, {"round_metrics": {"agg_error_fedit": before, "agg_error": after}}
+        return new, {}, {"agg_error_fedit": before, "agg_error": after}

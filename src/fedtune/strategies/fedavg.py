@@ -6,7 +6,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedtune.strategies.base import STRATEGIES, GlobalModel, example_weights, sorted_updates, weighted_mean
+from fedtune.strategies.base import (
+    STRATEGIES,
+    Capabilities,
+    Combined,
+    GlobalModel,
+    example_weights,
+    sorted_updates,
+    weighted_mean,
+)
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
 
@@ -22,7 +30,7 @@ def fedavg_aggregate(global_state: AdapterState, updates: Sequence[ClientUpdate]
 class FedAvg(GlobalModel):
     """FedAvg of adapter tensors, weighted by client examples (arXiv:1602.05629)."""
 
-    sum_aggregate = True  # a weighted sum of the updates: works under secure aggregation
+    capabilities = Capabilities(sum_only=True)  # a weighted sum: works under secure aggregation
 
-    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
-        return fedavg_aggregate(state["global"], updates), {}
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
+        return fedavg_aggregate(state["global"], updates), {}, {}

@@ -41,7 +41,15 @@ from fedtune.client.train import batch_indices, lm_loss
 from fedtune.data.blocks import Shard
 from fedtune.models.adapters import BASE_DELTA, select_trainable_, set_state_, trainable_keys
 from fedtune.seeding import derive_seed, torch_generator
-from fedtune.strategies.base import STRATEGIES, example_weights, sorted_updates
+from fedtune.strategies.base import (
+    STRATEGIES,
+    Aggregate,
+    Capabilities,
+    PeerScoring,
+    StrategyBase,
+    example_weights,
+    sorted_updates,
+)
 from fedtune.types import AdapterState, ClientUpdate
 
 G_KEY, P_KEY, SCALARS = "fedkseed.G", "fedkseed.p", "fedkseed.g"
@@ -95,7 +103,7 @@ def pro_probabilities(abs_sum: torch.Tensor, count: torch.Tensor) -> torch.Tenso
 
 @STRATEGIES.register("fedkseed")
 @dataclass(frozen=True)
-class FedKSeed:
+class FedKSeed(StrategyBase):
     """FedKSeed: zeroth-order local steps on K shared seeds; only scalars travel (see the module
     docstring). `pro`: FedKSeed-Pro seed probabilities; `one_byte`: one byte per scalar."""
 
@@ -105,18 +113,13 @@ class FedKSeed:
     pro: bool = False
     one_byte: bool = False
     full: bool = False  # perturb the adapted layers' base weights instead of the adapter
-    seed: int = 0  # set by fedtune
-    train_lr: float = 1e-3  # set by fedtune (train.lr)
 
-    has_global = True
-    personalized = False
-    pools_data = False
-    transmits = True
-    client_private = True  # every client keeps w0 (the shared seeded init) to replay from
+    # every client keeps w0 (the shared seeded init) to replay from; zeroth-order client steps
+    capabilities = Capabilities(client_private=True, client_step=True)
 
     @property
     def step(self) -> float:
-        return self.lr if self.lr is not None else self.train_lr
+        return self.lr if self.lr is not None else self.ctx.train_lr
 
     def private_keys(self, state: AdapterState) -> set[str]:
         return set(state)
@@ -154,28 +157,28 @@ class FedKSeed:
         return {cid: msg for cid in client_ids}
 
     def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
+        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None
+    ) -> Aggregate:
         if not updates:
-            return state["global"], state
+            return Aggregate(state["global"], state)
         ups = sorted_updates(updates)
         probs = self.probs(state).half().float() if self.pro else None  # exactly what clients received
         g, abs_sum, count = state["G"].clone(), state["abs_sum"].clone(), state["count"].clone()
         for u, p in zip(ups, example_weights(ups)):
             scalars = self.decode_scalars(u.delta[SCALARS])
             draws = seed_draws(
-                torch_generator(self.seed, "fedkseed-draws", rnd, u.client_id), len(scalars), self.num_seeds, probs
+                torch_generator(self.ctx.seed, "fedkseed-draws", rnd, u.client_id), len(scalars), self.num_seeds, probs
             )
             for j, s in zip(draws, scalars.tolist()):
                 g[j] += p * s
                 abs_sum[j] += min(abs(s), 1000.0)
                 count[j] += 1
         keys = self.perturbed(state["w0"])
-        new = replay(state["w0"], g, seed_pool(self.seed, self.num_seeds), self.step, keys)
-        return new, {**state, "G": g, "abs_sum": abs_sum, "count": count, "global": new}
+        new = replay(state["w0"], g, seed_pool(self.ctx.seed, self.num_seeds), self.step, keys)
+        return Aggregate(new, {**state, "G": g, "abs_sum": abs_sum, "count": count, "global": new})
 
     @classmethod
-    def config_problems(cls, params: dict[str, Any], adapter: Any, codec: Any = None) -> list[Any]:
+    def config_problems(cls, params: dict[str, Any], adapter: Any, codec: Any, secure: bool) -> list[Any]:
         from fedtune.errors import Problem
 
         if codec is not None and (codec.name != "identity" or codec.params()):
@@ -210,7 +213,7 @@ class FedKSeed:
         t0 = time.perf_counter()
         w0 = self.start(private)
         keys = self.perturbed(w0)
-        pool = seed_pool(self.seed, self.num_seeds)
+        pool = seed_pool(self.ctx.seed, self.num_seeds)
         w = replay(w0, received[G_KEY], pool, self.step, keys)  # the global model, bit-identical
         set_state_(model, w)
         shapes = {k: w0[k].shape for k in keys}
@@ -226,7 +229,9 @@ class FedKSeed:
             params = dict(zip(sorted(keys), select_trainable_(model, keys)))
         probs = received[P_KEY].float() if self.pro else None
         n = spec.num_steps(int(shard.train.shape[0]))
-        draws = seed_draws(torch_generator(self.seed, "fedkseed-draws", rnd, shard.client_id), n, self.num_seeds, probs)
+        draws = seed_draws(
+            torch_generator(self.ctx.seed, "fedkseed-draws", rnd, shard.client_id), n, self.num_seeds, probs
+        )
         batches = batch_indices(
             int(shard.train.shape[0]), spec.batch_size, torch_generator(seed, "train", rnd, shard.client_id)
         )

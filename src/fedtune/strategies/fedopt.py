@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fedtune.strategies.base import STRATEGIES
+from fedtune.strategies.base import STRATEGIES, Aggregate, PeerScoring, StrategyBase, inner_strategy
 from fedtune.types import AdapterState, ClientUpdate
 
 LINEAR = ("fedavg", "fedit", "ffa_lora")
@@ -51,7 +51,7 @@ def server_step(
 
 
 @dataclass(frozen=True)
-class _FedOpt:
+class _FedOpt(StrategyBase):
     inner: str = "fedavg"
     server_lr: float = 1.0
     beta1: float = 0.9
@@ -59,17 +59,13 @@ class _FedOpt:
     tau: float = 1e-3
 
     kind = ""
-    has_global = True
-    personalized = False
-    pools_data = False
-    transmits = True
 
     def __post_init__(self) -> None:
         if self.inner not in LINEAR:
             raise ValueError(f"inner = {self.inner!r}: a server optimizer needs a linear strategy, one of {LINEAR}")
 
     def _inner(self) -> Any:
-        return STRATEGIES.get(self.inner)()
+        return inner_strategy(self.inner, self.ctx)
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"global": global_state, "inner": self._inner().init_state(global_state), "m": {}, "v": {}}
@@ -78,26 +74,20 @@ class _FedOpt:
         return self._inner().configure(rnd, client_ids, state["inner"])
 
     def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
+        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None
+    ) -> Aggregate:
         if not updates:
-            return state["global"], state
+            return Aggregate(state["global"], state)
         glob = state["global"]
-        target, inner = self._inner().aggregate(rnd, updates, state["inner"])
+        res = self._inner().aggregate(rnd, updates, state["inner"])
+        target, inner = res.global_state, res.state
         touched = set().union(*(u.delta.keys() for u in updates))
         pseudo = {k: target[k] - glob[k] for k in touched}
         new, m, v = server_step(
             self.kind, glob, pseudo, state["m"], state["v"], self.server_lr, self.beta1, self.beta2, self.tau
         )
         inner = {**inner, "global": new}
-        return new, {
-            **state,
-            "global": new,
-            "inner": inner,
-            "m": m,
-            "v": v,
-            "round_metrics": inner.get("round_metrics", {}),
-        }
+        return Aggregate(new, {**state, "global": new, "inner": inner, "m": m, "v": v}, res.metrics)
 
 
 @STRATEGIES.register("fedavgm")

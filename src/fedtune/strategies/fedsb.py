@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedtune.adapters.lora_sb import SB_R
-from fedtune.strategies.base import STRATEGIES, GlobalModel
+from fedtune.strategies.base import STRATEGIES, Capabilities, Combined, GlobalModel
 from fedtune.strategies.fedavg import fedavg_aggregate
 from fedtune.types import AdapterState, ClientUpdate
 
@@ -18,12 +18,10 @@ class FedSB(GlobalModel):
     r x r R is trained, sent and averaged, so B R_bar A = sum_k p_k B R_k A exactly, and the bytes
     (4 r^2 per module in fp32) do not depend on the layer width. Needs adapter.kind: lora_sb."""
 
-    sum_aggregate = True  # a weighted sum of the updates: works under secure aggregation
-
-    adapter_kind = "lora_sb"
+    capabilities = Capabilities(sum_only=True, adapter_kind="lora_sb")  # a weighted sum of R
 
     def send(self, state: dict[str, Any], client_id: str) -> AdapterState:
         return {k: v for k, v in state["global"].items() if k.endswith(SB_R)}
 
-    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
-        return fedavg_aggregate(state["global"], updates), {}
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
+        return fedavg_aggregate(state["global"], updates), {}, {}

@@ -28,7 +28,15 @@ from fedtune.client.train import TrainSpec, local_train_
 from fedtune.data.blocks import Shard
 from fedtune.models.adapters import get_state, select_trainable_, set_state_, trainable_keys
 from fedtune.seeding import derive_seed, torch_generator
-from fedtune.strategies.base import STRATEGIES, example_weights, sorted_updates
+from fedtune.strategies.base import (
+    STRATEGIES,
+    Aggregate,
+    Capabilities,
+    PeerScoring,
+    StrategyBase,
+    example_weights,
+    sorted_updates,
+)
 from fedtune.types import AdapterState, ClientUpdate
 
 COORDS, COUNTS = "ferret.gamma", "ferret.k"
@@ -103,19 +111,15 @@ def apply_round(
 
 @STRATEGIES.register("ferret")
 @dataclass(frozen=True)
-class Ferret:
+class Ferret(StrategyBase):
     """Ferret: SGD locally, upload the update's coordinates on shared random bases (module docstring)."""
 
     bases: int = 200  # K
     server_lr: float = 1.0
     clip: float = 10.0
-    seed: int = 0  # set by fedtune
 
-    has_global = True
-    personalized = False
-    pools_data = False
-    transmits = True
-    client_private = True  # each client keeps its copy of the global model
+    # each client keeps its copy of the global model and trains with its own step
+    capabilities = Capabilities(client_private=True, client_step=True)
 
     def private_keys(self, state: AdapterState) -> set[str]:
         return set(state)
@@ -131,10 +135,10 @@ class Ferret:
         return out
 
     def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
+        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None
+    ) -> Aggregate:
         if not updates:
-            return state["global"], state
+            return Aggregate(state["global"], state)
         ups = sorted_updates(updates)
         groups = blocks_of({k: v.shape for k, v in state["global"].items() if k in trainable_keys(state["global"])})
         width = max(int(u.delta[COUNTS].max()) for u in ups)
@@ -142,12 +146,12 @@ class Ferret:
         for u, p in zip(ups, example_weights(ups)):
             c = u.delta[COORDS]
             mean[:, : c.shape[1]] += p * c
-        new = apply_round(state["global"], mean, groups, self.seed, rnd, self.server_lr, self.clip)
+        new = apply_round(state["global"], mean, groups, self.ctx.seed, rnd, self.server_lr, self.clip)
         synced = dict(state["synced"])
         for u in ups:  # a client that replied had applied every aggregate before this round's
             synced[u.client_id] = rnd - 1
         history = {**state["history"], rnd: mean}
-        return new, {**state, "global": new, "history": history, "synced": synced}
+        return Aggregate(new, {**state, "global": new, "history": history, "synced": synced})
 
     def client_train(
         self,
@@ -168,7 +172,7 @@ class Ferret:
         for key in sorted(received, key=lambda s: int(s.rsplit(".", 1)[1]) if s.startswith(COORDS) else -1):
             if key.startswith(COORDS):  # catch up: the rounds this client missed, in order
                 r = int(key.rsplit(".", 1)[1])
-                w = apply_round(w, received[key], groups, self.seed, r, self.server_lr, self.clip)
+                w = apply_round(w, received[key], groups, self.ctx.seed, r, self.server_lr, self.clip)
         set_state_(model, w)
         params = select_trainable_(model, keys)
         sgd = replace(spec, optimizer="sgd", weight_decay=0.0)  # Ferret's local optimizer: plain SGD
@@ -176,5 +180,5 @@ class Ferret:
         metrics = local_train_(model, params, shard.train, sgd, gen, on_step=on_step)
         trained = get_state(model)
         delta = {k: w[k] - trained[k] for k in keys}  # D = w - w_end
-        coords, counts = project(delta, groups, self.bases, self.seed, rnd)
+        coords, counts = project(delta, groups, self.bases, self.ctx.seed, rnd)
         return {COORDS: coords, COUNTS: counts}, metrics, w

@@ -4,13 +4,13 @@ weighting, rank self-pruning). Clients of rank r_k receive and return rank-r_k f
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedtune.models.adapters import pad_to
-from fedtune.strategies.base import STRATEGIES, GlobalModel, example_weights
+from fedtune.strategies.base import STRATEGIES, Capabilities, Combined, GlobalModel, example_weights
 from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.strategies.merge import client_states, truncate_rank, weighted_products
 from fedtune.types import AdapterState, ClientUpdate
@@ -34,24 +34,21 @@ class FlexLoRA(GlobalModel):
     """FlexLoRA (arXiv:2402.11505): aggregate full dW = s sum_k p_k B_k A_k, redistribute by SVD
     truncated to each client's rank (best rank-r_k approximation). Exact up to the max rank."""
 
-    lora_scale: float = 1.0  # set by fedtune
-    client_ranks: dict[str, int] = field(default_factory=dict)  # set by fedtune
-
-    heterogeneous_ranks = True
+    capabilities = Capabilities(heterogeneous_ranks=True)
 
     def send(self, state: dict[str, Any], client_id: str) -> AdapterState:
-        return truncate_rank(state["global"], self.client_ranks.get(client_id))
+        return truncate_rank(state["global"], self.ctx.client_ranks.get(client_id))
 
-    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
         glob = state["global"]
         sent = self.configure(rnd, [u.client_id for u in updates], state)
-        dense = weighted_products(client_states(sent, updates), example_weights(updates), self.lora_scale)
+        dense = weighted_products(client_states(sent, updates), example_weights(updates), self.ctx.lora_scale)
         new, errs = dict(glob), []
         for m, dw in dense.items():
             rank = glob[m + A_SUFFIX].shape[0]
-            new[m + A_SUFFIX], new[m + B_SUFFIX], err = svd_factors(dw, rank, self.lora_scale)
+            new[m + A_SUFFIX], new[m + B_SUFFIX], err = svd_factors(dw, rank, self.ctx.lora_scale)
             errs.append(err)
-        return new, {"round_metrics": {"agg_error": max(errs)}}
+        return new, {}, {"agg_error": max(errs)}
 
 
 def hetlora_tail(a: torch.Tensor, b: torch.Tensor, r: int, gamma: float) -> torch.Tensor:
@@ -70,12 +67,10 @@ class HetLoRA(GlobalModel):
 
     prune_lambda: float = 0.01
     prune_gamma: float = 0.99
-    client_ranks: dict[str, int] = field(default_factory=dict)  # set by fedtune
-
-    heterogeneous_ranks = True
+    capabilities = Capabilities(heterogeneous_ranks=True, client_penalty=True)
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
-        return {"global": global_state, "ranks": dict(self.client_ranks)}
+        return {"global": global_state, "ranks": dict(self.ctx.client_ranks)}
 
     def send(self, state: dict[str, Any], client_id: str) -> AdapterState:
         return truncate_rank(state["global"], state["ranks"].get(client_id))
@@ -96,7 +91,7 @@ class HetLoRA(GlobalModel):
 
         return penalty
 
-    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
         glob = state["global"]
         sent = self.configure(rnd, [u.client_id for u in updates], state)
         clients = client_states(sent, updates)
@@ -118,4 +113,4 @@ class HetLoRA(GlobalModel):
             )
             if own < ref and int(self.prune_gamma * r) >= 1:
                 ranks[u.client_id] = int(self.prune_gamma * r)
-        return new, {"ranks": ranks, "round_metrics": {"mean_rank": sum(ranks.values()) / max(1, len(ranks))}}
+        return new, {"ranks": ranks}, {"mean_rank": sum(ranks.values()) / max(1, len(ranks))}

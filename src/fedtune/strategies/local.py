@@ -7,20 +7,26 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedtune.strategies.base import STRATEGIES, GlobalModel
+from fedtune.strategies.base import (
+    STRATEGIES,
+    Aggregate,
+    Capabilities,
+    Combined,
+    GlobalModel,
+    PeerScoring,
+    StrategyBase,
+)
 from fedtune.strategies.fedavg import fedavg_aggregate
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
 
 @STRATEGIES.register("local")
 @dataclass(frozen=True)
-class Local:
+class Local(StrategyBase):
     """Each client trains its own adapter on its own data; nothing is shared."""
 
-    has_global = False
-    personalized = True
-    pools_data = False
-    transmits = False  # each adapter stays on its client
+    # each adapter stays on its client: nothing crosses the network
+    capabilities = Capabilities(has_global=False, personalized=True, transmits=False)
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"init": global_state, "clients": {}}
@@ -29,13 +35,13 @@ class Local:
         return {cid: state["clients"].get(cid, state["init"]) for cid in client_ids}
 
     def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
+        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None
+    ) -> Aggregate:
         sent = self.configure(rnd, [u.client_id for u in updates], state)
         clients = dict(state["clients"])
         for u in updates:
             clients[u.client_id] = add_states(sent[u.client_id], u.delta)
-        return state["init"], {**state, "clients": clients}
+        return Aggregate(state["init"], {**state, "clients": clients})
 
 
 @STRATEGIES.register("centralized")
@@ -47,8 +53,8 @@ class Centralized(GlobalModel):
     the compute matches a federated round; the raw data it needed is counted as uplink bytes.
     """
 
-    pools_data = True
-    transmits = False  # the server trains on the data it collected (counted once, as raw tokens)
+    # the server trains on the data it collected (counted once, as raw tokens)
+    capabilities = Capabilities(pools_data=True, transmits=False, raw_data=True)
 
-    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
-        return fedavg_aggregate(state["global"], updates), {}
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
+        return fedavg_aggregate(state["global"], updates), {}, {}

@@ -7,14 +7,14 @@ receive it (counted as downlink bytes), apply W = W0 + base_delta, and never tra
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fedtune.models.adapters import BASE_DELTA
 from fedtune.seeding import torch_generator
-from fedtune.strategies.base import STRATEGIES, GlobalModel, example_weights, weighted_mean
+from fedtune.strategies.base import STRATEGIES, Capabilities, Combined, GlobalModel, example_weights, weighted_mean
 from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
@@ -50,21 +50,19 @@ class FedExLoRA(GlobalModel):
     """FedEx-LoRA (arXiv:2410.09432): average A and B, and fold the residual
     s(sum_k p_k B_k A_k - B_bar A_bar) into the base weights. Exact; the dense residual is downlink."""
 
-    lora_scale: float = 1.0  # set by fedtune from the adapter (alpha / r)
-
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"global": with_zero_base(global_state)}
 
-    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
         glob = state["global"]
         p = example_weights(updates)
         clients = [add_states({k: glob[k] for k in u.delta}, u.delta) for u in updates]
         avg = weighted_mean(clients, p)
         new = {**glob, **avg}
-        for m, target in weighted_products(clients, p, self.lora_scale).items():
-            naive = self.lora_scale * (avg[m + B_SUFFIX].double() @ avg[m + A_SUFFIX].double())
+        for m, target in weighted_products(clients, p, self.ctx.lora_scale).items():
+            naive = self.ctx.lora_scale * (avg[m + B_SUFFIX].double() @ avg[m + A_SUFFIX].double())
             new[m + BASE_DELTA] = glob[m + BASE_DELTA] + (target.double() - naive).float()
-        return new, {}
+        return new, {}, {}
 
 
 @STRATEGIES.register("flora")
@@ -74,26 +72,22 @@ class FLoRA(GlobalModel):
     per-client rank) is merged into the base weights; every client restarts LoRA each round (A
     fresh from a seeded draw, B = 0). Clients receive the dense merged offset each round."""
 
-    lora_scale: float = 1.0  # set by fedtune
-    seed: int = 0  # set by fedtune
-    client_ranks: dict[str, int] = field(default_factory=dict)  # set by fedtune (adapter.ranks)
-
-    heterogeneous_ranks = True
+    capabilities = Capabilities(heterogeneous_ranks=True)
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"global": with_zero_base(global_state)}
 
     def send(self, state: dict[str, Any], client_id: str) -> AdapterState:
-        return truncate_rank(state["global"], self.client_ranks.get(client_id))
+        return truncate_rank(state["global"], self.ctx.client_ranks.get(client_id))
 
-    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
         glob = state["global"]
         sent = self.configure(rnd, [u.client_id for u in updates], state)
-        merged = weighted_products(client_states(sent, updates), example_weights(updates), self.lora_scale)
-        new = fresh_lora(glob, torch_generator(self.seed, "flora-reinit", rnd))
+        merged = weighted_products(client_states(sent, updates), example_weights(updates), self.ctx.lora_scale)
+        new = fresh_lora(glob, torch_generator(self.ctx.seed, "flora-reinit", rnd))
         for m, dw in merged.items():
             new[m + BASE_DELTA] = glob[m + BASE_DELTA] + dw
-        return new, {}
+        return new, {}, {}
 
 
 def truncate_rank(state: AdapterState, r: int | None) -> AdapterState:

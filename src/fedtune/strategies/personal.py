@@ -15,20 +15,27 @@ from fedtune.adapters.moe_lora import expert_index
 from fedtune.codecs import serialize
 from fedtune.errors import Problem
 from fedtune.seeding import numpy_rng
-from fedtune.strategies.base import STRATEGIES, example_weights, sorted_updates, weighted_mean
+from fedtune.strategies.base import (
+    STRATEGIES,
+    Aggregate,
+    Capabilities,
+    PeerScoring,
+    StrategyBase,
+    example_weights,
+    sorted_updates,
+    weighted_mean,
+)
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
 COMIGS_PRESETS = {"1G1S": 1, "2G": 2, "2S": 0}
 
 
-class PerClient:
+@dataclass(frozen=True)
+class PerClient(StrategyBase):
     """Plumbing for strategies whose server keeps one adapter per client:
     state = {"init": adapter, "clients": {id: adapter}, ...}; a client receives its own."""
 
-    has_global = False
-    personalized = True
-    pools_data = False
-    transmits = True
+    capabilities = Capabilities(has_global=False, personalized=True)
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"init": global_state, "clients": {}}
@@ -50,7 +57,7 @@ class PerClient:
 
 @STRATEGIES.register("comigs")
 @dataclass(frozen=True)
-class CoMiGS:
+class CoMiGS(StrategyBase):
     """CoMiGS (arXiv:2409.13931): a mixture of LoRA experts per client; experts 0..G-1 are
     generalists (averaged by the server), the rest are specialists, which never leave the client,
     and so is the router. Router steps on the validation split alternate with expert steps
@@ -62,12 +69,7 @@ class CoMiGS:
     generalists: int = 1
     weighting: Literal["uniform", "examples"] = "uniform"  # the paper averages uniformly
 
-    has_global = False
-    personalized = True
-    pools_data = False
-    transmits = True
-    client_private = True
-    adapter_kind = "moe_lora"
+    capabilities = Capabilities(has_global=False, personalized=True, client_private=True, adapter_kind="moe_lora")
 
     @property
     def num_generalists(self) -> int:
@@ -88,17 +90,17 @@ class CoMiGS:
         return {cid: state["global"] for cid in client_ids}
 
     def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
+        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None
+    ) -> Aggregate:
         if not updates or not state["global"]:
-            return state["global"], state
+            return Aggregate(state["global"], state)
         ups = sorted_updates(updates)
         weights = example_weights(ups) if self.weighting == "examples" else [1.0 / len(ups)] * len(ups)
         new = add_states(state["global"], weighted_mean([u.delta for u in ups], weights))
-        return new, {**state, "global": new}
+        return Aggregate(new, {**state, "global": new})
 
     @classmethod
-    def config_problems(cls, params: dict[str, Any], adapter: Any) -> list[Problem]:
+    def config_problems(cls, params: dict[str, Any], adapter: Any, codec: Any, secure: bool) -> list[Problem]:
         g = COMIGS_PRESETS.get(params.get("preset") or "", params.get("generalists", 1))
         counts = adapter.experts if isinstance(adapter.experts, list) else [adapter.experts]
         if g > min(counts):
@@ -180,33 +182,37 @@ class PCL(PerClient):
     val_blocks: int = 16  # 'val': validation blocks each peer model is scored on
     warmup_rounds: int = 0
 
-    uses_engine = True
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        """Trust from the adapters alone needs nothing from the clients; 'val' scores every peer
+        on each client's validation split; 'predictions' also ships raw reference blocks."""
+        return Capabilities(
+            has_global=False,
+            personalized=True,
+            scores_peers=self.trust != "weights",
+            raw_data=self.trust == "predictions",
+        )
 
     def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], engine: Any = None
-    ) -> tuple[AdapterState, dict[str, Any]]:
+        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None
+    ) -> Aggregate:
         clients = self.trained(rnd, updates, state)
         ids = sorted(clients)
-        new = {**state, "clients": clients, "round_metrics": {}}
+        new = {**state, "clients": clients}
         if rnd <= self.warmup_rounds or len(ids) < 2:
-            return state["init"], new
+            return Aggregate(state["init"], new)
         states = [clients[c] for c in ids]
-        scores, up, down = self.scores(rnd, ids, states, engine)
+        scores, up, down = self.scores(rnd, ids, states, peers)
         w = pcl_weights(self.trust, scores, self.temperature)
         rows = {u.client_id for u in updates}  # clients present this round take the mix
         for i, cid in enumerate(ids):
             if cid in rows:
                 clients[cid] = weighted_mean(states, w[i].tolist())
-        new["round_metrics"] = {
-            "trust": [[round(float(x), 6) for x in row] for row in w],
-            "trust_clients": ids,
-            "extra_bytes_up": up,
-            "extra_bytes_down": down,
-        }
-        return state["init"], new
+        metrics = {"trust": [[round(float(x), 6) for x in row] for row in w], "trust_clients": ids}
+        return Aggregate(state["init"], new, metrics, bytes_up=up, bytes_down=down)
 
     def scores(
-        self, rnd: int, ids: list[str], states: list[AdapterState], engine: Any
+        self, rnd: int, ids: list[str], states: list[AdapterState], engine: PeerScoring | None
     ) -> tuple[torch.Tensor, int, int]:
         """(score matrix, extra uplink bytes, extra downlink bytes) for this round's trust."""
         n = len(ids)
@@ -275,22 +281,21 @@ class TAC(PerClient):
 
     clusters: int = 2
     n_init: int = 10
-    seed: int = 0  # set by fedtune
 
     def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]
-    ) -> tuple[AdapterState, dict[str, Any]]:
+        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None
+    ) -> Aggregate:
         clients = self.trained(rnd, updates, state)
         ups = sorted_updates(updates)
         if not ups:
-            return state["init"], {**state, "clients": clients}
+            return Aggregate(state["init"], {**state, "clients": clients})
         ids = [u.client_id for u in ups]
         x = np.stack([flatten(clients[c]) for c in ids])
-        labels = kmeans(x, self.clusters, numpy_rng(self.seed, "tac", rnd), self.n_init)
+        labels = kmeans(x, self.clusters, numpy_rng(self.ctx.seed, "tac", rnd), self.n_init)
         for j in sorted(set(labels.tolist())):
             members = [u for u, lab in zip(ups, labels) if lab == j]
             mean = weighted_mean([clients[u.client_id] for u in members], example_weights(members))
             for u in members:
                 clients[u.client_id] = mean
         metrics = {"clusters": dict(zip(ids, labels.tolist()))}
-        return state["init"], {**state, "clients": clients, "round_metrics": metrics}
+        return Aggregate(state["init"], {**state, "clients": clients}, metrics)

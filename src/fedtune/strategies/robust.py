@@ -23,7 +23,15 @@ import torch
 
 from fedtune.codecs import serialize
 from fedtune.seeding import numpy_rng
-from fedtune.strategies.base import STRATEGIES, GlobalModel, example_weights
+from fedtune.strategies.base import (
+    STRATEGIES,
+    Aggregate,
+    Capabilities,
+    Combined,
+    GlobalModel,
+    PeerScoring,
+    example_weights,
+)
 from fedtune.strategies.hetero import svd_factors
 from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.types import AdapterState, ClientUpdate, add_states
@@ -90,9 +98,8 @@ class Robust(GlobalModel):
     trim: float = 0.2
     max_norm: float | None = None
     space: Literal["update", "dw"] = "update"
-    lora_scale: float = 1.0  # set by fedtune
 
-    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
         glob = state["global"]
         w = torch.tensor(example_weights(updates), dtype=torch.float64)
         ids = [u.client_id for u in updates]
@@ -104,12 +111,12 @@ class Robust(GlobalModel):
             new = add_states(glob, unflatten(agg, updates[0].delta, keys))
         else:
             new, kept = self.combine_dw(glob, updates, w)
-        return new, {"round_metrics": {"robust_kept": [ids[i] for i in kept]}}
+        return new, {}, {"robust_kept": [ids[i] for i in kept]}
 
     def combine_dw(
         self, glob: AdapterState, updates: list[ClientUpdate], w: torch.Tensor
     ) -> tuple[AdapterState, list[int]]:
-        s = self.lora_scale
+        s = self.ctx.lora_scale
         mods = lora_modules(glob)
         base = {m: glob[m + B_SUFFIX].double() @ glob[m + A_SUFFIX].double() for m in mods}
         dws = []
@@ -163,15 +170,16 @@ class Bristle(GlobalModel):
     keep: int | None = None  # None: score every update
     explore: int = 0
     reference_blocks: int = 2
-    seed: int = 0  # set by fedtune
 
-    uses_engine = True
+    # the server scores candidates on reference blocks that clients contribute (raw tokens)
+    capabilities = Capabilities(scores_peers=True, raw_data=True)
 
     def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], engine: Any = None
-    ) -> tuple[AdapterState, dict[str, Any]]:
+        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None
+    ) -> Aggregate:
         if not updates:
-            return state["global"], state
+            return Aggregate(state["global"], state)
+        engine = peers
         if engine is None:
             raise ValueError("bristle scores candidate models on the server's reference set: it needs the engine")
         ups = sorted(updates, key=lambda u: u.client_id)
@@ -181,7 +189,7 @@ class Bristle(GlobalModel):
         near = order[: self.keep] if self.keep is not None else order
         rest = order[len(near) :]
         if rest and self.explore > 0:
-            pick = numpy_rng(self.seed, "bristle-explore", rnd).permutation(len(rest))[: self.explore]
+            pick = numpy_rng(self.ctx.seed, "bristle-explore", rnd).permutation(len(rest))[: self.explore]
             near = near + [rest[i] for i in sorted(pick)]
         scored = sorted(near)
         cands = {"current": glob, **{ups[i].client_id: add_states(glob, ups[i].delta) for i in scored}}
@@ -197,7 +205,8 @@ class Bristle(GlobalModel):
             "bristle_weights": weights,
             "robust_kept": sorted(c for c, x in weights.items() if x > 0),
         }
+        up = 0
         if rnd == 1:  # the reference blocks reach the server once
             ref = engine.reference_blocks(self.reference_blocks)
-            metrics["extra_bytes_up"] = len(serialize({"tokens": ref.to(torch.int32)}))
-        return new, {**state, "global": new, "round_metrics": metrics}
+            up = len(serialize({"tokens": ref.to(torch.int32)}))
+        return Aggregate(new, {**state, "global": new}, metrics, bytes_up=up)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fedtune.strategies.base import STRATEGIES, GlobalModel, weighted_mean
+from fedtune.strategies.base import STRATEGIES, Combined, GlobalModel, weighted_mean
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
 
@@ -39,7 +39,7 @@ class Safari(GlobalModel):
 
     neighbours: int = 1
 
-    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> tuple[AdapterState, dict]:
+    def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
         last: dict[str, AdapterState] = dict(state.get("last", {}))
         sizes: dict[str, int] = dict(state.get("sizes", {}))
         present = {u.client_id: u for u in updates}
@@ -60,4 +60,4 @@ class Safari(GlobalModel):
         for u in updates:
             last[u.client_id], sizes[u.client_id] = u.delta, u.num_examples
         metrics = {"surrogates": used} if used else {}
-        return new, {"last": last, "sizes": sizes, "round_metrics": metrics}
+        return new, {"last": last, "sizes": sizes}, metrics

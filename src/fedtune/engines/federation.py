@@ -1,0 +1,149 @@
+"""What every engine builds the same way from a config: the clients' data shards, per-client
+ranks and expert counts, and the base model with its adapter (loaded once per process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedtune.adapters.lora_sb import inject_lora_sb_
+from fedtune.adapters.moe_lora import inject_moe_lora_
+from fedtune.config import ExperimentConfig
+from fedtune.data.blocks import Shard, make_shards, pack
+from fedtune.data.partition import partition
+from fedtune.data.sources import load_corpus
+from fedtune.errors import ConfigError, Problem
+from fedtune.models.adapters import inject_, lora_config
+from fedtune.models.load import load_model, model_type
+from fedtune.seeding import derive_seed
+
+
+def load_shards(cfg: ExperimentConfig, tokenizer: Any) -> dict[str, Shard]:
+    corpus = load_corpus(cfg.data)
+    parts = partition(corpus, cfg.partition, cfg.seed)
+    return make_shards(parts, tokenizer, cfg.data, cfg.seed)
+
+
+def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Problem]:
+    """adapter.ranks and adapter.experts lists must have one entry per client."""
+    out = []
+    n, ids = len(client_ids), ", ".join(client_ids)
+    if cfg.adapter.ranks is not None and len(cfg.adapter.ranks) != n:
+        out.append(
+            Problem(
+                "adapter.ranks",
+                cfg.adapter.ranks,
+                f"one rank per client is needed; there are {n} clients ({ids})",
+                f"give {n} ranks",
+            )
+        )
+    counts = cfg.adapter.experts
+    if cfg.adapter.kind == "moe_lora" and isinstance(counts, list) and len(counts) != n:
+        out.append(
+            Problem(
+                "adapter.experts",
+                counts,
+                f"one expert count per client is needed; there are {n} clients ({ids})",
+                f"give {n} counts, or one number for all",
+            )
+        )
+    return out
+
+
+def rank_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:
+    """adapter.ranks, in client-id order, as {client: rank} ({} when all clients share adapter.r)."""
+    problems = per_client_problems(cfg, client_ids)
+    if problems:
+        raise ConfigError(problems)
+    return dict(zip(client_ids, cfg.adapter.ranks)) if cfg.adapter.ranks is not None else {}
+
+
+def experts_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:
+    """adapter.experts as {client: count} when given per client ({} otherwise)."""
+    counts = cfg.adapter.experts
+    if cfg.adapter.kind != "moe_lora" or not isinstance(counts, list):
+        return {}
+    problems = per_client_problems(cfg, client_ids)
+    if problems:
+        raise ConfigError(problems)
+    return dict(zip(client_ids, counts))
+
+
+def target_names(model: Any, adapter_cfg: Any) -> list[str]:
+    """Explicit target module names ('all-linear' = every Linear but the LM head)."""
+    if not isinstance(adapter_cfg.target_modules, str):
+        return sorted(adapter_cfg.target_modules)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(names - {"lm_head"})
+
+
+def sb_init_blocks(cfg: ExperimentConfig, shards: dict[str, Shard], tokenizer: Any) -> torch.Tensor:
+    """Data for LoRA-SB's gradient estimate: only what the server may see (adapter.sb_init)."""
+    how, n = cfg.adapter.sb_init, cfg.adapter.sb_init_blocks
+    if how.startswith("source:"):
+        return sb_public_blocks(cfg, tokenizer)
+    cid = how.split(":", 1)[1] if ":" in how else next(iter(shards))
+    if cid not in shards:
+        raise ConfigError([Problem("adapter.sb_init", how, "unknown client", f"use one of: {', '.join(shards)}")])
+    shard = shards[cid]
+    return (shard.val if shard.val.shape[0] > 0 else shard.train)[:n]
+
+
+def sb_public_blocks(cfg: ExperimentConfig, tokenizer: Any) -> torch.Tensor:
+    """LoRA-SB init data from a public corpus (adapter.sb_init = 'source:<name>')."""
+    how, n = cfg.adapter.sb_init, cfg.adapter.sb_init_blocks
+    if not how.startswith("source:"):
+        raise ConfigError([Problem("adapter.sb_init", how, "needs a public corpus here", "use source:<name>")])
+    public = load_corpus(cfg.data.model_copy(update={"source": how.split(":", 1)[1], "labels": None}))
+    return pack([str(t) for t in public["text"][: 4 * n]], tokenizer, cfg.data.block_size)[:n]
+
+
+def build_adapted_model(
+    cfg: ExperimentConfig, model_dir: str, client_ranks: dict[str, int], sb_blocks: Callable[[], torch.Tensor]
+) -> tuple[Any, Any]:
+    """Load the base model once and add the adapter (seeded; LoRA-SB from its init data)."""
+    model = load_model(model_dir, cfg.model)
+    r_max = max(client_ranks.values()) if client_ranks else None
+    adapter_cfg = lora_config(cfg.adapter, model_type(model_dir), r=r_max)
+    if cfg.adapter.kind == "lora_sb":
+        init_lr = cfg.adapter.sb_init_lr if cfg.adapter.sb_init_lr is not None else cfg.train.lr
+        model = inject_lora_sb_(model, target_names(model, adapter_cfg), cfg.adapter.r, sb_blocks(), init_lr)
+    elif cfg.adapter.kind == "moe_lora":
+        a = cfg.adapter
+        model = inject_moe_lora_(
+            model,
+            num_experts=a.max_experts(),
+            r=a.r,
+            alpha=a.alpha,
+            top_k=a.top_k,
+            router=a.router,
+            dropout=a.dropout,
+            modules=a.moe_modules,
+            seed=derive_seed(cfg.seed, "adapter-init"),
+        )
+    else:
+        model = inject_(model, adapter_cfg, derive_seed(cfg.seed, "adapter-init"))
+    return model, adapter_cfg
+
+
+@dataclass
+class Federation:
+    """What the loop needs from where the clients live: their ids, the server's copy of the base
+    model with the adapter (initial state, export), the strategy and the engine (built complete).
+
+    Attributes:
+        collected_bytes: raw training data the centralized baseline collects (uplink, round 1).
+        round0: facts for the round-0 record (e.g. the simulated attackers).
+    """
+
+    client_ids: list[str]
+    model: Any
+    model_dir: str
+    adapter_cfg: Any
+    strategy: Any
+    engine: Any
+    collected_bytes: int = 0
+    round0: dict[str, Any] = field(default_factory=dict)

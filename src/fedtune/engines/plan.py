@@ -1,0 +1,59 @@
+"""The client plan, built once from the config and the strategy, identically on every engine
+(the server, a Flower SuperNode, a peer): training step, penalty, update transforms, codecs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fedtune import components
+from fedtune.client.run import ClientJob, ClientPlan, UpdateTransform
+from fedtune.config import ExperimentConfig
+from fedtune.data.blocks import Shard
+from fedtune.engines.faults import AttackTransform, attackers
+from fedtune.secagg import MaskTransform
+from fedtune.types import AdapterState
+
+
+@dataclass(frozen=True)
+class StrategyTransform:
+    """A strategy's client-side step before masking (DP-FedAvg: clip + noise share)."""
+
+    strategy: Any
+
+    def __call__(self, delta: AdapterState, job: ClientJob, shard: Shard) -> AdapterState:
+        n = max(1, len(job.participants))
+        return self.strategy.client_transform(delta, job.transform, job.round, job.client_id, n)  # type: ignore[no-any-return]
+
+
+def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, client_ids: Sequence[str]) -> ClientPlan:
+    """Transforms run in this order: attack injection (simulation), the strategy's client step
+    under secure aggregation (DP clip and noise share), secure-aggregation masking."""
+    caps = strategy.capabilities
+    transforms: list[UpdateTransform] = []
+    if cfg.attack.kind not in ("none", "data"):
+        bad = attackers(list(client_ids), cfg.attack.fraction, cfg.seed)
+        transforms.append(AttackTransform(cfg.attack.kind, cfg.attack.scale, bad, cfg.seed))
+    if cfg.secure_aggregation and caps.client_transform:
+        transforms.append(StrategyTransform(strategy))
+    if cfg.secure_aggregation and cfg.engine.name == "inprocess":  # on Flower, SecAgg+ masks
+        transforms.append(MaskTransform(cfg.seed, caps.sum_weight))
+    keep = strategy.private_keys(init_state) if caps.client_private else set()
+    ids = list(client_ids)
+    experts = (
+        dict(zip(ids, cfg.adapter.experts))
+        if cfg.adapter.kind == "moe_lora" and isinstance(cfg.adapter.experts, list)
+        else {}
+    )
+    return ClientPlan(
+        spec=components.build_train_spec(cfg),
+        seed=cfg.seed,
+        up_codec=components.build_codec(cfg),
+        down_codec=components.build_codec(cfg, downlink=True),
+        step=strategy.client_train if caps.client_step else None,
+        penalty=strategy.client_penalty if caps.client_penalty else None,
+        transforms=tuple(transforms),
+        experts=experts,
+        private_init={k: init_state[k] for k in sorted(keep)},
+    )

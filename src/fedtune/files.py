@@ -1,0 +1,55 @@
+"""Crash-safe files: atomic writes (temp file, fsync, rename, fsync the folder) and fsynced appends.
+Files follow the user's umask."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write `path` through a temp file in the same folder: fsync the file, rename it over the
+    target, fsync the folder. The temp file is removed if writing fails; files get the user's
+    umask (a team can read each other's runs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    raw = data.encode() if isinstance(data, str) else data
+    write_atomic_with(path, lambda f: f.write(raw))
+
+
+def append_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
+    """Append records (one JSON object per line), flushed and fsynced."""
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Temp files a killed writer left behind (`.NAME.tmp-PID`)."""
+    for p in folder.glob(".*.tmp-*"):
+        p.unlink(missing_ok=True)

@@ -1,0 +1,31 @@
+"""Which clients take part in a round: fixed-size sampling without replacement (k of n) or
+Poisson sampling (each client independently with probability q), seeded per round. The DP
+accountant is told the scheme and the real rate (`components.run_context`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedtune.seeding import numpy_rng
+
+
+def sample_size(n: int, fraction: float, min_clients: int) -> int:
+    """k = min(n, max(min_clients, round(fraction * n))): the fixed scheme's sample size."""
+    return min(n, max(min_clients, round(fraction * n)))
+
+
+def sample_clients(
+    client_ids: Sequence[str], fraction: float, min_clients: int, seed: int, rnd: int, scheme: str = "fixed"
+) -> list[str]:
+    """This round's participants, sorted. 'poisson' may return none (the round is then skipped)."""
+    n = len(client_ids)
+    if scheme == "poisson":
+        if fraction >= 1.0:
+            return sorted(client_ids)
+        draws = numpy_rng(seed, "sample-poisson", rnd).random(n)
+        return sorted(c for c, u in zip(client_ids, draws) if u < fraction)
+    k = sample_size(n, fraction, min_clients)
+    if k == n:
+        return list(client_ids)
+    picked = numpy_rng(seed, "sample", rnd).choice(n, size=k, replace=False)
+    return sorted(client_ids[i] for i in picked)

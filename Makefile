@@ -26,10 +26,12 @@ demo: setup
 
 test: install
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: install
 	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/python bench/overhead.py

@@ -7,7 +7,7 @@ stay fast. FedtuneError is printed as a clear message without a traceback (exit 
 from __future__ import annotations
 
 import os
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -196,20 +196,20 @@ def report(
     from fedtune.report.summary import compare_table, load_run, run_table
 
     try:
-        runs = {}
+        runs: dict[str, Sequence[dict[str, Any]]] = {}
         for d in run_dirs:
-            name, recs = load_run(d)
-            runs[name if name not in runs else str(d)] = recs
+            name, loaded = load_run(d)
+            runs[name if name not in runs else str(d)] = loaded
     except FedtuneError as e:
         _fail(e)
     if len(runs) == 1:
-        name, recs = next(iter(runs.items()))
-        out.print(run_table(name, recs))
+        name, one = next(iter(runs.items()))
+        out.print(run_table(name, one))
         paths = plot_runs(runs, out_dir or run_dirs[0] / "plots")
     else:
         out.print(compare_table(runs))
-        for name, recs in runs.items():
-            out.print(run_table(name, recs))
+        for name, each in runs.items():
+            out.print(run_table(name, each))
         paths = plot_runs(runs, out_dir or Path("runs") / "compare")
     out.print("plots: " + ", ".join(str(p) for p in paths))
 
@@ -244,4 +244,4 @@ def main() -> None:  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -22,6 +22,15 @@ from fedtune.strategies.base import Capabilities, RunContext
 # The one strategy field fedtune fills in from the run (not a user parameter).
 CONTEXT_FIELD = "ctx"
 
+
+def strategy_registry() -> Registry[type]:
+    return STRATEGIES
+
+
+def source_registry() -> Registry[Any]:
+    return DATA_SOURCES
+
+
 REGISTRIES: dict[str, Registry[Any]] = {
     "strategy": STRATEGIES,
     "codec": CODECS,

@@ -23,13 +23,20 @@ SB_A, SB_B, SB_R = ".lora_sb_A", ".lora_sb_B", ".lora_sb_R"
 FROZEN_SUFFIXES = (SB_A, SB_B)
 
 
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """A linear (or GPT-2 Conv1D) layer's weight, typed."""
+    w = layer.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
 class LoraSBLinear(nn.Module):
     """base(x) + ((x A^T) R^T) B^T around a frozen nn.Linear or GPT-2 Conv1D."""
 
     def __init__(self, base_layer: nn.Module, r: int):
         super().__init__()
         self.base_layer = base_layer
-        w = base_layer.weight
+        w = weight_of(base_layer)
         self.fan_in_fan_out = type(base_layer).__name__ == "Conv1D"  # Conv1D stores [in, out]
         d, k = (w.shape[1], w.shape[0]) if self.fan_in_fan_out else (w.shape[0], w.shape[1])
         self.lora_sb_A = nn.Parameter(torch.zeros(r, k), requires_grad=False)
@@ -42,6 +49,7 @@ class LoraSBLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         h = x.to(self.lora_sb_A.dtype) @ self.lora_sb_A.T  # [.., r]
+        out = torch.as_tensor(out)
         return out + ((h @ self.lora_sb_R.T) @ self.lora_sb_B.T).to(out.dtype)
 
 
@@ -61,25 +69,24 @@ def gradient_estimate(
 ) -> dict[str, torch.Tensor]:
     """Mean full-weight gradient [d, k] of the LM loss for each target module over `blocks`."""
     mods = dict(model.named_modules())
-    weights = [mods[p].weight for p in prefixes]
+    weights = [weight_of(mods[p]) for p in prefixes]
     for w in weights:
         w.requires_grad_(True)
-    grads = {p: torch.zeros_like(mods[p].weight, dtype=torch.float32) for p in prefixes}
+    grads = {p: torch.zeros_like(weight_of(mods[p]), dtype=torch.float32) for p in prefixes}
     n = 0
     model.eval()
     for i in range(0, int(blocks.shape[0]), batch_size):
         batch = blocks[i : i + batch_size]
         loss = model(input_ids=batch, labels=batch).loss
-        g = torch.autograd.grad(loss, weights)
-        for p, gi in zip(prefixes, g):
+        for p, gi in zip(prefixes, torch.autograd.grad(loss, weights)):
             grads[p] += gi.float() * batch.shape[0]
         n += batch.shape[0]
     for w in weights:
         w.requires_grad_(False)
     out = {}
     for p in prefixes:
-        g = grads[p] / max(1, n)
-        out[p] = g.T if type(mods[p]).__name__ == "Conv1D" else g  # always [out, in]
+        mean = grads[p] / max(1, n)
+        out[p] = mean.T if type(mods[p]).__name__ == "Conv1D" else mean  # always [out, in]
     return out
 
 

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedtune.adapters.lora_sb import weight_of
+
 EXPERT_KEY = re.compile(r"\.moe_lora_[AB]\.(\d+)$")
 ROUTER = ".moe_router.weight"
 FROZEN_ROUTER = ".moe_frozen_router.weight"
@@ -65,7 +67,7 @@ class ExpertLoRA(nn.Module):
     def __init__(self, base_layer: nn.Module, num_experts: int, r: int, scale: float, dropout: float):
         super().__init__()
         self.base_layer = base_layer
-        w = base_layer.weight
+        w = weight_of(base_layer)
         conv1d = type(base_layer).__name__ == "Conv1D"  # stores [in, out]
         d_out, d_in = (w.shape[1], w.shape[0]) if conv1d else (w.shape[0], w.shape[1])
         self.scale = scale
@@ -79,10 +81,11 @@ class ExpertLoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         if self.active is None:
-            return out
+            return torch.as_tensor(out)
         a, b = self.moe_lora_A[self.active], self.moe_lora_B[self.active]
         h = self.dropout(x).to(a.dtype) @ a.T
-        return out + (self.scale * (h @ b.T)).to(out.dtype)
+        out = torch.as_tensor(out)
+        return out + torch.as_tensor(self.scale * (h @ b.T)).to(out.dtype)
 
 
 class MoEBlock(nn.Module):
@@ -99,6 +102,7 @@ class MoEBlock(nn.Module):
             self.moe_frozen_router = gate
         else:
             self.moe_router = gate
+        self.expert_mask: torch.Tensor
         self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool), persistent=False)
         self.lb_loss: torch.Tensor | None = None
         self.last_probs: torch.Tensor | None = None
@@ -147,7 +151,7 @@ class MoEBlock(nn.Module):
 def _block_hidden(block: nn.Module) -> int:
     for m in block.modules():
         if isinstance(m, (nn.Linear,)) or type(m).__name__ == "Conv1D":
-            w = m.weight
+            w = weight_of(m)
             return int(w.shape[0] if type(m).__name__ == "Conv1D" else w.shape[1])
     raise ValueError(f"{type(block).__name__} has no linear layer to put experts on")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import reduce
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ def client_round(
         term = penalty({k: p for k, p in by_key.items() if k in lora}, lora)
         if term is not None:
             terms.append(term)
-    extra = (lambda: sum(t() for t in terms)) if terms else None  # noqa: E731
+    extra = (lambda: reduce(torch.add, [t() for t in terms])) if terms else None  # noqa: E731
     metrics = local_train_(
         model,
         params,

@@ -100,7 +100,7 @@ def lm_loss(model: Any, batch: torch.Tensor, bf16: bool, lb_weight: float = 0.0)
         lb = load_balancing_loss(model)
         if lb is not None:
             loss = loss + lb_weight * lb
-    return loss
+    return torch.as_tensor(loss)
 
 
 def proximal_term(
@@ -197,8 +197,8 @@ def local_train_(
                 raise TrainingDivergedError(
                     f"loss is {loss.item()} at local step {len(losses)}; lower train.lr (now {spec.lr:g})"
                 )
-            grads = torch.autograd.grad(loss, group, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g.float() for p, g in zip(group, grads)]
+            raw = torch.autograd.grad(loss, group, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g.float() for p, g in zip(group, raw)]
             gnorm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
             factor = min(1.0, clip / gnorm) if gnorm > 0 else 1.0
             for acc, g in zip(summed, grads):

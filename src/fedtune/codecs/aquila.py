@@ -80,7 +80,9 @@ class Aquila:
         if self.tol <= 0 or self.beta < 0 or self.max_skips < 0:
             raise ValueError("aquila needs tol > 0, beta >= 0, max_skips >= 0")
 
-    def forward(self, tensors: AdapterState, state: Any, rng: torch.Generator) -> tuple[AdapterState, dict, Any]:
+    def forward(
+        self, tensors: AdapterState, state: Any, rng: torch.Generator
+    ) -> tuple[AdapterState, dict[str, Any], Any]:
         st = dict(state or {"q": {}, "skips": 0})
         q: AdapterState = dict(st["q"])
         keys = sorted(k for k, v in tensors.items() if is_float(v) and v.numel() > 0)
@@ -110,7 +112,7 @@ class Aquila:
         report = {"codec_bits": float(bits), "codec_skipped": 0.0}
         return out, meta, {"q": q, "skips": 0, "report": report}
 
-    def backward(self, tensors: AdapterState, meta: dict, state: Any) -> tuple[AdapterState, Any]:
+    def backward(self, tensors: AdapterState, meta: dict[str, Any], state: Any) -> tuple[AdapterState, Any]:
         q: AdapterState = dict((state or {}).get("q", {}))
         if meta.get("skip"):  # the server reuses the client's last update
             shapes = (state or {}).get("shapes", {})

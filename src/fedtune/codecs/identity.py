@@ -19,10 +19,12 @@ class Identity:
 
     stateful = False
 
-    def forward(self, tensors: AdapterState, state: Any, rng: torch.Generator) -> tuple[AdapterState, dict, Any]:
+    def forward(
+        self, tensors: AdapterState, state: Any, rng: torch.Generator
+    ) -> tuple[AdapterState, dict[str, Any], Any]:
         return {k: v.to(torch.float32) if is_float(v) else v for k, v in tensors.items()}, {}, None
 
-    def backward(self, tensors: AdapterState, meta: dict, state: Any) -> tuple[AdapterState, Any]:
+    def backward(self, tensors: AdapterState, meta: dict[str, Any], state: Any) -> tuple[AdapterState, Any]:
         return tensors, None
 
 
@@ -33,8 +35,10 @@ class Fp16:
 
     stateful = False
 
-    def forward(self, tensors: AdapterState, state: Any, rng: torch.Generator) -> tuple[AdapterState, dict, Any]:
+    def forward(
+        self, tensors: AdapterState, state: Any, rng: torch.Generator
+    ) -> tuple[AdapterState, dict[str, Any], Any]:
         return {k: v.to(torch.float16) if is_float(v) else v for k, v in tensors.items()}, {}, None
 
-    def backward(self, tensors: AdapterState, meta: dict, state: Any) -> tuple[AdapterState, Any]:
+    def backward(self, tensors: AdapterState, meta: dict[str, Any], state: Any) -> tuple[AdapterState, Any]:
         return {k: v.to(torch.float32) if is_float(v) else v for k, v in tensors.items()}, None

@@ -77,7 +77,9 @@ class Quantize:
         if self.block < 1 or self.block % 4:
             raise ValueError(f"block = {self.block}: use a positive multiple of 4 (e.g. 256)")
 
-    def forward(self, tensors: AdapterState, state: Any, rng: torch.Generator) -> tuple[AdapterState, dict, Any]:
+    def forward(
+        self, tensors: AdapterState, state: Any, rng: torch.Generator
+    ) -> tuple[AdapterState, dict[str, Any], Any]:
         out: AdapterState = {}
         meta: dict[str, Any] = {}
         for k, v in sorted(tensors.items()):  # a fixed order: the rng draws must not depend on it
@@ -89,7 +91,7 @@ class Quantize:
             meta[k] = list(v.shape)
         return out, meta, None
 
-    def backward(self, tensors: AdapterState, meta: dict, state: Any) -> tuple[AdapterState, Any]:
+    def backward(self, tensors: AdapterState, meta: dict[str, Any], state: Any) -> tuple[AdapterState, Any]:
         out = {k: v for k, v in tensors.items() if k.rsplit("|", 1)[0] not in meta}
         for k, shape in meta.items():
             n = 1

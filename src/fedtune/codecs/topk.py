@@ -34,7 +34,9 @@ class TopK:
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction = {self.fraction}: use a value in (0, 1], e.g. 0.01")
 
-    def forward(self, tensors: AdapterState, state: Any, rng: torch.Generator) -> tuple[AdapterState, dict, Any]:
+    def forward(
+        self, tensors: AdapterState, state: Any, rng: torch.Generator
+    ) -> tuple[AdapterState, dict[str, Any], Any]:
         residual: AdapterState = dict(state or {})
         out: AdapterState = {}
         meta: dict[str, Any] = {}
@@ -56,7 +58,7 @@ class TopK:
                 residual[key] = rest.reshape(v.shape)
         return out, meta, (residual if self.error_feedback else None)
 
-    def backward(self, tensors: AdapterState, meta: dict, state: Any) -> tuple[AdapterState, Any]:
+    def backward(self, tensors: AdapterState, meta: dict[str, Any], state: Any) -> tuple[AdapterState, Any]:
         out = {k: v for k, v in tensors.items() if k.rsplit("|", 1)[0] not in meta}
         for key, shape in meta.items():
             n = math.prod(shape)

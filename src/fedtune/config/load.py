@@ -122,17 +122,19 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
     from fedtune import components  # registers everything
 
     problems: list[Problem] = []
-    problems += components.check_named("strategy", components.STRATEGIES, cfg.strategy.name, cfg.strategy.params())
+    problems += components.check_named(
+        "strategy", components.strategy_registry(), cfg.strategy.name, cfg.strategy.params()
+    )
     problems += components.check_codec("codec", cfg.codec)
     if cfg.downlink_codec is not None:
         problems += components.check_codec("downlink_codec", cfg.downlink_codec)
-    if cfg.data.source not in components.DATA_SOURCES:
+    if cfg.data.source not in components.source_registry():
         problems.append(
             Problem(
                 "data.source",
                 cfg.data.source,
                 "unknown data source",
-                f"use one of: {', '.join(components.DATA_SOURCES.names())}",
+                f"use one of: {', '.join(components.source_registry().names())}",
             )
         )
     problems += components.check_strategy(cfg)
@@ -144,4 +146,4 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
 
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return str(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -221,7 +221,6 @@ class SamplingConfig(_Strict):
         "reply is a recorded failure (Flower: engine.timeout, in seconds)",
     )
 
-
     @model_validator(mode="after")
     def _poisson(self) -> SamplingConfig:
         if self.scheme == "poisson" and self.min_clients > 1:
@@ -242,6 +241,7 @@ class AttackConfig(_Strict):
     )
     fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of clients that attack")
     scale: float = Field(1.0, gt=0.0)
+
 
 class EvalConfig(_Strict):
     every: int = Field(1, ge=1, description="evaluate every N rounds (and always after the last)")

@@ -32,7 +32,7 @@ def lora_config(cfg: AdapterConfig, model_type: str, r: int | None = None) -> An
     rank = r if r is not None else cfg.r
     return LoraConfig(
         r=rank,
-        lora_alpha=cfg.alpha * rank / cfg.r if r is not None else cfg.alpha,  # keep the scale s = alpha/r
+        lora_alpha=cfg.alpha * rank / cfg.r if r is not None else cfg.alpha,  # type: ignore[arg-type]  # s = alpha/r
         lora_dropout=cfg.dropout,
         target_modules=targets,
         bias="none",

@@ -168,9 +168,9 @@ def run_federated(
     personal = strategy.configure(cfg.rounds + 1, ids, sstate) if caps.personalized else None
     experts = experts_per_client(cfg, ids)
     glob = global_state if caps.has_global else None
-    kept = export_adapters(run_dir, fed, glob, personal, engine.private_of, experts, caps.client_private)
-    if kept:
-        console.print(f"personal adapters of {', '.join(kept)} stay on their clients (their private tensors)")
+    on_clients = export_adapters(run_dir, fed, glob, personal, engine.private_of, experts, caps.client_private)
+    if on_clients:
+        console.print(f"personal adapters of {', '.join(on_clients)} stay on their clients (their private tensors)")
     plot_runs({cfg.name: records}, run_dir / "plots")
     io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, time.perf_counter() - t_start))
     return RunResult(run_dir, records, max(r["round"] for r in records))

@@ -34,7 +34,8 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, weights_only=False)
+    out: dict[str, Any] = torch.load(path, weights_only=False)
+    return out
 
 
 def new_token(run_dir: Path) -> str:

@@ -166,7 +166,8 @@ class DPFedAvg(StrategyBase):
         return {"global": global_state, "inner": self._inner().init_state(global_state), "clip": self.clip, "rounds": 0}
 
     def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
-        return self._inner().configure(rnd, client_ids, state["inner"])
+        sent: Mapping[str, AdapterState] = self._inner().configure(rnd, client_ids, state["inner"])
+        return sent
 
     def aggregate(
         self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None

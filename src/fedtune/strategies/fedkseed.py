@@ -152,8 +152,9 @@ class FedKSeed(StrategyBase):
 
     def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
         msg = {G_KEY: state["G"]}
-        if self.pro:
-            msg[P_KEY] = self.probs(state).half()
+        probs = self.probs(state)
+        if probs is not None:
+            msg[P_KEY] = probs.half()
         return {cid: msg for cid in client_ids}
 
     def aggregate(
@@ -162,7 +163,8 @@ class FedKSeed(StrategyBase):
         if not updates:
             return Aggregate(state["global"], state)
         ups = sorted_updates(updates)
-        probs = self.probs(state).half().float() if self.pro else None  # exactly what clients received
+        probs = self.probs(state)
+        probs = probs.half().float() if probs is not None else None  # exactly what clients received
         g, abs_sum, count = state["G"].clone(), state["abs_sum"].clone(), state["count"].clone()
         for u, p in zip(ups, example_weights(ups)):
             scalars = self.decode_scalars(u.delta[SCALARS])

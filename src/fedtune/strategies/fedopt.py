@@ -71,7 +71,8 @@ class _FedOpt(StrategyBase):
         return {"global": global_state, "inner": self._inner().init_state(global_state), "m": {}, "v": {}}
 
     def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
-        return self._inner().configure(rnd, client_ids, state["inner"])
+        sent: Mapping[str, AdapterState] = self._inner().configure(rnd, client_ids, state["inner"])
+        return sent
 
     def aggregate(
         self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ class FlexLoRA(GlobalModel):
 def hetlora_tail(a: torch.Tensor, b: torch.Tensor, r: int, gamma: float) -> torch.Tensor:
     """||A[floor(gamma r):r]|| * ||B[:, floor(gamma r):r]||: HetLoRA's rank self-pruning signal."""
     cut = int(gamma * r)
-    return a[cut:r].norm() * b[:, cut:r].norm()
+    return torch.as_tensor(a[cut:r].norm() * b[:, cut:r].norm())
 
 
 @STRATEGIES.register("hetlora")
@@ -100,7 +101,7 @@ class HetLoRA(GlobalModel):
             padded = [pad_to(c[key], glob[key].shape) for c in clients]
             norms = torch.stack([p.norm() for p in padded])
             w = norms / norms.sum() if float(norms.sum()) > 0 else torch.full_like(norms, 1 / len(padded))
-            new[key] = sum(wi * p for wi, p in zip(w, padded))  # type: ignore[assignment]
+            new[key] = reduce(torch.add, [wi * p for wi, p in zip(w, padded)])
         ranks = dict(state["ranks"])
         for u, c in zip(updates, clients):
             r = ranks.get(u.client_id, glob[lora_modules(glob)[0] + A_SUFFIX].shape[0])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any, Literal
 
 import torch
@@ -198,7 +199,10 @@ class Bristle(GlobalModel):
         new = dict(glob)
         if float(w.sum()) > 0:
             keys = sorted(ups[0].delta)
-            mix = {k: sum(float(w[j]) * ups[i].delta[k].double() for j, i in enumerate(scored)) for k in keys}
+            mix = {
+                k: reduce(torch.add, [float(w[j]) * ups[i].delta[k].double() for j, i in enumerate(scored)])
+                for k in keys
+            }
             new = add_states(glob, {k: v.float() for k, v in mix.items()})
         weights = {ups[i].client_id: round(float(w[j]), 6) for j, i in enumerate(scored)}
         metrics: dict[str, Any] = {

@@ -102,8 +102,9 @@ def secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
     if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
+        out: Message = secaggplus_mod(msg, context, call_next)
+        return out
+    return call_next(msg, context)  # type: ignore[no-any-return]
 
 
 def secure_train(rt: ClientRuntime, msg: Message) -> Message:
@@ -145,7 +146,7 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
         rt = _runtime(context, cfg_yaml, state_root)
         if "fitins.parameters" in msg.content.array_records:  # a SecAgg+ round
             return secure_train(rt, msg)
-        reply = train_step(rt, job_of(rt, msg.content["config"], from_record(msg.content["payload"])))
+        reply = train_step(rt, job_of(rt, msg.content["config"], from_record(msg.content.array_records["payload"])))
         metrics = MetricRecord({**reply.metrics, "num-examples": reply.num_examples})
         return Message(RecordDict({"payload": to_record(reply.payload), "metrics": metrics}), reply_to=msg)
 
@@ -156,13 +157,14 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
         from fedtune.models.adapters import set_state_
 
         rt = _runtime(context, cfg_yaml, state_root)
-        state, _ = make_codec("identity").decode(from_record(msg.content["payload"]), None)
+        state, _ = make_codec("identity").decode(from_record(msg.content.array_records["payload"]), None)
         if is_moe(rt.model):
             set_expert_count_(rt.model, rt.plan.experts.get(rt.client_id))
-        config = msg.content["config"]
-        private = rt.store(str(config.get("run", ""))).get(rt.client_id, before=int(config["round"]) + 1).private
+        config = msg.content.config_records["config"]
+        rnd = int(str(config["round"]))
+        private = rt.store(str(config.get("run", ""))).get(rt.client_id, before=rnd + 1).private
         set_state_(rt.model, {**private, **state})
         res = evaluate_blocks(rt.model, rt.shard.test, rt.cfg.evaluation.batch_size, rt.plan.spec.bf16)
-        return Message(RecordDict({"metrics": MetricRecord(res)}), reply_to=msg)
+        return Message(RecordDict({"metrics": MetricRecord(res)}), reply_to=msg)  # type: ignore[arg-type]
 
     return app

@@ -93,7 +93,7 @@ class FlowerEngine:
         for j in jobs:
             config = {"round": j.round, "participants": ",".join(j.participants), "run": j.run}
             config.update({f"transform-{k}": v for k, v in j.transform.items()})
-            contents[j.client_id] = RecordDict({"payload": to_record(j.payload), "config": ConfigRecord(config)})
+            contents[j.client_id] = RecordDict({"payload": to_record(j.payload), "config": ConfigRecord(config)})  # type: ignore[arg-type]
         out: list[ClientReply | ClientFailure] = []
         answers = self._send("train", contents, jobs[0].round)
         for j in jobs:
@@ -101,7 +101,7 @@ class FlowerEngine:
             if isinstance(reply, str):
                 out.append(ClientFailure(j.client_id, reply, len(j.payload)))
                 continue
-            up = from_record(reply.content["payload"])
+            up = from_record(reply.content.array_records["payload"])
             metrics = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
             n = int(metrics.pop("num-examples"))
             out.append(ClientReply(j.client_id, up, n, metrics, len(j.payload), len(up)))

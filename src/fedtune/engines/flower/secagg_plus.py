@@ -62,7 +62,7 @@ def secure_round(
     n = len(jobs)
     fitins = {}
     for j in jobs:
-        conf = {"round": rnd, "participants": ",".join(j.participants), "run": j.run}
+        conf: dict[str, Any] = {"round": rnd, "participants": ",".join(j.participants), "run": j.run}
         conf.update({f"transform-{k}": v for k, v in j.transform.items()})
         fitins[node_of[j.client_id]] = FitIns(ndarrays_to_parameters([np.frombuffer(j.payload, dtype=np.uint8)]), conf)
     adapter = SecAggRound(fitins)

@@ -75,6 +75,8 @@ def run(
         from fedtune.recipes.federated import print_summary, run_federated
 
         _quiet_bars()
+        if cfg.engine.name == "flower-deploy":
+            raise FedtuneError("engine.name flower-deploy runs through `fedtune deploy CONFIG` (or `flwr run`)")
         if cfg.engine.name == "flower-sim":
             result = _run_flower_sim(cfg, resume is not None, overwrite)
         else:
@@ -145,28 +147,39 @@ def deploy(
 
 @app.command()
 def validate(
-    config: Annotated[Path, typer.Argument(help="experiment YAML")],
+    configs: Annotated[list[Path], typer.Argument(help="one or more experiment YAMLs")],
     set_: SetOpt = None,
     data: Annotated[bool, typer.Option(help="also load and partition the data (no model)")] = True,
 ) -> None:
-    """Check a config (and its data partition) and report every problem at once, before any model loads."""
+    """Check configs (and their data partitions) and report every problem at once, before any model loads."""
     _env()
     from fedtune.config import config_to_yaml, load_config
-    from fedtune.errors import FedtuneError
+    from fedtune.errors import ConfigError, FedtuneError
 
-    try:
-        cfg = load_config(config, set_ or [])
-        if data:
-            from fedtune.data.partition import partition
-            from fedtune.data.sources import load_corpus
+    failed = False
+    for config in configs:
+        try:
+            cfg = load_config(config, set_ or [])
+            if data:
+                from fedtune import components
+                from fedtune.data.partition import partition
+                from fedtune.data.sources import load_corpus
 
-            parts = partition(load_corpus(cfg.data), cfg.partition, cfg.seed)
-            sizes = ", ".join(f"{cid}: {len(p)}" for cid, p in parts.items())
-            out.print(f"data: {len(parts)} clients (documents per client: {sizes})")
-    except FedtuneError as e:
-        _fail(e)
-    out.print(f"[green]ok[/green]: {config}")
-    out.print(config_to_yaml(cfg), highlight=False)
+                parts = partition(load_corpus(cfg.data), cfg.partition, cfg.seed)
+                problems = components.per_client_problems(cfg, list(parts))
+                if problems:
+                    raise ConfigError(problems)
+                sizes = ", ".join(f"{cid}: {len(p)}" for cid, p in parts.items())
+                out.print(f"data: {len(parts)} clients (documents per client: {sizes})")
+        except FedtuneError as e:
+            err.print(f"[bold red]error[/bold red] in {config}: {e}", highlight=False)
+            failed = True
+            continue
+        out.print(f"[green]ok[/green]: {config}")
+        if len(configs) == 1:
+            out.print(config_to_yaml(cfg), highlight=False)
+    if failed:
+        raise typer.Exit(2)
 
 
 @app.command("ls")

@@ -156,9 +156,71 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
                     "set adapter.router_every: 0 (routers train inside DP-SGD) or drop train.dp_sgd",
                 )
             )
+    dp = cfg.strategy.name == "dp_fedavg" or cfg.train.dp_sgd is not None
+    if dp and caps.raw_data:
+        problems.append(
+            Problem(
+                "strategy.name",
+                name,
+                f"strategy {name!r} moves raw client data (tokens) outside the DP guarantee that is reported",
+                "use another strategy (e.g. pcl with trust: weights, robust), or drop DP",
+            )
+        )
+    if dp and cfg.adapter.kind == "lora_sb" and not cfg.adapter.sb_init.startswith("source:"):
+        problems.append(
+            Problem(
+                "adapter.sb_init",
+                cfg.adapter.sb_init,
+                "LoRA-SB's init from a client's data is released to everyone, outside the DP guarantee",
+                "use adapter.sb_init: source:<public corpus>, e.g. source:stdlib",
+            )
+        )
+    if _stateful(cfg, downlink=True):
+        problems.append(
+            Problem(
+                "downlink_codec" if cfg.downlink_codec is not None else "codec",
+                (cfg.downlink_codec or cfg.codec).name,
+                "a stateful codec (error feedback, lazy uploads) on the downlink sends part of the model state; "
+                "clients would train on a model with most of its entries missing",
+                "set downlink_codec: {name: identity} (or fp16 / quantize) and keep the stateful codec for the uplink",
+            )
+        )
     down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
     problems += strategy_class(cfg).config_problems(cfg.strategy.params(), cfg.adapter, down, cfg.secure_aggregation)
     return problems
+
+
+def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Problem]:
+    """Checks that need the clients: adapter.ranks / adapter.experts lists (one entry per
+    client) and the strategy on the configured sample size (Krum's n >= 2f + 3, ...)."""
+    out = []
+    n, ids = len(client_ids), ", ".join(client_ids)
+    if cfg.adapter.ranks is not None and len(cfg.adapter.ranks) != n:
+        out.append(
+            Problem(
+                "adapter.ranks",
+                cfg.adapter.ranks,
+                f"one rank per client is needed; there are {n} clients ({ids})",
+                f"give {n} ranks",
+            )
+        )
+    counts = cfg.adapter.experts
+    if cfg.adapter.kind == "moe_lora" and isinstance(counts, list) and len(counts) != n:
+        out.append(
+            Problem(
+                "adapter.experts",
+                counts,
+                f"one expert count per client is needed; there are {n} clients ({ids})",
+                f"give {n} counts, or one number for all",
+            )
+        )
+    cls = strategy_class(cfg)
+    if cls is not None and n > 0:
+        from fedtune.sampling import sample_size
+
+        k = sample_size(n, cfg.sampling.fraction, cfg.sampling.min_clients)
+        out += TypeAdapter(cls).validate_python(cfg.strategy.params()).sample_problems(k)
+    return out
 
 
 def check_data_source(cfg: ExperimentConfig) -> list[Problem]:
@@ -179,19 +241,30 @@ def check_model(cfg: ExperimentConfig) -> list[Problem]:
     return [Problem("model.name", cfg.model.name, why, "use 'smollm2', 'tiny' or a local HF model dir")]
 
 
+def _stateful(cfg: ExperimentConfig, downlink: bool) -> bool:
+    """Whether the (up- or down-) link codec keeps state; False for an invalid codec (reported by check_codec)."""
+    try:
+        return bool(build_codec(cfg, downlink=downlink).stateful)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def check_engine(cfg: ExperimentConfig, engine: str | None = None) -> list[Problem]:
     """What the chosen engine (default: engine.name) cannot do for this config."""
     name = engine or cfg.engine.name
     caps = strategy_capabilities(cfg)
     if caps is None:
         return []
-    stateful = build_codec(cfg).stateful or build_codec(cfg, downlink=True).stateful
+    stateful = _stateful(cfg, downlink=False) or _stateful(cfg, downlink=True)
     return engine_problems(ENGINES[name], cfg, caps, stateful)
 
 
 def build_strategy(cfg: ExperimentConfig, ctx: RunContext) -> Any:
-    """Instantiate the configured strategy with its run context."""
-    return STRATEGIES.get(cfg.strategy.name)(**cfg.strategy.params(), ctx=ctx)
+    """Instantiate the configured strategy with its run context, from the validated (type-coerced)
+    parameters, never the raw strings of a YAML file or `--set`."""
+    cls = STRATEGIES.get(cfg.strategy.name)
+    params = TypeAdapter(cls).validate_python(cfg.strategy.params()) if cfg.strategy.params() else cls()
+    return dataclasses.replace(params, ctx=ctx)
 
 
 def run_context(cfg: ExperimentConfig, client_ids: list[str], lora_scale: float) -> RunContext:
@@ -211,6 +284,7 @@ def run_context(cfg: ExperimentConfig, client_ids: list[str], lora_scale: float)
         sampling_scheme=cfg.sampling.scheme,
         num_clients=n,
         sample_size=k,
+        randomness=cfg.randomness(),
     )
 
 
@@ -257,7 +331,9 @@ def build_codec(cfg: ExperimentConfig, downlink: bool = False) -> Any:
 def build_train_spec(cfg: ExperimentConfig) -> TrainSpec:
     fields = cfg.train.model_dump(exclude={"dp_sgd"})
     if cfg.train.dp_sgd is not None:
-        fields.update(dp_clip=cfg.train.dp_sgd.clip, dp_noise=cfg.train.dp_sgd.noise_multiplier)
+        fields.update(
+            dp_clip=cfg.train.dp_sgd.clip, dp_noise=cfg.train.dp_sgd.noise_multiplier, dp_randomness=cfg.randomness()
+        )
     spec = TrainSpec(**fields)
     if cfg.adapter.kind != "moe_lora":
         return spec

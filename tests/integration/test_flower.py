@@ -55,6 +55,7 @@ def test_comigs_and_error_feedback_on_flower_keep_client_state_and_match_inproce
         "strategy.name=comigs",
         "codec.name=topk",
         "codec.fraction=0.2",
+        "downlink_codec.name=identity",
         "rounds=3",
         "train.steps=2",
     ]
@@ -68,7 +69,10 @@ def test_comigs_and_error_feedback_on_flower_keep_client_state_and_match_inproce
 def test_secaggplus_on_flower_with_dp_matches_inprocess_secure_aggregation(tiny_cfg) -> None:
     """DP-FedAvg (clip on the client, distributed noise) under Flower's SecAgg+: the server sees
     only the unmasked mean, and the run ends where the in-process pairwise-masked run ends (both
-    quantize: 24 fractional bits in-process, SecAgg+'s ~2e-8 steps on Flower)."""
+    quantize: 24 fractional bits in-process, SecAgg+'s ~2e-8 steps on Flower). The noise is made
+    negligible here because on Flower each share is sized for SecAgg+'s reconstruction threshold
+    (2 of 4 clients, so any accepted set of survivors carries sigma * S), in-process for the 4
+    known participants; the clients' noise_parties are checked instead."""
     pytest.importorskip("dp_accounting")
     from fedtune.recipes.flower import run_simulation
 
@@ -78,7 +82,7 @@ def test_secaggplus_on_flower_with_dp_matches_inprocess_secure_aggregation(tiny_
         "secure_aggregation=true",
         "strategy.name=dp_fedavg",
         "strategy.noise=distributed",
-        "strategy.noise_multiplier=0.5",
+        "strategy.noise_multiplier=1e-6",
         "strategy.clip=0.01",
     ]
     local = run_federated(tiny_cfg(*over, name="inproc"), progress=False)
@@ -95,6 +99,26 @@ def test_secaggplus_on_flower_with_dp_matches_inprocess_secure_aggregation(tiny_
         from fedtune.recipes.flower import check_flower
 
         check_flower(tiny_cfg(*over, "codec.name=fp16", "engine.name=flower-sim"))
+
+
+def test_secaggplus_noise_shares_are_sized_for_the_reconstruction_threshold() -> None:
+    """Each client's distributed-noise share is N(0, (sigma S)^2 / t) with t = SecAgg+'s
+    threshold (2 of 4 here), so the noise of any set of survivors SecAgg+ accepts is >= sigma S
+    (the landed code sized it for all 4 sampled clients: sigma S / 2 each)."""
+    import torch
+
+    from fedtune.client.run import ClientJob, ClientState
+    from fedtune.engines.flower.secagg_plus import threshold
+    from fedtune.engines.plan import StrategyTransform
+    from fedtune.strategies.dp import DPFedAvg
+
+    assert threshold(4) == 2 and threshold(10) == 5 and threshold(2) == 2
+    dp = DPFedAvg(noise="distributed", noise_multiplier=1.5, clip=0.2)
+    job = ClientJob(1, "a", b"", ("a", "b", "c", "d"), {"clip": 0.2, "noise_parties": threshold(4)})
+    share = StrategyTransform(dp)({"k": torch.zeros(300, 300)}, job, None, ClientState())["k"]
+    assert float(share.std()) == pytest.approx(1.5 * 0.2 / 2**0.5, rel=0.02)
+    t = len(job.participants) - 2  # two clients lost: the survivors' shares still sum to >= sigma S
+    assert t * (1.5 * 0.2 / 2**0.5) ** 2 >= (1.5 * 0.2) ** 2 - 1e-12
 
 
 def test_flower_refuses_what_it_cannot_run(tiny_cfg) -> None:

@@ -30,7 +30,11 @@ MATRIX = {
     "pcl:predictions": ["strategy.trust=predictions", "strategy.top_k=8"],
     "tac": ["strategy.clusters=2"],
     # codec state (error-feedback residuals) must survive the interruption too
-    "fedavg:topk-ef-q4": ["codec.name=chain", "codec.stages=[{name: topk, fraction: 0.2}, {name: quantize, bits: 4}]"],
+    "fedavg:topk-ef-q4": [
+        "codec.name=chain",
+        "codec.stages=[{name: topk, fraction: 0.2}, {name: quantize, bits: 4}]",
+        "downlink_codec.name=quantize",
+    ],
     "fedavg:aquila": ["codec.name=aquila", "downlink_codec.name=fp16"],
     "fedkseed": ["strategy.lr=0.05", "strategy.num_seeds=256", "strategy.pro=true", "train.steps=8"],
     "fedkseed:full-one-byte": [  # full-parameter (every linear weight of the tiny model), one-byte scalars
@@ -42,7 +46,7 @@ MATRIX = {
         "train.steps=8",
     ],
     "ferret": ["train.lr=0.5", "strategy.bases=32"],
-    "safari": ["sampling.dropout=0.3", "codec.name=topk", "codec.fraction=0.5"],
+    "safari": ["sampling.dropout=0.3", "codec.name=topk", "codec.fraction=0.5", "downlink_codec.name=identity"],
     "dp_fedavg": [
         "strategy.inner=ffa_lora",
         "strategy.noise_multiplier=0.5",
@@ -50,7 +54,7 @@ MATRIX = {
         "strategy.adaptive=true",
         "train.lr=0.02",
     ],
-    "robust": ["strategy.rule=trimmed_mean", "attack.kind=sign_flip", "attack.fraction=0.25"],
+    "robust": ["strategy.rule=trimmed_mean", "strategy.trim=0.25", "attack.kind=sign_flip", "attack.fraction=0.25"],
     "ffa_lora:q8-down-fp16": ["train.lr=0.02", "codec.name=quantize", "codec.bits=8", "downlink_codec.name=fp16"],
 }
 

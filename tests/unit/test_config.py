@@ -64,3 +64,39 @@ def test_shipped_configs_validate() -> None:
 
     for f in sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")):
         load_config(f)
+
+
+def test_numbers_in_scientific_notation_reach_the_strategy_as_numbers(tmp_path) -> None:
+    """YAML 1.1 reads `1e-6` as a string; the landed code passed that string to the strategy
+    (a crash deep in DP-FedAvg's noise). --set parses it as a number, and a strategy is built
+    from its validated, type-coerced parameters."""
+    from fedtune import components
+    from fedtune.config import load_config
+
+    cfg = load_config(None, ["strategy.name=dp_fedavg", "strategy.noise_multiplier=1e-6"])
+    assert cfg.strategy.params()["noise_multiplier"] == 1e-6
+    f = tmp_path / "c.yaml"
+    f.write_text("strategy: {name: dp_fedavg, noise_multiplier: 1e-6, clip: '0.5'}\n")
+    s = components.build_strategy(load_config(f), components.run_context(load_config(f), ["a", "b"], 1.0))
+    assert (s.noise_multiplier, s.clip) == (1e-6, 0.5) and isinstance(s.clip, float)
+
+
+def test_nothing_leaves_the_dp_guarantee_and_stateful_downlinks_are_refused(tiny_cfg) -> None:
+    """Under a reported DP guarantee: no raw-data exchange (PCL predictions, Bristle) and no
+    LoRA-SB init from a client's data. A stateful downlink codec (error feedback, lazy uploads)
+    is refused on every engine (the landed in-process engine trained clients on a model with
+    83-95 % of its entries missing)."""
+    from fedtune.errors import ConfigError
+
+    dp = ("train.dp_sgd.noise_multiplier=1.0",)
+    with pytest.raises(ConfigError, match="raw client data"):
+        tiny_cfg(*dp, "strategy.name=pcl", "strategy.trust=predictions")
+    with pytest.raises(ConfigError, match="raw client data"):
+        tiny_cfg(*dp, "strategy.name=bristle")
+    with pytest.raises(ConfigError, match="outside the DP guarantee"):
+        tiny_cfg(*dp, "strategy.name=fedsb", "adapter.kind=lora_sb")
+    tiny_cfg(*dp, "strategy.name=fedsb", "adapter.kind=lora_sb", "adapter.sb_init=source:stdlib")  # public: fine
+    tiny_cfg(*dp, "strategy.name=pcl", "strategy.trust=weights")
+    with pytest.raises(ConfigError, match="stateful codec"):
+        tiny_cfg("codec.name=topk")
+    tiny_cfg("codec.name=topk", "downlink_codec.name=identity")

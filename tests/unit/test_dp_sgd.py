@@ -89,3 +89,25 @@ def test_poisson_batches_have_the_expected_size(tiny_with_lora) -> None:
     assert set(sizes) == {1}  # one backward per example
     assert stats["dp_rate"] == 0.25
     assert abs(len(sizes) / 60 - 2.0) < 3 * math.sqrt(8 * 0.25 * 0.75 / 60)  # within 3 standard errors
+
+
+def test_dp_sgd_noise_stays_in_a_low_rank_clients_own_rows(tiny_with_lora, random_shard) -> None:
+    """A rank-1 client inside the rank-2 LoRA (FLoRA / FlexLoRA / HetLoRA ranks): the padded row
+    of A and column of B get zero gradients, and DP-SGD's noise must not land there either (the
+    landed code noised them, so the client trained a larger adapter than it sent)."""
+    from fedtune.client.round import client_round
+    from fedtune.strategies.merge import truncate_rank
+
+    model, init = tiny_with_lora()
+    received = truncate_rank({k: v.clone() for k, v in init.items()}, 1)
+    spec = TrainSpec(steps=3, batch_size=4, lr=0.05, dp_clip=1.0, dp_noise=1.0)
+    delta, _, _ = client_round(model, received, random_shard("c1"), spec, 0, 1)
+    after = get_state(model)
+    for k, v in received.items():
+        assert delta[k].shape == v.shape
+        full = after[k]
+        if "lora_A" in k:
+            assert torch.count_nonzero(full[1:]) == 0, k  # the padded row of A
+        else:
+            assert torch.count_nonzero(full[:, 1:]) == 0, k  # the padded column of B
+    assert any(float(d.abs().max()) > 0 for d in delta.values())  # the own rank did train

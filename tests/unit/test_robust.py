@@ -85,3 +85,29 @@ def test_bristle_integrator_weights_follow_per_domain_gains() -> None:
     # domain a: gains 1, 0.5, 0 -> 2/3, 1/3, 0; domain b: 0, 0.5, 0 -> 0, 1, 0; mean over domains
     torch.testing.assert_close(w, torch.tensor([1 / 3, 2 / 3, 0.0], dtype=torch.float64))
     assert float(integrator_weights(base, [{"a": 3.5, "b": 2.5}]).sum()) == 0.0  # nobody helps: no move
+
+
+def test_krum_and_trimmed_mean_refuse_samples_they_cannot_handle(tiny_cfg) -> None:
+    """The landed code ran Krum with n = 4 < 2f + 3 (with f = 2 it kept an attacker) and a
+    trimmed mean that trims nothing, without a word. Now: refused for the configured sample size,
+    and a round that dropouts shrink below it keeps the model and says why."""
+    from fedtune import components
+    from fedtune.errors import ConfigError
+
+    ids = ["email", "http", "json", "logging"]
+    krum = tiny_cfg("strategy.name=robust", "strategy.rule=krum", "strategy.f=1")
+    assert any("2f + 3 = 5" in p.constraint for p in components.per_client_problems(krum, ids))
+    trim = tiny_cfg("strategy.name=robust", "strategy.rule=trimmed_mean", "strategy.trim=0.2")
+    assert any("removes nothing" in p.constraint for p in components.per_client_problems(trim, ids))
+    assert components.per_client_problems(tiny_cfg("strategy.name=robust", "strategy.rule=median"), ids) == []
+    with pytest.raises(ConfigError, match="2f \\+ 3"):
+        from fedtune.engines.federation import rank_per_client
+
+        rank_per_client(krum, ids)  # what the in-process federation checks before the model loads
+    s = Robust(rule="multikrum", f=1)
+    glob = {"m.lora_B.weight": torch.zeros(2, 2)}
+    ups = [ClientUpdate(c, {"m.lora_B.weight": torch.ones(2, 2)}, 1) for c in "abcd"]  # 4 < 5 arrived
+    res = s.aggregate(1, ups, s.init_state(glob))
+    assert "n >= 2f + 3" in res.metrics["skipped"] and torch.equal(
+        res.global_state["m.lora_B.weight"], glob["m.lora_B.weight"]
+    )

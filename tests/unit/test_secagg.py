@@ -1,29 +1,78 @@
-"""Pairwise masks cancel exactly in the sum; a single masked upload reveals nothing useful;
-non-sum strategies are refused."""
+"""Pairwise masks from X25519 key agreement cancel exactly in the sum; the server's view (every
+masked upload, every public key, the run seed) does not reveal one client's update; a masked
+upload rejected after masking aborts the round; non-sum strategies are refused."""
 
 import pytest
 import torch
 
-from fedtune.secagg import FRAC, mask, to_fixed, unmask_sum
+from fedtune.secagg import FRAC, mask, new_private_key, public_key, to_fixed, unmask_sum
+
+KEY = "m.lora_B.weight"
+IDS = ["a", "b", "c", "d"]
 
 
-def test_masks_cancel_exactly_in_the_sum() -> None:
+def masked_round(mode: str, rnd: int = 2, seed: int = 5):
     g = torch.Generator().manual_seed(0)
-    ids = ["a", "b", "c", "d"]
-    deltas = {c: {"m.lora_B.weight": torch.randn(6, 3, generator=g)} for c in ids}
+    deltas = {c: {KEY: torch.randn(6, 3, generator=g)} for c in IDS}
     weights = {"a": 3.0, "b": 1.0, "c": 7.0, "d": 2.0}
-    fixed = {c: to_fixed(deltas[c], weights[c]) for c in ids}
-    masked = {c: mask(fixed[c], c, ids, seed=5, rnd=2) for c in ids}
-    exact = sum(fixed[c]["m.lora_B.weight"] for c in ids)
-    assert torch.equal(sum(masked[c]["m.lora_B.weight"] for c in ids), exact)  # int64: bit-exact
-    # one upload alone is far from the client's value (the mask dominates)
-    assert float((masked["a"]["m.lora_B.weight"] - fixed["a"]["m.lora_B.weight"]).abs().min()) > 2**40
-    want = sum(weights[c] * deltas[c]["m.lora_B.weight"] for c in ids)
-    got = unmask_sum(list(masked.values()))["m.lora_B.weight"]
-    assert float((got - want).abs().max()) <= len(ids) / 2 ** (FRAC + 1) + 1e-6
-    # masks of another round or a different participant set do not cancel
-    other = mask(fixed["a"], "a", ids, seed=5, rnd=3)
-    assert not torch.equal(other["m.lora_B.weight"] + sum(masked[c]["m.lora_B.weight"] for c in "bcd"), exact)
+    fixed = {c: to_fixed(deltas[c], weights[c]) for c in IDS}
+    private = {c: new_private_key(mode, seed, rnd, c) for c in IDS}
+    public = {c: public_key(private[c]) for c in IDS}  # what the server relays
+    masked = {c: mask(fixed[c], c, private[c], public, rnd) for c in IDS}
+    return deltas, weights, fixed, public, masked
+
+
+@pytest.mark.parametrize("mode", ["secure", "seeded"])
+def test_masks_cancel_exactly_in_the_sum(mode: str) -> None:
+    deltas, weights, fixed, _, masked = masked_round(mode)
+    exact = sum(fixed[c][KEY] for c in IDS)
+    assert torch.equal(sum(masked[c][KEY] for c in IDS), exact)  # int64: bit-exact
+    assert float((masked["a"][KEY] - fixed["a"][KEY]).abs().min()) > 2**40  # the mask dominates one upload
+    want = sum(weights[c] * deltas[c][KEY] for c in IDS)
+    got = unmask_sum(list(masked.values()))[KEY]
+    assert float((got - want).abs().max()) <= len(IDS) / 2 ** (FRAC + 1) + 1e-6
+
+
+def test_the_servers_view_does_not_reveal_one_update() -> None:
+    """With secure randomness the server holds every masked upload, every public key and the run
+    seed. Rebuilding a client's masks from the seed (what the landed code's masks were made of:
+    derive_seed(seed, 'secagg', round, a, b)) or from the seeded key derivation gives nothing:
+    the difference is still mask-sized. Two runs with the same seed mask differently."""
+    from fedtune.seeding import derive_seed
+
+    _, _, fixed, public, masked = masked_round("secure")
+    shapes = {KEY: fixed["a"][KEY].shape}
+    guesses = []
+    for c in "bcd":  # the landed code's pair masks, from the seed alone
+        lo, hi = sorted(("a", c))
+        gen = torch.Generator().manual_seed(derive_seed(5, "secagg", 2, lo, hi))
+        m = torch.randint(-(2**62), 2**62, shapes[KEY], generator=gen, dtype=torch.int64)
+        guesses.append(m if "a" < c else -m)
+    assert float((masked["a"][KEY] - sum(guesses) - fixed["a"][KEY]).abs().min()) > 2**40
+    # the seeded key derivation, applied by a server that knows the seed, does not match either
+    assert public_key(new_private_key("seeded", 5, 2, "a")) != public["a"]
+    assert not torch.equal(masked["a"][KEY], masked_round("secure")[4]["a"][KEY])
+
+
+def test_a_rejected_masked_upload_aborts_the_round_never_a_corrupted_sum(tiny_cfg, monkeypatch) -> None:
+    """One masked upload is rejected after masking (here: the validation rejects client json's).
+    The landed code summed the other three masked uploads (masks left in: entries around 5e11).
+    Now the round is aborted: every upload is a recorded failure and the model is kept."""
+    import fedtune.validation as validation
+    from fedtune.recipes.federated import run_federated
+
+    real = validation.update_problem
+    monkeypatch.setattr(
+        validation, "update_problem", lambda u, *a, **k: "test rejection" if u.client_id == "json" else real(u, *a, **k)
+    )
+    run = run_federated(tiny_cfg("rounds=1", "train.steps=1", "secure_aggregation=true"), progress=False)
+    r1 = [r for r in run.records if r["round"] == 1]
+    summary = next(r for r in r1 if r["client"] is None)
+    base = next(r for r in run.records if r["round"] == 0 and r["client"] is None)
+    failures = {r["client"]: r["failure"] for r in r1 if r["client"]}
+    assert "test rejection" in failures.pop("json") and summary["failures"] == 4
+    assert all("round aborted" in f for f in failures.values())
+    assert summary["mean_ppl"] == pytest.approx(base["mean_ppl"], rel=1e-9)  # the model did not move
 
 
 def test_secure_aggregation_is_refused_for_non_sum_strategies(tiny_cfg) -> None:

@@ -56,6 +56,9 @@ def client_round(
     by_key = adapter_parameters(model)
     routers = [by_key[k] for k in sorted(keys) if is_router_key(k)]
     params = [by_key[k] for k in sorted(keys) if not is_router_key(k)]
+    # the region each parameter really has for this client (a rank-r_k client inside the max-rank
+    # LoRA): DP-SGD's noise goes only there, so the padded rows stay exactly zero
+    regions = [lora[k].shape if k in lora else by_key[k].shape for k in sorted(keys) if not is_router_key(k)]
     gen = torch_generator(seed, "train", rnd, shard.client_id)
     torch.manual_seed(derive_seed(seed, "dropout", rnd, shard.client_id))  # LoRA dropout draws globally
     terms = []
@@ -76,6 +79,7 @@ def client_round(
         on_step=on_step,
         router_params=routers,
         router_blocks=shard.val,
+        regions=regions,
         step_offset=(rnd - 1) * spec.num_steps(int(shard.train.shape[0])),
     )
     trained = get_state(model)

@@ -39,12 +39,14 @@ class ClientState:
         up_codec: the uplink encoder's state (error-feedback residual, AQUILA's last upload).
         down_codec: the downlink decoder's state (mirror of the server's downlink encoder).
         rounds: rounds this client has trained in.
+        secagg_key: the X25519 private key of the secure-aggregation round it is in (never sent).
     """
 
     private: AdapterState = field(default_factory=dict)
     up_codec: Any = None
     down_codec: Any = None
     rounds: int = 0
+    secagg_key: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class ClientJob:
         transform: the strategy's per-round client parameters (DP-FedAvg's clip).
         run: the run's token (a client keeps its state per run, so a new run never reads an old
             run's state and a resumed one finds its own).
+        peer_keys: the public keys the round's participants advertised (secure aggregation).
     """
 
     round: int
@@ -68,6 +71,7 @@ class ClientJob:
     participants: tuple[str, ...] = ()
     transform: Mapping[str, Any] = field(default_factory=dict)
     run: str = ""
+    peer_keys: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ class ClientReply:
 class UpdateTransform(Protocol):
     """A client-side step on the update between training and encoding (like a Flower client mod)."""
 
-    def __call__(self, delta: AdapterState, job: ClientJob, shard: Shard) -> AdapterState: ...
+    def __call__(self, delta: AdapterState, job: ClientJob, shard: Shard, state: ClientState) -> AdapterState: ...
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,8 @@ class ClientPlan:
         transforms: update transforms in order (attack, DP share, secure-aggregation mask).
         experts: per-client expert counts of a mixture adapter ({} = all the same).
         private_init: the initial client-private tensors (the same for every client).
+        secure_aggregation: clients mask their uploads (in-process pairwise masks).
+        randomness: 'secure' (OS CSPRNG) or 'seeded' (simulation) for mask keys.
     """
 
     spec: TrainSpec
@@ -114,6 +120,8 @@ class ClientPlan:
     transforms: Sequence[UpdateTransform] = ()
     experts: Mapping[str, int] = field(default_factory=dict)
     private_init: AdapterState = field(default_factory=dict)
+    secure_aggregation: bool = False
+    randomness: str = "seeded"
 
     def initial_state(self) -> ClientState:
         return ClientState(private=dict(self.private_init))
@@ -148,7 +156,7 @@ def run_client(
             experts=plan.experts.get(job.client_id),
         )
     for transform in plan.transforms:
-        delta = transform(delta, job, shard)
+        delta = transform(delta, job, shard, state)
     up, up_state = plan.up_codec.encode(
         delta, state.up_codec, torch_generator(plan.seed, "codec-up", job.round, job.client_id)
     )
@@ -160,3 +168,12 @@ def run_client(
     reply = ClientReply(job.client_id, up, shard.num_examples, metrics, len(job.payload), len(up))
     new_state = replace(state, private=private, up_codec=up_state, down_codec=down_state, rounds=state.rounds + 1)
     return reply, new_state
+
+
+def advertise(job: ClientJob, plan: ClientPlan, state: ClientState) -> tuple[bytes, ClientState]:
+    """Secure aggregation's first step on a client: a fresh key pair for this round; the public
+    key goes to the server (and on to the other participants), the private key stays in the state."""
+    from fedtune.secagg import new_private_key, public_key
+
+    private = new_private_key(plan.randomness, plan.seed, job.round, job.client_id)
+    return public_key(private), replace(state, secagg_key=private)

@@ -63,6 +63,7 @@ class ClientStateStore:
             "up_codec": state.up_codec,
             "down_codec": state.down_codec,
             "rounds": state.rounds,
+            "secagg_key": state.secagg_key,
         }
         write_atomic_with(d / f"round-{rnd}.pt", lambda f: torch.save(raw, f))
         self._remember((cid, rnd), state)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fedtune.errors import TrainingDivergedError
+from fedtune.privacy.randomness import SecureNoise, SeededNoise
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class TrainSpec:
     # sample-level DP-SGD (None = off): per-example clip C and noise multiplier sigma
     dp_clip: float | None = None
     dp_noise: float | None = None
+    dp_randomness: str = "seeded"  # 'secure': Poisson batches and noise from the OS CSPRNG
 
     def dp_rate(self, num_blocks: int) -> float:
         """DP-SGD's Poisson sampling rate q for a client with `num_blocks` training blocks."""
@@ -126,6 +128,7 @@ def local_train_(
     router_params: list[torch.nn.Parameter] | None = None,
     router_blocks: torch.Tensor | None = None,
     step_offset: int = 0,
+    regions: list[torch.Size] | None = None,
 ) -> dict[str, float]:
     """Train `params` of `model` in place on `blocks` [N, T]; return train metrics.
 
@@ -134,6 +137,8 @@ def local_train_(
     alternating schedule: after every router_every-th expert step (counted over the client's whole
     training, from `step_offset`), router_steps steps of their own AdamW on `router_blocks` (the
     validation split) with the same loss; otherwise they train jointly with `params`.
+    `regions`: for each of `params`, the leading sub-shape the client really trains (its own
+    rank inside a larger padded LoRA); DP-SGD adds noise only there.
     Raises TrainingDivergedError on a NaN or infinite loss.
     """
     total = spec.num_steps(int(blocks.shape[0]))
@@ -187,7 +192,7 @@ def local_train_(
         n = int(blocks.shape[0])
         q = spec.dp_rate(n)
         clip, sigma = float(spec.dp_clip or 1.0), float(spec.dp_noise or 0.0)
-        picked = torch.nonzero(torch.rand(n, generator=gen) < q).flatten().tolist()
+        picked = torch.nonzero(noise.uniform(n) < q).flatten().tolist()
         summed = [torch.zeros_like(p, dtype=torch.float32) for p in group]
         step_losses = []
         for i in picked:
@@ -204,8 +209,10 @@ def local_train_(
             for acc, g in zip(summed, grads):
                 acc.add_(g, alpha=factor)
             step_losses.append(loss.item())
-        for p, acc in zip(group, summed):
-            acc.add_(torch.randn(acc.shape, generator=gen) * (sigma * clip))
+        for i, (p, acc) in enumerate(zip(group, summed)):
+            region = regions[i] if regions is not None and i < len(regions) else acc.shape
+            cut = tuple(slice(0, n) for n in region)
+            acc[cut] += noise.normal(acc[cut].shape) * (sigma * clip)
             p.grad = (acc / (q * n)).to(p.dtype)
         if extra_loss is not None:  # data-independent (FedProx): no privacy cost, not clipped
             extra_loss().backward()
@@ -214,6 +221,8 @@ def local_train_(
         return sum(step_losses) / len(step_losses) if step_losses else None
 
     dp = spec.dp_noise is not None
+    # seeded: the training generator (reproducible simulation); secure: the OS CSPRNG
+    noise = SecureNoise() if spec.dp_randomness == "secure" else SeededNoise(gen)
     empty = 0
     for step in range(total):
         lr = get_lr(step, total, spec)

@@ -180,10 +180,23 @@ class CodecConfig(_Named):
 
 
 class EngineConfig(_Strict):
-    name: Literal["inprocess", "flower-sim"] = Field(
-        "inprocess", description="'inprocess' (default) or 'flower-sim' (Flower's simulation runtime; extra 'flower')"
+    name: Literal["inprocess", "flower-sim", "flower-deploy"] = Field(
+        "inprocess",
+        description="'inprocess' (default), 'flower-sim' (Flower's simulation runtime; extra 'flower'), "
+        "'flower-deploy' (set by `fedtune deploy` / the app it writes: SuperLink and SuperNodes)",
     )
     timeout: float = Field(600.0, gt=0.0, description="seconds to wait for client replies (Flower)")
+
+
+class PrivacyConfig(_Strict):
+    """Where privacy randomness comes from (DP noise, DP-SGD's Poisson batches, mask secrets)."""
+
+    randomness: Literal["auto", "seeded", "secure"] = Field(
+        "auto",
+        description="'secure': the OS CSPRNG, never stored (required on a Flower deployment); 'seeded': "
+        "reproducible simulation noise derived from the seed (research only: anyone with the config can "
+        "regenerate it); 'auto': secure on a deployment, seeded in simulation",
+    )
 
 
 class SamplingConfig(_Strict):
@@ -280,6 +293,7 @@ class ExperimentConfig(_Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     secure_aggregation: bool = Field(
         False,
         description="pairwise-masked uploads: the server only learns the sum of the updates "
@@ -288,3 +302,9 @@ class ExperimentConfig(_Strict):
 
     def run_dir(self) -> str:
         return self.output_dir.replace("{name}", self.name)
+
+    def randomness(self) -> str:
+        """The privacy randomness actually used: 'secure' or 'seeded'."""
+        if self.privacy.randomness != "auto":
+            return self.privacy.randomness
+        return "secure" if self.engine.name == "flower-deploy" else "seeded"

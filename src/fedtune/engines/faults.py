@@ -58,7 +58,7 @@ class AttackTransform:
     bad: frozenset[str]
     seed: int
 
-    def __call__(self, delta: AdapterState, job: ClientJob, shard: Shard) -> AdapterState:
+    def __call__(self, delta: AdapterState, job: ClientJob, shard: Shard, state: Any) -> AdapterState:
         if job.client_id not in self.bad:
             return delta
         return poison(delta, self.kind, self.scale, torch_generator(self.seed, "attack", job.round, job.client_id))

@@ -11,6 +11,7 @@ import torch
 
 from fedtune.adapters.lora_sb import inject_lora_sb_
 from fedtune.adapters.moe_lora import inject_moe_lora_
+from fedtune.components import per_client_problems
 from fedtune.config import ExperimentConfig
 from fedtune.data.blocks import Shard, make_shards, pack
 from fedtune.data.partition import partition
@@ -25,32 +26,6 @@ def load_shards(cfg: ExperimentConfig, tokenizer: Any) -> dict[str, Shard]:
     corpus = load_corpus(cfg.data)
     parts = partition(corpus, cfg.partition, cfg.seed)
     return make_shards(parts, tokenizer, cfg.data, cfg.seed)
-
-
-def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Problem]:
-    """adapter.ranks and adapter.experts lists must have one entry per client."""
-    out = []
-    n, ids = len(client_ids), ", ".join(client_ids)
-    if cfg.adapter.ranks is not None and len(cfg.adapter.ranks) != n:
-        out.append(
-            Problem(
-                "adapter.ranks",
-                cfg.adapter.ranks,
-                f"one rank per client is needed; there are {n} clients ({ids})",
-                f"give {n} ranks",
-            )
-        )
-    counts = cfg.adapter.experts
-    if cfg.adapter.kind == "moe_lora" and isinstance(counts, list) and len(counts) != n:
-        out.append(
-            Problem(
-                "adapter.experts",
-                counts,
-                f"one expert count per client is needed; there are {n} clients ({ids})",
-                f"give {n} counts, or one number for all",
-            )
-        )
-    return out
 
 
 def rank_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:

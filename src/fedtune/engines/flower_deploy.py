@@ -109,7 +109,9 @@ def make_node_keys(out: Path, num_nodes: int) -> list[tuple[Path, Path]]:
 
 def write_app(cfg: ExperimentConfig, app_dir: Path, num_clients: int) -> Path:
     """A Flower app dir whose ServerApp/ClientApp are fedtune's; the experiment travels in its run
-    config. No [project] dependencies: the app runs in this environment (never installs torch)."""
+    config (with engine.name: flower-deploy, so privacy randomness is the OS CSPRNG). No [project]
+    dependencies: the app runs in this environment (never installs torch)."""
+    cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"name": "flower-deploy"})})
     app_dir.mkdir(parents=True, exist_ok=True)
     text = config_to_yaml(cfg).replace("'''", "")
     (app_dir / "pyproject.toml").write_text(

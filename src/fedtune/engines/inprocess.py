@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fedtune.adapters.moe_lora import is_moe, set_expert_count_
-from fedtune.client.run import ClientJob, ClientPlan, ClientReply, run_client
+from fedtune.client.run import ClientJob, ClientPlan, ClientReply, advertise, run_client
 from fedtune.client.store import ClientStateStore
 from fedtune.codecs import serialize
 from fedtune.config import ExperimentConfig
@@ -62,11 +62,18 @@ class InProcessEngine:
         self.peers = self
 
     def run(self, jobs: Sequence[ClientJob], on_step: StepCallback | None = None) -> list[ClientReply | ClientFailure]:
+        secure = self.plan.secure_aggregation
+        if secure:  # the key-advertising step: public keys go through the server to every participant
+            keys = {}
+            for job in jobs:
+                keys[job.client_id], state = advertise(job, self.plan, self.store.get(job.client_id, before=job.round))
+                self.store.put(job.client_id, state, job.round)
+            jobs = [replace(j, peer_keys=keys) for j in jobs]
         replies: list[ClientReply | ClientFailure] = []
         for job in jobs:
             cid = job.client_id
             cb = (lambda s, n, loss, cid=cid: on_step(cid, s, n, loss)) if on_step else None
-            state = self.store.get(cid, before=job.round)
+            state = self.store.get(cid, before=job.round + 1 if secure else job.round)
             reply, state = run_client(job, self.model, self.shards[cid], self.plan, state, cb)
             self.store.put(cid, state, job.round)
             replies.append(reply)

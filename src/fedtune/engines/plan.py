@@ -22,8 +22,10 @@ class StrategyTransform:
 
     strategy: Any
 
-    def __call__(self, delta: AdapterState, job: ClientJob, shard: Shard) -> AdapterState:
-        n = max(1, len(job.participants))
+    def __call__(self, delta: AdapterState, job: ClientJob, shard: Shard, state: Any) -> AdapterState:
+        # noise shares are sized for the fewest clients whose sum can come out: all participants
+        # in-process (known before masking), SecAgg+'s reconstruction threshold on Flower
+        n = int(job.transform.get("noise_parties", max(1, len(job.participants))))
         return self.strategy.client_transform(delta, job.transform, job.round, job.client_id, n)  # type: ignore[no-any-return]
 
 
@@ -37,8 +39,9 @@ def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, c
         transforms.append(AttackTransform(cfg.attack.kind, cfg.attack.scale, bad, cfg.seed))
     if cfg.secure_aggregation and caps.client_transform:
         transforms.append(StrategyTransform(strategy))
-    if cfg.secure_aggregation and cfg.engine.name == "inprocess":  # on Flower, SecAgg+ masks
-        transforms.append(MaskTransform(cfg.seed, caps.sum_weight))
+    masks = cfg.secure_aggregation and cfg.engine.name == "inprocess"  # on Flower, SecAgg+ masks
+    if masks:
+        transforms.append(MaskTransform(caps.sum_weight))
     keep = strategy.private_keys(init_state) if caps.client_private else set()
     ids = list(client_ids)
     experts = (
@@ -56,4 +59,6 @@ def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, c
         transforms=tuple(transforms),
         experts=experts,
         private_init={k: init_state[k] for k in sorted(keep)},
+        secure_aggregation=masks,
+        randomness=cfg.randomness(),
     )

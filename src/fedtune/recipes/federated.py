@@ -23,6 +23,7 @@ from fedtune.errors import FedtuneError, ResumeError, TrainingDivergedError
 from fedtune.models.adapters import get_state, trainable_keys
 from fedtune.models.export import export_adapters
 from fedtune.privacy.accounting import sample_epsilons
+from fedtune.privacy.randomness import describe
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
@@ -226,7 +227,12 @@ def receive(
     secagg_plus = any(not u.delta for u in updates) or presummed is not None
     expected = None if caps.client_step or secagg_plus else _expected_delta
     max_up = int(cfg.sampling.max_update_mb * 1e6) if cfg.sampling.max_update_mb else None
-    ok, rejected = screen(updates, sent, expected, max_up, masked=cfg.secure_aggregation and not secagg_plus)
+    masked = cfg.secure_aggregation and not secagg_plus
+    ok, rejected = screen(updates, sent, expected, max_up, masked=masked)
+    if masked and rejected and ok:  # the rejected uploads' masks would not cancel: abort, never sum wrong
+        why = f"secure aggregation round aborted: the masked upload of {rejected[0].client_id} was rejected"
+        failures += [ClientFailure(u.client_id, why, u.bytes_down, u.bytes_up) for u in ok]
+        ok = []
     return ok, failures + rejected, presummed
 
 
@@ -288,6 +294,9 @@ def round_extras(
             sample_dp_delta=dp.delta,
             sample_dp_accounting="RDP, Poisson-subsampled Gaussian per local step, composed over each "
             f"client's steps, sigma={dp.noise_multiplier:g}",
+            sample_dp_unit=f"block: one packed {cfg.data.block_size}-token block (a document spanning m blocks "
+            "is protected at group size m)",
+            sample_dp_randomness=describe(cfg.randomness()),
         )
     return out
 

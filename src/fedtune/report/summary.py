@@ -63,6 +63,9 @@ def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:
         )
         if "epsilon" in last:
             t.caption += f"; privacy epsilon {last['epsilon']:.3g} at delta {last.get('dp_delta', 0):g}"
+        noise = last.get("dp_randomness") or last.get("sample_dp_randomness")
+        if noise and noise.startswith("seeded"):
+            t.caption += " (reproducible simulation noise: not private against anyone holding the config)"
         if "sample_epsilon" in last:
             t.caption += (
                 f"; sample-level epsilon {last['sample_epsilon']:.3g} (worst client) "

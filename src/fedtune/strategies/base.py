@@ -72,6 +72,7 @@ class RunContext:
     sampling_scheme: str = "poisson"  # how clients are drawn: 'poisson' or 'fixed' (without replacement)
     num_clients: int = 1  # registered clients
     sample_size: int = 1  # clients drawn per round (fixed scheme)
+    randomness: str = "seeded"  # privacy noise: 'seeded' (reproducible simulation) or 'secure' (OS CSPRNG)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,10 @@ class StrategyBase:
     def config_problems(cls, params: dict[str, Any], adapter: Any, codec: Any, secure: bool) -> list[Any]:
         """Cross-field problems of this strategy's parameters with the adapter, the downlink
         codec and secure aggregation (load time)."""
+        return []
+
+    def sample_problems(self, k: int) -> list[Any]:
+        """Problems with aggregating k updates a round (checked for the configured sample size)."""
         return []
 
     def private_keys(self, state: AdapterState) -> set[str]:

@@ -44,7 +44,7 @@ from typing import Any, Literal
 import torch
 
 from fedtune.privacy.accounting import Sampling, adaptive_value_sigma, epsilon_of
-from fedtune.seeding import torch_generator
+from fedtune.privacy.randomness import describe, noise_source
 from fedtune.strategies.base import (
     STRATEGIES,
     Aggregate,
@@ -110,12 +110,10 @@ class DPFedAvg(StrategyBase):
         nk = norm(delta)
         factor = min(1.0, clip / nk) if nk > 0 else 1.0
         out = {k: factor * v.double() for k, v in delta.items()}
-        if self.noise == "distributed":  # from the client's own generator
-            gen = torch_generator(self.ctx.seed, "dp-noise", rnd, client_id)
+        if self.noise == "distributed":  # from the client's own randomness
+            noise = noise_source(self.ctx.randomness, self.ctx.seed, "dp-noise", rnd, client_id)
             for k in sorted(out):
-                out[k] += torch.randn(out[k].shape, generator=gen, dtype=torch.float64) * (
-                    self.value_sigma(n) * clip / math.sqrt(n)
-                )
+                out[k] += noise.normal(out[k].shape, torch.float64) * (self.value_sigma(n) * clip / math.sqrt(n))
         return out
 
     def client_transform_config(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -188,9 +186,9 @@ class DPFedAvg(StrategyBase):
                 for k, v in self.privatize(u.delta, s, rnd, u.client_id, n).items():
                     total[k] += v
         if self.noise == "server":
-            gen = torch_generator(self.ctx.seed, "dp-noise", rnd)
+            noise = noise_source(self.ctx.randomness, self.ctx.seed, "dp-noise", rnd)
             for k in sorted(total):
-                total[k] += torch.randn(total[k].shape, generator=gen, dtype=torch.float64) * (self.value_sigma(n) * s)
+                total[k] += noise.normal(total[k].shape, torch.float64) * (self.value_sigma(n) * s)
         mean = {k: (v / n).float() for k, v in total.items()}
         new = add_states(state["global"], mean)
         inner = {**state["inner"], "global": new}
@@ -201,8 +199,8 @@ class DPFedAvg(StrategyBase):
         next_clip, noisy_fraction = s, None
         if count_sigma is not None:
             below = sum(nk <= s for nk in norms)
-            gen = torch_generator(self.ctx.seed, "dp-clip", rnd)
-            centred = below - n / 2 + float(torch.randn(1, generator=gen, dtype=torch.float64)) * count_sigma
+            noise = noise_source(self.ctx.randomness, self.ctx.seed, "dp-clip", rnd)
+            centred = below - n / 2 + float(noise.normal((1,), torch.float64)[0]) * count_sigma
             b = centred / n + 0.5
             next_clip = s * math.exp(-self.clip_lr * (b - self.target_quantile))
             noisy_fraction = 1.0 - b
@@ -213,6 +211,7 @@ class DPFedAvg(StrategyBase):
         metrics: dict[str, Any] = {
             "epsilon": eps,
             "dp_delta": self.delta,
+            "dp_randomness": describe(self.ctx.randomness),
             "dp_clip": s,
             "dp_accounting": f"RDP; {sampling.describe()}; Gaussians with noise multipliers "
             + " and ".join(f"{x:.4g}" for x in sigmas)

@@ -100,6 +100,32 @@ class Robust(GlobalModel):
     max_norm: float | None = None
     space: Literal["update", "dw"] = "update"
 
+    def too_few(self, k: int) -> str | None:
+        """Why `rule` cannot run on k updates, or None."""
+        if self.rule in ("krum", "multikrum") and k < 2 * self.f + 3:
+            return f"{self.rule} needs n >= 2f + 3 = {2 * self.f + 3} updates for f = {self.f}, got {k}"
+        if self.rule == "trimmed_mean" and int(self.trim * k) == 0:
+            return f"trimmed_mean with trim = {self.trim:g} removes nothing from {k} updates (int(trim * n) = 0)"
+        return None
+
+    def sample_problems(self, k: int) -> list[Any]:
+        from fedtune.errors import Problem
+
+        why = self.too_few(k)
+        if why is None:
+            return []
+        field = "strategy.f" if self.rule in ("krum", "multikrum") else "strategy.trim"
+        fix = "lower strategy.f, or sample more clients" if field == "strategy.f" else "raise strategy.trim"
+        return [Problem(field, self.f if field == "strategy.f" else self.trim, why, fix)]
+
+    def aggregate(
+        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None
+    ) -> Aggregate:
+        why = self.too_few(len(updates)) if updates else None
+        if why is not None:  # e.g. dropouts left too few: keep the model, say why
+            return Aggregate(state["global"], state, {"skipped": f"robust aggregation refused: {why}"})
+        return super().aggregate(rnd, updates, state, peers)
+
     def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
         glob = state["global"]
         w = torch.tensor(example_weights(updates), dtype=torch.float64)

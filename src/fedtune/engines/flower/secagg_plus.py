@@ -19,6 +19,14 @@ from fedtune.secagg import SECURE_SUM
 from fedtune.seeding import torch_generator
 from fedtune.types import ClientFailure
 
+RECONSTRUCTION = 0.5  # SecAgg+ needs this share of the round's clients to survive
+
+
+def threshold(n: int) -> int:
+    """The fewest survivors SecAgg+ reconstructs a sum from (as SecAggPlusWorkflow computes it,
+    with every client a neighbour)."""
+    return max(round(RECONSTRUCTION * n), 2)
+
 
 @dataclass
 class _Proxy:
@@ -60,10 +68,13 @@ def secure_round(
 
     rnd = jobs[0].round
     n = len(jobs)
+    least = threshold(n)
     fitins = {}
     for j in jobs:
         conf: dict[str, Any] = {"round": rnd, "participants": ",".join(j.participants), "run": j.run}
         conf.update({f"transform-{k}": v for k, v in j.transform.items()})
+        # a DP noise share must give sigma * S even if only `threshold` clients survive
+        conf["transform-noise_parties"] = least
         fitins[node_of[j.client_id]] = FitIns(ndarrays_to_parameters([np.frombuffer(j.payload, dtype=np.uint8)]), conf)
     adapter = SecAggRound(fitins)
     ctx = LegacyContext(context, strategy=adapter)  # type: ignore[arg-type]
@@ -72,7 +83,7 @@ def secure_round(
     counting = CountingGrid(grid)
     workflow = SecAggPlusWorkflow(
         num_shares=1.0,  # every participant is a neighbour (small federations)
-        reconstruction_threshold=0.5,
+        reconstruction_threshold=RECONSTRUCTION,
         max_weight=max(1.0, max(weights.get(j.client_id, 1.0) for j in jobs)),
         clipping_range=8.0,  # |delta| entries beyond this are clipped by SecAgg+'s quantizer
         quantization_range=min(2**30, 2**32 // (n + 1)),  # the masked sum must not wrap mod 2^32

@@ -145,32 +145,46 @@ def deploy(
     out.print(run_table(name, recs))
 
 
+def _check_data(cfg: Any) -> Any:
+    """Everything `run` checks before the model's weights load: model limits, the data (read,
+    partitioned, split, tokenized, packed), per-client lists and the strategy on the sample size.
+    Returns the shards (their stats are the data report)."""
+    from fedtune import components
+    from fedtune.engines.federation import load_shards
+    from fedtune.errors import ConfigError
+    from fedtune.models.load import load_tokenizer, resolve_model_dir
+
+    model_dir = resolve_model_dir(cfg.model, cfg.seed)
+    problems = components.model_limit_problems(cfg, model_dir)
+    if problems:
+        raise ConfigError(problems)
+    shards, summary = load_shards(cfg, load_tokenizer(model_dir))
+    problems = components.per_client_problems(cfg, list(shards))
+    if problems:
+        raise ConfigError(problems)
+    return shards, summary
+
+
 @app.command()
 def validate(
     configs: Annotated[list[Path], typer.Argument(help="one or more experiment YAMLs")],
     set_: SetOpt = None,
-    data: Annotated[bool, typer.Option(help="also load and partition the data (no model)")] = True,
+    data: Annotated[bool, typer.Option(help="also read, partition and tokenize the data (no weights load)")] = True,
 ) -> None:
-    """Check configs (and their data partitions) and report every problem at once, before any model loads."""
+    """Check configs (and their data) and report every problem at once, before any weights load."""
     _env()
     from fedtune.config import config_to_yaml, load_config
-    from fedtune.errors import ConfigError, FedtuneError
+    from fedtune.errors import FedtuneError
 
     failed = False
     for config in configs:
         try:
             cfg = load_config(config, set_ or [])
             if data:
-                from fedtune import components
-                from fedtune.data.partition import partition
-                from fedtune.data.sources import load_corpus
-
-                parts = partition(load_corpus(cfg.data), cfg.partition, cfg.seed)
-                problems = components.per_client_problems(cfg, list(parts))
-                if problems:
-                    raise ConfigError(problems)
-                sizes = ", ".join(f"{cid}: {len(p)}" for cid, p in parts.items())
-                out.print(f"data: {len(parts)} clients (documents per client: {sizes})")
+                _quiet_bars()
+                shards, _ = _check_data(cfg)
+                sizes = ", ".join(f"{cid}: {s.num_docs}" for cid, s in shards.items())
+                out.print(f"data: {len(shards)} clients (documents per client: {sizes})")
         except FedtuneError as e:
             err.print(f"[bold red]error[/bold red] in {config}: {e}", highlight=False)
             failed = True
@@ -180,6 +194,50 @@ def validate(
             out.print(config_to_yaml(cfg), highlight=False)
     if failed:
         raise typer.Exit(2)
+
+
+@app.command("data")
+def data_report(
+    config: Annotated[Path, typer.Argument(help="experiment YAML")],
+    set_: SetOpt = None,
+) -> None:
+    """The data report: per client, documents, characters, tokens and blocks per split, and what
+    was cut and why, before any training."""
+    _env()
+    from rich.table import Table
+
+    from fedtune.config import load_config
+    from fedtune.data.report import cut_message
+    from fedtune.errors import FedtuneError
+
+    try:
+        cfg = load_config(config, set_ or [])
+        _quiet_bars()
+        shards, summary = _check_data(cfg)
+    except FedtuneError as e:
+        _fail(e)
+    t = Table(title=f"data: {cfg.data.source} -> {len(shards)} clients, blocks of {cfg.data.block_size} tokens")
+    cols = ["client", "docs tr/va/te", "chars", "chars cut", "tokens tr/va/te", "blocks tr/va/te", "tokens dropped"]
+    for c in [*cols, "blocks capped"]:
+        t.add_column(c, justify="left" if c == "client" else "right")
+    for cid, sh in shards.items():
+        s = {k: int(v) for k, v in sh.stats.items()}
+        t.add_row(
+            cid,
+            f"{s['docs_train']}/{s['docs_val']}/{s['docs_test']}",
+            f"{s['chars']:,}",
+            f"{s['chars_cut']:,} ({s['docs_cut']} docs)" if s["chars_cut"] else "0",
+            f"{s['tokens_train']:,}/{s['tokens_val']:,}/{s['tokens_test']:,}",
+            f"{s['blocks_train']}/{s['blocks_val']}/{s['blocks_test']}",
+            f"{s['tokens_dropped']:,}",
+            f"{s['blocks_capped']:,}",
+        )
+    t.caption = (
+        "tokens dropped: past each split's last full block; blocks capped: data.max_train_blocks / max_test_blocks"
+    )
+    out.print(t)
+    note = cut_message(summary, cfg.data.max_chars_per_doc)
+    out.print(f"[yellow]not used whole[/yellow]: {note}" if note else "[green]every document is used whole[/green]")
 
 
 @app.command("ls")

@@ -190,6 +190,23 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
     return problems
 
 
+def model_limit_problems(cfg: ExperimentConfig, model_dir: str) -> list[Problem]:
+    """The data must fit the model: data.block_size <= its maximum positions."""
+    from fedtune.models.load import max_positions
+
+    limit = max_positions(model_dir)
+    if limit is not None and cfg.data.block_size > limit:
+        return [
+            Problem(
+                "data.block_size",
+                cfg.data.block_size,
+                f"the model takes at most {limit} positions ({model_dir})",
+                f"use data.block_size <= {limit}",
+            )
+        ]
+    return []
+
+
 def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Problem]:
     """Checks that need the clients: adapter.ranks / adapter.experts lists (one entry per
     client) and the strategy on the configured sample size (Krum's n >= 2f + 3, ...)."""

@@ -39,7 +39,17 @@ class DataConfig(_Strict):
     label_column: str = "label"
     labels: list[str] | None = Field(None, description="keep only documents with these labels")
     max_docs_per_label: int | None = Field(None, ge=1)
-    max_chars_per_doc: int | None = Field(4000, ge=16)
+    max_chars_per_doc: int | None = Field(
+        None, ge=16, description="cut every document to this many characters (default: none); what is cut is reported"
+    )
+    split_documents: Literal["file", "line", "blank-line"] = Field(
+        "file",
+        description="source 'files', .txt: one document per file, per non-empty line, or per blank-line-separated "
+        "paragraph (tables: one per row)",
+    )
+    on_decode_error: Literal["error", "skip"] = Field(
+        "error", description="source 'files': a file that is not UTF-8 is an error, or is left out and counted"
+    )
     block_size: int = Field(128, ge=8)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)

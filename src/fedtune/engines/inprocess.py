@@ -29,6 +29,7 @@ from fedtune.engines.federation import (
     sb_init_blocks,
 )
 from fedtune.engines.plan import build_plan
+from fedtune.errors import ConfigError
 from fedtune.evaluation.metrics import evaluate_blocks
 from fedtune.models.adapters import get_state, lora_scale, set_state_
 from fedtune.models.load import load_tokenizer, resolve_model_dir
@@ -179,8 +180,11 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     from fedtune import components
 
     model_dir = resolve_model_dir(cfg.model, cfg.seed)
+    limits = components.model_limit_problems(cfg, model_dir)
+    if limits:
+        raise ConfigError(limits)
     tokenizer = load_tokenizer(model_dir)
-    shards = load_shards(cfg, tokenizer)
+    shards, data = load_shards(cfg, tokenizer)
     ids = list(shards)
     ranks = rank_per_client(cfg, ids)
     experts_per_client(cfg, ids)  # the lists' lengths are checked before the model loads
@@ -204,7 +208,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     if faults.dropout > 0 or faults.timed:
         engine = FaultInjection(engine, faults, cfg.seed)
     collected = _data_bytes(shards) if caps.pools_data else 0
-    round0 = {"attackers": sorted(bad)} if bad else {}
+    round0 = {**data, **({"attackers": sorted(bad)} if bad else {})}
     return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, collected, round0)
 
 

@@ -166,6 +166,18 @@ def model_problem(cfg: ModelConfig) -> str | None:
     return f"{cfg.name!r} is neither 'smollm2', 'tiny', an existing model dir nor a cached hub id"
 
 
+def max_positions(model_dir: str) -> int | None:
+    """The longest sequence the model takes, read from its config.json (None if it does not say)."""
+    f = Path(model_dir).expanduser() / "config.json"
+    if not f.exists():
+        return None
+    conf = json.loads(f.read_text())
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(conf.get(key), int):
+            return int(conf[key])
+    return None
+
+
 def load_tokenizer(model_dir: str) -> Any:
     _quiet_hf()
     from transformers import AutoTokenizer

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedtune import components
 from fedtune.client.run import ClientJob, ClientReply
 from fedtune.config import ExperimentConfig, config_to_yaml
+from fedtune.data.report import cut_message
 from fedtune.engines.federation import Federation, experts_per_client
 from fedtune.engines.inprocess import inprocess_federation
 from fedtune.errors import FedtuneError, ResumeError, TrainingDivergedError
@@ -74,6 +75,9 @@ def run_federated(
     strategy, engine, caps, ids = fed.strategy, fed.engine, fed.strategy.capabilities, fed.client_ids
     up_codec, down_codec = components.build_codec(cfg), components.build_codec(cfg, downlink=True)
     metrics_path, token = run_dir / io.METRICS, io.run_token(run_dir)
+    note = cut_message(fed.round0, cfg.data.max_chars_per_doc)
+    if note and not resume:
+        console.print(f"[yellow]data not used whole[/yellow]: {note} (details: `fedtune data CONFIG`)")
 
     # 2. start or resume
     if resume:

@@ -56,7 +56,7 @@ def client_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> ClientR
         cfg = config_from_yaml(cfg_yaml)
         model_dir = resolve_model_dir(cfg.model, cfg.seed)
         tokenizer = load_tokenizer(model_dir)
-        shards = load_shards(cfg, tokenizer)
+        shards, _ = load_shards(cfg, tokenizer)
         ids = list(shards)
         cid = ids[partition_id]
         ranks = rank_per_client(cfg, ids)

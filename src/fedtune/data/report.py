@@ -1,0 +1,45 @@
+"""The data report: per client, what its documents became (documents, characters, tokens and
+blocks per split) and what was cut and why. Printed by `fedtune data CONFIG` before any training,
+summarised in every run's round-0 record."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from fedtune.data.blocks import Shard
+
+CUTS = ("docs_cut", "chars_cut", "tokens_dropped", "blocks_capped")
+
+
+def totals(shards: Mapping[str, Shard]) -> dict[str, int]:
+    """Sums over clients of every count in the shards' stats."""
+    out: dict[str, int] = {}
+    for s in shards.values():
+        for k, v in s.stats.items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
+
+
+def cut_summary(shards: Mapping[str, Shard], files: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What the round-0 record says about the data: the totals of what was cut (and skipped files)."""
+    t = totals(shards)
+    out: dict[str, Any] = {f"data_{k}": t.get(k, 0) for k in ("chars", *CUTS)}
+    if files and files.get("files_skipped"):
+        out["data_files_skipped"] = list(files["files_skipped"])
+    return out
+
+
+def cut_message(summary: Mapping[str, Any], max_chars: int | None) -> str | None:
+    """One line for the console when anything was left out (None when the data is used whole)."""
+    parts = []
+    if summary.get("data_docs_cut"):
+        parts.append(
+            f"data.max_chars_per_doc = {max_chars} cut {summary['data_docs_cut']} documents "
+            f"({summary['data_chars_cut']:,} of {summary['data_chars'] + summary['data_chars_cut']:,} characters)"
+        )
+    if summary.get("data_blocks_capped"):
+        parts.append(f"max_train_blocks / max_test_blocks left out {summary['data_blocks_capped']} blocks")
+    if summary.get("data_files_skipped"):
+        parts.append(f"{len(summary['data_files_skipped'])} undecodable files skipped (data.on_decode_error: skip)")
+    return "; ".join(parts) if parts else None

@@ -14,7 +14,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Collaborative fine-tuning of language models.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,  # never thousands of lines of locals and tensor values
+    help="Collaborative fine-tuning of language models.",
+)
 out = Console()
 err = Console(stderr=True)
 
@@ -67,7 +72,7 @@ def run(
             cfg_path = resume / CONFIG
             if not cfg_path.exists():
                 raise FedtuneError(f"{resume} has no {CONFIG}; --resume needs a run directory")
-            cfg = load_config(cfg_path, (set_ or []) + [f"output_dir={resume}"])
+            cfg = _resume_config(cfg_path, set_ or [], resume)
         else:
             if config is None:
                 raise FedtuneError("give a CONFIG file, e.g. `fedtune run configs/demo.yaml`")
@@ -89,7 +94,66 @@ def run(
             f"`fedtune run --resume {cfg.run_dir()}`"
         )
         raise typer.Exit(130) from None
+    except Exception as e:  # a bug or an unexpected environment: short, with where the full story is
+        _unexpected(e, Path(cfg.run_dir()) if "cfg" in locals() else None)
     print_summary(result, out)
+
+
+# --resume may change only what cannot change the results so far
+RESUMABLE = ("rounds", "evaluation.every", "engine.timeout", "output_dir")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def _resume_config(cfg_path: Path, overrides: list[str], run_dir: Path) -> Any:
+    """The stored config plus only result-neutral overrides, recorded in config.yaml with the
+    round they take effect; any other override is refused, naming the key."""
+    from fedtune.config import config_to_yaml, load_config
+    from fedtune.errors import FedtuneError
+    from fedtune.report import io
+
+    stored = load_config(cfg_path, [f"output_dir={run_dir}"])
+    cfg = load_config(cfg_path, [*overrides, f"output_dir={run_dir}"])
+    before, after = _flat(stored.model_dump(mode="json")), _flat(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    bad = [k for k in changed if not any(k == r or k.startswith(r + ".") for r in RESUMABLE)]
+    if bad:
+        raise FedtuneError(
+            f"--resume cannot change {', '.join(bad)} (it would change the experiment whose rounds are already "
+            f"done); only {', '.join(RESUMABLE)} can change on resume. Start a new run (--set name=OTHER) instead"
+        )
+    if changed:
+        ckpt = run_dir / io.CHECKPOINT
+        done = int(io.load_checkpoint(ckpt)["round"]) if ckpt.exists() else 0
+        old = cfg_path.read_text()
+        notes = [line for line in old.splitlines() if line.startswith("# resumed")]
+        notes.append(f"# resumed after round {done} with: " + ", ".join(f"{k}={after.get(k)}" for k in changed))
+        io.write_atomic(cfg_path, "\n".join(notes) + "\n" + config_to_yaml(cfg))
+    return cfg
+
+
+def _unexpected(e: Exception, run_dir: Path | None) -> None:
+    import traceback
+
+    from fedtune.cache import cache_dir
+    from fedtune.report import io
+
+    log = run_dir / io.ERROR_LOG if run_dir is not None and run_dir.exists() else cache_dir() / "last-error.log"
+    if not log.exists():
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(type(e), e, e.__traceback__)))
+    short = "".join(traceback.format_exception(type(e), e, e.__traceback__, limit=-3))
+    err.print(short.rstrip(), highlight=False, markup=False)
+    err.print(f"[bold red]unexpected error[/bold red] (a bug, or an environment problem): {type(e).__name__}: {e}")
+    err.print(f"full traceback: {log}")
+    raise typer.Exit(1)
 
 
 def _run_flower_sim(cfg: Any, resume: bool, overwrite: bool) -> Any:

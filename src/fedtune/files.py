@@ -53,3 +53,14 @@ def remove_temp_files(folder: Path) -> None:
     """Temp files a killed writer left behind (`.NAME.tmp-PID`)."""
     for p in folder.glob(".*.tmp-*"):
         p.unlink(missing_ok=True)
+
+
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """A fresh folder in `parent` (for a write-then-rename), with the user's umask (mkdtemp would
+    make it private to the owner, 0700)."""
+    import secrets
+
+    parent.mkdir(parents=True, exist_ok=True)
+    path = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+    os.mkdir(path)
+    return path

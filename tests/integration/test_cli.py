@@ -112,3 +112,23 @@ def test_errors_are_clear_and_without_traceback(tmp_path) -> None:
 def test_existing_run_dir_is_not_overwritten_silently(runs) -> None:
     r = fedtune("run", TINY, "--set", f"output_dir={runs['fedavg']}")
     assert r.returncode == 2 and "--resume" in r.stderr
+
+
+def test_validate_runs_every_check_run_does_for_several_configs(tmp_path) -> None:
+    """The landed `validate` passed all of these; `run` then failed on them."""
+    cases = {
+        "ranks.yaml": "strategy: {name: flora}\nadapter: {ranks: [2, 4]}\n",  # 2 ranks for 4 clients
+        "long.yaml": "evaluation: {batch_size: 8}\n",  # with --set data.block_size below
+        "ok.yaml": "rounds: 1\n",
+    }
+    paths = []
+    for name, extra in cases.items():
+        p = tmp_path / name
+        text = (ROOT / "configs" / "tiny.yaml").read_text() + extra
+        p.write_text(text.replace("block_size: 64", "block_size: 4096") if name == "long.yaml" else text)
+        paths.append(str(p))  # (block_size 4096 is above the tiny model's 2048 positions)
+    r = fedtune("validate", *paths)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "one rank per client is needed; there are 4 clients" in r.stderr
+    assert "at most 2048 positions" in r.stderr
+    assert "ok:" in r.stdout and "ok.yaml" in r.stdout

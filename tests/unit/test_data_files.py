@@ -1,0 +1,90 @@
+"""A user's folders of text become documents whole, or fail with a message naming the file or
+client (each case was silent on the landed code: cut, mangled, dropped, or a vague error)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedtune.config.schema import DataConfig
+from fedtune.data.files import read_user_files
+from fedtune.errors import DataError
+
+
+def folder(tmp_path: Path, layout: dict[str, dict[str, bytes | str]]) -> Path:
+    root = tmp_path / "data"
+    for client, files in layout.items():
+        (root / client).mkdir(parents=True)
+        for name, content in files.items():
+            p = root / client / name
+            p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
+    return root
+
+
+def cfg(path: Path, **kw: object) -> DataConfig:
+    return DataConfig(source="files", path=str(path), **kw)
+
+
+def test_a_long_file_is_one_whole_document(tmp_path) -> None:
+    long = "def f():\n    return 1\n" * 2000  # 44,000 characters: the landed default cut it to 4,000
+    root = folder(tmp_path, {"a": {"x.txt": long, "y.txt": "short one"}, "b": {"z.txt": "b1", "w.txt": "b2"}})
+    texts, labels, report = read_user_files(cfg(root))
+    assert long in texts and labels.count("a") == 2 and report.files == 4
+    from fedtune.data.sources import load_corpus
+
+    ds = load_corpus(cfg(root))
+    assert max(len(t) for t in ds["text"]) == len(long) and sum(ds["chars_cut"]) == 0
+
+
+def test_a_single_file_client_is_one_document_not_one_per_line(tmp_path) -> None:
+    lines = "\n".join(f"line {i} of one story" for i in range(40))
+    root = folder(tmp_path, {"a": {"story.txt": lines}, "b": {"1.txt": "x", "2.txt": "y"}})
+    texts, labels, _ = read_user_files(cfg(root))
+    assert labels.count("a") == 1 and lines in texts  # the landed code made 40 documents of it
+    texts, labels, _ = read_user_files(cfg(root, split_documents="line"))  # only when asked
+    assert labels.count("a") == 40
+
+
+def test_an_empty_client_folder_is_an_error_naming_it(tmp_path) -> None:
+    root = folder(tmp_path, {"a": {"1.txt": "x", "2.txt": "y"}, "b": {}})
+    with pytest.raises(DataError, match=f"client folder {root / 'b'} has no documents"):
+        read_user_files(cfg(root))
+
+
+def test_a_non_utf8_file_is_an_error_naming_it_or_skipped_and_counted(tmp_path) -> None:
+    bad = b"caf\xe9 au lait"  # latin-1
+    root = folder(tmp_path, {"a": {"1.txt": "x", "2.txt": bad, "3.txt": "z"}})
+    with pytest.raises(DataError, match=r"2\.txt is not UTF-8 text \(byte 3"):
+        read_user_files(cfg(root))
+    texts, _, report = read_user_files(cfg(root, on_decode_error="skip"))
+    assert texts == ["x", "z"] and report.skipped == [str(root / "a" / "2.txt")]
+
+
+def test_stray_files_are_listed_by_path(tmp_path) -> None:
+    root = folder(tmp_path, {"a": {"1.txt": "x", "2.txt": "y", ".DS_Store": b"\0\1"}})
+    with pytest.raises(DataError, match=r"\.DS_Store; move them out of data.path"):
+        read_user_files(cfg(root))
+
+
+def test_jsonl_client_data_is_never_copied_into_the_huggingface_cache(tmp_path, monkeypatch) -> None:
+    """The landed code read .jsonl / .csv with `datasets.load_dataset`, which writes a copy into
+    ~/.cache/huggingface/datasets."""
+    hf = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(hf))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf)  # read at call time by load_dataset
+    import json
+
+    rows = "\n".join(
+        json.dumps({"text": f"private record {i}", "label": "ward-a" if i % 2 else "ward-b"}) for i in range(8)
+    )
+    f = tmp_path / "records.jsonl"
+    f.write_text(rows)
+    from fedtune.data.sources import load_corpus
+
+    ds = load_corpus(cfg(f))
+    assert sorted(set(ds["label"])) == ["ward-a", "ward-b"] and len(ds) == 8
+    for d in (hf, tmp_path / "hf-home"):
+        assert not d.exists() or not any(os.scandir(d))

@@ -91,3 +91,20 @@ def random_shard():
         return Shard(cid, blocks, blocks[:2], blocks[:2], 3)
 
     return make
+
+
+def run_cli(*args: str):
+    """`fedtune ARGS` in a fresh process (as a user runs it), from the repository root."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """A factory: run the fedtune CLI in a subprocess; returns the CompletedProcess."""
+    return run_cli

@@ -1,8 +1,5 @@
 """The same experiment on Flower's simulation runtime gives the same numbers as in-process."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,18 +11,10 @@ from fedtune.recipes.federated import run_federated  # noqa: E402
 
 pytestmark = pytest.mark.flower
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "configs" / "tiny.yaml")
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
 
 
-def fedtune(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run(
-        [sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-
-
-def test_fedtune_run_honours_engine_flower_sim(tiny_cfg, tmp_path, no_time) -> None:
+def test_fedtune_run_honours_engine_flower_sim(tiny_cfg, tmp_path, no_time, cli) -> None:
     """`fedtune run --set engine.name=flower-sim` runs on Flower's simulation runtime (the
     landed CLI ignored engine.name and ran in-process): the records are those of an in-process
     run, and Flower's own client processes did the training (their client-state folders)."""
@@ -35,7 +24,7 @@ def test_fedtune_run_honours_engine_flower_sim(tiny_cfg, tmp_path, no_time) -> N
     local = run_federated(tiny_cfg(*over, name="inproc"), progress=False)
     d = tmp_path / "sim"
     sets = [x for o in [*over, f"output_dir={d}", "engine.name=flower-sim"] for x in ("--set", o)]
-    r = fedtune("run", TINY, "--no-progress", *sets)
+    r = cli("run", TINY, "--no-progress", *sets)
     assert r.returncode == 0, r.stderr[-3000:]
     sim = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert no_time(sim) == no_time(local.records)  # losses, ppl, bytes: identical
@@ -136,9 +125,9 @@ def test_flower_refuses_what_it_cannot_run(tiny_cfg) -> None:
         check_flower(tiny_cfg("sampling.deadline=2", "engine.name=flower-sim"))
 
 
-def test_validate_reports_what_flower_cannot_run() -> None:
+def test_validate_reports_what_flower_cannot_run(cli) -> None:
     """`fedtune validate` runs the engine checks (the landed code ran them only inside a Flower run)."""
-    r = fedtune("validate", TINY, "--set", "engine.name=flower-sim", "--set", "strategy.name=centralized")
+    r = cli("validate", TINY, "--set", "engine.name=flower-sim", "--set", "strategy.name=centralized")
     assert r.returncode == 2 and "pools raw data" in r.stderr and "Traceback" not in r.stderr
 
 

@@ -12,18 +12,23 @@ from fedtune.data.blocks import Shard
 CUTS = ("docs_cut", "chars_cut", "tokens_dropped", "blocks_capped")
 
 
-def totals(shards: Mapping[str, Shard]) -> dict[str, int]:
-    """Sums over clients of every count in the shards' stats."""
+def totals(stats: Mapping[str, Mapping[str, float]]) -> dict[str, int]:
+    """Sums over clients of every count in their shards' stats."""
     out: dict[str, int] = {}
-    for s in shards.values():
-        for k, v in s.stats.items():
+    for s in stats.values():
+        for k, v in s.items():
             out[k] = out.get(k, 0) + int(v)
     return out
 
 
 def cut_summary(shards: Mapping[str, Shard], files: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What the round-0 record says about the data: the totals of what was cut (and skipped files)."""
-    t = totals(shards)
+    return stats_summary({c: s.stats for c, s in shards.items()}, files)
+
+
+def stats_summary(stats: Mapping[str, Mapping[str, float]], files: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """cut_summary from the clients' reported counts (on Flower the server never sees the data)."""
+    t = totals(stats)
     out: dict[str, Any] = {f"data_{k}": t.get(k, 0) for k in ("chars", *CUTS)}
     if files and files.get("files_skipped"):
         out["data_files_skipped"] = list(files["files_skipped"])

@@ -138,7 +138,8 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         rt = _runtime(context, cfg_yaml, state_root)
-        info = ConfigRecord({"client": rt.client_id, "examples": int(rt.shard.num_examples)})
+        stats = {f"stat-{k}": float(v) for k, v in rt.shard.stats.items()}  # counts only, never content
+        info = ConfigRecord({"client": rt.client_id, "examples": int(rt.shard.num_examples), **stats})
         return Message(RecordDict({"info": info}), reply_to=msg)
 
     @app.train()

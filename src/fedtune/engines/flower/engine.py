@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 from fedtune.client.run import ClientJob, ClientReply
 from fedtune.codecs import make_codec
 from fedtune.config import ExperimentConfig
+from fedtune.data.report import stats_summary
 from fedtune.engines.capabilities import FLOWER
 from fedtune.engines.federation import Federation
 from fedtune.engines.flower.secagg_plus import secure_round
@@ -128,7 +129,11 @@ def _QUERY() -> RecordDict:  # noqa: N802
 
 
 def discover_clients(
-    grid: Grid, expected: int, timeout: float, examples: dict[str, int] | None = None
+    grid: Grid,
+    expected: int,
+    timeout: float,
+    examples: dict[str, int] | None = None,
+    stats: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, int]:
     """Wait for `expected` SuperNodes, then ask each which client it is (and, into `examples`,
     how many training examples it has: SecAgg+ needs the largest weight in advance)."""
@@ -150,6 +155,8 @@ def discover_clients(
         node_of[str(info["client"])] = reply.metadata.src_node_id
         if examples is not None and "examples" in info:
             examples[str(info["client"])] = int(info["examples"])  # type: ignore[arg-type]
+        if stats is not None:  # the client's data report counts (the server never sees the data)
+            stats[str(info["client"])] = {k[5:]: float(v) for k, v in info.items() if k.startswith("stat-")}  # type: ignore[arg-type]
     return dict(sorted(node_of.items()))
 
 
@@ -165,7 +172,8 @@ def flower_federation(
         from fedtune.models.load import load_tokenizer, resolve_model_dir
 
         examples: dict[str, int] = {}
-        node_of = discover_clients(grid, expected, timeout, examples)
+        stats: dict[str, dict[str, float]] = {}
+        node_of = discover_clients(grid, expected, timeout, examples, stats)
         ids = list(node_of)
         ranks = rank_per_client(cfg, ids)
         model_dir = resolve_model_dir(cfg.model, cfg.seed)
@@ -179,6 +187,6 @@ def flower_federation(
         engine = FlowerEngine(
             grid, node_of, timeout, context=context, weights=weights, secure=cfg.secure_aggregation, run=token
         )
-        return Federation(ids, model, model_dir, adapter_cfg, strategy, engine)
+        return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, round0=stats_summary(stats))
 
     return build

@@ -90,7 +90,7 @@ def main() -> None:
         wall, peak = run([args[0], *common, *extra, *args[1:]])
         recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
         rounds = [r for r in recs if r["client"] is None and r["round"] > 0]
-        per_round = sum(r["wall_seconds"] for r in rounds) / len(rounds)
+        per_round = sum(r["train_seconds"] + r["aggregate_seconds"] for r in rounds) / len(rounds)
         rows.append((name, per_round, wall, peak / 2**30, rounds[-1]["mean_ppl"]))
         print(rows[-1], flush=True)
     lines = [

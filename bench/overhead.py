@@ -5,8 +5,9 @@
 
 Both sides run the same number of optimizer steps on the same token blocks in the same order,
 alternating (bare, fedtune, bare, fedtune, ...) so drift in machine speed hits both equally.
-The fedtune side is the whole `client_round`: set the received adapter, train, read the state,
-compute the delta, and encode + decode the uplink payload with the identity codec.
+The fedtune side is the whole `run_client` (the path every engine runs): decode the downlink
+payload, set the received adapter, train, read the state, compute the delta, encode the uplink,
+and the server's decode, with the identity codec.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ def main() -> None:
     ap.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
 
-    from fedtune.client.round import client_round
     from fedtune.client.train import TrainSpec, batch_indices, lm_loss
     from fedtune.codecs.identity import Identity
     from fedtune.config.schema import AdapterConfig, ModelConfig
@@ -67,11 +67,16 @@ def main() -> None:
         model.eval()
         return time.perf_counter() - t0
 
-    def fedtune() -> float:
+    from fedtune.client.run import ClientJob, ClientPlan, ClientState, run_client
+    from fedtune.codecs import Chain
+
+    plan = ClientPlan(spec=spec, seed=0, up_codec=Chain((codec,)), down_codec=Chain((codec,)))
+    sent, _ = plan.down_codec.encode(init, None, torch_generator(0, "codec-down"))
+
+    def fedtune() -> float:  # the one client path every engine runs: decode, train, encode, + server decode
         t0 = time.perf_counter()
-        delta, _ = client_round(model, init, shard, spec, 0, 1)
-        payload, _ = codec.encode(delta, None, torch_generator(0, "codec"))
-        codec.decode(payload, None)
+        reply, _ = run_client(ClientJob(1, shard.client_id, sent), model, shard, plan, ClientState())
+        plan.up_codec.decode(reply.payload, None)
         return time.perf_counter() - t0
 
     bare()  # warm-up

@@ -114,6 +114,7 @@ def test_validate_runs_every_check_run_does_for_several_configs(tmp_path) -> Non
     cases = {
         "ranks.yaml": "strategy: {name: flora}\nadapter: {ranks: [2, 4]}\n",  # 2 ranks for 4 clients
         "long.yaml": "evaluation: {batch_size: 8}\n",  # with --set data.block_size below
+        "dirichlet.yaml": "partition: {kind: dirichlet, num_clients: 12, alpha: 1.0, min_docs: 1}\n",
         "ok.yaml": "rounds: 1\n",
     }
     paths = []
@@ -126,4 +127,5 @@ def test_validate_runs_every_check_run_does_for_several_configs(tmp_path) -> Non
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "one rank per client is needed; there are 4 clients" in r.stderr
     assert "at most 2048 positions" in r.stderr
+    assert "document(s); it needs >= 2" in r.stderr  # a Dirichlet client with a single document
     assert "ok:" in r.stdout and "ok.yaml" in r.stdout

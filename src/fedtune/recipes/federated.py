@@ -54,6 +54,7 @@ class Ledger:
     dp_steps: dict[str, int] = field(default_factory=dict)  # DP-SGD local steps per client so far
     sample_epsilon: float = 0.0
     stopped: str | None = None
+    io_seconds: float = 0.0  # appending records + writing checkpoints (of the rounds checkpointed)
 
 
 def run_federated(
@@ -177,9 +178,11 @@ def _run(
             ledger = update_ledger(ledger, summary, sent_updates, eps, stop)
             summary.update(round_extras(cfg, sent_updates, failures, skipped, ledger))
             summary["wall_seconds"] = time.perf_counter() - t0
+            t_io = time.perf_counter()
             io.append_jsonl(metrics_path, [*recs, {"round": rnd, "client": None, **summary}])
             state = {"round": rnd, "global": global_state, "strategy_state": sstate, "codec_states": codec_states}
             io.save_checkpoint(run_dir / io.CHECKPOINT, {**state, "ledger": ledger.__dict__})
+            ledger.io_seconds += time.perf_counter() - t_io
             bars.update(round_task, completed=rnd)
             if progress and not console.is_terminal:  # batch jobs: one line a round
                 console.print(f"round {rnd}: mean ppl {summary.get('mean_ppl', float('nan')):.3f}")
@@ -198,7 +201,7 @@ def _run(
     if on_clients:
         console.print(f"personal adapters of {', '.join(on_clients)} stay on their clients (their private tensors)")
     plot_runs({cfg.name: records}, run_dir / "plots")
-    io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, time.perf_counter() - t_start))
+    io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, time.perf_counter() - t_start, ledger.io_seconds))
     return RunResult(run_dir, records, max(r["round"] for r in records))
 
 
@@ -292,7 +295,7 @@ def update_ledger(
         if "dp_steps" in u.metrics:
             steps[u.client_id] = steps.get(u.client_id, 0) + int(u.metrics["dp_steps"])
     worst = max([ledger.sample_epsilon, *(e for e, _ in eps.values())])
-    return Ledger(summary["cum_bytes"], steps, worst, stop)
+    return Ledger(summary["cum_bytes"], steps, worst, stop, ledger.io_seconds)
 
 
 def round_extras(

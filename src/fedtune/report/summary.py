@@ -54,7 +54,7 @@ def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:
         t.add_row(cid, _f(base), _f(final), change, mb(r["bytes_up"]), mb(r["bytes_down"]), f"{r['train_seconds']:.1f}")
     if rounds:
         last = rounds[-1]
-        wall = sum(x.get("wall_seconds", 0.0) for x in rounds)
+        wall = sum(x.get("wall_seconds", 0.0) for x in rounds) + rounds[0].get("setup_seconds", 0.0)
         failures = sum(x.get("failures", 0) for x in rounds)
         t.caption = (
             f"final round {last['round']}: mean ppl {_f(last.get('mean_ppl'))}, "
@@ -114,7 +114,7 @@ def load_run(run_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
     return d.name, read_jsonl(d / METRICS)
 
 
-def summary_json(cfg: Any, records: Sequence[dict[str, Any]], total_seconds: float) -> str:
+def summary_json(cfg: Any, records: Sequence[dict[str, Any]], total_seconds: float, io_seconds: float = 0.0) -> str:
     """summary.json: the final numbers; written last, so its presence marks a completed run."""
     import json
 
@@ -135,6 +135,8 @@ def summary_json(cfg: Any, records: Sequence[dict[str, Any]], total_seconds: flo
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in rounds),
             "aggregate_seconds": sum(r.get("aggregate_seconds", 0.0) for r in rounds),
             "eval_seconds": sum(r.get("eval_seconds", 0.0) for r in rounds),
+            "io_seconds": io_seconds,  # records and checkpoints
+            "warmup_seconds": rr[0].get("warmup_seconds", 0.0) if rr else 0.0,
         },
         indent=2,
         sort_keys=True,

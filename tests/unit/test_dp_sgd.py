@@ -111,3 +111,27 @@ def test_dp_sgd_noise_stays_in_a_low_rank_clients_own_rows(tiny_with_lora, rando
         else:
             assert torch.count_nonzero(full[:, 1:]) == 0, k  # the padded column of B
     assert any(float(d.abs().max()) > 0 for d in delta.values())  # the own rank did train
+
+
+def test_unit_document_packs_each_document_alone_and_clips_all_its_blocks_together(tiny_with_lora) -> None:
+    """train.dp_sgd.unit: document. No block mixes two documents (pads masked out of the loss);
+    one Poisson draw per document, and the document's whole gradient (all its blocks) is clipped
+    to C as one example: a 3-block document moves the adapter by exactly lr * C in one SGD step."""
+    from fedtune.config.schema import ModelConfig
+    from fedtune.data.blocks import pack_documents
+    from fedtune.models.load import load_tokenizer, tiny_dir
+
+    tok = load_tokenizer(str(tiny_dir(ModelConfig(name="tiny"), 0)))
+    texts = ["a" * 40, "bb" * 5]  # 40 + 1 tokens (3 blocks of 16), 10 + 1 tokens (1 padded block)
+    blocks, docs, mask, n = pack_documents(texts, tok, 16)
+    assert docs.tolist() == [0, 0, 0, 1] and n == 52
+    assert mask.sum(1).tolist() == [16, 16, 9, 11] and not mask[2, 9:].any()
+
+    model, params, _, before = setup(tiny_with_lora)
+    clip, lr = 1e-4, 0.5
+    spec = TrainSpec(steps=1, batch_size=2, lr=lr, optimizer="sgd", max_grad_norm=None, dp_clip=clip, dp_noise=0.0)
+    stats = local_train_(
+        model, params, blocks[:3], spec, torch.Generator().manual_seed(0), docs=docs[:3], mask=mask[:3]
+    )  # one document: q = min(1, 2 / 1) = 1, it is always drawn
+    assert stats["dp_rate"] == 1.0
+    assert float(change(model, before).norm()) == pytest.approx(lr * clip, rel=1e-4)

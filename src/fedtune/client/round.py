@@ -80,6 +80,8 @@ def client_round(
         router_params=routers,
         router_blocks=shard.val,
         regions=regions,
+        docs=shard.train_doc if spec.dp_noise is not None else None,
+        mask=shard.train_mask if spec.dp_noise is not None else None,
         step_offset=(rnd - 1) * spec.num_steps(int(shard.train.shape[0])),
     )
     trained = get_state(model)

@@ -91,11 +91,14 @@ def autocast(bf16: bool) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
-def lm_loss(model: Any, batch: torch.Tensor, bf16: bool, lb_weight: float = 0.0) -> torch.Tensor:
+def lm_loss(
+    model: Any, batch: torch.Tensor, bf16: bool, lb_weight: float = 0.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean next-token cross-entropy of a batch of packed blocks [B, T] (plus lb_weight times the
-    load-balancing loss of a mixture-of-experts adapter)."""
+    load-balancing loss of a mixture-of-experts adapter); `mask` [B, T]: only True tokens are targets."""
+    labels = batch if mask is None else batch.masked_fill(~mask, -100)
     with autocast(bf16):
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = model(input_ids=batch, labels=labels).loss
     if lb_weight > 0:
         from fedtune.adapters.moe_lora import load_balancing_loss
 
@@ -129,6 +132,8 @@ def local_train_(
     router_blocks: torch.Tensor | None = None,
     step_offset: int = 0,
     regions: list[torch.Size] | None = None,
+    docs: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Train `params` of `model` in place on `blocks` [N, T]; return train metrics.
 
@@ -138,7 +143,9 @@ def local_train_(
     training, from `step_offset`), router_steps steps of their own AdamW on `router_blocks` (the
     validation split) with the same loss; otherwise they train jointly with `params`.
     `regions`: for each of `params`, the leading sub-shape the client really trains (its own
-    rank inside a larger padded LoRA); DP-SGD adds noise only there.
+    rank inside a larger padded LoRA); DP-SGD adds noise only there. `docs` / `mask` (DP-SGD's
+    unit 'document'): the document of each block and its real tokens; documents, not blocks, are
+    Poisson-sampled and clipped (all blocks of a document together).
     Raises TrainingDivergedError on a NaN or infinite loss.
     """
     total = spec.num_steps(int(blocks.shape[0]))
@@ -189,14 +196,16 @@ def local_train_(
 
     def dp_step_on(optimizer: torch.optim.Optimizer, group: list[torch.nn.Parameter]) -> float | None:
         """One DP-SGD step (module docstring); the mean per-example loss, None for an empty batch."""
-        n = int(blocks.shape[0])
+        n = units
         q = spec.dp_rate(n)
         clip, sigma = float(spec.dp_clip or 1.0), float(spec.dp_noise or 0.0)
         picked = torch.nonzero(noise.uniform(n) < q).flatten().tolist()
         summed = [torch.zeros_like(p, dtype=torch.float32) for p in group]
         step_losses = []
         for i in picked:
-            loss = lm_loss(model, blocks[i : i + 1], spec.bf16, spec.lb_weight)
+            rows = members[i] if members is not None else slice(i, i + 1)  # a document: all its blocks
+            part_mask = mask[rows] if mask is not None else None
+            loss = lm_loss(model, blocks[rows], spec.bf16, spec.lb_weight, part_mask)
             if not torch.isfinite(loss):
                 model.eval()
                 raise TrainingDivergedError(
@@ -221,6 +230,13 @@ def local_train_(
         return sum(step_losses) / len(step_losses) if step_losses else None
 
     dp = spec.dp_noise is not None
+    # DP-SGD's unit: a block, or a document (all its blocks: `docs` gives each block's document)
+    members = (
+        [torch.nonzero(docs == d).flatten() for d in range(int(docs.max()) + 1)]
+        if docs is not None and docs.numel()
+        else None
+    )
+    units = len(members) if members is not None else int(blocks.shape[0])
     # seeded: the training generator (reproducible simulation); secure: the OS CSPRNG
     noise = SecureNoise() if spec.dp_randomness == "secure" else SeededNoise(gen)
     empty = 0
@@ -263,7 +279,7 @@ def local_train_(
         "train_seconds": time.perf_counter() - t0,
     }
     if dp:  # what the accountant needs: steps taken at Poisson rate q
-        out.update(dp_steps=float(total), dp_rate=spec.dp_rate(int(blocks.shape[0])), dp_empty_batches=float(empty))
+        out.update(dp_steps=float(total), dp_rate=spec.dp_rate(units), dp_empty_batches=float(empty))
     if router_losses:
         out["router_loss"] = sum(router_losses) / len(router_losses)
     return out

@@ -145,6 +145,12 @@ class DPSGDConfig(_Strict):
     target_epsilon: float | None = Field(
         None, gt=0.0, description="stop the run before any client's epsilon would exceed this"
     )
+    unit: Literal["block", "document"] = Field(
+        "block",
+        description="the unit of privacy: 'block' (one packed block_size-token block; a document spanning m "
+        "blocks is protected at group size m) or 'document' (each document is packed on its own, padded, and "
+        "all its blocks are sampled, clipped and counted together as one example)",
+    )
 
 
 class TrainConfig(_Strict):

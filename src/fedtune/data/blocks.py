@@ -24,6 +24,9 @@ class Shard:
     test: torch.Tensor
     num_docs: int
     stats: dict[str, float] = field(default_factory=dict)  # what became of the data (the data report)
+    # DP-SGD with unit 'document': the document of each training block, and its real (not pad) tokens
+    train_doc: torch.Tensor | None = None
+    train_mask: torch.Tensor | None = None
 
     @property
     def num_examples(self) -> int:
@@ -64,7 +67,35 @@ def pack_counted(texts: list[str], tokenizer: Any, block_size: int) -> tuple[tor
     return torch.tensor(flat[: n * block_size], dtype=torch.long).view(n, block_size), len(flat)
 
 
-def make_shards(parts: dict[str, datasets.Dataset], tokenizer: Any, cfg: DataConfig, seed: int) -> dict[str, Shard]:
+def pack_documents(
+    texts: list[str], tokenizer: Any, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Each document on its own (+ EOS), cut into blocks, the last one right-padded: (blocks [N, T],
+    document of each block [N], real-token mask [N, T], tokens). No block mixes two documents, so a
+    document is a well-defined set of blocks (DP-SGD's unit 'document'); pads are never trained on
+    (right padding: causal attention never looks at them, and their labels are masked)."""
+    if not texts:
+        empty = torch.zeros((0, block_size), dtype=torch.long)
+        return empty, torch.zeros(0, dtype=torch.long), empty.bool(), 0
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    pad = eos if eos is not None else 0
+    blocks, docs, masks, total = [], [], [], 0
+    for d, doc in enumerate(ids):
+        seq = list(doc) + ([eos] if eos is not None else [])
+        total += len(seq)
+        for i in range(0, len(seq), block_size):
+            part = seq[i : i + block_size]
+            blocks.append(part + [pad] * (block_size - len(part)))
+            masks.append([True] * len(part) + [False] * (block_size - len(part)))
+            docs.append(d)
+    return torch.tensor(blocks), torch.tensor(docs), torch.tensor(masks), total
+
+
+def make_shards(
+    parts: dict[str, datasets.Dataset], tokenizer: Any, cfg: DataConfig, seed: int, doc_unit: bool = False
+) -> dict[str, Shard]:
+    """`doc_unit`: the training split is packed document by document (DP-SGD's unit 'document')."""
     """Build every client's shard; raise DataError naming each client that ends up without data."""
     shards: dict[str, Shard] = {}
     problems: list[str] = []
@@ -75,9 +106,14 @@ def make_shards(parts: dict[str, datasets.Dataset], tokenizer: Any, cfg: DataCon
             continue
         tr, va, te = split_docs(texts, cfg.val_fraction, cfg.test_fraction, torch_generator(seed, "split", cid))
         (train, n_tr), (val, n_va), (test, n_te) = (pack_counted(x, tokenizer, cfg.block_size) for x in (tr, va, te))
+        train_doc = train_mask = None
+        if doc_unit:
+            train, train_doc, train_mask, n_tr = pack_documents(tr, tokenizer, cfg.block_size)
         full = {"train": int(train.shape[0]), "val": int(val.shape[0]), "test": int(test.shape[0])}
         if cfg.max_train_blocks is not None:
             train = train[: cfg.max_train_blocks]
+            if train_doc is not None and train_mask is not None:
+                train_doc, train_mask = train_doc[: cfg.max_train_blocks], train_mask[: cfg.max_train_blocks]
         if cfg.max_test_blocks is not None:
             test = test[: cfg.max_test_blocks]
             val = val[: cfg.max_test_blocks]
@@ -96,7 +132,7 @@ def make_shards(parts: dict[str, datasets.Dataset], tokenizer: Any, cfg: DataCon
             "blocks_val": int(val.shape[0]),
             "blocks_test": int(test.shape[0]),
             # tokens past each split's last full block, and blocks over max_train/test_blocks
-            "tokens_dropped": (n_tr + n_va + n_te) - cfg.block_size * sum(full.values()),
+            "tokens_dropped": max(0, (n_tr + n_va + n_te) - cfg.block_size * sum(full.values())),
             "blocks_capped": sum(full.values()) - int(train.shape[0] + val.shape[0] + test.shape[0]),
         }
         if train.shape[0] == 0 or test.shape[0] == 0:
@@ -104,7 +140,7 @@ def make_shards(parts: dict[str, datasets.Dataset], tokenizer: Any, cfg: DataCon
                 f"client {cid!r} has {train.shape[0]} train and {test.shape[0]} test blocks of {cfg.block_size} tokens"
             )
             continue
-        shards[cid] = Shard(cid, train, val, test, len(texts), stats)
+        shards[cid] = Shard(cid, train, val, test, len(texts), stats, train_doc, train_mask)
     if problems:
         raise DataError(
             "some clients have no usable data:\n  - "

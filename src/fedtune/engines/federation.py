@@ -30,7 +30,8 @@ def load_shards(cfg: ExperimentConfig, tokenizer: Any) -> tuple[dict[str, Shard]
     corpus = load_corpus(cfg.data)
     files = json.loads(corpus.info.description) if corpus.info.description else None
     parts = partition(corpus, cfg.partition, cfg.seed)
-    shards = make_shards(parts, tokenizer, cfg.data, cfg.seed)
+    dp = cfg.train.dp_sgd
+    shards = make_shards(parts, tokenizer, cfg.data, cfg.seed, doc_unit=dp is not None and dp.unit == "document")
     return shards, cut_summary(shards, files)
 
 

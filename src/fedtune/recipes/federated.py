@@ -322,8 +322,12 @@ def round_extras(
             sample_dp_delta=dp.delta,
             sample_dp_accounting="RDP, Poisson-subsampled Gaussian per local step, composed over each "
             f"client's steps, sigma={dp.noise_multiplier:g}",
-            sample_dp_unit=f"block: one packed {cfg.data.block_size}-token block (a document spanning m blocks "
-            "is protected at group size m)",
+            sample_dp_unit=(
+                "document: every block of a document is sampled and clipped together"
+                if dp.unit == "document"
+                else f"block: one packed {cfg.data.block_size}-token block (a document spanning m blocks is "
+                "protected at group size m)"
+            ),
             sample_dp_randomness=describe(cfg.randomness()),
         )
     return out

@@ -1,13 +1,17 @@
 """Privacy: mean test perplexity vs epsilon for user-level DP-FedAvg around FedIT (noise on A and B),
-FFA-LoRA (B only) and Fed-SB (R only).
+FFA-LoRA (B only) and Fed-SB (R only), and sample-level DP-SGD.
 
     .venv/bin/python bench/privacy.py                                # real task (configs/demo.yaml)
     .venv/bin/python bench/privacy.py --config configs/tiny.yaml     # a smoke run in a minute
 
-Every row: adaptive clipping (median quantile), `sampling.fraction` 1, delta 1e-5; sigma in
-{0.3, 0.6, 1.2} plus the non-private run of the same inner strategy, and sample-level DP-SGD
-(`train.dp_sgd`) with each inner strategy. Writes bench/out/privacy.md
-and bench/out/privacy.png.
+Protocol (the same tuning budget for every method): for each inner method, three learning rates
+(a factor 2 apart around its usual one) are run without DP with `evaluation.val: true`; the one
+with the lowest final mean *validation* perplexity is kept (the test split is never used to
+choose). Then, at that learning rate: DP-FedAvg with adaptive clipping (median quantile, from
+S = 0.05) at sigma in {0.3, 0.6, 1.2}, and sample-level DP-SGD. `sampling.fraction` 1, delta 1e-5,
+Fed-SB's LoRA-SB initialised from a public corpus (`adapter.sb_init: source:stdlib`), DP-SGD's
+unit a packed block, and seeded (reproducible simulation) noise, all recorded in every run.
+Writes bench/out/privacy.md and bench/out/privacy.png.
 """
 
 from __future__ import annotations
@@ -19,29 +23,42 @@ from runs import final, run_rows
 
 INNER = {
     "fedit": ["strategy.inner=fedit"],
-    "ffa_lora": ["strategy.inner=ffa_lora", "train.lr=0.005"],
-    "fedsb": ["strategy.inner=fedsb", "adapter.kind=lora_sb", "train.lr=0.01"],
+    "ffa_lora": ["strategy.inner=ffa_lora"],
+    "fedsb": ["strategy.inner=fedsb", "adapter.kind=lora_sb", "adapter.sb_init=source:stdlib"],
 }
+LRS = {"fedit": [5e-4, 1e-3, 2e-3], "ffa_lora": [2.5e-3, 5e-3, 1e-2], "fedsb": [5e-3, 1e-2, 2e-2]}
 SIGMAS = [0.3, 0.6, 1.2]
 # sample-level DP-SGD on each client (per-example clipping), the same inner strategies
 SAMPLE_SIGMA, SAMPLE_CLIP = 1.0, 1.0
 
 
-def rows() -> dict[str, list[str]]:
+def plain(inner: str) -> list[str]:
+    return [o.replace("strategy.inner=", "strategy.name=") for o in INNER[inner]]
+
+
+def tuning_rows() -> dict[str, list[str]]:
+    return {
+        f"{inner} non-private lr {lr:g}": [*plain(inner), f"train.lr={lr}", "evaluation.val=true"]
+        for inner in INNER
+        for lr in LRS[inner]
+    }
+
+
+def private_rows(lr: dict[str, float]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for inner, over in INNER.items():
-        plain = [o.replace("strategy.inner=", "strategy.name=") for o in over]
-        out[f"{inner} non-private"] = plain
         for s in SIGMAS:
             out[f"{inner} sigma {s}"] = [
                 "strategy.name=dp_fedavg",
                 *over,
+                f"train.lr={lr[inner]}",
                 f"strategy.noise_multiplier={s}",
                 "strategy.adaptive=true",
                 "strategy.clip=0.05",
             ]
         out[f"{inner} dp-sgd {SAMPLE_SIGMA}"] = [
-            *plain,
+            *plain(inner),
+            f"train.lr={lr[inner]}",
             f"train.dp_sgd.noise_multiplier={SAMPLE_SIGMA}",
             f"train.dp_sgd.clip={SAMPLE_CLIP}",
         ]
@@ -54,32 +71,47 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/privacy")
     a = ap.parse_args()
     out = Path(a.out)
-    res = run_rows(rows(), a.config, [], out)
-    lines = [
-        "| method | noise multiplier | epsilon (delta 1e-5) | mean test ppl | final clip S |",
-        "|---|---|---|---|---|",
+    tuned = run_rows(tuning_rows(), a.config, [], out)
+    lines = ["Learning rate per method, chosen on the validation split (3 runs each, no DP):", ""]
+    lines += ["| method | lr | final mean val ppl | final mean test ppl |", "|---|---|---|---|"]
+    best: dict[str, float] = {}
+    for inner in INNER:
+        cands = {lr: tuned[f"{inner} non-private lr {lr:g}"] for lr in LRS[inner]}
+        best[inner] = min(cands, key=lambda lr: final(cands[lr], "mean_val_ppl"))
+        for lr, r in cands.items():
+            mark = " (chosen)" if lr == best[inner] else ""
+            lines.append(f"| {inner} | {lr:g}{mark} | {final(r, 'mean_val_ppl'):.2f} | {final(r):.2f} |")
+    res = {f"{i} non-private": tuned[f"{i} non-private lr {best[i]:g}"] for i in INNER}
+    res.update(run_rows(private_rows(best), a.config, [], out))
+    lines += [
+        "",
+        "| method | lr | noise multiplier | epsilon (delta 1e-5) | mean test ppl | final clip S | accounting |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row, r in res.items():
         if "dp-sgd" in row:
             continue
+        inner = row.split(" ")[0]
         eps, clip = final(r, "epsilon"), final(r, "dp_clip")
         sigma = row.rsplit(" ", 1)[-1] if "sigma" in row else "-"
         e = f"{eps:.2f}" if eps is not None else "inf (no DP)"
         c = f"{clip:.3g}" if clip is not None else "-"
-        lines.append(f"| {row.split(' ')[0]} | {sigma} | {e} | {final(r):.2f} | {c} |")
+        how = final(r, "dp_accounting") or "-"
+        lines.append(f"| {inner} | {best[inner]:g} | {sigma} | {e} | {final(r):.2f} | {c} | {how} |")
     lines += [
         "",
         f"Sample-level DP-SGD on every client (noise multiplier {SAMPLE_SIGMA}, per-example clip {SAMPLE_CLIP}, "
         "Poisson batches of expected size train.batch_size):",
         "",
-        "| method | worst client's sample-level epsilon (delta 1e-5) | mean test ppl | no-DP ppl |",
-        "|---|---|---|---|",
+        "| method | worst client's sample-level epsilon (delta 1e-5) | mean test ppl | no-DP ppl | unit | noise |",
+        "|---|---|---|---|---|---|",
     ]
     for inner in INNER:
         r = res[f"{inner} dp-sgd {SAMPLE_SIGMA}"]
         lines.append(
             f"| {inner} + DP-SGD | {final(r, 'sample_epsilon'):.2f} | {final(r):.2f} "
-            f"| {final(res[f'{inner} non-private']):.2f} |"
+            f"| {final(res[f'{inner} non-private']):.2f} | {final(r, 'sample_dp_unit')} "
+            f"| {final(r, 'sample_dp_randomness')} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -122,7 +122,7 @@ def test_flower_refuses_what_it_cannot_run(tiny_cfg) -> None:
     with pytest.raises(ConfigError, match="pools every client's test data"):
         check_flower(tiny_cfg("evaluation.ood=true", "engine.name=flower-sim"))
     with pytest.raises(ConfigError, match="sampling.deadline"):
-        check_flower(tiny_cfg("sampling.deadline=2", "engine.name=flower-sim"))
+        check_flower(tiny_cfg("sampling.deadline=2", "engine.name=flower-deploy"), "flower-deploy")
 
 
 def test_validate_reports_what_flower_cannot_run(cli) -> None:
@@ -242,3 +242,15 @@ def test_killed_supernode_is_a_recorded_failure_and_rejoins(tiny_cfg, tmp_path) 
     assert rejoined, "the restarted SuperNode did not rejoin"
     assert (run_dir / "summary.json").exists()
     assert flower_processes(tmp_path / "work") == []
+
+
+def test_fault_and_attack_injection_wrap_the_flower_simulation_too(tiny_cfg, no_time) -> None:
+    """Dropouts (a wrapper around any engine) and sign-flip attackers (a client-side update
+    transform) give the same records on Flower's simulation as in-process."""
+    from fedtune.recipes.flower import run_simulation
+
+    over = ["rounds=2", "train.steps=2", "sampling.dropout=0.3", "attack.kind=sign_flip", "attack.fraction=0.25"]
+    local = run_federated(tiny_cfg(*over, name="inproc"), progress=False)
+    sim = run_simulation(tiny_cfg(*over, name="sim"), num_clients=4)
+    assert no_time(sim.records) == no_time(local.records)
+    assert any("injected dropout" in r.get("failure", "") for r in sim.records)

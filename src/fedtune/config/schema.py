@@ -280,6 +280,11 @@ class EvalConfig(_Strict):
         description="also test every client's model on the mixture of all clients' test data "
         "(out of distribution; per-client ood_ppl)",
     )
+    val: bool = Field(
+        False,
+        description="also score the model each client ends with on its validation split (val_ppl; mean_val_ppl "
+        "in the round record): choose hyperparameters on it, never on the test split",
+    )
 
 
 class ExperimentConfig(_Strict):

@@ -7,7 +7,7 @@ chosen engine cannot run exactly is refused with a message instead of run differ
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from fedtune.errors import Problem
@@ -42,7 +42,9 @@ class EngineCapabilities:
 INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, True, True, "any")
 # on Flower, client state lives on each SuperNode's disk (`engines/flower/client_app.py`)
 FLOWER = EngineCapabilities("flower", True, True, False, False, False, False, False, False, "identity")
-ENGINES = {"inprocess": INPROCESS, "flower-sim": FLOWER, "flower-deploy": FLOWER}
+# simulated dropouts, stragglers and attacks wrap the Flower engine in simulation as well
+FLOWER_SIM = replace(FLOWER, name="flower-sim", fault_injection=True)
+ENGINES = {"inprocess": INPROCESS, "flower-sim": FLOWER_SIM, "flower-deploy": FLOWER}
 
 _INPROCESS = "run it with engine.name: inprocess"
 

@@ -99,8 +99,10 @@ class InProcessEngine:
             if split == "ood" and alone and id(state) in shared:
                 out[cid] = dict(shared[id(state)])
                 continue
-            self._load(cid, state)
             blocks = self.ood_blocks() if split == "ood" else self._split(cid, split)
+            if blocks.shape[0] == 0:  # nothing to score (e.g. no validation blocks)
+                continue
+            self._load(cid, state)
             out[cid] = evaluate_blocks(self.model, blocks, self.eval_batch_size, self.plan.spec.bf16)
             if split == "ood" and alone:
                 shared[id(state)] = out[cid]

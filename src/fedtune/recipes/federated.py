@@ -113,7 +113,7 @@ def _run(
         io.write_atomic(run_dir / io.CONFIG, config_to_yaml(cfg))
         global_state = get_state(fed.model)
         sstate, codec_states, ledger, start = strategy.init_state(global_state), {}, Ledger(), 1
-        base = eval_records(0, caps, engine, ids, global_state, None, cfg.evaluation.ood)
+        base = eval_records(0, caps, engine, ids, global_state, None, cfg.evaluation.ood, cfg.evaluation.val)
         summary = {"round": 0, "client": None, **round_summary(base, 0, 0, 0, 0), **fed.round0}
         summary["setup_seconds"] = time.perf_counter() - t_start
         io.write_jsonl(metrics_path, [*client_records(0, ids, [], base, [], [], True), summary])
@@ -168,7 +168,8 @@ def _run(
             evals: dict[str, dict[str, float]] = {}
             if last or rnd % cfg.evaluation.every == 0:
                 personal = strategy.configure(rnd + 1, ids, sstate) if caps.personalized else None
-                evals = eval_records(rnd, caps, engine, ids, global_state, personal, cfg.evaluation.ood)
+                ev = cfg.evaluation
+                evals = eval_records(rnd, caps, engine, ids, global_state, personal, ev.ood, ev.val)
             t_eval = time.perf_counter()
             extra = {c: {"sample_epsilon": e} for c, (e, _) in eps.items()}
             recs = client_records(rnd, ids, trainers, evals, sent_updates, failures, bool(wire), extra)

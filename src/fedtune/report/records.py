@@ -18,6 +18,7 @@ def eval_records(
     global_state: AdapterState,
     personal: Mapping[str, AdapterState] | None,
     ood: bool = False,
+    val: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Per-client test metrics (computed where the data is, by the engine): the global model,
     the personal model (if the strategy personalizes), and test_* = the model the client ends with."""
@@ -34,6 +35,10 @@ def eval_records(
         kind = "personal" if "personal_loss" in out[cid] else "global"
         if f"{kind}_loss" in out[cid]:
             out[cid].update(test_loss=out[cid][f"{kind}_loss"], test_ppl=out[cid][f"{kind}_ppl"])
+    if val:  # the model each client ends with, on its own validation split (for tuning)
+        states = {cid: (personal or {}).get(cid, global_state) for cid in client_ids}
+        for cid, r in engine.evaluate(states, split="val").items():
+            out[cid].update(val_loss=r["loss"], val_ppl=r["ppl"])
     if ood:  # the model each client ends with, on the mixture of all clients' test data
         states = {cid: (personal or {}).get(cid, global_state) for cid in client_ids}
         for cid, r in engine.evaluate(states, split="ood").items():
@@ -87,6 +92,9 @@ def round_summary(
         w = [evals[c]["test_tokens"] for c in done]
         s = summarize(ppl, w)
         out.update(mean_ppl=s["mean"], weighted_mean_ppl=s["weighted_mean"], worst_ppl=s["worst"])
+    val = [evals[c]["val_ppl"] for c in evals if "val_ppl" in evals[c]]
+    if val:
+        out["mean_val_ppl"] = sum(val) / len(val)
     ood = [evals[c]["ood_ppl"] for c in evals if "ood_ppl" in evals[c]]
     if ood:
         out["ood_mean_ppl"] = sum(ood) / len(ood)

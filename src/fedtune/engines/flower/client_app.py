@@ -48,6 +48,7 @@ def client_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> ClientR
     key = (cfg_yaml, partition_id, state_root)
     if key not in _RUNTIMES:
         from fedtune import components
+        from fedtune.engines.faults import attackers, corrupt_shard
         from fedtune.engines.federation import build_adapted_model, load_shards, rank_per_client, sb_public_blocks
         from fedtune.engines.plan import build_plan
         from fedtune.models.adapters import get_state, lora_scale
@@ -63,6 +64,8 @@ def client_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> ClientR
         model, _ = build_adapted_model(cfg, model_dir, ranks, lambda: sb_public_blocks(cfg, tokenizer))
         strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
         plan = build_plan(cfg, strategy, get_state(model), ids)
+        if cfg.attack.kind == "data" and cid in attackers(ids, cfg.attack.fraction, cfg.seed):
+            shards[cid] = corrupt_shard(shards[cid], cfg.seed)  # simulation: this client poisons its text
         weight = strategy.capabilities.weight(shards[cid].num_examples)
         root = Path(state_root).expanduser()
         _RUNTIMES[key] = ClientRuntime(cfg, cid, shards[cid], model, plan, root, weight, {})
@@ -165,7 +168,10 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
         rnd = int(str(config["round"]))
         private = rt.store(str(config.get("run", ""))).get(rt.client_id, before=rnd + 1).private
         set_state_(rt.model, {**private, **state})
-        res = evaluate_blocks(rt.model, rt.shard.test, rt.cfg.evaluation.batch_size, rt.plan.spec.bf16)
+        blocks = rt.shard.val if str(config.get("split", "test")) == "val" else rt.shard.test
+        if blocks.shape[0] == 0:  # nothing to score (no validation blocks): say nothing
+            return Message(RecordDict({"metrics": MetricRecord({})}), reply_to=msg)
+        res = evaluate_blocks(rt.model, blocks, rt.cfg.evaluation.batch_size, rt.plan.spec.bf16)
         return Message(RecordDict({"metrics": MetricRecord(res)}), reply_to=msg)  # type: ignore[arg-type]
 
     return app

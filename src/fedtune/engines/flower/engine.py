@@ -17,6 +17,7 @@ from fedtune.codecs import make_codec
 from fedtune.config import ExperimentConfig
 from fedtune.data.report import stats_summary
 from fedtune.engines.capabilities import FLOWER
+from fedtune.engines.faults import FaultInjection, Faults, attackers
 from fedtune.engines.federation import Federation
 from fedtune.engines.flower.secagg_plus import secure_round
 from fedtune.engines.flower.wire import from_record, to_record
@@ -119,7 +120,7 @@ class FlowerEngine:
             contents[cid] = RecordDict({"payload": to_record(encoded[id(st)]), "config": config})
         out = {}
         for cid, reply in self._send("evaluate", contents, 0).items():
-            if not isinstance(reply, str):  # a client that is down is simply not evaluated this round
+            if not isinstance(reply, str) and "loss" in reply.content["metrics"]:  # down, or nothing to score
                 out[cid] = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
         return out
 
@@ -184,9 +185,16 @@ def flower_federation(
         from fedtune.report.io import run_token
 
         token = run_token(Path(cfg.run_dir()))
-        engine = FlowerEngine(
+        engine: Any = FlowerEngine(
             grid, node_of, timeout, context=context, weights=weights, secure=cfg.secure_aggregation, run=token
         )
-        return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, round0=stats_summary(stats))
+        s = cfg.sampling
+        faults = Faults(s.dropout, s.straggler_fraction, s.straggler_slowdown, s.deadline)
+        if cfg.engine.name == "flower-sim" and (faults.dropout > 0 or faults.timed):
+            engine = FaultInjection(engine, faults, cfg.seed)  # the same seeded faults as in-process
+        round0 = stats_summary(stats)
+        if cfg.attack.kind != "none":  # simulated attackers (a seeded set, the same on every side)
+            round0["attackers"] = sorted(attackers(ids, cfg.attack.fraction, cfg.seed))
+        return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, round0=round0)
 
     return build

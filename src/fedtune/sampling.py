@@ -14,6 +14,14 @@ def sample_size(n: int, fraction: float, min_clients: int) -> int:
     return min(n, max(min_clients, round(fraction * n)))
 
 
+def evaluation_clients(client_ids: Sequence[str], n: int | None, seed: int) -> list[str]:
+    """The clients scored at every evaluation: a seeded sample of n, the same every round (all if None)."""
+    if n is None or n >= len(client_ids):
+        return list(client_ids)
+    picked = numpy_rng(seed, "evaluation-sample").choice(len(client_ids), size=n, replace=False)
+    return sorted(client_ids[i] for i in picked)
+
+
 def sample_clients(
     client_ids: Sequence[str], fraction: float, min_clients: int, seed: int, rnd: int, scheme: str = "fixed"
 ) -> list[str]:

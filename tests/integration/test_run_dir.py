@@ -150,3 +150,38 @@ def test_reported_wall_time_is_the_whole_run_split_into_its_parts(tiny_cfg) -> N
         parts = r["train_seconds"] + r["aggregate_seconds"] + r["eval_seconds"]
         assert 0 < parts <= r["wall_seconds"]
     assert s["io_seconds"] > 0 and s["train_seconds"] == sum(r["train_seconds"] for r in rounds)
+
+
+def test_evaluation_samples_a_fixed_seeded_set_of_clients(tiny_cfg) -> None:
+    """evaluation.clients: the same seeded sample is scored at every evaluation, plus each round's
+    trainers; records exist only for clients that were sampled or evaluated."""
+    over = ("partition.kind=iid", "partition.num_clients=12", "sampling.fraction=0.25", "evaluation.clients=3")
+    run = run_federated(tiny_cfg(*over, "rounds=2", "train.steps=1", name="many"), progress=False)
+    watched = {r["client"] for r in run.records if r["round"] == 0 and r["client"]}
+    assert len(watched) == 3
+    for rnd in (1, 2):
+        recs = [r for r in run.records if r["round"] == rnd and r["client"]]
+        trainers = {r["client"] for r in recs if r["sampled"]}
+        assert len(trainers) == 3
+        assert {r["client"] for r in recs} == {r["client"] for r in recs if "test_ppl" in r} == watched | trainers
+
+
+def test_past_ten_clients_the_table_lists_the_worst_and_the_plot_shows_a_band(tmp_path) -> None:
+    from rich.console import Console
+
+    from fedtune.report.plots import plot_runs
+    from fedtune.report.summary import run_table
+
+    recs = []
+    for rnd in (0, 1):
+        for i in range(12):
+            recs.append(
+                {"round": rnd, "client": f"c{i:02d}", "test_ppl": 100.0 + i - 10 * rnd, "test_loss": 4.0 + i / 10}
+            )
+        recs.append({"round": rnd, "client": None, "mean_ppl": 105.0, "cum_bytes": 0})
+    text = Console(width=200, record=True)
+    text.print(run_table("many", recs))
+    out = text.export_text()
+    assert "5 worst of 12 clients" in out and "c11" in out and "c00 " not in out
+    loss, _ = plot_runs({"many": recs}, tmp_path)
+    assert loss.stat().st_size > 5_000

@@ -280,6 +280,12 @@ class EvalConfig(_Strict):
         description="also test every client's model on the mixture of all clients' test data "
         "(out of distribution; per-client ood_ppl)",
     )
+    clients: int | None = Field(
+        None,
+        ge=1,
+        description="evaluate a seeded sample of this many clients (the same sample every time, so curves are "
+        "comparable) plus each round's trainers; default: every client",
+    )
     val: bool = Field(
         False,
         description="also score the model each client ends with on its validation split (val_ppl; mean_val_ppl "

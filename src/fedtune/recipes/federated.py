@@ -29,7 +29,7 @@ from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
 from fedtune.report.summary import run_table, summary_json
-from fedtune.sampling import sample_clients
+from fedtune.sampling import evaluation_clients, sample_clients
 from fedtune.secagg import SECURE_SUM, secure_sum
 from fedtune.seeding import torch_generator
 from fedtune.strategies.base import Aggregate
@@ -113,7 +113,8 @@ def _run(
         io.write_atomic(run_dir / io.CONFIG, config_to_yaml(cfg))
         global_state = get_state(fed.model)
         sstate, codec_states, ledger, start = strategy.init_state(global_state), {}, Ledger(), 1
-        base = eval_records(0, caps, engine, ids, global_state, None, cfg.evaluation.ood, cfg.evaluation.val)
+        watched = evaluation_clients(ids, cfg.evaluation.clients, cfg.seed)
+        base = eval_records(0, caps, engine, watched, global_state, None, cfg.evaluation.ood, cfg.evaluation.val)
         summary = {"round": 0, "client": None, **round_summary(base, 0, 0, 0, 0), **fed.round0}
         summary["setup_seconds"] = time.perf_counter() - t_start
         io.write_jsonl(metrics_path, [*client_records(0, ids, [], base, [], [], True), summary])
@@ -167,9 +168,10 @@ def _run(
             last = rnd == cfg.rounds or stop is not None
             evals: dict[str, dict[str, float]] = {}
             if last or rnd % cfg.evaluation.every == 0:
-                personal = strategy.configure(rnd + 1, ids, sstate) if caps.personalized else None
-                ev = cfg.evaluation
-                evals = eval_records(rnd, caps, engine, ids, global_state, personal, ev.ood, ev.val)
+                ev = cfg.evaluation  # a fixed seeded sample of clients (all by default) plus this round's trainers
+                scored = sorted(set(evaluation_clients(ids, ev.clients, cfg.seed)) | set(sampled))
+                personal = strategy.configure(rnd + 1, scored, sstate) if caps.personalized else None
+                evals = eval_records(rnd, caps, engine, scored, global_state, personal, ev.ood, ev.val)
             t_eval = time.perf_counter()
             extra = {c: {"sample_epsilon": e} for c, (e, _) in eps.items()}
             recs = client_records(rnd, ids, trainers, evals, sent_updates, failures, bool(wire), extra)

@@ -42,13 +42,21 @@ def mb(n: float) -> str:
     return f"{n / 1e6:.3g}"
 
 
+MAX_ROWS, WORST = 10, 5  # past MAX_ROWS clients the table lists the WORST ones
+
+
 def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:
     rows = client_rows(records)
     rounds = round_rows(records)
     t = Table(title=f"{name}: test perplexity per client (base = round 0)")
     for col in ("client", "base ppl", "final ppl", "change", "MB up", "MB down", "train s"):
         t.add_column(col, justify="left" if col == "client" else "right", no_wrap=col == "client")
-    for cid, r in rows.items():
+    shown = rows
+    if len(rows) > MAX_ROWS:  # many clients: the summary (caption) and the worst clients
+        worst = sorted(rows, key=lambda c: -(rows[c].get("final_ppl") or 0.0))[:WORST]
+        shown = {c: rows[c] for c in worst}
+        t.title = f"{name}: the {WORST} worst of {len(rows)} clients by final test perplexity (base = round 0)"
+    for cid, r in shown.items():
         base, final = r.get("base_ppl"), r.get("final_ppl")
         change = f"{100 * (final / base - 1):+.1f}%" if base and final else "-"
         t.add_row(cid, _f(base), _f(final), change, mb(r["bytes_up"]), mb(r["bytes_down"]), f"{r['train_seconds']:.1f}")

@@ -125,3 +125,13 @@ def test_the_accountant_uses_the_rate_and_scheme_actually_sampled() -> None:
     res = p.aggregate(1, [upd("a", torch.ones(3))], p.init_state({KEY: torch.zeros(3)}))
     assert res.metrics["epsilon"] == pytest.approx(epsilon_of(Sampling("poisson", 0.1), [1.0], 1, 1e-5))
     assert RunContext().sampling_rate == 1.0
+
+
+def test_poisson_sampling_divides_the_noised_sum_by_the_expected_count() -> None:
+    """With Poisson sampling the number of clients drawn depends on who is in the data: the mean
+    uses q N (here 0.5 x 4 = 2), whatever the draw (3 arrived here)."""
+    ctx = RunContext(sampling_rate=0.5, sampling_scheme="poisson", num_clients=4, sample_size=2)
+    s = DPFedAvg(clip=10.0, noise_multiplier=1e-9, ctx=ctx)
+    ups = [upd(c, torch.ones(3)) for c in "abc"]
+    res = s.aggregate(1, ups, s.init_state({KEY: torch.zeros(3)}))
+    torch.testing.assert_close(res.global_state[KEY], torch.full((3,), 3 / 2), atol=1e-6, rtol=0)

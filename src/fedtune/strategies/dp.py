@@ -189,7 +189,11 @@ class DPFedAvg(StrategyBase):
             noise = noise_source(self.ctx.randomness, self.ctx.seed, "dp-noise", rnd)
             for k in sorted(total):
                 total[k] += noise.normal(total[k].shape, torch.float64) * (self.value_sigma(n) * s)
-        mean = {k: (v / n).float() for k, v in total.items()}
+        # Poisson sampling: divide by the expected count q N, not the drawn one (how many clients were
+        # drawn depends on who is in the data, and the accountant covers the noised sum only)
+        c = self.ctx
+        denom = c.sampling_rate * c.num_clients if c.sampling_scheme == "poisson" and c.sampling_rate < 1 else n
+        mean = {k: (v / denom).float() for k, v in total.items()}
         new = add_states(state["global"], mean)
         inner = {**state["inner"], "global": new}
 
@@ -201,7 +205,7 @@ class DPFedAvg(StrategyBase):
             below = sum(nk <= s for nk in norms)
             noise = noise_source(self.ctx.randomness, self.ctx.seed, "dp-clip", rnd)
             centred = below - n / 2 + float(noise.normal((1,), torch.float64)[0]) * count_sigma
-            b = centred / n + 0.5
+            b = centred / denom + 0.5
             next_clip = s * math.exp(-self.clip_lr * (b - self.target_quantile))
             noisy_fraction = 1.0 - b
         sigmas = [self.value_sigma(n)] + ([2 * count_sigma] if count_sigma is not None else [])

@@ -124,7 +124,8 @@ def secure_train(rt: ClientRuntime, msg: Message) -> Message:
     reply = train_step(rt, job)
     delta, _ = rt.plan.up_codec.decode(reply.payload, None)  # identity (enforced with SecAgg+)
     keys = sorted(delta)
-    np.random.seed(derive_seed(rt.cfg.seed, "secaggplus", job.round, rt.client_id) % 2**32)  # SecAgg+ rounding
+    if rt.cfg.randomness() == "seeded":  # reproducible SecAgg+ stochastic rounding in simulation only
+        np.random.seed(derive_seed(rt.cfg.seed, "secaggplus", job.round, rt.client_id) % 2**32)
     res = FitRes(
         Status(Code.OK, ""),
         ndarrays_to_parameters([delta[k].detach().double().numpy() for k in keys]),

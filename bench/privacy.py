@@ -4,8 +4,8 @@ FFA-LoRA (B only) and Fed-SB (R only), and sample-level DP-SGD.
     .venv/bin/python bench/privacy.py                                # real task (configs/demo.yaml)
     .venv/bin/python bench/privacy.py --config configs/tiny.yaml     # a smoke run in a minute
 
-Protocol (the same tuning budget for every method): for each inner method, three learning rates
-(a factor 2 apart around its usual one) are run without DP with `evaluation.val: true`; the one
+Protocol (the same tuning budget for every method): for each inner method, four learning rates
+(a factor 2 apart, from half its usual one up to four times it) are run without DP with `evaluation.val: true`; the one
 with the lowest final mean *validation* perplexity is kept (the test split is never used to
 choose). Then, at that learning rate: DP-FedAvg with adaptive clipping (median quantile, from
 S = 0.05) at sigma in {0.3, 0.6, 1.2}, and sample-level DP-SGD. `sampling.fraction` 1, delta 1e-5,
@@ -26,7 +26,11 @@ INNER = {
     "ffa_lora": ["strategy.inner=ffa_lora"],
     "fedsb": ["strategy.inner=fedsb", "adapter.kind=lora_sb", "adapter.sb_init=source:stdlib"],
 }
-LRS = {"fedit": [5e-4, 1e-3, 2e-3], "ffa_lora": [2.5e-3, 5e-3, 1e-2], "fedsb": [5e-3, 1e-2, 2e-2]}
+LRS = {
+    "fedit": [5e-4, 1e-3, 2e-3, 4e-3],
+    "ffa_lora": [2.5e-3, 5e-3, 1e-2, 2e-2],
+    "fedsb": [5e-3, 1e-2, 2e-2, 4e-2],
+}
 SIGMAS = [0.3, 0.6, 1.2]
 # sample-level DP-SGD on each client (per-example clipping), the same inner strategies
 SAMPLE_SIGMA, SAMPLE_CLIP = 1.0, 1.0
@@ -72,7 +76,7 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out)
     tuned = run_rows(tuning_rows(), a.config, [], out)
-    lines = ["Learning rate per method, chosen on the validation split (3 runs each, no DP):", ""]
+    lines = [f"Learning rate per method, chosen on the validation split ({len(LRS['fedit'])} runs each, no DP):", ""]
     lines += ["| method | lr | final mean val ppl | final mean test ppl |", "|---|---|---|---|"]
     best: dict[str, float] = {}
     for inner in INNER:

@@ -21,8 +21,11 @@ install: $(STAMP)
 setup: install
 	$(BIN)/fedtune setup
 
+# Instruction tuning by four label-skewed parties, federated and local-only, side by side.
 demo: setup
 	$(BIN)/fedtune run configs/demo.yaml --overwrite
+	$(BIN)/fedtune run configs/demo.yaml --overwrite --set strategy.name=local --set name=demo-local --no-progress
+	$(BIN)/fedtune report runs/demo runs/demo-local
 
 test: install
 	$(BIN)/ruff check src tests bench

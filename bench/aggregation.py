@@ -3,7 +3,7 @@
     .venv/bin/python bench/aggregation.py                    # all rows below, about 45 min on 2 cores
     .venv/bin/python bench/aggregation.py --rows fedavg,fedsb --rounds 2
 
-Each row is one `fedtune run` of configs/demo.yaml (SmolLM2-135M-Instruct, LoRA r=8 on q,v,
+Each row is one `fedtune run` of configs/lm.yaml (SmolLM2-135M-Instruct, LoRA r=8 on q,v,
 four 20-Newsgroups topics as clients, bf16) with the row's overrides. Writes
 bench/out/aggregation/<row>/ run dirs, bench/out/aggregation.md (table) and
 bench/out/aggregation.png (mean test ppl vs total MB).
@@ -55,7 +55,7 @@ def main() -> None:
         d = out / row.replace(" ", "_").replace(",", "-")
         if not (d / "summary.json").exists():
             cfg = load_config(
-                "configs/demo.yaml", [*ROWS[row], f"rounds={args.rounds}", f"output_dir={d}", f"name={row}"]
+                "configs/lm.yaml", [*ROWS[row], f"rounds={args.rounds}", f"output_dir={d}", f"name={row}"]
             )
             run_federated(cfg, overwrite=True, progress=False)
         results[row] = json.loads((d / "summary.json").read_text())

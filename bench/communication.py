@@ -3,7 +3,7 @@
     .venv/bin/python bench/communication.py                 # all rows, about 40 min on 2 cores
     .venv/bin/python bench/communication.py --rows "fedit fp32;fedsb q4"
 
-Each row is one run of configs/demo.yaml (SmolLM2-135M-Instruct, LoRA r=8 on q,v, four
+Each row is one run of configs/lm.yaml (SmolLM2-135M-Instruct, LoRA r=8 on q,v, four
 20-Newsgroups topics, 3 rounds x 6 steps, bf16) with the row's overrides; the codec applies to the
 uplink and the downlink unless the row sets downlink_codec. Writes bench/out/communication/<row>/,
 bench/out/communication.md (table; ratio and change are against fp32 FedIT, the FlowerTune
@@ -62,7 +62,7 @@ def main() -> None:
 
     out = Path(args.out)
     chosen = {row: [*ROWS[row], f"rounds={args.rounds}"] for row in args.rows.split(";")}
-    results = run_rows(chosen, "configs/demo.yaml", [], out)
+    results = run_rows(chosen, "configs/lm.yaml", [], out)
     text = table(results)
     out.with_suffix(".md").write_text(text)
     print(text)

@@ -69,7 +69,7 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out).resolve()
     common = [
-        "configs/demo.yaml",
+        "configs/lm.yaml",
         "--set",
         f"model.name={a.model}",
         "--set",

@@ -3,7 +3,7 @@
     .venv/bin/python bench/personalization.py                 # all rows, about 30 min on 2 cores
     .venv/bin/python bench/personalization.py --rows local,fedavg
 
-Task: configs/demo.yaml (SmolLM2-135M-Instruct, bf16) with 8 clients, two per 20-Newsgroups
+Task: configs/lm.yaml (SmolLM2-135M-Instruct, bf16) with 8 clients, two per 20-Newsgroups
 topic (comp.graphics, rec.sport.hockey, sci.med, talk.politics.guns; `partition.clients_per_label=2`),
 3 rounds x 4 local steps of 4 x 128 tokens. In-distribution = each client's own test split; out-of-distribution
 (OOD) = the same number of test blocks from every client (`evaluation.ood`). LoRA rows: r=8 on
@@ -53,7 +53,7 @@ def main() -> None:
     out = Path(args.out)
     rounds = [f"rounds={args.rounds}", f"evaluation.every={args.rounds}"]
     chosen = {row: [*ROWS[row], *rounds] for row in args.rows.split(",")}
-    runs = run_rows(chosen, "configs/demo.yaml", COMMON, out)
+    runs = run_rows(chosen, "configs/lm.yaml", COMMON, out)
     text = tables(runs)
     out.with_suffix(".md").write_text(text)
     print(text)

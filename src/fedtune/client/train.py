@@ -91,11 +91,21 @@ def autocast(bf16: bool) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+def trim_padding(batch: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing columns where no row has a target: with right padding and causal attention
+    nothing before them depends on them, so the loss is unchanged and the step is cheaper."""
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    keep = int(cols.max()) + 1 if cols.numel() else 1
+    return batch[:, :keep], mask[:, :keep]
+
+
 def lm_loss(
     model: Any, batch: torch.Tensor, bf16: bool, lb_weight: float = 0.0, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of a batch of packed blocks [B, T] (plus lb_weight times the
     load-balancing loss of a mixture-of-experts adapter); `mask` [B, T]: only True tokens are targets."""
+    if mask is not None:  # right-padded rows: the columns past the last target are pads (exact to drop)
+        batch, mask = trim_padding(batch, mask)
     labels = batch if mask is None else batch.masked_fill(~mask, -100)
     with autocast(bf16):
         loss = model(input_ids=batch, labels=labels).loss
@@ -134,6 +144,7 @@ def local_train_(
     regions: list[torch.Size] | None = None,
     docs: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    router_mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Train `params` of `model` in place on `blocks` [N, T]; return train metrics.
 
@@ -143,8 +154,10 @@ def local_train_(
     training, from `step_offset`), router_steps steps of their own AdamW on `router_blocks` (the
     validation split) with the same loss; otherwise they train jointly with `params`.
     `regions`: for each of `params`, the leading sub-shape the client really trains (its own
-    rank inside a larger padded LoRA); DP-SGD adds noise only there. `docs` / `mask` (DP-SGD's
-    unit 'document'): the document of each block and its real tokens; documents, not blocks, are
+    rank inside a larger padded LoRA); DP-SGD adds noise only there. `mask` [N, T]: the target
+    tokens of each block (instruction data: the completions; padding of DP-SGD's unit 'document'
+    blocks is never a target); None = every token. `router_mask`: the same for `router_blocks`.
+    `docs` (DP-SGD's unit 'document'): the document of each block; documents, not blocks, are
     Poisson-sampled and clipped (all blocks of a document together).
     Raises TrainingDivergedError on a NaN or infinite loss.
     """
@@ -159,7 +172,9 @@ def local_train_(
     )
     stream = batch_indices(int(blocks.shape[0]), spec.batch_size, gen)
     if alternate:
-        rblocks = router_blocks if router_blocks is not None and router_blocks.shape[0] > 0 else blocks
+        own = router_blocks is not None and router_blocks.shape[0] > 0
+        rblocks = router_blocks if router_blocks is not None and own else blocks
+        rmask = router_mask if own else mask
         router_opt = torch.optim.AdamW(router_params, lr=spec.router_lr, weight_decay=spec.weight_decay)
         router_stream = batch_indices(int(rblocks.shape[0]), spec.batch_size, gen)
         for p in router_params:
@@ -173,11 +188,14 @@ def local_train_(
         optimizer: torch.optim.Optimizer,
         group: list[torch.nn.Parameter],
         data: torch.Tensor,
+        data_mask: torch.Tensor | None,
         it: Iterator[torch.Tensor],
     ) -> float:
         step_loss = 0.0
         for _ in range(spec.grad_accum):
-            loss = lm_loss(model, data[next(it)], spec.bf16, spec.lb_weight)
+            rows = next(it)
+            part = data_mask[rows] if data_mask is not None else None
+            loss = lm_loss(model, data[rows], spec.bf16, spec.lb_weight, part)
             if extra_loss is not None:
                 loss = loss + extra_loss()
             if not torch.isfinite(loss):
@@ -253,14 +271,14 @@ def local_train_(
                 continue
             losses.append(loss_or_none)
         else:
-            losses.append(step_on(opt, trained, blocks, stream))
+            losses.append(step_on(opt, trained, blocks, mask, stream))
         if alternate and (step_offset + step + 1) % spec.router_every == 0:
             for p in trained:
                 p.requires_grad_(False)
             for p in router_params:
                 p.requires_grad_(True)
             for _ in range(spec.router_steps):
-                router_losses.append(step_on(router_opt, router_params, rblocks, router_stream))
+                router_losses.append(step_on(router_opt, router_params, rblocks, rmask, router_stream))
             for p in router_params:
                 p.requires_grad_(False)
             for p in trained:

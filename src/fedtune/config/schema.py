@@ -50,11 +50,50 @@ class DataConfig(_Strict):
     on_decode_error: Literal["error", "skip"] = Field(
         "error", description="source 'files': a file that is not UTF-8 is an error, or is left out and counted"
     )
-    block_size: int = Field(128, ge=8)
+    format: Literal["text", "prompt_completion", "messages", "alpaca"] = Field(
+        "text",
+        description="source 'files': raw text (next-token on everything), or instruction / chat rows: "
+        "prompt + completion columns, a messages column ([{role, content}, ...]), or Alpaca "
+        "(instruction, input, output); built-in '*-instruct' sources are chat already",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="rename the instruction columns, e.g. {prompt: question, completion: answer}; keys: prompt, "
+        "completion, messages, instruction, input, output, options",
+    )
+    loss_on: Literal["completion", "all"] = Field(
+        "completion",
+        description="instruction / chat data: train on the completion (every assistant turn) only, or on all tokens",
+    )
+    dedup: bool | None = Field(
+        None,
+        description="keep near-duplicates (documents sharing a 12-word shingle) in one split, so no test text is "
+        "seen in training; default: on for instruction / chat data, off for raw text",
+    )
+    block_size: int = Field(
+        128, ge=8, description="tokens per block (raw text) or per example (instruction data, right-padded)"
+    )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_train_blocks: int | None = Field(None, ge=1, description="cap per client")
     max_test_blocks: int | None = Field(None, ge=1, description="cap per client")
+
+    @model_validator(mode="after")
+    def _format(self) -> DataConfig:
+        if self.format != "text" and self.source != "files":
+            raise ValueError(
+                f"data.format = {self.format!r} reads your files (data.source: files); source {self.source!r} "
+                "decides its own format (the '*-instruct' sources are chat already)"
+            )
+        unknown = sorted(
+            set(self.columns) - {"prompt", "completion", "messages", "instruction", "input", "output", "options"}
+        )
+        if unknown:
+            raise ValueError(
+                f"data.columns has unknown keys {unknown}; use prompt, completion, messages, "
+                "instruction, input, output, options"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fractions(self) -> DataConfig:
@@ -291,6 +330,16 @@ class EvalConfig(_Strict):
         description="also score the model each client ends with on its validation split (val_ppl; mean_val_ppl "
         "in the round record): choose hyperparameters on it, never on the test split",
     )
+    max_examples: int | None = Field(
+        32,
+        ge=1,
+        description="instruction data: score at most this many test examples per client for accuracy "
+        "(option log-likelihood) and generation (None: all)",
+    )
+    generate: int = Field(
+        2, ge=0, description="instruction data: greedy generations per client scored by exact match and ROUGE-L"
+    )
+    max_new_tokens: int = Field(24, ge=1, description="instruction data: length limit of each generation")
 
 
 class ExperimentConfig(_Strict):

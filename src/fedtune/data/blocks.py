@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import math
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,13 +11,19 @@ import datasets
 import torch
 
 from fedtune.config.schema import DataConfig
+from fedtune.data.chat import PromptSet, Renderer, encode_examples, prompt_set
+from fedtune.data.dedup import groups, split_order
 from fedtune.errors import DataError
 from fedtune.seeding import torch_generator
 
 
 @dataclass(frozen=True)
 class Shard:
-    """One client's data: token blocks of shape [n_blocks, block_size] (int64) per split."""
+    """One client's data: token blocks of shape [n_blocks, block_size] (int64) per split.
+
+    Instruction / chat data: one right-padded example per row, `*_mask` True on the target tokens
+    (completions), and `prompts` the evaluation prompts of 'val' and 'test' (`template`: the chat
+    template used, 'model' or 'plain'). Raw text: no masks (every token is a target)."""
 
     client_id: str
     train: torch.Tensor
@@ -27,6 +34,14 @@ class Shard:
     # DP-SGD with unit 'document': the document of each training block, and its real (not pad) tokens
     train_doc: torch.Tensor | None = None
     train_mask: torch.Tensor | None = None
+    val_mask: torch.Tensor | None = None
+    test_mask: torch.Tensor | None = None
+    prompts: Mapping[str, PromptSet] = field(default_factory=dict)
+    template: str | None = None
+
+    def mask(self, split: str) -> torch.Tensor | None:
+        """The loss mask of `split` (None: every token is a target)."""
+        return {"train": self.train_mask, "val": self.val_mask, "test": self.test_mask}[split]
 
     @property
     def num_examples(self) -> int:
@@ -37,14 +52,8 @@ def split_docs(
     texts: list[str], val_fraction: float, test_fraction: float, gen: torch.Generator
 ) -> tuple[list[str], list[str], list[str]]:
     """Shuffle documents and cut them into train / val / test (test and train never empty)."""
-    n = len(texts)
-    order = torch.randperm(n, generator=gen).tolist()
-    n_test = max(1, math.ceil(test_fraction * n))
-    n_val = round(val_fraction * n) if val_fraction > 0 else 0
-    if n - n_test - n_val < 1:
-        n_val = max(0, n - n_test - 1)
-    shuffled = [texts[i] for i in order]
-    return shuffled[n_test + n_val :], shuffled[n_test : n_test + n_val], shuffled[:n_test]
+    tr, va, te = split_order(len(texts), val_fraction, test_fraction, gen)
+    return [texts[i] for i in tr], [texts[i] for i in va], [texts[i] for i in te]
 
 
 def pack(texts: list[str], tokenizer: Any, block_size: int) -> torch.Tensor:
@@ -104,7 +113,21 @@ def make_shards(
         if len(texts) < 2:
             problems.append(f"client {cid!r} has {len(texts)} document(s); it needs >= 2 (train and test)")
             continue
-        tr, va, te = split_docs(texts, cfg.val_fraction, cfg.test_fraction, torch_generator(seed, "split", cid))
+        chat = "messages" in part.column_names
+        dedup = cfg.dedup if cfg.dedup is not None else chat
+        gen = torch_generator(seed, "split", cid)
+        order = split_order(len(texts), cfg.val_fraction, cfg.test_fraction, gen, groups(texts) if dedup else None)
+        if chat:
+            shard = chat_shard(cid, part, order, tokenizer, cfg)
+            if shard.train.shape[0] == 0 or shard.test.shape[0] == 0:
+                problems.append(
+                    f"client {cid!r} has {shard.train.shape[0]} train and {shard.test.shape[0]} test "
+                    f"examples left after truncation to {cfg.block_size} tokens"
+                )
+                continue
+            shards[cid] = shard
+            continue
+        tr, va, te = ([texts[i] for i in idx] for idx in order)
         (train, n_tr), (val, n_va), (test, n_te) = (pack_counted(x, tokenizer, cfg.block_size) for x in (tr, va, te))
         train_doc = train_mask = None
         if doc_unit:
@@ -151,13 +174,55 @@ def make_shards(
     return shards
 
 
+def chat_shard(
+    cid: str, part: datasets.Dataset, order: tuple[list[int], list[int], list[int]], tokenizer: Any, cfg: DataConfig
+) -> Shard:
+    """One client's instruction / chat shard: examples per split (`order` gives each split's rows)."""
+    renderer = Renderer(tokenizer)
+    convs = [json.loads(m) for m in part["messages"]]
+    opts = [json.loads(o) if o else [] for o in part["options"]] if "options" in part.column_names else None
+    options = opts if opts is not None else [[] for _ in convs]
+    stats: dict[str, float] = {"chars": sum(len(str(t)) for t in part["text"]), "docs_cut": 0, "chars_cut": 0}
+    stats["chat_template_plain"] = float(renderer.template == "plain")  # the record says which template
+    if "chars_cut" in part.column_names:
+        cut = [int(c) for c in part["chars_cut"]]
+        stats.update(docs_cut=sum(c > 0 for c in cut), chars_cut=sum(cut))
+    tensors, prompts = {}, {}
+    for name, idx in zip(("train", "val", "test"), order):
+        split = [convs[i] for i in idx]
+        cap = cfg.max_train_blocks if name == "train" else cfg.max_test_blocks
+        kept = split[:cap]
+        ids, mask, counts = encode_examples(kept, renderer, cfg.block_size, cfg.loss_on)
+        tensors[name] = (ids, mask)
+        if name != "train":
+            prompts[name] = prompt_set(kept, [options[i] for i in idx][:cap], renderer, cfg.block_size)
+        stats[f"docs_{name}"] = len(split)
+        stats[f"blocks_{name}"] = int(ids.shape[0])
+        stats[f"tokens_{name}"] = counts["tokens"]
+        stats[f"target_tokens_{name}"] = counts["target_tokens"]
+        stats["examples_truncated"] = stats.get("examples_truncated", 0) + counts["examples_truncated"]
+        stats["examples_dropped"] = stats.get("examples_dropped", 0) + counts["examples_dropped"]
+        stats["tokens_dropped"] = stats.get("tokens_dropped", 0) + counts["tokens_cut"]
+        stats["blocks_capped"] = stats.get("blocks_capped", 0) + len(split) - len(kept)
+    (train, train_mask), (val, val_mask), (test, test_mask) = tensors["train"], tensors["val"], tensors["test"]
+    return Shard(
+        cid, train, val, test, len(convs), stats, None, train_mask, val_mask, test_mask, prompts, renderer.template
+    )
+
+
 def pooled(shards: dict[str, Shard]) -> Shard:
     """All clients' training data in one shard (the centralized upper bound)."""
     first = next(iter(shards.values()))
+    masked = [s.train_mask for s in shards.values() if s.train_mask is not None]
+    vmasked = [s.val_mask for s in shards.values() if s.val_mask is not None]
     return Shard(
         "pooled",
         torch.cat([s.train for s in shards.values()]),
         torch.cat([s.val for s in shards.values()]),
         first.test[:0],
         sum(s.num_docs for s in shards.values()),
+        train_mask=torch.cat(masked) if len(masked) == len(shards) else None,
+        val_mask=torch.cat(vmasked) if len(vmasked) == len(shards) else None,
+        test_mask=first.test_mask[:0] if first.test_mask is not None else None,
+        template=first.template,
     )

@@ -15,11 +15,13 @@ Tabular files are read with pandas in memory: a party's private data is never co
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedtune.config.schema import DataConfig
+from fedtune.data.chat import row_conversation
 from fedtune.errors import DataError
 
 TEXT = {".txt"}
@@ -78,9 +80,16 @@ def _table(f: Path, cfg: DataConfig) -> tuple[list[str], list[str] | None]:
             df = pd.read_parquet(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise DataError(f"{f} could not be read as {suffix} ({e}); fix the file or remove it") from None
-    if cfg.text_column not in df.columns:
+    if cfg.format != "text":  # instruction rows: each becomes JSON {text, messages, options}
+        texts = []
+        for i, row in enumerate(df.to_dict("records")):
+            conv, opts = row_conversation(row, cfg.format, cfg.columns, f"{f} row {i + 1}")
+            joined = "\n".join(m["content"] for m in conv)
+            texts.append(json.dumps({"text": joined, "messages": conv, "options": opts}))
+    elif cfg.text_column not in df.columns:
         raise DataError(f"data.text_column = {cfg.text_column!r} is not a column of {f}; columns: {list(df.columns)}")
-    texts = [str(t) for t in df[cfg.text_column].tolist()]
+    else:
+        texts = [str(t) for t in df[cfg.text_column].tolist()]
     labels = [str(x) for x in df[cfg.label_column].tolist()] if cfg.label_column in df.columns else None
     return texts, labels
 
@@ -97,6 +106,11 @@ def _documents(files: list[Path], cfg: DataConfig, report: FileReport) -> tuple[
     labels: list[str] | None = None
     for f in files:
         report.files += 1
+        if f.suffix.lower() in TEXT and cfg.format != "text":
+            raise DataError(
+                f"{f} is a text file but data.format = {cfg.format!r} reads rows; give .jsonl / .csv / .parquet "
+                "files with the instruction columns, or set data.format: text"
+            )
         if f.suffix.lower() in TEXT:
             text = _decode(f, cfg, report)
             if text is not None:

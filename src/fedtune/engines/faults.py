@@ -121,7 +121,7 @@ class FaultInjection:
             out[reply.client_id] = reply
         return [out[j.client_id] for j in jobs]
 
-    def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, float]]:
+    def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, Any]]:
         return self.engine.evaluate(states, split)  # type: ignore[no-any-return]
 
     def private_of(self, cid: str) -> AdapterState | None:

@@ -17,7 +17,9 @@ from fedtune.client.run import ClientJob, ClientPlan, ClientReply, advertise, ru
 from fedtune.client.store import ClientStateStore
 from fedtune.codecs import serialize
 from fedtune.config import ExperimentConfig
+from fedtune.config.schema import EvalConfig
 from fedtune.data.blocks import Shard, pooled
+from fedtune.data.chat import PromptSet
 from fedtune.engines.capabilities import INPROCESS
 from fedtune.engines.faults import FaultInjection, Faults, attackers, corrupt_shard
 from fedtune.engines.federation import (
@@ -30,7 +32,7 @@ from fedtune.engines.federation import (
 )
 from fedtune.engines.plan import build_plan
 from fedtune.errors import ConfigError
-from fedtune.evaluation.metrics import evaluate_blocks
+from fedtune.evaluation.metrics import evaluate_blocks, evaluate_split
 from fedtune.models.adapters import get_state, lora_scale, set_state_
 from fedtune.models.load import load_tokenizer, resolve_model_dir
 from fedtune.types import AdapterState, ClientFailure
@@ -52,14 +54,17 @@ class InProcessEngine:
         store: ClientStateStore,
         *,
         eval_shards: Mapping[str, Shard] | None = None,
-        eval_batch_size: int = 8,
+        evaluation: EvalConfig | None = None,
+        tokenizer: Any = None,
     ):
         self.model = model
         self.shards = shards  # training data per trainer (the pooled shard for 'centralized')
         self.eval_shards = eval_shards if eval_shards is not None else shards
         self.plan = plan
         self.store = store
-        self.eval_batch_size = eval_batch_size
+        self.evaluation = evaluation or EvalConfig()
+        self.eval_batch_size = self.evaluation.batch_size
+        self.tokenizer = tokenizer  # decodes generations (instruction data)
         self.peers = self
 
     def run(self, jobs: Sequence[ClientJob], on_step: StepCallback | None = None) -> list[ClientReply | ClientFailure]:
@@ -89,39 +94,54 @@ class InProcessEngine:
             set_expert_count_(self.model, self.plan.experts.get(cid))
         set_state_(self.model, {**self.private_of(cid), **state})
 
-    def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, float]]:
-        """Each client's loss/ppl on its own `split` ('test', 'val'; 'ood' = the mixture of every
-        client's test data) under the state given for it (plus its private state)."""
-        out: dict[str, dict[str, float]] = {}
-        shared: dict[int, dict[str, float]] = {}  # OOD data is the same for all: score a shared model once
+    def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, Any]]:
+        """Each client's metrics on its own `split` ('test', 'val'; 'ood' = the mixture of every
+        client's test data, class-balanced for classification) under the state given for it (plus
+        its private state): loss / ppl, and on instruction data accuracy and generation scores."""
+        out: dict[str, dict[str, Any]] = {}
+        shared: dict[int, dict[str, Any]] = {}  # OOD data is the same for all: score a shared model once
         for cid, state in states.items():
             alone = not self.private_of(cid) and cid not in self.plan.experts
             if split == "ood" and alone and id(state) in shared:
                 out[cid] = dict(shared[id(state)])
                 continue
-            blocks = self.ood_blocks() if split == "ood" else self._split(cid, split)
+            blocks, mask, prompts = self.ood_split() if split == "ood" else self._split(cid, split)
             if blocks.shape[0] == 0:  # nothing to score (e.g. no validation blocks)
                 continue
             self._load(cid, state)
-            out[cid] = evaluate_blocks(self.model, blocks, self.eval_batch_size, self.plan.spec.bf16)
+            out[cid] = evaluate_split(
+                self.model, blocks, mask, prompts, self.tokenizer, self.evaluation, self.plan.spec.bf16
+            )
             if split == "ood" and alone:
                 shared[id(state)] = out[cid]
         return out
 
-    def _split(self, cid: str, split: str) -> torch.Tensor:
+    def _split(self, cid: str, split: str) -> tuple[torch.Tensor, torch.Tensor | None, PromptSet | None]:
         s = self.eval_shards[cid]
-        return {"train": s.train, "val": s.val, "test": s.test}[split]
+        return {"train": s.train, "val": s.val, "test": s.test}[split], s.mask(split), s.prompts.get(split)
 
-    def ood_blocks(self) -> torch.Tensor:
-        """Out-of-distribution test set: the same number of test blocks from every client."""
-        n = min(int(s.test.shape[0]) for s in self.eval_shards.values())
-        return torch.cat([s.test[:n] for s in self.eval_shards.values()])
+    def ood_split(self) -> tuple[torch.Tensor, torch.Tensor | None, PromptSet | None]:
+        """Out-of-distribution test set: the same number of test examples from every client (and
+        for classification, the same number of prompts of every class)."""
+        shards = list(self.eval_shards.values())
+        n = min(int(s.test.shape[0]) for s in shards)
+        masks = [s.test_mask[:n] for s in shards if s.test_mask is not None]
+        prompts = [s.prompts["test"] for s in shards if "test" in s.prompts]
+        return (
+            torch.cat([s.test[:n] for s in shards]),
+            torch.cat(masks) if len(masks) == len(shards) else None,
+            PromptSet.concat(prompts).balanced() if prompts else None,
+        )
 
     def reference_blocks(self, per_client: int) -> torch.Tensor:
         """A shared reference set: the first `per_client` validation blocks of every client
         (contributed with consent, as PCL's reference set is built from each domain's data)."""
-        parts = [(s.val if s.val.shape[0] > 0 else s.train)[:per_client] for s in self.eval_shards.values()]
-        return torch.cat(parts)
+        return torch.cat([self._reference(cid, per_client)[0] for cid in self.eval_shards])
+
+    def _reference(self, cid: str, per_client: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        split = "val" if self.eval_shards[cid].val.shape[0] > 0 else "train"
+        blocks, mask, _ = self._split(cid, split)
+        return blocks[:per_client], mask[:per_client] if mask is not None else None
 
     def reference_losses(self, states: Mapping[str, AdapterState], per_client: int) -> dict[str, dict[str, float]]:
         """The server's scoring of candidate models on its trusted reference set (the first
@@ -130,15 +150,12 @@ class InProcessEngine:
         out: dict[str, dict[str, float]] = {}
         for name, state in states.items():
             set_state_(self.model, state)
-            out[name] = {
-                cid: evaluate_blocks(
-                    self.model,
-                    (s.val if s.val.shape[0] > 0 else s.train)[:per_client],
-                    self.eval_batch_size,
-                    self.plan.spec.bf16,
-                )["loss"]
-                for cid, s in self.eval_shards.items()
-            }
+            out[name] = {}
+            for cid in self.eval_shards:
+                blocks, mask = self._reference(cid, per_client)
+                out[name][cid] = evaluate_blocks(self.model, blocks, self.eval_batch_size, self.plan.spec.bf16, mask)[
+                    "loss"
+                ]
         return out
 
     def peer_evaluate(
@@ -151,12 +168,16 @@ class InProcessEngine:
         for j, state in states.items():
             self._load(j, state)
             for i in states:
-                blocks = self._split(i, split)
+                blocks, mask, _ = self._split(i, split)
                 if blocks.shape[0] == 0:
-                    blocks = self.eval_shards[i].train[: self.eval_batch_size]
-                blocks = blocks[:max_blocks]
+                    blocks, mask, _ = self._split(i, "train")
+                    blocks, mask = (
+                        blocks[: self.eval_batch_size],
+                        mask[: self.eval_batch_size] if mask is not None else None,
+                    )
+                blocks, mask = blocks[:max_blocks], mask[:max_blocks] if mask is not None else None
                 out.setdefault(i, {})[j] = evaluate_blocks(
-                    self.model, blocks, self.eval_batch_size, self.plan.spec.bf16
+                    self.model, blocks, self.eval_batch_size, self.plan.spec.bf16, mask
                 )["loss"]
         return out
 
@@ -204,7 +225,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     warmup = _warm_up(model, next(iter(shards.values())).test[:1])
     store = ClientStateStore(Path(cfg.run_dir()) / "clients", plan.initial_state())
     engine: Any = InProcessEngine(
-        model, train, plan, store, eval_shards=shards, eval_batch_size=cfg.evaluation.batch_size
+        model, train, plan, store, eval_shards=shards, evaluation=cfg.evaluation, tokenizer=tokenizer
     )
     s = cfg.sampling
     faults = Faults(s.dropout, s.straggler_fraction, s.straggler_slowdown, s.deadline)

@@ -46,3 +46,54 @@ def export_adapters(
             continue
         write({**state, **(private or {})}, cid, cid)
     return kept
+
+
+def exported_adapter(run_dir: Path, client: str | None = None) -> Path:
+    """The PEFT adapter a run exported: adapters/global, or adapters/<client> (a personal model)."""
+    from fedtune.errors import FedtuneError
+
+    root = Path(run_dir) / "adapters"
+    name = (client or "global").replace("/", "_")
+    out = root / name
+    if not (out / "adapter_config.json").exists():
+        have = sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").exists()) if root.exists() else []
+        raise FedtuneError(
+            f"{out} holds no PEFT adapter; this run exported: {', '.join(have) or 'none'} "
+            "(a mixture of experts exports moe_adapter.safetensors, which PEFT cannot load or merge)"
+        )
+    return out
+
+
+def load_exported(run_dir: Path, client: str | None = None) -> tuple[Any, Any]:
+    """(model with the run's adapter, tokenizer), loaded with plain transformers + PEFT."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    adapter = exported_adapter(run_dir, client)
+    base_dir = PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    return PeftModel.from_pretrained(base, adapter).eval(), AutoTokenizer.from_pretrained(base_dir)
+
+
+def export_merged(run_dir: Path, client: str | None = None) -> Path:
+    """merged/<global|client>: the base model with the adapter merged in (`merge_and_unload`), a
+    plain model dir loadable with AutoModelForCausalLM.from_pretrained; written atomically."""
+    import os
+
+    from fedtune.files import temp_dir
+
+    model, tokenizer = load_exported(run_dir, client)
+    target = Path(run_dir) / "merged" / (client or "global").replace("/", "_")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(target.parent, ".merge-")
+    model.merge_and_unload().save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target

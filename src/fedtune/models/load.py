@@ -83,15 +83,24 @@ def byte_tokenizer() -> Any:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
+    out = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>"
     )
+    out.chat_template = TINY_CHAT_TEMPLATE
+    return out
+
+
+# The tiny model's own chat template (ChatML, as SmolLM2's; the turn markers are plain bytes here)
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def tiny_dir(cfg: ModelConfig, seed: int) -> Path:
     """Build (once) a tiny random model + byte tokenizer and save it as an ordinary HF dir."""
     t = cfg.tiny
-    target = cache_dir() / "models" / f"tiny-{t.arch}-l{t.layers}-h{t.hidden}-a{t.heads}-s{seed}"
+    target = cache_dir() / "models" / f"tiny-{t.arch}-l{t.layers}-h{t.hidden}-a{t.heads}-s{seed}-chat"
     if (target / "config.json").exists():
         return target
     _quiet_hf()

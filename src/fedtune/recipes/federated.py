@@ -28,7 +28,7 @@ from fedtune.privacy.randomness import describe
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
-from fedtune.report.summary import run_table, summary_json
+from fedtune.report.summary import run_table, samples, summary_json
 from fedtune.sampling import evaluation_clients, sample_clients
 from fedtune.secagg import SECURE_SUM, secure_sum
 from fedtune.seeding import torch_generator
@@ -375,4 +375,10 @@ def _progress(console: Console, show: bool) -> Progress:
 
 def print_summary(run: RunResult, console: Console) -> None:
     console.print(run_table(run.run_dir.name, run.records))
+    for cid, after, before in samples(run.records)[:2]:  # instruction data: before / after
+        console.print(f"[b]{cid}[/b] ...{after['prompt'][-160:]!r}", highlight=False)
+        console.print(f"  reference: {after['reference']!r}", highlight=False)
+        if before is not None:
+            console.print(f"  base model: {before['generation']!r}", highlight=False)
+        console.print(f"  fine-tuned: {after['generation']!r}", highlight=False)
     console.print(f"run dir: {run.run_dir}  (plots/, adapters/, metrics.jsonl)")

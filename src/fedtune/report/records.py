@@ -9,6 +9,18 @@ from typing import Any
 from fedtune.evaluation.metrics import summarize
 from fedtune.types import AdapterState, ClientFailure, ClientUpdate
 
+TASK_METRICS = ("acc", "acc_norm", "macro_f1", "exact_match", "rouge_l")
+
+
+def _scored(prefix: str, r: Mapping[str, Any]) -> dict[str, Any]:
+    """One evaluation's record fields: {prefix}_loss, _ppl and the task metrics it has, and a
+    generation sample as {prefix}_sample."""
+    out: dict[str, Any] = {f"{prefix}_loss": r["loss"], f"{prefix}_ppl": r["ppl"]}
+    out.update({f"{prefix}_{k}": r[k] for k in TASK_METRICS if k in r})
+    if "sample_generation" in r:
+        out[f"{prefix}_sample"] = {k: r[f"sample_{k}"] for k in ("prompt", "reference", "generation")}
+    return out
+
 
 def eval_records(
     rnd: int,
@@ -19,30 +31,30 @@ def eval_records(
     personal: Mapping[str, AdapterState] | None,
     ood: bool = False,
     val: bool = False,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Per-client test metrics (computed where the data is, by the engine): the global model,
-    the personal model (if the strategy personalizes), and test_* = the model the client ends with."""
-    out: dict[str, dict[str, float]] = {cid: {} for cid in client_ids}
+    the personal model (if the strategy personalizes), and test_* = the model the client ends with
+    (loss, ppl and, on instruction data, accuracy, macro-F1, exact match, ROUGE-L)."""
+    out: dict[str, dict[str, Any]] = {cid: {} for cid in client_ids}
     if caps.has_global or rnd == 0:
         res = engine.evaluate({cid: global_state for cid in client_ids})
         for cid, r in res.items():  # a client that is down is missing here
-            out[cid].update(global_loss=r["loss"], global_ppl=r["ppl"], test_tokens=r["tokens"])
+            out[cid].update(_scored("global", r), test_tokens=r["tokens"])
     if personal is not None:
         res = engine.evaluate(dict(personal))
         for cid, r in res.items():
-            out[cid].update(personal_loss=r["loss"], personal_ppl=r["ppl"], test_tokens=r["tokens"])
+            out[cid].update(_scored("personal", r), test_tokens=r["tokens"])
     for cid in client_ids:
         kind = "personal" if "personal_loss" in out[cid] else "global"
-        if f"{kind}_loss" in out[cid]:
-            out[cid].update(test_loss=out[cid][f"{kind}_loss"], test_ppl=out[cid][f"{kind}_ppl"])
+        out[cid].update({f"test_{k[len(kind) + 1 :]}": v for k, v in list(out[cid].items()) if k.startswith(kind)})
     if val:  # the model each client ends with, on its own validation split (for tuning)
         states = {cid: (personal or {}).get(cid, global_state) for cid in client_ids}
         for cid, r in engine.evaluate(states, split="val").items():
-            out[cid].update(val_loss=r["loss"], val_ppl=r["ppl"])
+            out[cid].update({k: v for k, v in _scored("val", r).items() if k != "val_sample"})
     if ood:  # the model each client ends with, on the mixture of all clients' test data
         states = {cid: (personal or {}).get(cid, global_state) for cid in client_ids}
         for cid, r in engine.evaluate(states, split="ood").items():
-            out[cid].update(ood_loss=r["loss"], ood_ppl=r["ppl"])
+            out[cid].update(_scored("ood", r))
     return out
 
 
@@ -98,4 +110,11 @@ def round_summary(
     ood = [evals[c]["ood_ppl"] for c in evals if "ood_ppl" in evals[c]]
     if ood:
         out["ood_mean_ppl"] = sum(ood) / len(ood)
+    for prefix, name in (("test", "mean"), ("ood", "ood_mean"), ("val", "val_mean")):
+        for k in TASK_METRICS:  # instruction data: mean (and worst) accuracy, F1, exact match, ROUGE-L
+            vals = [evals[c][f"{prefix}_{k}"] for c in evals if f"{prefix}_{k}" in evals[c]]
+            if vals:
+                out[f"{name}_{k}"] = sum(vals) / len(vals)
+                if prefix == "test":
+                    out[f"worst_{k}"] = min(vals)
     return out

@@ -27,6 +27,12 @@ def client_rows(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             for k in ("global_ppl", "personal_ppl"):
                 if k in r:
                     row[k] = r[k]
+            for k in ("acc", "ood_acc", "exact_match", "sample"):
+                key = k if k.startswith("ood") else f"test_{k}"
+                if key in r:
+                    if r["round"] == 0:
+                        row[f"base_{k}"] = r[key]
+                    row[f"final_{k}"] = r[key]
         row["bytes_up"] += r.get("bytes_up", 0)
         row["bytes_down"] += r.get("bytes_down", 0)
         row["train_seconds"] += r.get("train_seconds", 0.0)
@@ -45,11 +51,21 @@ def mb(n: float) -> str:
 MAX_ROWS, WORST = 10, 5  # past MAX_ROWS clients the table lists the WORST ones
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:
     rows = client_rows(records)
     rounds = round_rows(records)
-    t = Table(title=f"{name}: test perplexity per client (base = round 0)")
-    for col in ("client", "base ppl", "final ppl", "change", "MB up", "MB down", "train s"):
+    tasks = any("final_acc" in r for r in rows.values())
+    balanced = any("final_ood_acc" in r for r in rows.values())
+    t = Table(title=f"{name}: test {'accuracy and ' if tasks else ''}perplexity per client (base = round 0)")
+    cols = ["client"]
+    if tasks:
+        cols += ["base acc", "final acc"] + (["balanced acc"] if balanced else [])
+    cols += ["base ppl", "final ppl", "change", "MB up", "MB down", "train s"]
+    for col in cols:
         t.add_column(col, justify="left" if col == "client" else "right", no_wrap=col == "client")
     shown = rows
     if len(rows) > MAX_ROWS:  # many clients: the summary (caption) and the worst clients
@@ -59,7 +75,11 @@ def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:
     for cid, r in shown.items():
         base, final = r.get("base_ppl"), r.get("final_ppl")
         change = f"{100 * (final / base - 1):+.1f}%" if base and final else "-"
-        t.add_row(cid, _f(base), _f(final), change, mb(r["bytes_up"]), mb(r["bytes_down"]), f"{r['train_seconds']:.1f}")
+        acc = [_pct(r.get("base_acc")), _pct(r.get("final_acc"))] if tasks else []
+        acc += [_pct(r.get("final_ood_acc"))] if balanced else []
+        t.add_row(
+            cid, *acc, _f(base), _f(final), change, mb(r["bytes_up"]), mb(r["bytes_down"]), f"{r['train_seconds']:.1f}"
+        )
     if rounds:
         last = rounds[-1]
         wall = sum(x.get("wall_seconds", 0.0) for x in rounds) + rounds[0].get("setup_seconds", 0.0)
@@ -69,6 +89,12 @@ def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:
             f"weighted {_f(last.get('weighted_mean_ppl'))}, worst {_f(last.get('worst_ppl'))}; "
             f"total {mb(last.get('cum_bytes', 0))} MB moved; wall {wall:.1f} s; failures {failures}"
         )
+        if "mean_acc" in last:
+            t.caption += f"; mean accuracy {_pct(last['mean_acc'])} (worst {_pct(last.get('worst_acc'))})"
+            if "ood_mean_acc" in last:
+                t.caption += f", balanced {_pct(last['ood_mean_acc'])}"
+            if "mean_exact_match" in last:
+                t.caption += f"; generation exact match {_pct(last['mean_exact_match'])}"
         if "epsilon" in last:
             t.caption += f"; privacy epsilon {last['epsilon']:.3g} at delta {last.get('dp_delta', 0):g}"
         noise = last.get("dp_randomness") or last.get("sample_dp_randomness")
@@ -85,17 +111,22 @@ def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:
 
 
 def compare_table(runs: dict[str, Sequence[dict[str, Any]]]) -> Table:
-    """Final test ppl per client, one column per run."""
+    """Per client, one column per run: the balanced (class-balanced mixture) accuracy on
+    instruction data with options, else own-test accuracy, else final test ppl."""
     per_run = {name: client_rows(recs) for name, recs in runs.items()}
     clients = sorted({c for rows in per_run.values() for c in rows})
-    t = Table(title="final test perplexity per client")
+    every = [r for rows in per_run.values() for r in rows.values()]
+    key = next((k for k in ("ood_acc", "acc") if any(f"final_{k}" in r for r in every)), "ppl")
+    title = {"ood_acc": "balanced test accuracy", "acc": "test accuracy", "ppl": "final test perplexity"}[key]
+    fmt = _f if key == "ppl" else _pct
+    t = Table(title=f"{title} per client (base = the model before training)")
     t.add_column("client")
     t.add_column("base", justify="right")
     for name in runs:
         t.add_column(name, justify="right")
     for c in clients:
-        base = next((rows[c].get("base_ppl") for rows in per_run.values() if c in rows), None)
-        t.add_row(c, _f(base), *[_f(per_run[n].get(c, {}).get("final_ppl")) for n in runs])
+        base = next((rows[c].get(f"base_{key}") for rows in per_run.values() if c in rows), None)
+        t.add_row(c, fmt(base), *[fmt(per_run[n].get(c, {}).get(f"final_{key}")) for n in runs])
     totals = []
     for recs in runs.values():
         rr = round_rows(recs)
@@ -106,7 +137,18 @@ def compare_table(runs: dict[str, Sequence[dict[str, Any]]]) -> Table:
         rr = round_rows(recs)
         means.append(_f(rr[-1].get("mean_ppl")) if rr else "-")
     t.add_row("[b]mean ppl[/b]", "", *means)
+    for key, label in (("mean_acc", "mean accuracy"), ("ood_mean_acc", "balanced accuracy")):
+        vals = [round_rows(recs)[-1].get(key) if round_rows(recs) else None for recs in runs.values()]
+        if any(v is not None for v in vals):
+            base_rr = next((round_rows(recs)[0] for recs in runs.values() if round_rows(recs)), {})
+            t.add_row(f"[b]{label}[/b]", _pct(base_rr.get(key)), *[_pct(v) for v in vals])
     return t
+
+
+def samples(records: Sequence[dict[str, Any]]) -> list[tuple[str, dict[str, str], dict[str, str] | None]]:
+    """Per client: (client, its last generation sample, its round-0 sample if any): before/after."""
+    rows = client_rows(records)
+    return [(c, r["final_sample"], r.get("base_sample")) for c, r in rows.items() if "final_sample" in r]
 
 
 def _f(x: float | None) -> str:

@@ -241,14 +241,15 @@ class FedKSeed(StrategyBase):
         scalars, losses = [], []
         with torch.no_grad():
             for t, j in enumerate(draws):
-                batch = shard.train[next(batches)]
+                rows = next(batches)
+                batch, mask = shard.train[rows], shard.train_mask[rows] if shard.train_mask is not None else None
                 z = direction(pool[j], shapes)
                 for k, p in params.items():
                     p.add_(self.eps * z[k])
-                plus = float(lm_loss(model, batch, False))
+                plus = float(lm_loss(model, batch, False, mask=mask))
                 for k, p in params.items():
                     p.sub_(2 * self.eps * z[k])
-                minus = float(lm_loss(model, batch, False))
+                minus = float(lm_loss(model, batch, False, mask=mask))
                 for k, p in params.items():
                     p.add_(self.eps * z[k])
                 g = (plus - minus) / (2 * self.eps)

@@ -177,7 +177,7 @@ class Ferret(StrategyBase):
         params = select_trainable_(model, keys)
         sgd = replace(spec, optimizer="sgd", weight_decay=0.0)  # Ferret's local optimizer: plain SGD
         gen = torch_generator(seed, "train", rnd, shard.client_id)
-        metrics = local_train_(model, params, shard.train, sgd, gen, on_step=on_step)
+        metrics = local_train_(model, params, shard.train, sgd, gen, on_step=on_step, mask=shard.train_mask)
         trained = get_state(model)
         delta = {k: w[k] - trained[k] for k in keys}  # D = w - w_end
         coords, counts = project(delta, groups, self.bases, self.ctx.seed, rnd)

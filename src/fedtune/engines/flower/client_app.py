@@ -33,6 +33,7 @@ class ClientRuntime:
     state_root: Path
     weight: float  # this client's weight in a SecAgg+ sum (the strategy's sum weight)
     stores: dict[str, ClientStateStore]
+    tokenizer: Any = None  # decodes generations (instruction data)
 
     def store(self, run: str) -> ClientStateStore:
         """This node's client-state store for one run (by the run's token)."""
@@ -68,7 +69,7 @@ def client_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> ClientR
             shards[cid] = corrupt_shard(shards[cid], cfg.seed)  # simulation: this client poisons its text
         weight = strategy.capabilities.weight(shards[cid].num_examples)
         root = Path(state_root).expanduser()
-        _RUNTIMES[key] = ClientRuntime(cfg, cid, shards[cid], model, plan, root, weight, {})
+        _RUNTIMES[key] = ClientRuntime(cfg, cid, shards[cid], model, plan, root, weight, {}, tokenizer)
     return _RUNTIMES[key]
 
 
@@ -158,7 +159,7 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         from fedtune.adapters.moe_lora import is_moe, set_expert_count_
-        from fedtune.evaluation.metrics import evaluate_blocks
+        from fedtune.evaluation.metrics import evaluate_split
         from fedtune.models.adapters import set_state_
 
         rt = _runtime(context, cfg_yaml, state_root)
@@ -169,10 +170,22 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
         rnd = int(str(config["round"]))
         private = rt.store(str(config.get("run", ""))).get(rt.client_id, before=rnd + 1).private
         set_state_(rt.model, {**private, **state})
-        blocks = rt.shard.val if str(config.get("split", "test")) == "val" else rt.shard.test
+        split = "val" if str(config.get("split", "test")) == "val" else "test"
+        blocks = rt.shard.val if split == "val" else rt.shard.test
         if blocks.shape[0] == 0:  # nothing to score (no validation blocks): say nothing
             return Message(RecordDict({"metrics": MetricRecord({})}), reply_to=msg)
-        res = evaluate_blocks(rt.model, blocks, rt.cfg.evaluation.batch_size, rt.plan.spec.bf16)
-        return Message(RecordDict({"metrics": MetricRecord(res)}), reply_to=msg)  # type: ignore[arg-type]
+        res = evaluate_split(
+            rt.model,
+            blocks,
+            rt.shard.mask(split),
+            rt.shard.prompts.get(split),
+            rt.tokenizer,
+            rt.cfg.evaluation,
+            rt.plan.spec.bf16,
+        )
+        numbers = {k: float(v) for k, v in res.items() if not isinstance(v, str)}
+        texts = ConfigRecord({k: v for k, v in res.items() if isinstance(v, str)})  # generation samples
+        out = RecordDict({"metrics": MetricRecord(numbers), "texts": texts})  # type: ignore[arg-type]
+        return Message(out, reply_to=msg)
 
     return app

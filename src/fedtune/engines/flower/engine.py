@@ -109,7 +109,7 @@ class FlowerEngine:
             out.append(ClientReply(j.client_id, up, n, metrics, len(j.payload), len(up)))
         return out
 
-    def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, float]]:
+    def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, Any]]:
         ident = make_codec("identity")
         encoded: dict[int, bytes] = {}
         contents = {}
@@ -118,10 +118,12 @@ class FlowerEngine:
                 encoded[id(st)], _ = ident.encode(st, None, torch_generator(0, "eval"))
             config = ConfigRecord({"round": 10**9, "split": split, "run": self.run_token})  # newest state
             contents[cid] = RecordDict({"payload": to_record(encoded[id(st)]), "config": config})
-        out = {}
+        out: dict[str, dict[str, Any]] = {}
         for cid, reply in self._send("evaluate", contents, 0).items():
             if not isinstance(reply, str) and "loss" in reply.content["metrics"]:  # down, or nothing to score
                 out[cid] = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
+                if "texts" in reply.content.config_records:
+                    out[cid].update({k: str(v) for k, v in reply.content.config_records["texts"].items()})
         return out
 
 

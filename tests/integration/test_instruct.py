@@ -1,0 +1,94 @@
+"""Instruction tuning end to end on the tiny model: a folder of chat files per client, loss on the
+answers, accuracy / F1 / exact match in the records, the merged export equal to the adapter, and
+`fedtune generate` through the chat template."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black"}
+
+
+def chat_folder(root: Path) -> Path:
+    """Two clients; each asks about the colour of things (JSONL, messages format, with options)."""
+    for c, things in {"north": ["sky", "snow"], "south": ["grass", "coal"]}.items():
+        d = root / c
+        d.mkdir(parents=True)
+        rows = []
+        for i in range(14):
+            thing = things[i % 2]
+            msgs = [
+                {"role": "system", "content": "Answer with one word."},
+                {"role": "user", "content": f"Case {i}: what colour is the {thing}?"},
+                {"role": "assistant", "content": COLORS[thing]},
+            ]
+            rows.append({"messages": msgs, "options": sorted(COLORS.values())})
+        (d / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    from fedtune.config import load_config
+    from fedtune.recipes.federated import run_federated
+
+    tmp = tmp_path_factory.mktemp("instruct")
+    data = chat_folder(tmp / "data")
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            "data.source=files",
+            f"data.path={data}",
+            "data.format=messages",
+            "data.max_chars_per_doc=null",
+            "data.max_docs_per_label=null",
+            "data.labels=null",
+            "data.block_size=96",
+            "data.test_fraction=0.3",
+            "rounds=1",
+            "train.steps=3",
+            "evaluation.ood=true",
+            "evaluation.max_examples=4",
+            "evaluation.generate=2",
+            "evaluation.max_new_tokens=3",
+            f"output_dir={tmp / 'run'}",
+        ],
+    )
+    run_federated(cfg, overwrite=True, progress=False)
+    return tmp / "run"
+
+
+def test_records_carry_task_metrics_and_the_template(run) -> None:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    r0 = next(r for r in recs if r["client"] is None and r["round"] == 0)
+    assert r0["data_chat_template"] == "model" and r0["data_loss_on"] == "completion tokens"
+    last = [r for r in recs if r["client"] and r["round"] == 1]
+    assert {r["client"] for r in last} == {"north", "south"}
+    for r in last:
+        assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["ood_acc"] <= 1.0 and "test_macro_f1" in r
+        assert 0.0 <= r["test_exact_match"] <= 1.0 and r["test_sample"]["reference"] in COLORS.values()
+        assert r["test_tokens"] > 0
+    summary = next(r for r in recs if r["client"] is None and r["round"] == 1)
+    assert summary["mean_acc"] == pytest.approx(sum(r["test_acc"] for r in last) / 2)
+    assert summary["worst_acc"] == min(r["test_acc"] for r in last)
+
+
+def test_merged_export_equals_the_adapter_and_generate_runs(run) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.models.export import export_merged, load_exported
+
+    peft_model, _ = load_exported(run)
+    merged = AutoModelForCausalLM.from_pretrained(export_merged(run)).eval()
+    ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = peft_model(input_ids=ids).logits, merged(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    with torch.no_grad(), peft_model.disable_adapter():  # the adapter really changed the model
+        assert (peft_model(input_ids=ids).logits - a).abs().max() > 1e-4
+    r = run_cli("generate", str(run), "what colour is the sky?", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr

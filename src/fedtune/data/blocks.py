@@ -104,8 +104,10 @@ def pack_documents(
 def make_shards(
     parts: dict[str, datasets.Dataset], tokenizer: Any, cfg: DataConfig, seed: int, doc_unit: bool = False
 ) -> dict[str, Shard]:
-    """`doc_unit`: the training split is packed document by document (DP-SGD's unit 'document')."""
-    """Build every client's shard; raise DataError naming each client that ends up without data."""
+    """Build every client's shard; raise DataError naming each client that ends up without data.
+    `doc_unit`: the training split is packed document by document (DP-SGD's unit 'document').
+    A partition with a `messages` column becomes a chat shard (`chat_shard`). With `data.dedup`
+    (default: on for chat data) documents sharing a 12-word shingle stay in one split."""
     shards: dict[str, Shard] = {}
     problems: list[str] = []
     for cid, part in parts.items():

@@ -268,10 +268,8 @@ def data_report(
     """The data report: per client, documents, characters, tokens and blocks per split, and what
     was cut and why, before any training."""
     _env()
-    from rich.table import Table
-
     from fedtune.config import load_config
-    from fedtune.data.report import cut_message
+    from fedtune.data.report import cut_message, report_table
     from fedtune.errors import FedtuneError
 
     try:
@@ -280,26 +278,7 @@ def data_report(
         shards, summary = _check_data(cfg)
     except FedtuneError as e:
         _fail(e)
-    t = Table(title=f"data: {cfg.data.source} -> {len(shards)} clients, blocks of {cfg.data.block_size} tokens")
-    cols = ["client", "docs tr/va/te", "chars", "chars cut", "tokens tr/va/te", "blocks tr/va/te", "tokens dropped"]
-    for c in [*cols, "blocks capped"]:
-        t.add_column(c, justify="left" if c == "client" else "right")
-    for cid, sh in shards.items():
-        s = {k: int(v) for k, v in sh.stats.items()}
-        t.add_row(
-            cid,
-            f"{s['docs_train']}/{s['docs_val']}/{s['docs_test']}",
-            f"{s['chars']:,}",
-            f"{s['chars_cut']:,} ({s['docs_cut']} docs)" if s["chars_cut"] else "0",
-            f"{s['tokens_train']:,}/{s['tokens_val']:,}/{s['tokens_test']:,}",
-            f"{s['blocks_train']}/{s['blocks_val']}/{s['blocks_test']}",
-            f"{s['tokens_dropped']:,}",
-            f"{s['blocks_capped']:,}",
-        )
-    t.caption = (
-        "tokens dropped: past each split's last full block; blocks capped: data.max_train_blocks / max_test_blocks"
-    )
-    out.print(t)
+    out.print(report_table(shards, cfg.data.source, cfg.data.block_size))
     note = cut_message(summary, cfg.data.max_chars_per_doc)
     out.print(f"[yellow]not used whole[/yellow]: {note}" if note else "[green]every document is used whole[/green]")
 
@@ -379,18 +358,13 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="length limit")] = 64,
 ) -> None:
     """Chat with a run's global (or a client's personal) model, through the model's chat template."""
-    from fedtune.data.chat import Renderer
     from fedtune.errors import FedtuneError
-    from fedtune.evaluation.tasks import generate as greedy
-    from fedtune.models.export import load_exported
+    from fedtune.models.export import reply
 
     try:
-        model, tokenizer = load_exported(run_dir, client)
+        out.print(reply(run_dir, prompt, client, max_new_tokens), highlight=False)
     except FedtuneError as e:
         _fail(e)
-    r = Renderer(tokenizer)
-    ids = r.ids(r.text([{"role": "user", "content": prompt}], True))
-    out.print(greedy(model, tokenizer, ids, max_new_tokens, False), highlight=False)
 
 
 @app.command()

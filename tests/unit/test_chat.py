@@ -135,24 +135,24 @@ def test_option_likelihood_accuracy_equals_a_hand_computation(tiny_with_lora) ->
         for i in range(4)
     ]
     ps = prompt_set(convs, [["yes", "no"]] * 4, r, 64)
-    # by hand: one full forward of prompt + option, the sum of the option tokens' log-probabilities
-    hand = []
-    for p, opts in zip(ps.prompts, ps.option_ids):
+
+    def by_hand(p: list[int], opts: list[list[int]]) -> list[float]:
+        """One full forward of prompt + option: the sum of the option tokens' log-probabilities."""
         scores = []
         for o in opts:
-            seq = torch.tensor([p + o])
             with torch.no_grad():
-                logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
+                logp = torch.log_softmax(model(input_ids=torch.tensor([p + o])).logits[0].float(), -1)
             scores.append(sum(float(logp[len(p) - 1 + i, t]) for i, t in enumerate(o)))
-        hand.append(scores)
-        assert option_logprobs(model, p, opts, False) == pytest.approx(scores, abs=1e-4)
-    from fedtune.evaluation.tasks import batch_option_logprobs
+        return scores
 
-    # batched (left-padded prompts of different lengths, options on the repeated cache) == by hand
+    hand = [by_hand(p, opts) for p, opts in zip(ps.prompts, ps.option_ids)]
+    for got_scores, scores in zip(option_logprobs(model, ps.prompts, ps.option_ids, False), hand):
+        assert got_scores == pytest.approx(scores, abs=1e-4)
+    # batched with left-padded prompts of different lengths, options on the repeated cache
     ragged = [p[i:] for i, p in enumerate(ps.prompts)]
-    batched = batch_option_logprobs(model, ragged, ps.option_ids, False, batch_size=3)
+    batched = option_logprobs(model, ragged, ps.option_ids, False, batch_size=3)
     for p, opts, got_scores in zip(ragged, ps.option_ids, batched):
-        assert got_scores == pytest.approx(option_logprobs(model, p, opts, False), abs=1e-4)
+        assert got_scores == pytest.approx(by_hand(p, opts), abs=1e-4)
     pred = [["yes", "no"][max(range(2), key=s.__getitem__)] for s in hand]
     norm = [["yes", "no"][max(range(2), key=lambda j: s[j] / len(["yes", "no"][j]))] for s in hand]
     got = choice_metrics(model, ps, False)

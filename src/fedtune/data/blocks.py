@@ -182,8 +182,8 @@ def chat_shard(
     """One client's instruction / chat shard: examples per split (`order` gives each split's rows)."""
     renderer = Renderer(tokenizer)
     convs = [json.loads(m) for m in part["messages"]]
-    opts = [json.loads(o) if o else [] for o in part["options"]] if "options" in part.column_names else None
-    options = opts if opts is not None else [[] for _ in convs]
+    has = "options" in part.column_names
+    options = [json.loads(o) if o else [] for o in part["options"]] if has else [[] for _ in convs]
     stats: dict[str, float] = {"chars": sum(len(str(t)) for t in part["text"]), "docs_cut": 0, "chars_cut": 0}
     stats["chat_template_plain"] = float(renderer.template == "plain")  # the record says which template
     if "chars_cut" in part.column_names:

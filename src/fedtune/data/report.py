@@ -61,3 +61,30 @@ def cut_message(summary: Mapping[str, Any], max_chars: int | None) -> str | None
     if summary.get("data_files_skipped"):
         parts.append(f"{len(summary['data_files_skipped'])} undecodable files skipped (data.on_decode_error: skip)")
     return "; ".join(parts) if parts else None
+
+
+def report_table(shards: Mapping[str, Shard], source: str, block_size: int) -> Any:
+    """`fedtune data`: per client, documents, characters, tokens and blocks per split, and the cuts."""
+    from rich.table import Table
+
+    t = Table(title=f"data: {source} -> {len(shards)} clients, blocks of {block_size} tokens")
+    cols = ["client", "docs tr/va/te", "chars", "chars cut", "tokens tr/va/te", "blocks tr/va/te", "tokens dropped"]
+    for c in [*cols, "blocks capped"]:
+        t.add_column(c, justify="left" if c == "client" else "right")
+    for cid, sh in shards.items():
+        s = {k: int(v) for k, v in sh.stats.items()}
+        t.add_row(
+            cid,
+            f"{s['docs_train']}/{s['docs_val']}/{s['docs_test']}",
+            f"{s['chars']:,}",
+            f"{s['chars_cut']:,} ({s['docs_cut']} docs)" if s["chars_cut"] else "0",
+            f"{s['tokens_train']:,}/{s['tokens_val']:,}/{s['tokens_test']:,}",
+            f"{s['blocks_train']}/{s['blocks_val']}/{s['blocks_test']}",
+            f"{s['tokens_dropped']:,}",
+            f"{s['blocks_capped']:,}",
+        )
+    t.caption = (
+        "tokens dropped: past each split's last full block (instruction data: cut from the start of long "
+        "prompts); blocks capped: data.max_train_blocks / max_test_blocks"
+    )
+    return t

@@ -15,40 +15,18 @@ from fedtune.data.chat import PromptSet
 
 
 @torch.no_grad()
-def option_logprobs(model: Any, prompt: Sequence[int], options: Sequence[Sequence[int]], bf16: bool) -> list[float]:
-    """Sum of log p(option tokens | prompt) for each option: the prompt runs once (its key/value
-    cache is shared by the options), the options as one right-padded batch."""
-    with autocast(bf16):
-        out = model(input_ids=torch.tensor([list(prompt)]), use_cache=True, logits_to_keep=1)
-    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-    longest = max(len(o) for o in options)
-    if longest == 1:
-        return [float(first[o[0]]) for o in options]
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(len(options))
-    rows = torch.tensor([list(o[:-1]) + [0] * (longest - len(o)) for o in options])
-    with autocast(bf16):
-        logits = model(input_ids=rows, past_key_values=cache, use_cache=True).logits.float()
-    logp = torch.log_softmax(logits, dim=-1)
-    scores = []
-    for j, o in enumerate(options):
-        rest = sum(float(logp[j, i, o[i + 1]]) for i in range(len(o) - 1))
-        scores.append(float(first[o[0]]) + rest)
-    return scores
-
-
-@torch.no_grad()
-def batch_option_logprobs(
+def option_logprobs(
     model: Any,
     prompts: Sequence[Sequence[int]],
     options: Sequence[Sequence[Sequence[int]]],
     bf16: bool,
     batch_size: int = 8,
 ) -> list[list[float]]:
-    """option_logprobs for many examples at once: `batch_size` prompts run left-padded in one
-    forward (attention mask and positions set so padding changes nothing), then all their options
-    as one right-padded batch on the repeated key/value cache. Two forwards per batch of examples
-    instead of two per example (each forward re-casts the frozen weights under bf16 autocast)."""
+    """For each example, the sum of log p(option tokens | prompt) for each of its options.
+    `batch_size` prompts run left-padded in one forward (attention mask and positions set so
+    padding changes nothing), then all their options as one right-padded batch on the repeated
+    key/value cache: two forwards per batch of examples, not per example (each forward re-casts
+    the frozen weights under bf16 autocast)."""
     out: list[list[float]] = []
     for start in range(0, len(prompts), batch_size):
         ps, opts = prompts[start : start + batch_size], options[start : start + batch_size]
@@ -104,7 +82,7 @@ def choice_metrics(model: Any, prompts: PromptSet, bf16: bool) -> dict[str, floa
     """acc, acc_norm and macro_f1 over the examples that have options ({} when none has)."""
     gold, pred, pred_norm = [], [], []
     chosen = [i for i, o in enumerate(prompts.options) if o]
-    all_scores = batch_option_logprobs(
+    all_scores = option_logprobs(
         model, [prompts.prompts[i] for i in chosen], [prompts.option_ids[i] for i in chosen], bf16
     )
     for i, scores in zip(chosen, all_scores):

@@ -97,3 +97,14 @@ def export_merged(run_dir: Path, client: str | None = None) -> Path:
         shutil.rmtree(target)
     os.replace(tmp, target)
     return target
+
+
+def reply(run_dir: Path, prompt: str, client: str | None = None, max_new_tokens: int = 64) -> str:
+    """The greedy answer of a run's global (or a client's personal) model to one user message,
+    through the model's chat template."""
+    from fedtune.data.chat import Renderer
+    from fedtune.evaluation.tasks import generate
+
+    model, tokenizer = load_exported(run_dir, client)
+    r = Renderer(tokenizer)
+    return generate(model, tokenizer, r.ids(r.text([{"role": "user", "content": prompt}], True)), max_new_tokens, False)

@@ -137,11 +137,12 @@ def compare_table(runs: dict[str, Sequence[dict[str, Any]]]) -> Table:
         rr = round_rows(recs)
         means.append(_f(rr[-1].get("mean_ppl")) if rr else "-")
     t.add_row("[b]mean ppl[/b]", "", *means)
+    summaries = [round_rows(recs) for recs in runs.values()]
+    base_round = next((rr[0] for rr in summaries if rr), {})
     for key, label in (("mean_acc", "mean accuracy"), ("ood_mean_acc", "balanced accuracy")):
-        vals = [round_rows(recs)[-1].get(key) if round_rows(recs) else None for recs in runs.values()]
+        vals = [rr[-1].get(key) if rr else None for rr in summaries]
         if any(v is not None for v in vals):
-            base_rr = next((round_rows(recs)[0] for recs in runs.values() if round_rows(recs)), {})
-            t.add_row(f"[b]{label}[/b]", _pct(base_rr.get(key)), *[_pct(v) for v in vals])
+            t.add_row(f"[b]{label}[/b]", _pct(base_round.get(key)), *[_pct(v) for v in vals])
     return t
 
 

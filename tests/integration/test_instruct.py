@@ -51,6 +51,7 @@ def run(tmp_path_factory) -> Path:
             "data.test_fraction=0.3",
             "rounds=1",
             "train.steps=3",
+            "train.dp_sgd.noise_multiplier=1.0",
             "evaluation.ood=true",
             "evaluation.max_examples=4",
             "evaluation.generate=2",
@@ -75,6 +76,11 @@ def test_records_carry_task_metrics_and_the_template(run) -> None:
     summary = next(r for r in recs if r["client"] is None and r["round"] == 1)
     assert summary["mean_acc"] == pytest.approx(sum(r["test_acc"] for r in last) / 2)
     assert summary["worst_acc"] == min(r["test_acc"] for r in last)
+    # DP-SGD on chat data: the unit of privacy is one example (a whole conversation row)
+    assert (
+        summary["sample_dp_unit"].startswith("example: one instruction / chat example")
+        and summary["sample_epsilon"] > 0
+    )
 
 
 def test_merged_export_equals_the_adapter_and_generate_runs(run) -> None:

@@ -95,6 +95,7 @@ def _run(
     # 1. clients, data, model, strategy, engine (data fails before any weights load)
     fed = (federation or inprocess_federation)(cfg)
     strategy, engine, caps, ids = fed.strategy, fed.engine, fed.strategy.capabilities, fed.client_ids
+    chat = "data_chat_template" in fed.round0  # instruction data (DP-SGD's unit is one example)
     up_codec, down_codec = components.build_codec(cfg), components.build_codec(cfg, downlink=True)
     metrics_path, token = run_dir / io.METRICS, io.run_token(run_dir)
     note = cut_message(fed.round0, cfg.data.max_chars_per_doc)
@@ -179,7 +180,7 @@ def _run(
             summary.update(agg.metrics)
             summary.update(train_seconds=t_train - t0, aggregate_seconds=t_agg - t_train, eval_seconds=t_eval - t_agg)
             ledger = update_ledger(ledger, summary, sent_updates, eps, stop)
-            summary.update(round_extras(cfg, sent_updates, failures, skipped, ledger))
+            summary.update(round_extras(cfg, sent_updates, failures, skipped, ledger, chat))
             summary["wall_seconds"] = time.perf_counter() - t0
             t_io = time.perf_counter()
             io.append_jsonl(metrics_path, [*recs, {"round": rnd, "client": None, **summary}])
@@ -302,9 +303,15 @@ def update_ledger(
 
 
 def round_extras(
-    cfg: ExperimentConfig, updates: list[ClientUpdate], failures: list[ClientFailure], skipped: bool, ledger: Ledger
+    cfg: ExperimentConfig,
+    updates: list[ClientUpdate],
+    failures: list[ClientFailure],
+    skipped: bool,
+    ledger: Ledger,
+    chat: bool = False,
 ) -> dict[str, Any]:
-    """Round-record fields beyond bytes and ppl: stop, skip, train loss, simulated time, DP-SGD."""
+    """Round-record fields beyond bytes and ppl: stop, skip, train loss, simulated time, DP-SGD
+    (`chat`: instruction data, where each training row is one whole example)."""
     out: dict[str, Any] = {}
     if ledger.stopped is not None:
         out["stopped"] = ledger.stopped
@@ -326,7 +333,9 @@ def round_extras(
             sample_dp_accounting="RDP, Poisson-subsampled Gaussian per local step, composed over each "
             f"client's steps, sigma={dp.noise_multiplier:g}",
             sample_dp_unit=(
-                "document: every block of a document is sampled and clipped together"
+                f"example: one instruction / chat example (a row of <= {cfg.data.block_size} tokens)"
+                if chat
+                else "document: every block of a document is sampled and clipped together"
                 if dp.unit == "document"
                 else f"block: one packed {cfg.data.block_size}-token block (a document spanning m blocks is "
                 "protected at group size m)"

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
 	echo "$(TORCH)" > $(VENV)/constraints.txt
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev,flower,dp]"
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev,flower,dp,track,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -14,8 +14,9 @@ from fedtune.config.schema import ExperimentConfig
 from fedtune.data.sources import DATA_SOURCES
 from fedtune.engines.capabilities import ENGINES, engine_problems
 from fedtune.errors import Problem
-from fedtune.models.load import model_problem
+from fedtune.models.load import device_problem, model_problem
 from fedtune.registry import Registry
+from fedtune.report.trackers import tracker_problems as tracker_problems  # checked with the config
 from fedtune.strategies import STRATEGIES
 from fedtune.strategies.base import Capabilities, RunContext
 
@@ -252,10 +253,34 @@ def check_data_source(cfg: ExperimentConfig) -> list[Problem]:
 
 
 def check_model(cfg: ExperimentConfig) -> list[Problem]:
+    out = []
     why = model_problem(cfg.model)
-    if why is None:
-        return []
-    return [Problem("model.name", cfg.model.name, why, "use 'smollm2', 'tiny' or a local HF model dir")]
+    if why is not None:
+        out.append(Problem("model.name", cfg.model.name, why, "use 'smollm2', 'tiny' or a local HF model dir"))
+    why = device_problem(cfg.model.device)
+    if why is not None:
+        out.append(Problem("model.device", cfg.model.device, why, "use 'auto' or 'cpu'"))
+    if cfg.model.dtype == "bfloat16" and not cfg.train.bf16:
+        out.append(
+            Problem(
+                "model.dtype",
+                cfg.model.dtype,
+                "a bf16 base with fp32 adapters runs under bf16 autocast",
+                "set train.bf16: true, or model.dtype: float32",
+            )
+        )
+    caps = strategy_capabilities(cfg)
+    if cfg.model.dtype == "bfloat16" and caps is not None and caps.base_offsets:
+        out.append(
+            Problem(
+                "model.dtype",
+                cfg.model.dtype,
+                f"strategy {cfg.strategy.name!r} writes offsets into the base weights, and bf16 keeps "
+                "only 8 bits of mantissa: small offsets would round away",
+                "use model.dtype: float32 (train.bf16 autocast still speeds up the matmuls)",
+            )
+        )
+    return out
 
 
 def _stateful(cfg: ExperimentConfig, downlink: bool) -> bool:

@@ -176,7 +176,11 @@ def test_generation_metrics_count_exact_matches() -> None:
 
     tok = byte_tokenizer()
 
-    class Echo:  # greedy "generation" of a fixed continuation
+    class Echo(torch.nn.Module):  # greedy "generation" of a fixed continuation
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
         def generate(self, input_ids, **kw):
             return torch.cat([input_ids, torch.tensor([tok("ok")["input_ids"]])], dim=1)
 

@@ -16,6 +16,7 @@ the recipe composes a client's steps over its rounds with an RDP accountant.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from fedtune.errors import TrainingDivergedError
 from fedtune.privacy.randomness import SecureNoise, SeededNoise
@@ -87,8 +89,16 @@ def batch_indices(n: int, batch_size: int, gen: torch.Generator) -> Iterator[tor
         buf = buf[batch_size:]
 
 
-def autocast(bf16: bool) -> contextlib.AbstractContextManager[Any]:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def autocast(bf16: bool, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on the device's type (cpu or cuda); a no-op when off."""
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return torch.autocast(kind, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def model_device(model: Any) -> torch.device:
+    """Where the model's weights are (batches built on the CPU move there)."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def trim_padding(batch: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,16 +109,47 @@ def trim_padding(batch: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     return batch[:, :keep], mask[:, :keep]
 
 
+def _keeps_logits_subset(model: Any) -> bool:
+    """Whether the (PEFT-wrapped) model's forward takes `logits_to_keep` (HF causal LMs since 4.50)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+
+
+def target_loss(model: Any, batch: torch.Tensor, mask: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the `mask`ed targets of right-padded rows [B, T], and
+    their count. The LM head and the softmax run only at the positions that predict a target: on
+    instruction data a few answer tokens follow a long prompt, and the head (vocab x hidden) is
+    about a fifth of a small model's FLOPs. Same value as HF's loss (logits upcast to fp32)."""
+    dev = model_device(model)
+    batch, mask = trim_padding(batch.to(dev), mask.to(dev))
+    targets = mask[:, 1:]  # position t predicts token t + 1
+    n = int(targets.sum())
+    if n == 0:
+        return torch.zeros((), requires_grad=torch.is_grad_enabled()), 0
+    cols = torch.nonzero(targets.any(dim=0)).flatten()
+    labels = batch[:, 1:][:, cols].masked_fill(~targets[:, cols], -100)
+    with autocast(bf16, dev):
+        if _keeps_logits_subset(model):
+            logits = model(input_ids=batch, logits_to_keep=cols).logits
+        else:
+            logits = model(input_ids=batch).logits[:, cols]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss, n
+
+
 def lm_loss(
     model: Any, batch: torch.Tensor, bf16: bool, lb_weight: float = 0.0, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of a batch of packed blocks [B, T] (plus lb_weight times the
     load-balancing loss of a mixture-of-experts adapter); `mask` [B, T]: only True tokens are targets."""
-    if mask is not None:  # right-padded rows: the columns past the last target are pads (exact to drop)
-        batch, mask = trim_padding(batch, mask)
-    labels = batch if mask is None else batch.masked_fill(~mask, -100)
-    with autocast(bf16):
-        loss = model(input_ids=batch, labels=labels).loss
+    if mask is not None:
+        total, n = target_loss(model, batch, mask, bf16)
+        loss = total / max(1, n)
+    else:
+        dev = model_device(model)
+        batch = batch.to(dev)
+        with autocast(bf16, dev):
+            loss = model(input_ids=batch, labels=batch).loss
     if lb_weight > 0:
         from fedtune.adapters.moe_lora import load_balancing_loss
 
@@ -239,7 +280,7 @@ def local_train_(
         for i, (p, acc) in enumerate(zip(group, summed)):
             region = regions[i] if regions is not None and i < len(regions) else acc.shape
             cut = tuple(slice(0, n) for n in region)
-            acc[cut] += noise.normal(acc[cut].shape) * (sigma * clip)
+            acc[cut] += noise.normal(acc[cut].shape).to(acc.device) * (sigma * clip)
             p.grad = (acc / (q * n)).to(p.dtype)
         if extra_loss is not None:  # data-independent (FedProx): no privacy cost, not clipped
             extra_loss().backward()

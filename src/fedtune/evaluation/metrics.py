@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fedtune.client.train import autocast, trim_padding
+from fedtune.client.train import autocast, model_device, target_loss
 from fedtune.config.schema import EvalConfig
 from fedtune.data.chat import PromptSet
 
@@ -23,16 +23,14 @@ def evaluate_blocks(
     total_loss, total_tokens = 0.0, 0
     for i in range(0, int(blocks.shape[0]), batch_size):
         batch = blocks[i : i + batch_size]
-        part = mask[i : i + batch_size] if mask is not None else None
-        if part is not None:
-            batch, part = trim_padding(batch, part)
-        labels = batch if part is None else batch.masked_fill(~part, -100)
-        n = int(part[:, 1:].sum()) if part is not None else batch.shape[0] * (batch.shape[1] - 1)  # predicted
-        if n == 0:
-            continue
-        with autocast(bf16):
-            loss = model(input_ids=batch, labels=labels).loss
-        total_loss += float(loss) * n
+        if mask is not None:
+            summed, n = target_loss(model, batch, mask[i : i + batch_size], bf16)
+            total_loss += float(summed)
+        else:
+            n = batch.shape[0] * (batch.shape[1] - 1)  # every token after the first is predicted
+            dev = model_device(model)
+            with autocast(bf16, dev):
+                total_loss += float(model(input_ids=batch.to(dev), labels=batch.to(dev)).loss) * n
         total_tokens += n
     mean = total_loss / max(1, total_tokens)
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": float(total_tokens)}

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fedtune.client.train import autocast
+from fedtune.client.train import autocast, model_device
 from fedtune.data.chat import PromptSet
 
 
@@ -28,13 +28,14 @@ def option_logprobs(
     key/value cache: two forwards per batch of examples, not per example (each forward re-casts
     the frozen weights under bf16 autocast)."""
     out: list[list[float]] = []
+    dev = model_device(model)
     for start in range(0, len(prompts), batch_size):
         ps, opts = prompts[start : start + batch_size], options[start : start + batch_size]
         width = max(len(p) for p in ps)
-        ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in ps])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
+        ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in ps], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        with autocast(bf16):
+        with autocast(bf16, dev):
             first_out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(first_out.logits[:, -1].float(), dim=-1)  # [B, V]
         k = max(len(o) for o in opts)
@@ -50,11 +51,11 @@ def option_logprobs(
                     rows.append(x + [0] * (longest - 1 - len(x)))
                     row_mask.append(mask[b].tolist() + [1] * (longest - 1))
                     row_pos.append([len(ps[b]) + i for i in range(longest - 1)])
-            with autocast(bf16):
+            with autocast(bf16, dev):
                 logits = model(
-                    input_ids=torch.tensor(rows),
-                    attention_mask=torch.tensor(row_mask),
-                    position_ids=torch.tensor(row_pos),
+                    input_ids=torch.tensor(rows, device=dev),
+                    attention_mask=torch.tensor(row_mask, device=dev),
+                    position_ids=torch.tensor(row_pos, device=dev),
                     past_key_values=cache,
                     use_cache=True,
                 ).logits.float()
@@ -107,10 +108,11 @@ def generate(model: Any, tokenizer: Any, prompt: Sequence[int], max_new_tokens: 
     """Greedy completion of one prompt, up to the end of the turn (EOS or the template's end token)."""
     stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} if t is not None]
     stop = [t for t in stop if t != tokenizer.unk_token_id]
-    with autocast(bf16):
+    dev = model_device(model)
+    with autocast(bf16, dev):
         out = model.generate(
-            input_ids=torch.tensor([list(prompt)]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            input_ids=torch.tensor([list(prompt)], device=dev),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=dev),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stop or None,

@@ -123,7 +123,7 @@ def apply_base_deltas_(model: Any, deltas: AdapterState) -> None:
         if prefix not in pristine:
             pristine[prefix] = weight.detach().clone()
         d = delta.T if getattr(layer, "fan_in_fan_out", False) else delta  # Conv1D stores [in, out]
-        weight.copy_(pristine[prefix] + d.to(weight.dtype))
+        weight.copy_(pristine[prefix] + d.to(weight.device, weight.dtype))
         active.add(prefix)
 
 

@@ -200,6 +200,29 @@ def load_tokenizer(model_dir: str) -> Any:
     return tok
 
 
+def resolve_device(name: str) -> Any:
+    """The torch device of `model.device` ('auto': the first CUDA GPU when present, else the CPU)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_problem(name: str) -> str | None:
+    """Why `model.device` cannot be used here, or None."""
+    import torch
+
+    if not name.startswith("cuda"):
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible on this machine"
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        return f"only {torch.cuda.device_count()} CUDA device(s) are visible"
+    return None
+
+
 def load_model(model_dir: str, cfg: ModelConfig) -> Any:
     """Load the base model, frozen, in eval mode."""
     _quiet_hf()

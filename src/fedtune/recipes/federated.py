@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
 from fedtune.report.summary import run_table, samples, summary_json
+from fedtune.report.trackers import Tracker, open_trackers
 from fedtune.sampling import evaluation_clients, sample_clients
 from fedtune.secagg import SECURE_SUM, secure_sum
 from fedtune.seeding import torch_generator
@@ -73,12 +74,18 @@ def run_federated(
     t_start = time.perf_counter()
     run_dir = prepare_run_dir(cfg, resume, overwrite)
     io.write_status(run_dir, "running")
+    r = cfg.report
+    trackers = open_trackers(r.trackers, run_dir, cfg.model_dump(), r.mlflow_uri, r.mlflow_experiment, cfg.name)
     try:
-        result = _run(cfg, run_dir, t_start, resume, progress, after_round, console, federation)
+        result = _run(cfg, run_dir, t_start, resume, progress, after_round, console, federation, trackers)
     except BaseException as e:
+        for t in trackers:
+            t.finish(run_dir / "plots", "failed")
         io.mark_failed(run_dir, e, new=not resume)
         raise
     io.write_status(run_dir, "complete", round=result.final_round)
+    for t in trackers:
+        t.finish(run_dir / "plots", "complete")
     return result
 
 
@@ -91,6 +98,7 @@ def _run(
     after_round: AfterRound | None,
     console: Console,
     federation: Callable[[ExperimentConfig], Federation] | None,
+    trackers: Sequence[Tracker] = (),
 ) -> RunResult:
     # 1. clients, data, model, strategy, engine (data fails before any weights load)
     fed = (federation or inprocess_federation)(cfg)
@@ -118,7 +126,10 @@ def _run(
         base = eval_records(0, caps, engine, watched, global_state, None, cfg.evaluation.ood, cfg.evaluation.val)
         summary = {"round": 0, "client": None, **round_summary(base, 0, 0, 0, 0), **fed.round0}
         summary["setup_seconds"] = time.perf_counter() - t_start
-        io.write_jsonl(metrics_path, [*client_records(0, ids, [], base, [], [], True), summary])
+        first = client_records(0, ids, [], base, [], [], True)
+        io.write_jsonl(metrics_path, [*first, summary])
+        for t in trackers:
+            t.log(0, summary, first)
 
     # 3. rounds
     bars = _progress(console, progress)
@@ -184,6 +195,8 @@ def _run(
             summary["wall_seconds"] = time.perf_counter() - t0
             t_io = time.perf_counter()
             io.append_jsonl(metrics_path, [*recs, {"round": rnd, "client": None, **summary}])
+            for t in trackers:
+                t.log(rnd, summary, recs)
             state = {"round": rnd, "global": global_state, "strategy_state": sstate, "codec_states": codec_states}
             io.save_checkpoint(run_dir / io.CHECKPOINT, {**state, "ledger": ledger.__dict__})
             ledger.io_seconds += time.perf_counter() - t_io

@@ -38,6 +38,8 @@ class Capabilities:
         heterogeneous_ranks: accepts one LoRA rank per client (`adapter.ranks`).
         adapter_kind: the adapter it needs (None: any LoRA).
         raw_data: moves raw client data (tokens) off the clients (PCL predictions, Bristle).
+        base_offsets: writes offsets into the frozen base weights (merges, full-weight zeroth order):
+            they need an fp32 base (bf16 rounding would swallow a small offset).
     """
 
     has_global: bool = True
@@ -54,6 +56,7 @@ class Capabilities:
     heterogeneous_ranks: bool = False
     adapter_kind: str | None = None
     raw_data: bool = False
+    base_offsets: bool = False
 
     def weight(self, num_examples: int) -> float:
         """A client's weight in a masked sum."""

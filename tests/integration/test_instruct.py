@@ -98,3 +98,55 @@ def test_merged_export_equals_the_adapter_and_generate_runs(run) -> None:
         assert (peft_model(input_ids=ids).logits - a).abs().max() > 1e-4
     r = run_cli("generate", str(run), "what colour is the sky?", "--max-new-tokens", "3")
     assert r.returncode == 0, r.stderr
+
+
+LM_EVAL_TASK = """task: colours
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def test_lm_eval_on_a_local_task_scores_the_adapter_as_fedtune_does(run, tmp_path) -> None:
+    pytest.importorskip("lm_eval")
+    from fedtune.evaluation.tasks import option_logprobs
+    from fedtune.models.export import load_exported
+
+    choices = sorted(COLORS.values())
+    docs = [
+        {"question": f"what colour is the {t}?", "choices": choices, "answer": choices.index(c)}
+        for t, c in COLORS.items()
+    ]
+    (tmp_path / "colours.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "colours.yaml").write_text(LM_EVAL_TASK.format(data=tmp_path / "colours.jsonl"))
+
+    r = run_cli("eval", str(run), "--tasks", "colours", "--include", str(tasks))
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((run / "eval" / "harness.json").read_text())
+    samples = saved["samples"]["colours"]
+    assert len(samples) == len(docs)
+    # the reference: fedtune's own option scoring of the same prompt + " option" byte tokens
+    model, tok = load_exported(run)
+    ours = option_logprobs(
+        model,
+        [tok(f"Q: {d['question']}\nA:", add_special_tokens=False)["input_ids"] for d in docs],
+        [[tok(" " + c, add_special_tokens=False)["input_ids"] for c in choices] for _ in docs],
+        False,
+    )
+    for s, mine in zip(sorted(samples, key=lambda s: s["doc_id"]), ours):
+        theirs = [float(x[0]) for x in s["filtered_resps"]]
+        assert theirs == pytest.approx(mine, abs=1e-3)
+    acc = sum(max(range(4), key=lambda j: o[j]) == d["answer"] for o, d in zip(ours, docs)) / len(docs)
+    assert saved["results"]["colours"]["acc,none"] == pytest.approx(acc)
+    assert "colours" in r.stdout and "acc" in r.stdout

@@ -43,3 +43,32 @@ def test_csv_and_a_missing_text_column(tmp_path) -> None:
 def test_unknown_labels_are_named() -> None:
     with pytest.raises(DataError, match=r"data.labels = \['nope'\] not found"):
         load_corpus(DataConfig(source="stdlib", labels=["json", "nope"]))
+
+
+def test_chatterbot_gives_valid_alternating_chats_by_topic() -> None:
+    from fedtune.data.chat import check_messages
+
+    ds = load_corpus(DataConfig(source="chatterbot"))
+    assert {"ai", "computers", "food", "history"} <= set(ds["label"])
+    for i, m in enumerate(ds["messages"]):
+        turns = check_messages(json.loads(m), f"row {i}")
+        assert [t["role"] for t in turns] == ["user", "assistant"] * (len(turns) // 2)
+    first = json.loads(ds.filter(lambda r: r["label"] == "ai")["messages"][0])
+    assert first[0]["content"] == "What is AI?" and first[1]["content"].startswith("Artificial Intelligence is")
+
+
+def test_stdlib_docstrings_ask_for_a_function_and_answer_with_its_code_without_the_docstring() -> None:
+    import ast
+    import inspect
+
+    ds = load_corpus(DataConfig(source="stdlib-docstrings", labels=["json"]))
+    pairs = {}
+    for m in ds["messages"]:
+        user, assistant = json.loads(m)
+        assert user["content"].startswith("Write the function `")
+        ast.parse(assistant["content"])  # the code minus its docstring is still valid Python
+        pairs[user["content"].split("`")[1]] = (user["content"], assistant["content"])
+    ask, code = pairs["dumps"]
+    doc = inspect.getdoc(json.dumps)
+    assert doc and doc.splitlines()[0] in ask and doc.splitlines()[0] not in code
+    assert code.startswith("def dumps(") and "return cls(" in code

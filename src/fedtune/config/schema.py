@@ -32,6 +32,11 @@ class ModelConfig(_Strict):
         description="the frozen base weights; 'bfloat16' halves their memory and skips re-casting them "
         "every step under train.bf16 (adapters stay fp32)",
     )
+    attention: Literal["default", "eager", "sdpa"] = Field(
+        "default",
+        description="attention kernel ('default': transformers' choice, sdpa; 'eager' is faster on CPU "
+        "for short bf16 sequences: bench/throughput.py)",
+    )
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",

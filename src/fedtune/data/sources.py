@@ -197,6 +197,92 @@ def stdlib(cfg: DataConfig) -> datasets.Dataset:
     return _finish(texts, labels, cfg)
 
 
+CHATTERBOT = "chatterbot-corpus==1.3.3"
+
+
+@DATA_SOURCES.register("chatterbot")
+def chatterbot(cfg: DataConfig) -> datasets.Dataset:
+    """chatterbot-corpus 1.3.3 (Gunther Cox, BSD license by its PyPI classifier), English: question /
+    answer conversations by topic (label = topic: ai, computers, food, history, ...). Each conversation is one chat
+    example, turns alternating user / assistant, ending with an assistant turn (a trailing user turn
+    is dropped, counted in the data report as a shorter conversation, never silently merged)."""
+    import yaml
+
+    wheel = fetch_wheel(CHATTERBOT, "chatterbot_corpus")
+    texts, labels, msgs = [], [], []
+    with zipfile.ZipFile(wheel) as z:
+        names = sorted(
+            n for n in z.namelist() if n.startswith("chatterbot_corpus/data/english/") and n.endswith(".yml")
+        )
+        for name in names:
+            topic = Path(name).stem
+            for conv in yaml.safe_load(z.read(name)).get("conversations", []):
+                turns = [str(t).strip() for t in conv if str(t).strip()]
+                if len(turns) % 2:  # user, assistant, ...: an unanswered last question is left out
+                    turns = turns[:-1]
+                if not turns:
+                    continue
+                roles = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+                texts.append("\n".join(turns))
+                labels.append(topic)
+                msgs.append(json.dumps(roles))
+    return _finish(texts, labels, cfg, {"messages": msgs})
+
+
+def _functions_with_docstrings(source: str) -> list[tuple[str, str, str]]:
+    """(name, docstring, code without the docstring) of each top-level function and method of a
+    module, the code verbatim from the file (comments kept)."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    lines = source.splitlines()
+    nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    for c in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        nodes += [n for n in c.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    out = []
+    for n in nodes:
+        doc = ast.get_docstring(n)
+        if not doc or len(n.body) < 2 or n.end_lineno is None:
+            continue
+        d = n.body[0]
+        start = min([n.lineno, *(x.lineno for x in n.decorator_list)])
+        code = lines[start - 1 : d.lineno - 1] + lines[(d.end_lineno or d.lineno) : n.end_lineno]
+        indent = min(len(x) - len(x.lstrip()) for x in code if x.strip())
+        out.append((n.name, doc, "\n".join(x[indent:] for x in code)))
+    return out
+
+
+@DATA_SOURCES.register("stdlib-docstrings")
+def stdlib_docstrings(cfg: DataConfig) -> datasets.Dataset:
+    """The Python standard library as docstring -> function instructions (PSF license): the user
+    asks for the function with a given name and docstring, the assistant answers with its code as
+    written in the library (docstring removed). Label = top-level package (email, json, http, ...);
+    scored by exact match and ROUGE-L of greedy generations."""
+    if cfg.max_chars_per_doc is not None:
+        raise DataError(
+            f"data.max_chars_per_doc = {cfg.max_chars_per_doc} would cut functions; drop it (an example "
+            "longer than data.block_size tokens loses the start of its prompt, counted)"
+        )
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, labels, msgs = [], [], []
+    for pkg in sorted(p for p in root.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
+        if pkg.name in ("test", "idlelib", "lib2to3", "site-packages", "ensurepip"):
+            continue
+        for f in sorted(pkg.rglob("*.py")):
+            if "test" in f.parts[len(root.parts) :]:
+                continue
+            module = ".".join(f.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+            for name, doc, code in _functions_with_docstrings(f.read_text(encoding="utf-8", errors="replace")):
+                ask = f"Write the function `{name}` of the Python module `{module}`. Its docstring:\n\n{doc}"
+                texts.append(f"{doc}\n{code}")
+                labels.append(pkg.name)
+                msgs.append(json.dumps([{"role": "user", "content": ask}, {"role": "assistant", "content": code}]))
+    return _finish(texts, labels, cfg, {"messages": msgs})
+
+
 @DATA_SOURCES.register("files")
 def files(cfg: DataConfig) -> datasets.Dataset:
     """Local files (.txt/.jsonl/.csv/.parquet), or a folder with one sub-folder per client."""

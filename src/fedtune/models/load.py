@@ -231,7 +231,8 @@ def load_model(model_dir: str, cfg: ModelConfig) -> Any:
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        kernel = {} if cfg.attention == "default" else {"attn_implementation": cfg.attention}
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kernel)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {model_dir!r}: {e}") from None
     model.requires_grad_(False)

@@ -4,7 +4,6 @@ evaluate -> append records + checkpoint) -> export + report."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedtune import components
 from fedtune.client.run import ClientJob, ClientReply
@@ -20,7 +18,7 @@ from fedtune.config import ExperimentConfig, config_to_yaml
 from fedtune.data.report import cut_message
 from fedtune.engines.federation import Federation, experts_per_client
 from fedtune.engines.inprocess import inprocess_federation
-from fedtune.errors import FedtuneError, ResumeError, TrainingDivergedError
+from fedtune.errors import TrainingDivergedError
 from fedtune.models.adapters import get_state, trainable_keys
 from fedtune.models.export import export_adapters
 from fedtune.privacy.accounting import sample_epsilons
@@ -28,7 +26,7 @@ from fedtune.privacy.randomness import describe
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
-from fedtune.report.summary import run_table, samples, summary_json
+from fedtune.report.summary import progress_bars, round_line, run_table, samples, summary_json
 from fedtune.report.trackers import Tracker, open_trackers
 from fedtune.sampling import evaluation_clients, sample_clients
 from fedtune.secagg import SECURE_SUM, secure_sum
@@ -72,7 +70,7 @@ def run_federated(
     error.log). A config or data error before round 1 of a new run leaves no directory behind."""
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
-    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    run_dir = io.prepare_run_dir(Path(cfg.run_dir()), resume, overwrite)
     io.write_status(run_dir, "running")
     r = cfg.report
     trackers = open_trackers(r.trackers, run_dir, cfg.model_dump(), r.mlflow_uri, r.mlflow_experiment, cfg.name)
@@ -126,13 +124,10 @@ def _run(
         base = eval_records(0, caps, engine, watched, global_state, None, cfg.evaluation.ood, cfg.evaluation.val)
         summary = {"round": 0, "client": None, **round_summary(base, 0, 0, 0, 0), **fed.round0}
         summary["setup_seconds"] = time.perf_counter() - t_start
-        first = client_records(0, ids, [], base, [], [], True)
-        io.write_jsonl(metrics_path, [*first, summary])
-        for t in trackers:
-            t.log(0, summary, first)
+        log_round(metrics_path, trackers, 0, client_records(0, ids, [], base, [], [], True), summary)
 
     # 3. rounds
-    bars = _progress(console, progress)
+    bars = progress_bars(console, progress)
     with bars:
         round_task = bars.add_task("rounds", total=cfg.rounds, completed=start - 1)
         step_task = bars.add_task("client", total=1)
@@ -149,13 +144,7 @@ def _run(
             # server -> clients -> server
             sent = strategy.configure(rnd, trainers, sstate)
             jobs = make_jobs(rnd, trainers, sent, down_codec, codec_states, cfg, strategy, sstate, token)
-            try:
-                replies = engine.run(jobs, on_step)
-            except TrainingDivergedError as e:
-                raise TrainingDivergedError(
-                    f"round {rnd}: {e}. The last good checkpoint (round {rnd - 1}) is kept in {run_dir}; "
-                    f"fix the config and resume with `fedtune run --resume {run_dir} --set train.lr=...`"
-                ) from None
+            replies = run_jobs(engine, jobs, on_step, rnd, run_dir)
             t_train = time.perf_counter()
             sent_updates, failures, presummed = receive(replies, jobs, up_codec, codec_states, sent, cfg, caps)
             updates = sent_updates
@@ -169,10 +158,7 @@ def _run(
             t_agg = time.perf_counter()
 
             # bytes (every number is the length of a real payload), stop conditions
-            wire = int(caps.transmits)  # local / centralized: nothing crosses the network
-            up = wire * sum(u.bytes_up for u in sent_updates) + wire * sum(f.bytes_up for f in failures)
-            up += agg.bytes_up + (fed.collected_bytes if rnd == 1 else 0)
-            down = wire * sum(len(j.payload) for j in jobs) + agg.bytes_down
+            up, down = round_bytes(caps.transmits, sent_updates, failures, jobs, agg, fed.collected_bytes * (rnd == 1))
             eps = sample_epsilons(ledger.dp_steps, sent_updates, cfg.train.dp_sgd) if cfg.train.dp_sgd else {}
             stop = agg.stop or budget_stop(cfg, ledger.cum_bytes + up + down) or dp_sgd_stop(cfg, eps)
 
@@ -186,7 +172,7 @@ def _run(
                 evals = eval_records(rnd, caps, engine, scored, global_state, personal, ev.ood, ev.val)
             t_eval = time.perf_counter()
             extra = {c: {"sample_epsilon": e} for c, (e, _) in eps.items()}
-            recs = client_records(rnd, ids, trainers, evals, sent_updates, failures, bool(wire), extra)
+            recs = client_records(rnd, ids, trainers, evals, sent_updates, failures, caps.transmits, extra)
             summary = round_summary(evals, up, down, ledger.cum_bytes, len(failures))
             summary.update(agg.metrics)
             summary.update(train_seconds=t_train - t0, aggregate_seconds=t_agg - t_train, eval_seconds=t_eval - t_agg)
@@ -194,15 +180,13 @@ def _run(
             summary.update(round_extras(cfg, sent_updates, failures, skipped, ledger, chat))
             summary["wall_seconds"] = time.perf_counter() - t0
             t_io = time.perf_counter()
-            io.append_jsonl(metrics_path, [*recs, {"round": rnd, "client": None, **summary}])
-            for t in trackers:
-                t.log(rnd, summary, recs)
+            log_round(metrics_path, trackers, rnd, recs, summary)
             state = {"round": rnd, "global": global_state, "strategy_state": sstate, "codec_states": codec_states}
             io.save_checkpoint(run_dir / io.CHECKPOINT, {**state, "ledger": ledger.__dict__})
             ledger.io_seconds += time.perf_counter() - t_io
             bars.update(round_task, completed=rnd)
             if progress and not console.is_terminal:  # batch jobs: one line a round
-                console.print(f"round {rnd}: mean ppl {summary.get('mean_ppl', float('nan')):.3f}")
+                console.print(round_line(rnd, cfg.rounds, summary), highlight=False)
             if after_round is not None:
                 after_round(rnd)
             if stop is not None:
@@ -220,6 +204,44 @@ def _run(
     plot_runs({cfg.name: records}, run_dir / "plots")
     io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, time.perf_counter() - t_start, ledger.io_seconds))
     return RunResult(run_dir, records, max(r["round"] for r in records))
+
+
+def run_jobs(
+    engine: Any, jobs: list[ClientJob], on_step: Any, rnd: int, run_dir: Path
+) -> list[ClientReply | ClientFailure]:
+    """The engine's replies to this round's jobs; a diverged client names the checkpoint to resume."""
+    try:
+        return list(engine.run(jobs, on_step))
+    except TrainingDivergedError as e:
+        raise TrainingDivergedError(
+            f"round {rnd}: {e}. The last good checkpoint (round {rnd - 1}) is kept in {run_dir}; "
+            f"fix the config and resume with `fedtune run --resume {run_dir} --set train.lr=...`"
+        ) from None
+
+
+def round_bytes(
+    transmits: bool,
+    updates: list[ClientUpdate],
+    failures: list[ClientFailure],
+    jobs: list[ClientJob],
+    agg: Aggregate,
+    collected: int,
+) -> tuple[int, int]:
+    """(bytes up, bytes down) of a round, every number the length of a real payload: uploads
+    (failed ones too), downloads, the strategy's extra exchanges and raw data it collected
+    (local / centralized: no model crosses the network)."""
+    wire = int(transmits)
+    up = wire * (sum(u.bytes_up for u in updates) + sum(f.bytes_up for f in failures)) + agg.bytes_up + collected
+    return up, wire * sum(len(j.payload) for j in jobs) + agg.bytes_down
+
+
+def log_round(
+    path: Path, trackers: Sequence[Tracker], rnd: int, recs: list[dict[str, Any]], summary: dict[str, Any]
+) -> None:
+    """Append the round's client records and summary (flushed, fsynced), then tell the trackers."""
+    io.append_jsonl(path, [*recs, {"round": rnd, "client": None, **summary}])
+    for t in trackers:
+        t.log(rnd, summary, recs)
 
 
 def make_jobs(
@@ -358,41 +380,9 @@ def round_extras(
     return out
 
 
-def prepare_run_dir(cfg: ExperimentConfig, resume: bool, overwrite: bool) -> Path:
-    run_dir = Path(cfg.run_dir())
-    if resume:
-        if not (run_dir / io.CHECKPOINT).exists():
-            raise ResumeError(f"{run_dir} has no {io.CHECKPOINT}; nothing to resume (run without --resume)")
-        io.remove_temp_files(run_dir)
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        state = io.read_status(run_dir).get("state")
-        restartable = state == "failed" and not (run_dir / io.CHECKPOINT).exists()  # failed before round 1
-        if not overwrite and not restartable:
-            raise FedtuneError(
-                f"output dir {run_dir} already holds a run ({state or 'unknown state'}); use `fedtune run --resume "
-                f"{run_dir}` to continue it, --overwrite to replace it, or --set name=OTHER"
-            )
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    io.new_token(run_dir)
-    return run_dir
-
-
 def _expected_delta(sent: AdapterState) -> dict[str, Any]:
     """An adapter delta has exactly the trainable keys a client received, at their shapes."""
     return {k: sent[k].shape for k in trainable_keys(sent)}
-
-
-def _progress(console: Console, show: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not show or not console.is_terminal,
-    )
 
 
 def print_summary(run: RunResult, console: Console) -> None:

@@ -4,12 +4,14 @@ half-written survives an interruption."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fedtune.errors import FedtuneError, ResumeError
 from fedtune.files import append_jsonl, remove_temp_files, write_atomic, write_atomic_with
 
 __all__ = ["append_jsonl", "remove_temp_files", "write_atomic", "write_atomic_with"]
@@ -90,3 +92,25 @@ def mark_failed(run_dir: Path, error: BaseException, new: bool) -> None:
         fix = "fix the cause and run the same command again (nothing was trained yet)"
     what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
     write_status(run_dir, "failed", error=what[:2000], fix=fix, log=str(run_dir / ERROR_LOG))
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
+    """The run directory, ready: checked for resuming (temp files of an interrupted write removed), or
+    new (an existing run is replaced only with `overwrite`, or when it failed before round 1)."""
+    if resume:
+        if not (run_dir / CHECKPOINT).exists():
+            raise ResumeError(f"{run_dir} has no {CHECKPOINT}; nothing to resume (run without --resume)")
+        remove_temp_files(run_dir)
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        state = read_status(run_dir).get("state")
+        restartable = state == "failed" and not (run_dir / CHECKPOINT).exists()  # failed before round 1
+        if not overwrite and not restartable:
+            raise FedtuneError(
+                f"output dir {run_dir} already holds a run ({state or 'unknown state'}); use `fedtune run --resume "
+                f"{run_dir}` to continue it, --overwrite to replace it, or --set name=OTHER"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    new_token(run_dir)
+    return run_dir

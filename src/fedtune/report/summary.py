@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from fedtune.report.io import METRICS, read_jsonl
@@ -49,6 +51,23 @@ def mb(n: float) -> str:
 
 
 MAX_ROWS, WORST = 10, 5  # past MAX_ROWS clients the table lists the WORST ones
+
+
+def round_line(rnd: int, rounds: int, summary: dict[str, Any]) -> str:
+    """One line per round for logs (stdout not a terminal): what the round measured."""
+    parts = [f"round {rnd}/{rounds}"]
+    if isinstance(summary.get("train_loss"), float):
+        parts.append(f"train loss {summary['train_loss']:.3f}")
+    for key, label in (("mean_acc", "mean acc"), ("mean_personal_acc", "personal acc"), ("ood_mean_acc", "balanced")):
+        if isinstance(summary.get(key), float):
+            parts.append(f"{label} {100 * summary[key]:.1f} %")
+    if isinstance(summary.get("mean_ppl"), float) and summary["mean_ppl"] == summary["mean_ppl"]:
+        parts.append(f"mean ppl {summary['mean_ppl']:.3f}")
+    parts.append(f"{mb(summary.get('bytes_up', 0) + summary.get('bytes_down', 0))} MB moved")
+    parts.append(f"{summary.get('wall_seconds', 0.0):.1f} s")
+    if summary.get("failures"):
+        parts.append(f"{summary['failures']} failures")
+    return ", ".join(parts)
 
 
 def _pct(x: float | None) -> str:
@@ -191,4 +210,16 @@ def summary_json(cfg: Any, records: Sequence[dict[str, Any]], total_seconds: flo
         },
         indent=2,
         sort_keys=True,
+    )
+
+
+def progress_bars(console: Console, show: bool) -> Progress:
+    """Rich progress bars, only on a terminal (batch jobs get one line per round instead)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show or not console.is_terminal,
     )

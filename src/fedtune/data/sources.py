@@ -13,7 +13,7 @@ import io
 import json
 import sysconfig
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import datasets
@@ -182,19 +182,24 @@ def chitchat(cfg: DataConfig) -> datasets.Dataset:
 @DATA_SOURCES.register("stdlib")
 def stdlib(cfg: DataConfig) -> datasets.Dataset:
     """Python standard library sources (label = top-level package); real text, nothing to install."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     texts, labels = [], []
+    for pkg, f, _ in _stdlib_files():
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if len(text) > 200:
+            texts.append(text)
+            labels.append(pkg)
+    return _finish(texts, labels, cfg)
+
+
+def _stdlib_files() -> Iterator[tuple[str, Path, str]]:
+    """(top-level package, file, module name) of every standard-library source outside the tests."""
+    root = Path(sysconfig.get_paths()["stdlib"])
     for pkg in sorted(p for p in root.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
         if pkg.name in ("test", "idlelib", "lib2to3", "site-packages", "ensurepip"):
             continue
         for f in sorted(pkg.rglob("*.py")):
-            if "test" in f.parts[len(root.parts) :]:
-                continue
-            text = f.read_text(encoding="utf-8", errors="replace")
-            if len(text) > 200:
-                texts.append(text)
-                labels.append(pkg.name)
-    return _finish(texts, labels, cfg)
+            if "test" not in f.parts[len(root.parts) :]:
+                yield pkg.name, f, ".".join(f.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
 
 
 CHATTERBOT = "chatterbot-corpus==1.3.3"
@@ -266,20 +271,13 @@ def stdlib_docstrings(cfg: DataConfig) -> datasets.Dataset:
             f"data.max_chars_per_doc = {cfg.max_chars_per_doc} would cut functions; drop it (an example "
             "longer than data.block_size tokens loses the start of its prompt, counted)"
         )
-    root = Path(sysconfig.get_paths()["stdlib"])
     texts, labels, msgs = [], [], []
-    for pkg in sorted(p for p in root.iterdir() if p.is_dir() and (p / "__init__.py").exists()):
-        if pkg.name in ("test", "idlelib", "lib2to3", "site-packages", "ensurepip"):
-            continue
-        for f in sorted(pkg.rglob("*.py")):
-            if "test" in f.parts[len(root.parts) :]:
-                continue
-            module = ".".join(f.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
-            for name, doc, code in _functions_with_docstrings(f.read_text(encoding="utf-8", errors="replace")):
-                ask = f"Write the function `{name}` of the Python module `{module}`. Its docstring:\n\n{doc}"
-                texts.append(f"{doc}\n{code}")
-                labels.append(pkg.name)
-                msgs.append(json.dumps([{"role": "user", "content": ask}, {"role": "assistant", "content": code}]))
+    for pkg, f, module in _stdlib_files():
+        for name, doc, code in _functions_with_docstrings(f.read_text(encoding="utf-8", errors="replace")):
+            ask = f"Write the function `{name}` of the Python module `{module}`. Its docstring:\n\n{doc}"
+            texts.append(f"{doc}\n{code}")
+            labels.append(pkg)
+            msgs.append(json.dumps([{"role": "user", "content": ask}, {"role": "assistant", "content": code}]))
     return _finish(texts, labels, cfg, {"messages": msgs})
 
 

@@ -16,7 +16,6 @@ from fedtune.engines.capabilities import ENGINES, engine_problems
 from fedtune.errors import Problem
 from fedtune.models.load import device_problem, model_problem
 from fedtune.registry import Registry
-from fedtune.report.trackers import tracker_problems as tracker_problems  # checked with the config
 from fedtune.strategies import STRATEGIES
 from fedtune.strategies.base import Capabilities, RunContext
 
@@ -124,6 +123,16 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
                 cfg.adapter.ranks,
                 f"strategy {name!r} needs one rank for all clients",
                 f"drop adapter.ranks or use one of: {', '.join(ok)}",
+            )
+        )
+    if caps.accounts_sampling and cfg.sampling.availability.kind != "always":
+        problems.append(
+            Problem(
+                "sampling.availability.kind",
+                cfg.sampling.availability.kind,
+                f"strategy {name!r} accounts privacy for a fixed client sampling rate, which an availability "
+                "trace changes from round to round",
+                "use kind: always with this strategy",
             )
         )
     if cfg.secure_aggregation and not caps.sum_only:

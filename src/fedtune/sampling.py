@@ -1,11 +1,13 @@
 """Which clients take part in a round: fixed-size sampling without replacement (k of n) or
 Poisson sampling (each client independently with probability q), seeded per round. The DP
-accountant is told the scheme and the real rate (`components.run_context`)."""
+accountant is told the scheme and the real rate (`components.run_context`). With an availability
+trace (`sampling.availability`) the draw is among the clients online that round."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fedtune.config.schema import AvailabilityConfig, SamplingConfig
 from fedtune.seeding import numpy_rng
 
 
@@ -37,3 +39,21 @@ def sample_clients(
         return list(client_ids)
     picked = numpy_rng(seed, "sample", rnd).choice(n, size=k, replace=False)
     return sorted(client_ids[i] for i in picked)
+
+
+def online_clients(client_ids: Sequence[str], availability: AvailabilityConfig, seed: int, rnd: int) -> list[str]:
+    """The clients online in round `rnd`. 'diurnal': client i has a seeded phase p_i in [0, period)
+    and is online iff (rnd + p_i) mod period < w, w = max(1, round(online * period)): each client is
+    online in exactly w of every `period` consecutive rounds, at its own time of day."""
+    if availability.kind == "always":
+        return list(client_ids)
+    period = availability.period
+    window = max(1, round(availability.online * period))
+    phases = numpy_rng(seed, "availability-phase").integers(0, period, size=len(client_ids))
+    return [c for c, p in zip(client_ids, phases) if (rnd + int(p)) % period < window]
+
+
+def sample_round(client_ids: Sequence[str], s: SamplingConfig, seed: int, rnd: int) -> list[str]:
+    """This round's participants: the sampling scheme applied to the clients online in `rnd`."""
+    online = online_clients(client_ids, s.availability, seed, rnd)
+    return sample_clients(online, s.fraction, s.min_clients, seed, rnd, s.scheme) if online else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,7 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
             )
         )
     problems += components.check_strategy(cfg)
-    problems += components.tracker_problems(cfg.report.trackers)
+    problems += tracker_problems(cfg.report.trackers)
     if not problems:  # engine checks need a valid strategy and codecs
         problems += components.check_engine(cfg)
     problems += components.check_data_source(cfg)
@@ -153,3 +154,22 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:
     return str(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+
+
+def tracker_problems(names: Sequence[str]) -> list[Problem]:
+    """A tracker whose package is not installed, by name (checked by `fedtune validate`)."""
+    import importlib.util
+
+    return [
+        Problem(
+            "report.trackers",
+            list(names),
+            f"{name!r} needs the {TRACKER_PACKAGES[name]!r} package, which is not installed",
+            "pip install 'fedtune[track]'",
+        )
+        for name in names
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None
+    ]

@@ -162,11 +162,24 @@ class PrivacyConfig(_Strict):
     )
 
 
+class AvailabilityConfig(_Strict):
+    """When clients are online (cross-device parties are not always reachable)."""
+
+    kind: Literal["always", "diurnal"] = Field(
+        "always",
+        description="'diurnal': each client has a seeded phase and is online for `online` of every `period` "
+        "rounds (a day of `period` rounds); sampling draws among the online clients",
+    )
+    period: int = Field(24, ge=2, description="rounds in one cycle")
+    online: float = Field(0.5, gt=0.0, le=1.0, description="share of the cycle a client is online")
+
+
 class SamplingConfig(_Strict):
     fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients sampled per round")
     scheme: Literal["fixed", "poisson"] = Field(
         "fixed",
-        description="'fixed': k = max(min_clients, round(fraction * n)) clients without replacement; "
+        description="'fixed': k = max(min_clients, round(fraction * n)) clients without replacement (n: the "
+        "clients online that round); "
         "'poisson': each client independently with probability fraction (a round may have none); "
         "the DP accountant uses the scheme and rate actually run",
     )
@@ -188,6 +201,9 @@ class SamplingConfig(_Strict):
         le=1.0,
         description="straggler injection (in-process): each sampled client is slow in a round with this "
         "probability; a slow client takes 1 + (straggler_slowdown - 1) * U(0, 1) times a normal client's time",
+    )
+    availability: AvailabilityConfig = Field(
+        default_factory=AvailabilityConfig, description="availability traces: which clients can be sampled"
     )
     straggler_slowdown: float = Field(4.0, ge=1.0, description="the slowest a straggler gets, in normal client times")
     deadline: float | None = Field(

@@ -28,7 +28,7 @@ from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
 from fedtune.report.summary import progress_bars, round_line, run_table, samples, summary_json
 from fedtune.report.trackers import Tracker, open_trackers
-from fedtune.sampling import evaluation_clients, sample_clients
+from fedtune.sampling import evaluation_clients, sample_round
 from fedtune.secagg import SECURE_SUM, secure_sum
 from fedtune.seeding import torch_generator
 from fedtune.strategies.base import Aggregate
@@ -137,8 +137,7 @@ def _run(
 
         for rnd in range(start if ledger.stopped is None else cfg.rounds + 1, cfg.rounds + 1):
             t0 = time.perf_counter()
-            scheme = cfg.sampling.scheme
-            sampled = sample_clients(ids, cfg.sampling.fraction, cfg.sampling.min_clients, cfg.seed, rnd, scheme)
+            sampled = sample_round(ids, cfg.sampling, cfg.seed, rnd)
             trainers = ["pooled"] if caps.pools_data else sampled
 
             # server -> clients -> server

@@ -23,9 +23,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedtune.errors import Problem
-
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 STATE_FILE = "trackers.json"
 
 
@@ -33,22 +30,6 @@ class Tracker(Protocol):
     def log(self, rnd: int, summary: Mapping[str, Any], clients: Sequence[Mapping[str, Any]]) -> None: ...
 
     def finish(self, plots: Path, status: str) -> None: ...
-
-
-def tracker_problems(names: Sequence[str]) -> list[Problem]:
-    """A tracker whose package is not installed, by name (checked by `fedtune validate`)."""
-    import importlib.util
-
-    return [
-        Problem(
-            "report.trackers",
-            list(names),
-            f"{name!r} needs the {TRACKER_PACKAGES[name]!r} package, which is not installed",
-            "pip install 'fedtune[track]'",
-        )
-        for name in names
-        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None
-    ]
 
 
 def scalars(record: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

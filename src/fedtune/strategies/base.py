@@ -40,6 +40,7 @@ class Capabilities:
         raw_data: moves raw client data (tokens) off the clients (PCL predictions, Bristle).
         base_offsets: writes offsets into the frozen base weights (merges, full-weight zeroth order):
             they need an fp32 base (bf16 rounding would swallow a small offset).
+        accounts_sampling: its privacy accounting depends on the client sampling rate (DP-FedAvg).
     """
 
     has_global: bool = True
@@ -57,6 +58,7 @@ class Capabilities:
     adapter_kind: str | None = None
     raw_data: bool = False
     base_offsets: bool = False
+    accounts_sampling: bool = False
 
     def weight(self, num_examples: int) -> float:
         """A client's weight in a masked sum."""

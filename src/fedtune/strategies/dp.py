@@ -86,7 +86,7 @@ class DPFedAvg(StrategyBase):
     target_epsilon: float | None = None
 
     # with secure aggregation: clip + noise share on the client, an unweighted masked sum
-    capabilities = Capabilities(sum_only=True, sum_weight="uniform", client_transform=True)
+    capabilities = Capabilities(sum_only=True, sum_weight="uniform", client_transform=True, accounts_sampling=True)
 
     def count_sigma(self, n: int) -> float | None:
         """sigma_b, the noise on the count of unclipped updates (adaptive clipping only)."""

@@ -81,7 +81,10 @@ def generate(
 
 def evaluate(
     run_dir: RunDir,
-    tasks: Annotated[str, typer.Option(help="comma-separated lm-eval task names")],
+    tasks: Annotated[str | None, typer.Option(help="comma-separated lm-eval task names")] = None,
+    all_clients: Annotated[
+        bool, typer.Option("--all", help="score every registered client with its final model (in-process runs)")
+    ] = False,
     include: Annotated[Path | None, typer.Option(help="a folder of lm-eval task YAML files (local data)")] = None,
     client: ClientOpt = None,
     limit: Annotated[int | None, typer.Option(help="at most this many examples per task")] = None,
@@ -89,12 +92,19 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="lm-eval batch size")] = 8,
     chat_template: Annotated[bool, typer.Option(help="wrap prompts in the model's chat template")] = False,
 ) -> None:
-    """Score a run's model with lm-evaluation-harness on task files on disk (results in eval/)."""
+    """Score a run's model with lm-evaluation-harness on task files on disk, and/or (--all) every
+    client with its final model (results in eval/)."""
     from rich.table import Table
 
     from fedtune.errors import FedtuneError
     from fedtune.evaluation.harness import harness_eval, metric_rows
 
+    if all_clients:
+        _all_clients(run_dir)
+    if tasks is None:
+        if not all_clients:
+            _fail(ValueError("give --tasks NAMES (lm-evaluation-harness) and/or --all"))
+        return
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     try:
         results = harness_eval(
@@ -114,6 +124,19 @@ def evaluate(
         table.add_row(task, metric, f"{value:.4f}")
     out.print(table)
     out.print(f"per-example records: {Path(run_dir) / 'eval'}")
+
+
+def _all_clients(run_dir: Path) -> None:
+    from fedtune.errors import FedtuneError
+    from fedtune.recipes.evaluate import evaluate_all
+    from fedtune.report.summary import client_table
+
+    try:
+        records = evaluate_all(run_dir)
+    except FedtuneError as e:
+        _fail(e)
+    out.print(client_table(records, title=f"every client of {run_dir}, final model"))
+    out.print(f"records: {Path(run_dir) / 'eval' / 'all-clients.jsonl'}")
 
 
 COMMANDS: dict[str, Callable[..., None]] = {"report": report, "export": export, "generate": generate, "eval": evaluate}

@@ -185,3 +185,30 @@ def test_past_ten_clients_the_table_lists_the_worst_and_the_plot_shows_a_band(tm
     assert "5 worst of 12 clients" in out and "c11" in out and "c00 " not in out
     loss, _ = plot_runs({"many": recs}, tmp_path)
     assert loss.stat().st_size > 5_000
+
+
+def test_eval_all_scores_every_client_as_the_loop_did(tiny_cfg) -> None:
+    """The loop scores a seeded sample (evaluation.clients) plus the trainers; `fedtune eval --all`
+    scores every client, and where both scored one its numbers are the loop's."""
+    import json
+
+    from conftest import run_cli
+    from fedtune.recipes.federated import run_federated
+
+    cfg = tiny_cfg("evaluation.clients=1", "sampling.fraction=0.25", "rounds=1")
+    run_federated(cfg, progress=False)
+    run = Path(cfg.run_dir())
+    loop = {
+        r["client"]: r
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if r["round"] == 1 and r["client"] and "test_ppl" in r
+    }
+    r = run_cli("eval", str(run), "--all")
+    assert r.returncode == 0, r.stderr
+    every = [json.loads(x) for x in (run / "eval" / "all-clients.jsonl").read_text().splitlines()]
+    assert sorted(x["client"] for x in every) == ["email", "http", "json", "logging"]
+    assert 1 <= len(loop) < 4  # the loop scored only some of them
+    for x in every:
+        if x["client"] in loop:
+            assert x["test_ppl"] == pytest.approx(loop[x["client"]]["test_ppl"], rel=1e-6)
+    assert "4 clients: mean ppl" in r.stdout

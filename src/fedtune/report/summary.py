@@ -129,6 +129,26 @@ def run_table(name: str, records: Sequence[dict[str, Any]]) -> Table:
     return t
 
 
+def client_table(records: Sequence[dict[str, Any]], title: str) -> Table:
+    """One row per client record (test ppl, and accuracy on instruction data); past MAX_ROWS
+    clients the WORST ones by test perplexity, with the mean and the worst in the caption."""
+    scored = [r for r in records if "test_ppl" in r]
+    tasks = any("test_acc" in r for r in scored)
+    t = Table("client", "test ppl", *(["test acc"] if tasks else []), title=title)
+    shown = sorted(scored, key=lambda r: -r["test_ppl"])[:WORST] if len(scored) > MAX_ROWS else scored
+    for r in shown:
+        t.add_row(str(r["client"]), _f(r["test_ppl"]), *([_pct(r.get("test_acc"))] if tasks else []))
+    if scored:
+        ppl = [r["test_ppl"] for r in scored]
+        t.caption = f"{len(scored)} clients: mean ppl {_f(sum(ppl) / len(ppl))}, worst {_f(max(ppl))}"
+        if tasks:
+            acc = [r["test_acc"] for r in scored if "test_acc" in r]
+            t.caption += f"; mean accuracy {_pct(sum(acc) / len(acc))}, worst {_pct(min(acc))}"
+        if len(scored) > MAX_ROWS:
+            t.title = f"{title}: the {WORST} worst of {len(scored)} by test perplexity"
+    return t
+
+
 def compare_table(runs: dict[str, Sequence[dict[str, Any]]]) -> Table:
     """Per client, one column per run: the balanced (class-balanced mixture) accuracy on
     instruction data with options, else own-test accuracy, else final test ppl."""

@@ -13,7 +13,8 @@ Protocol, the same tuning budget for every method: two learning rates each (a fa
 around the method's usual one), the one with the best final mean *validation* accuracy kept (ties:
 validation loss); the test splits are never used to choose. Reported at the chosen lr: accuracy
 and macro-F1 on each party's own test split (mean and worst party), accuracy on the
-class-balanced test set of every party's test data (`ood`), MB moved, wall seconds.
+class-balanced test set of every party's test data (`ood`), MB moved, seconds of the rounds
+(training, aggregation, evaluation at rounds 0 and 3; set-up excluded).
 Writes bench/out/instruct.md and .json.
 """
 
@@ -64,7 +65,7 @@ def main() -> None:
         f"Tuning: {a.lrs} learning rate(s) per method, chosen by final mean validation accuracy.",
         "",
         "| method | lr (chosen of) | val acc | own-test acc (mean / worst) | own-test macro-F1 | "
-        "balanced acc | MB moved | wall s |",
+        "balanced acc | MB moved | rounds s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     table: dict[str, dict[str, Any]] = {}
@@ -81,7 +82,7 @@ def main() -> None:
             "macro_f1": final(r, "mean_macro_f1"),
             "balanced_acc": final(r, "ood_mean_acc"),
             "mb": (final(r, "cum_bytes") or 0) / 1e6,
-            "wall": r["summary"].get("wall_seconds"),
+            "rounds_s": r["summary"].get("round_seconds"),  # the rounds (train, aggregate, evaluate), no set-up
         }
         table[m] = row
 
@@ -91,7 +92,7 @@ def main() -> None:
         lines.append(
             f"| {m} | {best:g} (of {', '.join(f'{x:g}' for x in cands)}) | {pct(row['val_acc'])} "
             f"| {pct(row['acc'])} / {pct(row['worst_acc'])} | {pct(row['macro_f1'])} | {pct(row['balanced_acc'])} "
-            f"| {row['mb']:.1f} | {row['wall']:.0f} |"
+            f"| {row['mb']:.1f} | {row['rounds_s']:.0f} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(table, indent=1))

@@ -16,6 +16,7 @@ the recipe composes a client's steps over its rounds with an RDP accountant.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import time
@@ -112,7 +113,12 @@ def trim_padding(batch: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 def _keeps_logits_subset(model: Any) -> bool:
     """Whether the (PEFT-wrapped) model's forward takes `logits_to_keep` (HF causal LMs since 4.50)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+    return _forward_takes_logits_to_keep(type(base).forward)
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(forward: Callable[..., Any]) -> bool:  # once per model class, not per step
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def target_loss(model: Any, batch: torch.Tensor, mask: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, int]:

@@ -4,14 +4,12 @@ run's checkpoint and client states. Writes RUN_DIR/eval/all-clients.jsonl (one r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from fedtune.config import load_config
 from fedtune.engines.inprocess import inprocess_federation
 from fedtune.errors import FedtuneError
-from fedtune.files import write_atomic
 from fedtune.report import io
 from fedtune.report.records import eval_records
 
@@ -34,5 +32,5 @@ def evaluate_all(run_dir: Path) -> list[dict[str, Any]]:
     evals = eval_records(rnd, caps, fed.engine, fed.client_ids, ckpt["global"], personal, ev.ood, ev.val)
     records = [{"round": rnd, "client": cid, **evals[cid]} for cid in fed.client_ids]
     (run_dir / "eval").mkdir(exist_ok=True)
-    write_atomic(run_dir / "eval" / "all-clients.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    io.write_jsonl(run_dir / "eval" / "all-clients.jsonl", records)
     return records

@@ -219,9 +219,10 @@ def validate(
             cfg = load_config(config, set_ or [])
             if data:
                 _quiet_bars()
+                from fedtune.data.report import doc_counts
+
                 shards, _ = _check_data(cfg)
-                sizes = ", ".join(f"{cid}: {s.num_docs}" for cid, s in shards.items())
-                out.print(f"data: {len(shards)} clients (documents per client: {sizes})")
+                out.print(f"data: {len(shards)} clients (documents per client: {doc_counts(shards.stats)})")
         except FedtuneError as e:
             err.print(f"[bold red]error[/bold red] in {config}: {e}", highlight=False)
             failed = True
@@ -251,7 +252,7 @@ def data_report(
         shards, summary = _check_data(cfg)
     except FedtuneError as e:
         _fail(e)
-    out.print(report_table(shards, cfg.data.source, cfg.data.block_size))
+    out.print(report_table(shards.stats, cfg.data.source, cfg.data.block_size))
     note = cut_message(summary, cfg.data.max_chars_per_doc)
     out.print(f"[yellow]not used whole[/yellow]: {note}" if note else "[green]every document is used whole[/green]")
 

@@ -73,3 +73,20 @@ def test_more_clients_than_documents_is_a_clear_error() -> None:
 def test_natural_with_wrong_num_clients() -> None:
     with pytest.raises(DataError, match="one client per label and there are 4 labels"):
         partition(corpus(), PartitionConfig(kind="natural", num_clients=3), seed=0)
+
+
+def test_iid_ids_are_flwr_datasets_iid_partitions() -> None:
+    """Reference: flwr-datasets' IidPartitioner on the shuffled corpus (the documents' ids only are
+    computed here, so 10,000 clients cost one shuffle)."""
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from fedtune.data.partition import partition_ids
+    from fedtune.seeding import derive_seed
+
+    ds = corpus(n_per_label=13)  # 52 documents into 7 clients: uneven shards
+    got = partition_ids(ds, PartitionConfig(kind="iid", num_clients=7), seed=5)
+    p = IidPartitioner(num_partitions=7)
+    p.dataset = ds.shuffle(seed=derive_seed(5, "partition") % 2**32)
+    want = {f"client_{i}": p.load_partition(i)["text"] for i in range(7)}
+    assert {cid: [ds[j]["text"] for j in ids] for cid, ids in got.items()} == want
+    assert sorted(len(v) for v in got.values()) == [7, 7, 7, 7, 8, 8, 8]

@@ -7,8 +7,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedtune.data.blocks import Shard
-
 CUTS = ("docs_cut", "chars_cut", "tokens_dropped", "blocks_capped", "examples_truncated", "examples_dropped")
 
 
@@ -21,13 +19,9 @@ def totals(stats: Mapping[str, Mapping[str, float]]) -> dict[str, int]:
     return out
 
 
-def cut_summary(shards: Mapping[str, Shard], files: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What the round-0 record says about the data: the totals of what was cut (and skipped files)."""
-    return stats_summary({c: s.stats for c, s in shards.items()}, files)
-
-
 def stats_summary(stats: Mapping[str, Mapping[str, float]], files: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """cut_summary from the clients' reported counts (on Flower the server never sees the data)."""
+    """What the round-0 record says about the data: the totals of what was cut (and skipped files),
+    from the clients' counts (on Flower the server never sees the data)."""
     t = totals(stats)
     out: dict[str, Any] = {f"data_{k}": t.get(k, 0) for k in ("chars", *CUTS)}
     if any("chat_template_plain" in s for s in stats.values()):  # instruction data
@@ -63,16 +57,16 @@ def cut_message(summary: Mapping[str, Any], max_chars: int | None) -> str | None
     return "; ".join(parts) if parts else None
 
 
-def report_table(shards: Mapping[str, Shard], source: str, block_size: int) -> Any:
+def report_table(stats: Mapping[str, Mapping[str, float]], source: str, block_size: int) -> Any:
     """`fedtune data`: per client, documents, characters, tokens and blocks per split, and the cuts."""
     from rich.table import Table
 
-    t = Table(title=f"data: {source} -> {len(shards)} clients, blocks of {block_size} tokens")
+    t = Table(title=f"data: {source} -> {len(stats)} clients, blocks of {block_size} tokens")
     cols = ["client", "docs tr/va/te", "chars", "chars cut", "tokens tr/va/te", "blocks tr/va/te", "tokens dropped"]
     for c in [*cols, "blocks capped"]:
         t.add_column(c, justify="left" if c == "client" else "right")
-    for cid, sh in shards.items():
-        s = {k: int(v) for k, v in sh.stats.items()}
+    for cid, counts in stats.items():
+        s = {k: int(v) for k, v in counts.items()}
         t.add_row(
             cid,
             f"{s['docs_train']}/{s['docs_val']}/{s['docs_test']}",
@@ -88,3 +82,13 @@ def report_table(shards: Mapping[str, Shard], source: str, block_size: int) -> A
         "prompts); blocks capped: data.max_train_blocks / max_test_blocks"
     )
     return t
+
+
+def doc_counts(stats: Mapping[str, Mapping[str, float]], listed: int = 20) -> str:
+    """Documents per client, for `fedtune validate`: each client up to `listed` clients, past that
+    the smallest, median and largest count."""
+    n = {cid: int(s["docs_train"] + s["docs_val"] + s["docs_test"]) for cid, s in stats.items()}
+    if len(n) <= listed:
+        return ", ".join(f"{cid}: {k}" for cid, k in n.items())
+    counts = sorted(n.values())
+    return f"min {counts[0]}, median {counts[len(counts) // 2]}, max {counts[-1]}"

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -47,6 +47,23 @@ def corrupt_shard(shard: Shard, seed: int) -> Shard:
     gen = torch_generator(seed, "attack-data", shard.client_id)
     vocab = int(shard.train.max()) + 1
     return replace(shard, train=torch.randint(0, vocab, shard.train.shape, generator=gen))
+
+
+class PoisonedShards(Mapping[str, Shard]):
+    """The clients' shards with the attackers' training text poisoned (`corrupt_shard`)."""
+
+    def __init__(self, shards: Mapping[str, Shard], bad: frozenset[str], seed: int):
+        self._shards, self._bad, self._seed = shards, bad, seed
+
+    def __getitem__(self, cid: str) -> Shard:
+        shard = self._shards[cid]
+        return corrupt_shard(shard, self._seed) if cid in self._bad else shard
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._shards)
+
+    def __len__(self) -> int:
+        return len(self._shards)
 
 
 @dataclass(frozen=True)

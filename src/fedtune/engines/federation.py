@@ -3,7 +3,7 @@ ranks and expert counts, and the base model with its adapter (loaded once per pr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,9 +14,10 @@ from fedtune.adapters.moe_lora import inject_moe_lora_
 from fedtune.client.train import model_device
 from fedtune.components import per_client_problems
 from fedtune.config import ExperimentConfig
-from fedtune.data.blocks import Shard, make_shards, pack
-from fedtune.data.partition import partition
-from fedtune.data.report import cut_summary
+from fedtune.data.blocks import Corpus, Shard, pack
+from fedtune.data.partition import partition_ids
+from fedtune.data.report import stats_summary
+from fedtune.data.shards import ClientShards
 from fedtune.data.sources import load_corpus
 from fedtune.errors import ConfigError, Problem
 from fedtune.models.adapters import inject_, lora_config
@@ -24,16 +25,18 @@ from fedtune.models.load import load_model, model_type, resolve_device
 from fedtune.seeding import derive_seed
 
 
-def load_shards(cfg: ExperimentConfig, tokenizer: Any) -> tuple[dict[str, Shard], dict[str, Any]]:
-    """Every client's shard, and what the round-0 record says about the data (what was cut)."""
+def load_shards(cfg: ExperimentConfig, tokenizer: Any) -> tuple[ClientShards, dict[str, Any]]:
+    """Every client's shard (checked now, built on first use), and what the round-0 record says
+    about the data (what was cut)."""
     import json
 
-    corpus = load_corpus(cfg.data)
-    files = json.loads(corpus.info.description) if corpus.info.description else None
-    parts = partition(corpus, cfg.partition, cfg.seed)
+    ds = load_corpus(cfg.data)
+    files = json.loads(ds.info.description) if ds.info.description else None
+    docs = partition_ids(ds, cfg.partition, cfg.seed)
     dp = cfg.train.dp_sgd
-    shards = make_shards(parts, tokenizer, cfg.data, cfg.seed, doc_unit=dp is not None and dp.unit == "document")
-    return shards, cut_summary(shards, files)
+    doc_unit = dp is not None and dp.unit == "document"
+    shards = ClientShards(docs, Corpus.of(ds), tokenizer, cfg.data, cfg.seed, doc_unit)
+    return shards, stats_summary(shards.stats, files)
 
 
 def rank_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:
@@ -63,7 +66,7 @@ def target_names(model: Any, adapter_cfg: Any) -> list[str]:
     return sorted(names - {"lm_head"})
 
 
-def sb_init_blocks(cfg: ExperimentConfig, shards: dict[str, Shard], tokenizer: Any) -> torch.Tensor:
+def sb_init_blocks(cfg: ExperimentConfig, shards: Mapping[str, Shard], tokenizer: Any) -> torch.Tensor:
     """Data for LoRA-SB's gradient estimate: only what the server may see (adapter.sb_init)."""
     how, n = cfg.adapter.sb_init, cfg.adapter.sb_init_blocks
     if how.startswith("source:"):

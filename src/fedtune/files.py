@@ -36,6 +36,14 @@ def write_atomic_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
     _fsync_dir(path.parent)
 
 
+def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written atomically with the user's umask (safetensors' own `save_file`
+    creates it in place, readable by its owner only)."""
+    from safetensors.torch import save
+
+    write_atomic(path, save(tensors, metadata=metadata))
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     raw = data.encode() if isinstance(data, str) else data
     write_atomic_with(path, lambda f: f.write(raw))

@@ -40,3 +40,25 @@ def test_adapter_init_is_seeded_and_b_starts_at_zero() -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if "lora_A" in k)
     assert all(torch.count_nonzero(a[k]) == 0 for k in a if "lora_B" in k)
+
+
+def test_exported_adapter_files_follow_the_umask(tmp_path) -> None:
+    """A team shares run folders: exported adapters (PEFT and mixture) are readable as the umask
+    says, like every other run file. safetensors' own save_file made them owner-only (0600)."""
+    import os
+    import stat
+
+    from fedtune.adapters.moe_lora import save_moe_adapter
+
+    mcfg = ModelConfig(name="tiny")
+    d = str(tiny_dir(mcfg, seed=0))
+    cfg = lora_config(AdapterConfig(r=2), model_type(d))
+    state = get_state(inject_(load_model(d, mcfg), cfg, seed=0))
+    old = os.umask(0o022)
+    try:
+        peft_dir = export_peft(state, cfg, d, tmp_path / "peft")
+        moe_dir = save_moe_adapter({"x": torch.ones(2)}, {"num_experts": 2}, tmp_path / "moe")
+    finally:
+        os.umask(old)
+    for f in (peft_dir / "adapter_model.safetensors", moe_dir / "moe_adapter.safetensors", moe_dir / "moe_config.json"):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f

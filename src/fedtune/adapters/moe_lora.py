@@ -248,11 +248,11 @@ def router_keys(keys: Any) -> list[str]:
 
 def save_moe_adapter(state: dict[str, torch.Tensor], info: dict[str, Any], out_dir: Path) -> Path:
     """`moe_adapter.safetensors` + `moe_config.json` (see load_moe_adapter)."""
-    from safetensors.torch import save_file
+    from fedtune.files import write_atomic, write_safetensors
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "moe_adapter.safetensors"))
-    (out_dir / "moe_config.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    write_safetensors(out_dir / "moe_adapter.safetensors", {k: v.contiguous() for k, v in state.items()})
+    write_atomic(out_dir / "moe_config.json", json.dumps(info, indent=2, sort_keys=True))
     return out_dir
 
 

@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from fedtune.adapters.lora_sb import FROZEN_SUFFIXES as SB_FROZEN
 from fedtune.adapters.lora_sb import SB_R, is_lora_sb, sb_parameters, sb_to_lora
 from fedtune.adapters.moe_lora import FROZEN_ROUTER, is_moe, moe_parameters
 from fedtune.config.schema import AdapterConfig
-from fedtune.files import temp_dir
+from fedtune.files import temp_dir, write_safetensors
 from fedtune.types import AdapterState
 
 FROZEN_SUFFIXES = (*SB_FROZEN, FROZEN_ROUTER)  # shared frozen tensors: never trained, never sent back
@@ -214,7 +213,7 @@ def export_peft(state: AdapterState, config: Any, base_model: str, out_dir: str 
         cfg["target_modules"] = sorted(cfg["target_modules"])
     (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=_json_default))
     tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in state.items()}
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     if out.exists():
         import shutil
 

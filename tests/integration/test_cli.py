@@ -14,6 +14,11 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 fedtune = run_cli
 
 
+# the module-scoped runs below are made once: under pytest-xdist every worker that takes one of
+# this module's tests would otherwise make them again
+pytestmark = pytest.mark.xdist_group("cli-runs")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("runs")

@@ -162,7 +162,8 @@ def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time) 
 
     from fedtune.engines.flower_deploy import LocalDeployment, make_node_keys, write_app
 
-    over = ["data.labels=[email, json]", "rounds=2", "train.steps=2"]
+    # evaluated before round 1 and after the last (each message is a fresh ClientApp process)
+    over = ["data.labels=[email, json]", "rounds=2", "train.steps=2", "evaluation.every=2"]
     local = run_federated(tiny_cfg(*over, name="inproc"), progress=False)
     cfg = tiny_cfg(*over, name="deployed")
     run_dir = Path(cfg.run_dir()).resolve()
@@ -217,7 +218,9 @@ def test_killed_supernode_is_a_recorded_failure_and_rejoins(tiny_cfg, tmp_path) 
 
     from fedtune.engines.flower_deploy import LocalDeployment, write_app
 
-    over = ["data.labels=[email, json]", "rounds=4", "train.steps=2", "engine.timeout=60"]
+    # evaluated only before round 1 and after the last: an evaluation of the dead node would wait out
+    # the timeout a second time in round 2, and each message is a fresh ClientApp process
+    over = ["data.labels=[email, json]", "rounds=4", "train.steps=2", "engine.timeout=60", "evaluation.every=4"]
     cfg = tiny_cfg(*over, name="fault")
     run_dir = Path(cfg.run_dir()).resolve()
     app = write_app(cfg.model_copy(update={"output_dir": str(run_dir)}), tmp_path / "app", 2)

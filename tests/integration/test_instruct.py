@@ -31,6 +31,11 @@ def chat_folder(root: Path) -> Path:
     return root
 
 
+# the module-scoped runs below are made once: under pytest-xdist every worker that takes one of
+# this module's tests would otherwise make them again
+pytestmark = pytest.mark.xdist_group("instruct-runs")
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     from fedtune.config import load_config

@@ -15,7 +15,8 @@ Rows (each the median step time over --steps optimizer steps after one warm-up s
                               TRL allows it (it needs a flash-attention kernel: not on CPU), else padded
 Tokens = real (non-padding) tokens of the batches, counted identically on both sides.
 Utilisation = the step's FLOPs (torch's FlopCounterMode, one step) / time / the GEMM peak of the
-dtype the matmuls run in (a timed 2048 x 2048 matmul on the same threads).
+dtype the matmuls run in (a timed 2048 x 2048 matmul on the same threads, the mean of one just
+before and one just after the row: this machine's speed drifts by 2x within minutes).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def fedtune_row(
 
         def full(model: Any, batch: torch.Tensor, mask: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, int]:
             batch, mask = train.trim_padding(batch, mask)
-            with train.autocast(bf16):
+            with train.autocast(bf16, "cpu", model):
                 loss = model(input_ids=batch, labels=batch.masked_fill(~mask, -100)).loss
             n = int(mask[:, 1:].sum())
             return loss * n, n
@@ -207,8 +208,11 @@ def main() -> None:
         ("fedtune fp32, eager attention", False, "float32", False, "eager"),
     ]
     for name, bf16, base, full, attention in plan:
+        kind = torch.bfloat16 if bf16 else torch.float32
+        before = gemm_peak(kind)  # this machine's speed drifts: the peak is taken around each row
         rows[name] = fedtune_row(cfg, shard, model_dir, bf16, base, args.steps, full, attention)
         rows[name]["peak"] = "bf16" if bf16 else "fp32"
+        rows[name]["peak_gflops"] = (before + gemm_peak(kind)) / 2
         print(name, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[name].items()}))
     if not args.no_trl:
         for name, bf16 in (("TRL SFTTrainer fp32", False), ("TRL SFTTrainer bf16", True)):
@@ -219,7 +223,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         g = r.get("gflops_per_second")
-        util = f"{g:.0f} ({100 * g / peak[r['peak']]:.0f} % of {r['peak']})" if g else "n/a"
+        p = r.get("peak_gflops", peak[r["peak"]])
+        util = f"{g:.0f} ({100 * g / p:.0f} % of {r['peak']} {p:.0f})" if g else "n/a"
         print(
             f"| {name} | {r['step_seconds']:.3f} | {r['tokens_per_step']:.0f} | {r['tokens_per_second']:.0f} "
             f"| {util} | {r['loss']:.3f} |"

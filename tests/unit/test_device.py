@@ -70,3 +70,61 @@ def test_the_same_run_on_the_gpu_matches_the_cpu(tiny_cfg, no_time) -> None:
         out[dev] = [r for r in read_jsonl(Path(cfg.run_dir()) / "metrics.jsonl") if "global_loss" in r]
     for a, b in zip(out["cpu"], out["cuda"]):
         assert a["global_loss"] == pytest.approx(b["global_loss"], rel=1e-3)
+
+
+
+class RoundTrips:
+    """A dispatch mode that counts tensors cast bf16 -> fp32 and then straight back to bf16 (what
+    autocast does to an activation someone cast to fp32 before a matmul)."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+        self.upcast: list[torch.Tensor] = []  # kept alive, so their ids stay unique
+        self.count = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                if func is torch.ops.aten._to_copy.default:
+                    src, dst = args[0].dtype, kwargs.get("dtype")
+                    if src == torch.bfloat16 and dst == torch.float32:
+                        outer.upcast.append(out)
+                    elif src == torch.float32 and dst == torch.bfloat16:
+                        outer.count += any(args[0] is t for t in outer.upcast)
+                return out
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("kind", ["lora", "moe_lora", "lora_sb"])
+def test_bf16_adapters_take_the_bf16_activations_without_an_fp32_round_trip(tiny_cfg, kind: str) -> None:
+    """Under bf16 autocast the adapters' matmuls run in bf16 whatever their inputs' dtype; casting
+    each adapted layer's bf16 input to the fp32 adapter's dtype first (PEFT's default, and our
+    adapters' before) had autocast cast it straight back: two copies of every adapted activation for
+    nothing. None is left, and for PEFT's LoRA the gradients equal those of its own cast (exact)."""
+    from fedtune.client.train import lm_loss
+    from fedtune.engines.inprocess import inprocess_federation
+
+    cfg = tiny_cfg("model.dtype=bfloat16", "train.bf16=true", f"adapter.kind={kind}", "rounds=1")
+    model = inprocess_federation(cfg).model
+    batch = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    trips = RoundTrips()
+    with trips.mode:
+        loss = lm_loss(model, batch, True)
+        loss.backward()
+    assert trips.upcast, "the bf16 forward upcast nothing (RMSNorm does): the counter sees no casts"
+    assert trips.count == 0
+    if kind != "lora":
+        return
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    trips = RoundTrips()
+    with trips.mode, torch.autocast("cpu", dtype=torch.bfloat16):  # PEFT casting its inputs, as before
+        model(input_ids=batch, labels=batch).loss.backward()
+    assert trips.count > 0  # the counter sees the round trips this removes
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ours[n], rtol=0, atol=0, msg=n)

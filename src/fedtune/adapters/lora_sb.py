@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedtune.adapters import adapter_input
+
 SB_A, SB_B, SB_R = ".lora_sb_A", ".lora_sb_B", ".lora_sb_R"
 FROZEN_SUFFIXES = (SB_A, SB_B)
 
@@ -48,7 +50,7 @@ class LoraSBLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        h = x.to(self.lora_sb_A.dtype) @ self.lora_sb_A.T  # [.., r]
+        h = adapter_input(x, self.lora_sb_A.dtype) @ self.lora_sb_A.T  # [.., r]
         out = torch.as_tensor(out)
         return out + ((h @ self.lora_sb_R.T) @ self.lora_sb_B.T).to(out.dtype)
 

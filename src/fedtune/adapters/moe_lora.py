@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedtune.adapters import adapter_input
 from fedtune.adapters.lora_sb import weight_of
 
 EXPERT_KEY = re.compile(r"\.moe_lora_[AB]\.(\d+)$")
@@ -83,7 +84,7 @@ class ExpertLoRA(nn.Module):
         if self.active is None:
             return torch.as_tensor(out)
         a, b = self.moe_lora_A[self.active], self.moe_lora_B[self.active]
-        h = self.dropout(x).to(a.dtype) @ a.T
+        h = adapter_input(self.dropout(x), a.dtype) @ a.T
         out = torch.as_tensor(out)
         return out + torch.as_tensor(self.scale * (h @ b.T)).to(out.dtype)
 
@@ -116,7 +117,7 @@ class MoEBlock(nn.Module):
 
     def routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mixture weights w [.., E], load-balancing loss) for block input x [B, T, H]."""
-        g = self.gate(x.to(self.gate.weight.dtype)).float()
+        g = self.gate(adapter_input(x, self.gate.weight.dtype)).float()
         if self.router_kind == "sequence":  # causal prefix mean: one decision per prefix, no look-ahead
             steps = torch.arange(1, g.shape[-2] + 1, device=g.device, dtype=g.dtype)[:, None]
             g = g.cumsum(dim=-2) / steps

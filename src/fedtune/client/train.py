@@ -90,10 +90,24 @@ def batch_indices(n: int, batch_size: int, gen: torch.Generator) -> Iterator[tor
         buf = buf[batch_size:]
 
 
-def autocast(bf16: bool, device: torch.device | str = "cpu") -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on the device's type (cpu or cuda); a no-op when off."""
+def autocast(
+    bf16: bool, device: torch.device | str = "cpu", model: Any = None
+) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on the device's type (cpu or cuda); a no-op when off. Given the `model`, its PEFT
+    layers also leave their input's dtype alone (PEFT's `disable_input_dtype_casting`): by default a
+    LoRA layer casts its bf16 input to the fp32 adapter's dtype, and autocast casts it straight back
+    to bf16 for the matmul, an exact round trip that only copies (about 5 % of a bf16 step of
+    SmolLM2-135M with LoRA on q, v; BENCHMARKS.md)."""
+    if not bf16:
+        return contextlib.nullcontext()
     kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
-    return torch.autocast(kind, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(kind, dtype=torch.bfloat16))
+    if model is not None:
+        from peft.helpers import disable_input_dtype_casting
+
+        stack.enter_context(disable_input_dtype_casting(model))
+    return stack
 
 
 def model_device(model: Any) -> torch.device:
@@ -134,7 +148,7 @@ def target_loss(model: Any, batch: torch.Tensor, mask: torch.Tensor, bf16: bool)
         return torch.zeros((), requires_grad=torch.is_grad_enabled()), 0
     cols = torch.nonzero(targets.any(dim=0)).flatten()
     labels = batch[:, 1:][:, cols].masked_fill(~targets[:, cols], -100)
-    with autocast(bf16, dev):
+    with autocast(bf16, dev, model):
         if _keeps_logits_subset(model):
             logits = model(input_ids=batch, logits_to_keep=cols).logits
         else:
@@ -154,7 +168,7 @@ def lm_loss(
     else:
         dev = model_device(model)
         batch = batch.to(dev)
-        with autocast(bf16, dev):
+        with autocast(bf16, dev, model):
             loss = model(input_ids=batch, labels=batch).loss
     if lb_weight > 0:
         from fedtune.adapters.moe_lora import load_balancing_loss

@@ -29,7 +29,7 @@ def evaluate_blocks(
         else:
             n = batch.shape[0] * (batch.shape[1] - 1)  # every token after the first is predicted
             dev = model_device(model)
-            with autocast(bf16, dev):
+            with autocast(bf16, dev, model):
                 total_loss += float(model(input_ids=batch.to(dev), labels=batch.to(dev)).loss) * n
         total_tokens += n
     mean = total_loss / max(1, total_tokens)

@@ -35,7 +35,7 @@ def option_logprobs(
         ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in ps], device=dev)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device=dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        with autocast(bf16, dev):
+        with autocast(bf16, dev, model):
             first_out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(first_out.logits[:, -1].float(), dim=-1)  # [B, V]
         k = max(len(o) for o in opts)
@@ -51,7 +51,7 @@ def option_logprobs(
                     rows.append(x + [0] * (longest - 1 - len(x)))
                     row_mask.append(mask[b].tolist() + [1] * (longest - 1))
                     row_pos.append([len(ps[b]) + i for i in range(longest - 1)])
-            with autocast(bf16, dev):
+            with autocast(bf16, dev, model):
                 logits = model(
                     input_ids=torch.tensor(rows, device=dev),
                     attention_mask=torch.tensor(row_mask, device=dev),
@@ -109,7 +109,7 @@ def generate(model: Any, tokenizer: Any, prompt: Sequence[int], max_new_tokens: 
     stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} if t is not None]
     stop = [t for t in stop if t != tokenizer.unk_token_id]
     dev = model_device(model)
-    with autocast(bf16, dev):
+    with autocast(bf16, dev, model):
         out = model.generate(
             input_ids=torch.tensor([list(prompt)], device=dev),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=dev),

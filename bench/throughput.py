@@ -223,8 +223,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         g = r.get("gflops_per_second")
-        p = r.get("peak_gflops", peak[r["peak"]])
-        util = f"{g:.0f} ({100 * g / p:.0f} % of {r['peak']} {p:.0f})" if g else "n/a"
+        util = f"{g:.0f} ({100 * g / r['peak_gflops']:.0f} % of {r['peak']} {r['peak_gflops']:.0f})" if g else "n/a"
         print(
             f"| {name} | {r['step_seconds']:.3f} | {r['tokens_per_step']:.0f} | {r['tokens_per_second']:.0f} "
             f"| {util} | {r['loss']:.3f} |"

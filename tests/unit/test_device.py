@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fedtune.config import config_from_dict
 from fedtune.errors import ConfigError
@@ -72,31 +73,25 @@ def test_the_same_run_on_the_gpu_matches_the_cpu(tiny_cfg, no_time) -> None:
         assert a["global_loss"] == pytest.approx(b["global_loss"], rel=1e-3)
 
 
-
-class RoundTrips:
-    """A dispatch mode that counts tensors cast bf16 -> fp32 and then straight back to bf16 (what
-    autocast does to an activation someone cast to fp32 before a matmul)."""
+class RoundTrips(TorchDispatchMode):
+    """Counts tensors cast bf16 -> fp32 and then straight back to bf16 (what autocast does to an
+    activation someone cast to fp32 before a matmul)."""
 
     def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        outer = self
+        super().__init__()
         self.upcast: list[torch.Tensor] = []  # kept alive, so their ids stay unique
         self.count = 0
 
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-                kwargs = kwargs or {}
-                out = func(*args, **kwargs)
-                if func is torch.ops.aten._to_copy.default:
-                    src, dst = args[0].dtype, kwargs.get("dtype")
-                    if src == torch.bfloat16 and dst == torch.float32:
-                        outer.upcast.append(out)
-                    elif src == torch.float32 and dst == torch.bfloat16:
-                        outer.count += any(args[0] is t for t in outer.upcast)
-                return out
-
-        self.mode = Mode()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default:
+            src, dst = args[0].dtype, kwargs.get("dtype")
+            if src == torch.bfloat16 and dst == torch.float32:
+                self.upcast.append(out)
+            elif src == torch.float32 and dst == torch.bfloat16:
+                self.count += any(args[0] is t for t in self.upcast)
+        return out
 
 
 @pytest.mark.parametrize("kind", ["lora", "moe_lora", "lora_sb"])
@@ -111,8 +106,7 @@ def test_bf16_adapters_take_the_bf16_activations_without_an_fp32_round_trip(tiny
     cfg = tiny_cfg("model.dtype=bfloat16", "train.bf16=true", f"adapter.kind={kind}", "rounds=1")
     model = inprocess_federation(cfg).model
     batch = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
-    trips = RoundTrips()
-    with trips.mode:
+    with RoundTrips() as trips:
         loss = lm_loss(model, batch, True)
         loss.backward()
     assert trips.upcast, "the bf16 forward upcast nothing (RMSNorm does): the counter sees no casts"
@@ -121,8 +115,7 @@ def test_bf16_adapters_take_the_bf16_activations_without_an_fp32_round_trip(tiny
         return
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
-    trips = RoundTrips()
-    with trips.mode, torch.autocast("cpu", dtype=torch.bfloat16):  # PEFT casting its inputs, as before
+    with RoundTrips() as trips, torch.autocast("cpu", dtype=torch.bfloat16):  # PEFT casting its inputs, as before
         model(input_ids=batch, labels=batch).loss.backward()
     assert trips.count > 0  # the counter sees the round trips this removes
     for n, p in model.named_parameters():

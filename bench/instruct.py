@@ -38,7 +38,9 @@ METHODS: dict[str, tuple[list[str], list[float]]] = {
     "local": (["strategy.name=local"], [1e-3, 3e-3]),
     "centralized": (["strategy.name=centralized"], [1e-3, 3e-3]),
 }
-COMMON = ["evaluation.val=true"]
+# the rows in BENCHMARKS.md were measured with transformers' eager attention, the demo's kernel
+# then; `grouped` (the demo's now) computes the same attention but rounds bf16 differently
+COMMON = ["evaluation.val=true", "model.attention=eager"]
 
 
 def score(r: dict[str, Any]) -> tuple[float, float]:

@@ -23,15 +23,34 @@ def run_rows(
     results = {}
     for row, over in rows.items():
         d = out / "".join(c if c.isalnum() else "_" for c in row)
+        cfg = load_config(config, [*common, *over, f"output_dir={d}", f"name={row}"])
         if not (d / "summary.json").exists():
             if only_finished:
                 continue
-            cfg = load_config(config, [*common, *over, f"output_dir={d}", f"name={row}"])
             run_federated(cfg, overwrite=True, progress=False)
+        elif changed := config_changes(load_config(d / "config.yaml"), cfg):
+            raise SystemExit(
+                f"{d} was run with another config than {config} now gives ({'; '.join(changed)}): "
+                f"delete {d} to run it again, or pass the old values"
+            )
         recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
         results[row] = {"records": recs, "summary": json.loads((d / "summary.json").read_text())}
         print(row, results[row]["summary"]["final"].get("mean_ppl"), flush=True)
     return results
+
+
+def config_changes(done: Any, now: Any) -> list[str]:
+    """The settings (dotted keys) in which a finished run's config differs from today's, but where
+    it was written."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+
+    a, b = flat(done.model_dump(mode="json")), flat(now.model_dump(mode="json"))
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "output_dir.")
+    return [f"{k[:-1]}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 
 def final(result: dict[str, Any], key: str = "mean_ppl") -> Any:

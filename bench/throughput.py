@@ -10,13 +10,16 @@ Rows (each the median step time over --steps optimizer steps after one warm-up s
   fedtune bf16 base           model.dtype bfloat16 (frozen base stored in bf16), fp32 LoRA, autocast
   fedtune bf16 base, full head  the same with the LM head over every position (what TRL computes)
   ..., eager attention        model.attention: eager instead of transformers' default (sdpa)
+  ..., grouped attention      model.attention: grouped (fedtune.models.attention; the demo's)
   TRL SFTTrainer fp32 / bf16  completion-only loss, the same prompt/completion pairs (TRL applies
                               the same chat template), batch 4, the same LoRA; padding_free where
                               TRL allows it (it needs a flash-attention kernel: not on CPU), else padded
 Tokens = real (non-padding) tokens of the batches, counted identically on both sides.
 Utilisation = the step's FLOPs (torch's FlopCounterMode, one step) / time / the GEMM peak of the
-dtype the matmuls run in (a timed 2048 x 2048 matmul on the same threads, the mean of one just
-before and one just after the row: this machine's speed drifts by 2x within minutes).
+dtype the matmuls run in (a timed 2048 x 2048 matmul on the same threads). This machine's speed
+drifts by 2-4x within minutes (its bf16 GEMM runs on AMX units shared with other tenants), so the
+peak is taken twice: around each row (the row's share), and as a short burst between every two
+steps, each step's share taken against the bursts just before and after it (the median per step).
 """
 
 from __future__ import annotations
@@ -87,12 +90,14 @@ def fedtune_row(
 
         train.target_loss = full
     times: list[float] = []
+    kind = torch.bfloat16 if bf16 else torch.float32
+    peaks = [gemm_peak(kind, reps=4)]  # a short GEMM burst before every step and after the last
     last = [time.perf_counter()]
 
     def on_step(step: int, total: int, loss: float) -> None:
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
+        times.append(time.perf_counter() - last[0])
+        peaks.append(gemm_peak(kind, reps=4))  # not timed as part of any step
+        last[0] = time.perf_counter()
 
     try:
         gen = torch.Generator().manual_seed(0)  # the same stream local_train_ draws its batches from
@@ -107,11 +112,16 @@ def fedtune_row(
     finally:
         train.target_loss = real
     step_s = statistics.median(times[1:])
+    # each step's FLOP rate against the mean of the GEMM bursts just before and after it
+    util = [f / t / ((peaks[i] + peaks[i + 1]) / 2 * 1e9) for i, (f, t) in enumerate(zip(flops, times[1:]), 1)]
     return {
         "step_seconds": step_s,
         "tokens_per_step": statistics.mean(tokens[1:]),
         "tokens_per_second": sum(tokens[1:]) / sum(times[1:]),
         "gflops_per_second": sum(flops) / sum(times[1:]) / 1e9,
+        "step_peak_share": util,
+        "step_peak_share_median": statistics.median(util),
+        "step_peak_gflops": peaks,
         "loss": out["train_loss"],
     }
 
@@ -188,6 +198,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--rows", default="", help="only the fedtune rows whose name contains one of these (|-separated)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -205,9 +216,13 @@ def main() -> None:
         ("fedtune bf16 base", True, "bfloat16", False, "default"),
         ("fedtune bf16 base, full head", True, "bfloat16", True, "default"),
         ("fedtune bf16 base, eager attention", True, "bfloat16", False, "eager"),
+        ("fedtune bf16 base, grouped attention", True, "bfloat16", False, "grouped"),
         ("fedtune fp32, eager attention", False, "float32", False, "eager"),
     ]
+    wanted = [w for w in args.rows.split("|") if w]
     for name, bf16, base, full, attention in plan:
+        if wanted and not any(w in name for w in wanted):
+            continue
         kind = torch.bfloat16 if bf16 else torch.float32
         before = gemm_peak(kind)  # this machine's speed drifts: the peak is taken around each row
         rows[name] = fedtune_row(cfg, shard, model_dir, bf16, base, args.steps, full, attention)
@@ -224,6 +239,10 @@ def main() -> None:
     for name, r in rows.items():
         g = r.get("gflops_per_second")
         util = f"{g:.0f} ({100 * g / r['peak_gflops']:.0f} % of {r['peak']} {r['peak_gflops']:.0f})" if g else "n/a"
+        if "step_peak_share" in r:
+            shares = r["step_peak_share"]
+            lo, mid, hi = (100 * f(shares) for f in (min, statistics.median, max))
+            util += f"; per step {mid:.0f} % ({lo:.0f}-{hi:.0f})"
         print(
             f"| {name} | {r['step_seconds']:.3f} | {r['tokens_per_step']:.0f} | {r['tokens_per_second']:.0f} "
             f"| {util} | {r['loss']:.3f} |"

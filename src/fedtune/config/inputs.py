@@ -32,10 +32,11 @@ class ModelConfig(_Strict):
         description="the frozen base weights; 'bfloat16' halves their memory and skips re-casting them "
         "every step under train.bf16 (adapters stay fp32)",
     )
-    attention: Literal["default", "eager", "sdpa"] = Field(
+    attention: Literal["default", "eager", "sdpa", "grouped"] = Field(
         "default",
         description="attention kernel ('default': transformers' choice, sdpa; 'eager' is faster on CPU "
-        "for short bf16 sequences: bench/throughput.py)",
+        "for short bf16 sequences; 'grouped': fedtune's eager attention per key/value head group, "
+        "without the copies, faster still on CPU: bench/throughput.py, fedtune.models.attention)",
     )
     device: str = Field(
         "auto",

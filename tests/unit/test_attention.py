@@ -97,11 +97,11 @@ def test_grouped_attention_refuses_what_it_does_not_implement() -> None:
 
 
 def test_model_attention_grouped_loads_through_fedtune_and_matches_eager() -> None:
-    from fedtune.config.schema import ModelConfig
-    from fedtune.models.load import load_model, tiny_dir
-
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
+
+    from fedtune.config.schema import ModelConfig
+    from fedtune.models.load import load_model, tiny_dir
 
     for interface in (AttentionInterface, AttentionMaskInterface):  # as in a fresh process: load_model registers it
         interface._global_mapping.pop(attention.NAME, None)

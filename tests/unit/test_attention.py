@@ -114,3 +114,19 @@ def test_model_attention_grouped_loads_through_fedtune_and_matches_eager() -> No
         assert model.config._attn_implementation == impl
         logits[impl] = model(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(logits[attention.NAME], logits["eager"], atol=1e-6, rtol=0)
+
+
+def test_grouped_attention_takes_a_bias_per_query_head_as_eager_does() -> None:
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 6, 5, 4, generator=g)
+    k, v = torch.randn(2, 2, 5, 4, generator=g), torch.randn(2, 2, 5, 4, generator=g)
+    bias = torch.randn(2, 6, 5, 5, generator=g)  # differs per head: a wrong grouping of heads shows
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3  # type: ignore[assignment]
+    ref, _ = eager_attention_forward(module.eval(), q, k, v, bias, scaling=0.5)
+    out, _ = attention.grouped_attention(module, q, k, v, bias, scaling=0.5)
+    assert torch.allclose(out, ref, atol=1e-6, rtol=0)
+    with pytest.raises(NotImplementedError, match="one or all 6 heads, this model passes 2"):
+        attention.grouped_attention(module, q, k, v, bias[:, :2], scaling=0.5)

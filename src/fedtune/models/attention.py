@@ -70,7 +70,16 @@ def grouped_attention(
     q = (query * scale).reshape(b, kv_heads, groups * q_len, dim)
     scores = torch.matmul(q, key.transpose(-1, -2))
     if attention_mask is not None:
-        mask = attention_mask[:, :, None, :, :kv_len]  # (batch, 1, 1, q_len, kv_len)
+        mask = attention_mask[..., :kv_len]
+        if mask.shape[1] == 1:  # one mask for every head: (batch, 1, 1, q_len, kv_len)
+            mask = mask[:, :, None]
+        elif mask.shape[1] == heads:  # a bias per query head (ALiBi-style), grouped as the queries
+            mask = mask.reshape(mask.shape[0], kv_heads, groups, q_len, kv_len)
+        else:
+            raise NotImplementedError(
+                f"model.attention: {NAME} takes a mask for one or all {heads} heads, this model passes "
+                f"{mask.shape[1]}; set model.attention: eager (or default)"
+            )
         scores = (scores.view(b, kv_heads, groups, q_len, kv_len) + mask).view(b, kv_heads, groups * q_len, kv_len)
     probs = torch.softmax(scores, dim=-1)
     if dropout > 0.0 and module.training:

@@ -40,8 +40,8 @@ def run_rows(
 
 
 def config_changes(done: Any, now: Any) -> list[str]:
-    """The settings (dotted keys) in which a finished run's config differs from today's, but where
-    it was written."""
+    """The settings (dotted keys) in which a finished run's config differs from today's, apart from
+    `output_dir` (a finished row may have been moved)."""
 
     def flat(d: Any, prefix: str = "") -> dict[str, Any]:
         if not isinstance(d, dict):

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from fedtune.config import ExperimentConfig, config_to_yaml
 from fedtune.errors import FedtuneError
 
@@ -127,6 +129,28 @@ def write_app(cfg: ExperimentConfig, app_dir: Path, num_clients: int) -> Path:
     return app_dir
 
 
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Running processes of process group `pgid` (zombies, already exited, do not count)."""
+    out = []
+    for q in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(q.pid) == pgid and q.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(q)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return out
+
+
+def wait_for_group(pgid: int, timeout: float) -> bool:
+    """Whether every process of group `pgid` has exited within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while group_members(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 @dataclass
 class LocalDeployment:
     """A SuperLink and SuperNodes on loopback, with TLS by default. With `auth`, the SuperLink
@@ -138,6 +162,7 @@ class LocalDeployment:
     auth: bool = False
     port: int = 9192
     node_port: int = 9300
+    grace: float = 10.0  # seconds a stopped process group gets to exit before SIGKILL
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -274,21 +299,41 @@ class LocalDeployment:
         return p
 
     def _kill(self, name: str) -> None:
+        """Stop the process `name` and every process in its group (a SuperNode's `flower-superexec`
+        and the ClientApps it runs), waiting until none is left: SIGTERM first, SIGKILL to what is
+        still running after `grace` seconds. Waiting for the group leader alone returned while a
+        `flower-superexec` was still shutting down."""
         p = self.procs.pop(name, None)
         if p is None:
             return
         try:
             os.killpg(p.pid, signal.SIGTERM)
-            p.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout=self.grace)
+        except subprocess.TimeoutExpired:
+            pass
+        if wait_for_group(p.pid, self.grace):
+            return
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        p.wait()
+        if not wait_for_group(p.pid, self.grace):
+            left = ", ".join(str(q.pid) for q in group_members(p.pid))
+            raise FedtuneError(f"Flower processes {left} (group of {name!r}) survived SIGKILL")
 
     def stop(self) -> None:
+        errors = []
         for name in list(self.procs):
-            self._kill(name)
+            try:
+                self._kill(name)
+            except FedtuneError as e:  # stop the others first, then say which survived
+                errors.append(str(e))
+        if errors:
+            raise FedtuneError("; ".join(errors))
 
     def __enter__(self) -> LocalDeployment:
         return self

@@ -37,6 +37,9 @@ ROWS: dict[str, list[str]] = {
     "pcl val": ["strategy.name=pcl", "strategy.trust=val"],
     "pcl predictions": ["strategy.name=pcl", "strategy.trust=predictions"],
     "tac k=4": ["strategy.name=tac", "strategy.clusters=4"],
+    # no server: each peer averages with its ring neighbours / with everyone (= uniform FedAvg)
+    "gossip ring": ["strategy.name=gossip", "strategy.topology=ring"],
+    "gossip complete": ["strategy.name=gossip", "strategy.topology=complete"],
 }
 PERSONAL = [r for r in ROWS if r not in ("local", "fedavg")]
 
@@ -116,6 +119,14 @@ def tables(runs: dict) -> str:
                 hits += max(off, key=off.get) == peer
                 shares.append(off[peer] / max(sum(off.values()), 1e-30))
             lines.append(f"| {row} | {hits} / {len(ids)} | {sum(shares) / len(shares):.3f} |")
+    gossip = [r for r in runs if r.startswith("gossip")]
+    if gossip:
+        lines += ["", "### Gossip: how far apart the peers' models are (final round)", ""]
+        lines += ["| method | consensus distance | spectral gap | messages a round |", "|---|---|---|---|"]
+        for row in gossip:
+            last = [r for r in runs[row]["records"] if r["client"] is None and "consensus_distance" in r][-1]
+            gap = last.get("spectral_gap", float("nan"))
+            lines.append(f"| {row} | {last['consensus_distance']:.4f} | {gap:.3f} | {last['gossip_messages']} |")
     tac = [r for r in runs if r.startswith("tac")]
     for row in tac:
         last = [r for r in runs[row]["records"] if r["client"] is None and "clusters" in r][-1]

@@ -196,6 +196,19 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
             )
         )
     down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
+    if caps.peer_to_peer:
+        for where, codec in (("codec.name", cfg.codec), ("downlink_codec.name", down)):
+            if codec.name != "identity":
+                problems.append(
+                    Problem(
+                        where,
+                        codec.name,
+                        f"strategy {name!r} sends whole adapters between peers, and compressing peer messages "
+                        "is not implemented: the codec would change only the simulation's relay, not what is counted",
+                        "use codec: identity (and no downlink_codec)",
+                    )
+                )
+                break
     problems += strategy_class(cfg).config_problems(cfg.strategy.params(), cfg.adapter, down, cfg.secure_aggregation)
     return problems
 
@@ -246,7 +259,8 @@ def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Pr
         from fedtune.sampling import sample_size
 
         k = sample_size(n, cfg.sampling.fraction, cfg.sampling.min_clients)
-        out += TypeAdapter(cls).validate_python(cfg.strategy.params()).sample_problems(k)
+        built = TypeAdapter(cls).validate_python(cfg.strategy.params())
+        out += built.sample_problems(k) + built.network_problems(client_ids, cfg.seed)
     return out
 
 
@@ -335,6 +349,7 @@ def run_context(cfg: ExperimentConfig, client_ids: list[str], lora_scale: float)
         sampling_scheme=cfg.sampling.scheme,
         num_clients=n,
         sample_size=k,
+        client_ids=tuple(client_ids),
         randomness=cfg.randomness(),
     )
 

@@ -29,6 +29,7 @@ MATRIX = {
     "pcl": ["strategy.trust=val"],
     "pcl:predictions": ["strategy.trust=predictions", "strategy.top_k=8"],
     "tac": ["strategy.clusters=2"],
+    "gossip": ["strategy.topology=ring"],
     # codec state (error-feedback residuals) must survive the interruption too
     "fedavg:topk-ef-q4": [
         "codec.name=chain",

@@ -25,6 +25,8 @@ class EngineCapabilities:
     per_client_experts: mixture adapters with a different expert count per client.
     client_data_init: LoRA-SB initialised from a client's data on the server.
     secure_codecs: codecs allowed with secure aggregation ('any' or 'identity').
+    peer_to_peer: runs strategies without a server (gossip between peers); in-process it is a
+        simulation of the peer network in one process.
     """
 
     name: str
@@ -37,11 +39,12 @@ class EngineCapabilities:
     per_client_experts: bool
     client_data_init: bool
     secure_codecs: str
+    peer_to_peer: bool
 
 
-INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, True, True, "any")
+INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, True, True, "any", True)
 # on Flower, client state lives on each SuperNode's disk (`engines/flower/client_app.py`)
-FLOWER = EngineCapabilities("flower", True, True, False, False, False, False, False, False, "identity")
+FLOWER = EngineCapabilities("flower", True, True, False, False, False, False, False, False, "identity", False)
 # simulated dropouts, stragglers and attacks wrap the Flower engine in simulation as well
 FLOWER_SIM = replace(FLOWER, name="flower-sim", fault_injection=True)
 ENGINES = {"inprocess": INPROCESS, "flower-sim": FLOWER_SIM, "flower-deploy": FLOWER}
@@ -65,6 +68,14 @@ def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_co
         field,
         value,
         f"strategy {s!r} keeps client-side state between rounds, which this engine does not carry yet",
+        _INPROCESS,
+    )
+    need(
+        engine.peer_to_peer or not caps.peer_to_peer,
+        field,
+        value,
+        f"strategy {s!r} has no server (peers average with their graph neighbours), and Flower's runtime "
+        "routes every message through the SuperLink",
         _INPROCESS,
     )
     need(

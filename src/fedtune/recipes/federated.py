@@ -171,6 +171,8 @@ def _run(
                 evals = eval_records(rnd, caps, engine, scored, global_state, personal, ev.ood, ev.val)
             t_eval = time.perf_counter()
             extra = {c: {"sample_epsilon": e} for c, (e, _) in eps.items()}
+            for c, more in agg.per_client.items():  # e.g. a peer's gossip messages sent and received
+                extra[c] = {**extra.get(c, {}), **more}
             recs = client_records(rnd, ids, trainers, evals, sent_updates, failures, caps.transmits, extra)
             summary = round_summary(evals, up, down, ledger.cum_bytes, len(failures))
             summary.update(agg.metrics)

@@ -41,6 +41,8 @@ class Capabilities:
         base_offsets: writes offsets into the frozen base weights (merges, full-weight zeroth order):
             they need an fp32 base (bf16 rounding would swallow a small offset).
         accounts_sampling: its privacy accounting depends on the client sampling rate (DP-FedAvg).
+        peer_to_peer: no server: peers exchange states with their neighbours (gossip); the loop's
+            relay of states is simulation plumbing, the strategy counts the peer messages.
     """
 
     has_global: bool = True
@@ -59,6 +61,7 @@ class Capabilities:
     raw_data: bool = False
     base_offsets: bool = False
     accounts_sampling: bool = False
+    peer_to_peer: bool = False
 
     def weight(self, num_examples: int) -> float:
         """A client's weight in a masked sum."""
@@ -77,6 +80,7 @@ class RunContext:
     sampling_scheme: str = "poisson"  # how clients are drawn: 'poisson' or 'fixed' (without replacement)
     num_clients: int = 1  # registered clients
     sample_size: int = 1  # clients drawn per round (fixed scheme)
+    client_ids: tuple[str, ...] = ()  # the registered clients (a decentralized strategy's peers)
     randomness: str = "seeded"  # privacy noise: 'seeded' (reproducible simulation) or 'secure' (OS CSPRNG)
 
 
@@ -84,7 +88,8 @@ class RunContext:
 class Aggregate:
     """What a strategy's aggregate returns: the new global adapter and strategy state, the
     round's metrics (recorded, never checkpointed as state), bytes the strategy moved besides the
-    adapter payloads, and a reason to stop the run after this round (e.g. DP's target epsilon)."""
+    adapter payloads (with `per_client`, each client's share: {id: {bytes_up, bytes_down}}), and a
+    reason to stop the run after this round (e.g. DP's target epsilon)."""
 
     global_state: AdapterState
     state: Any
@@ -92,6 +97,7 @@ class Aggregate:
     bytes_up: int = 0
     bytes_down: int = 0
     stop: str | None = None
+    per_client: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 class PeerScoring(Protocol):
@@ -143,6 +149,11 @@ class StrategyBase:
 
     def sample_problems(self, k: int) -> list[Any]:
         """Problems with aggregating k updates a round (checked for the configured sample size)."""
+        return []
+
+    def network_problems(self, client_ids: Sequence[str], seed: int) -> list[Any]:
+        """Problems with the registered clients as this strategy's peers (a decentralized topology
+        drawn from the run seed)."""
         return []
 
     def private_keys(self, state: AdapterState) -> set[str]:

@@ -1,0 +1,137 @@
+"""Gossip (decentralized FedAvg): Metropolis-Hastings weights and spectral gaps equal their hand
+computations; one gossip step on a complete graph is the uniform average; a round whose peers
+are only some of the graph mixes over the edges between them, keeps their sum, and counts each
+peer message once; a topology that cannot work is refused before training."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedtune.codecs import serialize
+from fedtune.strategies.base import RunContext
+from fedtune.strategies.decentralized import Gossip, consensus_distance
+from fedtune.topology import TopologySpec, build_graph, metropolis_weights, mixing_matrix, spectral_gap
+from fedtune.types import ClientUpdate
+
+KEY = "m.lora_A.weight"
+
+
+def update(cid: str, value: float) -> ClientUpdate:
+    return ClientUpdate(cid, {KEY: torch.tensor([[value, 2 * value]])}, 10, {"train_loss": 0.0}, 0, 0)
+
+
+def test_metropolis_weights_of_a_path_by_hand() -> None:
+    g = build_graph(TopologySpec("edges", edges=(("a", "b"), ("b", "c"))), ["a", "b", "c"], 0)
+    w = mixing_matrix(metropolis_weights(g), ["a", "b", "c"])
+    # degrees 1, 2, 1: W_ab = W_bc = 1 / (1 + 2); the rest of each row on the diagonal
+    expect = np.array([[2 / 3, 1 / 3, 0], [1 / 3, 1 / 3, 1 / 3], [0, 1 / 3, 2 / 3]])
+    np.testing.assert_allclose(w, expect)
+
+
+@pytest.mark.parametrize("n", [5, 6, 9])
+def test_ring_spectral_gap_is_the_circulant_formula(n: int) -> None:
+    """On a ring every degree is 2, W = I/3 + (shift + shift^-1)/3, whose eigenvalues are
+    1/3 + 2/3 cos(2 pi k / n)."""
+    ids = [f"c{i}" for i in range(n)]
+    w = mixing_matrix(metropolis_weights(build_graph(TopologySpec("ring"), ids, 0)), ids)
+    np.testing.assert_allclose(w.sum(0), 1.0)
+    np.testing.assert_allclose(w, w.T)
+    lam = [abs(1 / 3 + 2 / 3 * math.cos(2 * math.pi * k / n)) for k in range(1, n)]
+    assert spectral_gap(w) == pytest.approx(1 - max(lam))
+
+
+def test_one_step_on_a_complete_graph_is_the_uniform_average() -> None:
+    ids = ("a", "b", "c", "d")
+    g = Gossip(topology="complete", ctx=RunContext(client_ids=ids))
+    init = {KEY: torch.zeros(1, 2)}
+    agg = g.aggregate(1, [update(c, v) for c, v in zip(ids, [1.0, -2.0, 4.0, 5.0])], g.init_state(init))
+    mean = torch.tensor([[2.0, 4.0]])  # (1 - 2 + 4 + 5) / 4 = 2
+    for c in ids:
+        torch.testing.assert_close(g.configure(2, [c], agg.state)[c][KEY], mean)
+    assert agg.metrics["spectral_gap"] == pytest.approx(1.0)
+    assert agg.metrics["consensus_distance"] == pytest.approx(0.0, abs=1e-6)
+    size = len(serialize({KEY: mean}))
+    assert agg.metrics["gossip_messages"] == 12 and agg.bytes_up == 12 * size and agg.bytes_down == 0
+
+
+def test_a_round_of_some_peers_mixes_over_their_edges_and_keeps_their_sum() -> None:
+    """Ring a-b-c-d-a, d does not take part: a and c lose their edge to d (its weight stays on
+    their diagonal); d keeps its model; the round's peers keep their sum."""
+    ids = ("a", "b", "c", "d")
+    g = Gossip(topology="ring", ctx=RunContext(client_ids=ids))
+    init = {KEY: torch.zeros(1, 2)}
+    agg = g.aggregate(1, [update("a", 3.0), update("b", 6.0), update("c", 9.0)], g.init_state(init))
+    got = {c: g.configure(2, [c], agg.state)[c][KEY][0, 0].item() for c in ids}
+    assert got["a"] == pytest.approx(2 / 3 * 3 + 1 / 3 * 6)
+    assert got["b"] == pytest.approx((3 + 6 + 9) / 3)
+    assert got["c"] == pytest.approx(2 / 3 * 9 + 1 / 3 * 6)
+    assert got["d"] == 0.0
+    assert got["a"] + got["b"] + got["c"] == pytest.approx(3 + 6 + 9)
+    size = len(serialize({KEY: torch.zeros(1, 2)}))
+    assert agg.metrics["gossip_messages"] == 4 and agg.bytes_up == 4 * size  # a<->b, b<->c
+    assert agg.per_client["b"] == {"bytes_up": 2 * size, "bytes_down": 2 * size}
+    assert agg.per_client["a"] == {"bytes_up": size, "bytes_down": size} and "d" not in agg.per_client
+    everyone = [g.configure(2, [c], agg.state)[c] for c in ids]
+    assert agg.metrics["consensus_distance"] == pytest.approx(consensus_distance(everyone))
+    x = torch.tensor([[v, 2 * v] for v in got.values()], dtype=torch.float64)
+    assert consensus_distance(everyone) == pytest.approx(float(((x - x.mean(0)) ** 2).sum() / 4) ** 0.5)
+
+
+def test_repeated_gossip_reaches_consensus_on_the_average() -> None:
+    """Peers that stop training (zero updates) converge to the average of where they started, at
+    a rate no slower than the spectral gap predicts."""
+    ids = tuple(f"c{i}" for i in range(8))
+    g = Gossip(topology="ring", ctx=RunContext(client_ids=ids))
+    init = {KEY: torch.zeros(1, 2)}
+    start = [float(i * i) for i in range(8)]
+    agg = g.aggregate(1, [update(c, v) for c, v in zip(ids, start)], g.init_state(init))
+    d1, gap = agg.metrics["consensus_distance"], agg.metrics["spectral_gap"]
+    for r in range(2, 40):
+        agg = g.aggregate(r, [update(c, 0.0) for c in ids], agg.state)
+    final = [g.configure(41, [c], agg.state)[c][KEY][0, 0].item() for c in ids]
+    assert final == pytest.approx([sum(start) / 8] * 8, rel=1e-3)
+    assert agg.metrics["consensus_distance"] <= d1 * (1 - gap) ** 38 * 1.0001
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "match"),
+    [
+        ({"topology": "regular", "degree": 3}, "strategy.degree", "peers x degree even"),
+        ({"topology": "regular", "degree": 5}, "strategy.degree", "0 < degree < 5"),
+        ({"topology": "erdos_renyi", "p": 0.01}, "strategy.topology", "disconnected"),
+        (
+            {"topology": "edges", "edges": (("c0", "c1"), ("c2", "c3"))},
+            "strategy.topology",
+            "3 parts: c0, c1; c2, c3; c4",
+        ),
+        ({"topology": "edges", "edges": (("c0", "zz"),)}, "strategy.edges", "do not exist"),
+    ],
+)
+def test_a_topology_that_cannot_work_is_a_named_problem(params, field, match) -> None:
+    ids = [f"c{i}" for i in range(5)]
+    problems = Gossip(**params).network_problems(ids, seed=0)
+    assert [p.field for p in problems] == [field] and match in problems[0].constraint
+
+
+def test_a_working_topology_has_no_problem() -> None:
+    ids = [f"c{i}" for i in range(6)]
+    for params in ({}, {"topology": "complete"}, {"topology": "regular", "degree": 3}, {"topology": "erdos_renyi"}):
+        assert Gossip(**params).network_problems(ids, seed=0) == []
+
+
+def test_the_config_checks_refuse_what_gossip_cannot_do(tiny_cfg) -> None:
+    from fedtune import components
+    from fedtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="has no server"):
+        tiny_cfg("strategy.name=gossip", "engine.name=flower-sim")
+    with pytest.raises(ConfigError, match="compressing peer messages is not implemented"):
+        tiny_cfg("strategy.name=gossip", "codec.name=fp16")
+    with pytest.raises(ConfigError, match="needs the individual updates"):
+        tiny_cfg("strategy.name=gossip", "secure_aggregation=true")
+    cfg = tiny_cfg("strategy.name=gossip", "strategy.topology=regular", "strategy.degree=3")
+    problems = components.per_client_problems(cfg, ["a", "b", "c", "d", "e"])  # what validate and run check
+    assert [p.field for p in problems] == ["strategy.degree"]
+    assert components.per_client_problems(cfg, ["a", "b", "c", "d"]) == []

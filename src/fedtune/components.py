@@ -18,17 +18,10 @@ from fedtune.models.load import device_problem, model_problem
 from fedtune.registry import Registry
 from fedtune.strategies import STRATEGIES
 from fedtune.strategies.base import Capabilities, RunContext
+from fedtune.strategies.decentralized import peer_codec_problems
 
 # The one strategy field fedtune fills in from the run (not a user parameter).
 CONTEXT_FIELD = "ctx"
-
-
-def strategy_registry() -> Registry[type]:
-    return STRATEGIES
-
-
-def source_registry() -> Registry[Any]:
-    return DATA_SOURCES
 
 
 REGISTRIES: dict[str, Registry[Any]] = {
@@ -197,18 +190,7 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
         )
     down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
     if caps.peer_to_peer:
-        for where, codec in (("codec.name", cfg.codec), ("downlink_codec.name", down)):
-            if codec.name != "identity":
-                problems.append(
-                    Problem(
-                        where,
-                        codec.name,
-                        f"strategy {name!r} sends whole adapters between peers, and compressing peer messages "
-                        "is not implemented: the codec would change only the simulation's relay, not what is counted",
-                        "use codec: identity (and no downlink_codec)",
-                    )
-                )
-                break
+        problems += peer_codec_problems(name, {"codec.name": cfg.codec.name, "downlink_codec.name": down.name})
     problems += strategy_class(cfg).config_problems(cfg.strategy.params(), cfg.adapter, down, cfg.secure_aggregation)
     return problems
 

@@ -129,18 +129,18 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
 
     problems: list[Problem] = []
     problems += components.check_named(
-        "strategy", components.strategy_registry(), cfg.strategy.name, cfg.strategy.params()
+        "strategy", components.REGISTRIES["strategy"], cfg.strategy.name, cfg.strategy.params()
     )
     problems += components.check_codec("codec", cfg.codec)
     if cfg.downlink_codec is not None:
         problems += components.check_codec("downlink_codec", cfg.downlink_codec)
-    if cfg.data.source not in components.source_registry():
+    if cfg.data.source not in components.REGISTRIES["data source"]:
         problems.append(
             Problem(
                 "data.source",
                 cfg.data.source,
                 "unknown data source",
-                f"use one of: {', '.join(components.source_registry().names())}",
+                f"use one of: {', '.join(components.REGISTRIES['data source'].names())}",
             )
         )
     problems += components.check_strategy(cfg)

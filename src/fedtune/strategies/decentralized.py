@@ -40,6 +40,18 @@ from fedtune.topology import (
 from fedtune.types import AdapterState, ClientUpdate
 
 
+def peer_codec_problems(name: str, codecs: dict[str, str]) -> list[Problem]:
+    """The first non-identity codec (field -> name): peer messages are whole fp32 adapters."""
+    for where, codec in codecs.items():
+        if codec != "identity":
+            why = (
+                f"strategy {name!r} sends whole adapters between peers, and compressing peer messages is not "
+                "implemented: the codec would change only the simulation's relay, not what is counted"
+            )
+            return [Problem(where, codec, why, "use codec: identity (and no downlink_codec)")]
+    return []
+
+
 @lru_cache(maxsize=8)
 def _mixing(spec: TopologySpec, ids: tuple[str, ...], seed: int) -> tuple[dict[str, dict[str, float]], float | None]:
     """(Metropolis-Hastings weights, spectral gap or None for very large graphs), built once per run."""

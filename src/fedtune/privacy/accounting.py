@@ -6,7 +6,13 @@ sample drawn by the real scheme:
 - 'poisson': every client (example) is in with probability q, independently
   (`PoissonSampledDpEvent`, add/remove-one neighbours);
 - 'fixed': exactly k of n without replacement (`SampledWithoutReplacementDpEvent`, replace-one
-  neighbours, the relation dp-accounting supports for it);
+  neighbours, the relation dp-accounting supports for it). Under replace-one a client's clipped
+  update can change the sum by 2S, not S (the centred clip count by 1, not 1/2), and dp-accounting's
+  RDP path reads a noise multiplier as noise over the replace-one sensitivity (its open issue #378):
+  every multiplier is halved before it is composed (`replace_one_sigmas`). Checked against an
+  independent path: Balle, Barthe and Gaboardi (arXiv:1807.01647, Thm. 10) bound sampling without
+  replacement under substitution by Poisson sampling at q = k/n under add/remove of the
+  substitution mechanism (sensitivity 2S), which dp-accounting's PLD accountant computes;
 - q = 1: everyone, every time (no amplification).
 The same event composed `steps` times gives epsilon at `delta`; it is recomputed from the step
 count, so a resumed run reports the uninterrupted value.
@@ -33,14 +39,23 @@ class Sampling:
         if self.q >= 1.0:
             return "every participant every step (q=1)"
         if self.scheme == "fixed":
-            return f"fixed-size sampling without replacement, {self.k} of {self.n} (replace-one)"
+            return f"fixed-size sampling without replacement, {self.k} of {self.n} (replace-one: sensitivity 2S)"
         return f"Poisson sampling, q={self.q:g} (add/remove-one)"
 
 
+def replace_one_sigmas(sigmas: Sequence[float]) -> list[float]:
+    """Noise multipliers stated for add/remove-one sensitivity (S for the clipped sum, 1/2 for the
+    centred count), re-expressed for replace-one, where both sensitivities double."""
+    return [s / 2 for s in sigmas]
+
+
 def step_event(sampling: Sampling, sigmas: Sequence[float]) -> Any:
-    """The DpEvent of one step: the Gaussians it releases, on the sample it draws."""
+    """The DpEvent of one step: the Gaussians it releases (multipliers at add/remove-one
+    sensitivity, as the strategies state them), on the sample it draws."""
     import dp_accounting as dpa
 
+    if sampling.scheme == "fixed" and sampling.q < 1.0:
+        sigmas = replace_one_sigmas(sigmas)
     gauss = [dpa.GaussianDpEvent(s) for s in sigmas]
     event = gauss[0] if len(gauss) == 1 else dpa.ComposedDpEvent(gauss)
     if sampling.q >= 1.0:

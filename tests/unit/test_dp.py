@@ -189,3 +189,25 @@ def test_adaptive_clipping_under_fixed_sampling_halves_both_multipliers() -> Non
         10, 2, dpa.ComposedDpEvent([dpa.GaussianDpEvent(0.6), dpa.GaussianDpEvent(2.0)])
     )
     assert got == pytest.approx(rdp(event, 10, relation=dpa.NeighboringRelation.REPLACE_ONE), rel=1e-9)
+
+
+@pytest.mark.parametrize("randomness", ["seeded", "secure"])
+def test_a_seeded_sample_is_public_and_the_record_says_what_epsilon_holds_then(randomness: str) -> None:
+    """Amplification by subsampling assumes nobody knows the sample. Seeded, anyone holding the
+    config recomputes it: the record names that and gives the unamplified epsilon (the worst client,
+    in every round) beside the amplified one; secure sampling is secret and says so."""
+    ctx = RunContext(sampling_rate=0.1, sampling_scheme="poisson", num_clients=100, sample_size=10, randomness=randomness)
+    s = DPFedAvg(clip=0.1, noise_multiplier=1.0, ctx=ctx)
+    state = s.init_state({KEY: torch.zeros(3)})
+    for rnd in (1, 2, 3):
+        res = s.aggregate(rnd, [upd("a", torch.ones(3))], state)
+        state = res.state
+    m = res.metrics
+    assert m["epsilon"] == pytest.approx(epsilon_of(Sampling("poisson", 0.1), [1.0], 3, 1e-5))
+    if randomness == "seeded":
+        assert m["dp_sampling"].startswith("seeded: anyone holding the config")
+        assert m["epsilon_sample_known"] == pytest.approx(rdp(dpa.GaussianDpEvent(1.0), 3))
+        assert pld(dpa.GaussianDpEvent(1.0), 3) <= m["epsilon_sample_known"]
+        assert m["epsilon_sample_known"] > 3 * m["epsilon"]
+    else:
+        assert m["dp_sampling"].startswith("secure:") and "epsilon_sample_known" not in m

@@ -60,3 +60,21 @@ def test_a_run_trains_exactly_the_online_clients(tiny_cfg) -> None:
     for rnd in (1, 2):
         trained = sorted(r["client"] for r in recs if r["round"] == rnd and r["client"] and "train_loss" in r)
         assert trained == online_clients(ids, cfg.sampling.availability, cfg.seed, rnd)
+
+
+@pytest.mark.parametrize("scheme", ["fixed", "poisson"])
+def test_secure_sampling_is_secret_not_a_function_of_the_seed(scheme: str, monkeypatch) -> None:
+    """With privacy.randomness 'secure' nobody holding the config can recompute who took part:
+    no seeded generator is consulted, and the same (seed, round) gives different samples."""
+    import fedtune.sampling as sampling
+
+    s = SamplingConfig(fraction=0.25, scheme=scheme)
+    seeded = [sample_round(IDS, s, 7, r) for r in range(1, 21)]
+    monkeypatch.setattr(sampling, "numpy_rng", lambda *a: pytest.fail("a seeded draw in secure mode"))
+    first = [sample_round(IDS, s, 7, r, "secure") for r in range(1, 21)]
+    again = [sample_round(IDS, s, 7, r, "secure") for r in range(1, 21)]
+    assert first != again and first != seeded
+    if scheme == "fixed":
+        assert all(len(p) == 10 and len(set(p)) == 10 and set(p) <= set(IDS) for p in first)
+    else:  # each client in with probability 1/4: 200 expected inclusions over 20 rounds of 40
+        assert 140 < sum(map(len, first)) < 260

@@ -83,6 +83,14 @@ def epsilon_of(sampling: Sampling, sigmas: Sequence[float], steps: int, delta: f
     return float(acc.get_epsilon(delta))
 
 
+def epsilon_sample_known(sampling: Sampling, sigmas: Sequence[float], steps: int, delta: float) -> float:
+    """Epsilon against a party that knows who took part (a seeded sample is public to anyone holding
+    the config): no amplification by subsampling, every step counted as if the client took part
+    (the worst client), at the scheme's sensitivity (2S under fixed-size sampling's replace-one)."""
+    full = replace_one_sigmas(sigmas) if sampling.scheme == "fixed" and sampling.q < 1.0 else list(sigmas)
+    return epsilon_of(Sampling("poisson", 1.0), full, steps, delta)
+
+
 def adaptive_value_sigma(z: float, count_sigma: float) -> float:
     """Andrew et al. (arXiv:1905.03871, Thm. 1): to reach a total noise multiplier z with count
     noise sigma_b on centred bits (sensitivity 1/2), the value noise must be

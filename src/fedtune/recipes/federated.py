@@ -28,7 +28,7 @@ from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
 from fedtune.report.summary import progress_bars, round_line, run_table, samples, summary_json
 from fedtune.report.trackers import Tracker, open_trackers
-from fedtune.sampling import evaluation_clients, sample_round
+from fedtune.sampling import SAMPLING_NOTES, evaluation_clients, sample_round
 from fedtune.secagg import SECURE_SUM, secure_sum
 from fedtune.seeding import torch_generator
 from fedtune.strategies.base import Aggregate
@@ -123,6 +123,7 @@ def _run(
         watched = evaluation_clients(ids, cfg.evaluation.clients, cfg.seed)
         base = eval_records(0, caps, engine, watched, global_state, None, cfg.evaluation.ood, cfg.evaluation.val)
         summary = {"round": 0, "client": None, **round_summary(base, 0, 0, 0, 0), **fed.round0}
+        summary["sampling_randomness"] = SAMPLING_NOTES[cfg.randomness()]
         summary["setup_seconds"] = time.perf_counter() - t_start
         log_round(metrics_path, trackers, 0, client_records(0, ids, [], base, [], [], True), summary)
 
@@ -137,7 +138,7 @@ def _run(
 
         for rnd in range(start if ledger.stopped is None else cfg.rounds + 1, cfg.rounds + 1):
             t0 = time.perf_counter()
-            sampled = sample_round(ids, cfg.sampling, cfg.seed, rnd)
+            sampled = sample_round(ids, cfg.sampling, cfg.seed, rnd, cfg.randomness())
             trainers = ["pooled"] if caps.pools_data else sampled
 
             # server -> clients -> server

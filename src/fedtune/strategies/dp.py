@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import torch
 
-from fedtune.privacy.accounting import Sampling, adaptive_value_sigma, epsilon_of
+from fedtune.privacy.accounting import Sampling, adaptive_value_sigma, epsilon_of, epsilon_sample_known
 from fedtune.privacy.randomness import describe, noise_source
 from fedtune.strategies.base import (
     STRATEGIES,
@@ -221,6 +221,14 @@ class DPFedAvg(StrategyBase):
             + " and ".join(f"{x:.4g}" for x in sigmas)
             + (" (clipped sum, centred clip count)" if count_sigma is not None else " (clipped sum)"),
         }
+        if sampling.q < 1.0 and self.ctx.randomness != "secure":  # amplification assumes a secret sample
+            metrics["dp_sampling"] = (
+                "seeded: anyone holding the config can recompute who took part, so the amplified epsilon "
+                "holds only against a party without it; epsilon_sample_known holds against one with it"
+            )
+            metrics["epsilon_sample_known"] = epsilon_sample_known(sampling, sigmas, rounds, self.delta)
+        elif sampling.q < 1.0:
+            metrics["dp_sampling"] = "secure: a secret sample from the OS CSPRNG each round (amplification holds)"
         if noisy_fraction is not None:  # the noised estimate adaptive clipping used (inside the guarantee)
             metrics["dp_noisy_clipped_fraction"] = noisy_fraction
         stop = None

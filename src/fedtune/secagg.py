@@ -122,4 +122,4 @@ def secure_sum(updates: Sequence[ClientUpdate], weighting: str = "examples") -> 
     cancel in the sum)."""
     n = sum(1.0 if weighting == "uniform" else float(u.num_examples) for u in updates)
     total = unmask_sum([u.delta for u in updates])
-    return ClientUpdate(SECURE_SUM, {k: v / n for k, v in total.items()}, n, {"train_loss": 0.0}, 0, 0)  # type: ignore[arg-type]
+    return ClientUpdate(SECURE_SUM, {k: v / n for k, v in total.items()}, n, {}, 0, 0)  # type: ignore[arg-type]

@@ -18,6 +18,10 @@ def test_dp_sgd_epsilon_per_client_resume_and_target(tiny_cfg, interrupt_after, 
             # each client's rate q = batch_size / its own training blocks; 2 steps per round
             assert r["sample_epsilon"] == pytest.approx(epsilon(r["dp_rate"], 1.0, 2 * r["round"], 1e-5), rel=1e-12)
     rounds = [r for r in full.records if r["client"] is None and r["round"] > 0]
+    # the clients' training loss is outside the DP guarantee: not sent by default, and the record says so
+    round0 = next(r for r in full.records if r["round"] == 0 and r["client"] is None)
+    assert round0["client_metrics"].startswith("withheld")
+    assert not any("train_loss" in r or "train_last_loss" in r for r in full.records)
     worst = [max(r["sample_epsilon"] for r in full.records if r["round"] == k and r["client"]) for k in (1, 2, 3)]
     assert [r["sample_epsilon"] for r in rounds] == worst and worst[0] < worst[1] < worst[2]
 
@@ -28,8 +32,11 @@ def test_dp_sgd_epsilon_per_client_resume_and_target(tiny_cfg, interrupt_after, 
 
     # a target between round 2's and round 3's worst epsilon: stop after round 2, evaluated
     target = (worst[1] + worst[2]) / 2
-    stop = run_federated(tiny_cfg(*over, f"train.dp_sgd.target_epsilon={target}", name="stop"), progress=False)
+    opt_in = ("privacy.release_client_metrics=true", f"train.dp_sgd.target_epsilon={target}")
+    stop = run_federated(tiny_cfg(*over, *opt_in, name="stop"), progress=False)
     last = stop.records[-1]
+    assert next(r for r in stop.records if r["client"] is None)["client_metrics"] == "released"
+    assert "train_loss" in last
     assert last["round"] == 2 and "target_epsilon" in last["stopped"] and last["sample_epsilon"] <= target
     assert last["mean_ppl"] == pytest.approx(rounds[1]["mean_ppl"], rel=1e-9)
 

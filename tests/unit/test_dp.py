@@ -196,7 +196,9 @@ def test_a_seeded_sample_is_public_and_the_record_says_what_epsilon_holds_then(r
     """Amplification by subsampling assumes nobody knows the sample. Seeded, anyone holding the
     config recomputes it: the record names that and gives the unamplified epsilon (the worst client,
     in every round) beside the amplified one; secure sampling is secret and says so."""
-    ctx = RunContext(sampling_rate=0.1, sampling_scheme="poisson", num_clients=100, sample_size=10, randomness=randomness)
+    ctx = RunContext(
+        sampling_rate=0.1, sampling_scheme="poisson", num_clients=100, sample_size=10, randomness=randomness
+    )
     s = DPFedAvg(clip=0.1, noise_multiplier=1.0, ctx=ctx)
     state = s.init_state({KEY: torch.zeros(3)})
     for rnd in (1, 2, 3):

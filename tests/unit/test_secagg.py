@@ -86,3 +86,27 @@ def test_secure_aggregation_is_refused_for_non_sum_strategies(tiny_cfg) -> None:
     tiny_cfg("secure_aggregation=true", "strategy.name=dp_fedavg")
     with pytest.raises(ConfigError, match="strategy.adaptive"):
         tiny_cfg("secure_aggregation=true", "strategy.name=dp_fedavg", "strategy.adaptive=true")
+
+
+def test_secure_mode_writes_no_private_key_and_records_its_randomness(tiny_cfg) -> None:
+    """privacy.randomness 'secure': the round's X25519 private keys stay in memory (the landed code
+    wrote them into every client's state under RUN/clients/); the records name the mask randomness
+    and that the clients' training loss was withheld (the masks would not hide it)."""
+    from pathlib import Path
+
+    from fedtune.recipes.federated import run_federated
+
+    cfg = tiny_cfg("rounds=1", "train.steps=1", "secure_aggregation=true", "privacy.randomness=secure")
+    run = run_federated(cfg, progress=False)
+    files = sorted((Path(cfg.run_dir()) / "clients").rglob("round-*.pt"))
+    assert len(files) == 4
+    for f in files:
+        raw = torch.load(f, weights_only=False)
+        assert not raw.get("secagg_key"), f
+        assert all(len(bytes(v)) != 32 for v in raw.values() if isinstance(v, (bytes, bytearray)))
+    round0 = next(r for r in run.records if r["round"] == 0 and r["client"] is None)
+    assert round0["secagg_randomness"].startswith("secure: mask keys from the OS CSPRNG")
+    assert round0["client_metrics"].startswith("withheld") and round0["sampling_randomness"].startswith("secure")
+    assert not any("train_loss" in r for r in run.records)
+    last = next(r for r in run.records if r["round"] == 1 and r["client"] is None)
+    assert last["failures"] == 0 and last["mean_ppl"] != round0["mean_ppl"]  # it trained and aggregated

@@ -28,6 +28,12 @@ from fedtune.types import AdapterState
 
 StepCallback = Callable[[int, int, float], None]
 
+# what a client reply may carry when its metrics are withheld (DP or secure aggregation): facts about
+# the protocol, not about the data (the accountant's step count and rate, time, the codec's choices)
+PROTOCOL_METRICS = frozenset(
+    {"steps", "train_seconds", "client_seconds", "dp_steps", "dp_rate", "codec_bits", "codec_skipped"}
+)
+
 
 @dataclass(frozen=True)
 class ClientState:
@@ -109,6 +115,7 @@ class ClientPlan:
         private_init: the initial client-private tensors (the same for every client).
         secure_aggregation: clients mask their uploads (in-process pairwise masks).
         randomness: 'secure' (OS CSPRNG) or 'seeded' (simulation) for mask keys.
+        release_metrics: send the training metrics (loss); False keeps only `PROTOCOL_METRICS`.
     """
 
     spec: TrainSpec
@@ -122,6 +129,7 @@ class ClientPlan:
     private_init: AdapterState = field(default_factory=dict)
     secure_aggregation: bool = False
     randomness: str = "seeded"
+    release_metrics: bool = True
 
     def initial_state(self) -> ClientState:
         return ClientState(private=dict(self.private_init))
@@ -165,6 +173,8 @@ def run_client(
         if isinstance(st, dict):
             metrics.update(st.get("report", {}))
     metrics["client_seconds"] = time.perf_counter() - t0
+    if not plan.release_metrics:  # outside the DP guarantee, and not hidden by secure aggregation
+        metrics = {k: v for k, v in metrics.items() if k in PROTOCOL_METRICS}
     reply = ClientReply(job.client_id, up, shard.num_examples, metrics, len(job.payload), len(up))
     new_state = replace(state, private=private, up_codec=up_state, down_codec=down_state, rounds=state.rounds + 1)
     return reply, new_state

@@ -63,8 +63,7 @@ class ClientStateStore:
             "up_codec": state.up_codec,
             "down_codec": state.down_codec,
             "rounds": state.rounds,
-            "secagg_key": state.secagg_key,
-        }
+        }  # never the secure-aggregation private key: it lives in memory for its round only
         write_atomic_with(d / f"round-{rnd}.pt", lambda f: torch.save(raw, f))
         self._remember((cid, rnd), state)
         older = [v for v in self.versions(cid) if v < rnd]

@@ -81,9 +81,10 @@ class DataConfig(_Strict):
         description="instruction / chat data: train on the completion (every assistant turn) only, or on all tokens",
     )
     dedup: bool | None = Field(
-        None,
+        True,
         description="keep near-duplicates (documents sharing a 12-word shingle) in one split, so no test text is "
-        "seen in training; default: on for instruction / chat data, off for raw text",
+        "seen in training (default on); null: the rule of runs made before it was (on for instruction / chat "
+        "data only), so those resume unchanged",
     )
     block_size: int = Field(
         128, ge=8, description="tokens per block (raw text) or per example (instruction data, right-padded)"

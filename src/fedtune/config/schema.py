@@ -160,6 +160,12 @@ class PrivacyConfig(_Strict):
         "reproducible simulation noise derived from the seed (research only: anyone with the config can "
         "regenerate it); 'auto': secure on a deployment, seeded in simulation",
     )
+    release_client_metrics: bool | None = Field(
+        None,
+        description="send each client's training metrics (loss) to the server: by default (null) they are "
+        "sent unless differential privacy (a DP strategy or train.dp_sgd) or secure aggregation is on, since "
+        "they are outside the DP guarantee and not hidden by the masks; true sends them anyway (recorded)",
+    )
 
 
 class AvailabilityConfig(_Strict):

@@ -43,6 +43,7 @@ class ClientShards(Mapping[str, Shard]):
         self._seed, self._doc_unit, self._cache_size = seed, doc_unit, cache_size
         self._cache: OrderedDict[str, Shard] = OrderedDict()
         self._orders: dict[str, Order] = {}
+        self._one_group: list[str] = []  # clients whose documents dedup cannot separate
         self.stats: dict[str, dict[str, float]] = {}
         self._flat = self._offsets = np.zeros(0, dtype=np.int64)
         problems = [
@@ -56,6 +57,11 @@ class ClientShards(Mapping[str, Shard]):
         else:
             self._flat, self._offsets = tokenize_cached(corpus.texts, tokenizer)
             problems += self._plan_text()
+        problems = [
+            f"client {c!r}: all its documents share 12-word shingles (one near-duplicate group), so no split "
+            "keeps its test text out of training; set data.dedup: false to split them anyway"
+            for c in self._one_group
+        ] + [p for p in problems if not any(f"client {c!r} has" in p for c in self._one_group)]
         if problems:
             more = f"\n  ... and {len(problems) - 20} more clients" if len(problems) > 20 else ""
             raise DataError(
@@ -89,6 +95,8 @@ class ClientShards(Mapping[str, Shard]):
         dedup = self._cfg.dedup if self._cfg.dedup is not None else self._corpus.messages is not None
         gen = torch_generator(self._seed, "split", cid)
         group_of = groups([self._corpus.texts[i] for i in ids]) if dedup else None
+        if group_of is not None and len(set(group_of)) == 1 and cid not in self._one_group:
+            self._one_group.append(cid)
         tr, va, te = split_order(len(ids), self._cfg.val_fraction, self._cfg.test_fraction, gen, group_of)
         return [ids[i] for i in tr], [ids[i] for i in va], [ids[i] for i in te]
 

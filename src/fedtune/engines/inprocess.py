@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fedtune.adapters.moe_lora import is_moe, set_expert_count_
-from fedtune.client.run import ClientJob, ClientPlan, ClientReply, advertise, run_client
+from fedtune.client.run import ClientJob, ClientPlan, ClientReply, ClientState, advertise, run_client
 from fedtune.client.store import ClientStateStore
 from fedtune.codecs import serialize
 from fedtune.config import ExperimentConfig
@@ -70,19 +70,21 @@ class InProcessEngine:
 
     def run(self, jobs: Sequence[ClientJob], on_step: StepCallback | None = None) -> list[ClientReply | ClientFailure]:
         secure = self.plan.secure_aggregation
+        keyed: dict[str, ClientState] = {}  # the round's key pairs: in memory only, never in the store
         if secure:  # the key-advertising step: public keys go through the server to every participant
             keys = {}
             for job in jobs:
-                keys[job.client_id], state = advertise(job, self.plan, self.store.get(job.client_id, before=job.round))
-                self.store.put(job.client_id, state, job.round)
+                keys[job.client_id], keyed[job.client_id] = advertise(
+                    job, self.plan, self.store.get(job.client_id, before=job.round)
+                )
             jobs = [replace(j, peer_keys=keys) for j in jobs]
         replies: list[ClientReply | ClientFailure] = []
         for job in jobs:
             cid = job.client_id
             cb = (lambda s, n, loss, cid=cid: on_step(cid, s, n, loss)) if on_step else None
-            state = self.store.get(cid, before=job.round + 1 if secure else job.round)
+            state = keyed.pop(cid) if secure else self.store.get(cid, before=job.round)
             reply, state = run_client(job, self.model, self.shards[cid], self.plan, state, cb)
-            self.store.put(cid, state, job.round)
+            self.store.put(cid, replace(state, secagg_key=b""), job.round)
             replies.append(reply)
         return replies
 

@@ -12,6 +12,7 @@ from fedtune.client.run import ClientJob, ClientPlan, UpdateTransform
 from fedtune.config import ExperimentConfig
 from fedtune.data.blocks import Shard
 from fedtune.engines.faults import AttackTransform, attackers
+from fedtune.sampling import SAMPLING_NOTES
 from fedtune.secagg import MaskTransform
 from fedtune.types import AdapterState
 
@@ -27,6 +28,30 @@ class StrategyTransform:
         # in-process (known before masking), SecAgg+'s reconstruction threshold on Flower
         n = int(job.transform.get("noise_parties", max(1, len(job.participants))))
         return self.strategy.client_transform(delta, job.transform, job.round, job.client_id, n)  # type: ignore[no-any-return]
+
+
+SECAGG_NOTES = {
+    "seeded": "seeded: mask keys derived from the seed (simulation only: anyone holding the config can unmask)",
+    "secure": "secure: mask keys from the OS CSPRNG, in memory for their round only, never written",
+}
+WITHHELD = "withheld: clients send no training loss under DP or secure aggregation (privacy.release_client_metrics)"
+
+
+def releases_client_metrics(cfg: ExperimentConfig, caps: Any) -> bool:
+    """Whether clients send their training metrics: as configured, else not under DP (a strategy
+    that accounts privacy, or DP-SGD) or secure aggregation, whose guarantees do not cover them."""
+    if cfg.privacy.release_client_metrics is not None:
+        return cfg.privacy.release_client_metrics
+    return not (caps.accounts_sampling or cfg.train.dp_sgd is not None or cfg.secure_aggregation)
+
+
+def privacy_facts(cfg: ExperimentConfig, caps: Any) -> dict[str, str]:
+    """The round-0 record of where the client sample comes from and whether clients send metrics."""
+    metrics = "released" if releases_client_metrics(cfg, caps) else WITHHELD
+    facts = {"sampling_randomness": SAMPLING_NOTES[cfg.randomness()], "client_metrics": metrics}
+    if cfg.secure_aggregation:
+        facts["secagg_randomness"] = SECAGG_NOTES[cfg.randomness()]
+    return facts
 
 
 def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, client_ids: Sequence[str]) -> ClientPlan:
@@ -61,4 +86,5 @@ def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, c
         private_init={k: init_state[k] for k in sorted(keep)},
         secure_aggregation=masks,
         randomness=cfg.randomness(),
+        release_metrics=releases_client_metrics(cfg, caps),
     )

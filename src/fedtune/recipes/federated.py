@@ -18,6 +18,7 @@ from fedtune.config import ExperimentConfig, config_to_yaml
 from fedtune.data.report import cut_message
 from fedtune.engines.federation import Federation, experts_per_client
 from fedtune.engines.inprocess import inprocess_federation
+from fedtune.engines.plan import privacy_facts
 from fedtune.errors import TrainingDivergedError
 from fedtune.models.adapters import get_state, trainable_keys
 from fedtune.models.export import export_adapters
@@ -28,7 +29,7 @@ from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
 from fedtune.report.summary import progress_bars, round_line, run_table, samples, summary_json
 from fedtune.report.trackers import Tracker, open_trackers
-from fedtune.sampling import SAMPLING_NOTES, evaluation_clients, sample_round
+from fedtune.sampling import evaluation_clients, sample_round
 from fedtune.secagg import SECURE_SUM, secure_sum
 from fedtune.seeding import torch_generator
 from fedtune.strategies.base import Aggregate
@@ -123,8 +124,7 @@ def _run(
         watched = evaluation_clients(ids, cfg.evaluation.clients, cfg.seed)
         base = eval_records(0, caps, engine, watched, global_state, None, cfg.evaluation.ood, cfg.evaluation.val)
         summary = {"round": 0, "client": None, **round_summary(base, 0, 0, 0, 0), **fed.round0}
-        summary["sampling_randomness"] = SAMPLING_NOTES[cfg.randomness()]
-        summary["setup_seconds"] = time.perf_counter() - t_start
+        summary.update(privacy_facts(cfg, caps), setup_seconds=time.perf_counter() - t_start)
         log_round(metrics_path, trackers, 0, client_records(0, ids, [], base, [], [], True), summary)
 
     # 3. rounds
@@ -354,7 +354,7 @@ def round_extras(
         out["stopped"] = ledger.stopped
     if skipped:
         out["skipped"] = f"{len(updates)} updates < sampling.min_updates = {cfg.sampling.min_updates}"
-    if updates:
+    if updates and all("train_loss" in u.metrics for u in updates):  # withheld under DP / secure aggregation
         out["train_loss"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
     if any("sim_time" in u.metrics for u in updates):  # until the slowest reply, or the deadline if missed
         missed = any(f.reason.startswith("missed the deadline") for f in failures)

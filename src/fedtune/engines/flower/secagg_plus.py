@@ -109,5 +109,5 @@ def secure_round(
         mean = {k: torch.from_numpy(np.asarray(a, dtype=np.float64)).float() for k, a in zip(keys, arrays)}
         total_w = sum(float(r.num_examples) for _, r in adapter.results)
         payload, _ = make_codec("identity").encode(mean, None, torch_generator(0, "secure-sum"))
-        out.append(ClientReply(SECURE_SUM, payload, total_w, {"train_loss": 0.0}, 0, 0))  # type: ignore[arg-type]
+        out.append(ClientReply(SECURE_SUM, payload, total_w, {}, 0, 0))  # type: ignore[arg-type]
     return out

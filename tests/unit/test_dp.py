@@ -213,3 +213,20 @@ def test_a_seeded_sample_is_public_and_the_record_says_what_epsilon_holds_then(r
         assert m["epsilon_sample_known"] > 3 * m["epsilon"]
     else:
         assert m["dp_sampling"].startswith("secure:") and "epsilon_sample_known" not in m
+
+
+def test_a_deployment_under_dp_needs_a_decision_on_client_metrics() -> None:
+    """On a deployment each client's evaluation reply leaves it in the clear: under DP (or secure
+    aggregation) `fedtune validate` asks for an explicit privacy.release_client_metrics."""
+    from fedtune import components
+    from fedtune.config import load_config
+
+    for over in (["strategy.name=dp_fedavg"], ["train.dp_sgd.clip=1.0"], ["secure_aggregation=true"]):
+        cfg = load_config(None, ["model.name=tiny", *over])
+        problems = [p for p in components.check_engine(cfg, "flower-deploy") if "release_client_metrics" in str(p)]
+        assert len(problems) == 1 and "leave it in the clear" in str(problems[0]), over
+        assert not [p for p in components.check_engine(cfg, "flower-sim") if "release_client_metrics" in str(p)]
+        decided = load_config(None, ["model.name=tiny", *over, "privacy.release_client_metrics=true"])
+        assert not [p for p in components.check_engine(decided, "flower-deploy") if "release_client" in str(p)]
+    plain = load_config(None, ["model.name=tiny"])
+    assert not [p for p in components.check_engine(plain, "flower-deploy") if "release_client" in str(p)]

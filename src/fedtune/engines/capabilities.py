@@ -27,6 +27,8 @@ class EngineCapabilities:
     secure_codecs: codecs allowed with secure aggregation ('any' or 'identity').
     peer_to_peer: runs strategies without a server (gossip between peers); in-process it is a
         simulation of the peer network in one process.
+    real_parties: clients are separate parties whose evaluation replies leave them (a deployment);
+        in simulation the experimenter measures the model with every client's data in hand.
     """
 
     name: str
@@ -40,6 +42,7 @@ class EngineCapabilities:
     client_data_init: bool
     secure_codecs: str
     peer_to_peer: bool
+    real_parties: bool = False
 
 
 INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, True, True, "any", True)
@@ -47,7 +50,7 @@ INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, 
 FLOWER = EngineCapabilities("flower", True, True, False, False, False, False, False, False, "identity", False)
 # simulated dropouts, stragglers and attacks wrap the Flower engine in simulation as well
 FLOWER_SIM = replace(FLOWER, name="flower-sim", fault_injection=True)
-ENGINES = {"inprocess": INPROCESS, "flower-sim": FLOWER_SIM, "flower-deploy": FLOWER}
+ENGINES = {"inprocess": INPROCESS, "flower-sim": FLOWER_SIM, "flower-deploy": replace(FLOWER, real_parties=True)}
 
 _INPROCESS = "run it with engine.name: inprocess"
 
@@ -62,6 +65,16 @@ def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_co
             out.append(Problem(where, got, f"on engine {engine.name!r}: {why}", fix))
 
     s = cfg.strategy.name
+    private = caps.accounts_sampling or cfg.train.dp_sgd is not None or cfg.secure_aggregation
+    need(
+        not (engine.real_parties and private and cfg.privacy.release_client_metrics is None),
+        "privacy.release_client_metrics",
+        None,
+        "each client's evaluation metrics (loss, accuracy, a generated answer) leave it in the clear, outside "
+        "the DP guarantee and not hidden by secure aggregation",
+        "set privacy.release_client_metrics: true to send them (recorded), or false to withhold training metrics "
+        "and accept that evaluation replies still leave the clients",
+    )
     need(engine.pooled_data or not caps.pools_data, field, value, "the centralized baseline pools raw data", _INPROCESS)
     need(
         engine.client_state or not caps.client_private,

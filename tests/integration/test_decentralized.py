@@ -27,7 +27,8 @@ def test_gossip_records_the_peer_messages_it_mixes(tiny_cfg) -> None:
         assert summary["bytes_up"] == 4 * one and summary["bytes_down"] == 0  # each message once
         assert sorted(r["bytes_up"] // one for r in peers) == [1, 1, 2]  # the path's ends and middle
         assert sum(r["bytes_up"] for r in peers) == sum(r["bytes_down"] for r in peers) == summary["bytes_up"]
-        assert summary["spectral_gap"] == pytest.approx(1 - abs(1 / 3 + 2 / 3 * math.cos(math.pi / 2)))
+        assert summary["graph_spectral_gap"] == pytest.approx(1 - abs(1 / 3 + 2 / 3 * math.cos(math.pi / 2)))
+        assert summary["spectral_gap"] == pytest.approx(1 / 3)  # the round's 3-peer path (eigenvalues 1, 2/3, 0)
         assert summary["consensus_distance"] > 0
     assert summary["cum_bytes"] == 8 * one  # round 2's summary: both rounds
     for cid in ("email", "http", "json", "logging"):

@@ -73,6 +73,9 @@ def test_a_round_of_some_peers_mixes_over_their_edges_and_keeps_their_sum() -> N
     assert agg.metrics["gossip_messages"] == 4 and agg.bytes_up == 4 * size  # a<->b, b<->c
     assert agg.per_client["b"] == {"bytes_up": 2 * size, "bytes_down": 2 * size}
     assert agg.per_client["a"] == {"bytes_up": size, "bytes_down": size} and "d" not in agg.per_client
+    # the round mixed over the path a-b-c: eigenvalues 1, 2/3, 0 (the whole ring's gap is 2/3)
+    assert agg.metrics["spectral_gap"] == pytest.approx(1 / 3)
+    assert agg.metrics["graph_spectral_gap"] == pytest.approx(2 / 3)
     everyone = [g.configure(2, [c], agg.state)[c] for c in ids]
     assert agg.metrics["consensus_distance"] == pytest.approx(consensus_distance(everyone))
     x = torch.tensor([[v, 2 * v] for v in got.values()], dtype=torch.float64)

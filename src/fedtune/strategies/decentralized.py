@@ -76,8 +76,9 @@ def consensus_distance(states: Sequence[AdapterState]) -> float:
 class Gossip(PerClient):
     """Decentralized FedAvg over a peer graph (no server; each peer ends with its own model).
     topology: ring | complete | regular (`degree`) | erdos_renyi (`p`) | edges (pairs of client
-    ids). Round metrics: `consensus_distance` of all peers' adapters, `spectral_gap` of W,
-    `gossip_messages`."""
+    ids). Round metrics: `consensus_distance` of all peers' adapters, `spectral_gap` of the round's
+    effective mixing matrix (W over the peers that took part; an absent neighbour's weight on the
+    diagonal), `graph_spectral_gap` of the whole graph's W, `gossip_messages`."""
 
     topology: Literal["ring", "complete", "regular", "erdos_renyi", "edges"] = "ring"
     degree: int = 4
@@ -113,7 +114,11 @@ class Gossip(PerClient):
             sent_total += size[i] * len(nbrs)
         everyone = [mixed.get(c, state["init"]) for c in ids]
         metrics: dict[str, Any] = {"consensus_distance": consensus_distance(everyone), "gossip_messages": messages}
-        if gap is not None:
-            metrics["spectral_gap"] = gap
+        if gap is not None:  # the whole graph's, and the round's: W restricted to the peers that took part
+            live = sorted(here)
+            metrics["graph_spectral_gap"] = gap
+            metrics["spectral_gap"] = spectral_gap(
+                mixing_matrix({i: {j: w for j, w in weights[i].items() if j in here} for i in live}, live)
+            )
         new = {**state, "clients": mixed}
         return Aggregate(state["init"], new, metrics, bytes_up=sent_total, per_client=per_peer)

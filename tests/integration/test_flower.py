@@ -164,7 +164,9 @@ def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time) 
 
     # evaluated before round 1 and after the last (each message is a fresh ClientApp process)
     over = ["data.labels=[email, json]", "rounds=2", "train.steps=2", "evaluation.every=2"]
-    local = run_federated(tiny_cfg(*over, name="inproc"), progress=False)
+    # a deployment draws its sample from the OS CSPRNG (randomness auto -> secure); the reference
+    # does too, so the round-0 record names the same source (every client is sampled either way)
+    local = run_federated(tiny_cfg(*over, "privacy.randomness=secure", name="inproc"), progress=False)
     cfg = tiny_cfg(*over, name="deployed")
     run_dir = Path(cfg.run_dir()).resolve()
     app = write_app(cfg.model_copy(update={"output_dir": str(run_dir)}), tmp_path / "app", 2)

@@ -40,7 +40,7 @@ def main() -> None:
     from fedtune.engines.federation import build_adapted_model
     from fedtune.models import attention
 
-    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["model.dtype=bfloat16", "train.bf16=true"])  # its bf16 step
     mcfg = cfg.model.model_copy(update={"attention": "eager" if args.what == "cast" else attention.NAME})
     cfg = cfg.model_copy(update={"model": mcfg})
     shard, _, model_dir = client_data(cfg)

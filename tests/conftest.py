@@ -113,7 +113,13 @@ def cli():
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test` runs 2 workers), the Flower tests run one after another on
     one worker: they start SuperLinks on fixed ports and Ray clusters, and two at once would
-    compete for both; everything else spreads over the workers."""
+    compete for both; everything else spreads over the workers. Tests marked `gpu` run wherever
+    torch sees a CUDA GPU and are skipped (saying why) elsewhere; `-m gpu` selects them."""
+    import torch
+
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
     for item in items:
         if item.get_closest_marker("flower"):
             item.add_marker(pytest.mark.xdist_group("flower"))
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_gpu)

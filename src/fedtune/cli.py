@@ -228,6 +228,12 @@ def validate(
             failed = True
             continue
         out.print(f"[green]ok[/green]: {config}")
+        from fedtune.engines.federation import run_precision
+
+        _, precision, slow = run_precision(cfg)  # what 'auto' picks on this machine, and why
+        out.print(f"precision here: {precision.reason}", highlight=False)
+        if slow:
+            err.print(f"[yellow]warning[/yellow] in {config}: {slow}", highlight=False)
         if len(configs) == 1:
             out.print(config_to_yaml(cfg), highlight=False)
     if failed:

@@ -20,10 +20,10 @@ def problems(raw: dict) -> list[str]:
     return [str(p) for p in e.value.problems]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_a_missing_gpu_is_refused_by_name() -> None:
-    (p,) = problems({"model": {"name": "tiny", "device": "cuda:1"}})
-    assert p.startswith("model.device = 'cuda:1': no CUDA device") and "auto" in p
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, on any machine
+    (p,) = problems({"model": {"name": "tiny", "device": missing}})
+    assert p.startswith(f"model.device = '{missing}': ") and "CUDA device" in p and "auto" in p
 
 
 def test_a_bad_device_string_is_refused() -> None:
@@ -32,8 +32,9 @@ def test_a_bad_device_string_is_refused() -> None:
 
 
 def test_a_bf16_base_needs_autocast_and_an_fp32_base_for_merging_strategies() -> None:
-    (p,) = problems({"model": {"name": "tiny", "dtype": "bfloat16"}})
+    (p,) = problems({"model": {"name": "tiny", "dtype": "bfloat16"}, "train": {"bf16": False}})
     assert "train.bf16: true" in p
+    config_from_dict({"model": {"name": "tiny", "dtype": "bfloat16"}})  # train.bf16: auto turns autocast on
     bf16 = {"model": {"name": "tiny", "dtype": "bfloat16"}, "train": {"bf16": True}}
     ps = problems({**bf16, "strategy": {"name": "flora"}})
     assert len(ps) == 1 and "writes offsets into the base weights" in ps[0]
@@ -43,6 +44,7 @@ def test_a_bf16_base_needs_autocast_and_an_fp32_base_for_merging_strategies() ->
 
 
 def test_a_bf16_base_trains_fp32_adapters_and_the_run_records_where_it_ran(tiny_cfg) -> None:
+    from fedtune.client.train import model_device
     from fedtune.engines.inprocess import inprocess_federation
     from fedtune.recipes.federated import run_federated
 
@@ -55,18 +57,18 @@ def test_a_bf16_base_trains_fp32_adapters_and_the_run_records_where_it_ran(tiny_
     run_federated(cfg, progress=False)
     records = read_jsonl(Path(cfg.run_dir()) / "metrics.jsonl")
     first = next(r for r in records if r["round"] == 0 and r["client"] is None)
-    assert first["device"] == "cpu" and first["base_dtype"] == "bfloat16"
+    assert first["device"] == str(model_device(fed.model)) and first["base_dtype"] == "bfloat16"
     train = [r for r in records if r.get("round") == 1 and "train_loss" in r]
     assert train and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in train)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_the_same_run_on_the_gpu_matches_the_cpu(tiny_cfg, no_time) -> None:
     from fedtune.recipes.federated import run_federated
 
     out = {}
     for dev in ("cpu", "cuda"):
-        cfg = tiny_cfg(f"model.device={dev}", name=dev)
+        cfg = tiny_cfg(f"model.device={dev}", "model.dtype=float32", "train.bf16=false", name=dev)  # fp32 on both
         run_federated(cfg, progress=False)
         out[dev] = [r for r in read_jsonl(Path(cfg.run_dir()) / "metrics.jsonl") if "global_loss" in r]
     for a, b in zip(out["cpu"], out["cuda"]):
@@ -100,12 +102,13 @@ def test_bf16_adapters_take_the_bf16_activations_without_an_fp32_round_trip(tiny
     each adapted layer's bf16 input to the fp32 adapter's dtype first (PEFT's default, and our
     adapters' before) had autocast cast it straight back: two copies of every adapted activation for
     nothing. None is left, and for PEFT's LoRA the gradients equal those of its own cast (exact)."""
-    from fedtune.client.train import lm_loss
+    from fedtune.client.train import lm_loss, model_device
     from fedtune.engines.inprocess import inprocess_federation
 
     cfg = tiny_cfg("model.dtype=bfloat16", "train.bf16=true", f"adapter.kind={kind}", "rounds=1")
     model = inprocess_federation(cfg).model
-    batch = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    dev = model_device(model)  # the CPU, or the GPU where there is one
+    batch = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(0)).to(dev)
     with RoundTrips() as trips:
         loss = lm_loss(model, batch, True)
         loss.backward()
@@ -115,7 +118,7 @@ def test_bf16_adapters_take_the_bf16_activations_without_an_fp32_round_trip(tiny
         return
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
-    with RoundTrips() as trips, torch.autocast("cpu", dtype=torch.bfloat16):  # PEFT casting its inputs, as before
+    with RoundTrips() as trips, torch.autocast(dev.type, dtype=torch.bfloat16):  # PEFT casting its inputs, as before
         model(input_ids=batch, labels=batch).loss.backward()
     assert trips.count > 0  # the counter sees the round trips this removes
     for n, p in model.named_parameters():

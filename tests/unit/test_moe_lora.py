@@ -119,6 +119,7 @@ def test_comigs_uploads_only_generalists_and_keeps_specialists(tiny_cfg, tmp_pat
 
     from fedtune.adapters.moe_lora import load_moe_adapter
     from fedtune.client.run import ClientJob
+    from fedtune.client.train import model_device
     from fedtune.engines.inprocess import inprocess_federation
     from fedtune.models.adapters import get_state
     from fedtune.models.export import export_adapters
@@ -152,6 +153,6 @@ def test_comigs_uploads_only_generalists_and_keeps_specialists(tiny_cfg, tmp_pat
     x = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(3))
     engine._load("logging", sstate["global"])
     with torch.no_grad():
-        want = fed.model(input_ids=x).logits
+        want = fed.model(input_ids=x.to(model_device(fed.model))).logits.cpu()  # the engine's model may be on a GPU
         got = load_moe_adapter(tiny_model(), tmp_path / "adapters" / "logging")(input_ids=x).logits
     torch.testing.assert_close(got, want)

@@ -78,7 +78,7 @@ def gradient_estimate(
     n = 0
     model.eval()
     for i in range(0, int(blocks.shape[0]), batch_size):
-        batch = blocks[i : i + batch_size]
+        batch = blocks[i : i + batch_size].to(weights[0].device)
         loss = model(input_ids=batch, labels=batch).loss
         for p, gi in zip(prefixes, torch.autograd.grad(loss, weights)):
             grads[p] += gi.float() * batch.shape[0]
@@ -103,7 +103,7 @@ def inject_lora_sb_(
     for p in prefixes:
         parent_name, _, leaf = p.rpartition(".")
         parent = mods[parent_name] if parent_name else model
-        layer = LoraSBLinear(mods[p], r)
+        layer = LoraSBLinear(mods[p], r).to(weight_of(mods[p]).device)  # where the base layer is
         u, s, vh = torch.linalg.svd(grads[p].double(), full_matrices=False)
         rr = min(r, s.numel())
         with torch.no_grad():

@@ -191,12 +191,14 @@ def inject_moe_lora_(
             parent = model.get_submodule(parent_name)
             block = getattr(parent, leaf)
             hidden = _block_hidden(block)
+            device = next(iter(block.parameters())).device  # experts and router join the block there
             for sub_name, sub in list(block.named_modules()):
                 if sub_name and (isinstance(sub, nn.Linear) or type(sub).__name__ == "Conv1D"):
                     owner_name, sub_leaf = sub_name.rsplit(".", 1) if "." in sub_name else ("", sub_name)
                     owner = block.get_submodule(owner_name) if owner_name else block
                     setattr(owner, sub_leaf, ExpertLoRA(sub, num_experts, r, alpha / r, dropout))
-            setattr(parent, leaf, MoEBlock(block, hidden, num_experts, top_k, router))
+            # experts and router are drawn on the host (the same values on any device), then moved
+            setattr(parent, leaf, MoEBlock(block, hidden, num_experts, top_k, router).to(device))
     finally:
         torch.random.set_rng_state(saved)
     model.__dict__["_fedtune_adapter"] = "moe_lora"

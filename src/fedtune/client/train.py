@@ -145,7 +145,7 @@ def target_loss(model: Any, batch: torch.Tensor, mask: torch.Tensor, bf16: bool)
     targets = mask[:, 1:]  # position t predicts token t + 1
     n = int(targets.sum())
     if n == 0:
-        return torch.zeros((), requires_grad=torch.is_grad_enabled()), 0
+        return torch.zeros((), device=dev, requires_grad=torch.is_grad_enabled()), 0
     cols = torch.nonzero(targets.any(dim=0)).flatten()
     labels = batch[:, 1:][:, cols].masked_fill(~targets[:, cols], -100)
     with autocast(bf16, dev, model):

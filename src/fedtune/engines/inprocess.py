@@ -15,6 +15,7 @@ import torch
 from fedtune.adapters.moe_lora import is_moe, set_expert_count_
 from fedtune.client.run import ClientJob, ClientPlan, ClientReply, ClientState, advertise, run_client
 from fedtune.client.store import ClientStateStore
+from fedtune.client.train import model_device
 from fedtune.codecs import serialize
 from fedtune.config import ExperimentConfig
 from fedtune.config.schema import EvalConfig
@@ -29,6 +30,7 @@ from fedtune.engines.federation import (
     experts_per_client,
     load_shards,
     rank_per_client,
+    run_precision,
     sb_init_blocks,
 )
 from fedtune.engines.plan import build_plan
@@ -189,14 +191,15 @@ class InProcessEngine:
         """Each client's model's top-k logits on a shared reference set (PCL's prediction
         trust): {client: (values [N, T, k], indices [N, T, k])}, computed on the client."""
         out = {}
+        dev = model_device(self.model)
         for cid, state in states.items():
             self._load(cid, state)
             vals, idx = [], []
             for i in range(0, int(blocks.shape[0]), self.eval_batch_size):
-                logits = self.model(input_ids=blocks[i : i + self.eval_batch_size]).logits.float()
+                logits = self.model(input_ids=blocks[i : i + self.eval_batch_size].to(dev)).logits.float()
                 top = logits.topk(k, dim=-1)
-                vals.append(top.values)
-                idx.append(top.indices)
+                vals.append(top.values.cpu())  # the server's side (PCL's distances) works on host tensors
+                idx.append(top.indices.cpu())
             out[cid] = (torch.cat(vals), torch.cat(idx))
         return out
 
@@ -214,6 +217,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     ids = list(shards)
     ranks = rank_per_client(cfg, ids)
     experts_per_client(cfg, ids)  # the lists' lengths are checked before the model loads
+    cfg, precision, slow = run_precision(cfg)  # 'auto' dtype / bf16 for this device
     model, adapter_cfg = build_adapted_model(cfg, model_dir, ranks, lambda: sb_init_blocks(cfg, shards, tokenizer))
     strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
     caps = strategy.capabilities
@@ -237,7 +241,8 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     if faults.dropout > 0 or faults.timed:
         engine = FaultInjection(engine, faults, cfg.seed)
     collected = _data_bytes(shards) if caps.pools_data else 0
-    round0 = {**data, **device_facts(model), "warmup_seconds": warmup, **({"attackers": sorted(bad)} if bad else {})}
+    facts = device_facts(model, precision, slow)
+    round0 = {**data, **facts, "warmup_seconds": warmup, **({"attackers": sorted(bad)} if bad else {})}
     return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, collected, round0)
 
 
@@ -249,7 +254,7 @@ def _warm_up(model: Any, block: torch.Tensor) -> float:
     t0 = time.perf_counter()
     model.eval()
     with torch.no_grad():
-        model(input_ids=block)
+        model(input_ids=block.to(model_device(model)))
     return time.perf_counter() - t0
 
 

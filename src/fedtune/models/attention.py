@@ -89,6 +89,15 @@ def grouped_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+def kernel_for(name: str, device_type: str) -> str:
+    """`model.attention` as a kernel for this device: 'auto' is this kernel on the CPU (it beats
+    eager and sdpa there: module docstring) and transformers' choice elsewhere (sdpa's fused GPU
+    kernels); any other name is itself."""
+    if name != "auto":
+        return name
+    return NAME if device_type == "cpu" else "default"
+
+
 def register() -> None:
     """Make `attn_implementation="grouped"` known to transformers (idempotent)."""
     from transformers import AttentionInterface

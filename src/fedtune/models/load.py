@@ -226,16 +226,19 @@ def device_problem(name: str) -> str | None:
 
 
 def load_model(model_dir: str, cfg: ModelConfig) -> Any:
-    """Load the base model, frozen, in eval mode."""
+    """Load the base model, frozen, in eval mode. `cfg.dtype` 'auto' loads fp32: a run resolves
+    'auto' for its device and strategy before it loads (`engines.federation.run_precision`);
+    `cfg.attention` 'auto' is resolved here for `cfg.device`."""
     _quiet_hf()
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    impl = attention.kernel_for(cfg.attention, resolve_device(cfg.device).type)
     try:
-        if cfg.attention == attention.NAME:
+        if impl == attention.NAME:
             attention.register()
-        kernel = {} if cfg.attention == "default" else {"attn_implementation": cfg.attention}
+        kernel = {} if impl == "default" else {"attn_implementation": impl}
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kernel)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {model_dir!r}: {e}") from None

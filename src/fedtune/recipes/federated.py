@@ -15,7 +15,6 @@ from rich.console import Console
 from fedtune import components
 from fedtune.client.run import ClientJob, ClientReply
 from fedtune.config import ExperimentConfig, config_to_yaml
-from fedtune.data.report import cut_message
 from fedtune.engines.federation import Federation, experts_per_client
 from fedtune.engines.inprocess import inprocess_federation
 from fedtune.engines.plan import privacy_facts
@@ -27,7 +26,7 @@ from fedtune.privacy.randomness import describe
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
-from fedtune.report.summary import progress_bars, round_line, run_table, samples, summary_json
+from fedtune.report.summary import progress_bars, round_line, run_table, samples, setup_lines, summary_json
 from fedtune.report.trackers import Tracker, open_trackers
 from fedtune.sampling import evaluation_clients, sample_round
 from fedtune.secagg import SECURE_SUM, secure_sum
@@ -105,9 +104,8 @@ def _run(
     chat = "data_chat_template" in fed.round0  # instruction data (DP-SGD's unit is one example)
     up_codec, down_codec = components.build_codec(cfg), components.build_codec(cfg, downlink=True)
     metrics_path, token = run_dir / io.METRICS, io.run_token(run_dir)
-    note = cut_message(fed.round0, cfg.data.max_chars_per_doc)
-    if note and not resume:
-        console.print(f"[yellow]data not used whole[/yellow]: {note} (details: `fedtune data CONFIG`)")
+    for line in [] if resume else setup_lines(fed.round0, cfg.data.max_chars_per_doc):
+        console.print(line, highlight=False)
 
     # 2. start or resume
     if resume:

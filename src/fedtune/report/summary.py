@@ -70,6 +70,22 @@ def round_line(rnd: int, rounds: int, summary: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def setup_lines(round0: dict[str, Any], max_chars: int | None) -> list[str]:
+    """What a new run says before round 1: the device and precision picked (and why; a warning when
+    bf16 is set where it is only emulated), and what of the data was not used whole."""
+    from fedtune.data.report import cut_message
+
+    out = []
+    if "precision" in round0:
+        out.append(f"device {round0['device']}: {round0['precision']}")
+    if round0.get("precision_warning"):
+        out.append(f"[yellow]warning[/yellow]: {round0['precision_warning']}")
+    note = cut_message(round0, max_chars)
+    if note:
+        out.append(f"[yellow]data not used whole[/yellow]: {note} (details: `fedtune data CONFIG`)")
+    return out
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 

@@ -246,7 +246,8 @@ class FedKSeed(StrategyBase):
             for t, j in enumerate(draws):
                 rows = next(batches)
                 batch, mask = shard.train[rows], shard.train_mask[rows] if shard.train_mask is not None else None
-                z = direction(pool[j], shapes)
+                # drawn on the host (bit-identical to the server's replay), used where the weights are
+                z = {k: v.to(params[k].device) for k, v in direction(pool[j], shapes).items()}
                 for k, p in params.items():
                     p.add_(self.eps * z[k])
                 plus = float(lm_loss(model, batch, False, mask=mask))

@@ -51,7 +51,13 @@ def _shared(cfg_yaml: str) -> tuple[Any, ...]:
     config, however many virtual SuperNodes it serves (one base model, shards built on first use)."""
     if cfg_yaml not in _PROCESS:
         from fedtune import components
-        from fedtune.engines.federation import build_adapted_model, load_shards, rank_per_client, sb_public_blocks
+        from fedtune.engines.federation import (
+            build_adapted_model,
+            load_shards,
+            rank_per_client,
+            run_precision,
+            sb_public_blocks,
+        )
         from fedtune.engines.plan import build_plan
         from fedtune.models.adapters import get_state, lora_scale
         from fedtune.models.load import load_tokenizer, resolve_model_dir
@@ -62,6 +68,7 @@ def _shared(cfg_yaml: str) -> tuple[Any, ...]:
         shards, _ = load_shards(cfg, tokenizer)
         ids = list(shards)
         ranks = rank_per_client(cfg, ids)
+        cfg, _, _ = run_precision(cfg)  # 'auto' dtype / bf16 for this SuperNode's device
         model, _ = build_adapted_model(cfg, model_dir, ranks, lambda: sb_public_blocks(cfg, tokenizer))
         strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
         plan = build_plan(cfg, strategy, get_state(model), ids)

@@ -174,7 +174,7 @@ def flower_federation(
 
     def build(cfg: ExperimentConfig) -> Federation:
         from fedtune import components
-        from fedtune.engines.federation import build_adapted_model, rank_per_client, sb_public_blocks
+        from fedtune.engines.federation import build_adapted_model, rank_per_client, run_precision, sb_public_blocks
         from fedtune.models.adapters import lora_scale
         from fedtune.models.load import load_tokenizer, resolve_model_dir
 
@@ -185,6 +185,7 @@ def flower_federation(
         ranks = rank_per_client(cfg, ids)
         model_dir = resolve_model_dir(cfg.model, cfg.seed)
         tokenizer = load_tokenizer(model_dir)
+        cfg, precision, slow = run_precision(cfg)  # the server's device; each SuperNode resolves its own
         model, adapter_cfg = build_adapted_model(cfg, model_dir, ranks, lambda: sb_public_blocks(cfg, tokenizer))
         strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
         weights = {c: strategy.capabilities.weight(n) for c, n in examples.items()}
@@ -198,7 +199,7 @@ def flower_federation(
         faults = Faults(s.dropout, s.straggler_fraction, s.straggler_slowdown, s.deadline)
         if cfg.engine.name == "flower-sim" and (faults.dropout > 0 or faults.timed):
             engine = FaultInjection(engine, faults, cfg.seed)  # the same seeded faults as in-process
-        round0 = {**stats_summary(stats), **device_facts(model)}  # the server's; clients record their own
+        round0 = {**stats_summary(stats), **device_facts(model, precision, slow)}  # the server's
         if cfg.attack.kind != "none":  # simulated attackers (a seeded set, the same on every side)
             round0["attackers"] = sorted(attackers(ids, cfg.attack.fraction, cfg.seed))
         return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, round0=round0)

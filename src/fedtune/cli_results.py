@@ -1,4 +1,4 @@
-"""Commands on finished runs: report, export, generate, eval (registered by `fedtune.cli`)."""
+"""Commands on finished runs: report, export, generate, eval, audit (registered by `fedtune.cli`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fedtune.cli_common import _fail, out
+from fedtune.cli_common import _env, _fail, out
 
 RunDir = Annotated[Path, typer.Argument(help="a finished run directory")]
 ClientOpt = Annotated[str | None, typer.Option(help="a client's personal model (default: the global model)")]
@@ -139,4 +139,48 @@ def _all_clients(run_dir: Path) -> None:
     out.print(f"records: {Path(run_dir) / 'eval' / 'all-clients.jsonl'}")
 
 
-COMMANDS: dict[str, Callable[..., None]] = {"report": report, "export": export, "generate": generate, "eval": evaluate}
+def audit(
+    run_dir: RunDir,
+    confidence: Annotated[float, typer.Option(help="confidence of the lower bound")] = 0.95,
+    delta: Annotated[float | None, typer.Option(help="delta of the bound (default: the run's DP delta)")] = None,
+    client: ClientOpt = None,
+) -> None:
+    """One-run privacy audit (arXiv:2305.08846): a lower bound on epsilon from the run's canaries
+    (`audit` config section), beside the accountant's epsilon; writes RUN_DIR/audit.json."""
+    _env()
+    from rich.table import Table
+
+    from fedtune.errors import FedtuneError
+    from fedtune.recipes.audit import AUDIT, audit_run
+
+    if not 0 < confidence < 1:
+        _fail(ValueError(f"--confidence {confidence}: give a value in (0, 1), e.g. 0.95"))
+    try:
+        res = audit_run(run_dir, confidence, delta, client)
+    except FedtuneError as e:
+        _fail(e)
+    out.print(
+        f"canaries: {res['canaries']} ({res['included']} included) in {', '.join(res['canary_clients'])}; "
+        f"{res['correct']} of {res['guesses']} guesses correct on the {res['model']} model"
+    )
+    table = Table("bound", "epsilon", "delta", "unit", title=f"privacy of {run_dir} (confidence {confidence:g})")
+    table.add_row("audit (lower)", f"{res['epsilon_lower']:.3g}", f"{res['delta']:g}", res["unit"])
+    for b in res["accountant"]:
+        table.add_row(f"{b['mechanism']} (upper)", f"{b['epsilon']:.3g}", f"{b['delta']:g}", b["unit"])
+        table.add_row(
+            "  audit at its delta",
+            f"{b['epsilon_lower']:.3g} <= {b['canary_epsilon']:.3g}" + ("" if b["lower_le_upper"] else "  VIOLATED"),
+            f"{b['canary_delta']:.3g}",
+            "lower vs the accountant's bound for one canary",
+        )
+    out.print(table)
+    out.print(f"written: {Path(run_dir) / AUDIT}")
+
+
+COMMANDS: dict[str, Callable[..., None]] = {
+    "report": report,
+    "export": export,
+    "generate": generate,
+    "eval": evaluate,
+    "audit": audit,
+}

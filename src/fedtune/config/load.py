@@ -149,7 +149,23 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
         problems += components.check_engine(cfg)
     problems += components.check_data_source(cfg)
     problems += components.check_model(cfg)
+    problems += audit_problems(cfg)
     return problems
+
+
+def audit_problems(cfg: ExperimentConfig) -> list[Problem]:
+    """Audit canaries are placed in-process: their secret stays in the run directory."""
+    if cfg.audit is None or cfg.engine.name == "inprocess":
+        return []
+    return [
+        Problem(
+            "audit",
+            cfg.engine.name,
+            "audit canaries need the in-process engine (the inclusion bits are kept in the run directory, "
+            "which Flower's SuperNodes do not see)",
+            "use engine.name: inprocess, or remove the audit section",
+        )
+    ]
 
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:

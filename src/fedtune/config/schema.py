@@ -276,6 +276,31 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(24, ge=1, description="instruction data: length limit of each generation")
 
 
+class AuditConfig(_Strict):
+    """Canaries for `fedtune audit` (one-run auditing, Steinke, Nasr and Jagielski 2023,
+    arXiv:2305.08846): random-token training blocks in chosen clients' data, each included with
+    probability 1/2; the audit turns a membership test on the final model into a lower bound on
+    epsilon for one example of one client (`fedtune.data.canaries` says what that unit means)."""
+
+    canaries: int = Field(64, ge=2, description="canaries m: each one training block of data.block_size random tokens")
+    clients: int | list[str] = Field(
+        1,
+        description="the clients whose training split gets the canaries: a count (drawn by the audit's seed) or "
+        "client ids; canary i goes to the (i mod n)-th",
+    )
+    seed: int | None = Field(
+        None,
+        description="seed of the canaries and of which are included (a reproducible audit; it is then in "
+        "config.yaml); default: a secret from the OS, kept only in RUN/audit/canaries.json (owner-readable)",
+    )
+
+    @model_validator(mode="after")
+    def _clients(self) -> AuditConfig:
+        if (self.clients if isinstance(self.clients, int) else len(self.clients)) < 1:
+            raise ValueError(f"audit.clients = {self.clients!r}: give a positive count or client ids, e.g. 1")
+        return self
+
+
 class ReportConfig(_Strict):
     """Where a run's records go besides RUN_DIR/metrics.jsonl (extra `fedtune[track]`)."""
 
@@ -317,6 +342,7 @@ class ExperimentConfig(_Strict):
     attack: AttackConfig = Field(default_factory=AttackConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    audit: AuditConfig | None = Field(None, description="canaries for `fedtune audit RUN_DIR` (off by default)")
     secure_aggregation: bool = Field(
         False,
         description="pairwise-masked uploads: the server only learns the sum of the updates "

@@ -15,9 +15,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedtune.config.schema import DataConfig
 from fedtune.data.blocks import Corpus, Shard, chat_shard, pack_documents_ids, pack_ids
+from fedtune.data.canaries import add_train_blocks
 from fedtune.data.dedup import groups, split_order
 from fedtune.errors import DataError
 from fedtune.seeding import torch_generator
@@ -38,8 +40,10 @@ class ClientShards(Mapping[str, Shard]):
         seed: int,
         doc_unit: bool = False,
         cache_size: int = 64,
+        extra_train: Mapping[str, torch.Tensor] | None = None,
     ):
         self._docs, self._corpus, self._tokenizer, self._cfg = dict(docs), corpus, tokenizer, cfg
+        self._extra = dict(extra_train or {})  # blocks appended to a client's training split (audit canaries)
         self._seed, self._doc_unit, self._cache_size = seed, doc_unit, cache_size
         self._cache: OrderedDict[str, Shard] = OrderedDict()
         self._orders: dict[str, Order] = {}
@@ -78,7 +82,7 @@ class ClientShards(Mapping[str, Shard]):
             return self._cache[cid]
         if cid not in self._orders:
             raise KeyError(cid)
-        shard = self._build_text(cid)
+        shard = add_train_blocks(self._build_text(cid), self._extra.get(cid))
         self._cache[cid] = shard
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -112,7 +116,7 @@ class ClientShards(Mapping[str, Shard]):
                     f"examples left after truncation to {self._cfg.block_size} tokens"
                 )
                 continue
-            self._cache[cid], self.stats[cid] = shard, shard.stats
+            self._cache[cid], self.stats[cid] = add_train_blocks(shard, self._extra.get(cid)), shard.stats
         return problems
 
     def _plan_text(self) -> list[str]:

@@ -16,6 +16,7 @@ from fedtune.client.train import model_device
 from fedtune.components import per_client_problems, strategy_capabilities
 from fedtune.config import ExperimentConfig
 from fedtune.data.blocks import Corpus, Shard, pack
+from fedtune.data.canaries import canary_token_ids, run_canaries
 from fedtune.data.partition import partition_ids
 from fedtune.data.report import stats_summary
 from fedtune.data.shards import ClientShards
@@ -37,7 +38,13 @@ def load_shards(cfg: ExperimentConfig, tokenizer: Any) -> tuple[ClientShards, di
     docs = partition_ids(ds, cfg.partition, cfg.seed)
     dp = cfg.train.dp_sgd
     doc_unit = dp is not None and dp.unit == "document"
-    shards = ClientShards(docs, Corpus.of(ds), tokenizer, cfg.data, cfg.seed, doc_unit)
+    a, canaries = cfg.audit, None
+    if a is not None:  # audit canaries: made (or read back) before any shard is built
+        ids = canary_token_ids(tokenizer)
+        run = Path(cfg.run_dir())
+        canaries = run_canaries(run, a.canaries, a.clients, a.seed, cfg.data.block_size, ids, list(docs))
+    extra = canaries.train_blocks() if canaries is not None else None
+    shards = ClientShards(docs, Corpus.of(ds), tokenizer, cfg.data, cfg.seed, doc_unit, extra_train=extra)
     return shards, stats_summary(shards.stats, files)
 
 

@@ -76,10 +76,12 @@ def test_a_round_of_some_peers_mixes_over_their_edges_and_keeps_their_sum() -> N
     # the round mixed over the path a-b-c: eigenvalues 1, 2/3, 0 (the whole ring's gap is 2/3)
     assert agg.metrics["spectral_gap"] == pytest.approx(1 / 3)
     assert agg.metrics["graph_spectral_gap"] == pytest.approx(2 / 3)
-    everyone = [g.configure(2, [c], agg.state)[c] for c in ids]
-    assert agg.metrics["consensus_distance"] == pytest.approx(consensus_distance(everyone))
-    x = torch.tensor([[v, 2 * v] for v in got.values()], dtype=torch.float64)
-    assert consensus_distance(everyone) == pytest.approx(float(((x - x.mean(0)) ** 2).sum() / 4) ** 0.5)
+    # consensus distance over the round's peers (d did not take part): a, b, c after mixing
+    live = [g.configure(2, [c], agg.state)[c] for c in ("a", "b", "c")]
+    assert agg.metrics["consensus_distance"] == pytest.approx(consensus_distance(live))
+    x = torch.tensor([[got[c], 2 * got[c]] for c in ("a", "b", "c")], dtype=torch.float64)
+    assert consensus_distance(live) == pytest.approx(float(((x - x.mean(0)) ** 2).sum() / 3) ** 0.5)
+    assert agg.metrics["agg_error"] == 0.0  # no A, B pair in these messages
 
 
 def test_repeated_gossip_reaches_consensus_on_the_average() -> None:
@@ -138,3 +140,38 @@ def test_the_config_checks_refuse_what_gossip_cannot_do(tiny_cfg) -> None:
     problems = components.per_client_problems(cfg, ["a", "b", "c", "d", "e"])  # what validate and run check
     assert [p.field for p in problems] == ["strategy.degree"]
     assert components.per_client_problems(cfg, ["a", "b", "c", "d"]) == []
+
+
+def test_mixing_lora_factors_logs_the_product_error_by_hand() -> None:
+    """Complete graph of two peers, W = [[1/2, 1/2], [1/2, 1/2]]; 1x1 factors: peer a has B=1, A=1,
+    peer b has B=3, A=5. Exact mix of products (1 + 15) / 2 = 8; mixed factors 2 * 3 = 6; the
+    relative error is |8 - 6| / 8 = 1/4 (= the covariance term (1-2)(1-3)/2 + (3-2)(5-3)/2 = 2)."""
+    ids = ("a", "b")
+    g = Gossip(topology="complete", ctx=RunContext(client_ids=ids))
+    a, b = "m.lora_A.weight", "m.lora_B.weight"
+    init = {a: torch.zeros(1, 1), b: torch.zeros(1, 1)}
+    ups = [
+        ClientUpdate("a", {a: torch.ones(1, 1), b: torch.ones(1, 1)}, 1, {}, 0, 0),
+        ClientUpdate("b", {a: torch.full((1, 1), 5.0), b: torch.full((1, 1), 3.0)}, 1, {}, 0, 0),
+    ]
+    agg = g.aggregate(1, ups, g.init_state(init))
+    assert agg.metrics["agg_error"] == pytest.approx(0.25)
+    assert g.configure(2, ["a"], agg.state)["a"][a].item() == pytest.approx(3.0)
+
+
+def test_frozen_shared_factors_are_not_sent_between_peers() -> None:
+    """LoRA-SB: only R travels (A, B are frozen and shared); the bytes count R alone and the peers'
+    A, B stay as they were."""
+    from fedtune.adapters.lora_sb import SB_A, SB_B, SB_R
+
+    ids = ("a", "b")
+    g = Gossip(topology="complete", ctx=RunContext(client_ids=ids))
+    m = "layer.q"
+    init = {m + SB_A: torch.ones(2, 4), m + SB_B: torch.ones(4, 2), m + SB_R: torch.zeros(2, 2)}
+    zero = {k: torch.zeros_like(v) for k, v in init.items()}
+    ups = [ClientUpdate(c, {**zero, m + SB_R: torch.full((2, 2), v)}, 1, {}, 0, 0) for c, v in (("a", 2.0), ("b", 4.0))]
+    agg = g.aggregate(1, ups, g.init_state(init))
+    assert agg.bytes_up == 2 * len(serialize({m + SB_R: torch.zeros(2, 2)}))
+    out = g.configure(2, ["a"], agg.state)["a"]
+    torch.testing.assert_close(out[m + SB_R], torch.full((2, 2), 3.0))
+    torch.testing.assert_close(out[m + SB_A], init[m + SB_A])

@@ -11,6 +11,10 @@ audit seed 0), then `fedtune audit` on the final global model (95 % confidence, 
 - non-private, the config as is (each canary is drawn about steps x batch / blocks times a round);
 - non-private, "memorizing": every client's own data capped at 16 blocks and 30 steps a round, so
   the canaries are seen many times (what the audit finds when a model does memorize);
+- non-private, memorizing harder: 4 blocks of each client's own data, 60 steps a round for 4
+  rounds, LoRA on every linear layer (the canaries are most of the canary client's split and
+  each is drawn about 25 times); at lr 1e-2 instead of 4e-3 the same run diverged (test ppl
+  29,764; audit lower bound 0.00, 12 of 16 guesses right);
 - sample-level DP-SGD (sigma 1, per-example clip 1, delta 1e-5), as in the privacy table;
 - user-level DP-FedAvg (sigma 1.2, adaptive clipping from S = 0.05), as in the privacy table.
 Writes bench/out/audit.md (one table row per run, for BENCHMARKS.md's privacy section).
@@ -27,6 +31,12 @@ CANARIES = ["audit.canaries=64", "audit.clients=1", "audit.seed=0", "strategy.na
 ROWS = {
     "non-private": [],
     "non-private memorizing": ["data.max_train_blocks=16", "train.steps=30"],
+    "non-private memorizing, all-linear": [
+        "data.max_train_blocks=4",
+        "train.steps=60",
+        "rounds=4",
+        "adapter.target_modules=all-linear",
+    ],
     "dp-sgd sigma 1": ["train.dp_sgd.noise_multiplier=1.0", "train.dp_sgd.clip=1.0"],
     "dp-fedavg sigma 1.2": [
         "strategy.name=dp_fedavg",

@@ -18,14 +18,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic_with(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def write_atomic_with(path: Path, write: Callable[[BinaryIO], object], mode: int | None = None) -> None:
     """Write `path` through a temp file in the same folder: fsync the file, rename it over the
     target, fsync the folder. The temp file is removed if writing fails; files get the user's
-    umask (a team can read each other's runs)."""
+    umask (a team can read each other's runs), or exactly `mode` from creation when given (0o600:
+    owner-only secrets)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        if mode is not None:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+            os.fchmod(fd, mode)  # whatever the umask
+        with open(tmp, "wb") if mode is None else os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

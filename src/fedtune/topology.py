@@ -218,10 +218,8 @@ def metropolis_weights(graph: nx.Graph) -> dict[str, dict[str, float]]:
 def mixing_matrix(weights: Mapping[str, Mapping[str, float]], ids: Sequence[str]) -> np.ndarray:
     """The dense W over `ids` (rows and columns in that order)."""
     pos = {c: k for k, c in enumerate(ids)}
-    w = np.zeros((len(ids), len(ids)))
+    w = coefficient_matrix(weights, ids)
     for i, row in weights.items():
-        for j, v in row.items():
-            w[pos[i], pos[j]] = v
         w[pos[i], pos[i]] = 1.0 - sum(row.values())
     return w
 

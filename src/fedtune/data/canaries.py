@@ -30,7 +30,6 @@ RUN/audit/canaries.json (owner-readable only): the records never say which canar
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -42,6 +41,7 @@ import torch
 
 from fedtune.data.blocks import Shard
 from fedtune.errors import ConfigError, Problem
+from fedtune.files import write_atomic_with
 from fedtune.seeding import numpy_rng
 
 SECRET = Path("audit") / "canaries.json"  # under the run directory
@@ -138,18 +138,7 @@ def run_canaries(
 
 def write_private(path: Path, text: str) -> None:
     """Write `path` atomically, readable by its owner only (0600 from creation, whatever the umask)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic_with(path, lambda f: f.write(text.encode()), mode=0o600)
 
 
 def add_train_blocks(shard: Shard, blocks: torch.Tensor | None) -> Shard:

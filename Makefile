@@ -6,7 +6,16 @@ STAMP   := $(VENV)/.installed
 # torch is pinned everywhere: an unpinned torch pulls a multi-GB CUDA build.
 TORCH   := torch==2.13.0
 
-.PHONY: demo test setup install lint bench clean
+.PHONY: demo test setup install lint bench clean wheelhouse
+
+# Offline: `make demo WHEELHOUSE=DIR` (and `make test ...`) installs and fetches from DIR alone,
+# a folder built on a connected machine with `make wheelhouse` (fedtune/offline.py).
+ifneq ($(WHEELHOUSE),)
+export PIP_NO_INDEX := 1
+export PIP_FIND_LINKS := $(abspath $(WHEELHOUSE))
+export HF_HUB_OFFLINE := 1
+endif
+WHEELHOUSE_OUT ?= wheelhouse
 
 EXTRAS  := dev,flower,dp,track,eval
 TEST_STAMP := $(VENV)/.installed-test
@@ -46,6 +55,10 @@ lint: $(TEST_STAMP)
 
 bench: setup
 	$(BIN)/python bench/overhead.py
+
+# On a connected machine: every wheel `make demo` and `make test` need, into $(WHEELHOUSE_OUT)/.
+wheelhouse: $(TEST_STAMP)
+	$(BIN)/fedtune wheelhouse $(WHEELHOUSE_OUT) --extras $(EXTRAS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -304,6 +304,26 @@ def setup(
         _fail(e)
 
 
+@app.command()
+def wheelhouse(
+    dest: Annotated[Path, typer.Argument(help="folder to fill with wheels")],
+    extras: Annotated[str, typer.Option(help="comma-separated extras to include, e.g. dev,flower,dp")] = "",
+    python_version: Annotated[str | None, typer.Option(help="target Python, e.g. 3.12 (binary wheels only)")] = None,
+    platform: Annotated[list[str] | None, typer.Option(help="target platform tag, repeatable")] = None,
+) -> None:
+    """Build a wheelhouse on a connected machine for installing and running fedtune offline."""
+    from fedtune.errors import FedtuneError
+    from fedtune.offline import build_wheelhouse
+
+    try:
+        wheels = build_wheelhouse(dest, [e for e in extras.split(",") if e], python_version, platform or [])
+    except FedtuneError as e:
+        _fail(e)
+    size = sum(w.stat().st_size for w in wheels) / 2**20
+    out.print(f"{len(wheels)} wheels, {size:.0f} MiB in {dest}")
+    out.print(f"offline, in a clone of fedtune: make demo WHEELHOUSE={dest.resolve()}")
+
+
 for _name, _command in cli_results.COMMANDS.items():  # after the commands above in --help
     app.command(_name)(_command)
 

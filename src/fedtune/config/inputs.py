@@ -46,7 +46,11 @@ class ModelConfig(_Strict):
         pattern=r"^(auto|cpu|cuda(:\d+)?)$",
         description="'auto' (a CUDA GPU when present, else the CPU), 'cpu', 'cuda' or 'cuda:N'",
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each decoder layer's activations in the backward pass instead of keeping "
+        "them (activation memory per layer drops to its input, for about one more forward of compute)",
+    )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 
 

@@ -244,7 +244,9 @@ def load_model(model_dir: str, cfg: ModelConfig) -> Any:
         raise ModelError(f"cannot load model {model_dir!r}: {e}") from None
     model.requires_grad_(False)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # non-reentrant: the LoRA parameters inside each block get their gradients although the
+        # block's input (the frozen embeddings) needs none
+        model.activation_checkpointing_enable({"use_reentrant": False})
         model.config.use_cache = False
     model.eval()
     return model

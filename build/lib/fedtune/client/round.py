@@ -1,0 +1,91 @@
+"""One client's round: load the received adapter, train locally, return the delta."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import reduce
+from typing import Any
+
+import torch
+
+from fedtune.adapters.moe_lora import is_moe, is_router_key, set_expert_count_
+from fedtune.client.train import TrainSpec, local_train_, proximal_term
+from fedtune.data.blocks import Shard
+from fedtune.models.adapters import (
+    adapter_parameters,
+    crop_to,
+    get_state,
+    select_trainable_,
+    set_state_,
+    trainable_keys,
+)
+from fedtune.seeding import derive_seed, torch_generator
+from fedtune.types import AdapterState
+
+PenaltyFactory = Callable[[Any, AdapterState], Any]
+
+
+def client_round(
+    model: Any,
+    received: AdapterState,
+    shard: Shard,
+    spec: TrainSpec,
+    seed: int,
+    rnd: int,
+    on_step: Callable[[int, int, float], None] | None = None,
+    penalty: PenaltyFactory | None = None,
+    private: AdapterState | None = None,
+    experts: int | None = None,
+) -> tuple[AdapterState, dict[str, float], AdapterState]:
+    """Train the received adapter tensors on the client's shard; return (delta, metrics, private).
+
+    Only the tensors in `received` and `private` train; only the received ones come back, as a
+    delta (the others keep their shared initial values). `private` are tensors that never leave
+    the client (CoMiGS's specialists and router); their trained values are returned for the
+    client to keep. `experts` is the client's expert count (mixture-of-experts adapters).
+    Mutates only adapter tensors of the shared model, which the next client overwrites.
+    `penalty(params_by_key, received)` may add a strategy's client-side regulariser (HetLoRA's
+    rank self-pruning term)."""
+    private = private or {}
+    if is_moe(model):
+        set_expert_count_(model, experts)
+    set_state_(model, {**received, **private})
+    lora = {k: received[k] for k in trainable_keys(received)}
+    keys = [*lora, *trainable_keys(private)]
+    select_trainable_(model, keys)
+    by_key = adapter_parameters(model)
+    routers = [by_key[k] for k in sorted(keys) if is_router_key(k)]
+    params = [by_key[k] for k in sorted(keys) if not is_router_key(k)]
+    # the region each parameter really has for this client (a rank-r_k client inside the max-rank
+    # LoRA): DP-SGD's noise goes only there, so the padded rows stay exactly zero
+    regions = [lora[k].shape if k in lora else by_key[k].shape for k in sorted(keys) if not is_router_key(k)]
+    gen = torch_generator(seed, "train", rnd, shard.client_id)
+    torch.manual_seed(derive_seed(seed, "dropout", rnd, shard.client_id))  # LoRA dropout draws globally
+    terms = []
+    if spec.prox_mu > 0:
+        terms.append(proximal_term(params, [p.detach().clone() for p in params], spec.prox_mu))
+    if penalty is not None:
+        term = penalty({k: p for k, p in by_key.items() if k in lora}, lora)
+        if term is not None:
+            terms.append(term)
+    extra = (lambda: reduce(torch.add, [t() for t in terms])) if terms else None  # noqa: E731
+    metrics = local_train_(
+        model,
+        params,
+        shard.train,
+        spec,
+        gen,
+        extra_loss=extra,
+        on_step=on_step,
+        router_params=routers,
+        router_blocks=shard.val,
+        regions=regions,
+        docs=shard.train_doc if spec.dp_noise is not None else None,
+        mask=shard.train_mask,
+        router_mask=shard.val_mask if shard.val.shape[0] > 0 else shard.train_mask,
+        step_offset=(rnd - 1) * spec.num_steps(int(shard.train.shape[0])),
+    )
+    trained = get_state(model)
+    # the delta has the received shapes (a rank-r_k client returns rank-r_k factors)
+    delta = {k: crop_to(trained[k], v.shape) - v for k, v in lora.items()}
+    return delta, metrics, {k: trained[k] for k in private}

@@ -1,0 +1,189 @@
+"""The one client path every engine runs: values in, values out.
+
+    run_client(job, model, shard, plan) -> (reply, client state)
+
+    decode the downlink payload (with the client's downlink decoder state)
+      -> train (the first-order client round, or the strategy's own client step)
+      -> update transforms in order (attack injection, DP clip + noise share, secure-aggregation mask)
+      -> encode the uplink payload (with the client's uplink encoder state)
+
+The in-process engine and the Flower ClientApp both call it (and, next, decentralized peers);
+none re-implements a step. What a client keeps between rounds is a `ClientState` value that the
+caller loads before and stores after (in-process: the client-state store; Flower: the SuperNode's
+own disk), never the server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from fedtune.client.round import client_round
+from fedtune.client.train import TrainSpec
+from fedtune.data.blocks import Shard
+from fedtune.seeding import torch_generator
+from fedtune.types import AdapterState
+
+StepCallback = Callable[[int, int, float], None]
+
+# what a client reply may carry when its metrics are withheld (DP or secure aggregation): facts about
+# the protocol, not about the data (the accountant's step count and rate, time, the codec's choices)
+PROTOCOL_METRICS = frozenset(
+    {"steps", "train_seconds", "client_seconds", "dp_steps", "dp_rate", "codec_bits", "codec_skipped"}
+)
+
+
+@dataclass(frozen=True)
+class ClientState:
+    """What one client keeps between rounds.
+
+    Attributes:
+        private: tensors that never leave the client (CoMiGS specialists and router, FedKSeed's
+            and Ferret's copy of the model); empty for most strategies.
+        up_codec: the uplink encoder's state (error-feedback residual, AQUILA's last upload).
+        down_codec: the downlink decoder's state (mirror of the server's downlink encoder).
+        rounds: rounds this client has trained in.
+        secagg_key: the X25519 private key of the secure-aggregation round it is in (never sent).
+    """
+
+    private: AdapterState = field(default_factory=dict)
+    up_codec: Any = None
+    down_codec: Any = None
+    rounds: int = 0
+    secagg_key: bytes = b""
+
+
+@dataclass(frozen=True)
+class ClientJob:
+    """One client's work in one round (built by the server loop).
+
+    Attributes:
+        round: the round number.
+        client_id: who runs it.
+        payload: the encoded downlink message.
+        participants: the clients of this round that are expected to reply (secure aggregation
+            masks pairwise among them; DP noise shares are sized for them).
+        transform: the strategy's per-round client parameters (DP-FedAvg's clip).
+        run: the run's token (a client keeps its state per run, so a new run never reads an old
+            run's state and a resumed one finds its own).
+        peer_keys: the public keys the round's participants advertised (secure aggregation).
+    """
+
+    round: int
+    client_id: str
+    payload: bytes
+    participants: tuple[str, ...] = ()
+    transform: Mapping[str, Any] = field(default_factory=dict)
+    run: str = ""
+    peer_keys: Mapping[str, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    """What a client sends back: the encoded uplink payload, its example count and metrics, and
+    the bytes its exchange moved (the payload lengths, or every protocol message under SecAgg+)."""
+
+    client_id: str
+    payload: bytes
+    num_examples: int
+    metrics: dict[str, float]
+    bytes_down: int
+    bytes_up: int
+
+
+class UpdateTransform(Protocol):
+    """A client-side step on the update between training and encoding (like a Flower client mod)."""
+
+    def __call__(self, delta: AdapterState, job: ClientJob, shard: Shard, state: ClientState) -> AdapterState: ...
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """How every client of a run turns a job into a reply (built once from the config by
+    `fedtune.client.plan.build_plan`, identically on every engine).
+
+    Attributes:
+        spec: local training hyperparameters.
+        seed: the run seed (batch order, LoRA dropout, codec rounding).
+        up_codec, down_codec: the uplink and downlink codecs.
+        step: the strategy's own client update (FedKSeed, Ferret) or None for the first-order round.
+        penalty: a strategy's client-side regulariser factory (HetLoRA) or None.
+        transforms: update transforms in order (attack, DP share, secure-aggregation mask).
+        experts: per-client expert counts of a mixture adapter ({} = all the same).
+        private_init: the initial client-private tensors (the same for every client).
+        secure_aggregation: clients mask their uploads (in-process pairwise masks).
+        randomness: 'secure' (OS CSPRNG) or 'seeded' (simulation) for mask keys.
+        release_metrics: send the training metrics (loss); False keeps only `PROTOCOL_METRICS`.
+    """
+
+    spec: TrainSpec
+    seed: int
+    up_codec: Any
+    down_codec: Any
+    step: Any = None
+    penalty: Any = None
+    transforms: Sequence[UpdateTransform] = ()
+    experts: Mapping[str, int] = field(default_factory=dict)
+    private_init: AdapterState = field(default_factory=dict)
+    secure_aggregation: bool = False
+    randomness: str = "seeded"
+    release_metrics: bool = True
+
+    def initial_state(self) -> ClientState:
+        return ClientState(private=dict(self.private_init))
+
+
+def run_client(
+    job: ClientJob,
+    model: Any,
+    shard: Shard,
+    plan: ClientPlan,
+    state: ClientState,
+    on_step: StepCallback | None = None,
+) -> tuple[ClientReply, ClientState]:
+    """One client's round on `model` (shared; only its adapter tensors are overwritten)."""
+    t0 = time.perf_counter()
+    received, down_state = plan.down_codec.decode(job.payload, state.down_codec)
+    if plan.step is not None:
+        delta, metrics, private = plan.step(
+            model, received, state.private, shard, plan.spec, plan.seed, job.round, on_step
+        )
+    else:
+        delta, metrics, private = client_round(
+            model,
+            received,
+            shard,
+            plan.spec,
+            plan.seed,
+            job.round,
+            on_step,
+            plan.penalty,
+            private=state.private,
+            experts=plan.experts.get(job.client_id),
+        )
+    for transform in plan.transforms:
+        delta = transform(delta, job, shard, state)
+    up, up_state = plan.up_codec.encode(
+        delta, state.up_codec, torch_generator(plan.seed, "codec-up", job.round, job.client_id)
+    )
+    metrics = dict(metrics)
+    for st in up_state or []:  # what an adaptive codec decided (AQUILA: bits, skipped)
+        if isinstance(st, dict):
+            metrics.update(st.get("report", {}))
+    metrics["client_seconds"] = time.perf_counter() - t0
+    if not plan.release_metrics:  # outside the DP guarantee, and not hidden by secure aggregation
+        metrics = {k: v for k, v in metrics.items() if k in PROTOCOL_METRICS}
+    reply = ClientReply(job.client_id, up, shard.num_examples, metrics, len(job.payload), len(up))
+    new_state = replace(state, private=private, up_codec=up_state, down_codec=down_state, rounds=state.rounds + 1)
+    return reply, new_state
+
+
+def advertise(job: ClientJob, plan: ClientPlan, state: ClientState) -> tuple[bytes, ClientState]:
+    """Secure aggregation's first step on a client: a fresh key pair for this round; the public
+    key goes to the server (and on to the other participants), the private key stays in the state."""
+    from fedtune.secagg import new_private_key, public_key
+
+    private = new_private_key(plan.randomness, plan.seed, job.round, job.client_id)
+    return public_key(private), replace(state, secagg_key=private)

@@ -1,0 +1,364 @@
+"""Local training on one client: a plain loop (AdamW, LR schedule, accumulation, clipping, bf16),
+or sample-level DP-SGD (Abadi et al., arXiv:1607.00133) when `dp_noise` is set:
+
+    batch:  each training block joins with probability q = batch_size * grad_accum / N (Poisson)
+    clip:   g_i <- g_i * min(1, C / ||g_i||) per example (all trained adapter parameters as one vector)
+    noise:  g = (sum_i g_i + N(0, (sigma C)^2 I)) / (q N), then the optimizer step (AdamW or SGD;
+            any optimizer is post-processing)
+
+Per-example gradients come from one backward per example: exact for any adapter (Opacus's
+per-sample hooks cover nn.Linear, so PEFT LoRA, but not the mixture-of-experts ParameterLists or
+LoRA-SB's bare R), no extra dependency, and on CPU at these batch sizes about as fast as a batched
+backward. Each step is a Poisson-subsampled Gaussian mechanism with rate q and multiplier sigma;
+the recipe composes a client's steps over its rounds with an RDP accountant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fedtune.errors import TrainingDivergedError
+from fedtune.privacy.randomness import SecureNoise, SeededNoise
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Hyperparameters of local training (built from the config's `train` section)."""
+
+    steps: int = 10
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    bf16: bool = False
+    prox_mu: float = 0.0
+    optimizer: str = "adamw"  # or "sgd" (no momentum)
+    # mixture-of-LoRA-experts adapters (CoMiGS): load balancing and the alternating router schedule
+    lb_weight: float = 0.0
+    router_every: int = 0
+    router_steps: int = 1
+    router_lr: float = 5e-4
+    # sample-level DP-SGD (None = off): per-example clip C and noise multiplier sigma
+    dp_clip: float | None = None
+    dp_noise: float | None = None
+    dp_randomness: str = "seeded"  # 'secure': Poisson batches and noise from the OS CSPRNG
+
+    def dp_rate(self, num_blocks: int) -> float:
+        """DP-SGD's Poisson sampling rate q for a client with `num_blocks` training blocks."""
+        return min(1.0, self.batch_size * self.grad_accum / max(1, num_blocks))
+
+    def num_steps(self, num_blocks: int) -> int:
+        if self.epochs is None:
+            return self.steps
+        per_step = self.batch_size * self.grad_accum
+        return max(1, math.ceil(self.epochs * num_blocks / per_step))
+
+
+def get_lr(step: int, total: int, spec: TrainSpec) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    if spec.lr_schedule == "constant" or total <= spec.warmup_steps:
+        return spec.lr
+    progress = (step - spec.warmup_steps) / max(1, total - spec.warmup_steps)
+    if spec.lr_schedule == "linear":
+        return spec.lr * (1.0 - progress)
+    return spec.lr * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def batch_indices(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless stream of batch indices: a fresh permutation per epoch (batches wrap epochs)."""
+    buf = torch.empty(0, dtype=torch.long)
+    while True:
+        while buf.numel() < batch_size:
+            buf = torch.cat([buf, torch.randperm(n, generator=gen)])
+        yield buf[:batch_size]
+        buf = buf[batch_size:]
+
+
+def autocast(
+    bf16: bool, device: torch.device | str = "cpu", model: Any = None
+) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on the device's type (cpu or cuda); a no-op when off. Given the `model`, its PEFT
+    layers also leave their input's dtype alone (PEFT's `disable_input_dtype_casting`): by default a
+    LoRA layer casts its bf16 input to the fp32 adapter's dtype, and autocast casts it straight back
+    to bf16 for the matmul, an exact round trip that only copies (about 5 % of a bf16 step of
+    SmolLM2-135M with LoRA on q, v; BENCHMARKS.md)."""
+    if not bf16:
+        return contextlib.nullcontext()
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(kind, dtype=torch.bfloat16))
+    if model is not None:
+        from peft.helpers import disable_input_dtype_casting
+
+        stack.enter_context(disable_input_dtype_casting(model))
+    return stack
+
+
+def model_device(model: Any) -> torch.device:
+    """Where the model's weights are (batches built on the CPU move there)."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def trim_padding(batch: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the trailing columns where no row has a target: with right padding and causal attention
+    nothing before them depends on them, so the loss is unchanged and the step is cheaper."""
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    keep = int(cols.max()) + 1 if cols.numel() else 1
+    return batch[:, :keep], mask[:, :keep]
+
+
+def _keeps_logits_subset(model: Any) -> bool:
+    """Whether the (PEFT-wrapped) model's forward takes `logits_to_keep` (HF causal LMs since 4.50)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _forward_takes_logits_to_keep(type(base).forward)
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(forward: Callable[..., Any]) -> bool:  # once per model class, not per step
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def target_loss(model: Any, batch: torch.Tensor, mask: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the `mask`ed targets of right-padded rows [B, T], and
+    their count. The LM head and the softmax run only at the positions that predict a target: on
+    instruction data a few answer tokens follow a long prompt, and the head (vocab x hidden) is
+    about a fifth of a small model's FLOPs. Same value as HF's loss (logits upcast to fp32)."""
+    dev = model_device(model)
+    batch, mask = trim_padding(batch.to(dev), mask.to(dev))
+    targets = mask[:, 1:]  # position t predicts token t + 1
+    n = int(targets.sum())
+    if n == 0:
+        return torch.zeros((), device=dev, requires_grad=torch.is_grad_enabled()), 0
+    cols = torch.nonzero(targets.any(dim=0)).flatten()
+    labels = batch[:, 1:][:, cols].masked_fill(~targets[:, cols], -100)
+    with autocast(bf16, dev, model):
+        if _keeps_logits_subset(model):
+            logits = model(input_ids=batch, logits_to_keep=cols).logits
+        else:
+            logits = model(input_ids=batch).logits[:, cols]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss, n
+
+
+def lm_loss(
+    model: Any, batch: torch.Tensor, bf16: bool, lb_weight: float = 0.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of a batch of packed blocks [B, T] (plus lb_weight times the
+    load-balancing loss of a mixture-of-experts adapter); `mask` [B, T]: only True tokens are targets."""
+    if mask is not None:
+        total, n = target_loss(model, batch, mask, bf16)
+        loss = total / max(1, n)
+    else:
+        dev = model_device(model)
+        batch = batch.to(dev)
+        with autocast(bf16, dev, model):
+            loss = model(input_ids=batch, labels=batch).loss
+    if lb_weight > 0:
+        from fedtune.adapters.moe_lora import load_balancing_loss
+
+        lb = load_balancing_loss(model)
+        if lb is not None:
+            loss = loss + lb_weight * lb
+    return torch.as_tensor(loss)
+
+
+def proximal_term(
+    params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float
+) -> Callable[[], torch.Tensor]:
+    """FedProx (arXiv:1812.06127): mu/2 * ||w - w_received||^2 keeps local steps near the global model."""
+
+    def term() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))  # type: ignore[return-value]
+
+    return term
+
+
+def local_train_(
+    model: Any,
+    params: list[torch.nn.Parameter],
+    blocks: torch.Tensor,
+    spec: TrainSpec,
+    gen: torch.Generator,
+    *,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+    router_params: list[torch.nn.Parameter] | None = None,
+    router_blocks: torch.Tensor | None = None,
+    step_offset: int = 0,
+    regions: list[torch.Size] | None = None,
+    docs: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    router_mask: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Train `params` of `model` in place on `blocks` [N, T]; return train metrics.
+
+    `extra_loss` adds a term to every micro-batch loss (e.g. a FedProx proximal term).
+    `router_params` (mixture-of-experts routers): with spec.router_every > 0 they follow CoMiGS's
+    alternating schedule: after every router_every-th expert step (counted over the client's whole
+    training, from `step_offset`), router_steps steps of their own AdamW on `router_blocks` (the
+    validation split) with the same loss; otherwise they train jointly with `params`.
+    `regions`: for each of `params`, the leading sub-shape the client really trains (its own
+    rank inside a larger padded LoRA); DP-SGD adds noise only there. `mask` [N, T]: the target
+    tokens of each block (instruction data: the completions; padding of DP-SGD's unit 'document'
+    blocks is never a target); None = every token. `router_mask`: the same for `router_blocks`.
+    `docs` (DP-SGD's unit 'document'): the document of each block; documents, not blocks, are
+    Poisson-sampled and clipped (all blocks of a document together).
+    Raises TrainingDivergedError on a NaN or infinite loss.
+    """
+    total = spec.num_steps(int(blocks.shape[0]))
+    router_params = router_params or []
+    alternate = bool(router_params) and spec.router_every > 0
+    trained = params if alternate else params + router_params
+    opt = (
+        torch.optim.SGD(trained, lr=spec.lr, weight_decay=spec.weight_decay)
+        if spec.optimizer == "sgd"
+        else torch.optim.AdamW(trained, lr=spec.lr, weight_decay=spec.weight_decay)
+    )
+    stream = batch_indices(int(blocks.shape[0]), spec.batch_size, gen)
+    if alternate:
+        own = router_blocks is not None and router_blocks.shape[0] > 0
+        rblocks = router_blocks if router_blocks is not None and own else blocks
+        rmask = router_mask if own else mask
+        router_opt = torch.optim.AdamW(router_params, lr=spec.router_lr, weight_decay=spec.weight_decay)
+        router_stream = batch_indices(int(rblocks.shape[0]), spec.batch_size, gen)
+        for p in router_params:
+            p.requires_grad_(False)
+    model.train()
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    router_losses: list[float] = []
+
+    def step_on(
+        optimizer: torch.optim.Optimizer,
+        group: list[torch.nn.Parameter],
+        data: torch.Tensor,
+        data_mask: torch.Tensor | None,
+        it: Iterator[torch.Tensor],
+    ) -> float:
+        step_loss = 0.0
+        for _ in range(spec.grad_accum):
+            rows = next(it)
+            part = data_mask[rows] if data_mask is not None else None
+            loss = lm_loss(model, data[rows], spec.bf16, spec.lb_weight, part)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            if not torch.isfinite(loss):
+                model.eval()
+                raise TrainingDivergedError(
+                    f"loss is {loss.item()} at local step {len(losses)}; lower train.lr "
+                    f"(now {spec.lr:g}) or set train.max_grad_norm"
+                )
+            (loss / spec.grad_accum).backward()
+            step_loss += loss.item() / spec.grad_accum
+        if spec.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(group, spec.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return step_loss
+
+    def dp_step_on(optimizer: torch.optim.Optimizer, group: list[torch.nn.Parameter]) -> float | None:
+        """One DP-SGD step (module docstring); the mean per-example loss, None for an empty batch."""
+        n = units
+        q = spec.dp_rate(n)
+        clip, sigma = float(spec.dp_clip or 1.0), float(spec.dp_noise or 0.0)
+        picked = torch.nonzero(noise.uniform(n) < q).flatten().tolist()
+        summed = [torch.zeros_like(p, dtype=torch.float32) for p in group]
+        step_losses = []
+        for i in picked:
+            rows = members[i] if members is not None else slice(i, i + 1)  # a document: all its blocks
+            part_mask = mask[rows] if mask is not None else None
+            loss = lm_loss(model, blocks[rows], spec.bf16, spec.lb_weight, part_mask)
+            if not torch.isfinite(loss):
+                model.eval()
+                raise TrainingDivergedError(
+                    f"loss is {loss.item()} at local step {len(losses)}; lower train.lr (now {spec.lr:g})"
+                )
+            raw = torch.autograd.grad(loss, group, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g.float() for p, g in zip(group, raw)]
+            gnorm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+            factor = min(1.0, clip / gnorm) if gnorm > 0 else 1.0
+            for acc, g in zip(summed, grads):
+                acc.add_(g, alpha=factor)
+            step_losses.append(loss.item())
+        for i, (p, acc) in enumerate(zip(group, summed)):
+            region = regions[i] if regions is not None and i < len(regions) else acc.shape
+            cut = tuple(slice(0, n) for n in region)
+            acc[cut] += noise.normal(acc[cut].shape).to(acc.device) * (sigma * clip)
+            p.grad = (acc / (q * n)).to(p.dtype)
+        if extra_loss is not None:  # data-independent (FedProx): no privacy cost, not clipped
+            extra_loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return sum(step_losses) / len(step_losses) if step_losses else None
+
+    dp = spec.dp_noise is not None
+    # DP-SGD's unit: a block, or a document (all its blocks: `docs` gives each block's document)
+    members = (
+        [torch.nonzero(docs == d).flatten() for d in range(int(docs.max()) + 1)]
+        if docs is not None and docs.numel()
+        else None
+    )
+    units = len(members) if members is not None else int(blocks.shape[0])
+    # seeded: the training generator (reproducible simulation); secure: the OS CSPRNG
+    noise = SecureNoise() if spec.dp_randomness == "secure" else SeededNoise(gen)
+    empty = 0
+    for step in range(total):
+        lr = get_lr(step, total, spec)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if dp:
+            loss_or_none = dp_step_on(opt, trained)
+            if loss_or_none is None:
+                empty += 1
+                if on_step is not None and losses:
+                    on_step(step + 1, total, losses[-1])
+                continue
+            losses.append(loss_or_none)
+        else:
+            losses.append(step_on(opt, trained, blocks, mask, stream))
+        if alternate and (step_offset + step + 1) % spec.router_every == 0:
+            for p in trained:
+                p.requires_grad_(False)
+            for p in router_params:
+                p.requires_grad_(True)
+            for _ in range(spec.router_steps):
+                router_losses.append(step_on(router_opt, router_params, rblocks, rmask, router_stream))
+            for p in router_params:
+                p.requires_grad_(False)
+            for p in trained:
+                p.requires_grad_(True)
+        if on_step is not None:
+            on_step(step + 1, total, losses[-1])
+    for p in router_params:
+        p.requires_grad_(True)
+    model.eval()
+    if not losses:  # DP-SGD: every Poisson batch was empty (tiny shard, tiny q)
+        losses = [float("nan")]
+    out = {
+        "train_loss": sum(losses) / len(losses),
+        "train_last_loss": losses[-1],
+        "steps": float(total),
+        "train_seconds": time.perf_counter() - t0,
+    }
+    if dp:  # what the accountant needs: steps taken at Poisson rate q
+        out.update(dp_steps=float(total), dp_rate=spec.dp_rate(units), dp_empty_batches=float(empty))
+    if router_losses:
+        out["router_loss"] = sum(router_losses) / len(router_losses)
+    return out

@@ -1,0 +1,397 @@
+"""Every registry in one place, and builders that turn typed config into plain keyword arguments
+(components never see the config object)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from fedtune.client.train import TrainSpec
+from fedtune.codecs import CODECS
+from fedtune.config.schema import ExperimentConfig
+from fedtune.data.sources import DATA_SOURCES
+from fedtune.engines.capabilities import ENGINES, engine_problems
+from fedtune.errors import Problem
+from fedtune.models.load import device_problem, model_problem
+from fedtune.registry import Registry
+from fedtune.strategies import STRATEGIES
+from fedtune.strategies.base import Capabilities, RunContext
+from fedtune.strategies.decentralized import peer_codec_problems
+
+# The one strategy field fedtune fills in from the run (not a user parameter).
+CONTEXT_FIELD = "ctx"
+
+
+REGISTRIES: dict[str, Registry[Any]] = {
+    "strategy": STRATEGIES,
+    "codec": CODECS,
+    "data source": DATA_SOURCES,
+}
+
+
+def check_named(field: str, registry: Registry[type], name: str, params: dict[str, Any]) -> list[Problem]:
+    """Problems with a component name and its keyword parameters (unknown keys, wrong types)."""
+    if name not in registry:
+        return [
+            Problem(f"{field}.name", name, f"unknown {registry.kind}", f"use one of: {', '.join(registry.names())}")
+        ]
+    cls = registry.get(name)
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    problems = []
+    for key in params:
+        if key == CONTEXT_FIELD:
+            problems.append(Problem(f"{field}.{key}", params[key], "set by fedtune from the run", "remove it"))
+        elif key not in fields:
+            valid = ", ".join(sorted(set(fields) - {CONTEXT_FIELD})) or "(none)"
+            problems.append(
+                Problem(
+                    f"{field}.{key}",
+                    params[key],
+                    f"unknown parameter of {registry.kind} {name!r}",
+                    f"valid parameters: {valid}",
+                )
+            )
+    known = {k: v for k, v in params.items() if k in fields}
+    if known:
+        try:
+            TypeAdapter(cls).validate_python(known)
+        except ValidationError as e:
+            for err in e.errors():
+                loc = ".".join(str(x) for x in err["loc"])
+                problems.append(
+                    Problem(
+                        f"{field}.{loc}", err.get("input"), err["msg"], "see `fedtune ls` for the parameter's meaning"
+                    )
+                )
+        except (TypeError, ValueError) as e:
+            problems.append(Problem(field, known, str(e), "fix the parameters"))
+    return problems
+
+
+def strategy_class(cfg: ExperimentConfig) -> Any:
+    return STRATEGIES.get(cfg.strategy.name) if cfg.strategy.name in STRATEGIES else None
+
+
+def strategy_capabilities(cfg: ExperimentConfig) -> Capabilities | None:
+    """The configured strategy's declared capabilities (None if the name or params are invalid)."""
+    cls = strategy_class(cfg)
+    if cls is None:
+        return None
+    try:
+        return cls(**cfg.strategy.params()).capabilities  # type: ignore[no-any-return]
+    except (TypeError, ValueError):
+        return None  # reported by check_named
+
+
+def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
+    """A strategy's declared needs against the config: its adapter, per-client ranks, secure
+    aggregation, DP-SGD, and its own cross-field checks."""
+    caps = strategy_capabilities(cfg)
+    if caps is None:
+        return []
+    name = cfg.strategy.name
+    problems: list[Problem] = []
+    if caps.adapter_kind is not None and cfg.adapter.kind != caps.adapter_kind:
+        problems.append(
+            Problem(
+                "adapter.kind",
+                cfg.adapter.kind,
+                f"strategy {name!r} needs adapter.kind {caps.adapter_kind!r}",
+                f"set adapter.kind: {caps.adapter_kind}",
+            )
+        )
+    if cfg.adapter.kind == "lora_sb" and cfg.adapter.ranks is not None:
+        problems.append(
+            Problem(
+                "adapter.ranks", cfg.adapter.ranks, "LoRA-SB shares A and B: one rank for all", "drop adapter.ranks"
+            )
+        )
+    elif cfg.adapter.ranks is not None and not caps.heterogeneous_ranks:
+        ok = [n for n in STRATEGIES.names() if STRATEGIES.get(n)().capabilities.heterogeneous_ranks]
+        problems.append(
+            Problem(
+                "adapter.ranks",
+                cfg.adapter.ranks,
+                f"strategy {name!r} needs one rank for all clients",
+                f"drop adapter.ranks or use one of: {', '.join(ok)}",
+            )
+        )
+    if caps.accounts_sampling and cfg.sampling.availability.kind != "always":
+        problems.append(
+            Problem(
+                "sampling.availability.kind",
+                cfg.sampling.availability.kind,
+                f"strategy {name!r} accounts privacy for a fixed client sampling rate, which an availability "
+                "trace changes from round to round",
+                "use kind: always with this strategy",
+            )
+        )
+    if cfg.secure_aggregation and not caps.sum_only:
+        sums = sorted(n for n in STRATEGIES.names() if STRATEGIES.get(n)().capabilities.sum_only)
+        problems.append(
+            Problem(
+                "secure_aggregation",
+                True,
+                f"strategy {name!r} needs the individual updates (it does not aggregate by a sum), "
+                "but secure aggregation reveals only their sum",
+                f"use one of {', '.join(sums)}, or set secure_aggregation: false",
+            )
+        )
+    if cfg.train.dp_sgd is not None and caps.client_step:
+        problems.append(
+            Problem(
+                "train.dp_sgd",
+                cfg.train.dp_sgd.model_dump(),
+                f"strategy {name!r} trains with its own client update, which DP-SGD does not cover",
+                "use a first-order strategy (fedavg, fedit, ffa_lora, fedsb, ...) or drop train.dp_sgd",
+            )
+        )
+    if cfg.train.dp_sgd is not None and cfg.adapter.kind == "moe_lora":
+        a = cfg.adapter
+        if a.router != "frozen" and a.router_every > 0:
+            problems.append(
+                Problem(
+                    "adapter.router_every",
+                    a.router_every,
+                    "the alternating router steps read the validation split outside DP-SGD's accounting",
+                    "set adapter.router_every: 0 (routers train inside DP-SGD) or drop train.dp_sgd",
+                )
+            )
+    dp = cfg.strategy.name == "dp_fedavg" or cfg.train.dp_sgd is not None
+    if dp and caps.raw_data:
+        problems.append(
+            Problem(
+                "strategy.name",
+                name,
+                f"strategy {name!r} moves raw client data (tokens) outside the DP guarantee that is reported",
+                "use another strategy (e.g. pcl with trust: weights, robust), or drop DP",
+            )
+        )
+    if dp and cfg.adapter.kind == "lora_sb" and not cfg.adapter.sb_init.startswith("source:"):
+        problems.append(
+            Problem(
+                "adapter.sb_init",
+                cfg.adapter.sb_init,
+                "LoRA-SB's init from a client's data is released to everyone, outside the DP guarantee",
+                "use adapter.sb_init: source:<public corpus>, e.g. source:stdlib",
+            )
+        )
+    if _stateful(cfg, downlink=True):
+        problems.append(
+            Problem(
+                "downlink_codec" if cfg.downlink_codec is not None else "codec",
+                (cfg.downlink_codec or cfg.codec).name,
+                "a stateful codec (error feedback, lazy uploads) on the downlink sends part of the model state; "
+                "clients would train on a model with most of its entries missing",
+                "set downlink_codec: {name: identity} (or fp16 / quantize) and keep the stateful codec for the uplink",
+            )
+        )
+    down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
+    if caps.peer_to_peer:
+        problems += peer_codec_problems(name, {"codec.name": cfg.codec.name, "downlink_codec.name": down.name})
+    problems += strategy_class(cfg).config_problems(cfg.strategy.params(), cfg.adapter, down, cfg.secure_aggregation)
+    return problems
+
+
+def model_limit_problems(cfg: ExperimentConfig, model_dir: str) -> list[Problem]:
+    """The data must fit the model: data.block_size <= its maximum positions."""
+    from fedtune.models.load import max_positions
+
+    limit = max_positions(model_dir)
+    if limit is not None and cfg.data.block_size > limit:
+        return [
+            Problem(
+                "data.block_size",
+                cfg.data.block_size,
+                f"the model takes at most {limit} positions ({model_dir})",
+                f"use data.block_size <= {limit}",
+            )
+        ]
+    return []
+
+
+def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Problem]:
+    """Checks that need the clients: adapter.ranks / adapter.experts lists (one entry per
+    client) and the strategy on the configured sample size (Krum's n >= 2f + 3, ...)."""
+    out = []
+    n, ids = len(client_ids), ", ".join(client_ids)
+    if cfg.adapter.ranks is not None and len(cfg.adapter.ranks) != n:
+        out.append(
+            Problem(
+                "adapter.ranks",
+                cfg.adapter.ranks,
+                f"one rank per client is needed; there are {n} clients ({ids})",
+                f"give {n} ranks",
+            )
+        )
+    counts = cfg.adapter.experts
+    if cfg.adapter.kind == "moe_lora" and isinstance(counts, list) and len(counts) != n:
+        out.append(
+            Problem(
+                "adapter.experts",
+                counts,
+                f"one expert count per client is needed; there are {n} clients ({ids})",
+                f"give {n} counts, or one number for all",
+            )
+        )
+    cls = strategy_class(cfg)
+    if cls is not None and n > 0:
+        from fedtune.sampling import sample_size
+
+        k = sample_size(n, cfg.sampling.fraction, cfg.sampling.min_clients)
+        built = TypeAdapter(cls).validate_python(cfg.strategy.params())
+        out += built.sample_problems(k) + built.network_problems(client_ids, cfg.seed)
+    return out
+
+
+def check_data_source(cfg: ExperimentConfig) -> list[Problem]:
+    from pathlib import Path
+
+    if cfg.data.source == "files":
+        if not cfg.data.path:
+            return [Problem("data.path", None, "source 'files' needs a path", "set data.path to a file or folder")]
+        if not Path(cfg.data.path).expanduser().exists():
+            return [Problem("data.path", cfg.data.path, "does not exist", "give an existing file or folder")]
+    return []
+
+
+def check_model(cfg: ExperimentConfig) -> list[Problem]:
+    out = []
+    why = model_problem(cfg.model)
+    if why is not None:
+        out.append(Problem("model.name", cfg.model.name, why, "use 'smollm2', 'tiny' or a local HF model dir"))
+    why = device_problem(cfg.model.device)
+    if why is not None:
+        out.append(Problem("model.device", cfg.model.device, why, "use 'auto' or 'cpu'"))
+    if cfg.model.dtype == "bfloat16" and not cfg.train.bf16:
+        out.append(
+            Problem(
+                "model.dtype",
+                cfg.model.dtype,
+                "a bf16 base with fp32 adapters runs under bf16 autocast",
+                "set train.bf16: true, or model.dtype: float32",
+            )
+        )
+    caps = strategy_capabilities(cfg)
+    if cfg.model.dtype == "bfloat16" and caps is not None and caps.base_offsets:
+        out.append(
+            Problem(
+                "model.dtype",
+                cfg.model.dtype,
+                f"strategy {cfg.strategy.name!r} writes offsets into the base weights, and bf16 keeps "
+                "only 8 bits of mantissa: small offsets would round away",
+                "use model.dtype: float32 (train.bf16 autocast still speeds up the matmuls)",
+            )
+        )
+    return out
+
+
+def _stateful(cfg: ExperimentConfig, downlink: bool) -> bool:
+    """Whether the (up- or down-) link codec keeps state; False for an invalid codec (reported by check_codec)."""
+    try:
+        return bool(build_codec(cfg, downlink=downlink).stateful)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def check_engine(cfg: ExperimentConfig, engine: str | None = None) -> list[Problem]:
+    """What the chosen engine (default: engine.name) cannot do for this config."""
+    name = engine or cfg.engine.name
+    caps = strategy_capabilities(cfg)
+    if caps is None:
+        return []
+    stateful = _stateful(cfg, downlink=False) or _stateful(cfg, downlink=True)
+    return engine_problems(ENGINES[name], cfg, caps, stateful)
+
+
+def build_strategy(cfg: ExperimentConfig, ctx: RunContext) -> Any:
+    """Instantiate the configured strategy with its run context, from the validated (type-coerced)
+    parameters, never the raw strings of a YAML file or `--set`."""
+    cls = STRATEGIES.get(cfg.strategy.name)
+    params = TypeAdapter(cls).validate_python(cfg.strategy.params()) if cfg.strategy.params() else cls()
+    return dataclasses.replace(params, ctx=ctx)
+
+
+def run_context(cfg: ExperimentConfig, client_ids: list[str], lora_scale: float) -> RunContext:
+    """The run facts a strategy may use, including the real sampling rate and scheme."""
+    from fedtune.sampling import sample_size
+
+    n = len(client_ids)
+    k = sample_size(n, cfg.sampling.fraction, cfg.sampling.min_clients)
+    q = cfg.sampling.fraction if cfg.sampling.scheme == "poisson" else k / n
+    ranks = dict(zip(client_ids, cfg.adapter.ranks)) if cfg.adapter.ranks is not None else {}
+    return RunContext(
+        seed=cfg.seed,
+        lora_scale=lora_scale,
+        client_ranks=ranks,
+        train_lr=cfg.train.lr,
+        sampling_rate=q,
+        sampling_scheme=cfg.sampling.scheme,
+        num_clients=n,
+        sample_size=k,
+        client_ids=tuple(client_ids),
+        randomness=cfg.randomness(),
+    )
+
+
+def codec_stages(codec: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(stage name, params) of a codec config: `name: chain` with `stages: [...]`, or one stage."""
+    if codec.name != "chain":
+        return [(codec.name, codec.params())]
+    return [(str(s.get("name")), {k: v for k, v in s.items() if k != "name"}) for s in codec.params()["stages"]]
+
+
+def check_codec(field: str, codec: Any) -> list[Problem]:
+    """Problems with a codec config: each stage's name and parameters."""
+    if codec.name != "chain":
+        return check_named(field, CODECS, codec.name, codec.params())
+    params = codec.params()
+    stages = params.get("stages")
+    extra = sorted(set(params) - {"stages"})
+    problems = [
+        Problem(f"{field}.{k}", params[k], "unknown parameter of a codec chain", "use only stages") for k in extra
+    ]
+    if not isinstance(stages, list) or not stages or not all(isinstance(x, dict) and "name" in x for x in stages):
+        return [
+            *problems,
+            Problem(
+                f"{field}.stages",
+                stages,
+                "a chain needs a non-empty list of stages, each with a name",
+                "e.g. stages: [{name: topk, fraction: 0.01}, {name: quantize, bits: 8}]",
+            ),
+        ]
+    for i, (name, p) in enumerate(codec_stages(codec)):
+        problems += check_named(f"{field}.stages[{i}]", CODECS, name, p)
+    return problems
+
+
+def build_codec(cfg: ExperimentConfig, downlink: bool = False) -> Any:
+    """The uplink codec (`codec`), or the downlink one (`downlink_codec`, default: `codec`)."""
+    from fedtune.codecs import Chain
+
+    codec = cfg.downlink_codec if downlink and cfg.downlink_codec is not None else cfg.codec
+    return Chain(tuple(CODECS.get(name)(**params) for name, params in codec_stages(codec)))
+
+
+def build_train_spec(cfg: ExperimentConfig) -> TrainSpec:
+    fields = cfg.train.model_dump(exclude={"dp_sgd"})
+    if cfg.train.dp_sgd is not None:
+        fields.update(
+            dp_clip=cfg.train.dp_sgd.clip, dp_noise=cfg.train.dp_sgd.noise_multiplier, dp_randomness=cfg.randomness()
+        )
+    spec = TrainSpec(**fields)
+    if cfg.adapter.kind != "moe_lora":
+        return spec
+    from dataclasses import replace
+
+    a = cfg.adapter
+    return replace(
+        spec,
+        lb_weight=a.lb_weight,
+        router_every=a.router_every if a.router != "frozen" else 0,
+        router_steps=a.router_steps,
+        router_lr=a.router_lr if a.router_lr is not None else cfg.train.lr,
+    )

@@ -1,0 +1,191 @@
+"""Load an experiment from YAML, apply key=value overrides, and report every problem at once."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from fedtune.config.schema import ExperimentConfig
+from fedtune.errors import ConfigError, Problem
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=3` -> (['a', 'b'], 3); the value is parsed as YAML (numbers, lists, true/false)."""
+    if "=" not in item:
+        raise ConfigError([Problem("--set", item, "expected key=value", "write e.g. --set rounds=5")])
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):  # YAML 1.1 reads 1e-6 as a string; a number is meant
+        try:
+            value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "+inf") else value
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = _deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[part] = nxt
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([Problem("config", str(p), "file not found", "pass a YAML file, e.g. configs/demo.yaml")])
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(
+            [Problem("config", str(p), f"invalid YAML at {where}: {problem}", "fix the YAML syntax there")]
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([Problem("config", str(p), "top level must be a mapping", "write key: value pairs")])
+    return raw
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Field names valid at a location of the schema (for 'unknown key' messages)."""
+    cls: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if cls is None:
+            return []
+        field = cls.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return sorted(cls.model_fields) if cls is not None else []
+
+
+def problems_from_validation(err: ValidationError, raw: dict[str, Any]) -> list[Problem]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        field = ".".join(str(x) for x in loc) or "config"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(ExperimentConfig, loc)
+            problems.append(Problem(field, value, "unknown key", f"use one of: {', '.join(valid)}"))
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        ctx = e.get("ctx") or {}
+        if "expected" in ctx:
+            fix = f"use one of {ctx['expected']}"
+        elif e["type"] in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
+            fix = f"choose a value that is {msg.lower().removeprefix('input should be ')}"
+        elif e["type"] == "missing":
+            fix = "add this key"
+        else:
+            fix = "see `fedtune validate --help` and configs/ for examples"
+        if isinstance(value, dict) and e["type"] == "value_error":
+            value = {k: v for k, v in value.items() if not isinstance(v, dict)}
+        problems.append(Problem(field, value, msg, fix))
+    return problems
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate an experiment; raise ConfigError listing every problem."""
+    raw = read_yaml(path) if path is not None else {}
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    try:
+        cfg = ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(problems_from_validation(err, raw)) from None
+    problems = check_components(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def check_components(cfg: ExperimentConfig) -> list[Problem]:
+    """Checks that need the registries (names and each component's own parameters)."""
+    from fedtune import components  # registers everything
+
+    problems: list[Problem] = []
+    problems += components.check_named(
+        "strategy", components.REGISTRIES["strategy"], cfg.strategy.name, cfg.strategy.params()
+    )
+    problems += components.check_codec("codec", cfg.codec)
+    if cfg.downlink_codec is not None:
+        problems += components.check_codec("downlink_codec", cfg.downlink_codec)
+    if cfg.data.source not in components.REGISTRIES["data source"]:
+        problems.append(
+            Problem(
+                "data.source",
+                cfg.data.source,
+                "unknown data source",
+                f"use one of: {', '.join(components.REGISTRIES['data source'].names())}",
+            )
+        )
+    problems += components.check_strategy(cfg)
+    problems += tracker_problems(cfg.report.trackers)
+    if not problems:  # engine checks need a valid strategy and codecs
+        problems += components.check_engine(cfg)
+    problems += components.check_data_source(cfg)
+    problems += components.check_model(cfg)
+    problems += audit_problems(cfg)
+    return problems
+
+
+def audit_problems(cfg: ExperimentConfig) -> list[Problem]:
+    """Audit canaries are placed in-process: their secret stays in the run directory."""
+    if cfg.audit is None or cfg.engine.name == "inprocess":
+        return []
+    return [
+        Problem(
+            "audit",
+            cfg.engine.name,
+            "audit canaries need the in-process engine (the inclusion bits are kept in the run directory, "
+            "which Flower's SuperNodes do not see)",
+            "use engine.name: inprocess, or remove the audit section",
+        )
+    ]
+
+
+def config_to_yaml(cfg: ExperimentConfig) -> str:
+    return str(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+
+
+def tracker_problems(names: Sequence[str]) -> list[Problem]:
+    """A tracker whose package is not installed, by name (checked by `fedtune validate`)."""
+    import importlib.util
+
+    return [
+        Problem(
+            "report.trackers",
+            list(names),
+            f"{name!r} needs the {TRACKER_PACKAGES[name]!r} package, which is not installed",
+            "pip install 'fedtune[track]'",
+        )
+        for name in names
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None
+    ]

@@ -1,0 +1,359 @@
+"""The typed schema of an experiment. Components are selected by registered name; configs never
+import code, because they travel between parties."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedtune.config.inputs import DataConfig as DataConfig
+from fedtune.config.inputs import ModelConfig as ModelConfig
+from fedtune.config.inputs import TinyModelConfig as TinyModelConfig
+from fedtune.config.inputs import _Strict
+
+
+class PartitionConfig(_Strict):
+    kind: Literal["natural", "iid", "dirichlet"] = "natural"
+    num_clients: int | None = Field(None, ge=1, description="required for iid/dirichlet; natural: one client per label")
+    alpha: float = Field(0.5, gt=0.0, description="Dirichlet concentration (smaller = more skew)")
+    min_docs: int = Field(2, ge=1, description="dirichlet: resample until every client has this many")
+    clients_per_label: int = Field(
+        1, ge=1, description="natural: split each label's documents over this many clients ('<label>-<i>')"
+    )
+
+    @model_validator(mode="after")
+    def _needs_clients(self) -> PartitionConfig:
+        if self.kind in ("iid", "dirichlet") and self.num_clients is None:
+            raise ValueError(f"partition kind {self.kind!r} needs num_clients (e.g. 4)")
+        return self
+
+
+class AdapterConfig(_Strict):
+    kind: Literal["lora", "lora_sb", "moe_lora"] = Field(
+        "lora", description="'lora_sb': dW = B R A, only R trains (Fed-SB); 'moe_lora': LoRA experts + router (CoMiGS)"
+    )
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    ranks: list[int] | None = Field(
+        None, description="per-client ranks in client-id order (flora, flexlora, hetlora); scale stays alpha/r"
+    )
+    target_modules: list[str] | Literal["auto", "all-linear"] = Field(
+        "auto", description="'auto' = PEFT's default per architecture (q,v for Llama; c_attn for GPT-2)"
+    )
+
+    sb_init: str = Field(
+        "client",
+        description="LoRA-SB init data: 'client' (first client's validation split), "
+        "'client:<id>' (a consenting client), or 'source:<name>' (a public corpus)",
+    )
+    sb_init_blocks: int = Field(8, ge=1, description="blocks of init data for the gradient estimate")
+    sb_init_lr: float | None = Field(None, ge=0.0, description="R_0 = -init_lr * S_r (default: train.lr)")
+
+    experts: int | list[int] = Field(
+        2, description="moe_lora: experts per block, or one count per client in client-id order, e.g. [2, 2, 4, 4]"
+    )
+    top_k: int = Field(2, ge=1, description="moe_lora: experts mixed per token (>= experts: a dense softmax mixture)")
+    router: Literal["token", "sequence", "frozen"] = Field(
+        "token", description="moe_lora: learned per token, learned per causal prefix, or frozen random"
+    )
+    moe_modules: Literal["mlp", "mlp+attention"] = Field("mlp", description="moe_lora: blocks that get experts")
+    lb_weight: float = Field(0.01, ge=0.0, description="moe_lora: weight of the Switch load-balancing loss")
+    router_every: int = Field(
+        3,
+        ge=0,
+        description="moe_lora: every this many expert steps, router_steps router steps on the validation split "
+        "(CoMiGS's alternating schedule; 0 = router and experts train jointly on the training split)",
+    )
+    router_steps: int = Field(1, ge=1, description="moe_lora: router steps each time (CoMiGS: 10 every 30)")
+    router_lr: float | None = Field(None, gt=0.0, description="moe_lora: router learning rate (default: train.lr)")
+
+    @model_validator(mode="after")
+    def _positive_ranks(self) -> AdapterConfig:
+        if self.ranks is not None and (not self.ranks or min(self.ranks) < 1):
+            raise ValueError(f"ranks = {self.ranks}: give one positive rank per client, e.g. [4, 8, 16, 16]")
+        counts = self.experts if isinstance(self.experts, list) else [self.experts]
+        if not counts or min(counts) < 1:
+            raise ValueError(f"experts = {self.experts}: give a positive count, or one per client, e.g. [2, 2, 4, 4]")
+        return self
+
+    def max_experts(self) -> int:
+        return max(self.experts) if isinstance(self.experts, list) else self.experts
+
+
+class DPSGDConfig(_Strict):
+    """Sample-level DP-SGD on every client (Abadi et al. 2016): Poisson-sampled batches,
+    per-example gradient clipping, Gaussian noise; accounted per client (RDP)."""
+
+    noise_multiplier: float = Field(1.0, gt=0.0, description="sigma: noise std = sigma * clip on the summed gradient")
+    clip: float = Field(1.0, gt=0.0, description="C: bound on each example's gradient norm (adapter parameters)")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0, description="epsilon is reported at this delta")
+    target_epsilon: float | None = Field(
+        None, gt=0.0, description="stop the run before any client's epsilon would exceed this"
+    )
+    unit: Literal["block", "document"] = Field(
+        "block",
+        description="the unit of privacy: 'block' (one packed block_size-token block; a document spanning m "
+        "blocks is protected at group size m) or 'document' (each document is packed on its own, padded, and "
+        "all its blocks are sampled, clipped and counted together as one example)",
+    )
+
+
+class TrainConfig(_Strict):
+    """Local training on each client, every round."""
+
+    steps: int = Field(10, ge=1, description="optimizer steps per round (ignored when epochs is set)")
+    epochs: float | None = Field(None, gt=0.0, description="local epochs per round, instead of steps")
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0.0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer ('sgd': no momentum)")
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+    bf16: bool | Literal["auto"] = Field(
+        "auto",
+        description="bf16 autocast (about 1.5x faster on AVX512-BF16 CPUs, far slower where bf16 is emulated); "
+        "'auto': on where the device runs bf16 natively (see model.dtype), and under a bf16 base",
+    )
+    prox_mu: float = Field(
+        0.0, ge=0.0, description="FedProx proximal term mu/2 ||w - w_received||^2 (arXiv:1812.06127)"
+    )
+    dp_sgd: DPSGDConfig | None = Field(
+        None,
+        description="sample-level differential privacy on each client (per-example clipping + noise; "
+        "batches are Poisson samples of expected size batch_size * grad_accum; max_grad_norm is not used)",
+    )
+
+
+class _Named(BaseModel):
+    """A component chosen by name plus its own keyword arguments (validated by the component)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class StrategyConfig(_Named):
+    name: str = "fedavg"
+
+
+class CodecConfig(_Named):
+    name: str = "identity"
+
+
+class EngineConfig(_Strict):
+    name: Literal["inprocess", "flower-sim", "flower-deploy"] = Field(
+        "inprocess",
+        description="'inprocess' (default), 'flower-sim' (Flower's simulation runtime; extra 'flower'), "
+        "'flower-deploy' (set by `fedtune deploy` / the app it writes: SuperLink and SuperNodes)",
+    )
+    timeout: float = Field(600.0, gt=0.0, description="seconds to wait for client replies (Flower)")
+
+
+class PrivacyConfig(_Strict):
+    """Where privacy randomness comes from (DP noise, DP-SGD's Poisson batches, mask secrets)."""
+
+    randomness: Literal["auto", "seeded", "secure"] = Field(
+        "auto",
+        description="'secure': the OS CSPRNG, never stored (required on a Flower deployment); 'seeded': "
+        "reproducible simulation noise derived from the seed (research only: anyone with the config can "
+        "regenerate it); 'auto': secure on a deployment, seeded in simulation",
+    )
+    release_client_metrics: bool | None = Field(
+        None,
+        description="send each client's training metrics (loss) to the server: by default (null) they are "
+        "sent unless differential privacy (a DP strategy or train.dp_sgd) or secure aggregation is on, since "
+        "they are outside the DP guarantee and not hidden by the masks; true sends them anyway (recorded)",
+    )
+
+
+class AvailabilityConfig(_Strict):
+    """When clients are online (cross-device parties are not always reachable)."""
+
+    kind: Literal["always", "diurnal"] = Field(
+        "always",
+        description="'diurnal': each client has a seeded phase and is online for `online` of every `period` "
+        "rounds (a day of `period` rounds); sampling draws among the online clients",
+    )
+    period: int = Field(24, ge=2, description="rounds in one cycle")
+    online: float = Field(0.5, gt=0.0, le=1.0, description="share of the cycle a client is online")
+
+
+class SamplingConfig(_Strict):
+    fraction: float = Field(1.0, gt=0.0, le=1.0, description="share of clients sampled per round")
+    scheme: Literal["fixed", "poisson"] = Field(
+        "fixed",
+        description="'fixed': k = max(min_clients, round(fraction * n)) clients without replacement (n: the "
+        "clients online that round); "
+        "'poisson': each client independently with probability fraction (a round may have none); "
+        "the DP accountant uses the scheme and rate actually run",
+    )
+    min_clients: int = Field(1, ge=1, description="fixed scheme: at least this many clients per round")
+    min_updates: int = Field(1, ge=0, description="aggregate only when at least this many clients replied")
+    max_update_mb: float | None = Field(
+        None, gt=0.0, description="reject (record as a failure) any client upload larger than this"
+    )
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="fault injection (in-process): each sampled client fails to reply with this probability "
+        "(seeded per round and client; recorded as a failure)",
+    )
+    straggler_fraction: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="straggler injection (in-process): each sampled client is slow in a round with this "
+        "probability; a slow client takes 1 + (straggler_slowdown - 1) * U(0, 1) times a normal client's time",
+    )
+    availability: AvailabilityConfig = Field(
+        default_factory=AvailabilityConfig, description="availability traces: which clients can be sampled"
+    )
+    straggler_slowdown: float = Field(4.0, ge=1.0, description="the slowest a straggler gets, in normal client times")
+    deadline: float | None = Field(
+        None,
+        ge=1.0,
+        description="in-process: the server closes a round after this many normal client times; a later "
+        "reply is a recorded failure (Flower: engine.timeout, in seconds)",
+    )
+
+    @model_validator(mode="after")
+    def _poisson(self) -> SamplingConfig:
+        if self.scheme == "poisson" and self.min_clients > 1:
+            raise ValueError(
+                f"min_clients = {self.min_clients} has no meaning for Poisson sampling (each client is drawn "
+                "independently); use sampling.min_updates to require replies, or scheme: fixed"
+            )
+        return self
+
+
+class AttackConfig(_Strict):
+    """Attack injection (in-process simulation): a fixed, seeded set of attacking clients."""
+
+    kind: Literal["none", "sign_flip", "scale", "gaussian", "data"] = Field(
+        "none",
+        description="sign_flip: send -scale * update; scale: scale * update; gaussian: N(0, scale^2) noise "
+        "instead of the update; data: train on corrupted text (random tokens)",
+    )
+    fraction: float = Field(0.0, ge=0.0, lt=1.0, description="share of clients that attack")
+    scale: float = Field(1.0, gt=0.0)
+
+
+class EvalConfig(_Strict):
+    every: int = Field(1, ge=1, description="evaluate every N rounds (and always after the last)")
+    batch_size: int = Field(8, ge=1)
+    ood: bool = Field(
+        False,
+        description="also test every client's model on the mixture of all clients' test data "
+        "(out of distribution; per-client ood_ppl)",
+    )
+    clients: int | None = Field(
+        None,
+        ge=1,
+        description="evaluate a seeded sample of this many clients (the same sample every time, so curves are "
+        "comparable) plus each round's trainers; default: every client",
+    )
+    val: bool = Field(
+        False,
+        description="also score the model each client ends with on its validation split (val_ppl; mean_val_ppl "
+        "in the round record): choose hyperparameters on it, never on the test split",
+    )
+    max_examples: int | None = Field(
+        32,
+        ge=1,
+        description="instruction data: score at most this many test examples per client for accuracy "
+        "(option log-likelihood) and generation (None: all)",
+    )
+    generate: int = Field(
+        2, ge=0, description="instruction data: greedy generations per client scored by exact match and ROUGE-L"
+    )
+    max_new_tokens: int = Field(24, ge=1, description="instruction data: length limit of each generation")
+
+
+class AuditConfig(_Strict):
+    """Canaries for `fedtune audit` (one-run auditing, Steinke, Nasr and Jagielski 2023,
+    arXiv:2305.08846): random-token training blocks in chosen clients' data, each included with
+    probability 1/2; the audit turns a membership test on the final model into a lower bound on
+    epsilon for one example of one client (`fedtune.data.canaries` says what that unit means)."""
+
+    canaries: int = Field(64, ge=2, description="canaries m: each one training block of data.block_size random tokens")
+    clients: int | list[str] = Field(
+        1,
+        description="the clients whose training split gets the canaries: a count (drawn by the audit's seed) or "
+        "client ids; canary i goes to the (i mod n)-th",
+    )
+    seed: int | None = Field(
+        None,
+        description="seed of the canaries and of which are included (a reproducible audit; it is then in "
+        "config.yaml); default: a secret from the OS, kept only in RUN/audit/canaries.json (owner-readable)",
+    )
+
+    @model_validator(mode="after")
+    def _clients(self) -> AuditConfig:
+        if (self.clients if isinstance(self.clients, int) else len(self.clients)) < 1:
+            raise ValueError(f"audit.clients = {self.clients!r}: give a positive count or client ids, e.g. 1")
+        return self
+
+
+class ReportConfig(_Strict):
+    """Where a run's records go besides RUN_DIR/metrics.jsonl (extra `fedtune[track]`)."""
+
+    trackers: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="log every round to TensorBoard (RUN_DIR/tensorboard) and/or MLflow"
+    )
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI (default: sqlite:///<parent of the run dir>/mlflow.db)"
+    )
+    mlflow_experiment: str = "fedtune"
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(3, ge=1)
+    output_dir: str = Field("runs/{name}", description="'{name}' is replaced by the name")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    codec: CodecConfig = Field(
+        default_factory=CodecConfig,
+        description="how updates travel (uplink, and downlink unless downlink_codec is set); "
+        "a stage name or {name: chain, stages: [...]}",
+    )
+    downlink_codec: CodecConfig | None = Field(None, description="server -> client codec (default: codec)")
+    budget_mb: float | None = Field(
+        None,
+        gt=0.0,
+        description="communication budget: stop cleanly (checkpointed, exported) after the round in which "
+        "the bytes moved (up + down, all clients) reach this many MB",
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    audit: AuditConfig | None = Field(None, description="canaries for `fedtune audit RUN_DIR` (off by default)")
+    secure_aggregation: bool = Field(
+        False,
+        description="pairwise-masked uploads: the server only learns the sum of the updates "
+        "(strategies that aggregate by a sum: fedavg, fedit, ffa_lora, fedsb)",
+    )
+
+    def run_dir(self) -> str:
+        return self.output_dir.replace("{name}", self.name)
+
+    def randomness(self) -> str:
+        """The privacy randomness actually used: 'secure' or 'seeded'."""
+        if self.privacy.randomness != "auto":
+            return self.privacy.randomness
+        return "secure" if self.engine.name == "flower-deploy" else "seeded"

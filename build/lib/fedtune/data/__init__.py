@@ -1,0 +1,1 @@
+"""Data: sources, partitioning, per-client blocks."""

@@ -1,0 +1,189 @@
+"""What each engine can carry, as declared data, and the problems a config has on an engine.
+
+Checked by `fedtune validate` and before any weights load (config loading), so an experiment the
+chosen engine cannot run exactly is refused with a message instead of run differently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from fedtune.errors import Problem
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    """Attributes:
+    client_state: keeps client-private tensors between rounds (CoMiGS experts, FedKSeed's w0).
+    stateful_codecs: keeps codec state per sender and receiver (error feedback, AQUILA).
+    peer_scoring: clients score peers' models / the server scores a reference set (PCL, Bristle).
+    fault_injection: simulated dropouts, stragglers and attacks.
+    pooled_data: the centralized baseline (raw data in one place).
+    ood: the out-of-distribution test (every client's test data pooled).
+    per_client_experts: mixture adapters with a different expert count per client.
+    client_data_init: LoRA-SB initialised from a client's data on the server.
+    secure_codecs: codecs allowed with secure aggregation ('any' or 'identity').
+    peer_to_peer: runs strategies without a server (gossip between peers); in-process it is a
+        simulation of the peer network in one process.
+    real_parties: clients are separate parties whose evaluation replies leave them (a deployment);
+        in simulation the experimenter measures the model with every client's data in hand.
+    """
+
+    name: str
+    client_state: bool
+    stateful_codecs: bool
+    peer_scoring: bool
+    fault_injection: bool
+    pooled_data: bool
+    ood: bool
+    per_client_experts: bool
+    client_data_init: bool
+    secure_codecs: str
+    peer_to_peer: bool
+    real_parties: bool = False
+
+
+INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, True, True, "any", True)
+# on Flower, client state lives on each SuperNode's disk (`engines/flower/client_app.py`)
+FLOWER = EngineCapabilities("flower", True, True, False, False, False, False, False, False, "identity", False)
+# simulated dropouts, stragglers and attacks wrap the Flower engine in simulation as well
+FLOWER_SIM = replace(FLOWER, name="flower-sim", fault_injection=True)
+ENGINES = {"inprocess": INPROCESS, "flower-sim": FLOWER_SIM, "flower-deploy": replace(FLOWER, real_parties=True)}
+
+_INPROCESS = "run it with engine.name: inprocess"
+
+
+def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_codec: bool) -> list[Problem]:
+    """Everything `engine` cannot do for this config (strategy capabilities `caps`)."""
+    field, value = "engine.name", cfg.engine.name
+    out: list[Problem] = []
+
+    def need(ok: bool, where: str, got: Any, why: str, fix: str) -> None:
+        if not ok:
+            out.append(Problem(where, got, f"on engine {engine.name!r}: {why}", fix))
+
+    s = cfg.strategy.name
+    private = caps.accounts_sampling or cfg.train.dp_sgd is not None or cfg.secure_aggregation
+    need(
+        not (engine.real_parties and private and cfg.privacy.release_client_metrics is None),
+        "privacy.release_client_metrics",
+        None,
+        "each client's evaluation metrics (loss, accuracy, a generated answer) leave it in the clear, outside "
+        "the DP guarantee and not hidden by secure aggregation",
+        "set privacy.release_client_metrics: true to send them (recorded), or false to withhold training metrics "
+        "and accept that evaluation replies still leave the clients",
+    )
+    need(engine.pooled_data or not caps.pools_data, field, value, "the centralized baseline pools raw data", _INPROCESS)
+    need(
+        engine.client_state or not caps.client_private,
+        field,
+        value,
+        f"strategy {s!r} keeps client-side state between rounds, which this engine does not carry yet",
+        _INPROCESS,
+    )
+    need(
+        engine.peer_to_peer or not caps.peer_to_peer,
+        field,
+        value,
+        f"strategy {s!r} has no server (peers average with their graph neighbours), and Flower's runtime "
+        "routes every message through the SuperLink",
+        _INPROCESS,
+    )
+    need(
+        engine.peer_scoring or not caps.scores_peers,
+        field,
+        value,
+        f"strategy {s!r} scores models on clients' data during aggregation, which this engine cannot do",
+        _INPROCESS,
+    )
+    need(
+        engine.stateful_codecs or not stateful_codec,
+        "codec",
+        cfg.codec.name,
+        "this codec keeps state between rounds (error feedback, lazy uploads), which this engine does not carry yet",
+        "use a stateless codec (identity, fp16, quantize) or engine.name: inprocess",
+    )
+    need(
+        engine.per_client_experts or not (cfg.adapter.kind == "moe_lora" and isinstance(cfg.adapter.experts, list)),
+        "adapter.experts",
+        cfg.adapter.experts,
+        "per-client expert counts are not carried to the clients",
+        "give one count, or " + _INPROCESS,
+    )
+    need(
+        engine.client_data_init or cfg.adapter.kind != "lora_sb" or cfg.adapter.sb_init.startswith("source:"),
+        "adapter.sb_init",
+        cfg.adapter.sb_init,
+        "every party computes the LoRA-SB init itself, from public data",
+        "use adapter.sb_init: source:<public corpus>, e.g. source:stdlib",
+    )
+    down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
+    if cfg.secure_aggregation and engine.secure_codecs == "identity":
+        bad = cfg.codec if cfg.codec.name != "identity" else down
+        need(
+            bad.name == "identity",
+            "codec.name" if bad is cfg.codec else "downlink_codec.name",
+            bad.name,
+            "with secure aggregation, SecAgg+ quantizes and masks the update itself",
+            "use codec: identity (and no downlink_codec)",
+        )
+    if not engine.fault_injection:
+        need(
+            cfg.attack.kind == "none",
+            "attack.kind",
+            cfg.attack.kind,
+            "attack injection is a simulation feature of the in-process engine",
+            "set attack.kind: none, or " + _INPROCESS,
+        )
+        need(
+            cfg.sampling.dropout == 0,
+            "sampling.dropout",
+            cfg.sampling.dropout,
+            "fault injection is for the in-process engine; here failures are real (timeouts)",
+            "set sampling.dropout: 0 (use engine.timeout and sampling.min_updates)",
+        )
+        for key in ("straggler_fraction", "deadline"):
+            v = getattr(cfg.sampling, key)
+            need(
+                not v,
+                f"sampling.{key}",
+                v,
+                "simulated stragglers and deadlines are for the in-process engine; here a reply later than "
+                "engine.timeout seconds is a recorded failure",
+                f"drop sampling.{key} (use engine.timeout and sampling.min_updates)",
+            )
+    need(
+        engine.name != "flower" or cfg.engine.name != "flower-deploy" or cfg.randomness() == "secure",
+        "privacy.randomness",
+        cfg.privacy.randomness,
+        "a deployment's privacy noise and mask secrets must come from the OS CSPRNG (seeded noise can be "
+        "regenerated by anyone holding the config)",
+        "set privacy.randomness: secure (or auto)",
+    )
+    need(
+        engine.ood or not cfg.evaluation.ood,
+        "evaluation.ood",
+        True,
+        "the out-of-distribution test pools every client's test data in one place",
+        "set evaluation.ood: false, or " + _INPROCESS,
+    )
+    return out
+
+
+class Engine(Protocol):
+    """A transport: where `run_client` runs. Built complete (nothing set after construction).
+
+    `run` turns jobs into replies or expected failures; `evaluate` scores states on the clients'
+    own data; `private_of` is a client's private tensors when the engine holds them (None: they
+    stay on the clients); `peers` answers scoring strategies (None: the engine cannot)."""
+
+    capabilities: EngineCapabilities
+    peers: Any
+
+    def run(self, jobs: Sequence[Any], on_step: Any = None) -> list[Any]: ...
+
+    def evaluate(self, states: Mapping[str, Any], split: str = "test") -> dict[str, dict[str, Any]]: ...
+
+    def private_of(self, cid: str) -> Any: ...

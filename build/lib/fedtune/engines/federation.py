@@ -1,0 +1,182 @@
+"""What every engine builds the same way from a config: the clients' data shards, per-client
+ranks and expert counts, and the base model with its adapter (loaded once per process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune.adapters.lora_sb import inject_lora_sb_
+from fedtune.adapters.moe_lora import inject_moe_lora_
+from fedtune.client.train import model_device
+from fedtune.components import per_client_problems, strategy_capabilities
+from fedtune.config import ExperimentConfig
+from fedtune.data.blocks import Corpus, Shard, pack
+from fedtune.data.canaries import canary_token_ids, run_canaries
+from fedtune.data.partition import partition_ids
+from fedtune.data.report import stats_summary
+from fedtune.data.shards import ClientShards
+from fedtune.data.sources import load_corpus
+from fedtune.errors import ConfigError, Problem
+from fedtune.models.adapters import inject_, lora_config
+from fedtune.models.load import load_model, model_type, resolve_device
+from fedtune.models.precision import Precision, choose_precision, precision_warning
+from fedtune.seeding import derive_seed
+
+
+def load_shards(cfg: ExperimentConfig, tokenizer: Any) -> tuple[ClientShards, dict[str, Any]]:
+    """Every client's shard (checked now, built on first use), and what the round-0 record says
+    about the data (what was cut)."""
+    import json
+
+    ds = load_corpus(cfg.data)
+    files = json.loads(ds.info.description) if ds.info.description else None
+    docs = partition_ids(ds, cfg.partition, cfg.seed)
+    dp = cfg.train.dp_sgd
+    doc_unit = dp is not None and dp.unit == "document"
+    a, canaries = cfg.audit, None
+    if a is not None:  # audit canaries: made (or read back) before any shard is built
+        ids = canary_token_ids(tokenizer)
+        run = Path(cfg.run_dir())
+        canaries = run_canaries(run, a.canaries, a.clients, a.seed, cfg.data.block_size, ids, list(docs))
+    extra = canaries.train_blocks() if canaries is not None else None
+    shards = ClientShards(docs, Corpus.of(ds), tokenizer, cfg.data, cfg.seed, doc_unit, extra_train=extra)
+    return shards, stats_summary(shards.stats, files)
+
+
+def rank_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:
+    """adapter.ranks, in client-id order, as {client: rank} ({} when all clients share adapter.r)."""
+    problems = per_client_problems(cfg, client_ids)
+    if problems:
+        raise ConfigError(problems)
+    return dict(zip(client_ids, cfg.adapter.ranks)) if cfg.adapter.ranks is not None else {}
+
+
+def experts_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:
+    """adapter.experts as {client: count} when given per client ({} otherwise)."""
+    counts = cfg.adapter.experts
+    if cfg.adapter.kind != "moe_lora" or not isinstance(counts, list):
+        return {}
+    problems = per_client_problems(cfg, client_ids)
+    if problems:
+        raise ConfigError(problems)
+    return dict(zip(client_ids, counts))
+
+
+def target_names(model: Any, adapter_cfg: Any) -> list[str]:
+    """Explicit target module names ('all-linear' = every Linear but the LM head)."""
+    if not isinstance(adapter_cfg.target_modules, str):
+        return sorted(adapter_cfg.target_modules)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(names - {"lm_head"})
+
+
+def sb_init_blocks(cfg: ExperimentConfig, shards: Mapping[str, Shard], tokenizer: Any) -> torch.Tensor:
+    """Data for LoRA-SB's gradient estimate: only what the server may see (adapter.sb_init)."""
+    how, n = cfg.adapter.sb_init, cfg.adapter.sb_init_blocks
+    if how.startswith("source:"):
+        return sb_public_blocks(cfg, tokenizer)
+    cid = how.split(":", 1)[1] if ":" in how else next(iter(shards))
+    if cid not in shards:
+        raise ConfigError([Problem("adapter.sb_init", how, "unknown client", f"use one of: {', '.join(shards)}")])
+    shard = shards[cid]
+    return (shard.val if shard.val.shape[0] > 0 else shard.train)[:n]
+
+
+def sb_public_blocks(cfg: ExperimentConfig, tokenizer: Any) -> torch.Tensor:
+    """LoRA-SB init data from a public corpus (adapter.sb_init = 'source:<name>')."""
+    how, n = cfg.adapter.sb_init, cfg.adapter.sb_init_blocks
+    if not how.startswith("source:"):
+        raise ConfigError([Problem("adapter.sb_init", how, "needs a public corpus here", "use source:<name>")])
+    public = load_corpus(cfg.data.model_copy(update={"source": how.split(":", 1)[1], "labels": None}))
+    return pack([str(t) for t in public["text"][: 4 * n]], tokenizer, cfg.data.block_size)[:n]
+
+
+def build_adapted_model(
+    cfg: ExperimentConfig, model_dir: str, client_ranks: dict[str, int], sb_blocks: Callable[[], torch.Tensor]
+) -> tuple[Any, Any]:
+    """Load the base model once and add the adapter (seeded; LoRA-SB from its init data)."""
+    model = load_model(model_dir, cfg.model)  # on the CPU: adapters are built there, then all moves
+    r_max = max(client_ranks.values()) if client_ranks else None
+    adapter_cfg = lora_config(cfg.adapter, model_type(model_dir), r=r_max)
+    if cfg.adapter.kind == "lora_sb":
+        init_lr = cfg.adapter.sb_init_lr if cfg.adapter.sb_init_lr is not None else cfg.train.lr
+        model = inject_lora_sb_(model, target_names(model, adapter_cfg), cfg.adapter.r, sb_blocks(), init_lr)
+    elif cfg.adapter.kind == "moe_lora":
+        a = cfg.adapter
+        model = inject_moe_lora_(
+            model,
+            num_experts=a.max_experts(),
+            r=a.r,
+            alpha=a.alpha,
+            top_k=a.top_k,
+            router=a.router,
+            dropout=a.dropout,
+            modules=a.moe_modules,
+            seed=derive_seed(cfg.seed, "adapter-init"),
+        )
+    else:
+        model = inject_(model, adapter_cfg, derive_seed(cfg.seed, "adapter-init"))
+    for p in model.parameters():  # the adapter trains in fp32 whatever the base's dtype (master weights)
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model.to(resolve_device(cfg.model.device)), adapter_cfg
+
+
+def run_precision(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Precision, str | None]:
+    """`cfg` with `model.dtype` and `train.bf16` resolved for this process's device ('auto':
+    `models.precision`), the choice with its reason, and a warning (with the measured cost) when
+    bf16 is set explicitly where the device only emulates it. Every engine's builder calls this
+    before the model loads, so each party resolves 'auto' for its own device."""
+    caps = strategy_capabilities(cfg)
+    offsets = caps is not None and caps.base_offsets
+    fp32_base = f"strategy {cfg.strategy.name!r} writes offsets into the base weights" if offsets else None
+    device = resolve_device(cfg.model.device)
+    p = choose_precision(cfg.model.dtype, cfg.train.bf16, device, fp32_base)
+    resolved = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"dtype": p.dtype}),
+            "train": cfg.train.model_copy(update={"bf16": p.bf16}),
+        }
+    )
+    return resolved, p, precision_warning(p, device)
+
+
+def device_facts(model: Any, precision: Precision | None = None, warning: str | None = None) -> dict[str, Any]:
+    """Where a model runs, for the records: its device, the dtype of its frozen base weights, the
+    attention kernel, and (given) whether bf16 autocast is on, why, and the slow-bf16 warning."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    dtype = frozen[0].dtype if frozen else next(iter(model.parameters())).dtype
+    out: dict[str, Any] = {"device": str(model_device(model)), "base_dtype": str(dtype).replace("torch.", "")}
+    kernel = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if kernel is not None:
+        out["attention"] = str(kernel)
+    if precision is not None:
+        out.update(bf16_autocast=precision.bf16, precision=precision.reason)
+    if warning is not None:
+        out["precision_warning"] = warning
+    return out
+
+
+@dataclass
+class Federation:
+    """What the loop needs from where the clients live: their ids, the server's copy of the base
+    model with the adapter (initial state, export), the strategy and the engine (built complete).
+
+    Attributes:
+        collected_bytes: raw training data the centralized baseline collects (uplink, round 1).
+        round0: facts for the round-0 record (e.g. the simulated attackers).
+    """
+
+    client_ids: list[str]
+    model: Any
+    model_dir: str
+    adapter_cfg: Any
+    strategy: Any
+    engine: Any
+    collected_bytes: int = 0
+    round0: dict[str, Any] = field(default_factory=dict)

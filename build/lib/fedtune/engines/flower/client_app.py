@@ -1,0 +1,211 @@
+"""The ClientApp: every SuperNode runs `run_client` on its own data, with its client state on its
+own disk (a `ClientStateStore`: `state-dir` in the node config, else under fedtune's cache; in
+simulation the run directory's `clients/`), never on the server."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune.client.run import ClientJob, ClientPlan, run_client
+from fedtune.client.store import ClientStateStore
+from fedtune.codecs import make_codec
+from fedtune.data.blocks import Shard
+from fedtune.engines.flower.wire import CONFIG_KEY, config_from_yaml, from_record, to_record
+from fedtune.errors import FedtuneError
+
+
+@dataclass
+class ClientRuntime:
+    """Everything a SuperNode keeps between messages (the base model is loaded once per process)."""
+
+    cfg: Any
+    client_id: str
+    shard: Shard
+    model: Any
+    plan: ClientPlan
+    state_root: Path
+    weight: float  # this client's weight in a SecAgg+ sum (the strategy's sum weight)
+    stores: dict[str, ClientStateStore]
+    tokenizer: Any = None  # decodes generations (instruction data)
+
+    def store(self, run: str) -> ClientStateStore:
+        """This node's client-state store for one run (by the run's token)."""
+        if run not in self.stores:
+            self.stores[run] = ClientStateStore(self.state_root / (run or "default"), self.plan.initial_state())
+        return self.stores[run]
+
+
+_RUNTIMES: dict[tuple[str, int, str], ClientRuntime] = {}
+_PROCESS: dict[str, tuple[Any, ...]] = {}  # per config: what every client in this process shares
+
+
+def _shared(cfg_yaml: str) -> tuple[Any, ...]:
+    """(cfg, tokenizer, shards, client ids, model, strategy, plan): loaded once per process and
+    config, however many virtual SuperNodes it serves (one base model, shards built on first use)."""
+    if cfg_yaml not in _PROCESS:
+        from fedtune import components
+        from fedtune.engines.federation import (
+            build_adapted_model,
+            load_shards,
+            rank_per_client,
+            run_precision,
+            sb_public_blocks,
+        )
+        from fedtune.engines.plan import build_plan
+        from fedtune.models.adapters import get_state, lora_scale
+        from fedtune.models.load import load_tokenizer, resolve_model_dir
+
+        cfg = config_from_yaml(cfg_yaml)
+        model_dir = resolve_model_dir(cfg.model, cfg.seed)
+        tokenizer = load_tokenizer(model_dir)
+        shards, _ = load_shards(cfg, tokenizer)
+        ids = list(shards)
+        ranks = rank_per_client(cfg, ids)
+        cfg, _, _ = run_precision(cfg)  # 'auto' dtype / bf16 for this SuperNode's device
+        model, _ = build_adapted_model(cfg, model_dir, ranks, lambda: sb_public_blocks(cfg, tokenizer))
+        strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
+        plan = build_plan(cfg, strategy, get_state(model), ids)
+        _PROCESS[cfg_yaml] = (cfg, tokenizer, shards, ids, model, strategy, plan)
+    return _PROCESS[cfg_yaml]
+
+
+def client_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> ClientRuntime:
+    key = (cfg_yaml, partition_id, state_root)
+    if key not in _RUNTIMES:
+        from fedtune.engines.faults import attackers, corrupt_shard
+
+        cfg, tokenizer, shards, ids, model, strategy, plan = _shared(cfg_yaml)
+        cid = ids[partition_id]
+        shard = shards[cid]
+        if cfg.attack.kind == "data" and cid in attackers(ids, cfg.attack.fraction, cfg.seed):
+            shard = corrupt_shard(shard, cfg.seed)  # simulation: this client poisons its text
+        weight = strategy.capabilities.weight(shard.num_examples)
+        root = Path(state_root).expanduser()
+        _RUNTIMES[key] = ClientRuntime(cfg, cid, shard, model, plan, root, weight, {}, tokenizer)
+    return _RUNTIMES[key]
+
+
+def _runtime(context: Context, cfg_yaml: str | None, state_root: str | None) -> ClientRuntime:
+    from fedtune.cache import cache_dir
+
+    text = cfg_yaml or str(context.run_config.get(CONFIG_KEY, ""))
+    if not text:
+        raise FedtuneError(f"run config has no {CONFIG_KEY!r}; start the run with fedtune")
+    root = str(context.node_config.get("state-dir", "")) or state_root or str(cache_dir() / "node-state")
+    # one folder per client under the root (several SuperNodes may share a machine)
+    return client_runtime(text, int(context.node_config.get("partition-id", 0)), root)
+
+
+def job_of(rt: ClientRuntime, config: Any, payload: bytes) -> ClientJob:
+    participants = tuple(p for p in str(config.get("participants", "")).split(",") if p)
+    transform = {k[len("transform-") :]: v for k, v in config.items() if k.startswith("transform-")}
+    return ClientJob(int(config["round"]), rt.client_id, payload, participants, transform, str(config.get("run", "")))
+
+
+def train_step(rt: ClientRuntime, job: ClientJob) -> Any:
+    """run_client with this node's stored state; the new state is stored before replying."""
+    store = rt.store(job.run)
+    state = store.get(rt.client_id, before=job.round)
+    reply, state = run_client(job, rt.model, rt.shard, rt.plan, state)
+    store.put(rt.client_id, state, job.round)
+    return reply
+
+
+def secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's SecAgg+ client mod for the train messages of a secure-aggregation round (they
+    carry SecAgg+ configs); plain train messages go straight to the handler."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        out: Message = secaggplus_mod(msg, context, call_next)
+        return out
+    return call_next(msg, context)  # type: ignore[no-any-return]
+
+
+def secure_train(rt: ClientRuntime, msg: Message) -> Message:
+    """A client's part of a SecAgg+ round: run_client (its plan has the strategy's client step,
+    e.g. DP clip + noise share, and no fedtune mask), then reply with the weighted delta as float
+    arrays in the legacy FitRes format; Flower's SecAgg+ mod quantizes and masks them."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
+
+    from fedtune.seeding import derive_seed
+
+    fitins = recorddict_to_fitins(msg.content, keep_input=True)
+    job = job_of(rt, fitins.config, parameters_to_ndarrays(fitins.parameters)[0].tobytes())
+    reply = train_step(rt, job)
+    delta, _ = rt.plan.up_codec.decode(reply.payload, None)  # identity (enforced with SecAgg+)
+    keys = sorted(delta)
+    if rt.cfg.randomness() == "seeded":  # reproducible SecAgg+ stochastic rounding in simulation only
+        np.random.seed(derive_seed(rt.cfg.seed, "secaggplus", job.round, rt.client_id) % 2**32)
+    res = FitRes(
+        Status(Code.OK, ""),
+        ndarrays_to_parameters([delta[k].detach().double().numpy() for k in keys]),
+        int(round(rt.weight)),
+        {**reply.metrics, "secagg-keys": json.dumps(keys), "num-examples": rt.shard.num_examples},
+    )
+    return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+
+
+def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) -> ClientApp:
+    """A ClientApp; in deployment the config comes from the run config, in simulation from here."""
+    app = ClientApp(mods=[secagg_when_asked])
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        rt = _runtime(context, cfg_yaml, state_root)
+        stats = {f"stat-{k}": float(v) for k, v in rt.shard.stats.items()}  # counts only, never content
+        order = int(context.node_config.get("partition-id", 0))  # the server lists clients in this order
+        info = ConfigRecord({"client": rt.client_id, "order": order, "examples": int(rt.shard.num_examples), **stats})
+        return Message(RecordDict({"info": info}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        rt = _runtime(context, cfg_yaml, state_root)
+        if "fitins.parameters" in msg.content.array_records:  # a SecAgg+ round
+            return secure_train(rt, msg)
+        reply = train_step(rt, job_of(rt, msg.content["config"], from_record(msg.content.array_records["payload"])))
+        metrics = MetricRecord({**reply.metrics, "num-examples": reply.num_examples})
+        return Message(RecordDict({"payload": to_record(reply.payload), "metrics": metrics}), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        from fedtune.adapters.moe_lora import is_moe, set_expert_count_
+        from fedtune.evaluation.metrics import evaluate_split
+        from fedtune.models.adapters import set_state_
+
+        rt = _runtime(context, cfg_yaml, state_root)
+        state, _ = make_codec("identity").decode(from_record(msg.content.array_records["payload"]), None)
+        if is_moe(rt.model):
+            set_expert_count_(rt.model, rt.plan.experts.get(rt.client_id))
+        config = msg.content.config_records["config"]
+        rnd = int(str(config["round"]))
+        private = rt.store(str(config.get("run", ""))).get(rt.client_id, before=rnd + 1).private
+        set_state_(rt.model, {**private, **state})
+        split = "val" if str(config.get("split", "test")) == "val" else "test"
+        blocks = rt.shard.val if split == "val" else rt.shard.test
+        if blocks.shape[0] == 0:  # nothing to score (no validation blocks): say nothing
+            return Message(RecordDict({"metrics": MetricRecord({})}), reply_to=msg)
+        res = evaluate_split(
+            rt.model,
+            blocks,
+            rt.shard.mask(split),
+            rt.shard.prompts.get(split),
+            rt.tokenizer,
+            rt.cfg.evaluation,
+            rt.plan.spec.bf16,
+        )
+        numbers = {k: float(v) for k, v in res.items() if not isinstance(v, str)}
+        texts = ConfigRecord({k: v for k, v in res.items() if isinstance(v, str)})  # generation samples
+        out = RecordDict({"metrics": MetricRecord(numbers), "texts": texts})  # type: ignore[arg-type]
+        return Message(out, reply_to=msg)
+
+    return app

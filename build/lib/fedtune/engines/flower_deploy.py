@@ -1,0 +1,372 @@
+"""Flower deployment on this machine or across machines: certificates, a SuperLink, SuperNodes
+and the Flower app that carries the experiment, as separate processes started with Flower's own
+CLIs (`flower-superlink`, `flower-supernode`, `flwr run`). Every process started here is stopped
+here (with its process group, so Flower's `flower-superexec` children go too).
+
+`fedtune deploy CONFIG --nodes 2` runs the whole thing on loopback; README "Running across
+machines" shows the same commands split over hosts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from fedtune.config import ExperimentConfig, config_to_yaml
+from fedtune.errors import FedtuneError
+
+BIN = Path(sys.executable).parent
+
+
+def flower_env(flwr_home: Path, threads: int = 1) -> dict[str, str]:
+    """Environment for every Flower process: no runtime installs (they would pull a CUDA torch),
+    no update check, one thread per process so several SuperNodes share 2 cores."""
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # Flower spawns its own CLIs by name
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TQDM_DISABLE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+
+
+def make_certificates(out: Path, host: str = "127.0.0.1") -> dict[str, Path]:
+    """A throw-away CA and a server certificate for `host` (openssl), for TLS on the SuperLink."""
+    out.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_crt = out / "ca.key", out / "ca.crt"
+    key, csr, crt, ext = out / "server.key", out / "server.csr", out / "server.crt", out / "ext.cnf"
+
+    def ssl(*args: str) -> None:
+        r = subprocess.run(["openssl", *args], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise FedtuneError(f"openssl {args[0]} failed: {r.stderr.strip()[-300:]}")
+
+    ssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca_crt),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fedtune-test-ca",
+    )
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={host}")
+    ext.write_text(f"subjectAltName=IP:{host},DNS:localhost\n")
+    ssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca_crt),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-out",
+        str(crt),
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+    )
+    return {"ca": ca_crt, "cert": crt, "key": key}
+
+
+def make_node_keys(out: Path, num_nodes: int) -> list[tuple[Path, Path]]:
+    """One P-384 key pair per SuperNode (OpenSSH format, as Flower reads them): the private key
+    stays with the node (`--auth-supernode-private-key`), the public key is registered on the
+    SuperLink (`flwr supernode register`). Equivalent to `ssh-keygen -t ecdsa -b 384 -N ""`."""
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for i in range(num_nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        priv, pub = out / f"node-{i}", out / f"node-{i}.pub"
+        priv.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()))
+        priv.chmod(0o600)
+        pub.write_bytes(key.public_key().public_bytes(ser.Encoding.OpenSSH, ser.PublicFormat.OpenSSH))
+        pairs.append((priv, pub))
+    return pairs
+
+
+def write_app(cfg: ExperimentConfig, app_dir: Path, num_clients: int) -> Path:
+    """A Flower app dir whose ServerApp/ClientApp are fedtune's; the experiment travels in its run
+    config (with engine.name: flower-deploy, so privacy randomness is the OS CSPRNG). No [project]
+    dependencies: the app runs in this environment (never installs torch)."""
+    cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"name": "flower-deploy"})})
+    app_dir.mkdir(parents=True, exist_ok=True)
+    text = config_to_yaml(cfg).replace("'''", "")
+    (app_dir / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        f'[project]\nname = "fedtune-app"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
+        '[tool.flwr.app]\npublisher = "fedtune"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "fedtune.recipes.flower:server_app"\n'
+        'clientapp = "fedtune.recipes.flower:client_app"\n\n'
+        f"[tool.flwr.app.config]\nfedtune-num-clients = {num_clients}\n"
+        f"fedtune-config = '''\n{text}'''\n"
+    )
+    return app_dir
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Running processes of process group `pgid` (zombies, already exited, do not count)."""
+    out = []
+    for q in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(q.pid) == pgid and q.info["status"] != psutil.STATUS_ZOMBIE:
+                out.append(q)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return out
+
+
+def wait_for_group(pgid: int, timeout: float) -> bool:
+    """Whether every process of group `pgid` has exited within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while group_members(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@dataclass
+class LocalDeployment:
+    """A SuperLink and SuperNodes on loopback, with TLS by default. With `auth`, the SuperLink
+    accepts only SuperNodes whose public key was registered (`register_supernode`)."""
+
+    root: Path
+    num_nodes: int
+    tls: bool = True
+    auth: bool = False
+    port: int = 9192
+    node_port: int = 9300
+    grace: float = 10.0  # seconds a stopped process group gets to exit before SIGKILL
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.flwr_home = self.root / "flwr_home"
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.certs = make_certificates(self.root / "certs") if self.tls else {}
+        if self.auth and not self.tls:
+            raise FedtuneError("SuperNode authentication needs TLS (Flower refuses it on an insecure link)")
+        self.node_keys = make_node_keys(self.root / "keys", self.num_nodes) if self.auth else []
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (kept open for the process)
+        self.procs[name] = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.root,
+            env=flower_env(self.flwr_home),
+            start_new_session=True,
+        )
+
+    def start_superlink(self) -> None:
+        cmd = [
+            str(BIN / "flower-superlink"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.root / "state.db"),
+        ]
+        if self.tls:
+            cmd += [
+                "--ssl-ca-certfile",
+                str(self.certs["ca"]),
+                "--ssl-certfile",
+                str(self.certs["cert"]),
+                "--ssl-keyfile",
+                str(self.certs["key"]),
+            ]
+        else:
+            cmd.append("--insecure")
+        if self.auth:
+            cmd.append("--enable-supernode-auth")
+        self._spawn("superlink", cmd)
+
+    def register_supernode(self, i: int) -> None:
+        """`flwr supernode register node-i.pub`: the SuperLink will accept node i."""
+        self.write_connection()
+        r = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "register", str(self.node_keys[i][1]), "fedtune"],
+            capture_output=True,
+            text=True,
+            env=flower_env(self.flwr_home),
+            cwd=self.root,
+            timeout=120,
+        )
+        if r.returncode != 0:
+            raise FedtuneError(f"registering SuperNode {i} failed: {(r.stdout + r.stderr).strip()[-500:]}")
+
+    def wait_for_superlink(self, timeout: float = 60.0) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.procs["superlink"].poll() is not None:
+                raise FedtuneError(f"the SuperLink exited; see {self.root / 'superlink.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise FedtuneError(f"the SuperLink did not open port {self.port} within {timeout:.0f} s")
+
+    def start_supernode(self, i: int, key: Path | None = None) -> None:
+        """SuperNode for partition i (with node i's private key, or `key`, when auth is on)."""
+        cmd = [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(self.node_port + i),
+            "--node-config",
+            f"partition-id={i} num-partitions={self.num_nodes}",
+        ]
+        cmd += ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
+        if self.auth:
+            cmd += ["--auth-supernode-private-key", str(key or self.node_keys[i][0])]
+        self._spawn(f"supernode-{i}", cmd)
+
+    def stop_supernode(self, i: int) -> None:
+        self._kill(f"supernode-{i}")
+
+    def write_connection(self) -> None:
+        lines = ['[superlink]\ndefault = "fedtune"\n\n[superlink.fedtune]\n', f'address = "127.0.0.1:{self.port}"\n']
+        lines.append(f'root-certificates = "{self.certs["ca"]}"\n' if self.tls else "insecure = true\n")
+        (self.flwr_home / "config.toml").write_text("".join(lines))
+
+    def submit(self, app_dir: Path, timeout: float, attempts: int = 3) -> subprocess.CompletedProcess[str]:
+        """`flwr run APP fedtune --stream` and wait for the run to end. A submission the SuperLink
+        did not answer (a busy machine) is retried; one that started a run never is."""
+        self.write_connection()
+        r: subprocess.CompletedProcess[str] | None = None
+        for attempt in range(attempts):
+            r = subprocess.run(
+                [str(BIN / "flwr"), "run", str(app_dir), "fedtune", "--stream"],
+                capture_output=True,
+                text=True,
+                env=flower_env(self.flwr_home, threads=2),
+                cwd=self.root,
+                timeout=timeout,
+            )
+            out = r.stdout + r.stderr
+            if r.returncode == 0 or "Successfully started run" in out or "unavailable" not in out:
+                return r
+            time.sleep(5.0 * (attempt + 1))
+        assert r is not None
+        return r
+
+    def submit_async(self, app_dir: Path) -> subprocess.Popen[str]:
+        """Start `flwr run` without waiting (for fault injection while a run is going)."""
+        self.write_connection()
+        log = open(self.root / "flwr-run.log", "w")  # noqa: SIM115
+        p = subprocess.Popen(
+            [str(BIN / "flwr"), "run", str(app_dir), "fedtune", "--stream"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=flower_env(self.flwr_home, threads=2),
+            cwd=self.root,
+            start_new_session=True,
+        )
+        self.procs["flwr-run"] = p  # type: ignore[assignment]
+        return p
+
+    def _kill(self, name: str) -> None:
+        """Stop the process `name` and every process in its group (a SuperNode's `flower-superexec`
+        and the ClientApps it runs), waiting until none is left: SIGTERM first, SIGKILL to what is
+        still running after `grace` seconds. Waiting for the group leader alone returned while a
+        `flower-superexec` was still shutting down."""
+        p = self.procs.pop(name, None)
+        if p is None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(timeout=self.grace)
+        except subprocess.TimeoutExpired:
+            pass
+        if wait_for_group(p.pid, self.grace):
+            return
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        p.wait()
+        if not wait_for_group(p.pid, self.grace):
+            left = ", ".join(str(q.pid) for q in group_members(p.pid))
+            raise FedtuneError(f"Flower processes {left} (group of {name!r}) survived SIGKILL")
+
+    def stop(self) -> None:
+        errors = []
+        for name in list(self.procs):
+            try:
+                self._kill(name)
+            except FedtuneError as e:  # stop the others first, then say which survived
+                errors.append(str(e))
+        if errors:
+            raise FedtuneError("; ".join(errors))
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def deploy_locally(
+    cfg: ExperimentConfig,
+    num_clients: int,
+    work: Path,
+    *,
+    tls: bool = True,
+    auth: bool = True,
+    timeout: float = 1800.0,
+) -> Path:
+    """Run `cfg` on a SuperLink and one SuperNode per client on loopback; return the run dir.
+    With `auth` (needs TLS) each SuperNode gets a key pair and only registered keys may connect."""
+    run_dir = Path(cfg.run_dir()).resolve()
+    cfg = cfg.model_copy(update={"output_dir": str(run_dir)})
+    if shutil.which("openssl") is None and tls:
+        raise FedtuneError("TLS needs openssl on PATH (or pass --no-tls)")
+    app = write_app(cfg, work / "app", num_clients)
+    with LocalDeployment(work, num_clients, tls=tls, auth=auth and tls) as dep:
+        dep.start_superlink()
+        dep.wait_for_superlink()
+        for i in range(num_clients):
+            if dep.auth:
+                dep.register_supernode(i)
+            dep.start_supernode(i)
+        r = dep.submit(app, timeout)
+        if r.returncode != 0 or not (run_dir / "summary.json").exists():
+            tail = (r.stdout + r.stderr)[-3000:]
+            raise FedtuneError(f"the Flower deployment run failed (logs in {work}):\n{tail}")
+    return run_dir

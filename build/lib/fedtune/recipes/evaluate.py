@@ -1,0 +1,36 @@
+"""`fedtune eval RUN_DIR --all`: every registered client scored with the model it ends with (the
+loop scores `evaluation.clients`, a seeded sample, plus each round's trainers), in-process, from the
+run's checkpoint and client states. Writes RUN_DIR/eval/all-clients.jsonl (one record a client)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import load_config
+from fedtune.engines.inprocess import inprocess_federation
+from fedtune.errors import FedtuneError
+from fedtune.report import io
+from fedtune.report.records import eval_records
+
+
+def evaluate_all(run_dir: Path) -> list[dict[str, Any]]:
+    run_dir = Path(run_dir)
+    if not (run_dir / io.CHECKPOINT).exists():
+        raise FedtuneError(f"{run_dir} has no {io.CHECKPOINT}: not a run directory with a finished round")
+    cfg = load_config(run_dir / io.CONFIG, [f"output_dir={run_dir}"])
+    if cfg.engine.name != "inprocess":
+        raise FedtuneError(
+            f"{run_dir} ran on {cfg.engine.name!r}: its client states live on the SuperNodes, so only they can "
+            "score their clients; `fedtune eval --all` evaluates in-process runs"
+        )
+    fed = inprocess_federation(cfg)
+    ckpt = io.load_checkpoint(run_dir / io.CHECKPOINT)
+    rnd, caps = int(ckpt["round"]), fed.strategy.capabilities
+    personal = fed.strategy.configure(rnd + 1, fed.client_ids, ckpt["strategy_state"]) if caps.personalized else None
+    ev = cfg.evaluation
+    evals = eval_records(rnd, caps, fed.engine, fed.client_ids, ckpt["global"], personal, ev.ood, ev.val)
+    records = [{"round": rnd, "client": cid, **evals[cid]} for cid in fed.client_ids]
+    (run_dir / "eval").mkdir(exist_ok=True)
+    io.write_jsonl(run_dir / "eval" / "all-clients.jsonl", records)
+    return records

@@ -1,0 +1,1 @@
+"""Reports: metrics log, tables, plots."""

@@ -111,7 +111,9 @@ class ClientPlan:
         step: the strategy's own client update (FedKSeed, Ferret) or None for the first-order round.
         penalty: a strategy's client-side regulariser factory (HetLoRA) or None.
         transforms: update transforms in order (attack, DP share, secure-aggregation mask).
-        experts: per-client expert counts of a mixture adapter ({} = all the same).
+        experts: per-client adapter variants, e.g. a mixture's expert counts ({} = all the same).
+        adapter: the run's adapter with its options (parameter groups, auxiliary loss); None:
+            the injected kind with default options.
         private_init: the initial client-private tensors (the same for every client).
         secure_aggregation: clients mask their uploads (in-process pairwise masks).
         randomness: 'secure' (OS CSPRNG) or 'seeded' (simulation) for mask keys.
@@ -126,6 +128,7 @@ class ClientPlan:
     penalty: Any = None
     transforms: Sequence[UpdateTransform] = ()
     experts: Mapping[str, int] = field(default_factory=dict)
+    adapter: Any = None
     private_init: AdapterState = field(default_factory=dict)
     secure_aggregation: bool = False
     randomness: str = "seeded"
@@ -162,6 +165,7 @@ def run_client(
             plan.penalty,
             private=state.private,
             experts=plan.experts.get(job.client_id),
+            adapter=plan.adapter,
         )
     for transform in plan.transforms:
         delta = transform(delta, job, shard, state)

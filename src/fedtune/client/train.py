@@ -32,6 +32,19 @@ from fedtune.privacy.randomness import SecureNoise, SeededNoise
 
 
 @dataclass(frozen=True)
+class SideGroup:
+    """Adapter parameters on their own schedule (an adapter's `ParamGroup` with `every`; CoMiGS's
+    routers): with every > 0, after every every-th step of the main parameters (counted over the
+    client's whole training), `steps` steps of their own AdamW at `lr`; every = 0: they train
+    jointly with the main parameters."""
+
+    params: list[torch.nn.Parameter]
+    lr: float
+    every: int = 0
+    steps: int = 1
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     """Hyperparameters of local training (built from the config's `train` section)."""
 
@@ -47,11 +60,6 @@ class TrainSpec:
     bf16: bool = False
     prox_mu: float = 0.0
     optimizer: str = "adamw"  # or "sgd" (no momentum)
-    # mixture-of-LoRA-experts adapters (CoMiGS): load balancing and the alternating router schedule
-    lb_weight: float = 0.0
-    router_every: int = 0
-    router_steps: int = 1
-    router_lr: float = 5e-4
     # sample-level DP-SGD (None = off): per-example clip C and noise multiplier sigma
     dp_clip: float | None = None
     dp_noise: float | None = None
@@ -157,11 +165,15 @@ def target_loss(model: Any, batch: torch.Tensor, mask: torch.Tensor, bf16: bool)
     return loss, n
 
 
+AuxLoss = Callable[[], "torch.Tensor | None"]
+
+
 def lm_loss(
-    model: Any, batch: torch.Tensor, bf16: bool, lb_weight: float = 0.0, mask: torch.Tensor | None = None
+    model: Any, batch: torch.Tensor, bf16: bool, aux: AuxLoss | None = None, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch of packed blocks [B, T] (plus lb_weight times the
-    load-balancing loss of a mixture-of-experts adapter); `mask` [B, T]: only True tokens are targets."""
+    """Mean next-token cross-entropy of a batch of packed blocks [B, T] plus the adapter's
+    auxiliary loss of that forward pass (`aux()`: e.g. a mixture's weighted load-balancing loss,
+    None for none); `mask` [B, T]: only True tokens are targets."""
     if mask is not None:
         total, n = target_loss(model, batch, mask, bf16)
         loss = total / max(1, n)
@@ -170,12 +182,9 @@ def lm_loss(
         batch = batch.to(dev)
         with autocast(bf16, dev, model):
             loss = model(input_ids=batch, labels=batch).loss
-    if lb_weight > 0:
-        from fedtune.adapters.moe_lora import load_balancing_loss
-
-        lb = load_balancing_loss(model)
-        if lb is not None:
-            loss = loss + lb_weight * lb
+    extra = aux() if aux is not None else None
+    if extra is not None:
+        loss = loss + extra
     return torch.as_tensor(loss)
 
 
@@ -199,7 +208,8 @@ def local_train_(
     *,
     extra_loss: Callable[[], torch.Tensor] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
-    router_params: list[torch.nn.Parameter] | None = None,
+    side: SideGroup | None = None,
+    aux: AuxLoss | None = None,
     router_blocks: torch.Tensor | None = None,
     step_offset: int = 0,
     regions: list[torch.Size] | None = None,
@@ -210,10 +220,11 @@ def local_train_(
     """Train `params` of `model` in place on `blocks` [N, T]; return train metrics.
 
     `extra_loss` adds a term to every micro-batch loss (e.g. a FedProx proximal term).
-    `router_params` (mixture-of-experts routers): with spec.router_every > 0 they follow CoMiGS's
-    alternating schedule: after every router_every-th expert step (counted over the client's whole
-    training, from `step_offset`), router_steps steps of their own AdamW on `router_blocks` (the
-    validation split) with the same loss; otherwise they train jointly with `params`.
+    `side` (mixture-of-experts routers): with side.every > 0 they follow CoMiGS's alternating
+    schedule: after every every-th step of `params` (counted over the client's whole training,
+    from `step_offset`), side.steps steps of their own AdamW on `router_blocks` (the validation
+    split) with the same loss; otherwise they train jointly with `params`. `aux` adds the
+    adapter's auxiliary loss of each forward pass (a mixture's load balancing).
     `regions`: for each of `params`, the leading sub-shape the client really trains (its own
     rank inside a larger padded LoRA); DP-SGD adds noise only there. `mask` [N, T]: the target
     tokens of each block (instruction data: the completions; padding of DP-SGD's unit 'document'
@@ -223,8 +234,9 @@ def local_train_(
     Raises TrainingDivergedError on a NaN or infinite loss.
     """
     total = spec.num_steps(int(blocks.shape[0]))
-    router_params = router_params or []
-    alternate = bool(router_params) and spec.router_every > 0
+    side = side if side is not None else SideGroup([], spec.lr)
+    router_params = side.params
+    alternate = bool(router_params) and side.every > 0
     trained = params if alternate else params + router_params
     opt = (
         torch.optim.SGD(trained, lr=spec.lr, weight_decay=spec.weight_decay)
@@ -236,7 +248,7 @@ def local_train_(
         own = router_blocks is not None and router_blocks.shape[0] > 0
         rblocks = router_blocks if router_blocks is not None and own else blocks
         rmask = router_mask if own else mask
-        router_opt = torch.optim.AdamW(router_params, lr=spec.router_lr, weight_decay=spec.weight_decay)
+        router_opt = torch.optim.AdamW(router_params, lr=side.lr, weight_decay=spec.weight_decay)
         router_stream = batch_indices(int(rblocks.shape[0]), spec.batch_size, gen)
         for p in router_params:
             p.requires_grad_(False)
@@ -256,7 +268,7 @@ def local_train_(
         for _ in range(spec.grad_accum):
             rows = next(it)
             part = data_mask[rows] if data_mask is not None else None
-            loss = lm_loss(model, data[rows], spec.bf16, spec.lb_weight, part)
+            loss = lm_loss(model, data[rows], spec.bf16, aux, part)
             if extra_loss is not None:
                 loss = loss + extra_loss()
             if not torch.isfinite(loss):
@@ -284,7 +296,7 @@ def local_train_(
         for i in picked:
             rows = members[i] if members is not None else slice(i, i + 1)  # a document: all its blocks
             part_mask = mask[rows] if mask is not None else None
-            loss = lm_loss(model, blocks[rows], spec.bf16, spec.lb_weight, part_mask)
+            loss = lm_loss(model, blocks[rows], spec.bf16, aux, part_mask)
             if not torch.isfinite(loss):
                 model.eval()
                 raise TrainingDivergedError(
@@ -333,12 +345,12 @@ def local_train_(
             losses.append(loss_or_none)
         else:
             losses.append(step_on(opt, trained, blocks, mask, stream))
-        if alternate and (step_offset + step + 1) % spec.router_every == 0:
+        if alternate and (step_offset + step + 1) % side.every == 0:
             for p in trained:
                 p.requires_grad_(False)
             for p in router_params:
                 p.requires_grad_(True)
-            for _ in range(spec.router_steps):
+            for _ in range(side.steps):
                 router_losses.append(step_on(router_opt, router_params, rblocks, rmask, router_stream))
             for p in router_params:
                 p.requires_grad_(False)

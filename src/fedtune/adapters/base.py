@@ -142,6 +142,20 @@ class AdapterBase:
     algebra: ClassVar[Algebra]
     frozen_suffixes: ClassVar[tuple[str, ...]] = ()
 
+    def parameters(self, model: Any) -> dict[str, torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def state(self, model: Any) -> AdapterState:
+        """What travels: the adapter's tensors as detached fp32 CPU copies."""
+        return detached(self.parameters(model))
+
+    def load_(self, model: Any, state: AdapterState) -> None:
+        """Copy `state` into the adapter's tensors (shapes as the model's)."""
+        params = self.parameters(model)
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
     def use_client_(self, model: Any, setting: int | None) -> None:
         """Set the model up for one client (its variant, e.g. its expert count); default: nothing."""
 
@@ -176,6 +190,11 @@ def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 ADAPTERS: Registry[type[AdapterBase]] = Registry("adapter kind")
+
+
+def detached(sd: Mapping[str, torch.Tensor]) -> AdapterState:
+    """Detached fp32 CPU copies of adapter tensors (what travels)."""
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
 
 
 def adapter_kind(model: Any) -> str:

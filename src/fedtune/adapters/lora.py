@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from fedtune.adapters.base import ADAPTERS, AdapterBase, Algebra, InjectContext
-from fedtune.config.schema import AdapterOptions, LoraAdapterConfig
+from fedtune.adapters.base import ADAPTERS, AdapterBase, Algebra, InjectContext, detached
+from fedtune.config.adapters import AdapterOptions, LoraAdapterConfig
 from fedtune.files import temp_dir, write_safetensors
 from fedtune.types import AdapterState
 
@@ -134,11 +134,6 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "__dict__"):
         return o.__dict__
     return str(o)
-
-
-def detached(sd: dict[str, torch.Tensor]) -> AdapterState:
-    """Detached fp32 CPU copies (what travels)."""
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}
 
 
 @ADAPTERS.register("lora", "LoRA through PEFT: dW = (alpha / r) B A (the default).")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fedtune.adapters.base import ADAPTERS, KIND_MARK, AdapterBase, Algebra, EngineNeed, InjectContext, adapter_input
-from fedtune.config.schema import LoraSBAdapterConfig
+from fedtune.config.adapters import LoraSBAdapterConfig
 from fedtune.errors import ConfigError, Problem
 from fedtune.types import AdapterState
 
@@ -189,15 +189,6 @@ class LoraSB(AdapterBase):
 
     def parameters(self, model: Any) -> dict[str, nn.Parameter]:
         return sb_parameters(model)
-
-    def state(self, model: Any) -> AdapterState:
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in sb_parameters(model).items()}
-
-    def load_(self, model: Any, state: AdapterState) -> None:
-        params = sb_parameters(model)
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
 
     def scale(self, model: Any) -> float:
         return 1.0

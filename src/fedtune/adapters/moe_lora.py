@@ -54,7 +54,7 @@ from fedtune.adapters.base import (
 )
 from fedtune.adapters.lora_sb import weight_of
 from fedtune.adapters.moe_layers import ExpertLoRA, MoEBlock
-from fedtune.config.schema import MoELoraAdapterConfig
+from fedtune.config.adapters import MoELoraAdapterConfig
 from fedtune.errors import Problem
 from fedtune.types import AdapterState
 
@@ -236,15 +236,6 @@ class MoELoRA(AdapterBase):
 
     def parameters(self, model: Any) -> dict[str, nn.Parameter]:
         return moe_parameters(model)
-
-    def state(self, model: Any) -> AdapterState:
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in moe_parameters(model).items()}
-
-    def load_(self, model: Any, state: AdapterState) -> None:
-        params = moe_parameters(model)
-        with torch.no_grad():
-            for k, v in state.items():
-                params[k].copy_(v)
 
     def scale(self, model: Any) -> float:
         info = moe_info(model)

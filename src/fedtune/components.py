@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from fedtune.adapters import build_adapter
+from fedtune.adapters import ADAPTERS, build_adapter
 from fedtune.client.train import TrainSpec
 from fedtune.codecs import CODECS
 from fedtune.config.schema import ExperimentConfig
@@ -29,6 +29,7 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "strategy": STRATEGIES,
     "codec": CODECS,
     "data source": DATA_SOURCES,
+    "adapter kind": ADAPTERS,
 }
 
 

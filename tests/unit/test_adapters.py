@@ -122,10 +122,10 @@ def test_a_config_saved_by_an_older_fedtune_still_loads() -> None:
 
 
 def test_every_kind_is_registered_with_its_options_and_declares_its_algebra() -> None:
-    from fedtune.adapters import ADAPTERS, Algebra, build_adapter
+    from fedtune.adapters import ADAPTERS, KINDS, Algebra, build_adapter
     from fedtune.config.schema import ADAPTER_CONFIGS
 
-    assert ADAPTERS.names() == sorted(ADAPTER_CONFIGS)
+    assert ADAPTERS.names() == sorted(ADAPTER_CONFIGS) == sorted(k.kind for k in KINDS)
     for kind, options in ADAPTER_CONFIGS.items():
         adapter = build_adapter(options())
         assert adapter.kind == kind and isinstance(adapter.algebra, Algebra)

@@ -2,13 +2,17 @@
 
 from typing import Any
 
-from fedtune.adapters import lora, lora_sb, moe_lora  # noqa: F401
+from fedtune.adapters import lora, lora_sb, moe_lora
 from fedtune.adapters.base import ADAPTERS, Adapter, Algebra, adapter_input, adapter_of
+
+# every kind, typed as the contract: mypy checks each class against the Adapter protocol
+KINDS: tuple[type[Adapter], ...] = (lora.LoRA, lora_sb.LoraSB, moe_lora.MoELoRA)
 
 __all__ = ["ADAPTERS", "Adapter", "Algebra", "adapter_input", "adapter_of", "build_adapter"]
 
 
-def build_adapter(options: Any) -> Any:
+def build_adapter(options: Any) -> Adapter:
     """The adapter of `options.kind` (the config's `adapter` section), holding those options."""
     cls: Any = ADAPTERS.get(options.kind)
-    return cls(options=options)
+    adapter: Adapter = cls(options=options)
+    return adapter

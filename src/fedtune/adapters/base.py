@@ -202,8 +202,9 @@ def adapter_kind(model: Any) -> str:
     return str(getattr(model, "__dict__", {}).get(KIND_MARK, DEFAULT_KIND))
 
 
-def adapter_of(model: Any) -> Any:
+def adapter_of(model: Any) -> Adapter:
     """The registered adapter of the kind injected into `model`, with default options: serves
     the operations that read everything they need from the model (state, load, parameters)."""
     cls: Any = ADAPTERS.get(adapter_kind(model))
-    return cls()
+    adapter: Adapter = cls()
+    return adapter

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from fedtune.adapters import adapter_of
+from fedtune.adapters.base import Adapter
 from fedtune.client.train import SideGroup, TrainSpec, local_train_, proximal_term
 from fedtune.data.blocks import Shard
 from fedtune.models.adapters import (
@@ -36,7 +37,7 @@ def client_round(
     penalty: PenaltyFactory | None = None,
     private: AdapterState | None = None,
     experts: int | None = None,
-    adapter: Any = None,
+    adapter: Adapter | None = None,
 ) -> tuple[AdapterState, dict[str, float], AdapterState]:
     """Train the received adapter tensors on the client's shard; return (delta, metrics, private).
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from fedtune.adapters.base import Adapter
 from fedtune.client.round import client_round
 from fedtune.client.train import TrainSpec
 from fedtune.data.blocks import Shard
@@ -128,7 +129,7 @@ class ClientPlan:
     penalty: Any = None
     transforms: Sequence[UpdateTransform] = ()
     experts: Mapping[str, int] = field(default_factory=dict)
-    adapter: Any = None
+    adapter: Adapter | None = None
     private_init: AdapterState = field(default_factory=dict)
     secure_aggregation: bool = False
     randomness: str = "seeded"

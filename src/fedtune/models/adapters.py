@@ -25,7 +25,7 @@ FROZEN_SUFFIXES = tuple(s for kind in ADAPTERS for s in ADAPTERS.get(kind).froze
 
 def get_state(model: Any) -> AdapterState:
     """The adapter tensors (PEFT names without the adapter name), detached fp32 CPU copies."""
-    return adapter_of(model).state(model)  # type: ignore[no-any-return]
+    return adapter_of(model).state(model)
 
 
 def set_state_(model: Any, state: AdapterState) -> None:
@@ -68,7 +68,7 @@ def lora_scale(model: Any) -> float:
 
 def adapter_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
     """Adapter parameters keyed like the adapter state."""
-    return adapter_of(model).parameters(model)  # type: ignore[no-any-return]
+    return adapter_of(model).parameters(model)
 
 
 def trainable_keys(state: AdapterState) -> list[str]:

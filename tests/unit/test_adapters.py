@@ -186,3 +186,38 @@ def test_mixture_groups_its_router_and_adds_its_load_balancing_loss() -> None:
     torch.testing.assert_close(adapter.aux_loss(model), 0.5 * load_balancing_loss(model))
     lora = build_adapter(LoraAdapterConfig())
     assert lora.aux_loss(model) is None and [g.name for g in lora.param_groups(keys)] == ["adapter"]
+
+
+def _a_on_its_own_schedule(every: int):
+    """A LoRA whose A factors take their own steps (a test double of a mixture's router group)."""
+    from dataclasses import dataclass
+
+    from fedtune.adapters.base import ParamGroup
+    from fedtune.adapters.lora import LoRA
+
+    @dataclass(frozen=True)
+    class SideA(LoRA):
+        def param_groups(self, keys):
+            a = tuple(sorted(k for k in keys if ".lora_A." in k))
+            return [ParamGroup("B", tuple(sorted(set(keys) - set(a)))), ParamGroup("A", a, lr=0.05, every=every)]
+
+    return SideA()
+
+
+@pytest.mark.parametrize("every,a_moves", [(None, True), (2, True), (10, False)], ids=["joint", "every-2", "never"])
+def test_the_client_round_trains_the_groups_the_adapter_names(
+    tiny_with_lora, random_shard, every: int | None, a_moves: bool
+) -> None:
+    """Which tensors take their own steps comes from the adapter's groups, not from key names:
+    A alternates when its group says so, and is frozen between its turns (3 steps, every 10: never)."""
+    from fedtune.client.round import client_round
+    from fedtune.client.train import TrainSpec
+
+    model, init = tiny_with_lora()
+    adapter = None if every is None else _a_on_its_own_schedule(every)
+    spec = TrainSpec(steps=3, batch_size=4, lr=0.05)
+    delta, metrics, _ = client_round(model, init, random_shard("c1"), spec, 0, 1, adapter=adapter)
+    a_change = sum(float(v.abs().sum()) for k, v in delta.items() if ".lora_A." in k)
+    b_change = sum(float(v.abs().sum()) for k, v in delta.items() if ".lora_B." in k)
+    assert b_change > 0 and (a_change > 0) == a_moves
+    assert ("A_loss" in metrics) == (every == 2)  # the side group's own steps are recorded by its name

@@ -67,7 +67,7 @@ def client_round(
     side = None
     if group is not None:
         lr = group.lr if group.lr is not None else spec.lr
-        side = SideGroup([by_key[k] for k in group.keys], lr, group.every, group.steps)
+        side = SideGroup([by_key[k] for k in group.keys], lr, group.every, group.steps, group.name)
     # the region each parameter really has for this client (a rank-r_k client inside the max-rank
     # LoRA): DP-SGD's noise goes only there, so the padded rows stay exactly zero
     regions = [lora[k].shape if k in lora else by_key[k].shape for k in main.keys]

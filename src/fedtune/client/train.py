@@ -34,6 +34,7 @@ class SideGroup:
     lr: float
     every: int = 0
     steps: int = 1
+    name: str = "side"  # its steps' mean loss is recorded as <name>_loss
 
 
 @dataclass(frozen=True)
@@ -340,12 +341,13 @@ def local_train_(
             on_step(step + 1, total, losses[-1])
     only_trains_(side.params, [])
     model.eval()
-    return train_metrics(losses, side_losses, total, time.perf_counter() - t0, spec, units if dp else None, empty)
+    seconds = time.perf_counter() - t0
+    return train_metrics(losses, {side.name: side_losses}, total, seconds, spec, units if dp else None, empty)
 
 
 def train_metrics(
     losses: list[float],
-    side_losses: list[float],
+    side_losses: dict[str, list[float]],
     total: int,
     seconds: float,
     spec: TrainSpec,
@@ -363,6 +365,7 @@ def train_metrics(
     }
     if units is not None:
         out.update(dp_steps=float(total), dp_rate=spec.dp_rate(units.count), dp_empty_batches=float(empty))
-    if side_losses:
-        out["router_loss"] = sum(side_losses) / len(side_losses)
+    for name, values in side_losses.items():
+        if values:
+            out[f"{name}_loss"] = sum(values) / len(values)
     return out

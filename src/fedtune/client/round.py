@@ -36,7 +36,7 @@ def client_round(
     on_step: Callable[[int, int, float], None] | None = None,
     penalty: PenaltyFactory | None = None,
     private: AdapterState | None = None,
-    experts: int | None = None,
+    variant: int | None = None,
     adapter: Adapter | None = None,
 ) -> tuple[AdapterState, dict[str, float], AdapterState]:
     """Train the received adapter tensors on the client's shard; return (delta, metrics, private).
@@ -44,7 +44,7 @@ def client_round(
     Only the tensors in `received` and `private` train; only the received ones come back, as a
     delta (the others keep their shared initial values). `private` are tensors that never leave
     the client (CoMiGS's specialists and router); their trained values are returned for the
-    client to keep. `experts` is the client's adapter variant (a mixture's expert count).
+    client to keep. `variant` is the client's adapter variant (a mixture's expert count).
     `adapter` (built from the config: its options) gives the parameter groups and the auxiliary
     loss; default: the injected kind with default options. Its first group trains on the
     client's steps; a second one may follow its own schedule (`ParamGroup.every`).
@@ -53,7 +53,7 @@ def client_round(
     rank self-pruning term)."""
     private = private or {}
     adapter = adapter if adapter is not None else adapter_of(model)
-    adapter.use_client_(model, experts)
+    adapter.use_client_(model, variant)
     set_state_(model, {**received, **private})
     lora = {k: received[k] for k in trainable_keys(received)}
     keys = [*lora, *trainable_keys(private)]

@@ -112,7 +112,7 @@ class ClientPlan:
         step: the strategy's own client update (FedKSeed, Ferret) or None for the first-order round.
         penalty: a strategy's client-side regulariser factory (HetLoRA) or None.
         transforms: update transforms in order (attack, DP share, secure-aggregation mask).
-        experts: per-client adapter variants, e.g. a mixture's expert counts ({} = all the same).
+        variants: per-client adapter variants, e.g. a mixture's expert counts ({} = all the same).
         adapter: the run's adapter with its options (parameter groups, auxiliary loss); None:
             the injected kind with default options.
         private_init: the initial client-private tensors (the same for every client).
@@ -128,7 +128,7 @@ class ClientPlan:
     step: Any = None
     penalty: Any = None
     transforms: Sequence[UpdateTransform] = ()
-    experts: Mapping[str, int] = field(default_factory=dict)
+    variants: Mapping[str, int] = field(default_factory=dict)
     adapter: Adapter | None = None
     private_init: AdapterState = field(default_factory=dict)
     secure_aggregation: bool = False
@@ -165,7 +165,7 @@ def run_client(
             on_step,
             plan.penalty,
             private=state.private,
-            experts=plan.experts.get(job.client_id),
+            variant=plan.variants.get(job.client_id),
             adapter=plan.adapter,
         )
     for transform in plan.transforms:

@@ -1,5 +1,6 @@
 """What every engine builds the same way from a config: the clients' data shards, per-client
-ranks and expert counts, and the base model with its adapter (loaded once per process)."""
+ranks and adapter variants (a mixture's expert counts), and the base model with its adapter
+(loaded once per process)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def rank_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, i
     return dict(zip(client_ids, cfg.adapter.ranks)) if cfg.adapter.ranks is not None else {}
 
 
-def experts_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:
+def variants_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:
     """Each client's adapter variant when the adapter has per-client options (a mixture's expert
     counts: {client: count}); {} when every client has the same adapter."""
     settings: dict[str, int] = build_adapter(cfg.adapter).client_settings(client_ids)

@@ -27,10 +27,10 @@ from fedtune.engines.federation import (
     Federation,
     build_adapted_model,
     device_facts,
-    experts_per_client,
     load_shards,
     rank_per_client,
     run_precision,
+    variants_per_client,
 )
 from fedtune.engines.plan import build_plan
 from fedtune.errors import ConfigError
@@ -94,7 +94,7 @@ class InProcessEngine:
 
     def _load(self, cid: str, state: AdapterState) -> None:
         """Client cid's model: the state it was sent plus what it keeps privately."""
-        adapter_of(self.model).use_client_(self.model, self.plan.experts.get(cid))
+        adapter_of(self.model).use_client_(self.model, self.plan.variants.get(cid))
         set_state_(self.model, {**self.private_of(cid), **state})
 
     def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, Any]]:
@@ -104,7 +104,7 @@ class InProcessEngine:
         out: dict[str, dict[str, Any]] = {}
         shared: dict[int, dict[str, Any]] = {}  # OOD data is the same for all: score a shared model once
         for cid, state in states.items():
-            alone = not self.private_of(cid) and cid not in self.plan.experts
+            alone = not self.private_of(cid) and cid not in self.plan.variants
             if split == "ood" and alone and id(state) in shared:
                 out[cid] = dict(shared[id(state)])
                 continue
@@ -214,7 +214,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     shards, data = load_shards(cfg, tokenizer)
     ids = list(shards)
     ranks = rank_per_client(cfg, ids)
-    experts_per_client(cfg, ids)  # the lists' lengths are checked before the model loads
+    variants_per_client(cfg, ids)  # the lists' lengths are checked before the model loads
     cfg, precision, slow = run_precision(cfg)  # 'auto' dtype / bf16 for this device
     model, adapter_cfg = build_adapted_model(cfg, model_dir, ranks, tokenizer, shards)
     strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))

@@ -18,7 +18,7 @@ def export_adapters(
     global_state: AdapterState | None,
     personal: Mapping[str, AdapterState] | None,
     private_of: Callable[[str], AdapterState | None],
-    experts: Mapping[str, int],
+    variants: Mapping[str, int],
     client_private: bool = False,
 ) -> list[str]:
     """adapters/global (if there is a global model) and adapters/<client> (personal models, with
@@ -29,7 +29,7 @@ def export_adapters(
 
     def write(state: AdapterState, name: str, cid: str | None) -> None:
         out = run_dir / "adapters" / name.replace("/", "_")
-        setting = experts.get(cid) if cid else None
+        setting = variants.get(cid) if cid else None
         adapter_of(fed.model).export(fed.model, state, out, base, fed.adapter_cfg, setting)
 
     if global_state is not None:

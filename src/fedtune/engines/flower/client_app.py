@@ -183,7 +183,7 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
 
         rt = _runtime(context, cfg_yaml, state_root)
         state, _ = make_codec("identity").decode(from_record(msg.content.array_records["payload"]), None)
-        adapter_of(rt.model).use_client_(rt.model, rt.plan.experts.get(rt.client_id))
+        adapter_of(rt.model).use_client_(rt.model, rt.plan.variants.get(rt.client_id))
         config = msg.content.config_records["config"]
         rnd = int(str(config["round"]))
         private = rt.store(str(config.get("run", ""))).get(rt.client_id, before=rnd + 1).private

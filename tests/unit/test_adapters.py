@@ -221,3 +221,21 @@ def test_the_client_round_trains_the_groups_the_adapter_names(
     b_change = sum(float(v.abs().sum()) for k, v in delta.items() if ".lora_B." in k)
     assert b_change > 0 and (a_change > 0) == a_moves
     assert ("A_loss" in metrics) == (every == 2)  # the side group's own steps are recorded by its name
+
+
+def test_each_kind_names_its_own_bad_combinations() -> None:
+    """Problems that only one kind has come from that kind, once, by field."""
+    from fedtune.components import per_client_problems
+    from fedtune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        config({"kind": "lora_sb", "ranks": [2, 4, 4, 8]}, "fedsb")
+    ranks = [p for p in err.value.problems if p.field == "adapter.ranks"]
+    assert len(ranks) == 1 and "one rank for all" in ranks[0].constraint
+    with pytest.raises(ConfigError, match="adapter.sb_init.*outside the DP guarantee"):
+        config({"kind": "lora_sb"}, "dp_fedavg", inner="fedsb")
+    assert config({"kind": "lora_sb", "sb_init": "source:stdlib"}, "dp_fedavg", inner="fedsb")
+    cfg = config({"kind": "moe_lora", "experts": [2, 3]})
+    problems = per_client_problems(cfg, ["a", "b", "c"])
+    assert [p.field for p in problems] == ["adapter.experts"] and "3 clients" in problems[0].constraint
+    assert per_client_problems(cfg, ["a", "b"]) == []

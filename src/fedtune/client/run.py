@@ -152,7 +152,7 @@ def run_client(
     received, down_state = plan.down_codec.decode(job.payload, state.down_codec)
     if plan.step is not None:
         delta, metrics, private = plan.step(
-            model, received, state.private, shard, plan.spec, plan.seed, job.round, on_step
+            model, received, state.private, shard, plan.spec, plan.seed, job.round, on_step, adapter=plan.adapter
         )
     else:
         delta, metrics, private = client_round(

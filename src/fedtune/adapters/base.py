@@ -99,7 +99,20 @@ class EngineNeed:
 
 
 class Adapter(Protocol):
-    """One adapter kind (module docstring)."""
+    """One adapter kind (module docstring).
+
+    inject(model, ctx): add the adapter to `model` in place (seeded; only its tensors train).
+    parameters / state / load_: its tensors by state key; what travels (detached fp32 CPU
+        copies); load a state (keys a subset of `parameters`).
+    scale: s of the update (alpha / r; 1 for LoRA-SB).
+    client_variants / use_client_: per-client variants ({client: n}, e.g. expert counts) and
+        setting the model up for one client's variant.
+    param_groups(keys): the trained keys split into groups; the first trains on the client's
+        steps, a second may follow its own schedule (`ParamGroup`).
+    aux_loss(model): the weighted auxiliary loss of the last forward pass, or None.
+    export(...): write the adapter where a user loads it (PEFT format where PEFT has the method).
+    problems / client_problems / engine_needs: what `fedtune validate` reports about its options.
+    """
 
     kind: ClassVar[str]
     algebra: ClassVar[Algebra]
@@ -115,16 +128,16 @@ class Adapter(Protocol):
 
     def scale(self, model: Any) -> float: ...
 
-    def use_client_(self, model: Any, setting: int | None) -> None: ...
+    def use_client_(self, model: Any, variant: int | None) -> None: ...
 
-    def client_settings(self, client_ids: Sequence[str]) -> dict[str, int]: ...
+    def client_variants(self, client_ids: Sequence[str]) -> dict[str, int]: ...
 
     def param_groups(self, keys: Sequence[str]) -> list[ParamGroup]: ...
 
     def aux_loss(self, model: Any) -> torch.Tensor | None: ...
 
     def export(
-        self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, setting: int | None
+        self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, variant: int | None
     ) -> Path: ...
 
     def problems(self, *, dp: bool, dp_sgd: bool) -> list[Problem]: ...
@@ -156,10 +169,10 @@ class AdapterBase:
             for k, v in state.items():
                 params[k].copy_(v)
 
-    def use_client_(self, model: Any, setting: int | None) -> None:
+    def use_client_(self, model: Any, variant: int | None) -> None:
         """Set the model up for one client (its variant, e.g. its expert count); default: nothing."""
 
-    def client_settings(self, client_ids: Sequence[str]) -> dict[str, int]:
+    def client_variants(self, client_ids: Sequence[str]) -> dict[str, int]:
         """Per-client variants in client-id order ({} when every client has the same adapter)."""
         return {}
 

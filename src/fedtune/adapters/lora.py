@@ -173,6 +173,6 @@ class LoRA(AdapterBase):
         raise ValueError("model has no LoRA adapter")
 
     def export(
-        self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, setting: int | None
+        self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, variant: int | None
     ) -> Path:
         return export_peft(state, peft_config, base_model, out_dir)

@@ -194,7 +194,7 @@ class LoraSB(AdapterBase):
         return 1.0
 
     def export(
-        self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, setting: int | None
+        self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, variant: int | None
     ) -> Path:
         """B (R A) is an ordinary PEFT LoRA of scale 1."""
         from fedtune.adapters.lora import export_peft

@@ -241,11 +241,11 @@ class MoELoRA(AdapterBase):
         info = moe_info(model)
         return float(info["alpha"] / info["r"])
 
-    def use_client_(self, model: Any, setting: int | None) -> None:
+    def use_client_(self, model: Any, variant: int | None) -> None:
         """A client with n experts uses experts 0..n-1 (None: all)."""
-        set_expert_count_(model, setting)
+        set_expert_count_(model, variant)
 
-    def client_settings(self, client_ids: Sequence[str]) -> dict[str, int]:
+    def client_variants(self, client_ids: Sequence[str]) -> dict[str, int]:
         counts = self.options.experts
         return dict(zip(client_ids, counts)) if isinstance(counts, list) else {}
 
@@ -268,10 +268,10 @@ class MoELoRA(AdapterBase):
         return None if lb is None else self.options.lb_weight * lb
 
     def export(
-        self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, setting: int | None
+        self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, variant: int | None
     ) -> Path:
         """moe_adapter.safetensors + moe_config.json (PEFT has no mixture): `load_moe_adapter`."""
-        info = {**moe_info(model), "base_model_name_or_path": base_model, "client_experts": setting}
+        info = {**moe_info(model), "base_model_name_or_path": base_model, "client_experts": variant}
         return save_moe_adapter(state, info, out_dir)
 
     def problems(self, *, dp: bool, dp_sgd: bool) -> list[Problem]:

@@ -60,13 +60,13 @@ def rank_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, i
 def variants_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:
     """Each client's adapter variant when the adapter has per-client options (a mixture's expert
     counts: {client: count}); {} when every client has the same adapter."""
-    settings: dict[str, int] = build_adapter(cfg.adapter).client_settings(client_ids)
-    if not settings:
+    variants: dict[str, int] = build_adapter(cfg.adapter).client_variants(client_ids)
+    if not variants:
         return {}
     problems = per_client_problems(cfg, client_ids)
     if problems:
         raise ConfigError(problems)
-    return settings
+    return variants
 
 
 def public_blocks(cfg: ExperimentConfig, tokenizer: Any) -> Callable[[str, int], torch.Tensor]:

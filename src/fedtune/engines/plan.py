@@ -78,7 +78,7 @@ def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, c
         step=strategy.client_train if caps.client_step else None,
         penalty=strategy.client_penalty if caps.client_penalty else None,
         transforms=tuple(transforms),
-        variants=adapter.client_settings(list(client_ids)),
+        variants=adapter.client_variants(list(client_ids)),
         adapter=adapter,
         private_init={k: init_state[k] for k in sorted(keep)},
         secure_aggregation=masks,

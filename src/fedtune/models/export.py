@@ -29,8 +29,8 @@ def export_adapters(
 
     def write(state: AdapterState, name: str, cid: str | None) -> None:
         out = run_dir / "adapters" / name.replace("/", "_")
-        setting = variants.get(cid) if cid else None
-        adapter_of(fed.model).export(fed.model, state, out, base, fed.adapter_cfg, setting)
+        variant = variants.get(cid) if cid else None
+        adapter_of(fed.model).export(fed.model, state, out, base, fed.adapter_cfg, variant)
 
     if global_state is not None:
         write(global_state, "global", None)

@@ -44,7 +44,7 @@ def main() -> None:
     mcfg = cfg.model.model_copy(update={"attention": "eager" if args.what == "cast" else attention.NAME})
     cfg = cfg.model_copy(update={"model": mcfg})
     shard, _, model_dir = client_data(cfg)
-    model, _ = build_adapted_model(cfg, model_dir, {}, lambda: torch.zeros(0))
+    model, _ = build_adapted_model(cfg, model_dir, {}, None)
     order = train.batch_indices(shard.num_examples, cfg.train.batch_size, torch.Generator().manual_seed(0))
     batches = [next(order) for _ in range(args.batches + 1)]
     new = train.autocast

@@ -31,7 +31,7 @@ def main() -> None:
 
     from fedtune.client.train import TrainSpec, batch_indices, lm_loss
     from fedtune.codecs.identity import Identity
-    from fedtune.config.schema import AdapterConfig, ModelConfig
+    from fedtune.config.schema import LoraAdapterConfig, ModelConfig
     from fedtune.data.blocks import Shard
     from fedtune.models.adapters import get_state, inject_, lora_config, set_state_
     from fedtune.models.load import load_model, model_type, resolve_model_dir
@@ -46,7 +46,7 @@ def main() -> None:
     shard = Shard("c0", blocks, blocks[:0], blocks[:4], 64)
     spec = TrainSpec(steps=args.steps, batch_size=args.batch_size, lr=1e-3, bf16=args.bf16, max_grad_norm=1.0)
 
-    model = inject_(model, lora_config(AdapterConfig(), model_type(model_dir)), 0)
+    model = inject_(model, lora_config(LoraAdapterConfig(), model_type(model_dir)), 0)
     init = get_state(model)
     codec = Identity()
     params = [p for p in model.parameters() if p.requires_grad]

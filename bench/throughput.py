@@ -72,7 +72,7 @@ def fedtune_row(
     from fedtune.engines.federation import build_adapted_model
 
     mcfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": base, "attention": attention})})
-    model, _ = build_adapted_model(mcfg, model_dir, {}, lambda: torch.zeros(0))
+    model, _ = build_adapted_model(mcfg, model_dir, {}, None)
     params = [p for p in model.parameters() if p.requires_grad]
     spec = TrainSpec(steps=steps + 1, batch_size=cfg.train.batch_size, lr=cfg.train.lr, bf16=bf16)
     order = batch_indices(shard.num_examples, spec.batch_size, torch.Generator().manual_seed(0))  # = training's

@@ -66,12 +66,13 @@ def tiny_with_lora():
     """A factory: (tiny llama with a rank-2 LoRA on q, v; its initial adapter state)."""
 
     def make():
-        from fedtune.config.schema import AdapterConfig, ModelConfig
+        from fedtune.config.schema import LoraAdapterConfig, ModelConfig
         from fedtune.models.adapters import get_state, inject_, lora_config
         from fedtune.models.load import load_model, tiny_dir
 
         mcfg = ModelConfig(name="tiny")
-        model = inject_(load_model(str(tiny_dir(mcfg, 0)), mcfg), lora_config(AdapterConfig(r=2, alpha=4), "llama"), 0)
+        lora = lora_config(LoraAdapterConfig(r=2, alpha=4), "llama")
+        model = inject_(load_model(str(tiny_dir(mcfg, 0)), mcfg), lora, 0)
         return model, get_state(model)
 
     return make

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
+from fedtune.adapters import ADAPTERS, build_adapter
 from fedtune.client.train import TrainSpec
 from fedtune.codecs import CODECS
 from fedtune.config.schema import ExperimentConfig
@@ -17,7 +18,7 @@ from fedtune.errors import Problem
 from fedtune.models.load import device_problem, model_problem
 from fedtune.registry import Registry
 from fedtune.strategies import STRATEGIES
-from fedtune.strategies.base import Capabilities, RunContext
+from fedtune.strategies.base import Capabilities, RunContext, algebra_problems
 from fedtune.strategies.decentralized import peer_codec_problems
 
 # The one strategy field fedtune fills in from the run (not a user parameter).
@@ -28,6 +29,7 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "strategy": STRATEGIES,
     "codec": CODECS,
     "data source": DATA_SOURCES,
+    "adapter kind": ADAPTERS,
 }
 
 
@@ -92,23 +94,18 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
     if caps is None:
         return []
     name = cfg.strategy.name
-    problems: list[Problem] = []
-    if caps.adapter_kind is not None and cfg.adapter.kind != caps.adapter_kind:
-        problems.append(
-            Problem(
-                "adapter.kind",
-                cfg.adapter.kind,
-                f"strategy {name!r} needs adapter.kind {caps.adapter_kind!r}",
-                f"set adapter.kind: {caps.adapter_kind}",
-            )
+    problems = algebra_problems(f"strategy {name!r}", caps, cfg.adapter.kind)
+    inner = cfg.strategy.params().get("inner")  # a wrapper (DP-FedAvg, FedOpt) runs its inner strategy's maths
+    if isinstance(inner, str) and inner in STRATEGIES:
+        problems += algebra_problems(
+            f"inner strategy {inner!r}", STRATEGIES.get(inner)().capabilities, cfg.adapter.kind
         )
-    if cfg.adapter.kind == "lora_sb" and cfg.adapter.ranks is not None:
-        problems.append(
-            Problem(
-                "adapter.ranks", cfg.adapter.ranks, "LoRA-SB shares A and B: one rank for all", "drop adapter.ranks"
-            )
-        )
-    elif cfg.adapter.ranks is not None and not caps.heterogeneous_ranks:
+    refused = bool(problems)
+    dp = cfg.strategy.name == "dp_fedavg" or cfg.train.dp_sgd is not None
+    adapter_problems = build_adapter(cfg.adapter).problems(dp=dp, dp_sgd=cfg.train.dp_sgd is not None)
+    problems += adapter_problems
+    ranks_refused = any(p.field == "adapter.ranks" for p in adapter_problems)
+    if cfg.adapter.ranks is not None and not caps.heterogeneous_ranks and not ranks_refused:
         ok = [n for n in STRATEGIES.names() if STRATEGIES.get(n)().capabilities.heterogeneous_ranks]
         problems.append(
             Problem(
@@ -148,18 +145,6 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
                 "use a first-order strategy (fedavg, fedit, ffa_lora, fedsb, ...) or drop train.dp_sgd",
             )
         )
-    if cfg.train.dp_sgd is not None and cfg.adapter.kind == "moe_lora":
-        a = cfg.adapter
-        if a.router != "frozen" and a.router_every > 0:
-            problems.append(
-                Problem(
-                    "adapter.router_every",
-                    a.router_every,
-                    "the alternating router steps read the validation split outside DP-SGD's accounting",
-                    "set adapter.router_every: 0 (routers train inside DP-SGD) or drop train.dp_sgd",
-                )
-            )
-    dp = cfg.strategy.name == "dp_fedavg" or cfg.train.dp_sgd is not None
     if dp and caps.raw_data:
         problems.append(
             Problem(
@@ -167,15 +152,6 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
                 name,
                 f"strategy {name!r} moves raw client data (tokens) outside the DP guarantee that is reported",
                 "use another strategy (e.g. pcl with trust: weights, robust), or drop DP",
-            )
-        )
-    if dp and cfg.adapter.kind == "lora_sb" and not cfg.adapter.sb_init.startswith("source:"):
-        problems.append(
-            Problem(
-                "adapter.sb_init",
-                cfg.adapter.sb_init,
-                "LoRA-SB's init from a client's data is released to everyone, outside the DP guarantee",
-                "use adapter.sb_init: source:<public corpus>, e.g. source:stdlib",
             )
         )
     if _stateful(cfg, downlink=True):
@@ -191,7 +167,10 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
     down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
     if caps.peer_to_peer:
         problems += peer_codec_problems(name, {"codec.name": cfg.codec.name, "downlink_codec.name": down.name})
-    problems += strategy_class(cfg).config_problems(cfg.strategy.params(), cfg.adapter, down, cfg.secure_aggregation)
+    if not refused:  # a strategy's own cross-field checks assume the adapter it declared
+        problems += strategy_class(cfg).config_problems(
+            cfg.strategy.params(), cfg.adapter, down, cfg.secure_aggregation
+        )
     return problems
 
 
@@ -226,16 +205,7 @@ def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Pr
                 f"give {n} ranks",
             )
         )
-    counts = cfg.adapter.experts
-    if cfg.adapter.kind == "moe_lora" and isinstance(counts, list) and len(counts) != n:
-        out.append(
-            Problem(
-                "adapter.experts",
-                counts,
-                f"one expert count per client is needed; there are {n} clients ({ids})",
-                f"give {n} counts, or one number for all",
-            )
-        )
+    out += build_adapter(cfg.adapter).client_problems(client_ids)
     cls = strategy_class(cfg)
     if cls is not None and n > 0:
         from fedtune.sampling import sample_size
@@ -382,16 +352,4 @@ def build_train_spec(cfg: ExperimentConfig) -> TrainSpec:
         fields.update(
             dp_clip=cfg.train.dp_sgd.clip, dp_noise=cfg.train.dp_sgd.noise_multiplier, dp_randomness=cfg.randomness()
         )
-    spec = TrainSpec(**fields)
-    if cfg.adapter.kind != "moe_lora":
-        return spec
-    from dataclasses import replace
-
-    a = cfg.adapter
-    return replace(
-        spec,
-        lb_weight=a.lb_weight,
-        router_every=a.router_every if a.router != "frozen" else 0,
-        router_steps=a.router_steps,
-        router_lr=a.router_lr if a.router_lr is not None else cfg.train.lr,
-    )
+    return TrainSpec(**fields)

@@ -110,7 +110,7 @@ def test_strategy_end_to_end_and_resume(tiny_cfg, tmp_path, no_time, name: str) 
 def test_exported_adapter_reproduces_the_global_model(tiny_cfg, name: str) -> None:
     from peft import PeftModel
 
-    from fedtune.config.schema import AdapterConfig, ModelConfig
+    from fedtune.config.schema import LoraAdapterConfig, ModelConfig
     from fedtune.models.adapters import inject_, lora_config, set_state_
     from fedtune.models.load import load_model, tiny_dir
 
@@ -126,7 +126,7 @@ def test_exported_adapter_reproduces_the_global_model(tiny_cfg, name: str) -> No
         ours = inject_lora_sb_(load_model(d, mcfg), ["q_proj", "v_proj"], 4, torch.zeros(1, 8, dtype=torch.long), 0.0)
     else:
         r = max(v.shape[0] for k, v in glob.items() if k.endswith("lora_A.weight"))
-        ours = inject_(load_model(d, mcfg), lora_config(AdapterConfig(r=r, alpha=2.0 * r), "llama"), 0)
+        ours = inject_(load_model(d, mcfg), lora_config(LoraAdapterConfig(r=r, alpha=2.0 * r), "llama"), 0)
     set_state_(ours, glob)
     theirs = PeftModel.from_pretrained(load_model(d, mcfg), str(run.run_dir / "adapters" / "global"))
     ids = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -149,7 +149,7 @@ def test_comigs_uploads_only_generalists_and_keeps_specialists(tiny_cfg, tmp_pat
 
     # the exported adapter of a 3-expert client reproduces the engine's model
     personal = strategy.configure(2, fed.client_ids, sstate)
-    export_adapters(tmp_path, fed, None, personal, engine.private_of, engine.plan.experts)
+    export_adapters(tmp_path, fed, None, personal, engine.private_of, engine.plan.variants)
     x = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(3))
     engine._load("logging", sstate["global"])
     with torch.no_grad():

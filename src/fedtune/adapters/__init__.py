@@ -1,10 +1,18 @@
-"""Adapters from the papers that PEFT does not ship, one file each."""
+"""Adapter kinds, one file each, registered by name (importing the modules registers them)."""
 
-import torch
+from typing import Any
+
+from fedtune.adapters import lora, lora_sb, moe_lora
+from fedtune.adapters.base import ADAPTERS, Adapter, Algebra, adapter_input, adapter_of
+
+# every kind, typed as the contract: mypy checks each class against the Adapter protocol
+KINDS: tuple[type[Adapter], ...] = (lora.LoRA, lora_sb.LoraSB, moe_lora.MoELoRA)
+
+__all__ = ["ADAPTERS", "Adapter", "Algebra", "adapter_input", "adapter_of", "build_adapter"]
 
 
-def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`x` ready for a matmul with adapter weights of `dtype`: under autocast the matmul casts both
-    to its own dtype, so casting the activation to the fp32 adapter's dtype first only copies it
-    (PEFT's LoRA layers skip the same cast, `client.train.autocast`); outside autocast it is cast."""
-    return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
+def build_adapter(options: Any) -> Adapter:
+    """The adapter of `options.kind` (the config's `adapter` section), holding those options."""
+    cls: Any = ADAPTERS.get(options.kind)
+    adapter: Adapter = cls(options=options)
+    return adapter

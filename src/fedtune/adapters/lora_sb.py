@@ -14,12 +14,18 @@ State keys: `<module>.lora_sb_A`, `.lora_sb_B` (frozen, never trained or sent ba
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from fedtune.adapters import adapter_input
+from fedtune.adapters.base import ADAPTERS, KIND_MARK, AdapterBase, Algebra, EngineNeed, InjectContext, adapter_input
+from fedtune.config.adapters import LoraSBAdapterConfig
+from fedtune.errors import ConfigError, Problem
+from fedtune.types import AdapterState
 
 SB_A, SB_B, SB_R = ".lora_sb_A", ".lora_sb_B", ".lora_sb_R"
 FROZEN_SUFFIXES = (SB_A, SB_B)
@@ -111,7 +117,7 @@ def inject_lora_sb_(
             layer.lora_sb_A[:rr] = vh[:rr].float()
             layer.lora_sb_R[:rr, :rr] = torch.diag(-init_lr * s[:rr]).float()
         setattr(parent, leaf, layer)
-    model.__dict__["_fedtune_adapter"] = "lora_sb"
+    model.__dict__[KIND_MARK] = "lora_sb"
     return model
 
 
@@ -134,5 +140,87 @@ def sb_to_lora(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def is_lora_sb(model: Any) -> bool:
-    return getattr(model, "__dict__", {}).get("_fedtune_adapter") == "lora_sb"
+def target_names(model: nn.Module, targets: Any) -> list[str]:
+    """Explicit target module names ('all-linear' = every Linear but the LM head)."""
+    if not isinstance(targets, str):
+        return sorted(targets)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return sorted(names - {"lm_head"})
+
+
+_PUBLIC_FIX = "use adapter.sb_init: source:<public corpus>, e.g. source:stdlib"
+
+
+@ADAPTERS.register("lora_sb", "LoRA-SB: dW = B R A, A and B shared and frozen, only R trains (Fed-SB).")
+@dataclass(frozen=True)
+class LoraSB(AdapterBase):
+    """LoRA-SB (arXiv:2411.19557): dW = B R A, A and B shared and frozen, only R trains."""
+
+    options: LoraSBAdapterConfig = field(default_factory=LoraSBAdapterConfig)
+
+    kind: ClassVar[str] = "lora_sb"
+    algebra: ClassVar[Algebra] = Algebra.LORA_SB
+    frozen_suffixes: ClassVar[tuple[str, ...]] = FROZEN_SUFFIXES
+
+    def inject(self, model: Any, ctx: InjectContext) -> Any:
+        from fedtune.adapters.lora import lora_config
+
+        o = self.options
+        targets = target_names(model, lora_config(o, ctx.model_type, r=ctx.r_max).target_modules)
+        init_lr = o.sb_init_lr if o.sb_init_lr is not None else ctx.train_lr
+        return inject_lora_sb_(model, targets, o.r, self.init_blocks(ctx), init_lr)
+
+    def init_blocks(self, ctx: InjectContext) -> torch.Tensor:
+        """Data for the gradient estimate: only what the server may see (adapter.sb_init)."""
+        how, n = self.options.sb_init, self.options.sb_init_blocks
+        if how.startswith("source:"):
+            if ctx.public_blocks is None:
+                raise ValueError("LoRA-SB's init from a public corpus needs InjectContext.public_blocks")
+            return ctx.public_blocks(how.split(":", 1)[1], n)
+        if ctx.shards is None:
+            raise ConfigError([Problem("adapter.sb_init", how, "needs a public corpus here", "use source:<name>")])
+        cid = how.split(":", 1)[1] if ":" in how else next(iter(ctx.shards))
+        if cid not in ctx.shards:
+            fix = f"use one of: {', '.join(ctx.shards)}"
+            raise ConfigError([Problem("adapter.sb_init", how, "unknown client", fix)])
+        shard = ctx.shards[cid]
+        blocks: torch.Tensor = shard.val if shard.val.shape[0] > 0 else shard.train
+        return blocks[:n]
+
+    def parameters(self, model: Any) -> dict[str, nn.Parameter]:
+        return sb_parameters(model)
+
+    def scale(self, model: Any) -> float:
+        return 1.0
+
+    def export(
+        self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, variant: int | None
+    ) -> Path:
+        """B (R A) is an ordinary PEFT LoRA of scale 1."""
+        from fedtune.adapters.lora import export_peft
+
+        config = copy.deepcopy(peft_config)
+        config.lora_alpha = float(config.r)
+        return export_peft(sb_to_lora(state), config, base_model, out_dir)
+
+    def problems(self, *, dp: bool, dp_sgd: bool) -> list[Problem]:
+        o, out = self.options, []
+        if o.ranks is not None:
+            why = "LoRA-SB shares A and B: one rank for all"
+            out.append(Problem("adapter.ranks", o.ranks, why, "drop adapter.ranks"))
+        if dp and not o.sb_init.startswith("source:"):
+            out.append(
+                Problem(
+                    "adapter.sb_init",
+                    o.sb_init,
+                    "LoRA-SB's init from a client's data is released to everyone, outside the DP guarantee",
+                    _PUBLIC_FIX,
+                )
+            )
+        return out
+
+    def engine_needs(self) -> list[EngineNeed]:
+        if self.options.sb_init.startswith("source:"):
+            return []
+        why = "every party computes the LoRA-SB init itself, from public data"
+        return [EngineNeed("client_data_init", "adapter.sb_init", self.options.sb_init, why, _PUBLIC_FIX)]

@@ -34,16 +34,29 @@ generation with a KV cache should use MLP experts only.
 from __future__ import annotations
 
 import json
-import math
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from fedtune.adapters import adapter_input
+from fedtune.adapters.base import (
+    ADAPTERS,
+    KIND_MARK,
+    AdapterBase,
+    Algebra,
+    EngineNeed,
+    InjectContext,
+    ParamGroup,
+)
 from fedtune.adapters.lora_sb import weight_of
+from fedtune.adapters.moe_layers import ExpertLoRA, MoEBlock
+from fedtune.config.adapters import MoELoraAdapterConfig
+from fedtune.errors import Problem
+from fedtune.types import AdapterState
 
 EXPERT_KEY = re.compile(r"\.moe_lora_[AB]\.(\d+)$")
 ROUTER = ".moe_router.weight"
@@ -60,93 +73,6 @@ def expert_index(key: str) -> int | None:
 
 def is_router_key(key: str) -> bool:
     return key.endswith(ROUTER) or key.endswith(FROZEN_ROUTER)
-
-
-class ExpertLoRA(nn.Module):
-    """A frozen nn.Linear / GPT-2 Conv1D plus one LoRA per expert; `active` picks the expert."""
-
-    def __init__(self, base_layer: nn.Module, num_experts: int, r: int, scale: float, dropout: float):
-        super().__init__()
-        self.base_layer = base_layer
-        w = weight_of(base_layer)
-        conv1d = type(base_layer).__name__ == "Conv1D"  # stores [in, out]
-        d_out, d_in = (w.shape[1], w.shape[0]) if conv1d else (w.shape[0], w.shape[1])
-        self.scale = scale
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.moe_lora_A = nn.ParameterList([nn.Parameter(torch.empty(r, d_in)) for _ in range(num_experts)])
-        self.moe_lora_B = nn.ParameterList([nn.Parameter(torch.zeros(d_out, r)) for _ in range(num_experts)])
-        for a in self.moe_lora_A:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT's LoRA: B = 0, so the start is the base
-        self.active: int | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.active is None:
-            return torch.as_tensor(out)
-        a, b = self.moe_lora_A[self.active], self.moe_lora_B[self.active]
-        h = adapter_input(self.dropout(x), a.dtype) @ a.T
-        out = torch.as_tensor(out)
-        return out + torch.as_tensor(self.scale * (h @ b.T)).to(out.dtype)
-
-
-class MoEBlock(nn.Module):
-    """Routes each token over E expert copies of `inner` (whose linears are ExpertLoRA)."""
-
-    def __init__(self, inner: nn.Module, hidden: int, num_experts: int, top_k: int, router: str):
-        super().__init__()
-        self.inner = inner
-        self.num_experts, self.top_k, self.router_kind = num_experts, top_k, router
-        gate = nn.Linear(hidden, num_experts, bias=False)
-        nn.init.normal_(gate.weight, std=0.02)
-        if router == "frozen":
-            gate.weight.requires_grad_(False)
-            self.moe_frozen_router = gate
-        else:
-            self.moe_router = gate
-        self.expert_mask: torch.Tensor
-        self.register_buffer("expert_mask", torch.ones(num_experts, dtype=torch.bool), persistent=False)
-        self.lb_loss: torch.Tensor | None = None
-        self.last_probs: torch.Tensor | None = None
-
-    @property
-    def gate(self) -> nn.Linear:
-        return self.moe_frozen_router if self.router_kind == "frozen" else self.moe_router
-
-    def experts(self) -> list[ExpertLoRA]:
-        return [m for m in self.inner.modules() if isinstance(m, ExpertLoRA)]
-
-    def routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mixture weights w [.., E], load-balancing loss) for block input x [B, T, H]."""
-        g = self.gate(adapter_input(x, self.gate.weight.dtype)).float()
-        if self.router_kind == "sequence":  # causal prefix mean: one decision per prefix, no look-ahead
-            steps = torch.arange(1, g.shape[-2] + 1, device=g.device, dtype=g.dtype)[:, None]
-            g = g.cumsum(dim=-2) / steps
-        g = g.masked_fill(~self.expert_mask, float("-inf"))
-        active = int(self.expert_mask.sum())
-        k = min(self.top_k, active)
-        top = g.topk(k, dim=-1)
-        w = torch.zeros_like(g).scatter(-1, top.indices, torch.softmax(top.values, dim=-1))
-        probs = torch.softmax(g, dim=-1).reshape(-1, g.shape[-1])
-        chosen = torch.zeros_like(g).scatter(-1, top.indices, 1.0 / k).reshape(-1, g.shape[-1])
-        lb = active * (chosen.mean(0) * probs.mean(0)).sum()
-        self.last_probs = probs.detach()
-        return w, lb
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        w, self.lb_loss = self.routing(hidden_states)
-        used = [i for i in range(self.num_experts) if bool(self.expert_mask[i]) and bool((w[..., i] > 0).any())]
-        layers = self.experts()
-        mixed, rest = None, ()
-        for i in used:
-            for m in layers:
-                m.active = i
-            out = self.inner(hidden_states, *args, **kwargs)
-            y, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
-            term = w[..., i : i + 1].to(y.dtype) * y
-            mixed = term if mixed is None else mixed + term
-        for m in layers:
-            m.active = None
-        return (mixed, *rest) if rest else mixed
 
 
 def _block_hidden(block: nn.Module) -> int:
@@ -201,7 +127,7 @@ def inject_moe_lora_(
             setattr(parent, leaf, MoEBlock(block, hidden, num_experts, top_k, router).to(device))
     finally:
         torch.random.set_rng_state(saved)
-    model.__dict__["_fedtune_adapter"] = "moe_lora"
+    model.__dict__[KIND_MARK] = "moe_lora"
     model.__dict__["_fedtune_moe"] = {
         "num_experts": num_experts,
         "r": r,
@@ -217,10 +143,6 @@ def inject_moe_lora_(
 def moe_info(model: Any) -> dict[str, Any]:
     """The mixture's settings recorded at injection (for export)."""
     return dict(model.__dict__["_fedtune_moe"])
-
-
-def is_moe(model: Any) -> bool:
-    return getattr(model, "__dict__", {}).get("_fedtune_adapter") == "moe_lora"
 
 
 def moe_blocks(model: nn.Module) -> list[MoEBlock]:
@@ -285,3 +207,102 @@ def load_moe_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     set_expert_count_(model, info.get("client_experts"))
     model.eval()
     return model
+
+
+@ADAPTERS.register("moe_lora", "Mixture of LoRA experts with a router (CoMiGS).")
+@dataclass(frozen=True)
+class MoELoRA(AdapterBase):
+    """Mixture of LoRA experts with a router (CoMiGS, arXiv:2409.13931): module docstring."""
+
+    options: MoELoraAdapterConfig = field(default_factory=MoELoraAdapterConfig)
+
+    kind: ClassVar[str] = "moe_lora"
+    algebra: ClassVar[Algebra] = Algebra.MIXTURE
+    frozen_suffixes: ClassVar[tuple[str, ...]] = (FROZEN_ROUTER,)
+
+    def inject(self, model: Any, ctx: InjectContext) -> Any:
+        o = self.options
+        return inject_moe_lora_(
+            model,
+            num_experts=o.max_experts(),
+            r=o.r,
+            alpha=o.alpha,
+            top_k=o.top_k,
+            router=o.router,
+            dropout=o.dropout,
+            modules=o.moe_modules,
+            seed=ctx.seed,
+        )
+
+    def parameters(self, model: Any) -> dict[str, nn.Parameter]:
+        return moe_parameters(model)
+
+    def scale(self, model: Any) -> float:
+        info = moe_info(model)
+        return float(info["alpha"] / info["r"])
+
+    def use_client_(self, model: Any, variant: int | None) -> None:
+        """A client with n experts uses experts 0..n-1 (None: all)."""
+        set_expert_count_(model, variant)
+
+    def client_variants(self, client_ids: Sequence[str]) -> dict[str, int]:
+        counts = self.options.experts
+        return dict(zip(client_ids, counts)) if isinstance(counts, list) else {}
+
+    def param_groups(self, keys: Sequence[str]) -> list[ParamGroup]:
+        """Experts train on the client's steps; a learned router on CoMiGS's alternating schedule."""
+        o = self.options
+        routers = tuple(sorted(k for k in keys if is_router_key(k)))
+        experts = tuple(sorted(k for k in keys if not is_router_key(k)))
+        every = o.router_every if o.router != "frozen" else 0
+        return [
+            ParamGroup("experts", experts),
+            ParamGroup("router", routers, lr=o.router_lr, every=every, steps=o.router_steps),
+        ]
+
+    def aux_loss(self, model: Any) -> torch.Tensor | None:
+        """lb_weight * the Switch load-balancing loss of the last forward pass."""
+        if self.options.lb_weight <= 0:
+            return None
+        lb = load_balancing_loss(model)
+        return None if lb is None else self.options.lb_weight * lb
+
+    def export(
+        self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, variant: int | None
+    ) -> Path:
+        """moe_adapter.safetensors + moe_config.json (PEFT has no mixture): `load_moe_adapter`."""
+        info = {**moe_info(model), "base_model_name_or_path": base_model, "client_experts": variant}
+        return save_moe_adapter(state, info, out_dir)
+
+    def problems(self, *, dp: bool, dp_sgd: bool) -> list[Problem]:
+        o = self.options
+        if dp_sgd and o.router != "frozen" and o.router_every > 0:
+            return [
+                Problem(
+                    "adapter.router_every",
+                    o.router_every,
+                    "the alternating router steps read the validation split outside DP-SGD's accounting",
+                    "set adapter.router_every: 0 (routers train inside DP-SGD) or drop train.dp_sgd",
+                )
+            ]
+        return []
+
+    def client_problems(self, client_ids: Sequence[str]) -> list[Problem]:
+        counts, n = self.options.experts, len(client_ids)
+        if not isinstance(counts, list) or len(counts) == n:
+            return []
+        return [
+            Problem(
+                "adapter.experts",
+                counts,
+                f"one expert count per client is needed; there are {n} clients ({', '.join(client_ids)})",
+                f"give {n} counts, or one number for all",
+            )
+        ]
+
+    def engine_needs(self) -> list[EngineNeed]:
+        counts = self.options.experts
+        if not isinstance(counts, list):
+            return []
+        why = "per-client expert counts are not carried to the clients"
+        return [EngineNeed("per_client_experts", "adapter.experts", counts, why, "give one count, or {inprocess}")]

@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from fedtune.adapters.moe_lora import is_moe, is_router_key, set_expert_count_
-from fedtune.client.train import TrainSpec, local_train_, proximal_term
+from fedtune.adapters import adapter_of
+from fedtune.adapters.base import Adapter
+from fedtune.client.train import SideGroup, TrainSpec, local_train_, proximal_term
 from fedtune.data.blocks import Shard
 from fedtune.models.adapters import (
     adapter_parameters,
@@ -35,30 +36,41 @@ def client_round(
     on_step: Callable[[int, int, float], None] | None = None,
     penalty: PenaltyFactory | None = None,
     private: AdapterState | None = None,
-    experts: int | None = None,
+    variant: int | None = None,
+    adapter: Adapter | None = None,
 ) -> tuple[AdapterState, dict[str, float], AdapterState]:
     """Train the received adapter tensors on the client's shard; return (delta, metrics, private).
 
     Only the tensors in `received` and `private` train; only the received ones come back, as a
     delta (the others keep their shared initial values). `private` are tensors that never leave
     the client (CoMiGS's specialists and router); their trained values are returned for the
-    client to keep. `experts` is the client's expert count (mixture-of-experts adapters).
+    client to keep. `variant` is the client's adapter variant (a mixture's expert count).
+    `adapter` (built from the config: its options) gives the parameter groups and the auxiliary
+    loss; default: the injected kind with default options. Its first group trains on the
+    client's steps; a second one may follow its own schedule (`ParamGroup.every`).
     Mutates only adapter tensors of the shared model, which the next client overwrites.
     `penalty(params_by_key, received)` may add a strategy's client-side regulariser (HetLoRA's
     rank self-pruning term)."""
     private = private or {}
-    if is_moe(model):
-        set_expert_count_(model, experts)
+    adapter = adapter if adapter is not None else adapter_of(model)
+    adapter.use_client_(model, variant)
     set_state_(model, {**received, **private})
     lora = {k: received[k] for k in trainable_keys(received)}
     keys = [*lora, *trainable_keys(private)]
     select_trainable_(model, keys)
     by_key = adapter_parameters(model)
-    routers = [by_key[k] for k in sorted(keys) if is_router_key(k)]
-    params = [by_key[k] for k in sorted(keys) if not is_router_key(k)]
+    main, *rest = adapter.param_groups(keys)
+    if len(rest) > 1:
+        raise ValueError(f"adapter {adapter.kind!r}: at most two parameter groups (main and one on its own schedule)")
+    params = [by_key[k] for k in main.keys]
+    group = rest[0] if rest else None
+    side = None
+    if group is not None:
+        lr = group.lr if group.lr is not None else spec.lr
+        side = SideGroup([by_key[k] for k in group.keys], lr, group.every, group.steps, group.name)
     # the region each parameter really has for this client (a rank-r_k client inside the max-rank
     # LoRA): DP-SGD's noise goes only there, so the padded rows stay exactly zero
-    regions = [lora[k].shape if k in lora else by_key[k].shape for k in sorted(keys) if not is_router_key(k)]
+    regions = [lora[k].shape if k in lora else by_key[k].shape for k in main.keys]
     gen = torch_generator(seed, "train", rnd, shard.client_id)
     torch.manual_seed(derive_seed(seed, "dropout", rnd, shard.client_id))  # LoRA dropout draws globally
     terms = []
@@ -77,7 +89,8 @@ def client_round(
         gen,
         extra_loss=extra,
         on_step=on_step,
-        router_params=routers,
+        side=side,
+        aux=lambda: adapter.aux_loss(model),
         router_blocks=shard.val,
         regions=regions,
         docs=shard.train_doc if spec.dp_noise is not None else None,

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from fedtune.adapters.base import Adapter
 from fedtune.client.round import client_round
 from fedtune.client.train import TrainSpec
 from fedtune.data.blocks import Shard
@@ -111,7 +112,9 @@ class ClientPlan:
         step: the strategy's own client update (FedKSeed, Ferret) or None for the first-order round.
         penalty: a strategy's client-side regulariser factory (HetLoRA) or None.
         transforms: update transforms in order (attack, DP share, secure-aggregation mask).
-        experts: per-client expert counts of a mixture adapter ({} = all the same).
+        variants: per-client adapter variants, e.g. a mixture's expert counts ({} = all the same).
+        adapter: the run's adapter with its options (parameter groups, auxiliary loss); None:
+            the injected kind with default options.
         private_init: the initial client-private tensors (the same for every client).
         secure_aggregation: clients mask their uploads (in-process pairwise masks).
         randomness: 'secure' (OS CSPRNG) or 'seeded' (simulation) for mask keys.
@@ -125,7 +128,8 @@ class ClientPlan:
     step: Any = None
     penalty: Any = None
     transforms: Sequence[UpdateTransform] = ()
-    experts: Mapping[str, int] = field(default_factory=dict)
+    variants: Mapping[str, int] = field(default_factory=dict)
+    adapter: Adapter | None = None
     private_init: AdapterState = field(default_factory=dict)
     secure_aggregation: bool = False
     randomness: str = "seeded"
@@ -148,7 +152,7 @@ def run_client(
     received, down_state = plan.down_codec.decode(job.payload, state.down_codec)
     if plan.step is not None:
         delta, metrics, private = plan.step(
-            model, received, state.private, shard, plan.spec, plan.seed, job.round, on_step
+            model, received, state.private, shard, plan.spec, plan.seed, job.round, on_step, adapter=plan.adapter
         )
     else:
         delta, metrics, private = client_round(
@@ -161,7 +165,8 @@ def run_client(
             on_step,
             plan.penalty,
             private=state.private,
-            experts=plan.experts.get(job.client_id),
+            variant=plan.variants.get(job.client_id),
+            adapter=plan.adapter,
         )
     for transform in plan.transforms:
         delta = transform(delta, job, shard, state)

@@ -1,16 +1,7 @@
-"""Local training on one client: a plain loop (AdamW, LR schedule, accumulation, clipping, bf16),
-or sample-level DP-SGD (Abadi et al., arXiv:1607.00133) when `dp_noise` is set:
-
-    batch:  each training block joins with probability q = batch_size * grad_accum / N (Poisson)
-    clip:   g_i <- g_i * min(1, C / ||g_i||) per example (all trained adapter parameters as one vector)
-    noise:  g = (sum_i g_i + N(0, (sigma C)^2 I)) / (q N), then the optimizer step (AdamW or SGD;
-            any optimizer is post-processing)
-
-Per-example gradients come from one backward per example: exact for any adapter (Opacus's
-per-sample hooks cover nn.Linear, so PEFT LoRA, but not the mixture-of-experts ParameterLists or
-LoRA-SB's bare R), no extra dependency, and on CPU at these batch sizes about as fast as a batched
-backward. Each step is a Poisson-subsampled Gaussian mechanism with rate q and multiplier sigma;
-the recipe composes a client's steps over its rounds with an RDP accountant.
+"""Local training on one client: a plain loop (AdamW or SGD, LR schedule, accumulation,
+clipping, bf16), with DP-SGD as a step option (`client.dp_sgd`, when `dp_noise` is set), the
+adapter's auxiliary loss in every forward pass, and a second parameter group on its own
+alternating schedule (CoMiGS's routers).
 """
 
 from __future__ import annotations
@@ -27,8 +18,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedtune.client.dp_sgd import Mechanism, Units, dp_step_
 from fedtune.errors import TrainingDivergedError
 from fedtune.privacy.randomness import SecureNoise, SeededNoise
+
+
+@dataclass(frozen=True)
+class SideGroup:
+    """Adapter parameters on their own schedule (an adapter's `ParamGroup` with `every`; CoMiGS's
+    routers): with every > 0, after every every-th step of the main parameters (counted over the
+    client's whole training), `steps` steps of their own AdamW at `lr`; every = 0: they train
+    jointly with the main parameters."""
+
+    params: list[torch.nn.Parameter]
+    lr: float
+    every: int = 0
+    steps: int = 1
+    name: str = "side"  # its steps' mean loss is recorded as <name>_loss
 
 
 @dataclass(frozen=True)
@@ -47,11 +53,6 @@ class TrainSpec:
     bf16: bool = False
     prox_mu: float = 0.0
     optimizer: str = "adamw"  # or "sgd" (no momentum)
-    # mixture-of-LoRA-experts adapters (CoMiGS): load balancing and the alternating router schedule
-    lb_weight: float = 0.0
-    router_every: int = 0
-    router_steps: int = 1
-    router_lr: float = 5e-4
     # sample-level DP-SGD (None = off): per-example clip C and noise multiplier sigma
     dp_clip: float | None = None
     dp_noise: float | None = None
@@ -157,11 +158,15 @@ def target_loss(model: Any, batch: torch.Tensor, mask: torch.Tensor, bf16: bool)
     return loss, n
 
 
+AuxLoss = Callable[[], "torch.Tensor | None"]
+
+
 def lm_loss(
-    model: Any, batch: torch.Tensor, bf16: bool, lb_weight: float = 0.0, mask: torch.Tensor | None = None
+    model: Any, batch: torch.Tensor, bf16: bool, aux: AuxLoss | None = None, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mean next-token cross-entropy of a batch of packed blocks [B, T] (plus lb_weight times the
-    load-balancing loss of a mixture-of-experts adapter); `mask` [B, T]: only True tokens are targets."""
+    """Mean next-token cross-entropy of a batch of packed blocks [B, T] plus the adapter's
+    auxiliary loss of that forward pass (`aux()`: e.g. a mixture's weighted load-balancing loss,
+    None for none); `mask` [B, T]: only True tokens are targets."""
     if mask is not None:
         total, n = target_loss(model, batch, mask, bf16)
         loss = total / max(1, n)
@@ -170,12 +175,9 @@ def lm_loss(
         batch = batch.to(dev)
         with autocast(bf16, dev, model):
             loss = model(input_ids=batch, labels=batch).loss
-    if lb_weight > 0:
-        from fedtune.adapters.moe_lora import load_balancing_loss
-
-        lb = load_balancing_loss(model)
-        if lb is not None:
-            loss = loss + lb_weight * lb
+    extra = aux() if aux is not None else None
+    if extra is not None:
+        loss = loss + extra
     return torch.as_tensor(loss)
 
 
@@ -190,6 +192,66 @@ def proximal_term(
     return term
 
 
+@dataclass(frozen=True)
+class Batches:
+    """Where a step's rows come from: blocks [N, T], their target mask, an endless index stream."""
+
+    blocks: torch.Tensor
+    mask: torch.Tensor | None
+    stream: Iterator[torch.Tensor]
+
+
+def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec) -> torch.optim.Optimizer:
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def check_finite(model: Any, loss: torch.Tensor, step: int, spec: TrainSpec, clip_hint: bool = True) -> None:
+    """Raise TrainingDivergedError (model back in eval mode) on a NaN or infinite loss."""
+    if torch.isfinite(loss):
+        return
+    model.eval()
+    hint = " or set train.max_grad_norm" if clip_hint else ""
+    raise TrainingDivergedError(f"loss is {loss.item()} at local step {step}; lower train.lr (now {spec.lr:g}){hint}")
+
+
+def accumulated_step_(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    group: list[torch.nn.Parameter],
+    data: Batches,
+    spec: TrainSpec,
+    step: int,
+    aux: AuxLoss | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+) -> float:
+    """One optimizer step on `group` over spec.grad_accum micro-batches of `data` (norm clipped
+    to spec.max_grad_norm); returns the step's mean loss. `step` only labels a divergence."""
+    step_loss = 0.0
+    for _ in range(spec.grad_accum):
+        rows = next(data.stream)
+        part = data.mask[rows] if data.mask is not None else None
+        loss = lm_loss(model, data.blocks[rows], spec.bf16, aux, part)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        check_finite(model, loss, step, spec)
+        (loss / spec.grad_accum).backward()
+        step_loss += loss.item() / spec.grad_accum
+    if spec.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(group, spec.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def only_trains_(on: list[torch.nn.Parameter], off: list[torch.nn.Parameter]) -> None:
+    for p in off:
+        p.requires_grad_(False)
+    for p in on:
+        p.requires_grad_(True)
+
+
 def local_train_(
     model: Any,
     params: list[torch.nn.Parameter],
@@ -199,7 +261,8 @@ def local_train_(
     *,
     extra_loss: Callable[[], torch.Tensor] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
-    router_params: list[torch.nn.Parameter] | None = None,
+    side: SideGroup | None = None,
+    aux: AuxLoss | None = None,
     router_blocks: torch.Tensor | None = None,
     step_offset: int = 0,
     regions: list[torch.Size] | None = None,
@@ -210,121 +273,55 @@ def local_train_(
     """Train `params` of `model` in place on `blocks` [N, T]; return train metrics.
 
     `extra_loss` adds a term to every micro-batch loss (e.g. a FedProx proximal term).
-    `router_params` (mixture-of-experts routers): with spec.router_every > 0 they follow CoMiGS's
-    alternating schedule: after every router_every-th expert step (counted over the client's whole
-    training, from `step_offset`), router_steps steps of their own AdamW on `router_blocks` (the
-    validation split) with the same loss; otherwise they train jointly with `params`.
+    `side` (mixture-of-experts routers): with side.every > 0 they follow CoMiGS's alternating
+    schedule: after every every-th step of `params` (counted over the client's whole training,
+    from `step_offset`), side.steps steps of their own AdamW on `router_blocks` (the validation
+    split) with the same loss; otherwise they train jointly with `params`. `aux` adds the
+    adapter's auxiliary loss of each forward pass (a mixture's load balancing).
     `regions`: for each of `params`, the leading sub-shape the client really trains (its own
     rank inside a larger padded LoRA); DP-SGD adds noise only there. `mask` [N, T]: the target
     tokens of each block (instruction data: the completions; padding of DP-SGD's unit 'document'
     blocks is never a target); None = every token. `router_mask`: the same for `router_blocks`.
     `docs` (DP-SGD's unit 'document'): the document of each block; documents, not blocks, are
-    Poisson-sampled and clipped (all blocks of a document together).
+    Poisson-sampled and clipped (all blocks of a document together): `client.dp_sgd`.
     Raises TrainingDivergedError on a NaN or infinite loss.
     """
     total = spec.num_steps(int(blocks.shape[0]))
-    router_params = router_params or []
-    alternate = bool(router_params) and spec.router_every > 0
-    trained = params if alternate else params + router_params
-    opt = (
-        torch.optim.SGD(trained, lr=spec.lr, weight_decay=spec.weight_decay)
-        if spec.optimizer == "sgd"
-        else torch.optim.AdamW(trained, lr=spec.lr, weight_decay=spec.weight_decay)
-    )
-    stream = batch_indices(int(blocks.shape[0]), spec.batch_size, gen)
+    side = side if side is not None else SideGroup([], spec.lr)
+    alternate = bool(side.params) and side.every > 0
+    trained = params if alternate else params + side.params
+    opt = make_optimizer(trained, spec)
+    data = Batches(blocks, mask, batch_indices(int(blocks.shape[0]), spec.batch_size, gen))
     if alternate:
         own = router_blocks is not None and router_blocks.shape[0] > 0
         rblocks = router_blocks if router_blocks is not None and own else blocks
-        rmask = router_mask if own else mask
-        router_opt = torch.optim.AdamW(router_params, lr=spec.router_lr, weight_decay=spec.weight_decay)
-        router_stream = batch_indices(int(rblocks.shape[0]), spec.batch_size, gen)
-        for p in router_params:
-            p.requires_grad_(False)
+        side_data = Batches(
+            rblocks, router_mask if own else mask, batch_indices(int(rblocks.shape[0]), spec.batch_size, gen)
+        )
+        side_opt = torch.optim.AdamW(side.params, lr=side.lr, weight_decay=spec.weight_decay)
+        only_trains_([], side.params)
     model.train()
     t0 = time.perf_counter()
     losses: list[float] = []
-    router_losses: list[float] = []
-
-    def step_on(
-        optimizer: torch.optim.Optimizer,
-        group: list[torch.nn.Parameter],
-        data: torch.Tensor,
-        data_mask: torch.Tensor | None,
-        it: Iterator[torch.Tensor],
-    ) -> float:
-        step_loss = 0.0
-        for _ in range(spec.grad_accum):
-            rows = next(it)
-            part = data_mask[rows] if data_mask is not None else None
-            loss = lm_loss(model, data[rows], spec.bf16, spec.lb_weight, part)
-            if extra_loss is not None:
-                loss = loss + extra_loss()
-            if not torch.isfinite(loss):
-                model.eval()
-                raise TrainingDivergedError(
-                    f"loss is {loss.item()} at local step {len(losses)}; lower train.lr "
-                    f"(now {spec.lr:g}) or set train.max_grad_norm"
-                )
-            (loss / spec.grad_accum).backward()
-            step_loss += loss.item() / spec.grad_accum
-        if spec.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(group, spec.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return step_loss
-
-    def dp_step_on(optimizer: torch.optim.Optimizer, group: list[torch.nn.Parameter]) -> float | None:
-        """One DP-SGD step (module docstring); the mean per-example loss, None for an empty batch."""
-        n = units
-        q = spec.dp_rate(n)
-        clip, sigma = float(spec.dp_clip or 1.0), float(spec.dp_noise or 0.0)
-        picked = torch.nonzero(noise.uniform(n) < q).flatten().tolist()
-        summed = [torch.zeros_like(p, dtype=torch.float32) for p in group]
-        step_losses = []
-        for i in picked:
-            rows = members[i] if members is not None else slice(i, i + 1)  # a document: all its blocks
-            part_mask = mask[rows] if mask is not None else None
-            loss = lm_loss(model, blocks[rows], spec.bf16, spec.lb_weight, part_mask)
-            if not torch.isfinite(loss):
-                model.eval()
-                raise TrainingDivergedError(
-                    f"loss is {loss.item()} at local step {len(losses)}; lower train.lr (now {spec.lr:g})"
-                )
-            raw = torch.autograd.grad(loss, group, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g.float() for p, g in zip(group, raw)]
-            gnorm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
-            factor = min(1.0, clip / gnorm) if gnorm > 0 else 1.0
-            for acc, g in zip(summed, grads):
-                acc.add_(g, alpha=factor)
-            step_losses.append(loss.item())
-        for i, (p, acc) in enumerate(zip(group, summed)):
-            region = regions[i] if regions is not None and i < len(regions) else acc.shape
-            cut = tuple(slice(0, n) for n in region)
-            acc[cut] += noise.normal(acc[cut].shape).to(acc.device) * (sigma * clip)
-            p.grad = (acc / (q * n)).to(p.dtype)
-        if extra_loss is not None:  # data-independent (FedProx): no privacy cost, not clipped
-            extra_loss().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return sum(step_losses) / len(step_losses) if step_losses else None
-
+    side_losses: list[float] = []
     dp = spec.dp_noise is not None
-    # DP-SGD's unit: a block, or a document (all its blocks: `docs` gives each block's document)
-    members = (
-        [torch.nonzero(docs == d).flatten() for d in range(int(docs.max()) + 1)]
-        if docs is not None and docs.numel()
-        else None
-    )
-    units = len(members) if members is not None else int(blocks.shape[0])
+    units = Units.of(int(blocks.shape[0]), docs)
     # seeded: the training generator (reproducible simulation); secure: the OS CSPRNG
     noise = SecureNoise() if spec.dp_randomness == "secure" else SeededNoise(gen)
+    mech = Mechanism(spec.dp_rate(units.count), float(spec.dp_clip or 1.0), float(spec.dp_noise or 0.0))
+
+    def unit_loss(rows: torch.Tensor | slice) -> torch.Tensor:
+        loss = lm_loss(model, blocks[rows], spec.bf16, aux, mask[rows] if mask is not None else None)
+        check_finite(model, loss, len(losses), spec, clip_hint=False)
+        return loss
+
     empty = 0
     for step in range(total):
         lr = get_lr(step, total, spec)
         for g in opt.param_groups:
             g["lr"] = lr
         if dp:
-            loss_or_none = dp_step_on(opt, trained)
+            loss_or_none = dp_step_(opt, trained, units, unit_loss, mech, noise, regions, extra_loss)
             if loss_or_none is None:
                 empty += 1
                 if on_step is not None and losses:
@@ -332,33 +329,43 @@ def local_train_(
                 continue
             losses.append(loss_or_none)
         else:
-            losses.append(step_on(opt, trained, blocks, mask, stream))
-        if alternate and (step_offset + step + 1) % spec.router_every == 0:
-            for p in trained:
-                p.requires_grad_(False)
-            for p in router_params:
-                p.requires_grad_(True)
-            for _ in range(spec.router_steps):
-                router_losses.append(step_on(router_opt, router_params, rblocks, rmask, router_stream))
-            for p in router_params:
-                p.requires_grad_(False)
-            for p in trained:
-                p.requires_grad_(True)
+            losses.append(accumulated_step_(model, opt, trained, data, spec, len(losses), aux, extra_loss))
+        if alternate and (step_offset + step + 1) % side.every == 0:
+            only_trains_(side.params, trained)
+            for _ in range(side.steps):
+                side_losses.append(
+                    accumulated_step_(model, side_opt, side.params, side_data, spec, len(losses), aux, extra_loss)
+                )
+            only_trains_(trained, side.params)
         if on_step is not None:
             on_step(step + 1, total, losses[-1])
-    for p in router_params:
-        p.requires_grad_(True)
+    only_trains_(side.params, [])
     model.eval()
-    if not losses:  # DP-SGD: every Poisson batch was empty (tiny shard, tiny q)
-        losses = [float("nan")]
+    seconds = time.perf_counter() - t0
+    return train_metrics(losses, {side.name: side_losses}, total, seconds, spec, units if dp else None, empty)
+
+
+def train_metrics(
+    losses: list[float],
+    side_losses: dict[str, list[float]],
+    total: int,
+    seconds: float,
+    spec: TrainSpec,
+    units: Units | None,
+    empty: int,
+) -> dict[str, float]:
+    """The client's training record; under DP-SGD (`units`) what the accountant needs: steps
+    taken at Poisson rate q."""
+    losses = losses or [float("nan")]  # DP-SGD: every Poisson batch was empty (tiny shard, tiny q)
     out = {
         "train_loss": sum(losses) / len(losses),
         "train_last_loss": losses[-1],
         "steps": float(total),
-        "train_seconds": time.perf_counter() - t0,
+        "train_seconds": seconds,
     }
-    if dp:  # what the accountant needs: steps taken at Poisson rate q
-        out.update(dp_steps=float(total), dp_rate=spec.dp_rate(units), dp_empty_batches=float(empty))
-    if router_losses:
-        out["router_loss"] = sum(router_losses) / len(router_losses)
+    if units is not None:
+        out.update(dp_steps=float(total), dp_rate=spec.dp_rate(units.count), dp_empty_batches=float(empty))
+    for name, values in side_losses.items():
+        if values:
+            out[f"{name}_loss"] = sum(values) / len(values)
     return out

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from fedtune.config.schema import ExperimentConfig
+from fedtune.config.schema import ADAPTER_CONFIGS, ExperimentConfig
 from fedtune.errors import ConfigError, Problem
 
 
@@ -79,12 +79,38 @@ def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(cls.model_fields) if cls is not None else []
 
 
+def _untagged(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], str | None]:
+    """An error location without the adapter kind pydantic puts after 'adapter' (the union's
+    tag), and that kind (None elsewhere)."""
+    if len(loc) >= 3 and loc[0] == "adapter" and loc[1] in ADAPTER_CONFIGS:
+        return (loc[0], *loc[2:]), str(loc[1])
+    return loc, None
+
+
+def _adapter_key_problem(field: str, value: Any, kind: str) -> Problem:
+    """An adapter option the chosen kind does not have: name the kinds that have it."""
+    key = field.split(".", 1)[1]
+    owners = [k for k, model in ADAPTER_CONFIGS.items() if key in model.model_fields]
+    if owners:
+        return Problem(
+            field,
+            value,
+            f"not an option of adapter.kind {kind!r} (an option of: {', '.join(owners)})",
+            f"set adapter.kind: {owners[0]}, or remove {field}",
+        )
+    valid = sorted(ADAPTER_CONFIGS[kind].model_fields)
+    return Problem(field, value, f"unknown key of adapter.kind {kind!r}", f"use one of: {', '.join(valid)}")
+
+
 def problems_from_validation(err: ValidationError, raw: dict[str, Any]) -> list[Problem]:
     problems = []
     for e in err.errors():
-        loc = tuple(e["loc"])
+        loc, kind = _untagged(tuple(e["loc"]))
         field = ".".join(str(x) for x in loc) or "config"
         value = e.get("input")
+        if e["type"] == "extra_forbidden" and kind is not None:
+            problems.append(_adapter_key_problem(field, value, kind))
+            continue
         if e["type"] == "extra_forbidden":
             valid = _valid_keys(ExperimentConfig, loc)
             problems.append(Problem(field, value, "unknown key", f"use one of: {', '.join(valid)}"))
@@ -93,6 +119,8 @@ def problems_from_validation(err: ValidationError, raw: dict[str, Any]) -> list[
         ctx = e.get("ctx") or {}
         if "expected" in ctx:
             fix = f"use one of {ctx['expected']}"
+        elif "expected_tags" in ctx:
+            fix = f"use one of {ctx['expected_tags']}"
         elif e["type"] in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
             fix = f"choose a value that is {msg.lower().removeprefix('input should be ')}"
         elif e["type"] == "missing":

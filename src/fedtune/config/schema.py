@@ -7,6 +7,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from fedtune.config.adapters import ADAPTER_CONFIGS as ADAPTER_CONFIGS
+from fedtune.config.adapters import AdapterConfig as AdapterConfig
+from fedtune.config.adapters import AdapterOptions as AdapterOptions
+from fedtune.config.adapters import LoraAdapterConfig as LoraAdapterConfig
+from fedtune.config.adapters import LoraSBAdapterConfig as LoraSBAdapterConfig
+from fedtune.config.adapters import MoELoraAdapterConfig as MoELoraAdapterConfig
 from fedtune.config.inputs import DataConfig as DataConfig
 from fedtune.config.inputs import ModelConfig as ModelConfig
 from fedtune.config.inputs import TinyModelConfig as TinyModelConfig
@@ -27,59 +33,6 @@ class PartitionConfig(_Strict):
         if self.kind in ("iid", "dirichlet") and self.num_clients is None:
             raise ValueError(f"partition kind {self.kind!r} needs num_clients (e.g. 4)")
         return self
-
-
-class AdapterConfig(_Strict):
-    kind: Literal["lora", "lora_sb", "moe_lora"] = Field(
-        "lora", description="'lora_sb': dW = B R A, only R trains (Fed-SB); 'moe_lora': LoRA experts + router (CoMiGS)"
-    )
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0.0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    ranks: list[int] | None = Field(
-        None, description="per-client ranks in client-id order (flora, flexlora, hetlora); scale stays alpha/r"
-    )
-    target_modules: list[str] | Literal["auto", "all-linear"] = Field(
-        "auto", description="'auto' = PEFT's default per architecture (q,v for Llama; c_attn for GPT-2)"
-    )
-
-    sb_init: str = Field(
-        "client",
-        description="LoRA-SB init data: 'client' (first client's validation split), "
-        "'client:<id>' (a consenting client), or 'source:<name>' (a public corpus)",
-    )
-    sb_init_blocks: int = Field(8, ge=1, description="blocks of init data for the gradient estimate")
-    sb_init_lr: float | None = Field(None, ge=0.0, description="R_0 = -init_lr * S_r (default: train.lr)")
-
-    experts: int | list[int] = Field(
-        2, description="moe_lora: experts per block, or one count per client in client-id order, e.g. [2, 2, 4, 4]"
-    )
-    top_k: int = Field(2, ge=1, description="moe_lora: experts mixed per token (>= experts: a dense softmax mixture)")
-    router: Literal["token", "sequence", "frozen"] = Field(
-        "token", description="moe_lora: learned per token, learned per causal prefix, or frozen random"
-    )
-    moe_modules: Literal["mlp", "mlp+attention"] = Field("mlp", description="moe_lora: blocks that get experts")
-    lb_weight: float = Field(0.01, ge=0.0, description="moe_lora: weight of the Switch load-balancing loss")
-    router_every: int = Field(
-        3,
-        ge=0,
-        description="moe_lora: every this many expert steps, router_steps router steps on the validation split "
-        "(CoMiGS's alternating schedule; 0 = router and experts train jointly on the training split)",
-    )
-    router_steps: int = Field(1, ge=1, description="moe_lora: router steps each time (CoMiGS: 10 every 30)")
-    router_lr: float | None = Field(None, gt=0.0, description="moe_lora: router learning rate (default: train.lr)")
-
-    @model_validator(mode="after")
-    def _positive_ranks(self) -> AdapterConfig:
-        if self.ranks is not None and (not self.ranks or min(self.ranks) < 1):
-            raise ValueError(f"ranks = {self.ranks}: give one positive rank per client, e.g. [4, 8, 16, 16]")
-        counts = self.experts if isinstance(self.experts, list) else [self.experts]
-        if not counts or min(counts) < 1:
-            raise ValueError(f"experts = {self.experts}: give a positive count, or one per client, e.g. [2, 2, 4, 4]")
-        return self
-
-    def max_experts(self) -> int:
-        return max(self.experts) if isinstance(self.experts, list) else self.experts
 
 
 class DPSGDConfig(_Strict):
@@ -321,7 +274,7 @@ class ExperimentConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    adapter: AdapterConfig = Field(default_factory=LoraAdapterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     codec: CodecConfig = Field(

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from fedtune.adapters import build_adapter
 from fedtune.errors import Problem
 
 
@@ -105,20 +106,8 @@ def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_co
         "this codec keeps state between rounds (error feedback, lazy uploads), which this engine does not carry yet",
         "use a stateless codec (identity, fp16, quantize) or engine.name: inprocess",
     )
-    need(
-        engine.per_client_experts or not (cfg.adapter.kind == "moe_lora" and isinstance(cfg.adapter.experts, list)),
-        "adapter.experts",
-        cfg.adapter.experts,
-        "per-client expert counts are not carried to the clients",
-        "give one count, or " + _INPROCESS,
-    )
-    need(
-        engine.client_data_init or cfg.adapter.kind != "lora_sb" or cfg.adapter.sb_init.startswith("source:"),
-        "adapter.sb_init",
-        cfg.adapter.sb_init,
-        "every party computes the LoRA-SB init itself, from public data",
-        "use adapter.sb_init: source:<public corpus>, e.g. source:stdlib",
-    )
+    for n in build_adapter(cfg.adapter).engine_needs():  # what the adapter needs from the engine, as data
+        need(bool(getattr(engine, n.capability)), n.field, n.value, n.reason, n.fix.format(inprocess=_INPROCESS))
     down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
     if cfg.secure_aggregation and engine.secure_codecs == "identity":
         bad = cfg.codec if cfg.codec.name != "identity" else down

@@ -1,5 +1,6 @@
 """What every engine builds the same way from a config: the clients' data shards, per-client
-ranks and expert counts, and the base model with its adapter (loaded once per process)."""
+ranks and adapter variants (a mixture's expert counts), and the base model with its adapter
+(loaded once per process)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Any
 
 import torch
 
-from fedtune.adapters.lora_sb import inject_lora_sb_
-from fedtune.adapters.moe_lora import inject_moe_lora_
+from fedtune.adapters import build_adapter
+from fedtune.adapters.base import InjectContext
 from fedtune.client.train import model_device
 from fedtune.components import per_client_problems, strategy_capabilities
 from fedtune.config import ExperimentConfig
@@ -21,8 +22,8 @@ from fedtune.data.partition import partition_ids
 from fedtune.data.report import stats_summary
 from fedtune.data.shards import ClientShards
 from fedtune.data.sources import load_corpus
-from fedtune.errors import ConfigError, Problem
-from fedtune.models.adapters import inject_, lora_config
+from fedtune.errors import ConfigError
+from fedtune.models.adapters import lora_config
 from fedtune.models.load import load_model, model_type, resolve_device
 from fedtune.models.precision import Precision, choose_precision, precision_warning
 from fedtune.seeding import derive_seed
@@ -56,71 +57,50 @@ def rank_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, i
     return dict(zip(client_ids, cfg.adapter.ranks)) if cfg.adapter.ranks is not None else {}
 
 
-def experts_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:
-    """adapter.experts as {client: count} when given per client ({} otherwise)."""
-    counts = cfg.adapter.experts
-    if cfg.adapter.kind != "moe_lora" or not isinstance(counts, list):
+def variants_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:
+    """Each client's adapter variant when the adapter has per-client options (a mixture's expert
+    counts: {client: count}); {} when every client has the same adapter."""
+    variants: dict[str, int] = build_adapter(cfg.adapter).client_variants(client_ids)
+    if not variants:
         return {}
     problems = per_client_problems(cfg, client_ids)
     if problems:
         raise ConfigError(problems)
-    return dict(zip(client_ids, counts))
+    return variants
 
 
-def target_names(model: Any, adapter_cfg: Any) -> list[str]:
-    """Explicit target module names ('all-linear' = every Linear but the LM head)."""
-    if not isinstance(adapter_cfg.target_modules, str):
-        return sorted(adapter_cfg.target_modules)
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    return sorted(names - {"lm_head"})
+def public_blocks(cfg: ExperimentConfig, tokenizer: Any) -> Callable[[str, int], torch.Tensor]:
+    """n packed blocks of a public corpus, for an adapter's init (LoRA-SB's gradient estimate)."""
 
+    def blocks(source: str, n: int) -> torch.Tensor:
+        public = load_corpus(cfg.data.model_copy(update={"source": source, "labels": None}))
+        return pack([str(t) for t in public["text"][: 4 * n]], tokenizer, cfg.data.block_size)[:n]
 
-def sb_init_blocks(cfg: ExperimentConfig, shards: Mapping[str, Shard], tokenizer: Any) -> torch.Tensor:
-    """Data for LoRA-SB's gradient estimate: only what the server may see (adapter.sb_init)."""
-    how, n = cfg.adapter.sb_init, cfg.adapter.sb_init_blocks
-    if how.startswith("source:"):
-        return sb_public_blocks(cfg, tokenizer)
-    cid = how.split(":", 1)[1] if ":" in how else next(iter(shards))
-    if cid not in shards:
-        raise ConfigError([Problem("adapter.sb_init", how, "unknown client", f"use one of: {', '.join(shards)}")])
-    shard = shards[cid]
-    return (shard.val if shard.val.shape[0] > 0 else shard.train)[:n]
-
-
-def sb_public_blocks(cfg: ExperimentConfig, tokenizer: Any) -> torch.Tensor:
-    """LoRA-SB init data from a public corpus (adapter.sb_init = 'source:<name>')."""
-    how, n = cfg.adapter.sb_init, cfg.adapter.sb_init_blocks
-    if not how.startswith("source:"):
-        raise ConfigError([Problem("adapter.sb_init", how, "needs a public corpus here", "use source:<name>")])
-    public = load_corpus(cfg.data.model_copy(update={"source": how.split(":", 1)[1], "labels": None}))
-    return pack([str(t) for t in public["text"][: 4 * n]], tokenizer, cfg.data.block_size)[:n]
+    return blocks
 
 
 def build_adapted_model(
-    cfg: ExperimentConfig, model_dir: str, client_ranks: dict[str, int], sb_blocks: Callable[[], torch.Tensor]
+    cfg: ExperimentConfig,
+    model_dir: str,
+    client_ranks: dict[str, int],
+    tokenizer: Any,
+    shards: Mapping[str, Shard] | None = None,
 ) -> tuple[Any, Any]:
-    """Load the base model once and add the adapter (seeded; LoRA-SB from its init data)."""
+    """Load the base model once and add the adapter (seeded; an init from data reads `shards`,
+    where this party has them, or a public corpus)."""
     model = load_model(model_dir, cfg.model)  # on the CPU: adapters are built there, then all moves
     r_max = max(client_ranks.values()) if client_ranks else None
-    adapter_cfg = lora_config(cfg.adapter, model_type(model_dir), r=r_max)
-    if cfg.adapter.kind == "lora_sb":
-        init_lr = cfg.adapter.sb_init_lr if cfg.adapter.sb_init_lr is not None else cfg.train.lr
-        model = inject_lora_sb_(model, target_names(model, adapter_cfg), cfg.adapter.r, sb_blocks(), init_lr)
-    elif cfg.adapter.kind == "moe_lora":
-        a = cfg.adapter
-        model = inject_moe_lora_(
-            model,
-            num_experts=a.max_experts(),
-            r=a.r,
-            alpha=a.alpha,
-            top_k=a.top_k,
-            router=a.router,
-            dropout=a.dropout,
-            modules=a.moe_modules,
-            seed=derive_seed(cfg.seed, "adapter-init"),
-        )
-    else:
-        model = inject_(model, adapter_cfg, derive_seed(cfg.seed, "adapter-init"))
+    kind = model_type(model_dir)
+    adapter_cfg = lora_config(cfg.adapter, kind, r=r_max)
+    ctx = InjectContext(
+        seed=derive_seed(cfg.seed, "adapter-init"),
+        model_type=kind,
+        r_max=r_max,
+        train_lr=cfg.train.lr,
+        shards=shards,
+        public_blocks=public_blocks(cfg, tokenizer),
+    )
+    model = build_adapter(cfg.adapter).inject(model, ctx)
     for p in model.parameters():  # the adapter trains in fp32 whatever the base's dtype (master weights)
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

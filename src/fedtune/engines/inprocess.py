@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fedtune.adapters.moe_lora import is_moe, set_expert_count_
+from fedtune.adapters import adapter_of
 from fedtune.client.run import ClientJob, ClientPlan, ClientReply, ClientState, advertise, run_client
 from fedtune.client.store import ClientStateStore
 from fedtune.client.train import model_device
@@ -27,11 +27,10 @@ from fedtune.engines.federation import (
     Federation,
     build_adapted_model,
     device_facts,
-    experts_per_client,
     load_shards,
     rank_per_client,
     run_precision,
-    sb_init_blocks,
+    variants_per_client,
 )
 from fedtune.engines.plan import build_plan
 from fedtune.errors import ConfigError
@@ -95,8 +94,7 @@ class InProcessEngine:
 
     def _load(self, cid: str, state: AdapterState) -> None:
         """Client cid's model: the state it was sent plus what it keeps privately."""
-        if is_moe(self.model):
-            set_expert_count_(self.model, self.plan.experts.get(cid))
+        adapter_of(self.model).use_client_(self.model, self.plan.variants.get(cid))
         set_state_(self.model, {**self.private_of(cid), **state})
 
     def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, Any]]:
@@ -106,7 +104,7 @@ class InProcessEngine:
         out: dict[str, dict[str, Any]] = {}
         shared: dict[int, dict[str, Any]] = {}  # OOD data is the same for all: score a shared model once
         for cid, state in states.items():
-            alone = not self.private_of(cid) and cid not in self.plan.experts
+            alone = not self.private_of(cid) and cid not in self.plan.variants
             if split == "ood" and alone and id(state) in shared:
                 out[cid] = dict(shared[id(state)])
                 continue
@@ -216,9 +214,9 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     shards, data = load_shards(cfg, tokenizer)
     ids = list(shards)
     ranks = rank_per_client(cfg, ids)
-    experts_per_client(cfg, ids)  # the lists' lengths are checked before the model loads
+    variants_per_client(cfg, ids)  # the lists' lengths are checked before the model loads
     cfg, precision, slow = run_precision(cfg)  # 'auto' dtype / bf16 for this device
-    model, adapter_cfg = build_adapted_model(cfg, model_dir, ranks, lambda: sb_init_blocks(cfg, shards, tokenizer))
+    model, adapter_cfg = build_adapted_model(cfg, model_dir, ranks, tokenizer, shards)
     strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
     caps = strategy.capabilities
     plan = build_plan(cfg, strategy, get_state(model), ids)

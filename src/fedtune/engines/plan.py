@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedtune import components
+from fedtune.adapters import build_adapter
 from fedtune.client.run import ClientJob, ClientPlan, UpdateTransform
 from fedtune.config import ExperimentConfig
 from fedtune.data.blocks import Shard
@@ -68,12 +69,7 @@ def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, c
     if masks:
         transforms.append(MaskTransform(caps.sum_weight))
     keep = strategy.private_keys(init_state) if caps.client_private else set()
-    ids = list(client_ids)
-    experts = (
-        dict(zip(ids, cfg.adapter.experts))
-        if cfg.adapter.kind == "moe_lora" and isinstance(cfg.adapter.experts, list)
-        else {}
-    )
+    adapter = build_adapter(cfg.adapter)
     return ClientPlan(
         spec=components.build_train_spec(cfg),
         seed=cfg.seed,
@@ -82,7 +78,8 @@ def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, c
         step=strategy.client_train if caps.client_step else None,
         penalty=strategy.client_penalty if caps.client_penalty else None,
         transforms=tuple(transforms),
-        experts=experts,
+        variants=adapter.client_variants(list(client_ids)),
+        adapter=adapter,
         private_init={k: init_state[k] for k in sorted(keep)},
         secure_aggregation=masks,
         randomness=cfg.randomness(),

@@ -1,5 +1,6 @@
-"""Export a run's adapters: PEFT format (global and/or one per client), or, for a mixture of
-experts that PEFT cannot express, moe_adapter.safetensors + moe_config.json (load_moe_adapter)."""
+"""Export a run's adapters, each kind its own way (`Adapter.export`): PEFT format (global and/or
+one per client), or, for a mixture of experts that PEFT cannot express, moe_adapter.safetensors
++ moe_config.json (load_moe_adapter)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedtune.adapters.moe_lora import is_moe, moe_info, save_moe_adapter
-from fedtune.models.adapters import export_peft
+from fedtune.adapters import adapter_of
 from fedtune.types import AdapterState
 
 
@@ -18,7 +18,7 @@ def export_adapters(
     global_state: AdapterState | None,
     personal: Mapping[str, AdapterState] | None,
     private_of: Callable[[str], AdapterState | None],
-    experts: Mapping[str, int],
+    variants: Mapping[str, int],
     client_private: bool = False,
 ) -> list[str]:
     """adapters/global (if there is a global model) and adapters/<client> (personal models, with
@@ -29,12 +29,8 @@ def export_adapters(
 
     def write(state: AdapterState, name: str, cid: str | None) -> None:
         out = run_dir / "adapters" / name.replace("/", "_")
-        if is_moe(fed.model):
-            info = {**moe_info(fed.model), "base_model_name_or_path": base}
-            info["client_experts"] = experts.get(cid) if cid else None
-            save_moe_adapter(state, info, out)
-        else:
-            export_peft(state, fed.adapter_cfg, base, out)
+        variant = variants.get(cid) if cid else None
+        adapter_of(fed.model).export(fed.model, state, out, base, fed.adapter_cfg, variant)
 
     if global_state is not None:
         write(global_state, "global", None)

@@ -15,7 +15,7 @@ from rich.console import Console
 from fedtune import components
 from fedtune.client.run import ClientJob, ClientReply
 from fedtune.config import ExperimentConfig, config_to_yaml
-from fedtune.engines.federation import Federation, experts_per_client
+from fedtune.engines.federation import Federation, variants_per_client
 from fedtune.engines.inprocess import inprocess_federation
 from fedtune.engines.plan import privacy_facts
 from fedtune.errors import TrainingDivergedError
@@ -196,9 +196,9 @@ def _run(
     # 4. export + report
     records = io.read_jsonl(metrics_path)
     personal = strategy.configure(cfg.rounds + 1, ids, sstate) if caps.personalized else None
-    experts = experts_per_client(cfg, ids)
+    variants = variants_per_client(cfg, ids)
     glob = global_state if caps.has_global else None
-    on_clients = export_adapters(run_dir, fed, glob, personal, engine.private_of, experts, caps.client_private)
+    on_clients = export_adapters(run_dir, fed, glob, personal, engine.private_of, variants, caps.client_private)
     if on_clients:
         console.print(f"personal adapters of {', '.join(on_clients)} stay on their clients (their private tensors)")
     plot_runs({cfg.name: records}, run_dir / "plots")

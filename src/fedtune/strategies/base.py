@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from fedtune.adapters.base import ADAPTERS, ALGEBRA_TEXT, ANY_ALGEBRA, Algebra
+from fedtune.errors import Problem
 from fedtune.registry import Registry
 from fedtune.types import AdapterState, ClientUpdate
 
@@ -36,7 +38,8 @@ class Capabilities:
         client_transform: changes each update on the client before masking (`client_transform`).
         client_penalty: adds a client-side regulariser (`client_penalty`).
         heterogeneous_ranks: accepts one LoRA rank per client (`adapter.ranks`).
-        adapter_kind: the adapter it needs (None: any LoRA).
+        algebras: the adapter updates it is correct for (`adapters.base.Algebra`): exact LoRA
+            maths needs `s * B @ A` (LORA_PRODUCT); FedAvg-family strategies take any state.
         raw_data: moves raw client data (tokens) off the clients (PCL predictions, Bristle).
         base_offsets: writes offsets into the frozen base weights (merges, full-weight zeroth order):
             they need an fp32 base (bf16 rounding would swallow a small offset).
@@ -57,7 +60,7 @@ class Capabilities:
     client_transform: bool = False
     client_penalty: bool = False
     heterogeneous_ranks: bool = False
-    adapter_kind: str | None = None
+    algebras: frozenset[Algebra] = ANY_ALGEBRA
     raw_data: bool = False
     base_offsets: bool = False
     accounts_sampling: bool = False
@@ -219,6 +222,27 @@ class GlobalModel(StrategyBase):
     def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
         """(new global, state entries to update, metrics) from sorted, non-empty updates."""
         raise NotImplementedError
+
+
+EXACT_LORA = frozenset({Algebra.LORA_PRODUCT})  # strategies that compute products B @ A of the factors
+
+
+def algebra_problems(who: str, caps: Capabilities, kind: str) -> list[Problem]:
+    """A strategy (`who`) refusing an adapter kind whose update is not what its maths needs."""
+    have = ADAPTERS.get(kind).algebra
+    if have in caps.algebras:
+        return []
+    kinds = [k for k in ADAPTERS if ADAPTERS.get(k).algebra in caps.algebras]
+    needs = " or ".join(ALGEBRA_TEXT[a] for a in sorted(caps.algebras))
+    return [
+        Problem(
+            "adapter.kind",
+            kind,
+            f"{who} needs adapter.kind {' or '.join(repr(k) for k in kinds)}: its aggregation is exact only for "
+            f"updates {needs}, and adapter {kind!r} updates are {ALGEBRA_TEXT[have]}",
+            f"set adapter.kind: {kinds[0]}, or use a strategy that averages any adapter state (fedavg, fedit, ...)",
+        )
+    ]
 
 
 def inner_strategy(name: str, ctx: RunContext) -> Any:

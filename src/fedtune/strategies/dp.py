@@ -149,13 +149,7 @@ class DPFedAvg(StrategyBase):
                     "raise count_noise (or leave it unset)",
                 )
             ]
-        if params.get("inner") == "fedsb" and adapter.kind != "lora_sb":
-            return [
-                Problem(
-                    "adapter.kind", adapter.kind, "inner fedsb needs the LoRA-SB adapter", "set adapter.kind: lora_sb"
-                )
-            ]
-        return []
+        return []  # the inner strategy's adapter algebra: components.check_strategy
 
     def _inner(self) -> Any:
         return inner_strategy(self.inner, self.ctx)

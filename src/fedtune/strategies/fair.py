@@ -19,7 +19,15 @@ from typing import Any, Literal
 
 import torch
 
-from fedtune.strategies.base import STRATEGIES, Combined, GlobalModel, example_weights, weighted_mean
+from fedtune.strategies.base import (
+    EXACT_LORA,
+    STRATEGIES,
+    Capabilities,
+    Combined,
+    GlobalModel,
+    example_weights,
+    weighted_mean,
+)
 from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, relative_error
 from fedtune.strategies.merge import weighted_products
 from fedtune.types import ClientUpdate, add_states
@@ -56,6 +64,8 @@ class LoRAFAIR(GlobalModel):
     lam: float = 0.01
     steps: int = 50
     server_lr: float = 1e-3
+
+    capabilities = Capabilities(algebras=EXACT_LORA)
 
     def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
         glob = state["global"]

@@ -212,7 +212,11 @@ class FedKSeed(StrategyBase):
         seed: int,
         rnd: int,
         on_step: Callable[[int, int, float], None] | None = None,
+        adapter: Any = None,
     ) -> tuple[AdapterState, dict[str, float], AdapterState]:
+        """Zeroth-order steps on the LM loss alone (`adapter`, the run's adapter, adds no
+        auxiliary loss here: the scalar differences estimate the task loss's directional
+        derivatives)."""
         import time
 
         t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fedtune.adapters.base import Algebra
 from fedtune.adapters.lora_sb import SB_R
 from fedtune.strategies.base import STRATEGIES, Capabilities, Combined, GlobalModel
 from fedtune.strategies.fedavg import fedavg_aggregate
@@ -18,7 +19,7 @@ class FedSB(GlobalModel):
     r x r R is trained, sent and averaged, so B R_bar A = sum_k p_k B R_k A exactly, and the bytes
     (4 r^2 per module in fp32) do not depend on the layer width. Needs adapter.kind: lora_sb."""
 
-    capabilities = Capabilities(sum_only=True, adapter_kind="lora_sb")  # a weighted sum of R
+    capabilities = Capabilities(sum_only=True, algebras=frozenset({Algebra.LORA_SB}))  # a weighted sum of R
 
     def send(self, state: dict[str, Any], client_id: str) -> AdapterState:
         return {k: v for k, v in state["global"].items() if k.endswith(SB_R)}

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from fedtune.adapters import adapter_of
+from fedtune.adapters.base import Adapter
 from fedtune.client.train import TrainSpec, local_train_
 from fedtune.data.blocks import Shard
 from fedtune.models.adapters import get_state, select_trainable_, set_state_, trainable_keys
@@ -163,7 +165,10 @@ class Ferret(StrategyBase):
         seed: int,
         rnd: int,
         on_step: Callable[[int, int, float], None] | None = None,
+        adapter: Adapter | None = None,
     ) -> tuple[AdapterState, dict[str, float], AdapterState]:
+        """First-order local steps (with the adapter's auxiliary loss, e.g. a mixture's load
+        balancing), then the projection of the update (module docstring)."""
         from dataclasses import replace
 
         keys = trainable_keys(private)
@@ -177,7 +182,17 @@ class Ferret(StrategyBase):
         params = select_trainable_(model, keys)
         sgd = replace(spec, optimizer="sgd", weight_decay=0.0)  # Ferret's local optimizer: plain SGD
         gen = torch_generator(seed, "train", rnd, shard.client_id)
-        metrics = local_train_(model, params, shard.train, sgd, gen, on_step=on_step, mask=shard.train_mask)
+        aux = adapter if adapter is not None else adapter_of(model)
+        metrics = local_train_(
+            model,
+            params,
+            shard.train,
+            sgd,
+            gen,
+            on_step=on_step,
+            mask=shard.train_mask,
+            aux=lambda: aux.aux_loss(model),
+        )
         trained = get_state(model)
         delta = {k: w[k] - trained[k] for k in keys}  # D = w - w_end
         coords, counts = project(delta, groups, self.bases, self.ctx.seed, rnd)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fedtune.strategies.base import STRATEGIES, Capabilities, Combined, GlobalModel, example_weights
+from fedtune.strategies.base import EXACT_LORA, STRATEGIES, Capabilities, Combined, GlobalModel, example_weights
 from fedtune.strategies.fedavg import fedavg_aggregate
 from fedtune.strategies.lora_math import B_SUFFIX, mean_of_products, products, relative_error
 from fedtune.types import AdapterState, ClientUpdate, add_states
@@ -32,7 +32,7 @@ class FFALoRA(GlobalModel):
     """FFA-LoRA (arXiv:2403.12313): A random, shared by seed and frozen; only B is trained, sent
     and averaged, so s * B_bar A = sum_k p_k s B_k A exactly, with half of FedIT's bytes."""
 
-    capabilities = Capabilities(sum_only=True)  # a weighted sum: works under secure aggregation
+    capabilities = Capabilities(sum_only=True, algebras=EXACT_LORA)  # a weighted sum: works under secure aggregation
 
     def send(self, state: dict[str, Any], client_id: str) -> AdapterState:
         return {k: v for k, v in state["global"].items() if k.endswith(B_SUFFIX)}

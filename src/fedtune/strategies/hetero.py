@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from fedtune.models.adapters import pad_to
-from fedtune.strategies.base import STRATEGIES, Capabilities, Combined, GlobalModel, example_weights
+from fedtune.strategies.base import EXACT_LORA, STRATEGIES, Capabilities, Combined, GlobalModel, example_weights
 from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.strategies.merge import client_states, truncate_rank, weighted_products
 from fedtune.types import AdapterState, ClientUpdate
@@ -35,7 +35,7 @@ class FlexLoRA(GlobalModel):
     """FlexLoRA (arXiv:2402.11505): aggregate full dW = s sum_k p_k B_k A_k, redistribute by SVD
     truncated to each client's rank (best rank-r_k approximation). Exact up to the max rank."""
 
-    capabilities = Capabilities(heterogeneous_ranks=True)
+    capabilities = Capabilities(heterogeneous_ranks=True, algebras=EXACT_LORA)
 
     def send(self, state: dict[str, Any], client_id: str) -> AdapterState:
         return truncate_rank(state["global"], self.ctx.client_ranks.get(client_id))
@@ -68,7 +68,7 @@ class HetLoRA(GlobalModel):
 
     prune_lambda: float = 0.01
     prune_gamma: float = 0.99
-    capabilities = Capabilities(heterogeneous_ranks=True, client_penalty=True)
+    capabilities = Capabilities(heterogeneous_ranks=True, client_penalty=True, algebras=EXACT_LORA)
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"global": global_state, "ranks": dict(self.ctx.client_ranks)}

@@ -14,7 +14,15 @@ import torch
 
 from fedtune.models.adapters import BASE_DELTA
 from fedtune.seeding import torch_generator
-from fedtune.strategies.base import STRATEGIES, Capabilities, Combined, GlobalModel, example_weights, weighted_mean
+from fedtune.strategies.base import (
+    EXACT_LORA,
+    STRATEGIES,
+    Capabilities,
+    Combined,
+    GlobalModel,
+    example_weights,
+    weighted_mean,
+)
 from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
@@ -50,7 +58,7 @@ class FedExLoRA(GlobalModel):
     """FedEx-LoRA (arXiv:2410.09432): average A and B, and fold the residual
     s(sum_k p_k B_k A_k - B_bar A_bar) into the base weights. Exact; the dense residual is downlink."""
 
-    capabilities = Capabilities(base_offsets=True)
+    capabilities = Capabilities(base_offsets=True, algebras=EXACT_LORA)
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"global": with_zero_base(global_state)}
@@ -74,7 +82,7 @@ class FLoRA(GlobalModel):
     per-client rank) is merged into the base weights; every client restarts LoRA each round (A
     fresh from a seeded draw, B = 0). Clients receive the dense merged offset each round."""
 
-    capabilities = Capabilities(heterogeneous_ranks=True, base_offsets=True)
+    capabilities = Capabilities(heterogeneous_ranks=True, base_offsets=True, algebras=EXACT_LORA)
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:
         return {"global": with_zero_base(global_state)}

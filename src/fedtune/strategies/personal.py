@@ -11,6 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from fedtune.adapters.base import Algebra
 from fedtune.adapters.moe_lora import expert_index
 from fedtune.codecs import serialize
 from fedtune.errors import Problem
@@ -69,7 +70,9 @@ class CoMiGS(StrategyBase):
     generalists: int = 1
     weighting: Literal["uniform", "examples"] = "uniform"  # the paper averages uniformly
 
-    capabilities = Capabilities(has_global=False, personalized=True, client_private=True, adapter_kind="moe_lora")
+    capabilities = Capabilities(
+        has_global=False, personalized=True, client_private=True, algebras=frozenset({Algebra.MIXTURE})
+    )
 
     @property
     def num_generalists(self) -> int:

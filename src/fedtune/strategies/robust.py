@@ -25,6 +25,7 @@ import torch
 from fedtune.codecs import serialize
 from fedtune.seeding import numpy_rng
 from fedtune.strategies.base import (
+    EXACT_LORA,
     STRATEGIES,
     Aggregate,
     Capabilities,
@@ -99,6 +100,11 @@ class Robust(GlobalModel):
     trim: float = 0.2
     max_norm: float | None = None
     space: Literal["update", "dw"] = "update"
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        """Robust statistics of the dense products (space dw) need LoRA factors."""
+        return Capabilities(algebras=EXACT_LORA) if self.space == "dw" else Capabilities()
 
     def too_few(self, k: int) -> str | None:
         """Why `rule` cannot run on k updates, or None."""

@@ -56,7 +56,6 @@ def _shared(cfg_yaml: str) -> tuple[Any, ...]:
             load_shards,
             rank_per_client,
             run_precision,
-            sb_public_blocks,
         )
         from fedtune.engines.plan import build_plan
         from fedtune.models.adapters import get_state, lora_scale
@@ -69,7 +68,7 @@ def _shared(cfg_yaml: str) -> tuple[Any, ...]:
         ids = list(shards)
         ranks = rank_per_client(cfg, ids)
         cfg, _, _ = run_precision(cfg)  # 'auto' dtype / bf16 for this SuperNode's device
-        model, _ = build_adapted_model(cfg, model_dir, ranks, lambda: sb_public_blocks(cfg, tokenizer))
+        model, _ = build_adapted_model(cfg, model_dir, ranks, tokenizer)
         strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
         plan = build_plan(cfg, strategy, get_state(model), ids)
         _PROCESS[cfg_yaml] = (cfg, tokenizer, shards, ids, model, strategy, plan)
@@ -178,14 +177,13 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        from fedtune.adapters.moe_lora import is_moe, set_expert_count_
+        from fedtune.adapters import adapter_of
         from fedtune.evaluation.metrics import evaluate_split
         from fedtune.models.adapters import set_state_
 
         rt = _runtime(context, cfg_yaml, state_root)
         state, _ = make_codec("identity").decode(from_record(msg.content.array_records["payload"]), None)
-        if is_moe(rt.model):
-            set_expert_count_(rt.model, rt.plan.experts.get(rt.client_id))
+        adapter_of(rt.model).use_client_(rt.model, rt.plan.variants.get(rt.client_id))
         config = msg.content.config_records["config"]
         rnd = int(str(config["round"]))
         private = rt.store(str(config.get("run", ""))).get(rt.client_id, before=rnd + 1).private

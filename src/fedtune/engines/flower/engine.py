@@ -174,7 +174,7 @@ def flower_federation(
 
     def build(cfg: ExperimentConfig) -> Federation:
         from fedtune import components
-        from fedtune.engines.federation import build_adapted_model, rank_per_client, run_precision, sb_public_blocks
+        from fedtune.engines.federation import build_adapted_model, rank_per_client, run_precision
         from fedtune.models.adapters import lora_scale
         from fedtune.models.load import load_tokenizer, resolve_model_dir
 
@@ -186,7 +186,7 @@ def flower_federation(
         model_dir = resolve_model_dir(cfg.model, cfg.seed)
         tokenizer = load_tokenizer(model_dir)
         cfg, precision, slow = run_precision(cfg)  # the server's device; each SuperNode resolves its own
-        model, adapter_cfg = build_adapted_model(cfg, model_dir, ranks, lambda: sb_public_blocks(cfg, tokenizer))
+        model, adapter_cfg = build_adapted_model(cfg, model_dir, ranks, tokenizer)
         strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
         weights = {c: strategy.capabilities.weight(n) for c, n in examples.items()}
         from fedtune.report.io import run_token

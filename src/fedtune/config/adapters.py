@@ -1,0 +1,124 @@
+"""The adapter section of an experiment: one options model per adapter kind, selected by
+`kind` (a discriminated union; re-exported by `fedtune.config.schema`). A new kind adds its
+model here and a row to `ADAPTER_CONFIGS`; its code lives in `fedtune.adapters.<kind>`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, model_validator
+
+from fedtune.config.inputs import _Strict
+
+
+class AdapterOptions(_Strict):
+    """Options every adapter kind has (the low-rank factors' rank, scale and targets)."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    ranks: list[int] | None = Field(
+        None, description="per-client ranks in client-id order (flora, flexlora, hetlora); scale stays alpha/r"
+    )
+    target_modules: list[str] | Literal["auto", "all-linear"] = Field(
+        "auto", description="'auto' = PEFT's default per architecture (q,v for Llama; c_attn for GPT-2)"
+    )
+
+    @model_validator(mode="after")
+    def _positive_ranks(self) -> AdapterOptions:
+        if self.ranks is not None and (not self.ranks or min(self.ranks) < 1):
+            raise ValueError(f"ranks = {self.ranks}: give one positive rank per client, e.g. [4, 8, 16, 16]")
+        return self
+
+
+class LoraAdapterConfig(AdapterOptions):
+    """LoRA through PEFT (arXiv:2106.09685): dW = (alpha / r) B A; the default kind."""
+
+    kind: Literal["lora"] = "lora"
+
+
+class LoraSBAdapterConfig(AdapterOptions):
+    """LoRA-SB (arXiv:2411.19557, Fed-SB): dW = B R A, A and B frozen and shared, only R trains."""
+
+    kind: Literal["lora_sb"] = "lora_sb"
+    sb_init: str = Field(
+        "client",
+        description="LoRA-SB init data: 'client' (first client's validation split), "
+        "'client:<id>' (a consenting client), or 'source:<name>' (a public corpus)",
+    )
+    sb_init_blocks: int = Field(8, ge=1, description="blocks of init data for the gradient estimate")
+    sb_init_lr: float | None = Field(None, ge=0.0, description="R_0 = -init_lr * S_r (default: train.lr)")
+
+
+class MoELoraAdapterConfig(AdapterOptions):
+    """Mixture of LoRA experts with a router (CoMiGS, arXiv:2409.13931)."""
+
+    kind: Literal["moe_lora"] = "moe_lora"
+    experts: int | list[int] = Field(
+        2, description="experts per block, or one count per client in client-id order, e.g. [2, 2, 4, 4]"
+    )
+    top_k: int = Field(2, ge=1, description="experts mixed per token (>= experts: a dense softmax mixture)")
+    router: Literal["token", "sequence", "frozen"] = Field(
+        "token", description="learned per token, learned per causal prefix, or frozen random"
+    )
+    moe_modules: Literal["mlp", "mlp+attention"] = Field("mlp", description="blocks that get experts")
+    lb_weight: float = Field(0.01, ge=0.0, description="weight of the Switch load-balancing loss")
+    router_every: int = Field(
+        3,
+        ge=0,
+        description="every this many expert steps, router_steps router steps on the validation split "
+        "(CoMiGS's alternating schedule; 0 = router and experts train jointly on the training split)",
+    )
+    router_steps: int = Field(1, ge=1, description="router steps each time (CoMiGS: 10 every 30)")
+    router_lr: float | None = Field(None, gt=0.0, description="router learning rate (default: train.lr)")
+
+    @model_validator(mode="after")
+    def _positive_experts(self) -> MoELoraAdapterConfig:
+        counts = self.experts if isinstance(self.experts, list) else [self.experts]
+        if not counts or min(counts) < 1:
+            raise ValueError(f"experts = {self.experts}: give a positive count, or one per client, e.g. [2, 2, 4, 4]")
+        return self
+
+    def max_experts(self) -> int:
+        return max(self.experts) if isinstance(self.experts, list) else self.experts
+
+
+#: The options model of each adapter kind (`adapter.kind` selects one; a new kind adds a row).
+ADAPTER_CONFIGS: dict[str, type[AdapterOptions]] = {
+    "lora": LoraAdapterConfig,
+    "lora_sb": LoraSBAdapterConfig,
+    "moe_lora": MoELoraAdapterConfig,
+}
+
+
+def _legacy_defaults() -> dict[str, Any]:
+    """Each kind's own options at their defaults."""
+    common = set(AdapterOptions.model_fields) | {"kind"}
+    return {
+        name: f.default
+        for model in ADAPTER_CONFIGS.values()
+        for name, f in model.model_fields.items()
+        if name not in common
+    }
+
+
+def _default_kind(value: Any) -> Any:
+    """A config without `kind` is a LoRA adapter (configs written before adapter kinds existed).
+    A config saved by an older fedtune (a run's config.yaml) lists every kind's options: those of
+    other kinds at their defaults are dropped; set to anything else, they are reported."""
+    if not isinstance(value, dict):
+        return value
+    kind = value.get("kind", "lora")
+    own = ADAPTER_CONFIGS.get(kind)
+    if own is None:
+        return value  # an unknown kind: reported by the union
+    legacy = _legacy_defaults()
+    kept = {k: v for k, v in value.items() if k in own.model_fields or k not in legacy or v != legacy[k]}
+    return {**kept, "kind": kind}
+
+
+AdapterConfig = Annotated[
+    LoraAdapterConfig | LoraSBAdapterConfig | MoELoraAdapterConfig,
+    Field(discriminator="kind"),
+    BeforeValidator(_default_kind),
+]

@@ -1,15 +1,26 @@
-"""Gossip end to end on the tiny model: every number in the records is the length of a real peer
-message (the loop's in-process relay costs nothing), each message is counted once, and every
-peer ends with its own exported adapter."""
+"""Gossip end to end on the tiny model, through the serverless loop (`recipes/decentralized.py`):
+every number in the records is the length of a real peer message, each message is counted once,
+each peer's model lives in its own client state (never in the checkpoint), every peer ends with
+its own exported adapter, and a resumed run equals an uninterrupted one."""
 
 import math
 
 import pytest
 import torch
 
+from fedtune.client.run import ClientState
+from fedtune.client.store import ClientStateStore
 from fedtune.codecs import serialize
 from fedtune.recipes.federated import run_federated
 from fedtune.report import io
+
+PEERS = ("email", "http", "json", "logging")
+
+
+def peer_states(run_dir):
+    """Each peer's (x, w) as its own client state holds it (None: it never took part)."""
+    store = ClientStateStore(run_dir / "clients", ClientState())
+    return {c: store.get(c).peer for c in PEERS}
 
 
 def test_gossip_records_the_peer_messages_it_mixes(tiny_cfg) -> None:
@@ -17,9 +28,9 @@ def test_gossip_records_the_peer_messages_it_mixes(tiny_cfg) -> None:
     cfg = tiny_cfg("strategy.name=gossip", "rounds=2", "train.steps=2", "sampling.fraction=0.75", name="g")
     run = run_federated(cfg, progress=False)
     recs = io.read_jsonl(run.run_dir / io.METRICS)
-    state = io.load_checkpoint(run.run_dir / io.CHECKPOINT)["strategy_state"]
-    size = {c: len(serialize(s)) for c, s in state["clients"].items()}
-    assert len(set(size.values())) == 1  # same shapes everywhere: one message size
+    assert sorted(io.load_checkpoint(run.run_dir / io.CHECKPOINT)) == ["init", "ledger", "round"]  # no peer model
+    size = {c: len(serialize(p.x)) for c, p in peer_states(run.run_dir).items() if p is not None}
+    assert len(size) >= 3 and len(set(size.values())) == 1  # same shapes everywhere: one message size
     (one,) = set(size.values())
     for rnd in (1, 2):
         summary = next(r for r in recs if r["round"] == rnd and r["client"] is None)
@@ -32,8 +43,14 @@ def test_gossip_records_the_peer_messages_it_mixes(tiny_cfg) -> None:
         assert summary["spectral_gap"] == pytest.approx(1 / 3)  # the round's 3-peer path (eigenvalues 1, 2/3, 0)
         assert summary["consensus_distance"] > 0
     assert summary["cum_bytes"] == 8 * one  # round 2's summary: both rounds
-    for cid in ("email", "http", "json", "logging"):
+    for cid in PEERS:
         assert (run.run_dir / "adapters" / cid / "adapter_model.safetensors").exists()
+    # `fedtune eval --all` scores each peer's own model from its client state: the last round's numbers
+    from fedtune.recipes.evaluate import evaluate_all
+
+    last = {r["client"]: r["test_loss"] for r in recs if r["round"] == 2 and r["client"] is not None}
+    assert sorted(last) == list(PEERS)  # every peer is scored at the last round
+    assert {r["client"]: r["test_loss"] for r in evaluate_all(run.run_dir)} == pytest.approx(last, abs=1e-6)
 
 
 def test_push_sum_peers_train_and_export_their_de_biased_models(tiny_cfg) -> None:
@@ -54,15 +71,34 @@ def test_push_sum_peers_train_and_export_their_de_biased_models(tiny_cfg) -> Non
     )
     run = run_federated(cfg, progress=False)
     recs = io.read_jsonl(run.run_dir / io.METRICS)
-    state = io.load_checkpoint(run.run_dir / io.CHECKPOINT)["strategy_state"]
-    w = state["weights"]
-    assert w and sum(w.values()) + (4 - len(w)) == pytest.approx(4.0)  # the weights' sum is kept
-    cid = next(iter(w))
-    x = state["clients"][cid]
+    peers = peer_states(run.run_dir)
+    w = {c: p.w for c, p in peers.items() if p is not None}
+    assert len(w) == 4 and sum(w.values()) == pytest.approx(4.0)  # every peer mixed; the weights' sum is kept
+    cid = next(c for c in PEERS if w[c] != 1.0)
+    x = peers[cid].x
     exported = load_file(str(run.run_dir / "adapters" / cid / "adapter_model.safetensors"))
     key = next(k for k in x if k.endswith("lora_B.weight"))
     (got,) = [v for k, v in exported.items() if k.endswith(key)]
     torch.testing.assert_close(got, x[key] / w[cid])
-    one = len(serialize({**x, PUSH_SUM_WEIGHT: torch.zeros(1)}))
+    # a message: x's tensors and w (fp64, one element)
+    one = len(serialize({**x, PUSH_SUM_WEIGHT: torch.zeros(1, dtype=torch.float64)}))
     summary = next(r for r in recs if r["round"] == 1 and r["client"] is None)
     assert summary["gossip_messages"] == 4 and summary["bytes_up"] == 4 * one
+
+
+def test_gossip_resumed_equals_uninterrupted(tiny_cfg, interrupt_after, no_time) -> None:
+    """Killed after round 1 and resumed: the same records and the same peer models as a run that
+    was never interrupted (the peers' states are versioned by round in their own store)."""
+    over = ("strategy.name=gossip", "sampling.fraction=0.75", "rounds=3", "train.steps=2")
+    full = run_federated(tiny_cfg(*over, name="full"), progress=False)
+    cfg = tiny_cfg(*over, name="cut")
+    interrupt_after(cfg, 1)
+    resumed = run_federated(cfg, resume=True, progress=False)
+    assert no_time(resumed.records) == no_time(full.records)
+    a, b = peer_states(full.run_dir), peer_states(resumed.run_dir)
+    for c in PEERS:
+        assert (a[c] is None) == (b[c] is None)
+        if a[c] is not None:
+            assert a[c].w == b[c].w and a[c].x.keys() == b[c].x.keys()
+            for k in a[c].x:
+                torch.testing.assert_close(a[c].x[k], b[c].x[k], rtol=0, atol=0)

@@ -102,3 +102,28 @@ def test_gossip_resumed_equals_uninterrupted(tiny_cfg, interrupt_after, no_time)
             assert a[c].w == b[c].w and a[c].x.keys() == b[c].x.keys()
             for k in a[c].x:
                 torch.testing.assert_close(a[c].x[k], b[c].x[k], rtol=0, atol=0)
+
+
+def test_a_dropped_peer_neither_trains_sends_nor_mixes(tiny_cfg) -> None:
+    """Fault injection wraps the engine: a sampled peer that drops out is a recorded failure, writes
+    no state that round, and the live peers mix over the ring's edges between themselves only."""
+    from fedtune.engines.faults import Faults
+
+    cfg = tiny_cfg("strategy.name=gossip", "rounds=2", "train.steps=1", "sampling.dropout=0.5", name="drop")
+    run = run_federated(cfg, progress=False)
+    recs = io.read_jsonl(run.run_dir / io.METRICS)
+    store = ClientStateStore(run.run_dir / "clients", ClientState())
+    ring = list(zip(PEERS, PEERS[1:] + PEERS[:1]))  # the ring over the sorted ids
+    seen_drop = False
+    for rnd in (1, 2):
+        dropped = {c for c in PEERS if Faults(dropout=0.5).dropped(cfg.seed, rnd, c)}
+        live = set(PEERS) - dropped
+        seen_drop |= bool(dropped) and len(live) >= 2
+        summary = next(r for r in recs if r["round"] == rnd and r["client"] is None)
+        failed = {r["client"] for r in recs if r["round"] == rnd and r.get("failure")}
+        assert failed == dropped and summary["failures"] == len(dropped)
+        edges = sum(a in live and b in live for a, b in ring)
+        assert summary["gossip_messages"] == 2 * edges
+        for c in dropped:
+            assert rnd not in store.versions(c)
+    assert seen_drop  # the seed drops someone while others still gossip

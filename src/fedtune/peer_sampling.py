@@ -70,3 +70,20 @@ class HashSampler:
             k = min(n, max(self.min_peers, round(self.fraction * n)))
             picked = hash_sample(members, k, self.seed, rnd, "active")
         return Roles(picked, picked)
+
+
+@dataclass(frozen=True)
+class ModestSampler:
+    """MoDeST's sampler (arXiv:2302.13837): `trainers` peers of smallest 'train' rank train and
+    `aggregators` peers of smallest 'aggregate' rank aggregate (two independent orders, so a
+    peer may hold both roles)."""
+
+    trainers: int
+    aggregators: int
+    seed: int
+
+    def roles(self, rnd: int, members: Sequence[str]) -> Roles:
+        return Roles(
+            hash_sample(members, self.trainers, self.seed, rnd, "train"),
+            hash_sample(members, self.aggregators, self.seed, rnd, "aggregate"),
+        )

@@ -127,3 +127,34 @@ def test_a_dropped_peer_neither_trains_sends_nor_mixes(tiny_cfg) -> None:
         for c in dropped:
             assert rnd not in store.versions(c)
     assert seen_drop  # the seed drops someone while others still gossip
+
+
+def test_modest_trainers_fetch_train_and_send_to_the_aggregator(tiny_cfg) -> None:
+    """MoDeST, 2 trainers and 1 aggregator a round: a round's bytes are the fetches from the last
+    round's aggregator (a trainer that was it fetches nothing) plus one message per trainer that
+    is not the aggregator; every peer ends with (and exports) the last round's aggregate."""
+    from safetensors.torch import load_file
+
+    from fedtune.peer_sampling import ModestSampler
+
+    cfg = tiny_cfg("strategy.name=modest", "strategy.trainers=2", "rounds=3", "train.steps=2", name="modest")
+    run = run_federated(cfg, progress=False)
+    recs = io.read_jsonl(run.run_dir / io.METRICS)
+    peers = peer_states(run.run_dir)
+    sampler = ModestSampler(2, 1, cfg.seed)
+    last = sampler.roles(3, PEERS).mixers[0]
+    one = len(serialize(peers[last].x))  # LoRA: every tensor is trainable, so a message is all of x
+    for rnd in (1, 2, 3):
+        roles = sampler.roles(rnd, PEERS)
+        (agg,) = roles.mixers
+        before = sampler.roles(rnd - 1, PEERS).mixers[0] if rnd > 1 else None
+        fetches = sum(before is not None and t != before for t in roles.trainers)
+        sends = sum(t != agg for t in roles.trainers)
+        summary = next(r for r in recs if r["round"] == rnd and r["client"] is None)
+        assert summary["aggregated"] == 1 and summary["gossip_messages"] == sends
+        assert summary["bytes_up"] == (fetches + sends) * one
+    key = next(k for k in peers[last].x if k.endswith("lora_B.weight"))
+    for cid in PEERS:
+        exported = load_file(str(run.run_dir / "adapters" / cid / "adapter_model.safetensors"))
+        (got,) = [v for k, v in exported.items() if k.endswith(key)]
+        torch.testing.assert_close(got, peers[last].x[key], rtol=0, atol=0)

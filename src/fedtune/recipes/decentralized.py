@@ -4,15 +4,16 @@
     for rnd in start..rounds:
         members = the peers online in rnd                    seeded: every peer computes it
         roles   = sampler.roles(rnd, members)                who trains and who mixes, computed alike
-        own     = each trainer's PeerState (x, w), read from its ClientState in the client-state store
+        held    = the PeerState (x, w) of each peer involved, read from its ClientState (the store)
+        own     = fetch: each trainer's start (gossip: its own; MoDeST: the last aggregate, a message)
         replies = engine.run(jobs)                           each trainer: run_client on z = x / w
-        trained = x + delta for the trainers that replied (the round's live peers)
-        coef    = strategy.coefficients(rnd, live)           the round's mixing matrix, row per peer
-        sent    = strategy.message(trained[i])               trainable keys (+ w): what goes on the wire
-        inbox   = each live peer's messages from its in-neighbours    bytes: len of each serialized message
-        mixed   = strategy.mix(j, trained[j], inbox[j], coef[j])     each peer mixes locally
-        store   : version rnd of each live peer's ClientState holds its mixed PeerState
-        evaluate each scored peer's own z (from the store) -> records -> checkpoint (round, init, ledger)
+        trained = x + delta for the trainers that replied (the round's live trainers)
+        coef    = strategy.coefficients(rnd, live, roles)    {receiver: {sender: c}}, a row per receiver
+        sent    = strategy.message(state)                    trainable keys (+ w): what goes on the wire
+        inbox   = each receiver's messages from its senders  bytes: len of each serialized message
+        mixed   = strategy.mix(j, own_j, inbox[j], coef[j])  each receiver mixes locally
+        store   : version rnd of each trainer's and receiver's ClientState holds its new PeerState
+        evaluate each scored peer's model (from the store) -> records -> checkpoint (round, init, ledger)
     export every peer's adapter -> plots -> summary.json
 
 The peers' models never sit in a strategy state or the checkpoint: each is in its own
@@ -41,6 +42,7 @@ from fedtune.engines.plan import privacy_facts
 from fedtune.errors import FedtuneError
 from fedtune.models.adapters import get_state
 from fedtune.models.export import export_adapters
+from fedtune.peer_sampling import Roles
 from fedtune.recipes.federated import (
     AfterRound,
     Ledger,
@@ -69,9 +71,13 @@ def peer_state(state: ClientState, init: AdapterState) -> PeerState:
     return state.peer if state.peer is not None else PeerState(init)
 
 
-def peer_models(store: Any, ids: Sequence[str], init: AdapterState) -> dict[str, AdapterState]:
-    """Each peer's own model z = x / w, from its newest client state."""
-    return {c: peer_state(store.get(c), init).model() for c in ids}
+def peer_models(
+    store: Any, ids: Sequence[str], init: AdapterState, sources: Mapping[str, str] | None = None
+) -> dict[str, AdapterState]:
+    """The model each peer holds, z = x / w from its newest client state, or the one it would
+    fetch from `sources[peer]` (MoDeST: the last round's aggregate)."""
+    src = sources or {c: c for c in ids}
+    return {c: peer_state(store.get(src[c]), init).model() for c in ids}
 
 
 def run_peers(
@@ -131,9 +137,17 @@ def run_peers(
         for rnd in range(start if ledger.stopped is None else cfg.rounds + 1, cfg.rounds + 1):
             t0 = time.perf_counter()
             roles = sampler.roles(rnd, online_clients(ids, s.availability, cfg.seed, rnd))
+            previous = (
+                sampler.roles(rnd - 1, online_clients(ids, s.availability, cfg.seed, rnd - 1)) if rnd > 1 else None
+            )
 
-            # train: each trainer runs the client step on its own model z = x / w
-            own = {c: peer_state(store.get(c, before=rnd), init) for c in roles.trainers}
+            # fetch: each trainer's starting model (gossip: its own; MoDeST: the last round's aggregate)
+            sources = strategy.sources(rnd, roles.trainers, previous)
+            needed = sorted({*sources.values(), *roles.trainers, *roles.mixers})
+            held = {p: peer_state(store.get(p, before=rnd), init) for p in needed}
+            own, fetched = fetch(strategy, sources, held)
+
+            # train: each trainer runs the client step on its model z = x / w, then x <- x + delta
             models = {c: p.model() for c, p in own.items()}
             jobs = own_jobs(rnd, models, roles.trainers, own_codec, cfg.seed, token)
             replies = run_jobs(engine, jobs, on_step, rnd, run_dir)
@@ -143,10 +157,13 @@ def run_peers(
             }
             t_train = time.perf_counter()
 
-            # gossip: the live peers message their out-neighbours, then each mixes its inbox
-            mixed, per_peer, metrics = exchange(strategy, rnd, trained)
-            for j in sorted(mixed):  # version rnd of the peer's own state (the engine wrote its client-step half)
-                store.put(j, replace(store.get(j, before=rnd + 1), peer=mixed[j]), rnd)
+            # exchange: the live trainers message their receivers, then each receiver mixes its inbox
+            mixed, sent, metrics = exchange(strategy, rnd, trained, roles, held)
+            for j in sorted({*trained, *mixed}):  # version rnd of each peer's own state
+                store.put(j, replace(store.get(j, before=rnd + 1), peer=mixed.get(j) or trained[j]), rnd)
+            per_peer = merge_bytes(fetched, sent)
+            if any(fetched):
+                metrics["fetch_messages"] = sum(1 for t, src in sources.items() if t != src)
             up = sum(p["bytes_up"] for p in per_peer.values())
             stop = budget_stop(cfg, ledger.cum_bytes + up)
             t_agg = time.perf_counter()
@@ -157,9 +174,11 @@ def run_peers(
             if last or rnd % cfg.evaluation.every == 0:
                 ev = cfg.evaluation
                 scored = sorted(set(evaluation_clients(ids, ev.clients, cfg.seed)) | set(roles.trainers))
-                evals = eval_records(rnd, caps, engine, scored, init, peer_models(store, scored, init), ev.ood, ev.val)
+                personal = peer_models(store, scored, init, strategy.sources(rnd + 1, scored, roles))
+                evals = eval_records(rnd, caps, engine, scored, init, personal, ev.ood, ev.val)
             t_eval = time.perf_counter()
-            recs = client_records(rnd, ids, roles.trainers, evals, updates, failures, caps.transmits, per_peer)
+            took_part = sorted({*roles.trainers, *roles.mixers})  # a peer that only mixes is in the records too
+            recs = client_records(rnd, ids, took_part, evals, updates, failures, caps.transmits, per_peer)
             summary = round_summary(evals, up, 0, ledger.cum_bytes, len(failures))
             summary.update(metrics)
             summary.update(train_seconds=t_train - t0, aggregate_seconds=t_agg - t_train, eval_seconds=t_eval - t_agg)
@@ -181,37 +200,75 @@ def run_peers(
 
     # 4. export every peer's own model + report
     records = io.read_jsonl(metrics_path)
-    personal = peer_models(store, ids, init)
+    final = max(r["round"] for r in records)
+    last_roles = sampler.roles(final, online_clients(ids, s.availability, cfg.seed, final)) if final else None
+    personal = peer_models(store, ids, init, strategy.sources(final + 1, ids, last_roles))
     export_adapters(run_dir, fed, None, personal, engine.private_of, experts_per_client(cfg, ids), caps.client_private)
     plot_runs({cfg.name: records}, run_dir / "plots")
     io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, time.perf_counter() - t_start, ledger.io_seconds))
     return RunResult(run_dir, records, max(r["round"] for r in records))
 
 
+def fetch(
+    strategy: Any, sources: Mapping[str, str], held: Mapping[str, PeerState]
+) -> tuple[dict[str, PeerState], dict[str, dict[str, int]]]:
+    """Each trainer's starting state: its own, or the model it fetches from its source (a
+    message: `strategy.message` of the source's state, counted once), and the bytes per peer."""
+    own: dict[str, PeerState] = {}
+    moved: list[dict[str, dict[str, int]]] = []
+    for t, src in sorted(sources.items()):
+        if src == t:
+            own[t] = held[t]
+            continue
+        msg = strategy.message(held[src])
+        own[t] = strategy.adopt(held[t], msg)
+        size = len(serialize(msg))
+        moved.append({src: {"bytes_up": size}, t: {"bytes_down": size}})
+    return own, merge_bytes(*moved)
+
+
 def exchange(
-    strategy: Any, rnd: int, trained: Mapping[str, PeerState]
+    strategy: Any,
+    rnd: int,
+    trained: Mapping[str, PeerState],
+    roles: Roles | None = None,
+    held: Mapping[str, PeerState] | None = None,
 ) -> tuple[dict[str, PeerState], dict[str, dict[str, int]], dict[str, Any]]:
-    """One round's messages among its live peers (`trained`: each one's (x, w) after its step):
-    each sends `strategy.message` to its out-neighbours (the peers whose row of the round's
-    coefficients names it) and each mixes its inbox with its own row. Returns the mixed states,
-    each peer's bytes sent and received (lengths of the serialized messages, each message once)
-    and the round's metrics (the strategy's, the largest factor-mixing error, the message count)."""
+    """One round's messages after training (`trained`: each live trainer's (x, w) after its step;
+    `held`: the other receivers' states): each sender sends `strategy.message` to the receivers
+    whose row of the round's coefficients names it, and each receiver mixes its inbox with its own
+    row. Returns the receivers' mixed states, each peer's bytes sent and received (lengths of the
+    serialized messages, each message once) and the round's metrics (the strategy's, the largest
+    factor-mixing error, the message count). Gossip: the live peers are senders and receivers."""
     live = sorted(trained)
-    coef = strategy.coefficients(rnd, live)
-    sent = {i: strategy.message(trained[i]) for i in live}
+    coef = strategy.coefficients(rnd, live, roles or Roles(tuple(live), tuple(live)))
+    peers = {**(held or {}), **trained}
+    senders = sorted({i for row in coef.values() for i in row})
+    sent = {i: strategy.message(peers[i]) for i in senders}
     size = {i: len(serialize(m)) for i, m in sent.items()}
-    inbox = {j: {i: sent[i] for i in coef[j] if i != j} for j in live}
-    per_peer = {c: {"bytes_up": 0, "bytes_down": 0} for c in live}
+    inbox = {j: {i: sent[i] for i in coef[j] if i != j} for j in coef}
+    per_peer = {c: {"bytes_up": 0, "bytes_down": 0} for c in sorted({*senders, *coef})}
     mixed, error = {}, 0.0
-    for j in live:
+    for j in sorted(coef):
         for i in inbox[j]:
             per_peer[i]["bytes_up"] += size[i]
             per_peer[j]["bytes_down"] += size[i]
-        mixed[j], e = strategy.mix(j, trained[j], inbox[j], coef[j])
+        mixed[j], e = strategy.mix(j, peers[j], inbox[j], coef[j])
         error = max(error, e)
     metrics = strategy.round_metrics(coef, {j: p.model() for j, p in mixed.items()})
     metrics.update(agg_error=error, gossip_messages=sum(len(m) for m in inbox.values()))
     return mixed, per_peer, metrics
+
+
+def merge_bytes(*parts: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    """Per-peer byte counts added up ({peer: {bytes_up, bytes_down}})."""
+    out: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for c, b in part.items():
+            mine = out.setdefault(c, {"bytes_up": 0, "bytes_down": 0})
+            for k, v in b.items():
+                mine[k] += v
+    return out
 
 
 def own_jobs(

@@ -32,14 +32,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
 from fedtune.client.run import PeerState
 from fedtune.errors import Problem
 from fedtune.models.adapters import trainable_keys
-from fedtune.peer_sampling import HashSampler
+from fedtune.peer_sampling import HashSampler, PeerSampler, Roles
 from fedtune.strategies.base import STRATEGIES, Capabilities, StrategyBase, weighted_mean
 from fedtune.strategies.lora_math import covariance_error, lora_modules, mean_of_products, relative_error
 from fedtune.topology import (
@@ -95,6 +95,49 @@ def mixing_error(states: Sequence[AdapterState], weights: Sequence[float]) -> fl
         return 0.0
     exact = mean_of_products(states, weights)
     return relative_error(exact, {m: exact[m] - e for m, e in covariance_error(states, weights).items()})
+
+
+class PeerStrategy(Protocol):
+    """What a decentralized strategy (`capabilities.peer_to_peer`) gives the serverless loop
+    (`recipes/decentralized.py`); every method is a peer's own computation from public facts."""
+
+    def sampler(self, fraction: float, min_peers: int, scheme: str) -> PeerSampler:
+        """Who trains and who mixes in a round (every peer computes it alike)."""
+        ...
+
+    def sources(self, rnd: int, trainers: Sequence[str], previous: Roles | None) -> dict[str, str]:
+        """{trainer: the peer whose model it starts from} (itself, or e.g. an aggregator of the
+        previous round's `previous` roles)."""
+        ...
+
+    def coefficients(self, rnd: int, live: Sequence[str], roles: Roles) -> dict[str, dict[str, float]]:
+        """{receiver: {sender: c}}: who mixes what after the `live` trainers trained."""
+        ...
+
+    def message(self, peer: PeerState) -> AdapterState:
+        """What a peer sends (its trainable tensors, and what its mixing needs)."""
+        ...
+
+    def adopt(self, own: PeerState, message: AdapterState) -> PeerState:
+        """A peer's state after taking a received model as its own."""
+        ...
+
+    def mix(
+        self, me: str, own: PeerState, inbox: Mapping[str, AdapterState], coef: Mapping[str, float]
+    ) -> tuple[PeerState, float]:
+        """Peer `me`'s local mix of its inbox with its row of coefficients, and the factor error."""
+        ...
+
+    def round_metrics(
+        self, coef: Mapping[str, Mapping[str, float]], models: Mapping[str, AdapterState]
+    ) -> dict[str, Any]:
+        """The round's metrics from its coefficients and the receivers' models after mixing."""
+        ...
+
+
+def adopt_model(own: PeerState, message: AdapterState) -> PeerState:
+    """`own` with the message's tensors as its x (frozen keys that never travel are kept) and w = 1."""
+    return PeerState({**own.x, **{k: v for k, v in message.items() if k != PUSH_SUM_WEIGHT}})
 
 
 def peer_message(peer: PeerState, push_sum: bool) -> AdapterState:
@@ -185,12 +228,19 @@ class Gossip(StrategyBase):
         `scheme`): the same peers train and mix."""
         return HashSampler(fraction, self.ctx.seed, min_peers, scheme)
 
-    def coefficients(self, rnd: int, live: Sequence[str]) -> dict[str, dict[str, float]]:
+    def sources(self, rnd: int, trainers: Sequence[str], previous: Roles | None) -> dict[str, str]:
+        """A gossip peer trains from its own model."""
+        return {t: t for t in trainers}
+
+    def coefficients(self, rnd: int, live: Sequence[str], roles: Roles | None = None) -> dict[str, dict[str, float]]:
         """{receiver: {sender: c}} of the round over its `live` peers (every peer computes its row)."""
         return round_weights(self.spec, tuple(sorted(self.ctx.client_ids)), sorted(live), self.ctx.seed, rnd)
 
     def message(self, peer: PeerState) -> AdapterState:
         return peer_message(peer, self.mixing == "push_sum")
+
+    def adopt(self, own: PeerState, message: AdapterState) -> PeerState:
+        return adopt_model(own, message)
 
     def mix(
         self, me: str, own: PeerState, inbox: Mapping[str, AdapterState], coef: Mapping[str, float]

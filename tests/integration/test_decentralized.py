@@ -158,3 +158,30 @@ def test_modest_trainers_fetch_train_and_send_to_the_aggregator(tiny_cfg) -> Non
         exported = load_file(str(run.run_dir / "adapters" / cid / "adapter_model.safetensors"))
         (got,) = [v for k, v in exported.items() if k.endswith(key)]
         torch.testing.assert_close(got, peers[last].x[key], rtol=0, atol=0)
+    # `fedtune eval --all` scores the same models (the last aggregate on every peer's data)
+    from fedtune.recipes.evaluate import evaluate_all
+
+    final = {r["client"]: r["test_loss"] for r in recs if r["round"] == 3 and r["client"] is not None}
+    assert sorted(final) == list(PEERS)
+    assert {r["client"]: r["test_loss"] for r in evaluate_all(run.run_dir)} == pytest.approx(final, abs=1e-6)
+
+
+def test_gossip_peers_account_dp_sgd_like_clients(tiny_cfg) -> None:
+    """DP-SGD on peers: each trainer's sample epsilon is the accountant's for the steps it has
+    taken so far (2 a round it trained in), and the round records the worst."""
+    pytest.importorskip("dp_accounting", reason="needs the dp extra")
+    from fedtune.strategies.dp import epsilon
+
+    over = ("strategy.name=gossip", "sampling.fraction=0.75", "rounds=2", "train.steps=2")
+    dp = ("train.dp_sgd.noise_multiplier=1.0", "train.dp_sgd.clip=0.5")
+    recs = run_federated(tiny_cfg(*over, *dp, name="dp"), progress=False).records
+    trained: dict[str, int] = {}
+    for rnd in (1, 2):
+        peers = [r for r in recs if r["round"] == rnd and r["client"] is not None and "dp_rate" in r]
+        assert len(peers) == 3
+        for r in peers:
+            trained[r["client"]] = trained.get(r["client"], 0) + 1
+            assert r["sample_epsilon"] == pytest.approx(epsilon(r["dp_rate"], 1.0, 2 * trained[r["client"]], 1e-5))
+        summary = next(r for r in recs if r["round"] == rnd and r["client"] is None)
+        so_far = [r["sample_epsilon"] for r in recs if r["round"] <= rnd and "sample_epsilon" in r and r["client"]]
+        assert summary["sample_epsilon"] == max(so_far)

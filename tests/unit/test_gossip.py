@@ -143,6 +143,9 @@ def test_the_config_checks_refuse_what_gossip_cannot_do(tiny_cfg) -> None:
         tiny_cfg("strategy.name=gossip", "codec.name=fp16")
     with pytest.raises(ConfigError, match="needs the individual updates"):
         tiny_cfg("strategy.name=gossip", "secure_aggregation=true")
+    for name in ("gossip", "modest"):  # the round's sample is a seeded hash every peer computes
+        with pytest.raises(ConfigError, match="no server to draw a secret sample"):
+            tiny_cfg(f"strategy.name={name}", "privacy.randomness=secure")
     cfg = tiny_cfg("strategy.name=gossip", "strategy.topology=regular", "strategy.degree=3")
     problems = components.per_client_problems(cfg, ["a", "b", "c", "d", "e"])  # what validate and run check
     assert [p.field for p in problems] == ["strategy.degree"]

@@ -43,11 +43,13 @@ from fedtune.errors import FedtuneError
 from fedtune.models.adapters import get_state
 from fedtune.models.export import export_adapters
 from fedtune.peer_sampling import Roles
+from fedtune.privacy.accounting import sample_epsilons
 from fedtune.recipes.federated import (
     AfterRound,
     Ledger,
     RunResult,
     budget_stop,
+    dp_sgd_stop,
     log_round,
     receive,
     round_extras,
@@ -78,6 +80,17 @@ def peer_models(
     fetch from `sources[peer]` (MoDeST: the last round's aggregate)."""
     src = sources or {c: c for c in ids}
     return {c: peer_state(store.get(src[c]), init).model() for c in ids}
+
+
+def final_models(
+    cfg: ExperimentConfig, strategy: Any, store: Any, ids: Sequence[str], init: AdapterState, rnd: int
+) -> dict[str, AdapterState]:
+    """The model each peer holds after round `rnd`: the one it would start round rnd + 1 from
+    (gossip: its own; MoDeST: an aggregate of round rnd)."""
+    s = cfg.sampling
+    sampler = strategy.sampler(s.fraction, s.min_clients, s.scheme)
+    roles = sampler.roles(rnd, online_clients(ids, s.availability, cfg.seed, rnd)) if rnd > 0 else None
+    return peer_models(store, ids, init, strategy.sources(rnd + 1, ids, roles))
 
 
 def run_peers(
@@ -165,7 +178,8 @@ def run_peers(
             if any(fetched):
                 metrics["fetch_messages"] = sum(1 for t, src in sources.items() if t != src)
             up = sum(p["bytes_up"] for p in per_peer.values())
-            stop = budget_stop(cfg, ledger.cum_bytes + up)
+            eps = sample_epsilons(ledger.dp_steps, updates, cfg.train.dp_sgd) if cfg.train.dp_sgd else {}
+            stop = budget_stop(cfg, ledger.cum_bytes + up) or dp_sgd_stop(cfg, eps)
             t_agg = time.perf_counter()
 
             # evaluate each scored peer's own model, log, checkpoint
@@ -178,11 +192,13 @@ def run_peers(
                 evals = eval_records(rnd, caps, engine, scored, init, personal, ev.ood, ev.val)
             t_eval = time.perf_counter()
             took_part = sorted({*roles.trainers, *roles.mixers})  # a peer that only mixes is in the records too
-            recs = client_records(rnd, ids, took_part, evals, updates, failures, caps.transmits, per_peer)
+            dp = {c: {"sample_epsilon": e} for c, (e, _) in eps.items()}
+            extra = {c: {**per_peer.get(c, {}), **dp.get(c, {})} for c in {*per_peer, *dp}}
+            recs = client_records(rnd, ids, took_part, evals, updates, failures, caps.transmits, extra)
             summary = round_summary(evals, up, 0, ledger.cum_bytes, len(failures))
             summary.update(metrics)
             summary.update(train_seconds=t_train - t0, aggregate_seconds=t_agg - t_train, eval_seconds=t_eval - t_agg)
-            ledger = update_ledger(ledger, summary, updates, {}, stop)
+            ledger = update_ledger(ledger, summary, updates, eps, stop)
             summary.update(round_extras(cfg, updates, failures, False, ledger, chat))
             summary["wall_seconds"] = time.perf_counter() - t0
             t_io = time.perf_counter()
@@ -200,9 +216,7 @@ def run_peers(
 
     # 4. export every peer's own model + report
     records = io.read_jsonl(metrics_path)
-    final = max(r["round"] for r in records)
-    last_roles = sampler.roles(final, online_clients(ids, s.availability, cfg.seed, final)) if final else None
-    personal = peer_models(store, ids, init, strategy.sources(final + 1, ids, last_roles))
+    personal = final_models(cfg, strategy, store, ids, init, max(r["round"] for r in records))
     export_adapters(run_dir, fed, None, personal, engine.private_of, experts_per_client(cfg, ids), caps.client_private)
     plot_runs({cfg.name: records}, run_dir / "plots")
     io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, time.perf_counter() - t_start, ledger.io_seconds))

@@ -10,7 +10,7 @@ from typing import Any
 from fedtune.config import load_config
 from fedtune.engines.inprocess import inprocess_federation
 from fedtune.errors import FedtuneError
-from fedtune.recipes.decentralized import peer_models
+from fedtune.recipes.decentralized import final_models
 from fedtune.report import io
 from fedtune.report.records import eval_records
 
@@ -30,7 +30,7 @@ def evaluate_all(run_dir: Path) -> list[dict[str, Any]]:
     rnd, caps = int(ckpt["round"]), fed.strategy.capabilities
     glob, personal = ckpt.get("global", {}), None
     if caps.peer_to_peer:  # each peer's model is in its own client state (the run's store)
-        glob, personal = ckpt["init"], peer_models(fed.store, fed.client_ids, ckpt["init"])
+        glob, personal = ckpt["init"], final_models(cfg, fed.strategy, fed.store, fed.client_ids, ckpt["init"], rnd)
     elif caps.personalized:
         personal = fed.strategy.configure(rnd + 1, fed.client_ids, ckpt["strategy_state"])
     ev = cfg.evaluation

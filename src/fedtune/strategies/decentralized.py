@@ -68,6 +68,20 @@ def peer_codec_problems(name: str, codecs: dict[str, str]) -> list[Problem]:
     return []
 
 
+def peer_problems(name: str, codecs: dict[str, str], randomness: str) -> list[Problem]:
+    """A peer strategy's config problems: a codec on peer messages (`peer_codec_problems`), and
+    `privacy.randomness: secure`, which asks for a secret round sample that a sample every peer
+    computes from the seed cannot be."""
+    out = peer_codec_problems(name, codecs)
+    if randomness == "secure":
+        why = (
+            f"strategy {name!r} has no server to draw a secret sample: each round's peers are a seeded hash "
+            "that every peer computes (public to anyone holding the config)"
+        )
+        out.append(Problem("privacy.randomness", randomness, why, "use privacy.randomness: seeded (or auto)"))
+    return out
+
+
 @lru_cache(maxsize=8)
 def _graph_gap(spec: TopologySpec, ids: tuple[str, ...], seed: int) -> float | None:
     """The whole static graph's spectral gap (None for a time-varying or very large graph)."""

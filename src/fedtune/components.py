@@ -19,7 +19,7 @@ from fedtune.models.load import device_problem, model_problem
 from fedtune.registry import Registry
 from fedtune.strategies import STRATEGIES
 from fedtune.strategies.base import Capabilities, RunContext, algebra_problems
-from fedtune.strategies.decentralized import peer_codec_problems
+from fedtune.strategies.decentralized import peer_problems
 
 # The one strategy field fedtune fills in from the run (not a user parameter).
 CONTEXT_FIELD = "ctx"
@@ -166,7 +166,8 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
         )
     down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
     if caps.peer_to_peer:
-        problems += peer_codec_problems(name, {"codec.name": cfg.codec.name, "downlink_codec.name": down.name})
+        codecs = {"codec.name": cfg.codec.name, "downlink_codec.name": down.name}
+        problems += peer_problems(name, codecs, cfg.privacy.randomness)
     if not refused:  # a strategy's own cross-field checks assume the adapter it declared
         problems += strategy_class(cfg).config_problems(
             cfg.strategy.params(), cfg.adapter, down, cfg.secure_aggregation

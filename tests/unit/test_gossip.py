@@ -1,7 +1,10 @@
 """Gossip (decentralized FedAvg): Metropolis-Hastings weights and spectral gaps equal their hand
 computations; one gossip step on a complete graph is the uniform average; a round whose peers
 are only some of the graph mixes over the edges between them, keeps their sum, and counts each
-peer message once; a topology that cannot work is refused before training."""
+peer message once; a topology that cannot work is refused before training.
+
+A round here is the serverless loop's exchange (`recipes.decentralized.exchange`) over the peers'
+own states after their local step (x + delta), as `run_peers` runs it."""
 
 import math
 
@@ -9,17 +12,23 @@ import numpy as np
 import pytest
 import torch
 
+from fedtune.client.run import PeerState
 from fedtune.codecs import serialize
+from fedtune.recipes.decentralized import exchange
 from fedtune.strategies.base import RunContext
 from fedtune.strategies.decentralized import Gossip, consensus_distance
 from fedtune.topology import TopologySpec, build_graph, metropolis_weights, mixing_matrix, spectral_gap
-from fedtune.types import ClientUpdate
 
 KEY = "m.lora_A.weight"
 
 
-def update(cid: str, value: float) -> ClientUpdate:
-    return ClientUpdate(cid, {KEY: torch.tensor([[value, 2 * value]])}, 10, {"train_loss": 0.0}, 0, 0)
+def peer(value: float) -> PeerState:
+    """A peer after its local step from zero: x = [[v, 2v]]."""
+    return PeerState({KEY: torch.tensor([[value, 2 * value]])})
+
+
+def sent_bytes(per_peer) -> int:
+    return sum(p["bytes_up"] for p in per_peer.values())
 
 
 def test_metropolis_weights_of_a_path_by_hand() -> None:
@@ -45,15 +54,15 @@ def test_ring_spectral_gap_is_the_circulant_formula(n: int) -> None:
 def test_one_step_on_a_complete_graph_is_the_uniform_average() -> None:
     ids = ("a", "b", "c", "d")
     g = Gossip(topology="complete", ctx=RunContext(client_ids=ids))
-    init = {KEY: torch.zeros(1, 2)}
-    agg = g.aggregate(1, [update(c, v) for c, v in zip(ids, [1.0, -2.0, 4.0, 5.0])], g.init_state(init))
+    mixed, per_peer, metrics = exchange(g, 1, {c: peer(v) for c, v in zip(ids, [1.0, -2.0, 4.0, 5.0])})
     mean = torch.tensor([[2.0, 4.0]])  # (1 - 2 + 4 + 5) / 4 = 2
     for c in ids:
-        torch.testing.assert_close(g.configure(2, [c], agg.state)[c][KEY], mean)
-    assert agg.metrics["spectral_gap"] == pytest.approx(1.0)
-    assert agg.metrics["consensus_distance"] == pytest.approx(0.0, abs=1e-6)
+        torch.testing.assert_close(mixed[c].model()[KEY], mean)
+    assert metrics["spectral_gap"] == pytest.approx(1.0)
+    assert metrics["consensus_distance"] == pytest.approx(0.0, abs=1e-6)
     size = len(serialize({KEY: mean}))
-    assert agg.metrics["gossip_messages"] == 12 and agg.bytes_up == 12 * size and agg.bytes_down == 0
+    assert metrics["gossip_messages"] == 12 and sent_bytes(per_peer) == 12 * size
+    assert all(p == {"bytes_up": 3 * size, "bytes_down": 3 * size} for p in per_peer.values())
 
 
 def test_a_round_of_some_peers_mixes_over_their_edges_and_keeps_their_sum() -> None:
@@ -61,27 +70,26 @@ def test_a_round_of_some_peers_mixes_over_their_edges_and_keeps_their_sum() -> N
     their diagonal); d keeps its model; the round's peers keep their sum."""
     ids = ("a", "b", "c", "d")
     g = Gossip(topology="ring", ctx=RunContext(client_ids=ids))
-    init = {KEY: torch.zeros(1, 2)}
-    agg = g.aggregate(1, [update("a", 3.0), update("b", 6.0), update("c", 9.0)], g.init_state(init))
-    got = {c: g.configure(2, [c], agg.state)[c][KEY][0, 0].item() for c in ids}
+    mixed, per_peer, metrics = exchange(g, 1, {"a": peer(3.0), "b": peer(6.0), "c": peer(9.0)})
+    got = {c: mixed[c].model()[KEY][0, 0].item() for c in mixed}
     assert got["a"] == pytest.approx(2 / 3 * 3 + 1 / 3 * 6)
     assert got["b"] == pytest.approx((3 + 6 + 9) / 3)
     assert got["c"] == pytest.approx(2 / 3 * 9 + 1 / 3 * 6)
-    assert got["d"] == 0.0
+    assert "d" not in mixed  # d's own state is not touched
     assert got["a"] + got["b"] + got["c"] == pytest.approx(3 + 6 + 9)
     size = len(serialize({KEY: torch.zeros(1, 2)}))
-    assert agg.metrics["gossip_messages"] == 4 and agg.bytes_up == 4 * size  # a<->b, b<->c
-    assert agg.per_client["b"] == {"bytes_up": 2 * size, "bytes_down": 2 * size}
-    assert agg.per_client["a"] == {"bytes_up": size, "bytes_down": size} and "d" not in agg.per_client
+    assert metrics["gossip_messages"] == 4 and sent_bytes(per_peer) == 4 * size  # a<->b, b<->c
+    assert per_peer["b"] == {"bytes_up": 2 * size, "bytes_down": 2 * size}
+    assert per_peer["a"] == {"bytes_up": size, "bytes_down": size} and "d" not in per_peer
     # the round mixed over the path a-b-c: eigenvalues 1, 2/3, 0 (the whole ring's gap is 2/3)
-    assert agg.metrics["spectral_gap"] == pytest.approx(1 / 3)
-    assert agg.metrics["graph_spectral_gap"] == pytest.approx(2 / 3)
+    assert metrics["spectral_gap"] == pytest.approx(1 / 3)
+    assert metrics["graph_spectral_gap"] == pytest.approx(2 / 3)
     # consensus distance over the round's peers (d did not take part): a, b, c after mixing
-    live = [g.configure(2, [c], agg.state)[c] for c in ("a", "b", "c")]
-    assert agg.metrics["consensus_distance"] == pytest.approx(consensus_distance(live))
+    live = [mixed[c].model() for c in ("a", "b", "c")]
+    assert metrics["consensus_distance"] == pytest.approx(consensus_distance(live))
     x = torch.tensor([[got[c], 2 * got[c]] for c in ("a", "b", "c")], dtype=torch.float64)
     assert consensus_distance(live) == pytest.approx(float(((x - x.mean(0)) ** 2).sum() / 3) ** 0.5)
-    assert agg.metrics["agg_error"] == 0.0  # no A, B pair in these messages
+    assert metrics["agg_error"] == 0.0  # no A, B pair in these messages
 
 
 def test_repeated_gossip_reaches_consensus_on_the_average() -> None:
@@ -89,15 +97,14 @@ def test_repeated_gossip_reaches_consensus_on_the_average() -> None:
     a rate no slower than the spectral gap predicts."""
     ids = tuple(f"c{i}" for i in range(8))
     g = Gossip(topology="ring", ctx=RunContext(client_ids=ids))
-    init = {KEY: torch.zeros(1, 2)}
     start = [float(i * i) for i in range(8)]
-    agg = g.aggregate(1, [update(c, v) for c, v in zip(ids, start)], g.init_state(init))
-    d1, gap = agg.metrics["consensus_distance"], agg.metrics["spectral_gap"]
+    peers, _, metrics = exchange(g, 1, {c: peer(v) for c, v in zip(ids, start)})
+    d1, gap = metrics["consensus_distance"], metrics["spectral_gap"]
     for r in range(2, 40):
-        agg = g.aggregate(r, [update(c, 0.0) for c in ids], agg.state)
-    final = [g.configure(41, [c], agg.state)[c][KEY][0, 0].item() for c in ids]
+        peers, _, metrics = exchange(g, r, peers)  # zero local steps: x + 0
+    final = [peers[c].model()[KEY][0, 0].item() for c in ids]
     assert final == pytest.approx([sum(start) / 8] * 8, rel=1e-3)
-    assert agg.metrics["consensus_distance"] <= d1 * (1 - gap) ** 38 * 1.0001
+    assert metrics["consensus_distance"] <= d1 * (1 - gap) ** 38 * 1.0001
 
 
 @pytest.mark.parametrize(
@@ -136,6 +143,9 @@ def test_the_config_checks_refuse_what_gossip_cannot_do(tiny_cfg) -> None:
         tiny_cfg("strategy.name=gossip", "codec.name=fp16")
     with pytest.raises(ConfigError, match="needs the individual updates"):
         tiny_cfg("strategy.name=gossip", "secure_aggregation=true")
+    for name in ("gossip", "modest"):  # the round's sample is a seeded hash every peer computes
+        with pytest.raises(ConfigError, match="no server to draw a secret sample"):
+            tiny_cfg(f"strategy.name={name}", "privacy.randomness=secure")
     cfg = tiny_cfg("strategy.name=gossip", "strategy.topology=regular", "strategy.degree=3")
     problems = components.per_client_problems(cfg, ["a", "b", "c", "d", "e"])  # what validate and run check
     assert [p.field for p in problems] == ["strategy.degree"]
@@ -149,14 +159,13 @@ def test_mixing_lora_factors_logs_the_product_error_by_hand() -> None:
     ids = ("a", "b")
     g = Gossip(topology="complete", ctx=RunContext(client_ids=ids))
     a, b = "m.lora_A.weight", "m.lora_B.weight"
-    init = {a: torch.zeros(1, 1), b: torch.zeros(1, 1)}
-    ups = [
-        ClientUpdate("a", {a: torch.ones(1, 1), b: torch.ones(1, 1)}, 1, {}, 0, 0),
-        ClientUpdate("b", {a: torch.full((1, 1), 5.0), b: torch.full((1, 1), 3.0)}, 1, {}, 0, 0),
-    ]
-    agg = g.aggregate(1, ups, g.init_state(init))
-    assert agg.metrics["agg_error"] == pytest.approx(0.25)
-    assert g.configure(2, ["a"], agg.state)["a"][a].item() == pytest.approx(3.0)
+    trained = {
+        "a": PeerState({a: torch.ones(1, 1), b: torch.ones(1, 1)}),
+        "b": PeerState({a: torch.full((1, 1), 5.0), b: torch.full((1, 1), 3.0)}),
+    }
+    mixed, _, metrics = exchange(g, 1, trained)
+    assert metrics["agg_error"] == pytest.approx(0.25)
+    assert mixed["a"].model()[a].item() == pytest.approx(3.0)
 
 
 def test_frozen_shared_factors_are_not_sent_between_peers() -> None:
@@ -168,10 +177,9 @@ def test_frozen_shared_factors_are_not_sent_between_peers() -> None:
     g = Gossip(topology="complete", ctx=RunContext(client_ids=ids))
     m = "layer.q"
     init = {m + SB_A: torch.ones(2, 4), m + SB_B: torch.ones(4, 2), m + SB_R: torch.zeros(2, 2)}
-    zero = {k: torch.zeros_like(v) for k, v in init.items()}
-    ups = [ClientUpdate(c, {**zero, m + SB_R: torch.full((2, 2), v)}, 1, {}, 0, 0) for c, v in (("a", 2.0), ("b", 4.0))]
-    agg = g.aggregate(1, ups, g.init_state(init))
-    assert agg.bytes_up == 2 * len(serialize({m + SB_R: torch.zeros(2, 2)}))
-    out = g.configure(2, ["a"], agg.state)["a"]
+    trained = {c: PeerState({**init, m + SB_R: torch.full((2, 2), v)}) for c, v in (("a", 2.0), ("b", 4.0))}
+    mixed, per_peer, _ = exchange(g, 1, trained)
+    assert sent_bytes(per_peer) == 2 * len(serialize({m + SB_R: torch.zeros(2, 2)}))
+    out = mixed["a"].model()
     torch.testing.assert_close(out[m + SB_R], torch.full((2, 2), 3.0))
     torch.testing.assert_close(out[m + SB_A], init[m + SB_A])

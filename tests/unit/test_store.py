@@ -82,3 +82,20 @@ def test_a_kill_during_a_write_keeps_the_previous_version(tmp_path) -> None:
     assert same(store.get("c"), state(1))
     store.put("c", state(2), 2)  # the next attempt writes it whole
     assert same(ClientStateStore(tmp_path, ClientState()).get("c"), state(2))
+
+
+def test_a_peers_model_and_push_sum_weight_round_trip_by_version(tmp_path) -> None:
+    """A decentralized peer's x and w live in its ClientState: written per round, read back by a
+    fresh process, and z = x / w is its model."""
+    from fedtune.client.run import PeerState
+
+    store = ClientStateStore(tmp_path, ClientState())
+    for rnd, w in ((1, 0.5), (2, 1.5)):
+        store.put("p", ClientState(peer=PeerState({"m.lora_B.weight": torch.full((2, 2), float(rnd))}, w)), rnd)
+    fresh = ClientStateStore(tmp_path, ClientState())
+    newest, before = fresh.get("p"), fresh.get("p", before=2)
+    assert newest.peer is not None and before.peer is not None
+    assert newest.peer.w == 1.5 and before.peer.w == 0.5
+    torch.testing.assert_close(newest.peer.x["m.lora_B.weight"], torch.full((2, 2), 2.0))
+    torch.testing.assert_close(before.peer.model()["m.lora_B.weight"], torch.full((2, 2), 2.0))  # 1 / 0.5
+    assert fresh.get("never-a-peer").peer is None

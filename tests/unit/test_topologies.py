@@ -9,22 +9,24 @@ import numpy as np
 import pytest
 import torch
 
+from fedtune.client.run import PeerState
 from fedtune.codecs import serialize
+from fedtune.recipes.decentralized import exchange
 from fedtune.strategies.base import RunContext
 from fedtune.strategies.decentralized import PUSH_SUM_WEIGHT, Gossip
 from fedtune.topology import TopologySpec, coefficient_matrix, mixing_gap, round_graph, round_weights
-from fedtune.types import ClientUpdate
 
 KEY = "m.lora_B.weight"
 
 
-def update(cid: str, value: float) -> ClientUpdate:
-    return ClientUpdate(cid, {KEY: torch.tensor([[value]])}, 10, {}, 0, 0)
+def peers_at(ids, values) -> dict[str, PeerState]:
+    """Peers after a local step from zero: x = [[v]], w = 1."""
+    return {c: PeerState({KEY: torch.tensor([[v]])}) for c, v in zip(ids, values)}
 
 
-def models(g: Gossip, state, ids) -> list[float]:
-    got = g.configure(0, list(ids), state)
-    return [got[c][KEY].item() for c in ids]
+def models(peers: dict[str, PeerState], ids) -> list[float]:
+    """Each peer's de-biased model z = x / w."""
+    return [peers[c].model()[KEY].item() for c in ids]
 
 
 def test_torus_gap_is_the_closed_form() -> None:
@@ -75,11 +77,11 @@ def test_gossip_over_random_matchings_reaches_the_average() -> None:
     ids = tuple(f"c{i}" for i in range(8))
     g = Gossip(topology="matching", ctx=RunContext(client_ids=ids))
     start = [float(i * i) for i in range(8)]
-    agg = g.aggregate(1, [update(c, v) for c, v in zip(ids, start)], g.init_state({KEY: torch.zeros(1, 1)}))
+    peers, _, _ = exchange(g, 1, peers_at(ids, start))
     for r in range(2, 60):
-        agg = g.aggregate(r, [update(c, 0.0) for c in ids], agg.state)
-        assert sum(models(g, agg.state, ids)) == pytest.approx(sum(start))
-    assert models(g, agg.state, ids) == pytest.approx([sum(start) / 8] * 8, rel=1e-4)
+        peers, _, _ = exchange(g, r, peers)
+        assert sum(models(peers, ids)) == pytest.approx(sum(start))
+    assert models(peers, ids) == pytest.approx([sum(start) / 8] * 8, rel=1e-4)
 
 
 def test_resampled_regular_graphs_change_every_round() -> None:
@@ -100,14 +102,15 @@ def test_push_sum_on_a_directed_ring_keeps_the_sum_and_reaches_the_average() -> 
     coef = round_weights(g.spec, ids, ids, 0, 1)
     assert coef["b"] == {"a": 0.5, "b": 0.5}
     start = [1.0, 2.0, 3.0, 10.0]
-    agg = g.aggregate(1, [update(c, v) for c, v in zip(ids, start)], g.init_state({KEY: torch.zeros(1, 1)}))
-    size = len(serialize({KEY: torch.zeros(1, 1), PUSH_SUM_WEIGHT: torch.zeros(1)}))
-    assert agg.metrics["gossip_messages"] == 4 and agg.bytes_up == 4 * size
+    peers, per_peer, metrics = exchange(g, 1, peers_at(ids, start))
+    # a message: x and w (fp64, so the weights' sum is kept in the maths' precision)
+    size = len(serialize({KEY: torch.zeros(1, 1), PUSH_SUM_WEIGHT: torch.zeros(1, dtype=torch.float64)}))
+    assert metrics["gossip_messages"] == 4 and sum(p["bytes_up"] for p in per_peer.values()) == 4 * size
     for r in range(2, 80):
-        agg = g.aggregate(r, [update(c, 0.0) for c in ids], agg.state)
-    x = [agg.state["clients"][c][KEY].item() for c in ids]
-    assert sum(x) == pytest.approx(sum(start))
-    assert models(g, agg.state, ids) == pytest.approx([4.0] * 4, rel=1e-6)
+        peers, _, _ = exchange(g, r, peers)
+    x = [peers[c].x[KEY].item() for c in ids]
+    assert sum(x) == pytest.approx(sum(start)) and sum(peers[c].w for c in ids) == pytest.approx(4.0)
+    assert models(peers, ids) == pytest.approx([4.0] * 4, rel=1e-6)
 
 
 def test_push_sum_with_unequal_weights_de_biases() -> None:
@@ -115,12 +118,15 @@ def test_push_sum_with_unequal_weights_de_biases() -> None:
     (x_a/2 + x_b, 3/2): z_b = (x_a/2 + x_b) / (3/2), the w-weighted mean; a's z is unchanged."""
     ids = ("a", "b")
     g = Gossip(topology="edges", edges=(("a", "b"),), directed=True, mixing="push_sum", ctx=RunContext(client_ids=ids))
-    agg = g.aggregate(1, [update("a", 3.0), update("b", 6.0)], g.init_state({KEY: torch.zeros(1, 1)}))
-    assert agg.state["weights"] == {"a": 0.5, "b": 1.5}
-    assert models(g, agg.state, ids) == pytest.approx([3.0, (1.5 + 6.0) / 1.5])
-    # the next local step is applied to x (SGP): a's x = 1.5 + 1
-    agg = g.aggregate(2, [update("a", 1.0)], agg.state)
-    assert agg.state["clients"]["a"][KEY].item() == pytest.approx(2.5)
+    peers, _, _ = exchange(g, 1, peers_at(ids, [3.0, 6.0]))
+    assert {c: p.w for c, p in peers.items()} == {"a": 0.5, "b": 1.5}
+    assert models(peers, ids) == pytest.approx([3.0, (1.5 + 6.0) / 1.5])
+    # the next local step is applied to x (SGP: the loop's x + delta): a's x = 1.5 + 1; alone in the
+    # round (b does not take part) a keeps all of (x, w): z = 2.5 / 0.5
+    a = PeerState({KEY: peers["a"].x[KEY] + 1.0}, peers["a"].w)
+    alone, _, metrics = exchange(g, 2, {"a": a})
+    assert alone["a"].x[KEY].item() == pytest.approx(2.5) and alone["a"].model()[KEY].item() == pytest.approx(5.0)
+    assert metrics["gossip_messages"] == 0
 
 
 def test_epidemic_fan_out_is_directed_and_converges_with_push_sum() -> None:
@@ -131,10 +137,10 @@ def test_epidemic_fan_out_is_directed_and_converges_with_push_sum() -> None:
     assert sorted(graph.edges()) != sorted(round_graph(spec, ids, ids, 0, 2).edges())
     g = Gossip(topology="epidemic", fanout=2, mixing="push_sum", ctx=RunContext(client_ids=ids))
     start = [float(i) for i in range(10)]
-    agg = g.aggregate(1, [update(c, v) for c, v in zip(ids, start)], g.init_state({KEY: torch.zeros(1, 1)}))
+    peers, _, _ = exchange(g, 1, peers_at(ids, start))
     for r in range(2, 40):
-        agg = g.aggregate(r, [update(c, 0.0) for c in ids], agg.state)
-    assert models(g, agg.state, ids) == pytest.approx([4.5] * 10, rel=1e-4)
+        peers, _, _ = exchange(g, r, peers)
+    assert models(peers, ids) == pytest.approx([4.5] * 10, rel=1e-4)
 
 
 @pytest.mark.parametrize(

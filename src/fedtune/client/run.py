@@ -37,6 +37,24 @@ PROTOCOL_METRICS = frozenset(
 
 
 @dataclass(frozen=True)
+class PeerState:
+    """A decentralized peer's own model and mixing state (kept in its `ClientState`, never on a
+    server).
+
+    Attributes:
+        x: the peer's model as it mixes (the adapter state; push-sum's numerator).
+        w: its push-sum weight (1 under symmetric mixing); the peer trains and exports z = x / w.
+    """
+
+    x: AdapterState
+    w: float = 1.0
+
+    def model(self) -> AdapterState:
+        """z = x / w: the de-biased model the peer trains from, is evaluated on and exports."""
+        return self.x if self.w == 1.0 else {k: v / self.w for k, v in self.x.items()}
+
+
+@dataclass(frozen=True)
 class ClientState:
     """What one client keeps between rounds.
 
@@ -47,6 +65,7 @@ class ClientState:
         down_codec: the downlink decoder's state (mirror of the server's downlink encoder).
         rounds: rounds this client has trained in.
         secagg_key: the X25519 private key of the secure-aggregation round it is in (never sent).
+        peer: a decentralized peer's model and mixing state (None: not a peer, or the initial adapter).
     """
 
     private: AdapterState = field(default_factory=dict)
@@ -54,6 +73,7 @@ class ClientState:
     down_codec: Any = None
     rounds: int = 0
     secagg_key: bytes = b""
+    peer: PeerState | None = None
 
 
 @dataclass(frozen=True)

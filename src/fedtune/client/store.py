@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fedtune.client.run import ClientState
+from fedtune.client.run import ClientState, PeerState
 from fedtune.files import write_atomic_with
 
 _VERSION = re.compile(r"^round-(\d+)\.pt$")
@@ -50,7 +50,8 @@ class ClientStateStore:
         key = (cid, found[-1])
         if key not in self._cache:
             raw: dict[str, Any] = torch.load(self._dir(cid) / f"round-{found[-1]}.pt", weights_only=False)
-            self._remember(key, ClientState(**raw))
+            peer = raw.pop("peer", None)
+            self._remember(key, ClientState(**raw, peer=None if peer is None else PeerState(peer["x"], peer["w"])))
         self._cache.move_to_end(key)
         return self._cache[key]
 
@@ -63,6 +64,7 @@ class ClientStateStore:
             "up_codec": state.up_codec,
             "down_codec": state.down_codec,
             "rounds": state.rounds,
+            "peer": None if state.peer is None else {"x": state.peer.x, "w": state.peer.w},
         }  # never the secure-aggregation private key: it lives in memory for its round only
         write_atomic_with(d / f"round-{rnd}.pt", lambda f: torch.save(raw, f))
         self._remember((cid, rnd), state)

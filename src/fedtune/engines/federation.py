@@ -150,6 +150,8 @@ class Federation:
     Attributes:
         collected_bytes: raw training data the centralized baseline collects (uplink, round 1).
         round0: facts for the round-0 record (e.g. the simulated attackers).
+        store: the clients' state store where it is in this process (in-process: the one the
+            engine reads and writes; a decentralized run keeps each peer's model there), else None.
     """
 
     client_ids: list[str]
@@ -160,3 +162,4 @@ class Federation:
     engine: Any
     collected_bytes: int = 0
     round0: dict[str, Any] = field(default_factory=dict)
+    store: Any = None

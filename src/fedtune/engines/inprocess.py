@@ -241,7 +241,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     collected = _data_bytes(shards) if caps.pools_data else 0
     facts = device_facts(model, precision, slow)
     round0 = {**data, **facts, "warmup_seconds": warmup, **({"attackers": sorted(bad)} if bad else {})}
-    return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, collected, round0)
+    return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, collected, round0, store)
 
 
 def _warm_up(model: Any, block: torch.Tensor) -> float:

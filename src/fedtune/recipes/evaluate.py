@@ -10,6 +10,7 @@ from typing import Any
 from fedtune.config import load_config
 from fedtune.engines.inprocess import inprocess_federation
 from fedtune.errors import FedtuneError
+from fedtune.recipes.decentralized import final_models
 from fedtune.report import io
 from fedtune.report.records import eval_records
 
@@ -27,9 +28,13 @@ def evaluate_all(run_dir: Path) -> list[dict[str, Any]]:
     fed = inprocess_federation(cfg)
     ckpt = io.load_checkpoint(run_dir / io.CHECKPOINT)
     rnd, caps = int(ckpt["round"]), fed.strategy.capabilities
-    personal = fed.strategy.configure(rnd + 1, fed.client_ids, ckpt["strategy_state"]) if caps.personalized else None
+    glob, personal = ckpt.get("global", {}), None
+    if caps.peer_to_peer:  # each peer's model is in its own client state (the run's store)
+        glob, personal = ckpt["init"], final_models(cfg, fed.strategy, fed.store, fed.client_ids, ckpt["init"], rnd)
+    elif caps.personalized:
+        personal = fed.strategy.configure(rnd + 1, fed.client_ids, ckpt["strategy_state"])
     ev = cfg.evaluation
-    evals = eval_records(rnd, caps, fed.engine, fed.client_ids, ckpt["global"], personal, ev.ood, ev.val)
+    evals = eval_records(rnd, caps, fed.engine, fed.client_ids, glob, personal, ev.ood, ev.val)
     records = [{"round": rnd, "client": cid, **evals[cid]} for cid in fed.client_ids]
     (run_dir / "eval").mkdir(exist_ok=True)
     io.write_jsonl(run_dir / "eval" / "all-clients.jsonl", records)

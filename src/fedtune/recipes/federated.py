@@ -100,6 +100,10 @@ def _run(
 ) -> RunResult:
     # 1. clients, data, model, strategy, engine (data fails before any weights load)
     fed = (federation or inprocess_federation)(cfg)
+    if fed.strategy.capabilities.peer_to_peer:  # no server: the peers' own loop
+        from fedtune.recipes.decentralized import run_peers
+
+        return run_peers(cfg, fed, run_dir, t_start, resume, progress, after_round, console, trackers)
     strategy, engine, caps, ids = fed.strategy, fed.engine, fed.strategy.capabilities, fed.client_ids
     chat = "data_chat_template" in fed.round0  # instruction data (DP-SGD's unit is one example)
     up_codec, down_codec = components.build_codec(cfg), components.build_codec(cfg, downlink=True)

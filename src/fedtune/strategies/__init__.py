@@ -13,6 +13,7 @@ from fedtune.strategies import (  # noqa: F401
     hetero,
     local,
     merge,
+    modest,
     personal,
     robust,
     safari,

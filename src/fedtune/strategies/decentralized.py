@@ -1,5 +1,6 @@
-"""Decentralized learning without a server: every peer keeps its own adapter and averages it
-with its neighbours' over a peer graph after local training.
+"""Decentralized learning without a server: every peer keeps its own adapter (in its
+`ClientState`: `client.run.PeerState`) and averages it with its neighbours' over a peer graph after
+local training. `recipes/decentralized.py` drives the rounds; this module is the peers' maths.
 
 `gossip` is decentralized FedAvg (DFedAvg of Sun, Li and Wang, "Decentralized Federated
 Averaging", arXiv:2104.11375, without DFedAvgM's momentum: the local steps use fedtune's
@@ -18,9 +19,12 @@ relative error, over the mixing peers, between sum_j W_ij B_j A_j and the mixed 
 A (`strategies.lora_math`; 0 where the messages hold no A, B pair, e.g. LoRA-SB's R, for which
 mixing is exact).
 
-The in-process engine simulates the peer network in one process: the loop relays the states,
-which cost nothing on the wire (`transmits=False`), and the strategy counts the peer-to-peer
-messages it mixes (each message once, as sent: `bytes_up`; per peer, sent and received).
+A peer's round: the round's sampler (`peer_sampling.HashSampler`, computed by every peer alike)
+says whether it takes part; if so it trains its model z = x / w with the client step
+(`run_client`), applies the step to x (x <- x + delta, as SGP), sends `message(x, w)` to its
+out-neighbours among the round's live peers and mixes its inbox with its own row of the round's
+coefficients (`coefficients`, from `fedtune.topology.round_weights`). Bytes are the lengths of
+the serialized messages, each counted once as sent.
 """
 
 from __future__ import annotations
@@ -28,16 +32,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
-from fedtune.codecs import serialize
+from fedtune.client.run import PeerState
 from fedtune.errors import Problem
 from fedtune.models.adapters import trainable_keys
-from fedtune.strategies.base import STRATEGIES, Aggregate, Capabilities, PeerScoring, weighted_mean
+from fedtune.peer_sampling import HashSampler, PeerSampler, Roles
+from fedtune.strategies.base import STRATEGIES, Capabilities, StrategyBase, weighted_mean
 from fedtune.strategies.lora_math import covariance_error, lora_modules, mean_of_products, relative_error
-from fedtune.strategies.personal import PerClient
 from fedtune.topology import (
     SPECTRAL_GAP_MAX_PEERS,
     TopologySpec,
@@ -47,9 +51,9 @@ from fedtune.topology import (
     round_weights,
     spec_problems,
 )
-from fedtune.types import AdapterState, ClientUpdate, add_states
+from fedtune.types import AdapterState
 
-PUSH_SUM_WEIGHT = "push_sum_weight"  # the scalar w's share that travels with a push-sum message
+PUSH_SUM_WEIGHT = "push_sum_weight"  # the push-sum weight w that travels with a message (fp64, shape [1])
 
 
 def peer_codec_problems(name: str, codecs: dict[str, str]) -> list[Problem]:
@@ -62,6 +66,20 @@ def peer_codec_problems(name: str, codecs: dict[str, str]) -> list[Problem]:
             )
             return [Problem(where, codec, why, "use codec: identity (and no downlink_codec)")]
     return []
+
+
+def peer_problems(name: str, codecs: dict[str, str], randomness: str) -> list[Problem]:
+    """A peer strategy's config problems: a codec on peer messages (`peer_codec_problems`), and
+    `privacy.randomness: secure`, which asks for a secret round sample that a sample every peer
+    computes from the seed cannot be."""
+    out = peer_codec_problems(name, codecs)
+    if randomness == "secure":
+        why = (
+            f"strategy {name!r} has no server to draw a secret sample: each round's peers are a seeded hash "
+            "that every peer computes (public to anyone holding the config)"
+        )
+        out.append(Problem("privacy.randomness", randomness, why, "use privacy.randomness: seeded (or auto)"))
+    return out
 
 
 @lru_cache(maxsize=8)
@@ -93,16 +111,90 @@ def mixing_error(states: Sequence[AdapterState], weights: Sequence[float]) -> fl
     return relative_error(exact, {m: exact[m] - e for m, e in covariance_error(states, weights).items()})
 
 
+class PeerStrategy(Protocol):
+    """What a decentralized strategy (`capabilities.peer_to_peer`) gives the serverless loop
+    (`recipes/decentralized.py`); every method is a peer's own computation from public facts."""
+
+    def sampler(self, fraction: float, min_peers: int, scheme: str) -> PeerSampler:
+        """Who trains and who mixes in a round (every peer computes it alike)."""
+        ...
+
+    def sources(self, rnd: int, trainers: Sequence[str], previous: Roles | None) -> dict[str, str]:
+        """{trainer: the peer whose model it starts from} (itself, or e.g. an aggregator of the
+        previous round's `previous` roles)."""
+        ...
+
+    def coefficients(self, rnd: int, live: Sequence[str], roles: Roles) -> dict[str, dict[str, float]]:
+        """{receiver: {sender: c}}: who mixes what after the `live` trainers trained."""
+        ...
+
+    def message(self, peer: PeerState) -> AdapterState:
+        """What a peer sends (its trainable tensors, and what its mixing needs)."""
+        ...
+
+    def adopt(self, own: PeerState, message: AdapterState) -> PeerState:
+        """A peer's state after taking a received model as its own."""
+        ...
+
+    def mix(
+        self, me: str, own: PeerState, inbox: Mapping[str, AdapterState], coef: Mapping[str, float]
+    ) -> tuple[PeerState, float]:
+        """Peer `me`'s local mix of its inbox with its row of coefficients, and the factor error."""
+        ...
+
+    def round_metrics(
+        self, coef: Mapping[str, Mapping[str, float]], models: Mapping[str, AdapterState]
+    ) -> dict[str, Any]:
+        """The round's metrics from its coefficients and the receivers' models after mixing."""
+        ...
+
+
+def adopt_model(own: PeerState, message: AdapterState) -> PeerState:
+    """`own` with the message's tensors as its x (frozen keys that never travel are kept) and w = 1."""
+    return PeerState({**own.x, **{k: v for k, v in message.items() if k != PUSH_SUM_WEIGHT}})
+
+
+def peer_message(peer: PeerState, push_sum: bool) -> AdapterState:
+    """What a peer sends its out-neighbours: the trainable tensors of its x (LoRA-SB's frozen,
+    shared A and B never travel) and, under push-sum, its weight w (fp64, so the sum of the
+    weights is kept exactly as in the maths)."""
+    msg = {k: peer.x[k] for k in trainable_keys(peer.x)}
+    return {**msg, PUSH_SUM_WEIGHT: torch.tensor([peer.w], dtype=torch.float64)} if push_sum else msg
+
+
+def mix_inbox(
+    own: PeerState, own_message: AdapterState, inbox: Mapping[str, AdapterState], coef: Mapping[str, float], me: str
+) -> tuple[PeerState, float]:
+    """Peer `me`'s mix of its own message and its inbox with its row of the round's coefficients
+    (`coef`: {sender: c}, itself included): x <- sum_i c_i x_i over the message keys (the rest of
+    x is kept), and under push-sum w <- sum_i c_i w_i. Returns the new state and the factor-mixing
+    error of the de-biased models (`mixing_error`; z_i = x_i / w_i weighted by c_i w_i / w)."""
+    msgs = {**inbox, me: own_message}
+    senders = sorted(coef)
+    c = [coef[i] for i in senders]
+    tensors = [{k: v for k, v in msgs[i].items() if k != PUSH_SUM_WEIGHT} for i in senders]
+    x = {**own.x, **weighted_mean(tensors, c)}
+    w, z, states = own.w, c, tensors
+    if PUSH_SUM_WEIGHT in own_message:
+        ws = [float(msgs[i][PUSH_SUM_WEIGHT][0]) for i in senders]
+        w = sum(ci * wi for ci, wi in zip(c, ws))
+        z = [ci * wi / w for ci, wi in zip(c, ws)]  # z's convex weights
+        states = [{k: v / wi for k, v in t.items()} for t, wi in zip(tensors, ws)]
+    error = mixing_error(states, z) if len(senders) > 1 else 0.0
+    return PeerState(x, w), error
+
+
 @STRATEGIES.register("gossip")
 @dataclass(frozen=True)
-class Gossip(PerClient):
+class Gossip(StrategyBase):
     """Decentralized FedAvg over a peer graph (no server; each peer ends with its own model).
     topology: ring | complete | regular (`degree`; `resample`: a fresh one each round) |
     erdos_renyi (`p`; `resample`) | torus (`rows`) | edges (pairs of client ids, or `edges_file`;
     `directed`) | matching (a fresh random matching of the round's peers) | epidemic (each peer
     sends to `fanout` random peers a round). mixing: metropolis (default) | max_degree | push_sum
-    (needed by the directed ones; the state keeps each peer's push-sum weight w, a peer trains and
-    exports z = x / w, and a message carries x / (out-degree + 1) and w's share).
+    (needed by the directed ones; each peer keeps its push-sum weight w in its state, trains and
+    exports z = x / w, and a message carries x and w, which the receiver weighs by the sender's
+    share 1 / (live out-degree + 1)).
     Round metrics: `consensus_distance` of the round's peers' models after mixing, `agg_error`
     (the factor-mixing error, module docstring), `spectral_gap` of the round's effective mixing
     matrix over the peers that took part (an absent neighbour's weight on the diagonal),
@@ -145,67 +237,40 @@ class Gossip(PerClient):
                 return [Problem("strategy.edges_file", self.edges_file, why, "give a file of `a b` lines")]
         return spec_problems(self.spec, sorted(client_ids), seed)
 
-    def init_state(self, global_state: AdapterState) -> dict[str, Any]:
-        return {**super().init_state(global_state), "weights": {}}  # push-sum weights w (absent: 1)
+    def sampler(self, fraction: float, min_peers: int, scheme: str) -> HashSampler:
+        """Who takes part in a round (each peer computes it; `sampling.fraction`, `min_clients`,
+        `scheme`): the same peers train and mix."""
+        return HashSampler(fraction, self.ctx.seed, min_peers, scheme)
 
-    def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
-        """Each peer's model: its x, de-biased by its push-sum weight (z = x / w; w = 1 otherwise)."""
-        w = state.get("weights", {})
-        out = {}
-        for c in client_ids:
-            x = state["clients"].get(c, state["init"])
-            out[c] = x if w.get(c, 1.0) == 1.0 else {k: v / w[c] for k, v in x.items()}
+    def sources(self, rnd: int, trainers: Sequence[str], previous: Roles | None) -> dict[str, str]:
+        """A gossip peer trains from its own model."""
+        return {t: t for t in trainers}
+
+    def coefficients(self, rnd: int, live: Sequence[str], roles: Roles | None = None) -> dict[str, dict[str, float]]:
+        """{receiver: {sender: c}} of the round over its `live` peers (every peer computes its row)."""
+        return round_weights(self.spec, tuple(sorted(self.ctx.client_ids)), sorted(live), self.ctx.seed, rnd)
+
+    def message(self, peer: PeerState) -> AdapterState:
+        return peer_message(peer, self.mixing == "push_sum")
+
+    def adopt(self, own: PeerState, message: AdapterState) -> PeerState:
+        return adopt_model(own, message)
+
+    def mix(
+        self, me: str, own: PeerState, inbox: Mapping[str, AdapterState], coef: Mapping[str, float]
+    ) -> tuple[PeerState, float]:
+        return mix_inbox(own, self.message(own), inbox, coef, me)
+
+    def round_metrics(
+        self, coef: Mapping[str, Mapping[str, float]], models: Mapping[str, AdapterState]
+    ) -> dict[str, Any]:
+        """Consensus distance of the live peers' models after mixing, the round's spectral gap
+        (its matrix over the live peers) and a static graph's whole gap."""
+        live = sorted(models)
+        out: dict[str, Any] = {"consensus_distance": consensus_distance([models[c] for c in live])}
+        if len(live) <= SPECTRAL_GAP_MAX_PEERS:
+            out["spectral_gap"] = mixing_gap(coefficient_matrix(coef, live))
+        gap = _graph_gap(self.spec, tuple(sorted(self.ctx.client_ids)), self.ctx.seed)
+        if gap is not None:
+            out["graph_spectral_gap"] = gap
         return out
-
-    def trained(self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any]) -> dict[str, AdapterState]:
-        """x_i + delta_i: the local step is applied to x itself (SGP's x <- x - lr g(z)); with w = 1
-        this is the trained model."""
-        clients = dict(state["clients"])
-        for u in updates:
-            clients[u.client_id] = add_states(clients.get(u.client_id, state["init"]), u.delta)
-        return clients
-
-    def aggregate(
-        self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None
-    ) -> Aggregate:
-        clients = self.trained(rnd, updates, state)
-        ids, spec = tuple(sorted(self.ctx.client_ids)), self.spec
-        live = sorted({u.client_id for u in updates})
-        coef = round_weights(spec, ids, live, self.ctx.seed, rnd)
-        w = dict(state.get("weights", {}))
-        push = spec.mixing == "push_sum"
-        sent = {c: {k: clients[c][k] for k in trainable_keys(clients[c])} for c in live}  # the messages
-        extra = {PUSH_SUM_WEIGHT: torch.zeros(1)} if push else {}
-        size = {c: len(serialize({**sent[c], **extra})) for c in live}
-        per_peer = {c: {"bytes_up": 0, "bytes_down": 0} for c in live}
-        mixed, new_w, messages, error = dict(clients), dict(w), 0, 0.0
-        for j in live:
-            senders = sorted(coef[j])
-            c = [coef[j][i] for i in senders]
-            mixed[j] = {**clients[j], **weighted_mean([sent[i] for i in senders], c)}
-            if push:
-                new_w[j] = sum(ci * w.get(i, 1.0) for ci, i in zip(c, senders))
-                z = [ci * w.get(i, 1.0) / new_w[j] for ci, i in zip(c, senders)]  # z_j's convex weights
-                states = [{k: v / w.get(i, 1.0) for k, v in sent[i].items()} for i in senders]
-            else:
-                z, states = c, [sent[i] for i in senders]
-            error = max(error, mixing_error(states, z)) if len(senders) > 1 else error
-            for i in senders:
-                if i != j:
-                    per_peer[i]["bytes_up"] += size[i]
-                    per_peer[j]["bytes_down"] += size[i]
-                    messages += 1
-        new = {**state, "clients": mixed, "weights": {c: v for c, v in new_w.items() if v != 1.0}}
-        models = self.configure(rnd + 1, live, new)
-        metrics: dict[str, Any] = {
-            "consensus_distance": consensus_distance([models[c] for c in live]),
-            "agg_error": error,
-            "gossip_messages": messages,
-        }
-        if len(ids) <= SPECTRAL_GAP_MAX_PEERS:  # the round's matrix over the peers that took part
-            metrics["spectral_gap"] = mixing_gap(coefficient_matrix(coef, live))
-            gap = _graph_gap(spec, ids, self.ctx.seed)
-            if gap is not None:
-                metrics["graph_spectral_gap"] = gap
-        sent_total = sum(p["bytes_up"] for p in per_peer.values())
-        return Aggregate(state["init"], new, metrics, bytes_up=sent_total, per_client=per_peer)

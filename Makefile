@@ -8,10 +8,10 @@ TORCH   := torch==2.13.0
 
 .PHONY: demo test setup install lint bench clean
 
-EXTRAS  := dev,flower,dp,track,eval
+EXTRAS  := dev,flower,dp,track,eval,tune
 TEST_STAMP := $(VENV)/.installed-test
 
-# the demo needs only the core package; the tests also need the extras (Flower, DP, trackers, lm-eval)
+# the demo needs only the core package; the tests also need the extras (Flower, DP, trackers, lm-eval, optuna)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)

@@ -1,0 +1,112 @@
+"""The pieces of `fedtune tune` that need no training: pruners, the study's checks, which trials
+count as finished, interrupted trials, the study lock, and the missing-extra message."""
+
+from pathlib import Path
+
+import pytest
+
+from fedtune.config.load import load_config
+from fedtune.config.space import Choices, FloatRange
+from fedtune.errors import ConfigError, FedtuneError
+from fedtune.recipes import tune as recipe
+from fedtune.recipes.tune import TuneSettings
+
+optuna = pytest.importorskip("optuna")
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "configs" / "tiny.yaml"
+States = optuna.trial.TrialState
+
+
+def study(pruner=None):
+    return optuna.create_study(pruner=pruner, sampler=optuna.samplers.RandomSampler(seed=0))
+
+
+@pytest.mark.parametrize(
+    ("minimize", "value", "pruned"), [(True, 280.0, True), (True, 260.0, False), (False, 0.2, True)]
+)
+def test_threshold_prunes_values_worse_than_it_in_the_metric_direction(minimize, value, pruned) -> None:
+    limit = 270.0 if minimize else 0.5  # ppl: lower is better; accuracy: higher is better
+    s = optuna.create_study(pruner=recipe.build_pruner(f"threshold:{limit}", minimize))
+    t = s.ask()
+    t.report(value, 1)
+    assert t.should_prune() is pruned
+
+
+def test_median_waits_for_two_finished_trials_then_prunes_the_worse_half() -> None:
+    s = study(recipe.build_pruner("median", True))
+    for v in (10.0, 20.0):
+        t = s.ask()
+        t.report(v, 1)
+        assert not t.should_prune()  # no finished trials to compare with yet
+        s.tell(t, v)
+    worse, better = s.ask(), s.ask()
+    worse.report(30.0, 1)
+    better.report(5.0, 1)
+    assert worse.should_prune() and not better.should_prune()
+
+
+def test_the_study_settings_are_checked_all_at_once() -> None:
+    cfg = load_config(TINY, ["engine.name=flower-sim", "data.val_fraction=0"])
+    problems = recipe.study_problems(cfg, TuneSettings(0, metric="test_ppl", pruner="medain"))
+    assert [p.field for p in problems] == ["--trials", "--metric", "--pruner", "engine.name", "data.val_fraction"]
+    assert recipe.pruner_problems("threshold:abc")[0].fix.startswith("use median")
+    assert recipe.study_problems(load_config(TINY), TuneSettings(3, metric="val_mean_acc")) == []
+
+
+def test_finished_counts_complete_pruned_and_errored_trials_not_interrupted_ones() -> None:
+    s = study()
+    s.tell(s.ask(), 1.0)
+    s.tell(s.ask(), state=States.PRUNED)
+    errored = s.ask()
+    errored.set_user_attr("error", "TrainingDivergedError: loss is nan")
+    s.tell(errored, state=States.FAIL)
+    s.tell(s.ask(), state=States.FAIL)  # what recover_interrupted does to a killed trial
+    s.ask()  # running
+    assert recipe.finished(s) == 3
+
+
+def test_an_interrupted_trial_is_failed_and_its_values_run_again() -> None:
+    s = study()
+    dists = recipe.distributions({"train.lr": FloatRange(1e-4, 1e-2, log=True), "adapter.r": Choices((4, 8))})
+    s.tell(s.ask(dists), 1.0)
+    killed = s.ask(dists)
+    assert recipe.recover_interrupted(s) == [killed.number]
+    assert s.trials[killed.number].state == States.FAIL
+    again = s.ask(dists)
+    assert again.params == killed.params and again.user_attrs == {"rerun_of": killed.number}
+    assert recipe.recover_interrupted(s) == [again.number]  # killed again: queued again
+
+
+def test_a_study_resumed_with_another_space_or_metric_is_refused(tmp_path) -> None:
+    cfg = load_config(TINY)
+    space = {"train.lr": FloatRange(1e-4, 1e-2, log=True)}
+    recipe.open_study(tmp_path, cfg, space, TuneSettings(3))
+    assert recipe.open_study(tmp_path, cfg, space, TuneSettings(5)).user_attrs["metric"] == "mean_val_ppl"
+    with pytest.raises(FedtuneError, match="started with space"):
+        recipe.open_study(tmp_path, cfg, {"train.lr": FloatRange(1e-3, 1e-2)}, TuneSettings(3))
+    with pytest.raises(FedtuneError, match="started with metric mean_val_ppl, not val_mean_acc"):
+        recipe.open_study(tmp_path, cfg, space, TuneSettings(3, metric="val_mean_acc"))
+
+
+def test_a_study_already_being_run_is_refused(tmp_path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    d = tmp_path / "study"
+    d.mkdir()
+    with recipe.study_lock(d), pytest.raises(FedtuneError, match="another `fedtune tune` is running"):
+        recipe.tune(TINY, space, TuneSettings(1, study_dir=d), [f"output_dir={tmp_path / 'base'}"])
+    assert not (d / "trial-000").exists()
+
+
+def test_a_bad_experiment_is_refused_before_the_space_is_read(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        recipe.tune(TINY, tmp_path / "missing.yaml", TuneSettings(2), ["data.val_fraction=0"])
+
+
+def test_without_the_extra_the_error_says_what_to_install(monkeypatch, tmp_path) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    with pytest.raises(FedtuneError, match=r"pip install 'fedtune\[tune\]'"):
+        recipe.tune(TINY, tmp_path / "space.yaml", TuneSettings(2))

@@ -72,3 +72,9 @@ def test_with_values_sets_dotted_keys_like_set_without_touching_the_input(base) 
     out = with_values(base, {"train.lr": 0.01, "strategy.mu": 0.1})
     assert out["train"]["lr"] == 0.01 and out["strategy"] == {"name": "fedavg", "mu": 0.1}
     assert yaml.safe_dump(base) == before
+
+
+@pytest.mark.parametrize("config", ["tiny.yaml", "demo.yaml", "chat.yaml"])
+def test_the_shipped_space_fits_the_shipped_configs(config) -> None:
+    space = load_space(ROOT / "configs" / "spaces" / "lr-rank-steps.yaml", read_yaml(ROOT / "configs" / config))
+    assert space["adapter.r"] == Choices((2, 4, 8)) and space["train.steps"] == IntRange(2, 8, step=2)

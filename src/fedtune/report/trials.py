@@ -76,18 +76,21 @@ def plot_trials(rows: Sequence[TrialRow], path: Path, metric: str, minimize: boo
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     done = [(r.number, r.value) for r in rows if r.state == "COMPLETE" and r.value is not None]
     pruned = [(r.number, r.value) for r in rows if r.state == "PRUNED" and r.value is not None]
     ax.plot([n for n, _ in done], [v for _, v in done], "o", color="C0", label="finished")
     if pruned:
-        ax.plot([n for n, _ in pruned], [v for _, v in pruned], "x", color="C3", label="pruned (last round)")
+        ax.plot([n for n, _ in pruned], [v for _, v in pruned], "x", color="C3", label="pruned (its last round)")
     best: list[float] = []
     for _, v in done:
         best.append(v if not best else (min if minimize else max)(best[-1], v))
-    if done:
-        ax.step([n for n, _ in done], best, where="post", color="C2", label="best so far")
+    if done:  # drawn to the last trial, whatever its state
+        last = max(r.number for r in rows)
+        ax.step([n for n, _ in done] + [last], [*best, best[-1]], where="post", color="C2", label="best so far")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel(f"{metric} ({'lower' if minimize else 'higher'} is better)")
     ax.legend()

@@ -83,6 +83,7 @@ def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, c
         penalty=strategy.client_penalty if caps.client_penalty else None,
         transforms=tuple(transforms),
         experts=experts,
+        client_lr=dict(cfg.train.client_lr or {}),
         private_init={k: init_state[k] for k in sorted(keep)},
         secure_aggregation=masks,
         randomness=cfg.randomness(),

@@ -313,6 +313,9 @@ def tune_cmd(
     metric: Annotated[str, typer.Option(help="round-record validation metric to optimise")] = "mean_val_ppl",
     pruner: Annotated[str, typer.Option(help="median, none or threshold:VALUE")] = "median",
     study_dir: Annotated[Path | None, typer.Option(help="the study folder (default: RUN_DIR-tune)")] = None,
+    per_client: Annotated[
+        bool, typer.Option("--per-client", help="each client its own train.lr, picked on its own validation split")
+    ] = False,
 ) -> None:
     """Search hyper-parameters with federated trials scored on the clients' validation splits
     (Optuna TPE and pruning; the study resumes after a kill); writes best.yaml for `fedtune run`."""
@@ -323,7 +326,7 @@ def tune_cmd(
         from fedtune.recipes.tune import TuneSettings, tune
 
         _quiet_bars()
-        result = tune(config, space, TuneSettings(trials, metric, pruner, study_dir), set_ or [])
+        result = tune(config, space, TuneSettings(trials, metric, pruner, study_dir, per_client), set_ or [])
     except FedtuneError as e:
         _fail(e)
     except KeyboardInterrupt:

@@ -120,3 +120,24 @@ def test_a_bad_space_file_is_refused_by_name_before_training(tmp_path) -> None:
     assert f"{space}: train.lrr = 0.0001" in text and "unknown key" in text and "use one of:" in text
     assert f"{space}: train.steps = 0" in text and "greater than or equal to 1" in text
     assert not (tmp_path / "study").exists()  # nothing was trained, no study was made
+
+
+def test_per_client_gives_each_client_the_lr_of_its_own_best_trial(tmp_path) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: {low: 1.0e-3, high: 5.0e-2, log: true}\n")
+    d, clients = tmp_path / "study", ["email", "http", "json", "logging"]
+    args = ["tune", TINY, "--space", str(space), "--trials", "2", "--study-dir", str(d), "--per-client"]
+    args += ["--pruner", "none", "--set", "rounds=1", "--set", f"output_dir={tmp_path}/b"]
+    r = CliRunner().invoke(app, [*args, "--set", "data.val_fraction=0.3"])  # every client has a val split
+    assert r.exit_code == 0, r.output
+    own: dict[str, list[tuple[float, float]]] = {}  # client -> (its own val ppl, its lr) per trial
+    for t in load(d).trials:
+        run = d / f"trial-{t.number:03d}"
+        lrs = load_config(run / io.CONFIG).train.client_lr
+        assert lrs == {c: t.params[f"client_lr:{c}"] for c in clients}  # one lr per client, as proposed
+        for rec in io.read_jsonl(run / io.METRICS):
+            if rec["round"] == 1 and rec["client"]:
+                own.setdefault(rec["client"], []).append((rec["val_ppl"], lrs[rec["client"]]))
+    assert sorted(own) == clients and all(len(v) == 2 for v in own.values())
+    best = load_config(d / "best.yaml")
+    assert best.train.client_lr == {c: min(own[c])[1] for c in clients}

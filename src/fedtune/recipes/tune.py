@@ -6,15 +6,14 @@ reporting the round records' validation metric after every round to the pruner -
 result -> the table, trials.csv / .md, trials.png and best.yaml.
 
 The objective is the aggregated validation metric the server already receives in its round
-records (the clients' mean validation perplexity, or a task metric), never data."""
+records (the clients' mean validation perplexity, or a task metric), never data. With
+`--per-client` each client's local lr is its own dimension (train.client_lr), and best.yaml gives
+each client the lr of the trial in which its own validation metric was best."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,20 +21,30 @@ from rich.console import Console
 
 from fedtune.config import ExperimentConfig
 from fedtune.config.load import apply_overrides, config_from_dict, config_to_yaml, read_yaml, with_values
-from fedtune.config.space import Choices, FloatRange, SearchSpace, load_space
+from fedtune.config.space import SearchSpace, load_space
 from fedtune.errors import ConfigError, FedtuneError, Problem
+from fedtune.recipes.tune_study import (
+    distributions,
+    finished,
+    minimizes,
+    open_study,
+    pruner_problems,
+    recover_interrupted,
+    require_optuna,
+    study_lock,
+    trial_rows,
+)
 from fedtune.report import io
 from fedtune.report.records import TASK_METRICS
 from fedtune.report.trials import TrialRow, plot_trials, write_trials
-from fedtune.seeding import derive_seed
 
 if TYPE_CHECKING:
     import optuna
 
 METRICS = ("mean_val_ppl", *(f"val_mean_{k}" for k in TASK_METRICS))
 FORCED = {"evaluation.val": True}  # every trial scores the model each client ends with on its val split
-DB, BEST, PLOT = "study.db", "best.yaml", "trials.png"
-PRUNERS = "median (default; Optuna's MedianPruner after 2 finished trials), none, or threshold:VALUE"
+BEST, PLOT = "best.yaml", "trials.png"
+CLIENT_LR = "client_lr:"  # --per-client: the parameter of one client's local lr is CLIENT_LR + its id
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class TuneSettings:
     metric: str = "mean_val_ppl"
     pruner: str = "median"
     study_dir: Path | None = None  # default: the experiment's run dir + "-tune"
+    per_client: bool = False  # each client its own train.lr, picked on its own validation split
 
 
 @dataclass(frozen=True)
@@ -52,10 +62,6 @@ class TuneResult:
     rows: list[TrialRow]
     best: TrialRow | None
     files: list[Path]
-
-
-def minimizes(metric: str) -> bool:
-    return metric.endswith(("ppl", "loss"))
 
 
 def tune(
@@ -68,7 +74,7 @@ def tune(
     """Run (or resume) the study until `settings.trials` trials are finished (complete, pruned,
     or failed with an error such as a diverged loss); interrupted trials do not count."""
     console = console or Console(stderr=True)
-    _require_optuna()
+    require_optuna()
     from optuna.trial import TrialState
 
     # 1. the experiment, the space and the study settings: every problem before any training
@@ -79,12 +85,15 @@ def tune(
     if problems:
         raise ConfigError(problems)
     space = load_space(space_path, base)
+    if settings.per_client:
+        space = per_client_space(space, client_ids(cfg), space_path)
     study_dir = settings.study_dir or Path(f"{cfg.run_dir()}-tune")
     study_dir.mkdir(parents=True, exist_ok=True)
 
     with study_lock(study_dir):
         # 2. open or resume; a trial a killed study left running is failed and queued again
-        study = open_study(study_dir, cfg, space, settings)
+        m = settings.metric
+        study = open_study(study_dir, cfg.name, cfg.seed, space, m, settings.pruner, settings.trials)
         for n in recover_interrupted(study):
             console.print(f"trial {n} was interrupted: marked failed, its values queued to run again")
 
@@ -94,18 +103,20 @@ def tune(
             trial = study.ask(dists)
             shown = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
             console.print(f"trial {trial.number} ({done + 1}/{settings.trials}): {shown}", highlight=False)
-            run_trial(study, trial, base, study_dir / f"trial-{trial.number:03d}", settings.metric)
+            run_trial(study, trial, base, study_dir / f"trial-{trial.number:03d}", m)
             row = next(r for r in trial_rows(study) if r.number == trial.number)
-            console.print(f"  {row.state.lower()}: {settings.metric} = {_short(row.value)} {row.note}", highlight=False)
+            console.print(f"  {row.state.lower()}: {m} = {_short(row.value)} {row.note}", highlight=False)
 
         # 4. report
         rows = trial_rows(study)
-        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         best = next(r for r in rows if r.number == study.best_trial.number) if complete else None
-        files = write_trials(rows, study_dir, settings.metric)
-        files.append(plot_trials(rows, study_dir / PLOT, settings.metric, minimizes(settings.metric)))
+        files = write_trials(rows, study_dir, m)
+        files.append(plot_trials(rows, study_dir / PLOT, m, minimizes(m)))
         if best is not None:
-            files.append(write_best(study_dir / BEST, user, cfg, best, settings.metric, len(complete)))
+            own = [(t.number, t.params, t.user_attrs.get("client_values", {})) for t in complete]
+            picks = per_client_best(own, minimizes(m)) if settings.per_client else None
+            files.append(write_best(study_dir / BEST, user, cfg, best, m, len(complete), picks))
     return TuneResult(study_dir, rows, best, files)
 
 
@@ -124,114 +135,6 @@ def study_problems(cfg: ExperimentConfig, settings: TuneSettings) -> list[Proble
         fix = "give the clients a validation split, e.g. data.val_fraction: 0.1 (never tune on the test split)"
         problems.append(Problem("data.val_fraction", cfg.data.val_fraction, "trials are scored on it", fix))
     return problems
-
-
-def pruner_problems(spec: str) -> list[Problem]:
-    try:
-        build_pruner(spec, True)
-    except ValueError:
-        return [Problem("--pruner", spec, "unknown pruner", f"use {PRUNERS}")]
-    return []
-
-
-def build_pruner(spec: str, minimize: bool) -> optuna.pruners.BasePruner:
-    """`median`: prune a trial whose round-r value is worse than the median of earlier trials at
-    round r (after 2 finished trials); `threshold:V`: worse than V at any round; `none`."""
-    from optuna import pruners
-
-    name, _, arg = spec.partition(":")
-    if name == "median" and not arg:
-        return pruners.MedianPruner(n_startup_trials=2)
-    if name == "none" and not arg:
-        return pruners.NopPruner()
-    if name == "threshold":
-        value = float(arg)  # ValueError: not a number
-        return pruners.ThresholdPruner(upper=value) if minimize else pruners.ThresholdPruner(lower=value)
-    raise ValueError(spec)
-
-
-def open_study(study_dir: Path, cfg: ExperimentConfig, space: SearchSpace, settings: TuneSettings) -> optuna.Study:
-    """The study in STUDY/study.db (created, or loaded with its trials); its metric and space
-    must be the ones it was started with. TPE is seeded from the experiment's seed and the number
-    of trials so far, so a resumed study does not propose its first values again."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what each trial did
-    study = optuna.create_study(
-        storage=f"sqlite:///{(study_dir / DB).resolve()}",
-        study_name=cfg.name,
-        direction="minimize" if minimizes(settings.metric) else "maximize",
-        pruner=build_pruner(settings.pruner, minimizes(settings.metric)),
-        load_if_exists=True,
-    )
-    made = {"metric": settings.metric, "space": space_json(space)}
-    for key, value in made.items():
-        before = study.user_attrs.get(key)
-        if before is None:
-            study.set_user_attr(key, value)
-        elif before != value:
-            raise FedtuneError(
-                f"the study in {study_dir} was started with {key} {before}, not {value}: its trials are not "
-                "comparable. Use the same settings to resume it, or --study-dir NEW for a new study"
-            )
-    startup = min(10, max(2, settings.trials // 2))  # TPE models the space after these random trials
-    seed = derive_seed(cfg.seed, "tune", len(study.trials)) % 2**32  # numpy RandomState seeds are 32-bit
-    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
-    return study
-
-
-def space_json(space: SearchSpace) -> str:
-    return json.dumps({k: {"kind": type(d).__name__, **asdict(d)} for k, d in space.items()}, sort_keys=True)
-
-
-def distributions(space: SearchSpace) -> dict[str, optuna.distributions.BaseDistribution]:
-    from optuna import distributions as d
-
-    out: dict[str, d.BaseDistribution] = {}
-    for key, dim in space.items():
-        if isinstance(dim, Choices):
-            out[key] = d.CategoricalDistribution(dim.values)
-        elif isinstance(dim, FloatRange):
-            out[key] = d.FloatDistribution(dim.low, dim.high, log=dim.log, step=dim.step)
-        else:
-            out[key] = d.IntDistribution(dim.low, dim.high, log=dim.log, step=dim.step)
-    return out
-
-
-@contextlib.contextmanager
-def study_lock(study_dir: Path) -> Iterator[None]:
-    """One `fedtune tune` per study: a trial another live process is running is not 'interrupted'.
-    The lock dies with its process, so a killed study never blocks its own resumption."""
-    with (study_dir / ".lock").open("w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FedtuneError(
-                f"another `fedtune tune` is running the study in {study_dir}; wait for it, or use --study-dir OTHER"
-            ) from None
-        yield
-
-
-def recover_interrupted(study: optuna.Study) -> list[int]:
-    """Trials left RUNNING (the study was killed during them; we hold the lock, so no live process
-    runs them): failed, not counted as finished, and their values queued to run again."""
-    from optuna.trial import TrialState
-
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for t in stale:
-        study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(dict(t.params), user_attrs={"rerun_of": t.number})
-    return [t.number for t in stale]
-
-
-def finished(study: optuna.Study) -> int:
-    """Trials that count towards --trials: complete, pruned, or failed with an error of their own."""
-    from optuna.trial import TrialState
-
-    return sum(
-        t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (t.state == TrialState.FAIL and "error" in t.user_attrs)
-        for t in study.get_trials(deepcopy=False)
-    )
 
 
 def round_value(run_dir: Path, rnd: int, metric: str) -> float | None:
@@ -268,7 +171,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: dict[str, Any], ru
     trial.set_user_attr("run_dir", run_dir.name)
     with (run_dir.parent / f"{run_dir.name}.log").open("w") as log:
         try:
-            cfg = config_from_dict(with_values(base, {**trial.params, "output_dir": str(run_dir)}))
+            cfg = config_from_dict(with_values(base, {**trial_values(trial.params), "output_dir": str(run_dir)}))
             result = run_federated(
                 cfg, overwrite=True, progress=False, after_round=after_round, console=Console(file=log, width=120)
             )
@@ -289,46 +192,100 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: dict[str, Any], ru
         trial.set_user_attr("error", why)
         study.tell(trial, state=TrialState.FAIL)
         raise FedtuneError(f"{why}; use --metric mean_val_ppl or a metric the task has")
+    trial.set_user_attr("client_values", client_values(result.records, metric))
     study.tell(trial, value)
 
 
-def trial_rows(study: optuna.Study) -> list[TrialRow]:
-    """Every trial as a row; a pruned trial's value is its last reported round."""
-    from optuna.trial import TrialState
-
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        steps = t.intermediate_values
-        value = t.value if t.state == TrialState.COMPLETE else steps[max(steps)] if steps else None
-        note = str(t.user_attrs.get("note") or t.user_attrs.get("error") or "")
-        if t.state == TrialState.FAIL and "error" not in t.user_attrs:
-            note = "interrupted (its values ran again)"
-        if "rerun_of" in t.user_attrs:
-            note = f"re-run of trial {t.user_attrs['rerun_of']}" + (f"; {note}" if note else "")
-        secs = t.duration.total_seconds() if t.duration is not None else None
-        rows.append(TrialRow(t.number, t.state.name, value, secs, dict(t.params), note))
-    return rows
-
-
-def write_best(path: Path, user: dict[str, Any], cfg: ExperimentConfig, best: TrialRow, metric: str, n: int) -> Path:
+def write_best(
+    path: Path,
+    user: dict[str, Any],
+    cfg: ExperimentConfig,
+    best: TrialRow,
+    metric: str,
+    n: int,
+    picks: Mapping[str, tuple[float, int, float]] | None = None,
+) -> Path:
     """The experiment (as given, with its --set overrides) with the best trial's values: the full
-    config, named NAME-best, ready for `fedtune run`."""
-    best_cfg = config_from_dict(with_values(user, {**best.params, "name": f"{cfg.name}-best"}))
-    header = (
-        f"# fedtune tune: the best of {n} completed trials: trial {best.number}, {metric} = {best.value:.6g}\n"
-        f"#   values: {', '.join(f'{k}={v}' for k, v in best.params.items())}\n"
-        f"#   fedtune run {path}\n"
-    )
-    io.write_atomic(path, header + config_to_yaml(best_cfg))
+    config, named NAME-best, ready for `fedtune run`. `picks` (--per-client): each client's lr
+    from the trial where its own validation metric was best (a client with no validation split
+    keeps the best trial's lr)."""
+    values = trial_values(best.params)
+    shared = ", ".join(f"{k}={v}" for k, v in best.params.items() if not k.startswith(CLIENT_LR))
+    notes = [f"#   values: {shared}"] if shared else []
+    if picks is not None and "train.client_lr" in values:
+        lrs = dict(values["train.client_lr"])
+        for cid in sorted(lrs):
+            if cid in picks:
+                lrs[cid], t, v = picks[cid]
+                notes.append(
+                    f"#   client {cid}: lr {lrs[cid]:.4g} from trial {t} (its own {client_key(metric)}: {v:.6g})"
+                )
+            else:
+                notes.append(f"#   client {cid}: lr {lrs[cid]:.4g} of trial {best.number} (it has no validation value)")
+        values["train.client_lr"] = lrs
+    best_cfg = config_from_dict(with_values(user, {**values, "name": f"{cfg.name}-best"}))
+    header = [
+        f"# fedtune tune: the best of {n} completed trials: trial {best.number}, {metric} = {best.value:.6g}",
+        *notes,
+        f"#   fedtune run {path}",
+    ]
+    io.write_atomic(path, "\n".join(header) + "\n" + config_to_yaml(best_cfg))
     return path
+
+
+def client_ids(cfg: ExperimentConfig) -> list[str]:
+    """The federation's client ids (the partition of the data; no model loads)."""
+    from fedtune.data.partition import partition
+    from fedtune.data.sources import load_corpus
+
+    return list(partition(load_corpus(cfg.data), cfg.partition, cfg.seed))
+
+
+def per_client_space(space: SearchSpace, ids: Sequence[str], where: Path) -> SearchSpace:
+    """--per-client: `train.lr`'s range once per client (CLIENT_LR + id); the rest as it is."""
+    if "train.lr" not in space:
+        fix = f"add e.g. `train.lr: {{low: 1.0e-4, high: 1.0e-2, log: true}}` to {where}"
+        raise ConfigError(
+            [Problem("--per-client", str(where), "searches each client's train.lr, which is not in it", fix)]
+        )
+    rest = {k: d for k, d in space.items() if k != "train.lr"}
+    return {**rest, **{CLIENT_LR + cid: space["train.lr"] for cid in ids}}
+
+
+def trial_values(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's parameters as config values: the per-client lrs gathered into train.client_lr."""
+    values = {k: v for k, v in params.items() if not k.startswith(CLIENT_LR)}
+    lrs = {k[len(CLIENT_LR) :]: v for k, v in params.items() if k.startswith(CLIENT_LR)}
+    return {**values, "train.client_lr": lrs} if lrs else values
+
+
+def client_values(records: Sequence[dict[str, Any]], metric: str) -> dict[str, float]:
+    """Each client's own value of the metric (its val_ppl / val_acc ...) at the last evaluated round."""
+    key = client_key(metric)
+    last = max((r["round"] for r in records if r.get("client") is not None and key in r), default=None)
+    return {
+        r["client"]: float(r[key]) for r in records if r.get("client") is not None and r["round"] == last and key in r
+    }
+
+
+def client_key(metric: str) -> str:
+    """The per-client record field a round-record metric averages: mean_val_ppl -> val_ppl."""
+    return "val_ppl" if metric == "mean_val_ppl" else "val_" + metric.removeprefix("val_mean_")
+
+
+def per_client_best(
+    trials: Sequence[tuple[int, Mapping[str, Any], Mapping[str, float]]], minimize: bool
+) -> dict[str, tuple[float, int, float]]:
+    """For each client, (its lr, trial number, its own value) of the completed trial in which its
+    own validation metric was best: each party's lr chosen on its own validation split."""
+    out: dict[str, tuple[float, int, float]] = {}
+    for number, params, own in trials:
+        for cid, v in own.items():
+            lr = params.get(CLIENT_LR + cid)
+            if lr is not None and (cid not in out or (v < out[cid][2] if minimize else v > out[cid][2])):
+                out[cid] = (float(lr), number, v)
+    return out
 
 
 def _short(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-def _require_optuna() -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("optuna") is None:
-        raise FedtuneError("`fedtune tune` needs Optuna: pip install 'fedtune[tune]' (it pins optuna==5.0.0)")

@@ -75,6 +75,7 @@ def test_a_useless_trial_is_pruned_after_round_one_and_the_others_complete(study
         if t.params["train.lr"] == BAD:
             assert t.state == states.PRUNED and t.intermediate_values[1] > THRESHOLD
             assert io.read_status(study["dir"] / f"trial-{t.number:03d}")["state"] == "pruned"
+            assert not (study["dir"] / f"trial-{t.number:03d}" / io.ERROR_LOG).exists()
         else:  # reported after every round, final value = the last round's mean val ppl
             assert t.state == states.COMPLETE and sorted(t.intermediate_values) == [1, 2]
             assert t.value == t.intermediate_values[2] < t.intermediate_values[1] < THRESHOLD

@@ -135,3 +135,16 @@ def test_per_client_needs_train_lr_in_the_space(tmp_path) -> None:
     assert got == {"adapter.r": Choices((4, 8)), "client_lr:a": space["train.lr"], "client_lr:b": space["train.lr"]}
     with pytest.raises(ConfigError, match="--per-client = .*s.yaml.*not in it"):
         recipe.per_client_space({"adapter.r": Choices((4, 8))}, ["a"], tmp_path / "s.yaml")
+
+
+def test_rows_give_complete_and_pruned_trials_a_value_and_failed_ones_none() -> None:
+    s = study()
+    done, pruned, killed = s.ask(), s.ask(), s.ask()
+    for t, v in ((done, 250.0), (pruned, 280.0), (killed, 260.0)):
+        t.report(v + 5, 1)
+    s.tell(done, 250.0)
+    s.tell(pruned, state=States.PRUNED)
+    s.tell(killed, state=States.FAIL)
+    rows = study_.trial_rows(s)
+    assert [(r.state, r.value) for r in rows] == [("COMPLETE", 250.0), ("PRUNED", 285.0), ("FAIL", None)]
+    assert rows[2].note == "interrupted (its values ran again)" and rows[0].seconds is not None

@@ -178,6 +178,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, base: dict[str, Any], ru
         except optuna.TrialPruned as e:
             trial.set_user_attr("note", str(e))
             io.write_status(run_dir, "pruned", reason=str(e))
+            (run_dir / io.ERROR_LOG).unlink(missing_ok=True)  # stopping a trial early is not an error
             study.tell(trial, state=TrialState.PRUNED)
             return
         except Exception as e:  # a diverged loss is a result (a failed trial); a bug is re-raised

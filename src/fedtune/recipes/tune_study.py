@@ -139,13 +139,15 @@ def finished(study: optuna.Study) -> int:
 
 
 def trial_rows(study: optuna.Study) -> list[TrialRow]:
-    """Every trial as a row; a pruned trial's value is its last reported round."""
+    """Every trial as a row; a pruned trial's value is its last reported round, a failed one has none."""
     from optuna.trial import TrialState
 
     rows = []
     for t in study.get_trials(deepcopy=False):
         steps = t.intermediate_values
-        value = t.value if t.state == TrialState.COMPLETE else steps[max(steps)] if steps else None
+        value = t.value if t.state == TrialState.COMPLETE else None
+        if t.state == TrialState.PRUNED and steps:  # an interrupted or failed trial has no value
+            value = steps[max(steps)]
         note = str(t.user_attrs.get("note") or t.user_attrs.get("error") or "")
         if t.state == TrialState.FAIL and "error" not in t.user_attrs:
             note = "interrupted (its values ran again)"

@@ -1,4 +1,4 @@
-"""fedtune's command line: run | deploy | validate | data | ls | setup here; report | export | generate |
+"""fedtune's command line: run | deploy | validate | data | ls | setup | tune here; report | export | generate |
 eval (commands on finished runs) in cli_results.
 
 Heavy imports (torch, transformers, peft) happen inside commands, so `--help` and `validate`
@@ -322,6 +322,40 @@ def wheelhouse(
     size = sum(w.stat().st_size for w in wheels) / 2**20
     out.print(f"{len(wheels)} wheels, {size:.0f} MiB in {dest}")
     out.print(f"offline, in a clone of fedtune: make demo WHEELHOUSE={dest.resolve()}")
+
+
+@app.command("tune")
+def tune_cmd(
+    config: Annotated[Path, typer.Argument(help="experiment YAML whose hyper-parameters to search")],
+    space: Annotated[Path, typer.Option(help="YAML mapping dotted config keys to ranges (see README)")],
+    trials: Annotated[int, typer.Option(help="finished trials wanted; a resumed study counts those it has")] = 20,
+    set_: SetOpt = None,
+    metric: Annotated[str, typer.Option(help="round-record validation metric to optimise")] = "mean_val_ppl",
+    pruner: Annotated[str, typer.Option(help="median, none or threshold:VALUE")] = "median",
+    study_dir: Annotated[Path | None, typer.Option(help="the study folder (default: RUN_DIR-tune)")] = None,
+    per_client: Annotated[
+        bool, typer.Option("--per-client", help="each client its own train.lr, picked on its own validation split")
+    ] = False,
+) -> None:
+    """Search hyper-parameters with federated trials scored on the clients' validation splits
+    (Optuna TPE and pruning; the study resumes after a kill); writes best.yaml for `fedtune run`."""
+    _env()
+    from fedtune.errors import FedtuneError
+
+    try:
+        from fedtune.recipes.tune import TuneSettings, tune
+
+        _quiet_bars()
+        result = tune(config, space, TuneSettings(trials, metric, pruner, study_dir, per_client), set_ or [])
+    except FedtuneError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/yellow]: finished trials are kept; run the same command to resume")
+        raise typer.Exit(130) from None
+    from fedtune.report.trials import trials_table
+
+    out.print(trials_table(result.rows, metric, result.best.number if result.best else None))
+    out.print(f"study: {result.study_dir}  ({', '.join(p.name for p in result.files)})")
 
 
 for _name, _command in cli_results.COMMANDS.items():  # after the commands above in --help

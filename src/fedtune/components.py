@@ -194,7 +194,7 @@ def model_limit_problems(cfg: ExperimentConfig, model_dir: str) -> list[Problem]
 
 def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Problem]:
     """Checks that need the clients: adapter.ranks / adapter.experts lists (one entry per
-    client) and the strategy on the configured sample size (Krum's n >= 2f + 3, ...)."""
+    client), train.client_lr's client ids and the strategy on the configured sample size (Krum's n >= 2f + 3, ...)."""
     out = []
     n, ids = len(client_ids), ", ".join(client_ids)
     if cfg.adapter.ranks is not None and len(cfg.adapter.ranks) != n:
@@ -205,6 +205,11 @@ def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Pr
                 f"one rank per client is needed; there are {n} clients ({ids})",
                 f"give {n} ranks",
             )
+        )
+    unknown = sorted(set(cfg.train.client_lr or {}) - set(client_ids))
+    if unknown:
+        out.append(
+            Problem("train.client_lr", cfg.train.client_lr, f"no client {', '.join(unknown)}", f"use client ids: {ids}")
         )
     out += build_adapter(cfg.adapter).client_problems(client_ids)
     cls = strategy_class(cfg)
@@ -348,7 +353,7 @@ def build_codec(cfg: ExperimentConfig, downlink: bool = False) -> Any:
 
 
 def build_train_spec(cfg: ExperimentConfig) -> TrainSpec:
-    fields = cfg.train.model_dump(exclude={"dp_sgd"})
+    fields = cfg.train.model_dump(exclude={"dp_sgd", "client_lr"})
     if cfg.train.dp_sgd is not None:
         fields.update(
             dp_clip=cfg.train.dp_sgd.clip, dp_noise=cfg.train.dp_sgd.noise_multiplier, dp_randomness=cfg.randomness()

@@ -135,6 +135,7 @@ class ClientPlan:
         variants: per-client adapter variants, e.g. a mixture's expert counts ({} = all the same).
         adapter: the run's adapter with its options (parameter groups, auxiliary loss); None:
             the injected kind with default options.
+        client_lr: per-client local learning rates (`train.client_lr`; the others use spec.lr).
         private_init: the initial client-private tensors (the same for every client).
         secure_aggregation: clients mask their uploads (in-process pairwise masks).
         randomness: 'secure' (OS CSPRNG) or 'seeded' (simulation) for mask keys.
@@ -150,6 +151,7 @@ class ClientPlan:
     transforms: Sequence[UpdateTransform] = ()
     variants: Mapping[str, int] = field(default_factory=dict)
     adapter: Adapter | None = None
+    client_lr: Mapping[str, float] = field(default_factory=dict)
     private_init: AdapterState = field(default_factory=dict)
     secure_aggregation: bool = False
     randomness: str = "seeded"
@@ -170,16 +172,18 @@ def run_client(
     """One client's round on `model` (shared; only its adapter tensors are overwritten)."""
     t0 = time.perf_counter()
     received, down_state = plan.down_codec.decode(job.payload, state.down_codec)
+    lr = plan.client_lr.get(job.client_id)
+    spec = plan.spec if lr is None else replace(plan.spec, lr=lr)
     if plan.step is not None:
         delta, metrics, private = plan.step(
-            model, received, state.private, shard, plan.spec, plan.seed, job.round, on_step, adapter=plan.adapter
+            model, received, state.private, shard, spec, plan.seed, job.round, on_step, adapter=plan.adapter
         )
     else:
         delta, metrics, private = client_round(
             model,
             received,
             shard,
-            plan.spec,
+            spec,
             plan.seed,
             job.round,
             on_step,

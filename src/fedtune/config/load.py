@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     out = _deepcopy(raw)
     for item in overrides:
         path, value = parse_override(item)
-        node = out
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if not isinstance(nxt, dict):
-                nxt = {}
-                node[part] = nxt
-            node = nxt
-        node[path[-1]] = value
+        _set_(out, path, value)
     return out
+
+
+def with_values(raw: dict[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """`raw` with dotted keys set to already-parsed values, as `--set key=value` sets them."""
+    out = _deepcopy(raw)
+    for key, value in values.items():
+        _set_(out, key.split("."), value)
+    return out
+
+
+def _set_(node: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        nxt = node.get(part)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[part] = nxt
+        node = nxt
+    node[path[-1]] = value
 
 
 def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:

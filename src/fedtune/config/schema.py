@@ -3,7 +3,7 @@ import code, because they travel between parties."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -61,6 +61,11 @@ class TrainConfig(_Strict):
     batch_size: int = Field(4, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-4, gt=0.0)
+    client_lr: dict[str, Annotated[float, Field(gt=0.0)]] | None = Field(
+        None,
+        description="per-client local learning rates {client id: lr}; the other clients use lr "
+        "(`fedtune tune --per-client` picks each from that client's own validation split)",
+    )
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimizer ('sgd': no momentum)")
     warmup_steps: int = Field(0, ge=0)

@@ -80,6 +80,7 @@ def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, c
         transforms=tuple(transforms),
         variants=adapter.client_variants(list(client_ids)),
         adapter=adapter,
+        client_lr=dict(cfg.train.client_lr or {}),
         private_init={k: init_state[k] for k in sorted(keep)},
         secure_aggregation=masks,
         randomness=cfg.randomness(),

@@ -12,7 +12,10 @@
 #
 # Steps (each with a time limit; each writes OUT/<step>.txt; OUT/summary.txt has one line each):
 #   env       GPU, driver, Python and library versions; what model.dtype/train.bf16 'auto' pick here
-#   gpu       the tests marked `gpu` (run whenever torch sees a GPU: the GPU-vs-CPU parity test)
+#   gpu       the tests marked `gpu` (run whenever torch sees a GPU: the GPU-vs-CPU parity test,
+#             QLoRA 4/8-bit and Liger's kernels when bitsandbytes / liger-kernel are importable: put
+#             their wheels in .gpu-wheels with `pip download --no-deps -d .gpu-wheels liger-kernel==0.8.5
+#             bitsandbytes==0.50.2`; bitsandbytes alone is 43 MB, mind a transfer limit)
 #   unit      the unit tests without Flower (tests/unit -m "not flower")
 #   tiny      `fedtune run configs/tiny.yaml` (model.device: auto), and again with dtype/bf16 auto
 #   matrix    the strategy matrix rows pcl, pcl:predictions, fedkseed, fedkseed:full-one-byte

@@ -15,7 +15,8 @@ from fedtune.config.schema import ExperimentConfig
 from fedtune.data.sources import DATA_SOURCES
 from fedtune.engines.capabilities import ENGINES, engine_problems
 from fedtune.errors import Problem
-from fedtune.models.load import device_problem, model_problem
+from fedtune.models.gpu import kernels_problems, quantize_problems
+from fedtune.models.load import device_problem, model_problem, resolve_device
 from fedtune.registry import Registry
 from fedtune.strategies import STRATEGIES
 from fedtune.strategies.base import Capabilities, RunContext, algebra_problems
@@ -251,6 +252,11 @@ def check_model(cfg: ExperimentConfig) -> list[Problem]:
             )
         )
     caps = strategy_capabilities(cfg)
+    device = "cuda" if why is None and resolve_device(cfg.model.device).type == "cuda" else "cpu"
+    offsets = None
+    if caps is not None and caps.base_offsets:
+        offsets = f"strategy {cfg.strategy.name!r} writes offsets into the base weights"
+    out += quantize_problems(cfg.model.quantize, device, offsets) + kernels_problems(cfg.model.kernels, device)
     if cfg.model.dtype == "bfloat16" and caps is not None and caps.base_offsets:
         out.append(
             Problem(

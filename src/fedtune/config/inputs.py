@@ -51,6 +51,16 @@ class ModelConfig(_Strict):
         description="recompute each decoder layer's activations in the backward pass instead of keeping "
         "them (activation memory per layer drops to its input, for about one more forward of compute)",
     )
+    quantize: Literal["none", "4bit", "8bit"] = Field(
+        "none",
+        description="the frozen base quantized by bitsandbytes on a CUDA GPU (QLoRA's 4-bit NF4, or 8-bit); "
+        "adapters stay fp32 (fedtune.models.gpu; the gpu extra)",
+    )
+    kernels: Literal["auto", "default", "liger"] = Field(
+        "auto",
+        description="'liger': Liger's fused RMSNorm / RoPE / SwiGLU Triton kernels (a GPU; the gpu extra); "
+        "'auto': liger on a CUDA device where installed and the architecture is supported, else transformers'",
+    )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 
 

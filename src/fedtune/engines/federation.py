@@ -101,10 +101,13 @@ def build_adapted_model(
         public_blocks=public_blocks(cfg, tokenizer),
     )
     model = build_adapter(cfg.adapter).inject(model, ctx)
+    device = resolve_device(cfg.model.device)
     for p in model.parameters():  # the adapter trains in fp32 whatever the base's dtype (master weights)
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    return model.to(resolve_device(cfg.model.device)), adapter_cfg
+        if p.requires_grad and getattr(model, "is_quantized", False):
+            p.data = p.data.to(device)  # a quantized base was placed as it loaded and does not move
+    return (model if getattr(model, "is_quantized", False) else model.to(device)), adapter_cfg
 
 
 def run_precision(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Precision, str | None]:
@@ -127,14 +130,19 @@ def run_precision(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Precision, s
 
 
 def device_facts(model: Any, precision: Precision | None = None, warning: str | None = None) -> dict[str, Any]:
-    """Where a model runs, for the records: its device, the dtype of its frozen base weights, the
-    attention kernel, and (given) whether bf16 autocast is on, why, and the slow-bf16 warning."""
+    """Where a model runs, for the records: its device, the dtype of its frozen base weights (nf4 /
+    int8 when bitsandbytes quantized it), the attention and fused kernels, and (given) whether bf16
+    autocast is on, why, and the slow-bf16 warning."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
     dtype = frozen[0].dtype if frozen else next(iter(model.parameters())).dtype
     out: dict[str, Any] = {"device": str(model_device(model)), "base_dtype": str(dtype).replace("torch.", "")}
     kernel = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if kernel is not None:
         out["attention"] = str(kernel)
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quant is not None:  # bitsandbytes: 4-bit NF4 or 8-bit
+        out["base_dtype"] = "nf4" if getattr(quant, "load_in_4bit", False) else "int8"
+    out["kernels"] = "liger" if any(type(m).__name__.startswith("Liger") for m in model.modules()) else "transformers"
     if precision is not None:
         out.update(bf16_autocast=precision.bf16, precision=precision.reason)
     if warning is not None:

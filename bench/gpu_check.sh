@@ -19,7 +19,8 @@
 #   unit      the unit tests without Flower (tests/unit -m "not flower")
 #   tiny      `fedtune run configs/tiny.yaml` (model.device: auto), and again with dtype/bf16 auto
 #   matrix    the strategy matrix rows pcl, pcl:predictions, fedkseed, fedkseed:full-one-byte
-#   throughput  not run: bench/throughput.py measures the CPU only (no --device option yet)
+#   throughput  bench/throughput_gpu.py: one client's local step, bare PyTorch + PEFT vs fedtune vs TRL's
+#             SFTTrainer (when trl is importable), SmolLM2-135M and Llama-1B shapes, tokens/s and MFU
 set -u
 cd "$(dirname "$0")/.."
 
@@ -50,7 +51,7 @@ step() {
     note "$name: rc=$rc ($((SECONDS - t0)) s) ${tail_line}"
 }
 
-PLAN="env gpu unit tiny matrix (throughput: not run, bench/throughput.py has no --device option)"
+PLAN="env gpu unit tiny matrix throughput"
 if [ "$NO_GPU" = 1 ]; then
     note "no GPU: --no-gpu given; skipped: $PLAN"
     exit 0
@@ -89,5 +90,7 @@ step tiny 180 bash -c '
     "$PY" "$OUT_DIR"
 step matrix 420 "$PY" -m pytest -q -p no:randomly -p no:cacheprovider "${XDIST[@]}" \
     tests/integration/test_strategy_matrix.py -k "pcl or fedkseed"
-note "throughput: not run (bench/throughput.py measures the CPU only; a --device cuda row is issue #26 item 4)"
+TRL=()
+if ! "$PY" -c "import trl" 2> /dev/null; then TRL=(--no-trl); fi
+step throughput 300 "$PY" bench/throughput_gpu.py --device cuda --steps 8 "${TRL[@]}" --out "$OUT_DIR/throughput_gpu.json"
 note "results: $OUT_DIR"

@@ -52,13 +52,15 @@ def test_nan_loss_stops_training() -> None:
 def test_gradient_checkpointing_recomputes_layers_and_keeps_the_lora_gradients() -> None:
     """`model.gradient_checkpointing`: a decoder layer's projections run twice per step (forward, then
     again in the backward pass), and the LoRA gradients are those of the plain step."""
-    from fedtune.config.schema import AdapterConfig, ModelConfig
+    from fedtune.config.schema import LoraAdapterConfig, ModelConfig
     from fedtune.models.adapters import inject_, lora_config
     from fedtune.models.load import load_model, tiny_dir
 
     def step(checkpointing: bool) -> tuple[int, dict[str, torch.Tensor]]:
         mcfg = ModelConfig(name="tiny", gradient_checkpointing=checkpointing)
-        model = inject_(load_model(str(tiny_dir(mcfg, 0)), mcfg), lora_config(AdapterConfig(r=2, alpha=4), "llama"), 0)
+        model = inject_(
+            load_model(str(tiny_dir(mcfg, 0)), mcfg), lora_config(LoraAdapterConfig(r=2, alpha=4), "llama"), 0
+        )
         with torch.no_grad():  # B = 0 at init would make every A gradient zero
             for n, p in model.named_parameters():
                 if "lora_B" in n:

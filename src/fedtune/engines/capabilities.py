@@ -30,6 +30,8 @@ class EngineCapabilities:
         simulation of the peer network in one process.
     real_parties: clients are separate parties whose evaluation replies leave them (a deployment);
         in simulation the experimenter measures the model with every client's data in hand.
+    server: has a server (or a loop's process) that aggregates; False for a swarm of peer
+        processes, which runs only serverless strategies (`peer_to_peer`) and no secure aggregation.
     """
 
     name: str
@@ -44,6 +46,7 @@ class EngineCapabilities:
     secure_codecs: str
     peer_to_peer: bool
     real_parties: bool = False
+    server: bool = True
 
 
 INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, True, True, "any", True)
@@ -51,7 +54,17 @@ INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, 
 FLOWER = EngineCapabilities("flower", True, True, False, False, False, False, False, False, "identity", False)
 # simulated dropouts, stragglers and attacks wrap the Flower engine in simulation as well
 FLOWER_SIM = replace(FLOWER, name="flower-sim", fault_injection=True)
-ENGINES = {"inprocess": INPROCESS, "flower-sim": FLOWER_SIM, "flower-deploy": replace(FLOWER, real_parties=True)}
+# a local swarm of `fedtune peer` processes over hivemind: each peer holds its own data and state
+# on its own disk (client_state), messages are whole identity-coded adapters, failures are real
+P2P_LOCAL = EngineCapabilities(
+    "p2p-local", True, False, False, False, False, False, False, False, "identity", True, False, server=False
+)
+ENGINES = {
+    "inprocess": INPROCESS,
+    "flower-sim": FLOWER_SIM,
+    "flower-deploy": replace(FLOWER, real_parties=True),
+    "p2p-local": P2P_LOCAL,
+}
 
 _INPROCESS = "run it with engine.name: inprocess"
 
@@ -91,6 +104,23 @@ def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_co
         f"strategy {s!r} has no server (peers average with their graph neighbours), and Flower's runtime "
         "routes every message through the SuperLink",
         _INPROCESS,
+    )
+    need(
+        engine.server or caps.peer_to_peer,
+        field,
+        value,
+        f"strategy {s!r} aggregates on a server, and a swarm of peers has none (each peer trains and mixes "
+        "with its graph neighbours)",
+        "use a serverless strategy (strategy.name: gossip or modest), or engine.name: inprocess / flower-sim",
+    )
+    need(
+        engine.server or not cfg.secure_aggregation,
+        "secure_aggregation",
+        True,
+        "secure aggregation hides each update inside a server's sum, and a swarm has no server: each peer "
+        "receives its neighbours' adapters themselves",
+        "set secure_aggregation: false (the peers' libp2p streams are encrypted against outsiders, not against "
+        "the receiving neighbour), or use a server strategy on engine.name: inprocess / flower-deploy",
     )
     need(
         engine.peer_scoring or not caps.scores_peers,

@@ -132,16 +132,24 @@ class Swarm:
     def send(self, peer: str, kind: str, rnd: int, payload: bytes, timeout: float) -> str | None:
         """Send `payload` to `peer` over a libp2p stream; None when delivered to its daemon, else
         why not (a down peer is an expected failure, returned as a value)."""
-        if peer not in self._ids:
-            self._remember(self.read("members"))
-        if peer not in self._ids:
-            return f"peer {peer!r} never joined the swarm"
         header = json.dumps({"kind": kind, "round": rnd, "sender": self.me}).encode()
-        try:
-            self._run(asyncio.wait_for(self._send(peer, header, payload), timeout), timeout + 5.0)
-        except Exception as e:  # a dead peer: connection refused, reset or timed out
-            return f"sending to peer {peer!r} failed: {type(e).__name__}: {e}".rstrip(": ")
-        return None
+        why = None
+        for _ in range(2):  # a restarted peer has a new libp2p id: look it up again and retry once
+            if peer not in self._ids:
+                self.refresh()
+            if peer not in self._ids:
+                return f"peer {peer!r} never joined the swarm"
+            try:
+                self._run(asyncio.wait_for(self._send(peer, header, payload), timeout), timeout + 5.0)
+                return None
+            except Exception as e:  # a dead peer: connection refused, reset or timed out
+                why = f"sending to peer {peer!r} failed: {type(e).__name__}: {e}".rstrip(": ")
+                self._ids.pop(peer, None)
+        return why
+
+    def refresh(self) -> None:
+        """Read every peer's current libp2p id again (a restarted peer registers a new one)."""
+        self._remember(self.read("members"))
 
     def receive(self, kind: str, rnd: int, senders: Collection[str], deadline: float) -> dict[str, bytes]:
         """The `kind` messages of round `rnd` from `senders` that arrive before `deadline`

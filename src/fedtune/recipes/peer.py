@@ -140,6 +140,11 @@ def run_peer(
 
         # 3. rounds
         for rnd in range(start, cfg.rounds + 1):
+            net.refresh()
+            others = {p: int(r) for p, r in net.read("done").items() if p != me}
+            if others and max(others.values()) >= rnd:  # a late (restarted) peer: the swarm is past rnd
+                console.print(f"peer {me}: round {rnd} is over in the swarm; skipped", highlight=False)
+                continue
             line = peer_round(cfg, me, rnd, ids, strategy, engine, store, init, net, sampler, own_codec, up_codec)
             if line is not None:
                 io.append_jsonl(metrics_path, [line])
@@ -248,7 +253,9 @@ def peer_round(
     recs = client_records(rnd, [me], took_part, evals, updates, failures, strategy.capabilities.transmits, extra)
     # the strategy's graph-wide facts (a static graph's spectral gap); the live peers' consensus
     # distance and the round's gap need every peer's numbers: recipes/swarm.py computes them
-    graph = {k: v for k, v in strategy.round_metrics(coef, {me: mine.model()}).items() if k.startswith("graph_")}
+    # (empty models: only the facts that do not depend on them are kept)
+    facts = strategy.round_metrics(coef, {p: {} for p in sorted(coef)}) if coef else {}
+    graph = {k: v for k, v in facts.items() if k.startswith("graph_")}
     peer = {
         "graph": graph,
         "trainers": list(roles.trainers),

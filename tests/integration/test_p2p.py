@@ -113,8 +113,14 @@ def done_round(run_dir, peer):
 
 
 def test_a_killed_peer_is_survived_and_a_restarted_one_rejoins_from_its_own_state(tiny_cfg) -> None:
-    # Arrange: 3 peers, 3 rounds; "json" is killed (its whole process group) after round 1
-    cfg = swarm_cfg(tiny_cfg, "rounds=3", "engine.timeout=12", name="churn")
+    # Arrange: 3 peers, 60 short rounds (evaluated only at the end); "json" is killed (its whole
+    # process group: a machine gone) after round 1 and restarted at once. The others notice its
+    # lost connection (2 s) instead of waiting out engine.timeout, go on without it, and wait for
+    # it again once it registers anew.
+    rounds = 60  # 0.3-0.8 s each: time for the restarted process to come back (5-25 s here) before the end
+    cfg = swarm_cfg(
+        tiny_cfg, f"rounds={rounds}", "train.steps=1", "evaluation.every=100", "engine.timeout=60", name="churn"
+    )
     run_dir = tmp_of(cfg) / "churn"
     run_dir.mkdir(parents=True)
     config = run_dir / io.CONFIG
@@ -125,13 +131,11 @@ def test_a_killed_peer_is_survived_and_a_restarted_one_rejoins_from_its_own_stat
         procs.append(start_peer(config, "email", run_dir, swarm, []))
         first = wait_for_maddrs(run_dir, "email", procs[0], time.monotonic() + 60)
         procs += [start_peer(config, p, run_dir, swarm, first) for p in ("http", "json")]
-        wait_until(lambda: done_round(run_dir, "json") >= 1, 60, "round 1")
+        wait_until(lambda: done_round(run_dir, "json") >= 1, 90, "round 1")
         seen |= descendants(procs)
-        # Act: kill json's group (a machine gone), let the others finish round 2 without it, restart it
+        # Act
         os.killpg(procs[2].pid, signal.SIGKILL)
         procs[2].wait()
-        wait_until(lambda: all(done_round(run_dir, p) >= 2 for p in ("email", "http")), 60, "round 2 without json")
-        assert done_round(run_dir, "json") == 1
         procs.append(start_peer(config, "json", run_dir, swarm, first))
         while any(p.poll() is None for p in procs[:2] + procs[3:]):
             seen |= descendants(procs)
@@ -139,23 +143,25 @@ def test_a_killed_peer_is_survived_and_a_restarted_one_rejoins_from_its_own_stat
         codes = [p.returncode for p in procs[:2] + procs[3:]]
     finally:
         stop(procs, seen)
-    # Assert: the others finished every round; round 2 went on without json (a recorded failure)
+    # Assert: the others finished every round and went on without json (a recorded failure)
     assert codes == [0, 0, 0]
     lines = {p: {r["round"]: r for r in io.read_jsonl(peer_dir(run_dir, p) / io.METRICS)} for p in PEERS}
     for p in ("email", "http"):
-        assert sorted(lines[p]) == [0, 1, 2, 3]
-        assert lines[p][2]["peer"]["live"] == ["email", "http"] and lines[p][2]["peer"]["missing"] == []
-        assert lines[p][3]["peer"]["received"] == sorted({"email", "http", "json"} - {p})  # json is back
-    assert sorted(lines["json"]) == [0, 1, 3]  # it rejoined at the swarm's round 3
+        assert sorted(lines[p]) == list(range(rounds + 1))
+    without = [r for r in range(2, rounds + 1) if "json" not in lines["email"][r]["peer"]["live"]]
+    assert without and without[0] == 2
+    merged = merge_records(run_dir, PEERS, rounds)
+    for r in without:
+        (failed,) = [x for x in merged if x["round"] == r and x["client"] == "json"]
+        assert "deadline" in failed["failure"]
+        assert next(x for x in merged if x["round"] == r and x["client"] is None)["failures"] == 1
+    # json rejoined from its own state: it resumed after its last finished round, and was back in the swarm
+    back = min(r for r in lines["json"] if r > 1)
     log = (run_dir / "peers" / "json.log").read_text()
-    assert "rejoining at round 3 from its own state of round 1" in log
-    # its round-3 start was its own round-1 state: round 2 wrote no version of it
-    assert sorted(int(f.stem.split("-")[1]) for f in (peer_dir(run_dir, "json") / "clients" / "json").iterdir()) == [
-        1,
-        3,
-    ]
-    merged = merge_records(run_dir, PEERS, 3)
-    failed = [r for r in merged if r["round"] == 2 and r["client"] == "json"]
-    assert len(failed) == 1 and "deadline" in failed[0]["failure"]
-    assert next(r for r in merged if r["round"] == 2 and r["client"] is None)["failures"] == 1
+    (line,) = [x for x in log.splitlines() if "rejoining" in x]
+    resumed_from = int(line.rsplit(" ", 1)[1])  # the newest version in its own store when it restarted
+    assert line == f"peer json: rejoining at round {back} from its own state of round {resumed_from}"
+    assert resumed_from in (1, 2)  # killed after round 1 (round 2 may have been stored just before the kill)
+    assert "json" in lines["email"][rounds]["peer"]["received"] and "json" in lines["email"][rounds]["peer"]["live"]
+    assert lines["json"][rounds]["peer"]["received"] == ["email", "http"]
     assert all_gone(seen) == []

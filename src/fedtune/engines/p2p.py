@@ -16,7 +16,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from fedtune.errors import FedtuneError
@@ -24,6 +24,11 @@ from fedtune.errors import FedtuneError
 MESSAGE_PROTOCOL = "fedtune.peer-message"
 DHT_TTL = 24 * 3600.0  # seconds a swarm's DHT records live: longer than any run
 POLL_SECONDS = 0.1
+# hivemind's DHT defaults (3 s per request, an unresponsive node blacklisted 5 s with doubling
+# backoff) drop a live node that is busy training on a loaded CPU: waits are longer, blacklists short
+DHT_OPTIONS = {"wait_timeout": 15.0, "bootstrap_timeout": 30.0, "blacklist_time": 1.0, "backoff_rate": 1.0}
+STORE_TRIES = 5
+LOST_GRACE_SECONDS = 2.0  # a peer whose connection is gone this long is down (not waited for)
 
 
 def _hivemind() -> Any:
@@ -54,7 +59,9 @@ class Swarm:
         self._lock = threading.Condition()
         self._inbox: dict[tuple[str, int, str], bytes] = {}  # (kind, round, sender) -> payload
         self._ids: dict[str, Any] = {}  # peer -> PeerID
-        self.dht = hm.DHT(initial_peers=list(initial_peers), host_maddrs=list(host_maddrs), start=True)
+        self._was_connected: set[str] = set()  # libp2p ids this peer's daemon has been connected to
+        self._lost_since: dict[str, float] = {}  # libp2p id -> when its connection was first seen gone
+        self.dht = hm.DHT(initial_peers=list(initial_peers), host_maddrs=list(host_maddrs), start=True, **DHT_OPTIONS)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fedtune-p2p", daemon=True)
         self._thread.start()
@@ -73,9 +80,14 @@ class Swarm:
         """Store `value` (msgpack-able) under <swarm>/<key>, subkey = this peer."""
         from hivemind.utils import get_dht_time
 
-        ok = self.dht.store(f"{self.swarm}/{key}", value, get_dht_time() + DHT_TTL, subkey=self.me)
-        if not ok:
-            raise FedtuneError(f"peer {self.me!r}: the DHT refused to store {key!r} (no reachable DHT node)")
+        for attempt in range(STORE_TRIES):
+            if self.dht.store(f"{self.swarm}/{key}", value, get_dht_time() + DHT_TTL, subkey=self.me):
+                return
+            time.sleep(1.0 + attempt)
+        raise FedtuneError(
+            f"peer {self.me!r}: the DHT refused to store {key!r} {STORE_TRIES} times (no reachable DHT node); "
+            "check that the --initial-peers are up and reachable"
+        )
 
     def read(self, key: str) -> dict[str, Any]:
         """Every peer's value under <swarm>/<key> ({peer: value}; {} when none)."""
@@ -84,14 +96,35 @@ class Swarm:
             return {}
         return {str(k): v.value for k, v in found.value.items()}
 
-    def gather(self, key: str, expected: Collection[str], deadline: float) -> dict[str, Any]:
+    def gather(self, key: str, expected: Collection[str], deadline: float, skip_down: bool = False) -> dict[str, Any]:
         """Wait until every expected peer has announced `key` or `deadline` (time.monotonic())
-        passes: the barrier. Returns the values found (a late peer is absent)."""
+        passes: the barrier. With `skip_down`, a peer that is `down` is not waited for. Returns
+        the values found (a late peer is absent)."""
         while True:
             got = self.read(key)
-            if set(expected) <= set(got) or time.monotonic() >= deadline:
+            waiting = set(expected) - set(got) - (self.down(set(expected) - set(got)) if skip_down else set())
+            if not waiting or time.monotonic() >= deadline:
                 return {p: v for p, v in got.items() if p in expected}
             time.sleep(POLL_SECONDS)
+
+    def down(self, peers: Collection[str]) -> set[str]:
+        """The peers whose registered libp2p id was connected to this peer's daemon and has been
+        disconnected for LOST_GRACE_SECONDS (a killed peer); a restarted peer registers a new id and
+        is up again once `refresh` reads it. A peer never connected to is not judged."""
+        if not peers:
+            return set()
+        connected = {str(p.peer_id.to_base58()) for p in self._run(self._p2p.list_peers(), 10.0)}
+        self._was_connected |= connected
+        now, out = time.monotonic(), set()
+        for p in peers:
+            pid = self._ids[p].to_base58() if p in self._ids else None
+            if pid is None or pid not in self._was_connected or pid in connected:
+                if pid is not None:
+                    self._lost_since.pop(pid, None)
+                continue
+            if now - self._lost_since.setdefault(pid, now) >= LOST_GRACE_SECONDS:
+                out.add(p)
+        return out
 
     def join(self, peers: Collection[str], deadline: float) -> dict[str, str]:
         """Register this peer's libp2p id and wait for every peer's (the membership before round 1)."""
@@ -151,16 +184,29 @@ class Swarm:
         """Read every peer's current libp2p id again (a restarted peer registers a new one)."""
         self._remember(self.read("members"))
 
-    def receive(self, kind: str, rnd: int, senders: Collection[str], deadline: float) -> dict[str, bytes]:
+    def receive(
+        self,
+        kind: str,
+        rnd: int,
+        senders: Collection[str],
+        deadline: float,
+        hopeless: Callable[[set[str]], bool] | None = None,
+    ) -> dict[str, bytes]:
         """The `kind` messages of round `rnd` from `senders` that arrive before `deadline`
-        (time.monotonic()); taken out of the inbox."""
+        (time.monotonic()), or until `hopeless(missing senders)` says none will come; taken out
+        of the inbox."""
         want = {(kind, rnd, s) for s in senders}
-        with self._lock:
-            while not want <= set(self._inbox):
+        while True:
+            with self._lock:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if want <= set(self._inbox) or left <= 0:
                     break
                 self._lock.wait(min(left, 1.0))
+                if want <= set(self._inbox):
+                    break
+            if hopeless is not None and hopeless({k[2] for k in want - set(self._inbox)}):
+                break
+        with self._lock:
             return {k[2]: self._inbox.pop(k) for k in sorted(want & set(self._inbox))}
 
     def close(self) -> None:

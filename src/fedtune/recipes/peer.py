@@ -136,7 +136,8 @@ def run_peer(
             io.write_atomic(mine / FACTS, json.dumps(facts, default=str))
             io.append_jsonl(metrics_path, [{"round": 0, "record": rec[0] if rec else None, "peer": {}}])
         if start > 1:
-            console.print(f"peer {me}: rejoining at round {start} from its own state of round {done}")
+            kept = max(store.versions(me), default=0)  # the state it stored last, on its own disk
+            console.print(f"peer {me}: rejoining at round {start} from its own state of round {kept}")
 
         # 3. rounds
         for rnd in range(start, cfg.rounds + 1):
@@ -156,8 +157,13 @@ def run_peer(
         personal = {me: peer_state(store.get(me), init).model()}
         variants = variants_per_client(cfg, ids)
         export_adapters(Path(run_dir), fed, None, personal, engine.private_of, variants, caps.client_private)
-        # the others may still be waiting for this peer's messages of the last round: linger a deadline's worth
-        net.gather("done", ids, time.monotonic() + timeout)
+        # linger until every peer that is up has finished (its DHT records and messages stay reachable)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done = net.read("done")
+            if all(int(done.get(p, 0)) >= cfg.rounds for p in set(ids) - net.down(ids)):
+                break
+            time.sleep(0.2)
     finally:
         net.close()
     return mine
@@ -198,7 +204,7 @@ def peer_round(
     own = held
     src = sources.get(me, me)
     if src != me:
-        got = net.receive("fetch", rnd, [src], time.monotonic() + timeout)
+        got = net.receive("fetch", rnd, [src], time.monotonic() + timeout, lambda m: past(net, m, rnd))
         if src in got:
             own, down = strategy.adopt(held, deserialize(got[src])), down + len(got[src])
         else:
@@ -219,7 +225,7 @@ def peer_round(
     t_train = time.perf_counter()
 
     # the round barrier: who trained (the same live set as the simulator's when no one fails)
-    live = sorted(net.gather(f"trained/{rnd}", roles.trainers, time.monotonic() + timeout))
+    live = sorted(net.gather(f"trained/{rnd}", roles.trainers, time.monotonic() + timeout, skip_down=True))
     coef = strategy.coefficients(rnd, live, roles)
     if updates:
         data = serialize(strategy.message(mine))
@@ -231,7 +237,7 @@ def peer_round(
     row, error, missing, inbox = dict(coef.get(me, {})), 0.0, [], {}
     if row:
         senders = [i for i in row if i != me]
-        got = net.receive("mix", rnd, senders, time.monotonic() + timeout)
+        got = net.receive("mix", rnd, senders, time.monotonic() + timeout, lambda m: past(net, m, rnd))
         inbox = {i: deserialize(b) for i, b in got.items()}
         down += sum(len(b) for b in got.values())
         missing = sorted(set(senders) - set(got))
@@ -270,6 +276,12 @@ def peer_round(
         "wall_seconds": time.perf_counter() - t0,
     }
     return {"round": rnd, "record": recs[0] if recs else None, "peer": peer}
+
+
+def past(net: Swarm, missing: set[str], rnd: int) -> bool:
+    """No message will come from `missing`: each is down or finished round `rnd` without me (I am late)."""
+    done = net.read("done")
+    return all(p in net.down({p}) or int(done.get(p, 0)) >= rnd for p in missing)
 
 
 def keep_on_diagonal(row: dict[str, float], missing: list[str], me: str) -> dict[str, float]:

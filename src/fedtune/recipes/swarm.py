@@ -163,12 +163,16 @@ def merge_records(run_dir: Path, ids: Sequence[str], rounds: int) -> list[dict[s
         recs = [dict(m["record"]) for m in mine.values() if m["record"] is not None]
         peers = {p: m["peer"] for p, m in mine.items()}
         expected = sorted({t for m in peers.values() for t in m.get("trainers", [])})
-        live = sorted({t for m in peers.values() for t in m.get("live", [])})
-        failed = [p for p in expected if p not in live]
+        # a trainer failed when a peer other than itself mixed without it: down, or late (a peer that
+        # rejoins mid-round trains, finds itself alone and records its own round, kept with the failure)
+        failed = [p for p in expected if p not in mine or any(p not in m["live"] for q, m in peers.items() if q != p)]
+        live = [p for p in expected if p not in failed]
         for p in failed:
             why = "did not announce a trained model by the round's deadline (peer down or late)"
-            recs = [r for r in recs if r["client"] != p]
-            recs.append({"round": rnd, "client": p, "sampled": True, "failure": why, "bytes_up": 0, "bytes_down": 0})
+            old = next((r for r in recs if r["client"] == p), None)
+            if old is None:
+                recs.append({"round": rnd, "client": p, "sampled": True, "bytes_up": 0, "bytes_down": 0})
+            (old or recs[-1])["failure"] = why
         recs.sort(key=lambda r: str(r["client"]))
         evals = {str(r["client"]): r for r in recs}
         up = sum(int(r.get("bytes_up", 0)) for r in recs)

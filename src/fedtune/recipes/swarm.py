@@ -134,7 +134,8 @@ def run_swarm(cfg: ExperimentConfig, *, resume: bool, overwrite: bool, console: 
         stop(procs, seen)
         io.write_atomic(run_dir / PEERS_DIR / PIDS, json.dumps(sorted(seen)))
     records = merge_records(run_dir, ids, cfg.rounds)
-    records[0]["swarm_start_seconds"] = t_up - t_start
+    # until every peer process was started (peer 0 up first); each peer's setup_seconds is until all had joined
+    next(r for r in records if r["round"] == 0 and r["client"] is None)["swarm_start_seconds"] = t_up - t_start
     io.write_jsonl(run_dir / io.METRICS, records)
     plot_runs({cfg.name: records}, run_dir / "plots")
     io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, time.perf_counter() - t_start, 0.0))

@@ -31,7 +31,8 @@ STORE_TRIES = 5
 LOST_GRACE_SECONDS = 2.0  # a peer whose connection is gone this long is down (not waited for)
 
 
-def _hivemind() -> Any:
+def require_hivemind() -> Any:
+    """hivemind, or a clear error naming the extra that installs it."""
     try:
         import hivemind
     except ImportError as e:  # the p2p extra is optional
@@ -51,7 +52,7 @@ class Swarm:
     """
 
     def __init__(self, swarm: str, me: str, initial_peers: Sequence[str], host_maddrs: Sequence[str]):
-        hm = _hivemind()
+        hm = require_hivemind()
         from hivemind.p2p import P2P
 
         self.swarm, self.me = swarm, me

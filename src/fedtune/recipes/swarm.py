@@ -25,6 +25,7 @@ from rich.console import Console
 from fedtune.client.run import ClientState
 from fedtune.client.store import ClientStateStore
 from fedtune.config import ExperimentConfig, config_to_yaml
+from fedtune.engines.p2p import require_hivemind
 from fedtune.errors import FedtuneError
 from fedtune.recipes.federated import RunResult
 from fedtune.recipes.peer import FACTS, PEERS_DIR, peer_dir
@@ -105,6 +106,7 @@ def run_swarm(cfg: ExperimentConfig, *, resume: bool, overwrite: bool, console: 
             "engine.name p2p-local cannot --resume the whole swarm; a peer restarted with `fedtune peer` "
             "rejoins from its own state instead"
         )
+    require_hivemind()  # before any directory or process: the p2p extra is optional
     t_start = time.perf_counter()
     run_dir = io.prepare_run_dir(Path(cfg.run_dir()), resume, overwrite)
     io.write_status(run_dir, "running")

@@ -265,6 +265,7 @@ def peer_round(
     peer = {
         "graph": graph,
         "trainers": list(roles.trainers),
+        "fetched": int(down > 0 and src != me and own is not held),
         "live": live,
         "row": row,
         "received": sorted(inbox),

@@ -204,6 +204,9 @@ def round_metrics(
         "exchange_seconds": max(float(m["exchange_seconds"]) for m in peers.values()),
         "wall_seconds": max(float(m["wall_seconds"]) for m in peers.values()),
     }
+    fetched = sum(int(m.get("fetched", 0)) for m in peers.values())
+    if fetched:  # MoDeST: trainers that started from another peer's model (a message each)
+        out["fetch_messages"] = fetched
     mixed = [p for p in live if p in peers and peers[p]["row"]]
     models = []
     for p in mixed:  # each peer's stored model after round rnd (on this machine: the local swarm's disks)

@@ -38,6 +38,8 @@ class Algebra(StrEnum):
     MIXTURE = "mixture"  # routed mixture of per-expert LoRA products (keys per expert and router)
     DENSE = "dense"  # a dense offset per weight
     OTHER = "other"  # anything else (prompt embeddings, scaling vectors, ...)
+    DORA = "dora"  # m * (W + s * B @ A) / ||W + s * B @ A||_row: LoRA keys plus <m>.lora_magnitude_vector [d]
+    VERA = "vera"  # diag(b) @ B @ diag(d) @ A; A, B frozen, shared and seeded, never travel; b, d travel
 
 
 ALGEBRA_TEXT = {
@@ -46,6 +48,8 @@ ALGEBRA_TEXT = {
     Algebra.MIXTURE: "a routed mixture of LoRA experts",
     Algebra.DENSE: "a dense weight offset",
     Algebra.OTHER: "not a product of LoRA factors",
+    Algebra.DORA: "m * (W + s * B @ A) / ||W + s * B @ A|| (DoRA's magnitude vector m rescales each row)",
+    Algebra.VERA: "diag(b) @ B @ diag(d) @ A with A, B frozen shared random matrices (only b, d travel)",
 }
 ANY_ALGEBRA: frozenset[Algebra] = frozenset(Algebra)
 

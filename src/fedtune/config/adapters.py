@@ -83,11 +83,58 @@ class MoELoraAdapterConfig(AdapterOptions):
         return max(self.experts) if isinstance(self.experts, list) else self.experts
 
 
+class DoraAdapterConfig(AdapterOptions):
+    """DoRA through PEFT (LoRA with use_dora, arXiv:2402.09353): m * (W + s B A) / ||W + s B A||."""
+
+    kind: Literal["dora"] = "dora"
+
+
+class VeraAdapterConfig(AdapterOptions):
+    """VeRA through PEFT (arXiv:2310.11454): diag(b) B diag(d) A, A and B frozen, shared, seeded;
+    r is the shared projections' rank; alpha is unused; dropout is VeRA's input dropout."""
+
+    kind: Literal["vera"] = "vera"
+    d_initial: float = Field(0.1, gt=0.0, description="initial value of VeRA's vector d (b starts at zero)")
+
+
+class IA3AdapterConfig(AdapterOptions):
+    """(IA)^3 through PEFT (arXiv:2205.05638): learned vectors scale activations elementwise;
+    r, alpha and dropout are unused."""
+
+    kind: Literal["ia3"] = "ia3"
+    feedforward_modules: list[str] | Literal["auto"] = Field(
+        "auto", description="targets whose input is scaled (the rest: their output); 'auto' = PEFT's per architecture"
+    )
+
+
+class LoHaAdapterConfig(AdapterOptions):
+    """LoHa through PEFT (FedPara, arXiv:2108.06098): dW = (alpha / r) (B1 A1) * (B2 A2), a
+    Hadamard product of two rank-r products; dropout is LoHa's rank dropout."""
+
+    kind: Literal["loha"] = "loha"
+
+
+class LoKrAdapterConfig(AdapterOptions):
+    """LoKr through PEFT (LyCORIS, arXiv:2309.14859): dW = (alpha / r) W1 kron W2; dropout is
+    LoKr's rank dropout."""
+
+    kind: Literal["lokr"] = "lokr"
+    decompose_factor: int = Field(-1, description="factor of the Kronecker split of each dimension (-1: balanced)")
+
+
+#: PEFT's methods beyond LoRA (`fedtune.adapters.dora`, `vera`, `ia3`, `loha`, `lokr`)
+PeftMethodConfig = DoraAdapterConfig | VeraAdapterConfig | IA3AdapterConfig | LoHaAdapterConfig | LoKrAdapterConfig
+
 #: The options model of each adapter kind (`adapter.kind` selects one; a new kind adds a row).
 ADAPTER_CONFIGS: dict[str, type[AdapterOptions]] = {
     "lora": LoraAdapterConfig,
     "lora_sb": LoraSBAdapterConfig,
     "moe_lora": MoELoraAdapterConfig,
+    "dora": DoraAdapterConfig,
+    "vera": VeraAdapterConfig,
+    "ia3": IA3AdapterConfig,
+    "loha": LoHaAdapterConfig,
+    "lokr": LoKrAdapterConfig,
 }
 
 
@@ -118,7 +165,7 @@ def _default_kind(value: Any) -> Any:
 
 
 AdapterConfig = Annotated[
-    LoraAdapterConfig | LoraSBAdapterConfig | MoELoraAdapterConfig,
+    LoraAdapterConfig | LoraSBAdapterConfig | MoELoraAdapterConfig | PeftMethodConfig,
     Field(discriminator="kind"),
     BeforeValidator(_default_kind),
 ]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from fedtune.adapters import build_adapter
-from fedtune.adapters.base import InjectContext
+from fedtune.adapters.base import InjectContext, adapter_kind
 from fedtune.client.train import model_device
 from fedtune.components import per_client_problems, strategy_capabilities
 from fedtune.config import ExperimentConfig
@@ -23,7 +23,7 @@ from fedtune.data.report import stats_summary
 from fedtune.data.shards import ClientShards
 from fedtune.data.sources import load_corpus
 from fedtune.errors import ConfigError
-from fedtune.models.adapters import lora_config
+from fedtune.models.adapters import lora_config, trainable_parameter_count
 from fedtune.models.load import load_model, model_type, resolve_device
 from fedtune.models.precision import Precision, choose_precision, precision_warning
 from fedtune.seeding import derive_seed
@@ -132,10 +132,12 @@ def run_precision(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Precision, s
 def device_facts(model: Any, precision: Precision | None = None, warning: str | None = None) -> dict[str, Any]:
     """Where a model runs, for the records: its device, the dtype of its frozen base weights (nf4 /
     int8 when bitsandbytes quantized it), the attention and fused kernels, and (given) whether bf16
-    autocast is on, why, and the slow-bf16 warning."""
+    autocast is on, why, and the slow-bf16 warning; and its adapter: kind and trainable parameters
+    (the equal-budget accounting)."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
     dtype = frozen[0].dtype if frozen else next(iter(model.parameters())).dtype
     out: dict[str, Any] = {"device": str(model_device(model)), "base_dtype": str(dtype).replace("torch.", "")}
+    out.update(adapter=adapter_kind(model), trainable_parameters=trainable_parameter_count(model))
     kernel = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if kernel is not None:
         out["attention"] = str(kernel)

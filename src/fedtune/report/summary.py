@@ -78,6 +78,8 @@ def setup_lines(round0: dict[str, Any], max_chars: int | None) -> list[str]:
     out = []
     if "precision" in round0:
         out.append(f"device {round0['device']}: {round0['precision']}")
+    if "trainable_parameters" in round0:
+        out.append(f"adapter {round0['adapter']}: {round0['trainable_parameters']:,} trainable parameters")
     if round0.get("precision_warning"):
         out.append(f"[yellow]warning[/yellow]: {round0['precision_warning']}")
     note = cut_message(round0, max_chars)

@@ -83,20 +83,35 @@ class MoELoraAdapterConfig(AdapterOptions):
         return max(self.experts) if isinstance(self.experts, list) else self.experts
 
 
+class RMLoraAdapterConfig(AdapterOptions):
+    """RM-LoRA (arXiv:2407.12074): LoRA plus an orthogonality-promoting regulariser and random
+    gradient masking, which raise the effective rank of s * B @ A at LoRA's parameter count."""
+
+    kind: Literal["rm_lora"] = "rm_lora"
+    reg_weight: float = Field(
+        1e-3, ge=0.0, description="weight of the orthogonality regulariser on A's rows, B's columns"
+    )
+    mask_prob: float = Field(
+        0.1, ge=0.0, lt=1.0, description="fraction of LoRA gradient entries zeroed at random in every backward pass"
+    )
+
+
 #: The options model of each adapter kind (`adapter.kind` selects one; a new kind adds a row).
 ADAPTER_CONFIGS: dict[str, type[AdapterOptions]] = {
     "lora": LoraAdapterConfig,
     "lora_sb": LoraSBAdapterConfig,
     "moe_lora": MoELoraAdapterConfig,
+    "rm_lora": RMLoraAdapterConfig,
 }
 
 
 def _legacy_defaults() -> dict[str, Any]:
-    """Each kind's own options at their defaults."""
+    """Each kind's own options at their defaults, as the flat config of an older fedtune listed
+    them (only the kinds it had: newer kinds may reuse a name with another default)."""
     common = set(AdapterOptions.model_fields) | {"kind"}
     return {
         name: f.default
-        for model in ADAPTER_CONFIGS.values()
+        for model in (LoraAdapterConfig, LoraSBAdapterConfig, MoELoraAdapterConfig)
         for name, f in model.model_fields.items()
         if name not in common
     }
@@ -118,7 +133,7 @@ def _default_kind(value: Any) -> Any:
 
 
 AdapterConfig = Annotated[
-    LoraAdapterConfig | LoraSBAdapterConfig | MoELoraAdapterConfig,
+    LoraAdapterConfig | LoraSBAdapterConfig | MoELoraAdapterConfig | RMLoraAdapterConfig,
     Field(discriminator="kind"),
     BeforeValidator(_default_kind),
 ]

@@ -96,12 +96,32 @@ class RMLoraAdapterConfig(AdapterOptions):
     )
 
 
+class SMoREAdapterConfig(AdapterOptions):
+    """S'MoRE (arXiv:2504.06426): a tree of low-rank residual experts of several orders, routed
+    per token, around each target linear layer; `r` is each residual expert's rank."""
+
+    kind: Literal["smore"] = "smore"
+    r: int = Field(2, ge=1, description="rank of each residual expert")
+    levels: int = Field(2, ge=1, le=4, description="orders of residuals (layers of the tree)")
+    experts: int = Field(2, ge=1, description="residual experts per level (CoMiGS presets share the first ones)")
+    fanout: int = Field(2, ge=1, description="children each node routes a token to (>= experts: dense)")
+    hidden: int | None = Field(None, ge=1, description="width of a residual's embedding (default: r)")
+    gate_dim: int = Field(8, ge=1, description="width of the router's down-projection of the token and of the keys")
+    activation: Literal["tanh", "relu", "identity"] = Field("tanh", description="sigma of the propagation")
+    router_every: int = Field(
+        0, ge=0, description="every this many steps, router_steps router steps on the validation split (0: joint)"
+    )
+    router_steps: int = Field(1, ge=1, description="router steps each time")
+    router_lr: float | None = Field(None, gt=0.0, description="router learning rate (default: train.lr)")
+
+
 #: The options model of each adapter kind (`adapter.kind` selects one; a new kind adds a row).
 ADAPTER_CONFIGS: dict[str, type[AdapterOptions]] = {
     "lora": LoraAdapterConfig,
     "lora_sb": LoraSBAdapterConfig,
     "moe_lora": MoELoraAdapterConfig,
     "rm_lora": RMLoraAdapterConfig,
+    "smore": SMoREAdapterConfig,
 }
 
 
@@ -133,7 +153,7 @@ def _default_kind(value: Any) -> Any:
 
 
 AdapterConfig = Annotated[
-    LoraAdapterConfig | LoraSBAdapterConfig | MoELoraAdapterConfig | RMLoraAdapterConfig,
+    LoraAdapterConfig | LoraSBAdapterConfig | MoELoraAdapterConfig | RMLoraAdapterConfig | SMoREAdapterConfig,
     Field(discriminator="kind"),
     BeforeValidator(_default_kind),
 ]

@@ -125,6 +125,39 @@ class LoKrAdapterConfig(AdapterOptions):
 #: PEFT's methods beyond LoRA (`fedtune.adapters.dora`, `vera`, `ia3`, `loha`, `lokr`)
 PeftMethodConfig = DoraAdapterConfig | VeraAdapterConfig | IA3AdapterConfig | LoHaAdapterConfig | LoKrAdapterConfig
 
+
+class RMLoraAdapterConfig(AdapterOptions):
+    """RM-LoRA (arXiv:2407.12074): LoRA plus an orthogonality-promoting regulariser and random
+    gradient masking, which raise the effective rank of s * B @ A at LoRA's parameter count."""
+
+    kind: Literal["rm_lora"] = "rm_lora"
+    reg_weight: float = Field(
+        1e-3, ge=0.0, description="weight of the orthogonality regulariser on A's rows, B's columns"
+    )
+    mask_prob: float = Field(
+        0.1, ge=0.0, lt=1.0, description="fraction of LoRA gradient entries zeroed at random in every backward pass"
+    )
+
+
+class SMoREAdapterConfig(AdapterOptions):
+    """S'MoRE (arXiv:2504.06426): a tree of low-rank residual experts of several orders, routed
+    per token, around each target linear layer; `r` is each residual expert's rank."""
+
+    kind: Literal["smore"] = "smore"
+    r: int = Field(2, ge=1, description="rank of each residual expert")
+    levels: int = Field(2, ge=1, le=4, description="orders of residuals (layers of the tree)")
+    experts: int = Field(2, ge=1, description="residual experts per level (CoMiGS presets share the first ones)")
+    fanout: int = Field(2, ge=1, description="children each node routes a token to (>= experts: dense)")
+    hidden: int | None = Field(None, ge=1, description="width of a residual's embedding (default: r)")
+    gate_dim: int = Field(8, ge=1, description="width of the router's down-projection of the token and of the keys")
+    activation: Literal["tanh", "relu", "identity"] = Field("tanh", description="sigma of the propagation")
+    router_every: int = Field(
+        0, ge=0, description="every this many steps, router_steps router steps on the validation split (0: joint)"
+    )
+    router_steps: int = Field(1, ge=1, description="router steps each time")
+    router_lr: float | None = Field(None, gt=0.0, description="router learning rate (default: train.lr)")
+
+
 #: The options model of each adapter kind (`adapter.kind` selects one; a new kind adds a row).
 ADAPTER_CONFIGS: dict[str, type[AdapterOptions]] = {
     "lora": LoraAdapterConfig,
@@ -135,15 +168,18 @@ ADAPTER_CONFIGS: dict[str, type[AdapterOptions]] = {
     "ia3": IA3AdapterConfig,
     "loha": LoHaAdapterConfig,
     "lokr": LoKrAdapterConfig,
+    "rm_lora": RMLoraAdapterConfig,
+    "smore": SMoREAdapterConfig,
 }
 
 
 def _legacy_defaults() -> dict[str, Any]:
-    """Each kind's own options at their defaults."""
+    """Each kind's own options at their defaults, as the flat config of an older fedtune listed
+    them (only the kinds it had: newer kinds may reuse a name with another default)."""
     common = set(AdapterOptions.model_fields) | {"kind"}
     return {
         name: f.default
-        for model in ADAPTER_CONFIGS.values()
+        for model in (LoraAdapterConfig, LoraSBAdapterConfig, MoELoraAdapterConfig)
         for name, f in model.model_fields.items()
         if name not in common
     }
@@ -165,7 +201,12 @@ def _default_kind(value: Any) -> Any:
 
 
 AdapterConfig = Annotated[
-    LoraAdapterConfig | LoraSBAdapterConfig | MoELoraAdapterConfig | PeftMethodConfig,
+    LoraAdapterConfig
+    | LoraSBAdapterConfig
+    | MoELoraAdapterConfig
+    | RMLoraAdapterConfig
+    | SMoREAdapterConfig
+    | PeftMethodConfig,
     Field(discriminator="kind"),
     BeforeValidator(_default_kind),
 ]

@@ -358,6 +358,9 @@ def round_extras(
         out["skipped"] = f"{len(updates)} updates < sampling.min_updates = {cfg.sampling.min_updates}"
     if updates and all("train_loss" in u.metrics for u in updates):  # withheld under DP / secure aggregation
         out["train_loss"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
+    for key in sorted({k for u in updates for k in u.metrics if k.startswith("adapter_")}):  # Adapter.state_metrics
+        values = [u.metrics[key] for u in updates if key in u.metrics]
+        out[key] = sum(values) / len(values)
     if any("sim_time" in u.metrics for u in updates):  # until the slowest reply, or the deadline if missed
         missed = any(f.reason.startswith("missed the deadline") for f in failures)
         slowest = max(u.metrics["sim_time"] for u in updates)

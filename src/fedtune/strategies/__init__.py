@@ -2,6 +2,7 @@
 
 from fedtune.strategies import (  # noqa: F401
     decentralized,
+    dfedsam,
     dp,
     fair,
     fedavg,

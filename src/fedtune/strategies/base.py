@@ -118,6 +118,10 @@ class PeerScoring(Protocol):
 
     def reference_losses(self, states: Mapping[str, AdapterState], per_client: int) -> dict[str, dict[str, float]]: ...
 
+    def receiver_losses(
+        self, wanted: Mapping[str, Mapping[str, AdapterState]], max_blocks: int | None = None
+    ) -> dict[str, dict[str, float]]: ...
+
 
 class Strategy(Protocol):
     """Server-side logic of a method. State is a plain value passed in and returned, so a

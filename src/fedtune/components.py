@@ -146,6 +146,7 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
                 "use a first-order strategy (fedavg, fedit, ffa_lora, fedsb, ...) or drop train.dp_sgd",
             )
         )
+    problems += sam_problems(name, caps, cfg.train.sam_rho, cfg.train.dp_sgd is not None)
     if dp and caps.raw_data:
         problems.append(
             Problem(
@@ -174,6 +175,18 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
             cfg.strategy.params(), cfg.adapter, down, cfg.secure_aggregation
         )
     return problems
+
+
+def sam_problems(name: str, caps: Capabilities, rho: float, dp_sgd: bool) -> list[Problem]:
+    """train.sam_rho against the method: a sharpness-aware method needs it, and a strategy with
+    its own client update or DP-SGD's step would ignore it."""
+    if caps.sharpness_aware and rho == 0:
+        why = f"strategy {name!r} takes sharpness-aware (SAM) local steps, and train.sam_rho is 0 (plain steps)"
+        return [Problem("train.sam_rho", rho, why, "set train.sam_rho, e.g. 0.05")]
+    if rho > 0 and (caps.client_step or dp_sgd):
+        who = "DP-SGD's per-example step" if dp_sgd else f"strategy {name!r}'s own client update"
+        return [Problem("train.sam_rho", rho, f"{who} does not take SAM steps", "drop train.sam_rho")]
+    return []
 
 
 def model_limit_problems(cfg: ExperimentConfig, model_dir: str) -> list[Problem]:

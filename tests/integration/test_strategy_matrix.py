@@ -35,6 +35,8 @@ MATRIX = {
     "pcl:predictions": ["strategy.trust=predictions", "strategy.top_k=8"],
     "tac": ["strategy.clusters=2"],
     "gossip": ["strategy.topology=ring"],
+    "dfedsam": ["strategy.topology=ring", "train.sam_rho=0.05"],
+    "bristle_p2p": ["strategy.topology=ring", "strategy.reference_blocks=2"],
     "modest": ["strategy.trainers=2", "strategy.aggregators=2"],
     # codec state (error-feedback residuals) must survive the interruption too
     "fedavg:topk-ef-q4": [

@@ -79,6 +79,12 @@ class TrainConfig(_Strict):
     prox_mu: float = Field(
         0.0, ge=0.0, description="FedProx proximal term mu/2 ||w - w_received||^2 (arXiv:1812.06127)"
     )
+    sam_rho: float = Field(
+        0.0,
+        ge=0.0,
+        description="sharpness-aware local steps (SAM, arXiv:2010.01412): the gradient at w + rho g / ||g||; "
+        "0 = plain steps (DFedSAM: strategy.name dfedsam with e.g. 0.05)",
+    )
     dp_sgd: DPSGDConfig | None = Field(
         None,
         description="sample-level differential privacy on each client (per-example clipping + noise; "

@@ -184,6 +184,29 @@ class InProcessEngine:
                 )["loss"]
         return out
 
+    def receiver_losses(
+        self, wanted: Mapping[str, Mapping[str, AdapterState]], max_blocks: int | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Each receiver's scoring, on its own validation split (its training split's first
+        batch when it has none), of the models it holds ({receiver: {name: model}}): the loss
+        of each, {receiver: {name: loss}} (a peer's local computation: nothing travels)."""
+        out: dict[str, dict[str, float]] = {}
+        for j, models in wanted.items():
+            blocks, mask, _ = self._split(j, "val")
+            if blocks.shape[0] == 0:
+                blocks, mask, _ = self._split(j, "train")
+                blocks, mask = (
+                    blocks[: self.eval_batch_size],
+                    mask[: self.eval_batch_size] if mask is not None else None,
+                )
+            blocks, mask = blocks[:max_blocks], mask[:max_blocks] if mask is not None else None
+            for name, state in models.items():
+                self._load(j, state)
+                out.setdefault(j, {})[name] = evaluate_blocks(
+                    self.model, blocks, self.eval_batch_size, self.plan.spec.bf16, mask
+                )["loss"]
+        return out
+
     @torch.no_grad()
     def reference_logits(self, states: Mapping[str, AdapterState], blocks: torch.Tensor, k: int) -> dict[str, Any]:
         """Each client's model's top-k logits on a shared reference set (PCL's prediction

@@ -171,7 +171,7 @@ def run_peers(
             t_train = time.perf_counter()
 
             # exchange: the live trainers message their receivers, then each receiver mixes its inbox
-            mixed, sent, metrics = exchange(strategy, rnd, trained, roles, held)
+            mixed, sent, metrics = exchange(strategy, rnd, trained, roles, held, engine.peers)
             for j in sorted({*trained, *mixed}):  # version rnd of each peer's own state
                 store.put(j, replace(store.get(j, before=rnd + 1), peer=mixed.get(j) or trained[j]), rnd)
             per_peer = merge_bytes(fetched, sent)
@@ -247,11 +247,14 @@ def exchange(
     trained: Mapping[str, PeerState],
     roles: Roles | None = None,
     held: Mapping[str, PeerState] | None = None,
+    scorer: Any = None,
 ) -> tuple[dict[str, PeerState], dict[str, dict[str, int]], dict[str, Any]]:
     """One round's messages after training (`trained`: each live trainer's (x, w) after its step;
     `held`: the other receivers' states): each sender sends `strategy.message` to the receivers
     whose row of the round's coefficients names it, and each receiver mixes its inbox with its own
-    row. Returns the receivers' mixed states, each peer's bytes sent and received (lengths of the
+    row, after scoring on its own data the models it asks for (`strategy.to_score`; Bristle's
+    integrator) through `scorer` (the engine's `peers`: each receiver's own data, local, no
+    bytes). Returns the receivers' mixed states, each peer's bytes sent and received (lengths of the
     serialized messages, each message once) and the round's metrics (the strategy's, the largest
     factor-mixing error, the message count). Gossip: the live peers are senders and receivers."""
     live = sorted(trained)
@@ -262,12 +265,14 @@ def exchange(
     size = {i: len(serialize(m)) for i, m in sent.items()}
     inbox = {j: {i: sent[i] for i in coef[j] if i != j} for j in coef}
     per_peer = {c: {"bytes_up": 0, "bytes_down": 0} for c in sorted({*senders, *coef})}
+    wanted = {j: strategy.to_score(rnd, j, peers[j], inbox[j]) for j in sorted(coef)}
+    losses = scorer.receiver_losses(wanted) if scorer is not None and any(wanted.values()) else {}
     mixed, error = {}, 0.0
     for j in sorted(coef):
         for i in inbox[j]:
             per_peer[i]["bytes_up"] += size[i]
             per_peer[j]["bytes_down"] += size[i]
-        mixed[j], e = strategy.mix(j, peers[j], inbox[j], coef[j])
+        mixed[j], e = strategy.mix(j, peers[j], inbox[j], coef[j], losses.get(j))
         error = max(error, e)
     metrics = strategy.round_metrics(coef, {j: p.model() for j, p in mixed.items()})
     metrics.update(agg_error=error, gossip_messages=sum(len(m) for m in inbox.values()))

@@ -1,7 +1,9 @@
 """Strategies: one file per method, registered by name (importing the modules registers them)."""
 
 from fedtune.strategies import (  # noqa: F401
+    bristle_p2p,
     decentralized,
+    dfedsam,
     dp,
     fair,
     fedavg,

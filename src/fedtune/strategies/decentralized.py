@@ -136,10 +136,20 @@ class PeerStrategy(Protocol):
         """A peer's state after taking a received model as its own."""
         ...
 
+    def to_score(self, rnd: int, me: str, own: PeerState, inbox: Mapping[str, AdapterState]) -> dict[str, AdapterState]:
+        """The models peer `me` scores on its own data before mixing ({name: model}; {}: none)."""
+        ...
+
     def mix(
-        self, me: str, own: PeerState, inbox: Mapping[str, AdapterState], coef: Mapping[str, float]
+        self,
+        me: str,
+        own: PeerState,
+        inbox: Mapping[str, AdapterState],
+        coef: Mapping[str, float],
+        losses: Mapping[str, float] | None = None,
     ) -> tuple[PeerState, float]:
-        """Peer `me`'s local mix of its inbox with its row of coefficients, and the factor error."""
+        """Peer `me`'s local mix of its inbox with its row of coefficients (and the `losses` on its
+        own data of the models it asked to score), and the factor error."""
         ...
 
     def round_metrics(
@@ -256,8 +266,17 @@ class Gossip(StrategyBase):
     def adopt(self, own: PeerState, message: AdapterState) -> PeerState:
         return adopt_model(own, message)
 
+    def to_score(self, rnd: int, me: str, own: PeerState, inbox: Mapping[str, AdapterState]) -> dict[str, AdapterState]:
+        """Gossip scores nothing."""
+        return {}
+
     def mix(
-        self, me: str, own: PeerState, inbox: Mapping[str, AdapterState], coef: Mapping[str, float]
+        self,
+        me: str,
+        own: PeerState,
+        inbox: Mapping[str, AdapterState],
+        coef: Mapping[str, float],
+        losses: Mapping[str, float] | None = None,
     ) -> tuple[PeerState, float]:
         return mix_inbox(own, self.message(own), inbox, coef, me)
 

@@ -86,8 +86,17 @@ class MoDeST(StrategyBase):
     def adopt(self, own: PeerState, message: AdapterState) -> PeerState:
         return adopt_model(own, message)
 
+    def to_score(self, rnd: int, me: str, own: PeerState, inbox: Mapping[str, AdapterState]) -> dict[str, AdapterState]:
+        """MoDeST's aggregators score nothing."""
+        return {}
+
     def mix(
-        self, me: str, own: PeerState, inbox: Mapping[str, AdapterState], coef: Mapping[str, float]
+        self,
+        me: str,
+        own: PeerState,
+        inbox: Mapping[str, AdapterState],
+        coef: Mapping[str, float],
+        losses: Mapping[str, float] | None = None,
     ) -> tuple[PeerState, float]:
         return mix_inbox(own, self.message(own), inbox, coef, me)
 

@@ -46,6 +46,8 @@ class Capabilities:
         accounts_sampling: its privacy accounting depends on the client sampling rate (DP-FedAvg).
         peer_to_peer: no server: peers exchange states with their neighbours (gossip); the loop's
             relay of states is simulation plumbing, the strategy counts the peer messages.
+        own_models: every party trains its own model (any architecture) and only predictions
+            travel (trust_distill): the loop is `recipes/distill.py`.
     """
 
     has_global: bool = True
@@ -65,6 +67,7 @@ class Capabilities:
     base_offsets: bool = False
     accounts_sampling: bool = False
     peer_to_peer: bool = False
+    own_models: bool = False
 
     def weight(self, num_examples: int) -> float:
         """A client's weight in a masked sum."""

@@ -47,12 +47,13 @@ def truncate_layers_(model: Any, k: int) -> None:
 
 
 def reinit_(model: Any, seed: int) -> None:
-    """Re-draw every weight matrix N(0, 1) / sqrt(fan-in) (a random model; norms and biases kept)."""
+    """A broken model: every weight matrix re-drawn N(0, 1), norms and biases kept. Not a fresh
+    Hugging Face init (std 0.02), which for the tiny models is as good as their base: random too."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):
             if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+                p.copy_(torch.randn(p.shape, generator=g))
 
 
 def build_party_model(cfg: ExperimentConfig, base_dir: str, party: Party, cid: str) -> Any:

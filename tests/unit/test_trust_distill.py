@@ -93,3 +93,11 @@ def test_public_corpus_must_not_be_client_data(tiny_cfg):
         tiny_cfg("strategy.name=trust_distill", "strategy.public=stdlib")
     with pytest.raises(ConfigError, match="unknown keys"):
         tiny_cfg("strategy.name=trust_distill", 'strategy.parties=[{"depth": 2}]')
+
+
+def test_one_party_per_client():
+    from fedtune.strategies.trust_distill import TrustDistill
+
+    assert TrustDistill(parties=[{}, {"layers": 1}]).network_problems(["a", "b"], 0) == []
+    [p] = TrustDistill(parties=[{}]).network_problems(["a", "b"], 0)
+    assert p.field == "strategy.parties" and "2 clients" in p.constraint

@@ -232,6 +232,19 @@ class TrustDistill(StrategyBase):
     ) -> Aggregate:
         raise NotImplementedError("trust_distill runs its own loop (recipes/distill.py)")
 
+    def network_problems(self, client_ids: Sequence[str], seed: int) -> list[Any]:
+        """`parties`, when given, has one entry per registered client."""
+        if self.parties is None or len(self.parties) == len(client_ids):
+            return []
+        return [
+            Problem(
+                "strategy.parties",
+                len(self.parties),
+                f"one entry per client is needed, and there are {len(client_ids)} clients ({', '.join(client_ids)})",
+                f"list {len(client_ids)} parties in client order ({{}} for the run's model as it is)",
+            )
+        ]
+
     @classmethod
     def run_problems(cls, base_model: str, data_source: str, params: dict[str, Any]) -> list[Problem]:
         """Checks against the rest of the config: one tokenizer across the parties, and a public

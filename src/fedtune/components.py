@@ -170,6 +170,8 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
     if caps.peer_to_peer:
         codecs = {"codec.name": cfg.codec.name, "downlink_codec.name": down.name}
         problems += peer_problems(name, codecs, cfg.privacy.randomness)
+    if caps.own_models:  # each party's own model: one tokenizer, a public corpus that is not the clients'
+        problems += strategy_class(cfg).run_problems(cfg.model.name, cfg.data.source, cfg.strategy.params())
     if not refused:  # a strategy's own cross-field checks assume the adapter it declared
         problems += strategy_class(cfg).config_problems(
             cfg.strategy.params(), cfg.adapter, down, cfg.secure_aggregation

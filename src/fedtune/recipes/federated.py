@@ -23,6 +23,7 @@ from fedtune.models.adapters import get_state, trainable_keys
 from fedtune.models.export import export_adapters
 from fedtune.privacy.accounting import sample_epsilons
 from fedtune.privacy.randomness import describe
+from fedtune.recipes.loops import own_loop
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
@@ -100,10 +101,9 @@ def _run(
 ) -> RunResult:
     # 1. clients, data, model, strategy, engine (data fails before any weights load)
     fed = (federation or inprocess_federation)(cfg)
-    if fed.strategy.capabilities.peer_to_peer:  # no server: the peers' own loop
-        from fedtune.recipes.decentralized import run_peers
-
-        return run_peers(cfg, fed, run_dir, t_start, resume, progress, after_round, console, trackers)
+    loop = own_loop(fed.strategy.capabilities)  # no server (peers), or each party's own model (distill)
+    if loop is not None:
+        return loop(cfg, fed, run_dir, t_start, resume, progress, after_round, console, trackers)
     strategy, engine, caps, ids = fed.strategy, fed.engine, fed.strategy.capabilities, fed.client_ids
     chat = "data_chat_template" in fed.round0  # instruction data (DP-SGD's unit is one example)
     up_codec, down_codec = components.build_codec(cfg), components.build_codec(cfg, downlink=True)

@@ -19,6 +19,7 @@ from fedtune.strategies import (  # noqa: F401
     personal,
     robust,
     safari,
+    trust_distill,
 )
 from fedtune.strategies.base import STRATEGIES, Strategy
 

@@ -47,6 +47,8 @@ class Capabilities:
         peer_to_peer: no server: peers exchange states with their neighbours (gossip); the loop's
             relay of states is simulation plumbing, the strategy counts the peer messages.
         sharpness_aware: its local steps are SAM's (DFedSAM): needs `train.sam_rho` > 0.
+        own_models: every party trains its own model (any architecture) and only predictions
+            travel (trust_distill): the loop is `recipes/distill.py`.
     """
 
     has_global: bool = True
@@ -67,6 +69,7 @@ class Capabilities:
     accounts_sampling: bool = False
     peer_to_peer: bool = False
     sharpness_aware: bool = False
+    own_models: bool = False
 
     def weight(self, num_examples: int) -> float:
         """A client's weight in a masked sum."""

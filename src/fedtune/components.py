@@ -170,6 +170,15 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
     if caps.peer_to_peer:
         codecs = {"codec.name": cfg.codec.name, "downlink_codec.name": down.name}
         problems += peer_problems(name, codecs, cfg.privacy.randomness)
+    if caps.own_sampling:  # a silently ignored sampling section would misstate the run
+        sampling = {
+            "sampling.fraction": (cfg.sampling.fraction, 1.0),
+            "sampling.min_clients": (cfg.sampling.min_clients, 1),
+        }
+        for key, (value, default) in sampling.items():
+            if value != default:
+                why = f"strategy {name!r} samples each round's peers itself (its own parameters)"
+                problems.append(Problem(key, value, why, f"drop {key}; size the round with the strategy's parameters"))
     if caps.own_models:  # each party's own model: one tokenizer, a public corpus that is not the clients'
         problems += strategy_class(cfg).run_problems(cfg.model.name, cfg.data.source, cfg.strategy.params())
     if not refused:  # a strategy's own cross-field checks assume the adapter it declared

@@ -49,6 +49,8 @@ class Capabilities:
         sharpness_aware: its local steps are SAM's (DFedSAM): needs `train.sam_rho` > 0.
         own_models: every party trains its own model (any architecture) and only predictions
             travel (trust_distill): the loop is `recipes/distill.py`.
+        own_sampling: its sampler picks each round's peers from its own parameters (MoDeST's
+            trainers and aggregators): `sampling.fraction` and `sampling.min_clients` do not apply.
     """
 
     has_global: bool = True
@@ -70,6 +72,7 @@ class Capabilities:
     peer_to_peer: bool = False
     sharpness_aware: bool = False
     own_models: bool = False
+    own_sampling: bool = False
 
     def weight(self, num_examples: int) -> float:
         """A client's weight in a masked sum."""

@@ -55,7 +55,9 @@ class MoDeST(StrategyBase):
     aggregators: int = 1
     success_fraction: float = 1.0
 
-    capabilities = Capabilities(has_global=False, personalized=True, transmits=False, peer_to_peer=True)
+    capabilities = Capabilities(
+        has_global=False, personalized=True, transmits=False, peer_to_peer=True, own_sampling=True
+    )
 
     def network_problems(self, client_ids: Sequence[str], seed: int) -> list[Problem]:
         n, out = len(client_ids), []

@@ -106,12 +106,13 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
     adapter_problems = build_adapter(cfg.adapter).problems(dp=dp, dp_sgd=cfg.train.dp_sgd is not None)
     problems += adapter_problems
     ranks_refused = any(p.field == "adapter.ranks" for p in adapter_problems)
-    if cfg.adapter.ranks is not None and not caps.heterogeneous_ranks and not ranks_refused:
+    auto = getattr(cfg.adapter, "auto", None)
+    if (cfg.adapter.ranks is not None or auto is not None) and not caps.heterogeneous_ranks and not ranks_refused:
         ok = [n for n in STRATEGIES.names() if STRATEGIES.get(n)().capabilities.heterogeneous_ranks]
         problems.append(
             Problem(
-                "adapter.ranks",
-                cfg.adapter.ranks,
+                "adapter.ranks" if auto is None else "adapter.auto",
+                cfg.adapter.ranks if auto is None else "set",
                 f"strategy {name!r} needs one rank for all clients",
                 f"drop adapter.ranks or use one of: {', '.join(ok)}",
             )
@@ -236,6 +237,26 @@ def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Pr
         out.append(
             Problem("train.client_lr", cfg.train.client_lr, f"no client {', '.join(unknown)}", f"use client ids: {ids}")
         )
+    named = {"client_codecs": sorted(cfg.client_codecs)}
+    auto = getattr(cfg.adapter, "auto", None)
+    for key in ("per_client_memory_gb", "budget_mb") if auto is not None else ():
+        value = getattr(auto, key)
+        if isinstance(value, dict):
+            named[f"adapter.auto.{key}"] = sorted(value)
+            missing = sorted(set(client_ids) - set(value))
+            if missing:
+                out.append(
+                    Problem(
+                        f"adapter.auto.{key}",
+                        value,
+                        f"no value for {', '.join(missing)}",
+                        f"give one per client: {ids}",
+                    )
+                )
+    for key, given in named.items():
+        unknown = sorted(set(given) - set(client_ids))
+        if unknown:
+            out.append(Problem(key, given, f"no client {', '.join(unknown)}", f"use client ids: {ids}"))
     out += build_adapter(cfg.adapter).client_problems(client_ids)
     cls = strategy_class(cfg)
     if cls is not None and n > 0:
@@ -374,11 +395,14 @@ def check_codec(field: str, codec: Any) -> list[Problem]:
     return problems
 
 
-def build_codec(cfg: ExperimentConfig, downlink: bool = False) -> Any:
-    """The uplink codec (`codec`), or the downlink one (`downlink_codec`, default: `codec`)."""
+def build_codec(cfg: ExperimentConfig, downlink: bool = False, client: str | None = None) -> Any:
+    """The uplink codec (`codec`; a client's own from `client_codecs` when given), or the
+    downlink one (`downlink_codec`, default: `codec`)."""
     from fedtune.codecs import Chain
 
     codec = cfg.downlink_codec if downlink and cfg.downlink_codec is not None else cfg.codec
+    if not downlink and client is not None:
+        codec = cfg.client_codecs.get(client, codec)
     return Chain(tuple(CODECS.get(name)(**params) for name, params in codec_stages(codec)))
 
 

@@ -31,10 +31,54 @@ class AdapterOptions(_Strict):
         return self
 
 
+class AutoRankConfig(_Strict):
+    """`adapter.auto` (FedPipe-style, `fedtune.models.auto_rank`): each client's LoRA rank and
+    upload bits from its declared resources; the heterogeneous ranks aggregate with a strategy
+    that takes them (flora, flexlora, hetlora)."""
+
+    per_client_memory_gb: float | dict[str, float] = Field(
+        description="training memory each client has (GB): one number for all, or {client id: GB}"
+    )
+    budget_mb: float | dict[str, float] | None = Field(
+        None, description="upload bytes each client may send per round (MB): one number or {client id: MB}"
+    )
+    ranks: list[int] = Field([1, 2, 4, 8, 16, 32], min_length=1, description="candidate ranks")
+    bits: list[Literal[32, 16, 8, 4, 2]] = Field(
+        [32, 16, 8, 4], min_length=1, description="candidate upload bits (32 identity, 16 fp16, 8/4/2 quantize)"
+    )
+
+    @model_validator(mode="after")
+    def _positive(self) -> AutoRankConfig:
+        for key in ("per_client_memory_gb", "budget_mb"):
+            value = getattr(self, key)
+            values = value.values() if isinstance(value, dict) else [] if value is None else [value]
+            if any(v <= 0 for v in values):
+                raise ValueError(f"{key} = {value}: give positive numbers, e.g. 8")
+        if min(self.ranks) < 1:
+            raise ValueError(f"ranks = {self.ranks}: give positive ranks, e.g. [2, 4, 8, 16]")
+        return self
+
+    def per_client(self, key: str, client_ids: list[str]) -> dict[str, float]:
+        """`per_client_memory_gb` / `budget_mb` as {client: value} ({} when budget_mb is unset)."""
+        value = getattr(self, key)
+        if value is None:
+            return {}
+        return dict(value) if isinstance(value, dict) else dict.fromkeys(client_ids, float(value))
+
+
 class LoraAdapterConfig(AdapterOptions):
     """LoRA through PEFT (arXiv:2106.09685): dW = (alpha / r) B A; the default kind."""
 
     kind: Literal["lora"] = "lora"
+    auto: AutoRankConfig | None = Field(
+        None, description="pick each client's rank (and upload bits) from its resources instead of adapter.ranks"
+    )
+
+    @model_validator(mode="after")
+    def _auto_or_ranks(self) -> LoraAdapterConfig:
+        if self.auto is not None and self.ranks is not None:
+            raise ValueError("adapter.auto picks the per-client ranks: drop adapter.ranks, or drop adapter.auto")
+        return self
 
 
 class LoraSBAdapterConfig(AdapterOptions):

@@ -294,6 +294,11 @@ class ExperimentConfig(_Strict):
         "a stage name or {name: chain, stages: [...]}",
     )
     downlink_codec: CodecConfig | None = Field(None, description="server -> client codec (default: codec)")
+    client_codecs: dict[str, CodecConfig] = Field(
+        default_factory=dict,
+        description="per-client uplink codec by client id (a slow link quantizes harder); the others use "
+        "codec; adapter.auto fills it from budget_mb",
+    )
     budget_mb: float | None = Field(
         None,
         gt=0.0,

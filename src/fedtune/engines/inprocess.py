@@ -29,6 +29,7 @@ from fedtune.engines.federation import (
     device_facts,
     load_shards,
     rank_per_client,
+    resolve_auto,
     run_precision,
     variants_per_client,
 )
@@ -236,6 +237,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     tokenizer = load_tokenizer(model_dir)
     shards, data = load_shards(cfg, tokenizer)
     ids = list(shards)
+    cfg, auto = resolve_auto(cfg, ids, model_dir)  # adapter.auto: ranks and upload codecs per client
     ranks = rank_per_client(cfg, ids)
     variants_per_client(cfg, ids)  # the lists' lengths are checked before the model loads
     cfg, precision, slow = run_precision(cfg)  # 'auto' dtype / bf16 for this device
@@ -263,7 +265,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
         engine = FaultInjection(engine, faults, cfg.seed)
     collected = _data_bytes(shards) if caps.pools_data else 0
     facts = device_facts(model, precision, slow)
-    round0 = {**data, **facts, "warmup_seconds": warmup, **({"attackers": sorted(bad)} if bad else {})}
+    round0 = {**data, **facts, **auto, "warmup_seconds": warmup, **({"attackers": sorted(bad)} if bad else {})}
     return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, collected, round0, store)
 
 

@@ -282,6 +282,7 @@ def receive(
     """Decode the uplink payloads (one decoder state per sender) and screen them: NaN/Inf,
     unknown or missing keys, wrong shapes or dtypes, oversized payloads become failures."""
     updates, failures, presummed = [], [], None
+    own = {cid: components.build_codec(cfg, client=cid) for cid in cfg.client_codecs}  # per-client uplinks
     for r in replies:
         if isinstance(r, ClientFailure):
             failures.append(r)
@@ -291,7 +292,7 @@ def receive(
         elif presummed is None and not r.payload:  # a SecAgg+ participant: metrics only
             updates.append(ClientUpdate(r.client_id, {}, r.num_examples, dict(r.metrics), r.bytes_up, r.bytes_down))
         else:
-            delta, codec_states["dec:" + r.client_id] = up_codec.decode(
+            delta, codec_states["dec:" + r.client_id] = own.get(r.client_id, up_codec).decode(
                 r.payload, codec_states.get("dec:" + r.client_id)
             )
             updates.append(ClientUpdate(r.client_id, delta, r.num_examples, r.metrics, r.bytes_up, r.bytes_down))

@@ -36,6 +36,7 @@ MATRIX = {
     "tac": ["strategy.clusters=2"],
     "gossip": ["strategy.topology=ring"],
     "dfedsam": ["strategy.topology=ring", "train.sam_rho=0.05"],
+    "dimat": ["strategy.topology=ring"],
     "bristle_p2p": ["strategy.topology=ring", "strategy.reference_blocks=2"],
     "modest": ["strategy.trainers=2", "strategy.aggregators=2"],
     # codec state (error-feedback residuals) must survive the interruption too

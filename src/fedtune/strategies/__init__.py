@@ -4,6 +4,7 @@ from fedtune.strategies import (  # noqa: F401
     bristle_p2p,
     decentralized,
     dfedsam,
+    dimat,
     dp,
     fair,
     fedavg,

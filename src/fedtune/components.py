@@ -171,6 +171,10 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
     if caps.peer_to_peer:
         codecs = {"codec.name": cfg.codec.name, "downlink_codec.name": down.name}
         problems += peer_problems(name, codecs, cfg.privacy.randomness)
+    if cfg.sampling.link_drop > 0 and not caps.peer_to_peer:
+        peers = sorted(n for n in STRATEGIES.names() if STRATEGIES.get(n)().capabilities.peer_to_peer)
+        why = f"strategy {name!r} has a server: its messages are jobs and replies (use sampling.dropout)"
+        problems.append(Problem("sampling.link_drop", cfg.sampling.link_drop, why, f"use one of: {', '.join(peers)}"))
     if caps.own_sampling:  # a silently ignored sampling section would misstate the run
         sampling = {
             "sampling.fraction": (cfg.sampling.fraction, 1.0),

@@ -180,6 +180,13 @@ class SamplingConfig(_Strict):
         default_factory=AvailabilityConfig, description="availability traces: which clients can be sampled"
     )
     straggler_slowdown: float = Field(4.0, ge=1.0, description="the slowest a straggler gets, in normal client times")
+    link_drop: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="unreliable links (peer-to-peer strategies): each peer message is lost with this probability "
+        "(seeded per round, sender and receiver; counted as sent, not received; recorded as dropped_messages)",
+    )
     deadline: float | None = Field(
         None,
         ge=1.0,

@@ -63,3 +63,25 @@ def test_a_server_strategy_refuses_link_drop(tiny_cfg) -> None:
     with pytest.raises(ConfigError, match=r"sampling.link_drop = 0.1.*has a server.*use one of: .*gossip"):
         tiny_cfg("sampling.link_drop=0.1")
     assert tiny_cfg("sampling.link_drop=0.1", "strategy.name=gossip").sampling.link_drop == 0.1
+
+
+def test_a_rejoining_peer_fetches_a_neighbours_model() -> None:
+    """rejoin: fetch: a peer absent from the previous round starts from its first neighbour that
+    took part (a counted message); the others from their own; push-sum refuses it by name."""
+    from fedtune.peer_sampling import Roles
+    from fedtune.recipes.decentralized import fetch
+
+    ids = ("a", "b", "c", "d")  # ring a-b-c-d-a
+    g = Gossip(topology="ring", rejoin="fetch", ctx=RunContext(client_ids=ids))
+    previous = Roles(("b", "c"), ("b", "c"))  # a and d were offline
+    sources = g.sources(2, ids, previous)
+    assert sources == {"a": "b", "b": "b", "c": "c", "d": "c"}
+    held = {c: PeerState({KEY: torch.tensor([[float(k)]])}) for k, c in enumerate(ids)}
+    own, moved = fetch(g, sources, held)
+    assert own["a"].x[KEY].item() == 1.0 and own["d"].x[KEY].item() == 2.0 and own["b"] is held["b"]
+    size = len(serialize({KEY: torch.zeros(1, 1)}))
+    assert moved == {"b": {"bytes_up": size, "bytes_down": 0}, "a": {"bytes_up": 0, "bytes_down": size},
+                     "c": {"bytes_up": size, "bytes_down": 0}, "d": {"bytes_up": 0, "bytes_down": size}}  # fmt: skip
+    assert Gossip(topology="ring", ctx=RunContext(client_ids=ids)).sources(2, ids, previous) == {c: c for c in ids}
+    pushed = Gossip(topology="ring", rejoin="fetch", mixing="push_sum", ctx=RunContext(client_ids=ids))
+    assert [p.field for p in pushed.network_problems(list(ids), 0)] == ["strategy.rejoin"]

@@ -123,6 +123,14 @@ def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_co
         "the receiving neighbour), or use a server strategy on engine.name: inprocess / flower-deploy",
     )
     need(
+        engine.name == "inprocess" or not caps.own_models,
+        field,
+        value,
+        f"strategy {s!r} trains one model per party (each its own architecture) in this process; "
+        "its Flower messages (predictions, not adapters) are not written yet",
+        _INPROCESS,
+    )
+    need(
         engine.peer_scoring or not caps.scores_peers,
         field,
         value,
@@ -173,6 +181,14 @@ def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_co
                 "engine.timeout seconds is a recorded failure",
                 f"drop sampling.{key} (use engine.timeout and sampling.min_updates)",
             )
+        need(
+            not getattr(cfg.sampling, "link_drop", 0.0),
+            "sampling.link_drop",
+            getattr(cfg.sampling, "link_drop", 0.0),
+            "simulated lossy links are for the in-process engine; between peer processes a message that does "
+            "not arrive by engine.timeout is really lost (recorded)",
+            "set sampling.link_drop: 0",
+        )
     need(
         engine.name != "flower" or cfg.engine.name != "flower-deploy" or cfg.randomness() == "secure",
         "privacy.randomness",

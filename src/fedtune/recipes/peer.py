@@ -14,7 +14,7 @@ first use, and a peer uses only its own) and keeps its own state on its own disk
         coef    = strategy.coefficients(rnd, live, roles)   the simulator's coefficients
         send    : serialize(strategy.message(mine)) to each receiver whose row names me
         inbox   = the messages of my row's senders that arrive by the deadline; a missing
-                  sender's weight stays on my diagonal (as an absent edge in the simulator)
+                  one is a lost message, handled as the simulator does (`delivered`)
         mixed   = strategy.mix(me, mine, inbox, row)       the simulator's mix
         store   : version rnd of my ClientState; evaluate my model; append my record; announce "done"
 
@@ -46,12 +46,13 @@ from fedtune.engines.plan import privacy_facts
 from fedtune.errors import FedtuneError
 from fedtune.models.adapters import get_state
 from fedtune.models.export import export_adapters
-from fedtune.recipes.decentralized import PEER_SAMPLING, peer_state
+from fedtune.recipes.decentralized import PEER_SAMPLING, delivered, peer_state
 from fedtune.recipes.federated import receive, run_jobs
 from fedtune.report import io
 from fedtune.report.records import client_records, eval_records
 from fedtune.sampling import evaluation_clients, online_clients
 from fedtune.seeding import torch_generator
+from fedtune.strategies.decentralized import PUSH_SUM_WEIGHT
 from fedtune.types import ClientFailure, add_states
 
 PEERS_DIR = "peers"
@@ -241,8 +242,10 @@ def peer_round(
         inbox = {i: deserialize(b) for i, b in got.items()}
         down += sum(len(b) for b in got.values())
         missing = sorted(set(senders) - set(got))
-        row = keep_on_diagonal(row, missing, me)
-        mine, error = strategy.mix(me, mine, inbox, row)
+        push_sum = PUSH_SUM_WEIGHT in strategy.message(mine)
+        row = delivered(row, me, set(missing), push_sum)  # the simulator's rule for a lost message
+        if row:
+            mine, error = strategy.mix(me, mine, inbox, row)
     t_mix = time.perf_counter()
     if updates or row:
         store.put(me, replace(store.get(me, before=rnd + 1), peer=mine), rnd)
@@ -283,18 +286,3 @@ def past(net: Swarm, missing: set[str], rnd: int) -> bool:
     """No message will come from `missing`: each is down or finished round `rnd` without me (I am late)."""
     done = net.read("done")
     return all(p in net.down({p}) or int(done.get(p, 0)) >= rnd for p in missing)
-
-
-def keep_on_diagonal(row: dict[str, float], missing: list[str], me: str) -> dict[str, float]:
-    """My row without the senders whose message never came: their weight stays on my own
-    coefficient (as the simulator keeps an absent neighbour's weight on the diagonal), so the row
-    still sums to one; a row without me is renormalized over the senders that arrived."""
-    if not missing:
-        return row
-    lost = sum(row[i] for i in missing)
-    kept = {i: c for i, c in row.items() if i not in missing}
-    if me in kept:
-        kept[me] += lost
-        return kept
-    total = sum(kept.values())
-    return {i: c / total for i, c in kept.items()} if total > 0 else kept

@@ -194,6 +194,7 @@ def peer_round(
     held = peer_state(store.get(me, before=rnd), init)
     up = down = 0
     notes: list[str] = []
+    reached: list[str] = []  # the peers my messages of this round were delivered to (announced: `past`)
 
     # fetch: send my state to the trainers that start from it; receive mine if it is someone else's
     for t, src in sorted(sources.items()):
@@ -202,10 +203,13 @@ def peer_round(
             why = net.send(t, "fetch", rnd, data, timeout)
             notes += [why] if why else []
             up += 0 if why else len(data)
+            reached += [] if why else [t]
+    if reached:
+        net.announce(f"sent/{rnd}", reached)
     own = held
     src = sources.get(me, me)
     if src != me:
-        got = net.receive("fetch", rnd, [src], time.monotonic() + timeout, lambda m: past(net, m, rnd))
+        got = net.receive("fetch", rnd, [src], time.monotonic() + timeout, lambda m: past(net, m, rnd, me))
         if src in got:
             own, down = strategy.adopt(held, deserialize(got[src])), down + len(got[src])
         else:
@@ -235,10 +239,12 @@ def peer_round(
                 why = net.send(j, "mix", rnd, data, timeout)
                 notes += [why] if why else []
                 up += 0 if why else len(data)
+                reached += [] if why else [j]
+        net.announce(f"sent/{rnd}", reached)  # a receiver waits for what was sent to it, even past my round
     row, error, missing, inbox = dict(coef.get(me, {})), 0.0, [], {}
     if row:
         senders = [i for i in row if i != me]
-        got = net.receive("mix", rnd, senders, time.monotonic() + timeout, lambda m: past(net, m, rnd))
+        got = net.receive("mix", rnd, senders, time.monotonic() + timeout, lambda m: past(net, m, rnd, me))
         inbox = {i: deserialize(b) for i, b in got.items()}
         down += sum(len(b) for b in got.values())
         missing = sorted(set(senders) - set(got))
@@ -282,7 +288,8 @@ def peer_round(
     return {"round": rnd, "record": recs[0] if recs else None, "peer": peer}
 
 
-def past(net: Swarm, missing: set[str], rnd: int) -> bool:
-    """No message will come from `missing`: each is down or finished round `rnd` without me (I am late)."""
-    done = net.read("done")
-    return all(p in net.down({p}) or int(done.get(p, 0)) >= rnd for p in missing)
+def past(net: Swarm, missing: set[str], rnd: int, me: str) -> bool:
+    """No message will come from `missing`: each is down, or finished round `rnd` without sending
+    to me (I am late). A message a sender delivered to my daemon is waited for until the deadline."""
+    done, sent = net.read("done"), net.read(f"sent/{rnd}")
+    return all(p in net.down({p}) or (int(done.get(p, 0)) >= rnd and me not in sent.get(p, [])) for p in missing)

@@ -22,6 +22,7 @@ from typing import Any
 from fedtune.errors import FedtuneError
 
 MESSAGE_PROTOCOL = "fedtune.peer-message"
+ACK = b"\x06"
 DHT_TTL = 24 * 3600.0  # seconds a swarm's DHT records live: longer than any run
 POLL_SECONDS = 0.1
 # hivemind's DHT waits 3 s for a node: a live node busy training on a loaded CPU may take longer
@@ -145,17 +146,23 @@ class Swarm:
         try:
             header = json.loads(await self._P2P.receive_raw_data(reader))
             payload = await self._P2P.receive_raw_data(reader)
+            with self._lock:
+                self._inbox[(str(header["kind"]), int(header["round"]), str(header["sender"]))] = payload
+                self._lock.notify_all()
+            writer.write(ACK)  # the sender counts a message as delivered only on this byte
+            await writer.drain()
         finally:
             writer.close()
-        with self._lock:
-            self._inbox[(str(header["kind"]), int(header["round"]), str(header["sender"]))] = payload
-            self._lock.notify_all()
 
     async def _send(self, peer: str, header: bytes, payload: bytes) -> None:
-        _, _, writer = await self._p2p.call_binary_stream_handler(self._ids[peer], self._protocol)
+        _, reader, writer = await self._p2p.call_binary_stream_handler(self._ids[peer], self._protocol)
         try:
             await self._P2P.send_raw_data(header, writer)
             await self._P2P.send_raw_data(payload, writer)
+            # closing at once can reset the libp2p stream before the daemon forwarded the bytes:
+            # wait for the receiver's acknowledgement (it has the whole message in its inbox)
+            if await reader.readexactly(len(ACK)) != ACK:
+                raise ConnectionError(f"peer {peer!r} did not acknowledge the message")
         finally:
             writer.close()
 

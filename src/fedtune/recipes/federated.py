@@ -1,6 +1,6 @@
 """The federated loop, top to bottom: clients + model + strategy + engine (a Federation) ->
 rounds of (sample -> configure -> encode -> clients run -> decode + screen -> aggregate ->
-evaluate -> append records + checkpoint) -> export + report."""
+evaluate -> append records + checkpoint) -> export + report. (`task: embedding`: recipes/embedding.py)"""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from fedtune.models.adapters import get_state, trainable_keys
 from fedtune.models.export import export_adapters
 from fedtune.privacy.accounting import sample_epsilons
 from fedtune.privacy.randomness import describe
+from fedtune.recipes.embedding import run_embedding
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
@@ -75,7 +76,8 @@ def run_federated(
     r = cfg.report
     trackers = open_trackers(r.trackers, run_dir, cfg.model_dump(), r.mlflow_uri, r.mlflow_experiment, cfg.name)
     try:
-        result = _run(cfg, run_dir, t_start, resume, progress, after_round, console, federation, trackers)
+        run = run_embedding if cfg.task == "embedding" else _run
+        result = run(cfg, run_dir, t_start, resume, progress, after_round, console, federation, trackers)
     except BaseException as e:
         for t in trackers:
             t.finish(run_dir / "plots", "failed")
@@ -231,9 +233,8 @@ def round_bytes(
     agg: Aggregate,
     collected: int,
 ) -> tuple[int, int]:
-    """(bytes up, bytes down) of a round, every number the length of a real payload: uploads
-    (failed ones too), downloads, the strategy's extra exchanges and raw data it collected
-    (local / centralized: no model crosses the network)."""
+    """(bytes up, bytes down) of a round, each the length of a real payload: uploads (failed ones too), downloads,
+    the strategy's extra exchanges and raw data it collected (local / centralized: no model crosses the network)."""
     wire = int(transmits)
     up = wire * (sum(u.bytes_up for u in updates) + sum(f.bytes_up for f in failures)) + agg.bytes_up + collected
     return up, wire * sum(len(j.payload) for j in jobs) + agg.bytes_down
@@ -279,8 +280,7 @@ def receive(
     cfg: ExperimentConfig,
     caps: Any,
 ) -> tuple[list[ClientUpdate], list[ClientFailure], ClientUpdate | None]:
-    """Decode the uplink payloads (one decoder state per sender) and screen them: NaN/Inf,
-    unknown or missing keys, wrong shapes or dtypes, oversized payloads become failures."""
+    """Decode uplinks (a decoder state per sender), screen them: NaN/Inf, bad keys/shapes/dtypes/sizes fail."""
     updates, failures, presummed = [], [], None
     for r in replies:
         if isinstance(r, ClientFailure):

@@ -1,6 +1,7 @@
 """Retrieval scored in the loop: each party's test queries against its own test documents, and
 the pooled test set (every party's pairs together, plus nearest-neighbour topic accuracy of the
-pooled documents by their labels)."""
+pooled documents by their labels). The generation side stays measured: each party's model's plain
+next-token loss on its test pairs (query then document tokens, cut to the embedded length), `lm_loss`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fedtune.embedding.gem import embed_ids
+from fedtune.embedding.gem import embed_ids, plain_ntp_loss
 from fedtune.embedding.parties import Party
 from fedtune.embedding.train import load_gem_state_
 from fedtune.evaluation.retrieval import knn_accuracy, retrieval_metrics
@@ -19,7 +20,13 @@ from fedtune.types import AdapterState
 def party_metrics(model: Any, tokens: torch.Tensor, party: Party, batch_size: int, bf16: bool) -> dict[str, float]:
     q = embed_ids(model, party.query_ids, tokens, batch_size, bf16)
     d = embed_ids(model, party.doc_ids, tokens, batch_size, bf16)
-    return retrieval_metrics(q, d)
+    out = retrieval_metrics(q, d)
+    cap = max(len(r) for r in [*party.query_ids, *party.doc_ids])  # the text length the run embeds
+    rows = [r for r in ((x + y)[:cap] for x, y in zip(party.query_ids, party.doc_ids)) if len(r) >= 2]
+    with torch.no_grad():
+        losses = [float(plain_ntp_loss(model, rows[i : i + batch_size], bf16)) for i in range(0, len(rows), batch_size)]
+    out["lm_loss"] = sum(losses) / len(losses) if losses else float("nan")
+    return out
 
 
 def pooled_metrics(

@@ -157,10 +157,10 @@ def export_gem(model: Any, state: AdapterState, out: Path, base: str, adapter_cf
 
 def _summary(per: dict[str, dict[str, float]], pooled: dict[str, float]) -> dict[str, Any]:
     out: dict[str, Any] = {f"pooled_{m}": v for m, v in pooled.items()}
-    for m in ("recall@1", "recall@10", "mrr", "ndcg@10"):
+    for m in ("recall@1", "recall@10", "mrr", "ndcg@10", "lm_loss"):
         values = [x[m] for x in per.values()]
         out[f"mean_{m}"] = sum(values) / len(values)
-        out[f"worst_{m}"] = min(values)
+        out[f"worst_{m}"] = max(values) if m == "lm_loss" else min(values)
     return out
 
 

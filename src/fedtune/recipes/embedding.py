@@ -65,7 +65,7 @@ def run_embedding(
     tokenizer = load_tokenizer(model_dir)
     parties = build_parties(cfg, tokenizer, cfg.data.block_size - k)
     ids = list(parties)
-    cfg, _, _ = run_precision(cfg)
+    written, (cfg, _, _) = cfg, run_precision(cfg)  # config.yaml keeps 'auto' (resolved per device)
     model, adapter_cfg = build_adapted_model(cfg, model_dir, {}, tokenizer)
     device = next(model.parameters()).device
     tokens = torch.nn.Parameter(init_tokens(model, k, torch_generator(cfg.seed, "gem-init")).to(device))
@@ -81,7 +81,7 @@ def run_embedding(
         start, global_state, sstate, cum = ckpt["round"] + 1, ckpt["global"], ckpt["strategy_state"], ckpt["cum"]
         io.write_jsonl(metrics_path, [r for r in io.read_jsonl(metrics_path) if r["round"] <= ckpt["round"]])
     else:
-        io.write_atomic(run_dir / io.CONFIG, config_to_yaml(cfg))
+        io.write_atomic(run_dir / io.CONFIG, config_to_yaml(written))
         global_state = gem_state(model, tokens)
         sstate, start, cum = strategy.init_state(global_state), 1, 0
         per, pooled = evaluate_states(model, tokens, dict.fromkeys(ids, global_state), parties, bs, bf16, knn)

@@ -45,3 +45,26 @@ def test_knn_accuracy_by_hand():
     assert knn_accuracy(emb, labels) == pytest.approx(expected)
     assert expected == pytest.approx(4 / 5)
     assert math.isnan(knn_accuracy(emb[:1], labels[:1]))
+
+
+def test_pairs_from_conversations_and_from_newsgroup_openings():
+    import json
+
+    import datasets
+
+    from fedtune.data.pairs import corpus_pairs, opening_pairs
+
+    msgs = [
+        [{"role": "user", "content": "what is tea"}, {"role": "assistant", "content": "a drink"}],
+        [
+            {"role": "user", "content": "Write the function `f`. Its docstring:\n\nAdd one."},
+            {"role": "assistant", "content": "def f(x):\n    return x + 1"},
+        ],
+    ]
+    ds = datasets.Dataset.from_dict(
+        {"text": ["a", "b"], "label": ["food", "json"], "messages": [json.dumps(m) for m in msgs]}
+    )
+    p = corpus_pairs(ds, "chatterbot")
+    assert p.queries == ["what is tea", "Add one."] and p.docs[0] == "a drink" and p.labels == ["food", "json"]
+    o = opening_pairs(["re gospel dating in article writes well", "short"], ["x", "y"], words=3)
+    assert o.queries == ["re gospel dating", "short"] and o.docs == ["in article writes well", ""]

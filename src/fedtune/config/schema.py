@@ -316,7 +316,7 @@ class ExperimentConfig(_Strict):
     task: Literal["generate", "embedding"] = Field(
         "generate",
         description="'generate': next-token / instruction fine-tuning; 'embedding': GEM text embeddings "
-        "(section embedding; data with (query, document) pairs: chatterbot, stdlib-docstrings)",
+        "(section embedding; (query, document) pairs from chatterbot, stdlib-docstrings, 20newsgroups or files)",
     )
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     rounds: int = Field(3, ge=1)

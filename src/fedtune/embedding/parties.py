@@ -24,6 +24,7 @@ class Party:
     test: Pairs
     query_ids: list[list[int]]
     doc_ids: list[list[int]]
+    dropped: int = 0  # pairs with an empty query or document (e.g. a one-line post)
 
 
 def tokenize(texts: list[str], tokenizer: Any, limit: int) -> list[list[int]]:
@@ -37,7 +38,8 @@ def build_parties(cfg: ExperimentConfig, tokenizer: Any, limit: int) -> dict[str
     ds = load_corpus(cfg.data)
     pairs = corpus_pairs(ds, cfg.data.source)
     parties, empty = {}, []
-    for cid, rows in sorted(partition_ids(ds, cfg.partition, cfg.seed).items()):
+    for cid, all_rows in sorted(partition_ids(ds, cfg.partition, cfg.seed).items()):
+        rows = [i for i in all_rows if pairs.queries[i].strip() and pairs.docs[i].strip()]
         if len(rows) < 2:
             empty.append(f"{cid} ({len(rows)} pair)")
             continue
@@ -45,9 +47,8 @@ def build_parties(cfg: ExperimentConfig, tokenizer: Any, limit: int) -> dict[str
         test = pairs.take(test_rows[: cfg.evaluation.max_examples])
         train = [r for r in tokenize(pairs.take(train_rows).texts(), tokenizer, limit) if len(r) >= 2]
         train = train[: cfg.data.max_train_blocks]
-        parties[cid] = Party(
-            cid, train, test, tokenize(test.queries, tokenizer, limit), tokenize(test.docs, tokenizer, limit)
-        )
+        q, d = tokenize(test.queries, tokenizer, limit), tokenize(test.docs, tokenizer, limit)
+        parties[cid] = Party(cid, train, test, q, d, len(all_rows) - len(rows))
     if empty:
         raise DataError(
             f"{len(empty)} part(ies) have fewer than 2 pairs (one to train, one to test): {', '.join(empty[:10])}; "

@@ -89,6 +89,7 @@ def run_embedding(
         summary.update(
             setup_seconds=time.perf_counter() - t_start, train_pairs={c: len(p.train) for c, p in parties.items()}
         )
+        summary["pairs_dropped"] = {c: p.dropped for c, p in parties.items() if p.dropped}
         _log(metrics_path, trackers, 0, [{"round": 0, "client": c, **m} for c, m in per.items()], summary)
 
     # 3. rounds

@@ -86,3 +86,17 @@ def test_embedding_runs_refuse_what_they_do_not_support():
         )
     text = str(e.value)
     assert "strategy.name" in text and "data.source" in text and "budget_mb" in text
+
+
+def test_an_interrupted_run_resumes_to_the_same_records(tmp_path: Path, interrupt_after, no_time):
+    from fedtune.config import load_config
+    from fedtune.recipes.federated import run_federated
+
+    def cfg(name: str):
+        over = [f"output_dir={tmp_path / name}", "evaluation.max_examples=4", "data.max_docs_per_label=12"]
+        return load_config(ROOT / "configs" / "tiny-embedding.yaml", over)
+
+    whole = run_federated(cfg("whole"), progress=False).records
+    interrupt_after(cfg("cut"), 1)
+    resumed = run_federated(cfg("cut"), resume=True, progress=False).records
+    assert no_time(resumed) == no_time(whole)

@@ -15,7 +15,7 @@ from fedtune.client.ghost_noise import ghost_noise_injected
 from fedtune.client.train import TrainSpec, batch_indices, check_finite, get_lr, make_optimizer
 from fedtune.embedding.gem import GEM_KEY, gem_loss
 from fedtune.models.adapters import get_state, select_trainable_, set_state_
-from fedtune.seeding import torch_generator
+from fedtune.seeding import derive_seed, torch_generator
 from fedtune.types import AdapterState
 
 
@@ -50,6 +50,7 @@ def local_gem_train_(
     tokens.requires_grad_(True)
     opt = make_optimizer(params, spec)
     gen = torch_generator(seed, "train", rnd, client_id)  # batches and GEM's insertion points
+    torch.manual_seed(derive_seed(seed, "dropout", rnd, client_id))  # LoRA dropout draws globally
     stream = batch_indices(len(rows), spec.batch_size, gen)
     total = spec.num_steps(len(rows))
     ghost: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()

@@ -15,7 +15,7 @@ here, so the parts marked *chosen* are fedtune's closest well-defined reading):
 - The embedding of a text is *chosen* as the mean of the final-layer hidden states (after the
   model's final norm) at the k special tokens appended after the whole text (an empty suffix).
   With k = 1 this is the last hidden state of one extra token under a plain causal mask, which
-  `fedtune embed`'s export reproduces with plain transformers + PEFT (README: "Embeddings").
+  `fedtune embed`'s export reproduces with plain transformers + PEFT (README: "Text embeddings").
 
 The special tokens' input embeddings are a trainable tensor [k, hidden] (state key `GEM_KEY`)
 that travels and is aggregated with the adapter; the vocabulary is not resized, so the exported

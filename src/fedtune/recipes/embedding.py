@@ -23,6 +23,7 @@ from fedtune.embedding.gem import GEM_KEY, init_tokens
 from fedtune.embedding.parties import build_parties
 from fedtune.embedding.train import gem_state, local_gem_train_
 from fedtune.engines.federation import build_adapted_model, run_precision
+from fedtune.errors import FedtuneError
 from fedtune.files import write_atomic
 from fedtune.models.adapters import lora_scale
 from fedtune.models.load import load_tokenizer, resolve_model_dir
@@ -59,6 +60,8 @@ def run_embedding(
     this for `task: embedding`); in-process only (`federation` must be None)."""
     from fedtune.recipes.federated import RunResult
 
+    if federation is not None:  # `fedtune validate` refuses other engines (embedding.checks)
+        raise FedtuneError("task: embedding runs in-process only (engine.name: inprocess)")
     # 1. parties, model + adapter + GEM tokens, strategy
     k = cfg.embedding.num_tokens
     model_dir = resolve_model_dir(cfg.model, cfg.seed)
@@ -109,11 +112,11 @@ def run_embedding(
             )
         agg = strategy.aggregate(rnd, updates, sstate)
         global_state, sstate = agg.global_state, agg.state
-        up_bytes = sum(r["bytes_up"] + r["bytes_down"] for r in recs)
-        cum += up_bytes
+        cum += sum(r["bytes_up"] + r["bytes_down"] for r in recs)
         t_train = time.perf_counter()
         summary = {"round": rnd, "client": None, "cum_bytes": cum, "train_seconds": t_train - t0}
-        summary["train_loss"] = sum(u.metrics["train_loss"] for u in updates) / max(1, len(updates))
+        if updates:
+            summary["train_loss"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
         if rnd == cfg.rounds or rnd % cfg.evaluation.every == 0:
             states = strategy.configure(rnd + 1, ids, sstate) if caps.personalized else dict.fromkeys(ids, global_state)
             per, pooled = evaluate_states(model, tokens, states, parties, bs, bf16, knn)
@@ -174,10 +177,11 @@ def _log(
 
 
 def _line(rnd: int, rounds: int, s: dict[str, Any]) -> str:
+    loss = f"train loss {s['train_loss']:.3f}" if "train_loss" in s else "no party trained"
     if "pooled_mrr" not in s:
-        return f"round {rnd}/{rounds}: train loss {s['train_loss']:.3f}"
+        return f"round {rnd}/{rounds}: {loss}"
     return (
-        f"round {rnd}/{rounds}: train loss {s['train_loss']:.3f}; pooled recall@1 {s['pooled_recall@1']:.3f} "
+        f"round {rnd}/{rounds}: {loss}; pooled recall@1 {s['pooled_recall@1']:.3f} "
         f"MRR {s['pooled_mrr']:.3f} nDCG@10 {s['pooled_ndcg@10']:.3f}; mean party MRR {s['mean_mrr']:.3f}"
     )
 

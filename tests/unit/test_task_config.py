@@ -33,8 +33,9 @@ def test_embedding_problems_name_field_value_and_fix():
         data={"source": "files", "path": "x", "block_size": 8},
         embedding={"num_tokens": 7},
         secure_aggregation=True,
+        train={"prox_mu": 0.1},
     )
     problems = {p.field: p for p in embedding_problems(cfg)}
-    assert set(problems) == {"strategy.name", "data.format", "data.block_size", "secure_aggregation"}
+    assert set(problems) == {"strategy.name", "data.format", "data.block_size", "secure_aggregation", "train.prox_mu"}
     assert problems["strategy.name"].value == "fedkseed" and "fedavg" in problems["strategy.name"].fix
     assert "9" in problems["data.block_size"].fix

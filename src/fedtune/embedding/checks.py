@@ -21,6 +21,14 @@ EMBEDDING_SUPPORTS: dict[str, tuple[Any, ...]] = {
 # fields the embedding loop does not implement: they must stay at these (default) values
 EMBEDDING_OFF: dict[str, Any] = {
     "train.dp_sgd": None,
+    "train.prox_mu": 0.0,
+    "train.client_lr": None,
+    "adapter.ranks": None,
+    "evaluation.ood": False,
+    "evaluation.val": False,
+    "evaluation.clients": None,
+    "sampling.min_updates": 1,
+    "sampling.deadline": None,
     "downlink_codec": None,
     "audit": None,
     "secure_aggregation": False,

@@ -38,6 +38,8 @@ class Algebra(StrEnum):
     MIXTURE = "mixture"  # routed mixture of per-expert LoRA products (keys per expert and router)
     DENSE = "dense"  # a dense offset per weight
     OTHER = "other"  # anything else (prompt embeddings, scaling vectors, ...)
+    DORA = "dora"  # m * (W + s * B @ A) / ||W + s * B @ A||_row: LoRA keys plus <m>.lora_magnitude_vector [d]
+    VERA = "vera"  # diag(b) @ B @ diag(d) @ A; A, B frozen, shared and seeded, never travel; b, d travel
 
 
 ALGEBRA_TEXT = {
@@ -46,6 +48,8 @@ ALGEBRA_TEXT = {
     Algebra.MIXTURE: "a routed mixture of LoRA experts",
     Algebra.DENSE: "a dense weight offset",
     Algebra.OTHER: "not a product of LoRA factors",
+    Algebra.DORA: "m * (W + s * B @ A) / ||W + s * B @ A|| (DoRA's magnitude vector m rescales each row)",
+    Algebra.VERA: "diag(b) @ B @ diag(d) @ A with A, B frozen shared random matrices (only b, d travel)",
 }
 ANY_ALGEBRA: frozenset[Algebra] = frozenset(Algebra)
 
@@ -110,6 +114,8 @@ class Adapter(Protocol):
     param_groups(keys): the trained keys split into groups; the first trains on the client's
         steps, a second may follow its own schedule (`ParamGroup`).
     aux_loss(model): the weighted auxiliary loss of the last forward pass, or None.
+    state_metrics(model, state): facts about a trained adapter state for the client's round
+        record (keys 'adapter_*', averaged over clients in the round's; e.g. an effective rank).
     export(...): write the adapter where a user loads it (PEFT format where PEFT has the method).
     problems / client_problems / engine_needs: what `fedtune validate` reports about its options.
     """
@@ -135,6 +141,8 @@ class Adapter(Protocol):
     def param_groups(self, keys: Sequence[str]) -> list[ParamGroup]: ...
 
     def aux_loss(self, model: Any) -> torch.Tensor | None: ...
+
+    def state_metrics(self, model: Any, state: AdapterState) -> dict[str, float]: ...
 
     def export(
         self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, variant: int | None
@@ -182,6 +190,10 @@ class AdapterBase:
     def aux_loss(self, model: Any) -> torch.Tensor | None:
         """The weighted auxiliary loss of the last forward pass (None: none)."""
         return None
+
+    def state_metrics(self, model: Any, state: AdapterState) -> dict[str, float]:
+        """Facts about a trained state for the round records (keys 'adapter_*'); default: none."""
+        return {}
 
     def problems(self, *, dp: bool, dp_sgd: bool) -> list[Problem]:
         """Bad combinations of these options with the run (DP anywhere, DP-SGD on clients)."""

@@ -108,15 +108,22 @@ def export_peft(state: AdapterState, config: Any, base_model: str, out_dir: str 
     if folded_rank is not None:
         config = copy.deepcopy(config)
         config.r, config.lora_alpha = folded_rank, float(folded_rank)  # scale 1
+    return write_peft_dir({PEFT_PREFIX + k: v for k, v in state.items()}, config, base_model, out_dir)
+
+
+def write_peft_dir(tensors: AdapterState, config: Any, base_model: str, out_dir: str | Path) -> Path:
+    """Write `tensors` (keyed as PeftModel.save_pretrained names them) and the peft `config` as a
+    PEFT adapter dir, atomically (any PEFT method: LoRA, DoRA, VeRA, IA3, LoHa, LoKr)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out.parent, f".{out.name}-")
     cfg = config.to_dict()
     cfg["base_model_name_or_path"] = base_model
-    if isinstance(cfg.get("target_modules"), set):
-        cfg["target_modules"] = sorted(cfg["target_modules"])
+    for name in ("target_modules", "feedforward_modules"):
+        if isinstance(cfg.get(name), set):
+            cfg[name] = sorted(cfg[name])
     (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=_json_default))
-    tensors = {PEFT_PREFIX + k: v.contiguous() for k, v in state.items()}
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     write_safetensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     if out.exists():
         import shutil

@@ -22,6 +22,10 @@ EMBEDDING_SUPPORTS: dict[str, tuple[Any, ...]] = {
 EMBEDDING_OFF: dict[str, Any] = {
     "train.dp_sgd": None,
     "train.prox_mu": 0.0,
+    "train.sam_rho": 0.0,
+    "client_codecs": {},
+    "adapter.auto": None,
+    "sampling.link_drop": 0.0,
     "train.client_lr": None,
     "adapter.ranks": None,
     "evaluation.ood": False,
@@ -39,8 +43,9 @@ EMBEDDING_OFF: dict[str, Any] = {
 
 
 def _get(cfg: Any, dotted: str) -> Any:
+    """The value at a dotted key (None where this config has no such field, e.g. another adapter kind's)."""
     for part in dotted.split("."):
-        cfg = getattr(cfg, part)
+        cfg = getattr(cfg, part, None)
     return cfg
 
 

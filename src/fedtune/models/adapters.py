@@ -87,3 +87,10 @@ def select_trainable_(model: Any, keys: Any) -> list[torch.nn.Parameter]:
     for k, p in params.items():
         p.requires_grad_(k in wanted)
     return [params[k] for k in sorted(wanted)]
+
+
+def trainable_parameter_count(model: Any) -> int:
+    """Elements of the adapter tensors a client trains (not shared frozen ones): the number that
+    equal-budget comparisons of adapter kinds match, recorded in round 0."""
+    params: dict[str, Any] = adapter_parameters(model)
+    return sum(int(params[k].numel()) for k in trainable_keys(params))

@@ -81,20 +81,19 @@ def test_the_gem_tokens_travel_and_are_averaged_with_the_adapter(tmp_path: Path)
     what the parties trained (the same maths as the LoRA tensors), and they moved from the initial ones."""
     from safetensors.torch import load_file
 
-    from fedtune.config import load_config
-    from fedtune.embedding.gem import GEM_KEY
-    from fedtune.strategies.fedavg import fedavg_aggregate
-    from fedtune.types import ClientUpdate
-
-    cfg = load_config(ROOT / "configs" / "tiny-embedding.yaml", ["rounds=1", f"output_dir={tmp_path}/one"])
     from fedtune.components import build_train_spec
-    from fedtune.embedding.gem import init_tokens
+    from fedtune.config import load_config
+    from fedtune.embedding.gem import GEM_KEY, init_tokens
     from fedtune.embedding.parties import build_parties
     from fedtune.embedding.train import gem_state, local_gem_train_
     from fedtune.engines.federation import build_adapted_model
     from fedtune.models.load import load_tokenizer, resolve_model_dir
+    from fedtune.recipes.federated import run_federated
     from fedtune.seeding import torch_generator
+    from fedtune.strategies.fedavg import fedavg_aggregate
+    from fedtune.types import ClientUpdate
 
+    cfg = load_config(ROOT / "configs" / "tiny-embedding.yaml", ["rounds=1", f"output_dir={tmp_path}/one"])
     model_dir = resolve_model_dir(cfg.model, cfg.seed)
     tok = load_tokenizer(model_dir)
     parties = build_parties(cfg, tok, cfg.data.block_size - 2)
@@ -112,8 +111,6 @@ def test_the_gem_tokens_travel_and_are_averaged_with_the_adapter(tmp_path: Path)
     expected = start[GEM_KEY] + sum(u.num_examples / n * u.delta[GEM_KEY] for u in ups)
     assert torch.allclose(new[GEM_KEY], expected, atol=1e-6)
     assert set(new) == set(start) and any(k.endswith("lora_B.weight") for k in new)
-    from fedtune.recipes.federated import run_federated
-
     run = run_federated(cfg, progress=False).run_dir
     exported = load_file(str(run / "adapters" / "global" / "gem_tokens.safetensors"))["tokens"]
     assert torch.allclose(exported, new[GEM_KEY], atol=1e-6)

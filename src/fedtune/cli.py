@@ -69,7 +69,12 @@ def run(
         raise typer.Exit(130) from None
     except Exception as e:  # a bug or an unexpected environment: short, with where the full story is
         _unexpected(e, Path(cfg.run_dir()) if "cfg" in locals() else None)
-    print_summary(result, out)
+    if cfg.task == "embedding":
+        from fedtune.recipes.embedding import print_embedding_summary
+
+        print_embedding_summary(result, out)
+    else:
+        print_summary(result, out)
 
 
 # --resume may change only what cannot change the results so far

@@ -193,6 +193,14 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
     return problems
 
 
+def check_task(cfg: ExperimentConfig) -> list[Problem]:
+    """What the task (`task: embedding`) and train.ghost_noise need from the rest of the config."""
+    from fedtune.embedding.checks import embedding_problems, ghost_noise_problems
+
+    caps = strategy_capabilities(cfg)
+    return embedding_problems(cfg) + ghost_noise_problems(cfg, caps is not None and caps.client_step)
+
+
 def sam_problems(name: str, caps: Capabilities, rho: float, dp_sgd: bool) -> list[Problem]:
     """train.sam_rho against the method: a sharpness-aware method needs it, and a strategy with
     its own client update or DP-SGD's step would ignore it."""
@@ -411,7 +419,9 @@ def build_codec(cfg: ExperimentConfig, downlink: bool = False, client: str | Non
 
 
 def build_train_spec(cfg: ExperimentConfig) -> TrainSpec:
-    fields = cfg.train.model_dump(exclude={"dp_sgd", "client_lr"})
+    fields = cfg.train.model_dump(exclude={"dp_sgd", "client_lr", "ghost_noise"})
+    if cfg.train.ghost_noise is not None:
+        fields.update(ghost_batch=cfg.train.ghost_noise.batch_size, ghost_eps=cfg.train.ghost_noise.eps)
     if cfg.train.dp_sgd is not None:
         fields.update(
             dp_clip=cfg.train.dp_sgd.clip, dp_noise=cfg.train.dp_sgd.noise_multiplier, dp_randomness=cfg.randomness()

@@ -189,6 +189,7 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
             )
         )
     problems += components.check_strategy(cfg)
+    problems += components.check_task(cfg)
     problems += tracker_problems(cfg.report.trackers)
     if not problems:  # engine checks need a valid strategy and codecs
         problems += components.check_engine(cfg)

@@ -23,7 +23,7 @@ from fedtune.models.adapters import get_state, trainable_keys
 from fedtune.models.export import export_adapters
 from fedtune.privacy.accounting import sample_epsilons
 from fedtune.privacy.randomness import describe
-from fedtune.recipes.loops import own_loop
+from fedtune.recipes.loops import own_loop, task_loop
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
@@ -76,7 +76,8 @@ def run_federated(
     r = cfg.report
     trackers = open_trackers(r.trackers, run_dir, cfg.model_dump(), r.mlflow_uri, r.mlflow_experiment, cfg.name)
     try:
-        result = _run(cfg, run_dir, t_start, resume, progress, after_round, console, federation, trackers)
+        loop = task_loop(cfg) or _run  # `task: embedding` has its own loop (recipes/embedding.py)
+        result = loop(cfg, run_dir, t_start, resume, progress, after_round, console, federation, trackers)
     except BaseException as e:
         for t in trackers:
             t.finish(run_dir / "plots", "failed")
@@ -279,8 +280,7 @@ def receive(
     cfg: ExperimentConfig,
     caps: Any,
 ) -> tuple[list[ClientUpdate], list[ClientFailure], ClientUpdate | None]:
-    """Decode the uplink payloads (one decoder state per sender) and screen them: NaN/Inf,
-    unknown or missing keys, wrong shapes or dtypes, oversized payloads become failures."""
+    """Decode uplinks (a decoder state per sender), screen them: NaN/Inf, bad keys/shapes/dtypes/sizes fail."""
     updates, failures, presummed = [], [], None
     own = {cid: components.build_codec(cfg, client=cid) for cid in cfg.client_codecs}  # per-client uplinks
     for r in replies:

@@ -6,6 +6,7 @@ from fedtune.strategies import (  # noqa: F401
     fair,
     fedavg,
     fedkseed,
+    fedmm,
     fedopt,
     fedsb,
     ferret,

@@ -46,6 +46,8 @@ class Capabilities:
         accounts_sampling: its privacy accounting depends on the client sampling rate (DP-FedAvg).
         peer_to_peer: no server: peers exchange states with their neighbours (gossip); the loop's
             relay of states is simulation plumbing, the strategy counts the peer messages.
+        strategy_private: its clients keep tensors that are not adapter tensors (FedMM's dual
+            variables, under `client.run.STRATEGY_PRIVATE`): the engine must never load them into the model.
     """
 
     has_global: bool = True
@@ -65,6 +67,7 @@ class Capabilities:
     base_offsets: bool = False
     accounts_sampling: bool = False
     peer_to_peer: bool = False
+    strategy_private: bool = False
 
     def weight(self, num_examples: int) -> float:
         """A client's weight in a masked sum."""
@@ -85,6 +88,7 @@ class RunContext:
     sample_size: int = 1  # clients drawn per round (fixed scheme)
     client_ids: tuple[str, ...] = ()  # the registered clients (a decentralized strategy's peers)
     randomness: str = "seeded"  # privacy noise: 'seeded' (reproducible simulation) or 'secure' (OS CSPRNG)
+    hidden_size: int = 0  # the base model's hidden width (FedMM's discriminator input); 0: unknown
 
 
 @dataclass(frozen=True)

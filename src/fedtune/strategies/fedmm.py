@@ -33,7 +33,7 @@ from fedtune.data.blocks import Shard
 from fedtune.errors import Problem
 from fedtune.models.adapters import trainable_keys
 from fedtune.strategies.base import STRATEGIES, Aggregate, Capabilities, PeerScoring, StrategyBase, sorted_updates
-from fedtune.strategies.fedmm_client import DISC, adversarial_round, init_discriminator
+from fedtune.strategies.fedmm_client import adversarial_round, init_discriminator
 from fedtune.strategies.minimax import consensus, message_mu
 from fedtune.types import AdapterState, ClientUpdate
 
@@ -74,7 +74,8 @@ class FedMM(StrategyBase):
         }
 
     def configure(self, rnd: int, client_ids: Sequence[str], state: dict[str, Any]) -> Mapping[str, AdapterState]:
-        msg = {**state["global"], **state["disc"]}
+        # source_only: plain FedAvg over the labelled parties, nothing of the discriminator travels
+        msg = state["global"] if self.method == "source_only" else {**state["global"], **state["disc"]}
         return {cid: msg for cid in client_ids}
 
     def aggregate(
@@ -88,11 +89,12 @@ class FedMM(StrategyBase):
         new = {k: v + mean[k].to(v.dtype) if k in mean else v for k, v in state["global"].items()}
         disc = {k: v + mean[k].to(v.dtype) if k in mean else v for k, v in state["disc"].items()}
         labelled = [u for u in ups if u.client_id not in self.unlabelled]
-        metrics = {
-            "domain_acc": sum(u.metrics.get("domain_acc", 0.0) for u in ups) / len(ups),
+        metrics: dict[str, Any] = {
             "parties_labelled": len(labelled),
             "parties_unlabelled": len(ups) - len(labelled),
         }
+        if all("domain_acc" in u.metrics for u in ups):  # the discriminator's accuracy while training
+            metrics["domain_acc"] = sum(u.metrics["domain_acc"] for u in ups) / len(ups)
         return Aggregate(new, {**state, "global": new, "disc": disc}, metrics)
 
     def client_train(
@@ -112,13 +114,12 @@ class FedMM(StrategyBase):
         labelled = shard.client_id not in self.unlabelled
         if self.method == "source_only":
             if not labelled:
-                zero = {k: torch.zeros_like(v) for k, v in received.items() if k in trainable_keys(received)}
-                return zero, {"steps": 0.0}, private
+                return {k: torch.zeros_like(received[k]) for k in trainable_keys(received)}, {"steps": 0.0}, private
             delta, metrics, _ = adversarial_round(
                 model, received, {}, shard, spec, seed, rnd, on_step, labelled=True, method="gda",
                 mu=0.0, mu_t=1.0, adv_weight=0.0, disc_lr=0.0,
             )  # fmt: skip
-            return {k: v for k, v in delta.items() if not k.startswith(DISC)}, metrics, private
+            return delta, metrics, private
         return adversarial_round(
             model, received, private, shard, spec, seed, rnd, on_step, labelled=labelled, method=self.method,
             mu=self.mu, mu_t=message_mu(self.mu, self.growth, rnd), adv_weight=self.adv_weight, disc_lr=self.disc_lr,

@@ -107,13 +107,16 @@ def forward_losses(
     keep = int(torch.nonzero((mask if labelled else prompt).any(dim=0)).max()) + 1  # right padding: drop the tail
     batch, mask, prompt = batch[:, :keep].to(dev), mask[:, :keep].to(dev), prompt[:, :keep].to(dev)
     with autocast(bf16, dev, model):
-        out = model(input_ids=batch, output_hidden_states=True)
-    h = out.hidden_states[-1].float()  # [B, T, H]
-    w = prompt.float().unsqueeze(-1)
-    pooled = (h * w).sum(dim=1) / w.sum(dim=1)  # [B, H]
-    logits = discriminate(disc, reverse_gradient(pooled, adv_weight))
-    domain = torch.full_like(logits, 0.0 if labelled else 1.0)
-    bce = F.binary_cross_entropy_with_logits(logits, domain)
+        out = model(input_ids=batch, output_hidden_states=bool(disc))
+    if disc:
+        h = out.hidden_states[-1].float()  # [B, T, H]
+        w = prompt.float().unsqueeze(-1)
+        pooled = (h * w).sum(dim=1) / w.sum(dim=1)  # [B, H]
+        logits = discriminate(disc, reverse_gradient(pooled, adv_weight))
+        domain = torch.full_like(logits, 0.0 if labelled else 1.0)
+        bce = F.binary_cross_entropy_with_logits(logits, domain)
+    else:  # no discriminator (source-only FedAvg): the LM loss alone
+        logits, bce = torch.zeros(batch.shape[0], device=dev), torch.zeros((), device=dev)
     if not labelled:
         return bce, None, bce, logits
     targets = mask[:, 1:]
@@ -214,13 +217,9 @@ def adversarial_round(
         dual_norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in new_dual.values()))
     else:
         z, dual_norm = v, 0.0
-    metrics = {
-        "disc_loss": sum(bces) / len(bces),
-        "domain_acc": hits / max(1, seen),
-        "dual_norm": dual_norm,
-        "steps": float(total),
-        "train_seconds": time.perf_counter() - t0,
-    }
+    metrics = {"steps": float(total), "train_seconds": time.perf_counter() - t0}
+    if disc:
+        metrics.update(disc_loss=sum(bces) / len(bces), domain_acc=hits / max(1, seen), dual_norm=dual_norm)
     if lm_losses:
         metrics.update(train_loss=sum(lm_losses) / len(lm_losses), train_last_loss=lm_losses[-1])
     return {k: z[k] - anchor[k] for k in z}, metrics, new_private

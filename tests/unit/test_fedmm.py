@@ -160,3 +160,10 @@ def test_shift_goes_with_its_source() -> None:
 
     with pytest.raises(ValidationError, match="data.shift"):
         DataConfig(source="20newsgroups-instruct", shift={"groups": [["sci.med"]]})
+
+
+def test_raw_text_or_loss_on_all_is_refused_by_the_step() -> None:
+    from fedtune.errors import FedtuneError
+
+    with pytest.raises(FedtuneError, match="loss_on: completion"):
+        prompt_positions(torch.ones(2, 5, dtype=torch.bool))  # loss on every token: no prompt to pool

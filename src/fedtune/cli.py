@@ -187,7 +187,7 @@ def _check_data(cfg: Any) -> Any:
     partitioned, split, tokenized, packed), per-client lists and the strategy on the sample size.
     Returns the shards (their stats are the data report)."""
     from fedtune import components
-    from fedtune.engines.federation import load_shards
+    from fedtune.engines.federation import load_shards, resolve_auto
     from fedtune.errors import ConfigError
     from fedtune.models.load import load_tokenizer, resolve_model_dir
 
@@ -199,6 +199,7 @@ def _check_data(cfg: Any) -> Any:
     problems = components.per_client_problems(cfg, list(shards))
     if problems:
         raise ConfigError(problems)
+    resolve_auto(cfg, list(shards), model_dir)  # adapter.auto: a client nothing fits is refused here
     return shards, summary
 
 

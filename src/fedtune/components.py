@@ -106,12 +106,13 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
     adapter_problems = build_adapter(cfg.adapter).problems(dp=dp, dp_sgd=cfg.train.dp_sgd is not None)
     problems += adapter_problems
     ranks_refused = any(p.field == "adapter.ranks" for p in adapter_problems)
-    if cfg.adapter.ranks is not None and not caps.heterogeneous_ranks and not ranks_refused:
+    auto = getattr(cfg.adapter, "auto", None)
+    if (cfg.adapter.ranks is not None or auto is not None) and not caps.heterogeneous_ranks and not ranks_refused:
         ok = [n for n in STRATEGIES.names() if STRATEGIES.get(n)().capabilities.heterogeneous_ranks]
         problems.append(
             Problem(
-                "adapter.ranks",
-                cfg.adapter.ranks,
+                "adapter.ranks" if auto is None else "adapter.auto",
+                cfg.adapter.ranks if auto is None else "set",
                 f"strategy {name!r} needs one rank for all clients",
                 f"drop adapter.ranks or use one of: {', '.join(ok)}",
             )
@@ -146,6 +147,7 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
                 "use a first-order strategy (fedavg, fedit, ffa_lora, fedsb, ...) or drop train.dp_sgd",
             )
         )
+    problems += sam_problems(name, caps, cfg.train.sam_rho, cfg.train.dp_sgd is not None)
     if dp and caps.raw_data:
         problems.append(
             Problem(
@@ -169,11 +171,38 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
     if caps.peer_to_peer:
         codecs = {"codec.name": cfg.codec.name, "downlink_codec.name": down.name}
         problems += peer_problems(name, codecs, cfg.privacy.randomness)
+    if cfg.sampling.link_drop > 0 and not caps.peer_to_peer:
+        peers = sorted(n for n in STRATEGIES.names() if STRATEGIES.get(n)().capabilities.peer_to_peer)
+        why = f"strategy {name!r} has a server: its messages are jobs and replies (use sampling.dropout)"
+        problems.append(Problem("sampling.link_drop", cfg.sampling.link_drop, why, f"use one of: {', '.join(peers)}"))
+    if caps.own_sampling:  # a silently ignored sampling section would misstate the run
+        sampling = {
+            "sampling.fraction": (cfg.sampling.fraction, 1.0),
+            "sampling.min_clients": (cfg.sampling.min_clients, 1),
+        }
+        for key, (value, default) in sampling.items():
+            if value != default:
+                why = f"strategy {name!r} samples each round's peers itself (its own parameters)"
+                problems.append(Problem(key, value, why, f"drop {key}; size the round with the strategy's parameters"))
+    if caps.own_models:  # each party's own model: one tokenizer, a public corpus that is not the clients'
+        problems += strategy_class(cfg).run_problems(cfg.model.name, cfg.data.source, cfg.strategy.params())
     if not refused:  # a strategy's own cross-field checks assume the adapter it declared
         problems += strategy_class(cfg).config_problems(
             cfg.strategy.params(), cfg.adapter, down, cfg.secure_aggregation
         )
     return problems
+
+
+def sam_problems(name: str, caps: Capabilities, rho: float, dp_sgd: bool) -> list[Problem]:
+    """train.sam_rho against the method: a sharpness-aware method needs it, and a strategy with
+    its own client update or DP-SGD's step would ignore it."""
+    if caps.sharpness_aware and rho == 0:
+        why = f"strategy {name!r} takes sharpness-aware (SAM) local steps, and train.sam_rho is 0 (plain steps)"
+        return [Problem("train.sam_rho", rho, why, "set train.sam_rho, e.g. 0.05")]
+    if rho > 0 and (caps.client_step or dp_sgd):
+        who = "DP-SGD's per-example step" if dp_sgd else f"strategy {name!r}'s own client update"
+        return [Problem("train.sam_rho", rho, f"{who} does not take SAM steps", "drop train.sam_rho")]
+    return []
 
 
 def model_limit_problems(cfg: ExperimentConfig, model_dir: str) -> list[Problem]:
@@ -212,6 +241,26 @@ def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Pr
         out.append(
             Problem("train.client_lr", cfg.train.client_lr, f"no client {', '.join(unknown)}", f"use client ids: {ids}")
         )
+    named = {"client_codecs": sorted(cfg.client_codecs)}
+    auto = getattr(cfg.adapter, "auto", None)
+    for key in ("per_client_memory_gb", "budget_mb") if auto is not None else ():
+        value = getattr(auto, key)
+        if isinstance(value, dict):
+            named[f"adapter.auto.{key}"] = sorted(value)
+            missing = sorted(set(client_ids) - set(value))
+            if missing:
+                out.append(
+                    Problem(
+                        f"adapter.auto.{key}",
+                        value,
+                        f"no value for {', '.join(missing)}",
+                        f"give one per client: {ids}",
+                    )
+                )
+    for key, given in named.items():
+        unknown = sorted(set(given) - set(client_ids))
+        if unknown:
+            out.append(Problem(key, given, f"no client {', '.join(unknown)}", f"use client ids: {ids}"))
     out += build_adapter(cfg.adapter).client_problems(client_ids)
     cls = strategy_class(cfg)
     if cls is not None and n > 0:
@@ -352,11 +401,14 @@ def check_codec(field: str, codec: Any) -> list[Problem]:
     return problems
 
 
-def build_codec(cfg: ExperimentConfig, downlink: bool = False) -> Any:
-    """The uplink codec (`codec`), or the downlink one (`downlink_codec`, default: `codec`)."""
+def build_codec(cfg: ExperimentConfig, downlink: bool = False, client: str | None = None) -> Any:
+    """The uplink codec (`codec`; a client's own from `client_codecs` when given), or the
+    downlink one (`downlink_codec`, default: `codec`)."""
     from fedtune.codecs import Chain
 
     codec = cfg.downlink_codec if downlink and cfg.downlink_codec is not None else cfg.codec
+    if not downlink and client is not None:
+        codec = cfg.client_codecs.get(client, codec)
     return Chain(tuple(CODECS.get(name)(**params) for name, params in codec_stages(codec)))
 
 

@@ -92,3 +92,20 @@ def test_trainers_fetch_the_last_aggregate_spread_over_the_aggregators() -> None
 def test_impossible_samples_are_named() -> None:
     problems = MoDeST(trainers=5, aggregators=0, success_fraction=1.5).network_problems(["a", "b", "c"], 0)
     assert [p.field for p in problems] == ["strategy.trainers", "strategy.aggregators", "strategy.success_fraction"]
+
+
+def test_a_sampling_section_modest_would_ignore_is_refused_by_name() -> None:
+    """MoDeST sizes its rounds with strategy.trainers / aggregators: a sampling.fraction or
+    min_clients it would silently ignore is a validation problem naming the field."""
+    from fedtune.components import check_strategy
+    from fedtune.config import ExperimentConfig
+
+    def fields(**sampling: float) -> list[str]:
+        cfg = ExperimentConfig.model_validate(
+            {"name": "m", "strategy": {"name": "modest", "trainers": 2}, "sampling": sampling}
+        )
+        return [p.field for p in check_strategy(cfg)]
+
+    assert fields() == []
+    assert fields(fraction=0.5) == ["sampling.fraction"]
+    assert fields(min_clients=3) == ["sampling.min_clients"]

@@ -114,6 +114,8 @@ class Adapter(Protocol):
     param_groups(keys): the trained keys split into groups; the first trains on the client's
         steps, a second may follow its own schedule (`ParamGroup`).
     aux_loss(model): the weighted auxiliary loss of the last forward pass, or None.
+    state_metrics(model, state): facts about a trained adapter state for the client's round
+        record (keys 'adapter_*', averaged over clients in the round's; e.g. an effective rank).
     export(...): write the adapter where a user loads it (PEFT format where PEFT has the method).
     problems / client_problems / engine_needs: what `fedtune validate` reports about its options.
     """
@@ -139,6 +141,8 @@ class Adapter(Protocol):
     def param_groups(self, keys: Sequence[str]) -> list[ParamGroup]: ...
 
     def aux_loss(self, model: Any) -> torch.Tensor | None: ...
+
+    def state_metrics(self, model: Any, state: AdapterState) -> dict[str, float]: ...
 
     def export(
         self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, variant: int | None
@@ -186,6 +190,10 @@ class AdapterBase:
     def aux_loss(self, model: Any) -> torch.Tensor | None:
         """The weighted auxiliary loss of the last forward pass (None: none)."""
         return None
+
+    def state_metrics(self, model: Any, state: AdapterState) -> dict[str, float]:
+        """Facts about a trained state for the round records (keys 'adapter_*'); default: none."""
+        return {}
 
     def problems(self, *, dp: bool, dp_sgd: bool) -> list[Problem]:
         """Bad combinations of these options with the run (DP anywhere, DP-SGD on clients)."""

@@ -58,7 +58,8 @@ from fedtune.config.adapters import MoELoraAdapterConfig
 from fedtune.errors import Problem
 from fedtune.types import AdapterState
 
-EXPERT_KEY = re.compile(r"\.moe_lora_[AB]\.(\d+)$")
+# expert-indexed keys: this mixture's factors, and S'MoRE's residuals and structure (`adapters.smore`)
+EXPERT_KEY = re.compile(r"\.(?:moe_lora_[AB]|smore_[ABW]_l\d+|smore_W_out)\.(\d+)$")
 ROUTER = ".moe_router.weight"
 FROZEN_ROUTER = ".moe_frozen_router.weight"
 MLP_NAMES = ("mlp",)

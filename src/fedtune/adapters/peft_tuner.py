@@ -93,4 +93,3 @@ class PeftTuner(AdapterBase):
         LoRA config, is not this method's)."""
         tensors = {**{PEFT_PREFIX + k: v for k, v in state.items()}, **self.shared_tensors(model)}
         return write_peft_dir(tensors, model.peft_config[ADAPTER_NAME], base_model, out_dir)
-

@@ -99,6 +99,7 @@ def client_round(
         step_offset=(rnd - 1) * spec.num_steps(int(shard.train.shape[0])),
     )
     trained = get_state(model)
+    metrics = {**metrics, **adapter.state_metrics(model, trained)}  # e.g. RM-LoRA's effective rank
     # the delta has the received shapes (a rank-r_k client returns rank-r_k factors)
     delta = {k: crop_to(trained[k], v.shape) - v for k, v in lora.items()}
     return delta, metrics, {k: trained[k] for k in private}

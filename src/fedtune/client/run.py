@@ -139,6 +139,7 @@ class ClientPlan:
         spec: local training hyperparameters.
         seed: the run seed (batch order, LoRA dropout, codec rounding).
         up_codec, down_codec: the uplink and downlink codecs.
+        client_up_codecs: a client's own uplink codec where it has one (`client_codecs`).
         step: the strategy's own client update (FedKSeed, Ferret) or None for the first-order round.
         penalty: a strategy's client-side regulariser factory (HetLoRA) or None.
         transforms: update transforms in order (attack, DP share, secure-aggregation mask).
@@ -162,6 +163,7 @@ class ClientPlan:
     variants: Mapping[str, int] = field(default_factory=dict)
     adapter: Adapter | None = None
     client_lr: Mapping[str, float] = field(default_factory=dict)
+    client_up_codecs: Mapping[str, Any] = field(default_factory=dict)
     private_init: AdapterState = field(default_factory=dict)
     secure_aggregation: bool = False
     randomness: str = "seeded"
@@ -204,7 +206,7 @@ def run_client(
         )
     for transform in plan.transforms:
         delta = transform(delta, job, shard, state)
-    up, up_state = plan.up_codec.encode(
+    up, up_state = plan.client_up_codecs.get(job.client_id, plan.up_codec).encode(
         delta, state.up_codec, torch_generator(plan.seed, "codec-up", job.round, job.client_id)
     )
     metrics = dict(metrics)

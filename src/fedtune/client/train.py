@@ -1,7 +1,7 @@
 """Local training on one client: a plain loop (AdamW or SGD, LR schedule, accumulation,
-clipping, bf16), with DP-SGD as a step option (`client.dp_sgd`, when `dp_noise` is set), the
-adapter's auxiliary loss in every forward pass, and a second parameter group on its own
-alternating schedule (CoMiGS's routers).
+clipping, bf16), with DP-SGD (`client.dp_sgd`, when `dp_noise` is set) and SAM (`client.sam`,
+when `sam_rho` > 0) as step options, the adapter's auxiliary loss in every forward pass, and a
+second parameter group on its own alternating schedule (CoMiGS's routers).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.client.dp_sgd import Mechanism, Units, dp_step_
+from fedtune.client.sam import sam_perturb_, sam_restore_
 from fedtune.errors import TrainingDivergedError
 from fedtune.privacy.randomness import SecureNoise, SeededNoise
 
@@ -52,6 +53,7 @@ class TrainSpec:
     max_grad_norm: float | None = 1.0
     bf16: bool = False
     prox_mu: float = 0.0
+    sam_rho: float = 0.0  # SAM's radius (`client.sam`); 0 = plain steps
     optimizer: str = "adamw"  # or "sgd" (no momentum)
     # sample-level DP-SGD (None = off): per-example clip C and noise multiplier sigma
     dp_clip: float | None = None
@@ -227,21 +229,42 @@ def accumulated_step_(
     extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> float:
     """One optimizer step on `group` over spec.grad_accum micro-batches of `data` (norm clipped
-    to spec.max_grad_norm); returns the step's mean loss. `step` only labels a divergence."""
-    step_loss = 0.0
-    for _ in range(spec.grad_accum):
-        rows = next(data.stream)
-        part = data.mask[rows] if data.mask is not None else None
-        loss = lm_loss(model, data.blocks[rows], spec.bf16, aux, part)
-        if extra_loss is not None:
-            loss = loss + extra_loss()
-        check_finite(model, loss, step, spec)
-        (loss / spec.grad_accum).backward()
-        step_loss += loss.item() / spec.grad_accum
+    to spec.max_grad_norm); returns the step's mean loss. With spec.sam_rho > 0 the gradient is
+    SAM's, taken at w + rho g / ||g|| on the same micro-batches (`client.sam`); the loss is the
+    one at w. `step` only labels a divergence."""
+    rows = [next(data.stream) for _ in range(spec.grad_accum)]
+    step_loss = accumulate_grads_(model, data, rows, spec, step, aux, extra_loss)
+    if spec.sam_rho > 0:
+        perturbations = sam_perturb_(group, spec.sam_rho)
+        optimizer.zero_grad(set_to_none=True)
+        accumulate_grads_(model, data, rows, spec, step, aux, extra_loss)
+        sam_restore_(group, perturbations)
     if spec.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(group, spec.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def accumulate_grads_(
+    model: Any,
+    data: Batches,
+    rows: list[torch.Tensor],
+    spec: TrainSpec,
+    step: int,
+    aux: AuxLoss | None,
+    extra_loss: Callable[[], torch.Tensor] | None,
+) -> float:
+    """Backward of the mean loss over the micro-batches `rows` of `data` (into .grad); their mean loss."""
+    step_loss = 0.0
+    for part_rows in rows:
+        part = data.mask[part_rows] if data.mask is not None else None
+        loss = lm_loss(model, data.blocks[part_rows], spec.bf16, aux, part)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        check_finite(model, loss, step, spec)
+        (loss / len(rows)).backward()
+        step_loss += loss.item() / len(rows)
     return step_loss
 
 

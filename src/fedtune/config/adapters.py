@@ -31,10 +31,54 @@ class AdapterOptions(_Strict):
         return self
 
 
+class AutoRankConfig(_Strict):
+    """`adapter.auto` (FedPipe-style, `fedtune.models.auto_rank`): each client's LoRA rank and
+    upload bits from its declared resources; the heterogeneous ranks aggregate with a strategy
+    that takes them (flora, flexlora, hetlora)."""
+
+    per_client_memory_gb: float | dict[str, float] = Field(
+        description="training memory each client has (GB): one number for all, or {client id: GB}"
+    )
+    budget_mb: float | dict[str, float] | None = Field(
+        None, description="upload bytes each client may send per round (MB): one number or {client id: MB}"
+    )
+    ranks: list[int] = Field([1, 2, 4, 8, 16, 32], min_length=1, description="candidate ranks")
+    bits: list[Literal[32, 16, 8, 4, 2]] = Field(
+        [32, 16, 8, 4], min_length=1, description="candidate upload bits (32 identity, 16 fp16, 8/4/2 quantize)"
+    )
+
+    @model_validator(mode="after")
+    def _positive(self) -> AutoRankConfig:
+        for key in ("per_client_memory_gb", "budget_mb"):
+            value = getattr(self, key)
+            values = value.values() if isinstance(value, dict) else [] if value is None else [value]
+            if any(v <= 0 for v in values):
+                raise ValueError(f"{key} = {value}: give positive numbers, e.g. 8")
+        if min(self.ranks) < 1:
+            raise ValueError(f"ranks = {self.ranks}: give positive ranks, e.g. [2, 4, 8, 16]")
+        return self
+
+    def per_client(self, key: str, client_ids: list[str]) -> dict[str, float]:
+        """`per_client_memory_gb` / `budget_mb` as {client: value} ({} when budget_mb is unset)."""
+        value = getattr(self, key)
+        if value is None:
+            return {}
+        return dict(value) if isinstance(value, dict) else dict.fromkeys(client_ids, float(value))
+
+
 class LoraAdapterConfig(AdapterOptions):
     """LoRA through PEFT (arXiv:2106.09685): dW = (alpha / r) B A; the default kind."""
 
     kind: Literal["lora"] = "lora"
+    auto: AutoRankConfig | None = Field(
+        None, description="pick each client's rank (and upload bits) from its resources instead of adapter.ranks"
+    )
+
+    @model_validator(mode="after")
+    def _auto_or_ranks(self) -> LoraAdapterConfig:
+        if self.auto is not None and self.ranks is not None:
+            raise ValueError("adapter.auto picks the per-client ranks: drop adapter.ranks, or drop adapter.auto")
+        return self
 
 
 class LoraSBAdapterConfig(AdapterOptions):
@@ -125,6 +169,39 @@ class LoKrAdapterConfig(AdapterOptions):
 #: PEFT's methods beyond LoRA (`fedtune.adapters.dora`, `vera`, `ia3`, `loha`, `lokr`)
 PeftMethodConfig = DoraAdapterConfig | VeraAdapterConfig | IA3AdapterConfig | LoHaAdapterConfig | LoKrAdapterConfig
 
+
+class RMLoraAdapterConfig(AdapterOptions):
+    """RM-LoRA (arXiv:2407.12074): LoRA plus an orthogonality-promoting regulariser and random
+    gradient masking, which raise the effective rank of s * B @ A at LoRA's parameter count."""
+
+    kind: Literal["rm_lora"] = "rm_lora"
+    reg_weight: float = Field(
+        1e-3, ge=0.0, description="weight of the orthogonality regulariser on A's rows, B's columns"
+    )
+    mask_prob: float = Field(
+        0.1, ge=0.0, lt=1.0, description="fraction of LoRA gradient entries zeroed at random in every backward pass"
+    )
+
+
+class SMoREAdapterConfig(AdapterOptions):
+    """S'MoRE (arXiv:2504.06426): a tree of low-rank residual experts of several orders, routed
+    per token, around each target linear layer; `r` is each residual expert's rank."""
+
+    kind: Literal["smore"] = "smore"
+    r: int = Field(2, ge=1, description="rank of each residual expert")
+    levels: int = Field(2, ge=1, le=4, description="orders of residuals (layers of the tree)")
+    experts: int = Field(2, ge=1, description="residual experts per level (CoMiGS presets share the first ones)")
+    fanout: int = Field(2, ge=1, description="children each node routes a token to (>= experts: dense)")
+    hidden: int | None = Field(None, ge=1, description="width of a residual's embedding (default: r)")
+    gate_dim: int = Field(8, ge=1, description="width of the router's down-projection of the token and of the keys")
+    activation: Literal["tanh", "relu", "identity"] = Field("tanh", description="sigma of the propagation")
+    router_every: int = Field(
+        0, ge=0, description="every this many steps, router_steps router steps on the validation split (0: joint)"
+    )
+    router_steps: int = Field(1, ge=1, description="router steps each time")
+    router_lr: float | None = Field(None, gt=0.0, description="router learning rate (default: train.lr)")
+
+
 #: The options model of each adapter kind (`adapter.kind` selects one; a new kind adds a row).
 ADAPTER_CONFIGS: dict[str, type[AdapterOptions]] = {
     "lora": LoraAdapterConfig,
@@ -135,15 +212,18 @@ ADAPTER_CONFIGS: dict[str, type[AdapterOptions]] = {
     "ia3": IA3AdapterConfig,
     "loha": LoHaAdapterConfig,
     "lokr": LoKrAdapterConfig,
+    "rm_lora": RMLoraAdapterConfig,
+    "smore": SMoREAdapterConfig,
 }
 
 
 def _legacy_defaults() -> dict[str, Any]:
-    """Each kind's own options at their defaults."""
+    """Each kind's own options at their defaults, as the flat config of an older fedtune listed
+    them (only the kinds it had: newer kinds may reuse a name with another default)."""
     common = set(AdapterOptions.model_fields) | {"kind"}
     return {
         name: f.default
-        for model in ADAPTER_CONFIGS.values()
+        for model in (LoraAdapterConfig, LoraSBAdapterConfig, MoELoraAdapterConfig)
         for name, f in model.model_fields.items()
         if name not in common
     }
@@ -165,7 +245,12 @@ def _default_kind(value: Any) -> Any:
 
 
 AdapterConfig = Annotated[
-    LoraAdapterConfig | LoraSBAdapterConfig | MoELoraAdapterConfig | PeftMethodConfig,
+    LoraAdapterConfig
+    | LoraSBAdapterConfig
+    | MoELoraAdapterConfig
+    | RMLoraAdapterConfig
+    | SMoREAdapterConfig
+    | PeftMethodConfig,
     Field(discriminator="kind"),
     BeforeValidator(_default_kind),
 ]

@@ -173,6 +173,12 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
     problems += components.check_codec("codec", cfg.codec)
     if cfg.downlink_codec is not None:
         problems += components.check_codec("downlink_codec", cfg.downlink_codec)
+    for cid, codec in sorted(cfg.client_codecs.items()):
+        problems += components.check_codec(f"client_codecs.{cid}", codec)
+    if cfg.secure_aggregation and (cfg.client_codecs or getattr(cfg.adapter, "auto", None)):
+        why = "masked uploads cancel only when every client encodes alike (and adapter.auto sets per-client ranks)"
+        field = "client_codecs" if cfg.client_codecs else "adapter.auto"
+        problems.append(Problem(field, "set", why, f"drop {field}, or secure_aggregation"))
     if cfg.data.source not in components.REGISTRIES["data source"]:
         problems.append(
             Problem(

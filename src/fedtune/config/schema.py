@@ -79,6 +79,12 @@ class TrainConfig(_Strict):
     prox_mu: float = Field(
         0.0, ge=0.0, description="FedProx proximal term mu/2 ||w - w_received||^2 (arXiv:1812.06127)"
     )
+    sam_rho: float = Field(
+        0.0,
+        ge=0.0,
+        description="sharpness-aware local steps (SAM, arXiv:2010.01412): the gradient at w + rho g / ||g||; "
+        "0 = plain steps (DFedSAM: strategy.name dfedsam with e.g. 0.05)",
+    )
     dp_sgd: DPSGDConfig | None = Field(
         None,
         description="sample-level differential privacy on each client (per-example clipping + noise; "
@@ -174,6 +180,13 @@ class SamplingConfig(_Strict):
         default_factory=AvailabilityConfig, description="availability traces: which clients can be sampled"
     )
     straggler_slowdown: float = Field(4.0, ge=1.0, description="the slowest a straggler gets, in normal client times")
+    link_drop: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="unreliable links (peer-to-peer strategies): each peer message is lost with this probability "
+        "(seeded per round, sender and receiver; counted as sent, not received; recorded as dropped_messages)",
+    )
     deadline: float | None = Field(
         None,
         ge=1.0,
@@ -288,6 +301,11 @@ class ExperimentConfig(_Strict):
         "a stage name or {name: chain, stages: [...]}",
     )
     downlink_codec: CodecConfig | None = Field(None, description="server -> client codec (default: codec)")
+    client_codecs: dict[str, CodecConfig] = Field(
+        default_factory=dict,
+        description="per-client uplink codec by client id (a slow link quantizes harder); the others use "
+        "codec; adapter.auto fills it from budget_mb",
+    )
     budget_mb: float | None = Field(
         None,
         gt=0.0,

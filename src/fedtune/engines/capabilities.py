@@ -104,6 +104,14 @@ def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_co
         _INPROCESS,
     )
     need(
+        engine.name == "inprocess" or not caps.own_models,
+        field,
+        value,
+        f"strategy {s!r} trains one model per party (each its own architecture) in this process; "
+        "its Flower messages (predictions, not adapters) are not written yet",
+        _INPROCESS,
+    )
+    need(
         engine.peer_scoring or not caps.scores_peers,
         field,
         value,

@@ -22,7 +22,7 @@ from fedtune.data.partition import partition_ids
 from fedtune.data.report import stats_summary
 from fedtune.data.shards import ClientShards
 from fedtune.data.sources import load_corpus
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, Problem
 from fedtune.models.adapters import lora_config, trainable_parameter_count
 from fedtune.models.load import load_model, model_type, resolve_device
 from fedtune.models.precision import Precision, choose_precision, precision_warning
@@ -55,6 +55,64 @@ def rank_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, i
     if problems:
         raise ConfigError(problems)
     return dict(zip(client_ids, cfg.adapter.ranks)) if cfg.adapter.ranks is not None else {}
+
+
+def resolve_auto(
+    cfg: ExperimentConfig, client_ids: list[str], model_dir: str
+) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """`adapter.auto` resolved (`models.auto_rank`, no weights load): `cfg` with `adapter.ranks`
+    and `client_codecs` set from each client's declared resources, and the round-0 facts (each
+    client's rank, bits, memory estimate, upload size and why). Unchanged without `adapter.auto`.
+    The picks depend on the config alone, so the server and every party compute the same ones:
+    an 'auto' dtype or bf16 counts as fp32 (an upper bound on memory, whatever the device)."""
+    from fedtune.config.schema import CodecConfig
+    from fedtune.models.auto_rank import Workload, bits_codec, choose, model_shape
+
+    auto = getattr(cfg.adapter, "auto", None)
+    if auto is None:
+        return cfg, {}
+    problems = per_client_problems(cfg, client_ids)
+    if problems:
+        raise ConfigError(problems)
+    if (cfg.codec.name != "identity" or cfg.client_codecs) and auto.bits != [32]:
+        why = "adapter.auto picks each client's upload bits over the identity codec; codec / client_codecs are set"
+        fix = "set adapter.auto.bits: [32], or drop codec and client_codecs"
+        raise ConfigError([Problem("adapter.auto.bits", auto.bits, why, fix)])
+    targets = lora_config(cfg.adapter, model_type(model_dir)).target_modules
+    shape = model_shape(model_dir, "all-linear" if targets == "all-linear" else sorted(targets))
+    dtype = "float32" if cfg.model.dtype == "auto" else cfg.model.dtype
+    weight = cfg.model.quantize if cfg.model.quantize != "none" else dtype
+    work = Workload(
+        cfg.train.batch_size,
+        cfg.data.block_size,
+        weight,
+        cfg.train.bf16 is True or dtype == "bfloat16",
+        cfg.train.optimizer,
+        cfg.model.gradient_checkpointing,
+    )
+    memory, budget = auto.per_client("per_client_memory_gb", client_ids), auto.per_client("budget_mb", client_ids)
+    picks, infeasible = choose(shape, work, auto.ranks, auto.bits, memory, budget)
+    if infeasible:
+        raise ConfigError(
+            [
+                Problem(
+                    f"adapter.auto.per_client_memory_gb / budget_mb [{cid}]",
+                    f"{memory[cid]:g} GB / {budget.get(cid, '-')} MB",
+                    f"no candidate fits: {why}",
+                    "raise that client's resources, add smaller adapter.auto.ranks or bits, "
+                    "or lower train.batch_size / data.block_size (or set model.gradient_checkpointing)",
+                )
+                for cid, why in sorted(infeasible.items())
+            ]
+        )
+    codecs = {}
+    for cid in client_ids:
+        name, params = bits_codec(picks[cid].bits)
+        if name != "identity":
+            codecs[cid] = CodecConfig(name=name, **params)
+    adapter = cfg.adapter.model_copy(update={"auto": None, "ranks": [picks[cid].rank for cid in client_ids]})
+    resolved = cfg.model_copy(update={"adapter": adapter, "client_codecs": codecs or cfg.client_codecs})
+    return resolved, {"adapter_auto": {cid: picks[cid].record() for cid in client_ids}}
 
 
 def variants_per_client(cfg: ExperimentConfig, client_ids: list[str]) -> dict[str, int]:

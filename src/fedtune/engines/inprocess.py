@@ -29,6 +29,7 @@ from fedtune.engines.federation import (
     device_facts,
     load_shards,
     rank_per_client,
+    resolve_auto,
     run_precision,
     variants_per_client,
 )
@@ -184,6 +185,29 @@ class InProcessEngine:
                 )["loss"]
         return out
 
+    def receiver_losses(
+        self, wanted: Mapping[str, Mapping[str, AdapterState]], max_blocks: int | None = None
+    ) -> dict[str, dict[str, float]]:
+        """Each receiver's scoring, on its own validation split (its training split's first
+        batch when it has none), of the models it holds ({receiver: {name: model}}): the loss
+        of each, {receiver: {name: loss}} (a peer's local computation: nothing travels)."""
+        out: dict[str, dict[str, float]] = {}
+        for j, models in wanted.items():
+            blocks, mask, _ = self._split(j, "val")
+            if blocks.shape[0] == 0:
+                blocks, mask, _ = self._split(j, "train")
+                blocks, mask = (
+                    blocks[: self.eval_batch_size],
+                    mask[: self.eval_batch_size] if mask is not None else None,
+                )
+            blocks, mask = blocks[:max_blocks], mask[:max_blocks] if mask is not None else None
+            for name, state in models.items():
+                self._load(j, state)
+                out.setdefault(j, {})[name] = evaluate_blocks(
+                    self.model, blocks, self.eval_batch_size, self.plan.spec.bf16, mask
+                )["loss"]
+        return out
+
     @torch.no_grad()
     def reference_logits(self, states: Mapping[str, AdapterState], blocks: torch.Tensor, k: int) -> dict[str, Any]:
         """Each client's model's top-k logits on a shared reference set (PCL's prediction
@@ -213,6 +237,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     tokenizer = load_tokenizer(model_dir)
     shards, data = load_shards(cfg, tokenizer)
     ids = list(shards)
+    cfg, auto = resolve_auto(cfg, ids, model_dir)  # adapter.auto: ranks and upload codecs per client
     ranks = rank_per_client(cfg, ids)
     variants_per_client(cfg, ids)  # the lists' lengths are checked before the model loads
     cfg, precision, slow = run_precision(cfg)  # 'auto' dtype / bf16 for this device
@@ -241,7 +266,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
         engine = FaultInjection(engine, faults, cfg.seed)
     collected = _data_bytes(shards) if caps.pools_data else 0
     facts = device_facts(model, precision, slow)
-    round0 = {**data, **facts, "warmup_seconds": warmup, **({"attackers": sorted(bad)} if bad else {})}
+    round0 = {**data, **facts, **auto, "warmup_seconds": warmup, **({"attackers": sorted(bad)} if bad else {})}
     return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, collected, round0, store)
 
 

@@ -74,6 +74,7 @@ def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, c
         spec=components.build_train_spec(cfg),
         seed=cfg.seed,
         up_codec=components.build_codec(cfg),
+        client_up_codecs={cid: components.build_codec(cfg, client=cid) for cid in sorted(cfg.client_codecs)},
         down_codec=components.build_codec(cfg, downlink=True),
         step=strategy.client_train if caps.client_step else None,
         penalty=strategy.client_penalty if caps.client_penalty else None,

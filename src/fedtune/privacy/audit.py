@@ -37,7 +37,7 @@ from fedtune.errors import FedtuneError
 
 def _binom() -> Any:
     try:
-        from scipy import stats  # type: ignore[import-untyped]
+        from scipy import stats
     except ImportError as e:  # scipy comes with the `dp` extra (dp-accounting needs it)
         raise FedtuneError("the privacy audit needs scipy: pip install 'fedtune[dp]'") from e
     return stats.binom

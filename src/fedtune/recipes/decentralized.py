@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from fedtune import components
@@ -63,6 +64,7 @@ from fedtune.report.summary import progress_bars, round_line, setup_lines, summa
 from fedtune.report.trackers import Tracker
 from fedtune.sampling import evaluation_clients, online_clients
 from fedtune.seeding import torch_generator
+from fedtune.strategies.decentralized import PUSH_SUM_WEIGHT
 from fedtune.types import AdapterState, add_states
 
 PEER_SAMPLING = "seeded hash of (seed, round, peer): every peer computes the round's roles (public)"
@@ -171,7 +173,8 @@ def run_peers(
             t_train = time.perf_counter()
 
             # exchange: the live trainers message their receivers, then each receiver mixes its inbox
-            mixed, sent, metrics = exchange(strategy, rnd, trained, roles, held)
+            links = Links(s.link_drop, cfg.seed)
+            mixed, sent, metrics = exchange(strategy, rnd, trained, roles, held, engine.peers, links)
             for j in sorted({*trained, *mixed}):  # version rnd of each peer's own state
                 store.put(j, replace(store.get(j, before=rnd + 1), peer=mixed.get(j) or trained[j]), rnd)
             per_peer = merge_bytes(fetched, sent)
@@ -241,36 +244,84 @@ def fetch(
     return own, merge_bytes(*moved)
 
 
+@dataclass(frozen=True)
+class Links:
+    """Unreliable links (`sampling.link_drop`): message i -> j of round `rnd` is lost when a draw
+    seeded by (seed, round, i, j) falls below `drop`, the same draw in any process."""
+
+    drop: float = 0.0
+    seed: int = 0
+
+    def lost(self, rnd: int, sender: str, receiver: str) -> bool:
+        if self.drop <= 0.0:
+            return False
+        return (
+            float(torch.rand((), generator=torch_generator(self.seed, "link-drop", rnd, sender, receiver))) < self.drop
+        )
+
+
+def delivered(row: Mapping[str, float], me: str, lost: set[str], push_sum: bool) -> dict[str, float]:
+    """A receiver's row of coefficients after its lost messages: a lost sender's weight moves to
+    the receiver's own model (as an absent neighbour's does; the row stays stochastic), or, when
+    the receiver is not in its row (a MoDeST aggregator), the row is renormalised over what
+    arrived. Under push-sum the lost share is lost (x and w together, so z = x / w stays a
+    weighted average of the peers' models)."""
+    kept = {i: c for i, c in row.items() if i not in lost}
+    if push_sum or not lost:
+        return kept
+    gone = sum(c for i, c in row.items() if i in lost)
+    if me in kept:
+        return {**kept, me: kept[me] + gone}
+    total = sum(kept.values())
+    return {i: c / total for i, c in kept.items()} if total > 0 else {}
+
+
 def exchange(
     strategy: Any,
     rnd: int,
     trained: Mapping[str, PeerState],
     roles: Roles | None = None,
     held: Mapping[str, PeerState] | None = None,
+    scorer: Any = None,
+    links: Links = Links(),
 ) -> tuple[dict[str, PeerState], dict[str, dict[str, int]], dict[str, Any]]:
     """One round's messages after training (`trained`: each live trainer's (x, w) after its step;
     `held`: the other receivers' states): each sender sends `strategy.message` to the receivers
     whose row of the round's coefficients names it, and each receiver mixes its inbox with its own
-    row. Returns the receivers' mixed states, each peer's bytes sent and received (lengths of the
+    row, after scoring on its own data the models it asks for (`strategy.to_score`; Bristle's
+    integrator) through `scorer` (the engine's `peers`: each receiver's own data, local, no
+    bytes). Returns the receivers' mixed states, each peer's bytes sent and received (lengths of the
     serialized messages, each message once) and the round's metrics (the strategy's, the largest
-    factor-mixing error, the message count). Gossip: the live peers are senders and receivers."""
+    factor-mixing error, the message count). Gossip: the live peers are senders and receivers.
+    A message lost on its link (`links`) is counted as sent, not received (`delivered`)."""
     live = sorted(trained)
     coef = strategy.coefficients(rnd, live, roles or Roles(tuple(live), tuple(live)))
     peers = {**(held or {}), **trained}
     senders = sorted({i for row in coef.values() for i in row})
     sent = {i: strategy.message(peers[i]) for i in senders}
     size = {i: len(serialize(m)) for i, m in sent.items()}
-    inbox = {j: {i: sent[i] for i in coef[j] if i != j} for j in coef}
     per_peer = {c: {"bytes_up": 0, "bytes_down": 0} for c in sorted({*senders, *coef})}
+    lost = {j: {i for i in coef[j] if i != j and links.lost(rnd, i, j)} for j in coef}
+    for j in sorted(coef):
+        for i in sorted(lost[j]):
+            per_peer[i]["bytes_up"] += size[i]
+    push_sum = any(PUSH_SUM_WEIGHT in m for m in sent.values())
+    coef = {j: delivered(coef[j], j, lost[j], push_sum) for j in coef}
+    coef = {j: row for j, row in coef.items() if row}  # a receiver nothing reached keeps its model
+    inbox = {j: {i: sent[i] for i in coef[j] if i != j} for j in coef}
+    wanted = {j: strategy.to_score(rnd, j, peers[j], inbox[j]) for j in sorted(coef)}
+    losses = scorer.receiver_losses(wanted) if scorer is not None and any(wanted.values()) else {}
     mixed, error = {}, 0.0
     for j in sorted(coef):
         for i in inbox[j]:
             per_peer[i]["bytes_up"] += size[i]
             per_peer[j]["bytes_down"] += size[i]
-        mixed[j], e = strategy.mix(j, peers[j], inbox[j], coef[j])
+        mixed[j], e = strategy.mix(j, peers[j], inbox[j], coef[j], losses.get(j))
         error = max(error, e)
     metrics = strategy.round_metrics(coef, {j: p.model() for j, p in mixed.items()})
     metrics.update(agg_error=error, gossip_messages=sum(len(m) for m in inbox.values()))
+    if links.drop > 0:
+        metrics["dropped_messages"] = sum(len(v) for v in lost.values())
     return mixed, per_peer, metrics
 
 

@@ -23,6 +23,7 @@ from fedtune.models.adapters import get_state, trainable_keys
 from fedtune.models.export import export_adapters
 from fedtune.privacy.accounting import sample_epsilons
 from fedtune.privacy.randomness import describe
+from fedtune.recipes.loops import own_loop
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
@@ -100,10 +101,9 @@ def _run(
 ) -> RunResult:
     # 1. clients, data, model, strategy, engine (data fails before any weights load)
     fed = (federation or inprocess_federation)(cfg)
-    if fed.strategy.capabilities.peer_to_peer:  # no server: the peers' own loop
-        from fedtune.recipes.decentralized import run_peers
-
-        return run_peers(cfg, fed, run_dir, t_start, resume, progress, after_round, console, trackers)
+    loop = own_loop(fed.strategy.capabilities)  # no server (peers), or each party's own model (distill)
+    if loop is not None:
+        return loop(cfg, fed, run_dir, t_start, resume, progress, after_round, console, trackers)
     strategy, engine, caps, ids = fed.strategy, fed.engine, fed.strategy.capabilities, fed.client_ids
     chat = "data_chat_template" in fed.round0  # instruction data (DP-SGD's unit is one example)
     up_codec, down_codec = components.build_codec(cfg), components.build_codec(cfg, downlink=True)
@@ -282,6 +282,7 @@ def receive(
     """Decode the uplink payloads (one decoder state per sender) and screen them: NaN/Inf,
     unknown or missing keys, wrong shapes or dtypes, oversized payloads become failures."""
     updates, failures, presummed = [], [], None
+    own = {cid: components.build_codec(cfg, client=cid) for cid in cfg.client_codecs}  # per-client uplinks
     for r in replies:
         if isinstance(r, ClientFailure):
             failures.append(r)
@@ -291,7 +292,7 @@ def receive(
         elif presummed is None and not r.payload:  # a SecAgg+ participant: metrics only
             updates.append(ClientUpdate(r.client_id, {}, r.num_examples, dict(r.metrics), r.bytes_up, r.bytes_down))
         else:
-            delta, codec_states["dec:" + r.client_id] = up_codec.decode(
+            delta, codec_states["dec:" + r.client_id] = own.get(r.client_id, up_codec).decode(
                 r.payload, codec_states.get("dec:" + r.client_id)
             )
             updates.append(ClientUpdate(r.client_id, delta, r.num_examples, r.metrics, r.bytes_up, r.bytes_down))
@@ -358,6 +359,9 @@ def round_extras(
         out["skipped"] = f"{len(updates)} updates < sampling.min_updates = {cfg.sampling.min_updates}"
     if updates and all("train_loss" in u.metrics for u in updates):  # withheld under DP / secure aggregation
         out["train_loss"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
+    for key in sorted({k for u in updates for k in u.metrics if k.startswith("adapter_")}):  # Adapter.state_metrics
+        values = [u.metrics[key] for u in updates if key in u.metrics]
+        out[key] = sum(values) / len(values)
     if any("sim_time" in u.metrics for u in updates):  # until the slowest reply, or the deadline if missed
         missed = any(f.reason.startswith("missed the deadline") for f in failures)
         slowest = max(u.metrics["sim_time"] for u in updates)

@@ -80,6 +80,11 @@ def setup_lines(round0: dict[str, Any], max_chars: int | None) -> list[str]:
         out.append(f"device {round0['device']}: {round0['precision']}")
     if "trainable_parameters" in round0:
         out.append(f"adapter {round0['adapter']}: {round0['trainable_parameters']:,} trainable parameters")
+    for cid, pick in sorted(round0.get("adapter_auto", {}).items()):  # adapter.auto's choice, said aloud
+        out.append(
+            f"adapter.auto {cid}: rank {pick['rank']}, {pick['bits']}-bit uploads of {pick['upload_mb']:.3g} MB "
+            f"(memory estimate {pick['memory_gb']:.3g} GB): {pick['why']}"
+        )
     if round0.get("precision_warning"):
         out.append(f"[yellow]warning[/yellow]: {round0['precision_warning']}")
     note = cut_message(round0, max_chars)

@@ -1,7 +1,10 @@
 """Strategies: one file per method, registered by name (importing the modules registers them)."""
 
 from fedtune.strategies import (  # noqa: F401
+    bristle_p2p,
     decentralized,
+    dfedsam,
+    dimat,
     dp,
     fair,
     fedavg,
@@ -18,6 +21,7 @@ from fedtune.strategies import (  # noqa: F401
     personal,
     robust,
     safari,
+    trust_distill,
 )
 from fedtune.strategies.base import STRATEGIES, Strategy
 

@@ -46,6 +46,11 @@ class Capabilities:
         accounts_sampling: its privacy accounting depends on the client sampling rate (DP-FedAvg).
         peer_to_peer: no server: peers exchange states with their neighbours (gossip); the loop's
             relay of states is simulation plumbing, the strategy counts the peer messages.
+        sharpness_aware: its local steps are SAM's (DFedSAM): needs `train.sam_rho` > 0.
+        own_models: every party trains its own model (any architecture) and only predictions
+            travel (trust_distill): the loop is `recipes/distill.py`.
+        own_sampling: its sampler picks each round's peers from its own parameters (MoDeST's
+            trainers and aggregators): `sampling.fraction` and `sampling.min_clients` do not apply.
         strategy_private: its clients keep tensors that are not adapter tensors (FedMM's dual
             variables, under `client.run.STRATEGY_PRIVATE`): the engine must never load them into the model.
     """
@@ -67,6 +72,9 @@ class Capabilities:
     base_offsets: bool = False
     accounts_sampling: bool = False
     peer_to_peer: bool = False
+    sharpness_aware: bool = False
+    own_models: bool = False
+    own_sampling: bool = False
     strategy_private: bool = False
 
     def weight(self, num_examples: int) -> float:
@@ -119,6 +127,10 @@ class PeerScoring(Protocol):
     def reference_logits(self, states: Mapping[str, AdapterState], blocks: torch.Tensor, k: int) -> dict[str, Any]: ...
 
     def reference_losses(self, states: Mapping[str, AdapterState], per_client: int) -> dict[str, dict[str, float]]: ...
+
+    def receiver_losses(
+        self, wanted: Mapping[str, Mapping[str, AdapterState]], max_blocks: int | None = None
+    ) -> dict[str, dict[str, float]]: ...
 
 
 class Strategy(Protocol):

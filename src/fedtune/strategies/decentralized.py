@@ -48,6 +48,7 @@ from fedtune.topology import (
     coefficient_matrix,
     mixing_gap,
     read_edges,
+    round_graph,
     round_weights,
     spec_problems,
 )
@@ -136,10 +137,20 @@ class PeerStrategy(Protocol):
         """A peer's state after taking a received model as its own."""
         ...
 
+    def to_score(self, rnd: int, me: str, own: PeerState, inbox: Mapping[str, AdapterState]) -> dict[str, AdapterState]:
+        """The models peer `me` scores on its own data before mixing ({name: model}; {}: none)."""
+        ...
+
     def mix(
-        self, me: str, own: PeerState, inbox: Mapping[str, AdapterState], coef: Mapping[str, float]
+        self,
+        me: str,
+        own: PeerState,
+        inbox: Mapping[str, AdapterState],
+        coef: Mapping[str, float],
+        losses: Mapping[str, float] | None = None,
     ) -> tuple[PeerState, float]:
-        """Peer `me`'s local mix of its inbox with its row of coefficients, and the factor error."""
+        """Peer `me`'s local mix of its inbox with its row of coefficients (and the `losses` on its
+        own data of the models it asked to score), and the factor error."""
         ...
 
     def round_metrics(
@@ -210,6 +221,7 @@ class Gossip(StrategyBase):
     fanout: int = 1
     resample: bool = False
     mixing: Literal["metropolis", "max_degree", "push_sum"] = "metropolis"
+    rejoin: Literal["own", "fetch"] = "own"
 
     capabilities = Capabilities(has_global=False, personalized=True, transmits=False, peer_to_peer=True)
 
@@ -229,6 +241,9 @@ class Gossip(StrategyBase):
         )
 
     def network_problems(self, client_ids: Sequence[str], seed: int) -> list[Problem]:
+        if self.rejoin == "fetch" and self.mixing == "push_sum":
+            why = "push-sum keeps the sum of the peers' (x, w); replacing a peer's state with a fetched model breaks it"
+            return [Problem("strategy.rejoin", self.rejoin, why, "use rejoin: own with push_sum")]
         if self.edges_file:
             try:
                 read_edges(self.edges_file)
@@ -243,8 +258,21 @@ class Gossip(StrategyBase):
         return HashSampler(fraction, self.ctx.seed, min_peers, scheme)
 
     def sources(self, rnd: int, trainers: Sequence[str], previous: Roles | None) -> dict[str, str]:
-        """A gossip peer trains from its own model."""
-        return {t: t for t in trainers}
+        """A gossip peer trains from its own model; with `rejoin: fetch`, a peer that did not take
+        part in the previous round (offline, or not sampled) first fetches the model of its first
+        neighbour (sorted; in-neighbour for a directed graph) that did, counted as a message; a
+        peer none of whose neighbours took part keeps its own."""
+        if self.rejoin == "own" or previous is None:
+            return {t: t for t in trainers}
+        ids = tuple(sorted(self.ctx.client_ids))
+        graph = round_graph(self.spec, ids, sorted({*trainers, *previous.trainers}), self.ctx.seed, rnd - 1)
+        were = set(previous.trainers)
+        out = {}
+        for t in trainers:
+            near = graph.predecessors(t) if graph.is_directed() else graph.neighbors(t)
+            fresh = sorted(j for j in near if j in were) if t not in were and t in graph else []
+            out[t] = fresh[0] if fresh else t
+        return out
 
     def coefficients(self, rnd: int, live: Sequence[str], roles: Roles | None = None) -> dict[str, dict[str, float]]:
         """{receiver: {sender: c}} of the round over its `live` peers (every peer computes its row)."""
@@ -256,8 +284,17 @@ class Gossip(StrategyBase):
     def adopt(self, own: PeerState, message: AdapterState) -> PeerState:
         return adopt_model(own, message)
 
+    def to_score(self, rnd: int, me: str, own: PeerState, inbox: Mapping[str, AdapterState]) -> dict[str, AdapterState]:
+        """Gossip scores nothing."""
+        return {}
+
     def mix(
-        self, me: str, own: PeerState, inbox: Mapping[str, AdapterState], coef: Mapping[str, float]
+        self,
+        me: str,
+        own: PeerState,
+        inbox: Mapping[str, AdapterState],
+        coef: Mapping[str, float],
+        losses: Mapping[str, float] | None = None,
     ) -> tuple[PeerState, float]:
         return mix_inbox(own, self.message(own), inbox, coef, me)
 

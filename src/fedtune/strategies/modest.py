@@ -55,7 +55,9 @@ class MoDeST(StrategyBase):
     aggregators: int = 1
     success_fraction: float = 1.0
 
-    capabilities = Capabilities(has_global=False, personalized=True, transmits=False, peer_to_peer=True)
+    capabilities = Capabilities(
+        has_global=False, personalized=True, transmits=False, peer_to_peer=True, own_sampling=True
+    )
 
     def network_problems(self, client_ids: Sequence[str], seed: int) -> list[Problem]:
         n, out = len(client_ids), []
@@ -86,8 +88,17 @@ class MoDeST(StrategyBase):
     def adopt(self, own: PeerState, message: AdapterState) -> PeerState:
         return adopt_model(own, message)
 
+    def to_score(self, rnd: int, me: str, own: PeerState, inbox: Mapping[str, AdapterState]) -> dict[str, AdapterState]:
+        """MoDeST's aggregators score nothing."""
+        return {}
+
     def mix(
-        self, me: str, own: PeerState, inbox: Mapping[str, AdapterState], coef: Mapping[str, float]
+        self,
+        me: str,
+        own: PeerState,
+        inbox: Mapping[str, AdapterState],
+        coef: Mapping[str, float],
+        losses: Mapping[str, float] | None = None,
     ) -> tuple[PeerState, float]:
         return mix_inbox(own, self.message(own), inbox, coef, me)
 

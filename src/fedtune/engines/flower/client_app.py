@@ -55,6 +55,7 @@ def _shared(cfg_yaml: str) -> tuple[Any, ...]:
             build_adapted_model,
             load_shards,
             rank_per_client,
+            resolve_auto,
             run_precision,
         )
         from fedtune.engines.plan import build_plan
@@ -66,6 +67,7 @@ def _shared(cfg_yaml: str) -> tuple[Any, ...]:
         tokenizer = load_tokenizer(model_dir)
         shards, _ = load_shards(cfg, tokenizer)
         ids = list(shards)
+        cfg, _ = resolve_auto(cfg, ids, model_dir)  # the same picks as the server's
         ranks = rank_per_client(cfg, ids)
         cfg, _, _ = run_precision(cfg)  # 'auto' dtype / bf16 for this SuperNode's device
         model, _ = build_adapted_model(cfg, model_dir, ranks, tokenizer)

@@ -174,7 +174,7 @@ def flower_federation(
 
     def build(cfg: ExperimentConfig) -> Federation:
         from fedtune import components
-        from fedtune.engines.federation import build_adapted_model, rank_per_client, run_precision
+        from fedtune.engines.federation import build_adapted_model, rank_per_client, resolve_auto, run_precision
         from fedtune.models.adapters import lora_scale
         from fedtune.models.load import load_tokenizer, resolve_model_dir
 
@@ -182,8 +182,9 @@ def flower_federation(
         stats: dict[str, dict[str, float]] = {}
         node_of = discover_clients(grid, expected, timeout, examples, stats)
         ids = list(node_of)
-        ranks = rank_per_client(cfg, ids)
         model_dir = resolve_model_dir(cfg.model, cfg.seed)
+        cfg, auto = resolve_auto(cfg, ids, model_dir)  # the same picks as every SuperNode's
+        ranks = rank_per_client(cfg, ids)
         tokenizer = load_tokenizer(model_dir)
         cfg, precision, slow = run_precision(cfg)  # the server's device; each SuperNode resolves its own
         model, adapter_cfg = build_adapted_model(cfg, model_dir, ranks, tokenizer)
@@ -199,7 +200,7 @@ def flower_federation(
         faults = Faults(s.dropout, s.straggler_fraction, s.straggler_slowdown, s.deadline)
         if cfg.engine.name == "flower-sim" and (faults.dropout > 0 or faults.timed):
             engine = FaultInjection(engine, faults, cfg.seed)  # the same seeded faults as in-process
-        round0 = {**stats_summary(stats), **device_facts(model, precision, slow)}  # the server's
+        round0 = {**stats_summary(stats), **device_facts(model, precision, slow), **auto}  # the server's
         if cfg.attack.kind != "none":  # simulated attackers (a seeded set, the same on every side)
             round0["attackers"] = sorted(attackers(ids, cfg.attack.fraction, cfg.seed))
         return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, round0=round0)

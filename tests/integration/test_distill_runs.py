@@ -1,0 +1,81 @@
+"""trust_distill end to end on the tiny model: three parties of two depths plus a random model;
+the random one ends with trust near zero, bytes are the real payloads, resume == uninterrupted."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedtune.recipes.federated import run_federated
+
+PARTIES = '[{}, {"layers": 1}, {"init": "random"}]'  # two depths (2 and 1 layers) and a bad model
+
+
+def distill_cfg(tiny_cfg, name: str):
+    return tiny_cfg(
+        "strategy.name=trust_distill",
+        f"strategy.parties={PARTIES}",
+        "strategy.public_blocks=4",
+        "data.labels=[email, json, http]",
+        "rounds=3",
+        "train.steps=4",
+        "train.lr=0.02",
+        name=name,
+    )
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    from pathlib import Path
+
+    from fedtune.config.load import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path_factory.mktemp("distill")
+    cfg = load_config(
+        root / "configs" / "tiny.yaml",
+        [
+            f"output_dir={out / 'full'}",
+            "strategy.name=trust_distill",
+            f"strategy.parties={PARTIES}",
+            "strategy.public_blocks=4",
+            "data.labels=[email, json, http]",
+            "rounds=3",
+            "train.steps=4",
+            "train.lr=0.02",
+        ],
+    )
+    return run_federated(cfg, progress=False)
+
+
+def test_random_party_ends_with_trust_near_zero(full):
+    last = [r for r in full.records if r["round"] == 3 and r["client"] is not None]
+    received = {r["client"]: r["trust_received"] for r in last}
+    first = [r for r in full.records if r["round"] == 0 and r["client"] is not None]
+    bad = next(r["client"] for r in first if r["party"]["init"] == "random")
+    good = [c for c in received if c != bad]
+    assert received[bad] < 0.05
+    assert all(received[c] > 10 * received[bad] for c in good)
+    rows = {r["client"]: r["trust"] for r in last}
+    assert all(abs(sum(row.values()) - 1) < 1e-6 for row in rows.values())
+    assert (full.run_dir / "plots" / "trust.png").exists()
+
+
+def test_mixed_depths_run_and_bytes_are_the_payloads(full):
+    recs = full.records
+    first = [r for r in recs if r["round"] == 0 and r["client"] is not None]
+    assert sorted(str(r["party"]["layers"]) for r in first) == ["1", "None", "None"]
+    warm = [r for r in recs if r["round"] == 1 and r["client"] is None][0]
+    assert warm["bytes_up"] == 0 and "trust" not in warm  # the warm-up round: nothing travels
+    r2 = [r for r in recs if r["round"] == 2 and r["client"] is None][0]
+    k, positions = 20, 4 * 64
+    # each party sends k int32 ids + k fp16 values per position of the public corpus, plus a header
+    assert 3 * positions * k * 6 <= r2["bytes_up"] < 3 * positions * k * 6 + 3 * 200
+    assert r2["bytes_down"] == r2["bytes_up"]  # a pseudo-label is the same shape as a prediction
+    assert all("test_ppl" in r for r in recs if r["round"] == 3 and r["client"] is not None)
+
+
+def test_resumed_equals_uninterrupted(tiny_cfg, interrupt_after, no_time, full):
+    cfg = distill_cfg(tiny_cfg, "resumed")
+    interrupt_after(cfg, 2)
+    resumed = run_federated(cfg, resume=True, progress=False)
+    assert no_time(resumed.records) == no_time(full.records)

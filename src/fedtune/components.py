@@ -353,8 +353,9 @@ def build_strategy(cfg: ExperimentConfig, ctx: RunContext) -> Any:
     return dataclasses.replace(params, ctx=ctx)
 
 
-def run_context(cfg: ExperimentConfig, client_ids: list[str], lora_scale: float) -> RunContext:
-    """The run facts a strategy may use, including the real sampling rate and scheme."""
+def run_context(cfg: ExperimentConfig, client_ids: list[str], lora_scale: float, hidden_size: int = 0) -> RunContext:
+    """The run facts a strategy may use, including the real sampling rate and scheme (and the
+    model's hidden width, where the engine has the model)."""
     from fedtune.sampling import sample_size
 
     n = len(client_ids)
@@ -372,6 +373,7 @@ def run_context(cfg: ExperimentConfig, client_ids: list[str], lora_scale: float)
         sample_size=k,
         client_ids=tuple(client_ids),
         randomness=cfg.randomness(),
+        hidden_size=hidden_size,
     )
 
 

@@ -30,6 +30,8 @@ class EngineCapabilities:
         simulation of the peer network in one process.
     real_parties: clients are separate parties whose evaluation replies leave them (a deployment);
         in simulation the experimenter measures the model with every client's data in hand.
+    strategy_private: client state may hold a strategy's own tensors besides adapter tensors (FedMM's
+        duals), which evaluation leaves out of the model.
     """
 
     name: str
@@ -44,9 +46,10 @@ class EngineCapabilities:
     secure_codecs: str
     peer_to_peer: bool
     real_parties: bool = False
+    strategy_private: bool = False
 
 
-INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, True, True, "any", True)
+INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, True, True, "any", True, False, True)
 # on Flower, client state lives on each SuperNode's disk (`engines/flower/client_app.py`)
 FLOWER = EngineCapabilities("flower", True, True, False, False, False, False, False, False, "identity", False)
 # simulated dropouts, stragglers and attacks wrap the Flower engine in simulation as well
@@ -82,6 +85,14 @@ def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_co
         field,
         value,
         f"strategy {s!r} keeps client-side state between rounds, which this engine does not carry yet",
+        _INPROCESS,
+    )
+    need(
+        engine.strategy_private or not caps.strategy_private,
+        field,
+        value,
+        f"strategy {s!r} keeps its own client-side tensors (dual variables) besides the adapter, which this "
+        "engine's client state would load into the model",
         _INPROCESS,
     )
     need(

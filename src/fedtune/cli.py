@@ -50,7 +50,8 @@ def run(
             if config is None:
                 raise FedtuneError("give a CONFIG file, e.g. `fedtune run configs/demo.yaml`")
             cfg = load_config(config, set_ or [])
-        from fedtune.recipes.federated import print_summary, run_federated
+        from fedtune.recipes.federated import run_federated
+        from fedtune.report.summary import print_summary
 
         _quiet_bars()
         if cfg.engine.name == "flower-deploy":

@@ -27,7 +27,7 @@ from fedtune.recipes.loops import own_loop, task_loop
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
-from fedtune.report.summary import progress_bars, round_line, run_table, samples, setup_lines, summary_json
+from fedtune.report.summary import progress_bars, round_line, setup_lines, summary_json
 from fedtune.report.trackers import Tracker, open_trackers
 from fedtune.sampling import evaluation_clients, sample_round
 from fedtune.secagg import SECURE_SUM, secure_sum
@@ -391,14 +391,3 @@ def round_extras(
 def _expected_delta(sent: AdapterState) -> dict[str, Any]:
     """An adapter delta has exactly the trainable keys a client received, at their shapes."""
     return {k: sent[k].shape for k in trainable_keys(sent)}
-
-
-def print_summary(run: RunResult, console: Console) -> None:
-    console.print(run_table(run.run_dir.name, run.records))
-    for cid, after, before in samples(run.records)[:2]:  # instruction data: before / after
-        console.print(f"[b]{cid}[/b] ...{after['prompt'][-160:]!r}", highlight=False)
-        console.print(f"  reference: {after['reference']!r}", highlight=False)
-        if before is not None:
-            console.print(f"  base model: {before['generation']!r}", highlight=False)
-        console.print(f"  fine-tuned: {after['generation']!r}", highlight=False)
-    console.print(f"run dir: {run.run_dir}  (plots/, adapters/, metrics.jsonl)")

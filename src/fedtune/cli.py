@@ -50,7 +50,8 @@ def run(
             if config is None:
                 raise FedtuneError("give a CONFIG file, e.g. `fedtune run configs/demo.yaml`")
             cfg = load_config(config, set_ or [])
-        from fedtune.recipes.federated import print_summary, run_federated
+        from fedtune.recipes.federated import run_federated
+        from fedtune.report.summary import print_summary
 
         _quiet_bars()
         if cfg.engine.name == "flower-deploy":
@@ -73,7 +74,12 @@ def run(
         raise typer.Exit(130) from None
     except Exception as e:  # a bug or an unexpected environment: short, with where the full story is
         _unexpected(e, Path(cfg.run_dir()) if "cfg" in locals() else None)
-    print_summary(result, out)
+    if cfg.task == "embedding":
+        from fedtune.recipes.embedding import print_embedding_summary
+
+        print_embedding_summary(result, out)
+    else:
+        print_summary(result, out)
 
 
 # --resume may change only what cannot change the results so far

@@ -1,4 +1,4 @@
-"""Commands on finished runs: report, export, generate, eval, audit (registered by `fedtune.cli`)."""
+"""Commands on finished runs: report, export, generate, embed, eval, audit (registered by `fedtune.cli`)."""
 
 from __future__ import annotations
 
@@ -177,10 +177,30 @@ def audit(
     out.print(f"written: {Path(run_dir) / AUDIT}")
 
 
+def embed(
+    run_dir: RunDir,
+    file: Annotated[Path, typer.Argument(help="a text file, one text per line")],
+    out_path: Annotated[Path | None, typer.Option("--out", help="where to write the .npy (default: FILE.npy)")] = None,
+    client: ClientOpt = None,
+) -> None:
+    """Embed each line of FILE with a `task: embedding` run's model (GEM): a float32 .npy [lines, hidden].
+    The same vectors come from plain transformers + PEFT and GEM's pooling (README: Text embeddings)."""
+    _env()
+    from fedtune.embedding.export import embed_file
+    from fedtune.errors import FedtuneError
+
+    try:
+        target = embed_file(run_dir, file, out_path, client)
+    except FedtuneError as e:
+        _fail(e)
+    out.print(f"embeddings: {target}")
+
+
 COMMANDS: dict[str, Callable[..., None]] = {
     "report": report,
     "export": export,
     "generate": generate,
+    "embed": embed,
     "eval": evaluate,
     "audit": audit,
 }

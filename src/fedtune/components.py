@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
 from fedtune.adapters import ADAPTERS, build_adapter
 from fedtune.client.train import TrainSpec
 from fedtune.codecs import CODECS
+from fedtune.codecs.build import build_codec as build_codec  # re-exported: the engines and loops build codecs here
 from fedtune.config.schema import ExperimentConfig
 from fedtune.data.sources import DATA_SOURCES
 from fedtune.engines.capabilities import ENGINES, engine_problems
@@ -22,55 +23,12 @@ from fedtune.strategies import STRATEGIES
 from fedtune.strategies.base import Capabilities, RunContext, algebra_problems
 from fedtune.strategies.decentralized import peer_problems
 
-# The one strategy field fedtune fills in from the run (not a user parameter).
-CONTEXT_FIELD = "ctx"
-
-
 REGISTRIES: dict[str, Registry[Any]] = {
     "strategy": STRATEGIES,
     "codec": CODECS,
     "data source": DATA_SOURCES,
     "adapter kind": ADAPTERS,
 }
-
-
-def check_named(field: str, registry: Registry[type], name: str, params: dict[str, Any]) -> list[Problem]:
-    """Problems with a component name and its keyword parameters (unknown keys, wrong types)."""
-    if name not in registry:
-        return [
-            Problem(f"{field}.name", name, f"unknown {registry.kind}", f"use one of: {', '.join(registry.names())}")
-        ]
-    cls = registry.get(name)
-    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-    problems = []
-    for key in params:
-        if key == CONTEXT_FIELD:
-            problems.append(Problem(f"{field}.{key}", params[key], "set by fedtune from the run", "remove it"))
-        elif key not in fields:
-            valid = ", ".join(sorted(set(fields) - {CONTEXT_FIELD})) or "(none)"
-            problems.append(
-                Problem(
-                    f"{field}.{key}",
-                    params[key],
-                    f"unknown parameter of {registry.kind} {name!r}",
-                    f"valid parameters: {valid}",
-                )
-            )
-    known = {k: v for k, v in params.items() if k in fields}
-    if known:
-        try:
-            TypeAdapter(cls).validate_python(known)
-        except ValidationError as e:
-            for err in e.errors():
-                loc = ".".join(str(x) for x in err["loc"])
-                problems.append(
-                    Problem(
-                        f"{field}.{loc}", err.get("input"), err["msg"], "see `fedtune ls` for the parameter's meaning"
-                    )
-                )
-        except (TypeError, ValueError) as e:
-            problems.append(Problem(field, known, str(e), "fix the parameters"))
-    return problems
 
 
 def strategy_class(cfg: ExperimentConfig) -> Any:
@@ -191,6 +149,14 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
             cfg.strategy.params(), cfg.adapter, down, cfg.secure_aggregation
         )
     return problems
+
+
+def check_task(cfg: ExperimentConfig) -> list[Problem]:
+    """What the task (`task: embedding`) and train.ghost_noise need from the rest of the config."""
+    from fedtune.embedding.checks import embedding_problems, ghost_noise_problems
+
+    caps = strategy_capabilities(cfg)
+    return embedding_problems(cfg) + ghost_noise_problems(cfg, caps is not None and caps.client_step)
 
 
 def sam_problems(name: str, caps: Capabilities, rho: float, dp_sgd: bool) -> list[Problem]:
@@ -345,8 +311,9 @@ def build_strategy(cfg: ExperimentConfig, ctx: RunContext) -> Any:
     return dataclasses.replace(params, ctx=ctx)
 
 
-def run_context(cfg: ExperimentConfig, client_ids: list[str], lora_scale: float) -> RunContext:
-    """The run facts a strategy may use, including the real sampling rate and scheme."""
+def run_context(cfg: ExperimentConfig, client_ids: list[str], lora_scale: float, hidden_size: int = 0) -> RunContext:
+    """The run facts a strategy may use, including the real sampling rate and scheme (and the
+    model's hidden width, where the engine has the model)."""
     from fedtune.sampling import sample_size
 
     n = len(client_ids)
@@ -364,54 +331,14 @@ def run_context(cfg: ExperimentConfig, client_ids: list[str], lora_scale: float)
         sample_size=k,
         client_ids=tuple(client_ids),
         randomness=cfg.randomness(),
+        hidden_size=hidden_size,
     )
 
 
-def codec_stages(codec: Any) -> list[tuple[str, dict[str, Any]]]:
-    """(stage name, params) of a codec config: `name: chain` with `stages: [...]`, or one stage."""
-    if codec.name != "chain":
-        return [(codec.name, codec.params())]
-    return [(str(s.get("name")), {k: v for k, v in s.items() if k != "name"}) for s in codec.params()["stages"]]
-
-
-def check_codec(field: str, codec: Any) -> list[Problem]:
-    """Problems with a codec config: each stage's name and parameters."""
-    if codec.name != "chain":
-        return check_named(field, CODECS, codec.name, codec.params())
-    params = codec.params()
-    stages = params.get("stages")
-    extra = sorted(set(params) - {"stages"})
-    problems = [
-        Problem(f"{field}.{k}", params[k], "unknown parameter of a codec chain", "use only stages") for k in extra
-    ]
-    if not isinstance(stages, list) or not stages or not all(isinstance(x, dict) and "name" in x for x in stages):
-        return [
-            *problems,
-            Problem(
-                f"{field}.stages",
-                stages,
-                "a chain needs a non-empty list of stages, each with a name",
-                "e.g. stages: [{name: topk, fraction: 0.01}, {name: quantize, bits: 8}]",
-            ),
-        ]
-    for i, (name, p) in enumerate(codec_stages(codec)):
-        problems += check_named(f"{field}.stages[{i}]", CODECS, name, p)
-    return problems
-
-
-def build_codec(cfg: ExperimentConfig, downlink: bool = False, client: str | None = None) -> Any:
-    """The uplink codec (`codec`; a client's own from `client_codecs` when given), or the
-    downlink one (`downlink_codec`, default: `codec`)."""
-    from fedtune.codecs import Chain
-
-    codec = cfg.downlink_codec if downlink and cfg.downlink_codec is not None else cfg.codec
-    if not downlink and client is not None:
-        codec = cfg.client_codecs.get(client, codec)
-    return Chain(tuple(CODECS.get(name)(**params) for name, params in codec_stages(codec)))
-
-
 def build_train_spec(cfg: ExperimentConfig) -> TrainSpec:
-    fields = cfg.train.model_dump(exclude={"dp_sgd", "client_lr"})
+    fields = cfg.train.model_dump(exclude={"dp_sgd", "client_lr", "ghost_noise"})
+    if cfg.train.ghost_noise is not None:
+        fields.update(ghost_batch=cfg.train.ghost_noise.batch_size, ghost_eps=cfg.train.ghost_noise.eps)
     if cfg.train.dp_sgd is not None:
         fields.update(
             dp_clip=cfg.train.dp_sgd.clip, dp_noise=cfg.train.dp_sgd.noise_multiplier, dp_randomness=cfg.randomness()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from fedtune.errors import FedtuneError
+from pydantic import TypeAdapter, ValidationError
+
+from fedtune.errors import FedtuneError, Problem
 
 T = TypeVar("T")
 
@@ -51,3 +54,46 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+# The one strategy field fedtune fills in from the run (not a user parameter).
+CONTEXT_FIELD = "ctx"
+
+
+def check_named(field: str, registry: Registry[type], name: str, params: dict[str, Any]) -> list[Problem]:
+    """Problems with a component name and its keyword parameters (unknown keys, wrong types)."""
+    if name not in registry:
+        return [
+            Problem(f"{field}.name", name, f"unknown {registry.kind}", f"use one of: {', '.join(registry.names())}")
+        ]
+    cls = registry.get(name)
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    problems = []
+    for key in params:
+        if key == CONTEXT_FIELD:
+            problems.append(Problem(f"{field}.{key}", params[key], "set by fedtune from the run", "remove it"))
+        elif key not in fields:
+            valid = ", ".join(sorted(set(fields) - {CONTEXT_FIELD})) or "(none)"
+            problems.append(
+                Problem(
+                    f"{field}.{key}",
+                    params[key],
+                    f"unknown parameter of {registry.kind} {name!r}",
+                    f"valid parameters: {valid}",
+                )
+            )
+    known = {k: v for k, v in params.items() if k in fields}
+    if known:
+        try:
+            TypeAdapter(cls).validate_python(known)
+        except ValidationError as e:
+            for err in e.errors():
+                loc = ".".join(str(x) for x in err["loc"])
+                problems.append(
+                    Problem(
+                        f"{field}.{loc}", err.get("input"), err["msg"], "see `fedtune ls` for the parameter's meaning"
+                    )
+                )
+        except (TypeError, ValueError) as e:
+            problems.append(Problem(field, known, str(e), "fix the parameters"))
+    return problems

@@ -19,6 +19,7 @@ def distill_cfg(tiny_cfg, name: str):
         "rounds=3",
         "train.steps=4",
         "train.lr=0.02",
+        "evaluation.ood=true",
         name=name,
     )
 
@@ -42,9 +43,22 @@ def full(tmp_path_factory):
             "rounds=3",
             "train.steps=4",
             "train.lr=0.02",
+            "evaluation.ood=true",
         ],
     )
     return run_federated(cfg, progress=False)
+
+
+def test_each_party_is_scored_on_the_mixture_when_asked(full):
+    """evaluation.ood: each party's own model on every party's test data (a record per party and
+    the round's mean), as in the federated loop; it was silently skipped before."""
+    for rnd in (0, 3):
+        recs = [r for r in full.records if r["round"] == rnd]
+        parties = [r for r in recs if r["client"]]
+        assert len(parties) == 3 and all(r["ood_ppl"] > 1.0 and r["ood_tokens"] > 0 for r in parties)
+        summary = next(r for r in recs if r["client"] is None)
+        assert summary["ood_mean_ppl"] == pytest.approx(sum(r["ood_ppl"] for r in parties) / 3)
+    assert len({r["ood_tokens"] for r in full.records if r["client"]}) == 1  # the same mixture for all
 
 
 def test_random_party_ends_with_trust_near_zero(full):

@@ -55,6 +55,19 @@ def test_comigs_and_error_feedback_on_flower_keep_client_state_and_match_inproce
     assert all("personal_ppl" in r for r in last)
 
 
+@pytest.mark.parametrize("kind", ["dora", "smore"])
+def test_dora_and_smore_on_flower_match_inprocess(tiny_cfg, no_time, kind) -> None:
+    """Adapter kinds beyond LoRA on Flower's simulation: DoRA (PEFT's layers, magnitude vectors
+    travel) and S'MoRE (its own routed residual tree): the same records as in-process."""
+    from fedtune.recipes.flower import run_simulation
+
+    over = [f"adapter.kind={kind}", "rounds=2", "train.steps=2"]
+    local = run_federated(tiny_cfg(*over, name="inproc"), progress=False)
+    sim = run_simulation(tiny_cfg(*over, name="sim"), num_clients=4)
+    assert no_time(sim.records) == no_time(local.records)
+    assert next(r for r in sim.records if r["round"] == 0 and r["client"] is None)["adapter"] == kind
+
+
 def test_secaggplus_on_flower_with_dp_matches_inprocess_secure_aggregation(tiny_cfg) -> None:
     """DP-FedAvg (clip on the client, distributed noise) under Flower's SecAgg+: the server sees
     only the unmasked mean, and the run ends where the in-process pairwise-masked run ends (both

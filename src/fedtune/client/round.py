@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import reduce
 from typing import Any
@@ -10,6 +11,7 @@ import torch
 
 from fedtune.adapters import adapter_of
 from fedtune.adapters.base import Adapter
+from fedtune.client.ghost_noise import ghost_noise_injected
 from fedtune.client.train import SideGroup, TrainSpec, local_train_, proximal_term
 from fedtune.data.blocks import Shard
 from fedtune.models.adapters import (
@@ -81,23 +83,27 @@ def client_round(
         if term is not None:
             terms.append(term)
     extra = (lambda: reduce(torch.add, [t() for t in terms])) if terms else None  # noqa: E731
-    metrics = local_train_(
-        model,
-        params,
-        shard.train,
-        spec,
-        gen,
-        extra_loss=extra,
-        on_step=on_step,
-        side=side,
-        aux=lambda: adapter.aux_loss(model),
-        router_blocks=shard.val,
-        regions=regions,
-        docs=shard.train_doc if spec.dp_noise is not None else None,
-        mask=shard.train_mask,
-        router_mask=shard.val_mask if shard.val.shape[0] > 0 else shard.train_mask,
-        step_offset=(rnd - 1) * spec.num_steps(int(shard.train.shape[0])),
-    )
+    ghost: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if spec.ghost_batch is not None:  # a regulariser of this local step only (eval mode: no noise)
+        ghost = ghost_noise_injected(model, spec.ghost_batch, torch_generator(seed, "ghost", rnd, shard.client_id))
+    with ghost:
+        metrics = local_train_(
+            model,
+            params,
+            shard.train,
+            spec,
+            gen,
+            extra_loss=extra,
+            on_step=on_step,
+            side=side,
+            aux=lambda: adapter.aux_loss(model),
+            router_blocks=shard.val,
+            regions=regions,
+            docs=shard.train_doc if spec.dp_noise is not None else None,
+            mask=shard.train_mask,
+            router_mask=shard.val_mask if shard.val.shape[0] > 0 else shard.train_mask,
+            step_offset=(rnd - 1) * spec.num_steps(int(shard.train.shape[0])),
+        )
     trained = get_state(model)
     metrics = {**metrics, **adapter.state_metrics(model, trained)}  # e.g. RM-LoRA's effective rank
     # the delta has the received shapes (a rank-r_k client returns rank-r_k factors)

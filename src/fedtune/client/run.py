@@ -29,6 +29,16 @@ from fedtune.types import AdapterState
 
 StepCallback = Callable[[int, int, float], None]
 
+# private tensors under this key prefix belong to a strategy's client step (FedMM's dual variables),
+# not to the model: engines never load them into it (`model_private`)
+STRATEGY_PRIVATE = "strategy/"
+
+
+def model_private(private: AdapterState) -> AdapterState:
+    """The client-private tensors that are part of the client's model (not a strategy's own)."""
+    return {k: v for k, v in private.items() if not k.startswith(STRATEGY_PRIVATE)}
+
+
 # what a client reply may carry when its metrics are withheld (DP or secure aggregation): facts about
 # the protocol, not about the data (the accountant's step count and rate, time, the codec's choices)
 PROTOCOL_METRICS = frozenset(

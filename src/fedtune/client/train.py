@@ -59,6 +59,8 @@ class TrainSpec:
     dp_clip: float | None = None
     dp_noise: float | None = None
     dp_randomness: str = "seeded"  # 'secure': Poisson batches and noise from the OS CSPRNG
+    ghost_batch: int | None = None  # Ghost Noise Injection's ghost batch size (None = off)
+    ghost_eps: float = 1e-3
 
     def dp_rate(self, num_blocks: int) -> float:
         """DP-SGD's Poisson sampling rate q for a client with `num_blocks` training blocks."""

@@ -64,6 +64,22 @@ class ModelConfig(_Strict):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 
 
+class ShiftConfig(_Strict):
+    """Source '20newsgroups-shift': labelled parties with a few topics each, and one unlabelled
+    'target' party whose posts (of the same topics) are shifted by character noise."""
+
+    groups: list[list[str]] = Field(
+        ..., min_length=1, description="the topics of each labelled party 'source-<i>' (one or two each)"
+    )
+    target_fraction: float = Field(
+        0.5, gt=0.0, lt=1.0, description="share of every topic's posts that go to the target party (the rest: sources)"
+    )
+    noise: float = Field(
+        0.15, ge=0.0, le=1.0, description="target posts: probability that each letter is replaced by a random letter"
+    )
+    seed: int = Field(0, description="which posts go to the target, and its noise")
+
+
 class DataConfig(_Strict):
     source: str = Field("20newsgroups", description="registered data source (fedtune ls)")
     path: str | None = Field(None, description="file or folder, for source 'files'")
@@ -110,6 +126,18 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     max_train_blocks: int | None = Field(None, ge=1, description="cap per client")
     max_test_blocks: int | None = Field(None, ge=1, description="cap per client")
+    shift: ShiftConfig | None = Field(
+        None, description="source '20newsgroups-shift': labelled source parties and a shifted unlabelled target"
+    )
+
+    @model_validator(mode="after")
+    def _shift(self) -> DataConfig:
+        if (self.shift is not None) != (self.source == "20newsgroups-shift"):
+            raise ValueError(
+                f"data.shift is {'set' if self.shift is not None else 'missing'} with data.source = {self.source!r}: "
+                "data.shift goes with (and only with) data.source: 20newsgroups-shift"
+            )
+        return self
 
     @model_validator(mode="after")
     def _format(self) -> DataConfig:

@@ -165,16 +165,16 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
 def check_components(cfg: ExperimentConfig) -> list[Problem]:
     """Checks that need the registries (names and each component's own parameters)."""
     from fedtune import components  # registers everything
+    from fedtune.codecs.build import check_codec
+    from fedtune.registry import check_named
 
     problems: list[Problem] = []
-    problems += components.check_named(
-        "strategy", components.REGISTRIES["strategy"], cfg.strategy.name, cfg.strategy.params()
-    )
-    problems += components.check_codec("codec", cfg.codec)
+    problems += check_named("strategy", components.REGISTRIES["strategy"], cfg.strategy.name, cfg.strategy.params())
+    problems += check_codec("codec", cfg.codec)
     if cfg.downlink_codec is not None:
-        problems += components.check_codec("downlink_codec", cfg.downlink_codec)
+        problems += check_codec("downlink_codec", cfg.downlink_codec)
     for cid, codec in sorted(cfg.client_codecs.items()):
-        problems += components.check_codec(f"client_codecs.{cid}", codec)
+        problems += check_codec(f"client_codecs.{cid}", codec)
     if cfg.secure_aggregation and (cfg.client_codecs or getattr(cfg.adapter, "auto", None)):
         why = "masked uploads cancel only when every client encodes alike (and adapter.auto sets per-client ranks)"
         field = "client_codecs" if cfg.client_codecs else "adapter.auto"
@@ -189,6 +189,7 @@ def check_components(cfg: ExperimentConfig) -> list[Problem]:
             )
         )
     problems += components.check_strategy(cfg)
+    problems += components.check_task(cfg)
     problems += tracker_problems(cfg.report.trackers)
     if not problems:  # engine checks need a valid strategy and codecs
         problems += components.check_engine(cfg)

@@ -53,6 +53,18 @@ class DPSGDConfig(_Strict):
     )
 
 
+class GhostNoiseConfig(_Strict):
+    """Ghost Noise Injection (Kosson et al., arXiv:2305.17205): during local training, the output
+    of every RMSNorm / LayerNorm is shifted and scaled by the statistics of a random ghost batch
+    drawn with replacement from the micro-batch's tokens (seeded; off at evaluation;
+    `fedtune.client.ghost_noise`)."""
+
+    batch_size: int = Field(
+        16, ge=2, description="ghost batch size N: the shift's variance is var / N (smaller = more noise)"
+    )
+    eps: float = Field(1e-3, gt=0.0, description="added to both variances of the scale ratio")
+
+
 class TrainConfig(_Strict):
     """Local training on each client, every round."""
 
@@ -90,6 +102,19 @@ class TrainConfig(_Strict):
         description="sample-level differential privacy on each client (per-example clipping + noise; "
         "batches are Poisson samples of expected size batch_size * grad_accum; max_grad_norm is not used)",
     )
+    ghost_noise: GhostNoiseConfig | None = Field(
+        None, description="Ghost Noise Injection as a regulariser of the local step (off by default)"
+    )
+
+    @model_validator(mode="after")
+    def _ghost_and_dp(self) -> TrainConfig:
+        if self.ghost_noise is not None and self.dp_sgd is not None:
+            raise ValueError(
+                "train.ghost_noise mixes the statistics of a batch's examples into each one, so one example's "
+                "gradient depends on the others and DP-SGD's per-example bound no longer holds; drop "
+                "train.ghost_noise or train.dp_sgd"
+            )
+        return self
 
 
 class _Named(BaseModel):
@@ -290,9 +315,29 @@ class ReportConfig(_Strict):
     mlflow_experiment: str = "fedtune"
 
 
+class EmbeddingConfig(_Strict):
+    """`task: embedding`: GEM text embeddings (arXiv:2506.04344, `fedtune.embedding.gem`). Each
+    party trains the adapter and the special tokens' embeddings on its own text with GEM's
+    self-supervised objective; retrieval is scored on the source's (query, document) pairs."""
+
+    num_tokens: int = Field(1, ge=1, le=16, description="special tokens k inserted into the text")
+    ntp_weight: float = Field(
+        1.0, ge=0.0, description="weight of the plain next-token loss on the unchanged text (the 'mixed' NTP)"
+    )
+    knn_topics: bool = Field(
+        True, description="also report nearest-neighbour topic accuracy of the pooled test documents (their labels)"
+    )
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 0
+    task: Literal["generate", "embedding"] = Field(
+        "generate",
+        description="'generate': next-token / instruction fine-tuning; 'embedding': GEM text embeddings "
+        "(section embedding; (query, document) pairs from chatterbot, stdlib-docstrings, 20newsgroups or files)",
+    )
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
     rounds: int = Field(3, ge=1)
     output_dir: str = Field("runs/{name}", description="'{name}' is replaced by the name")
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -128,6 +128,15 @@ def newsgroups_instruct(cfg: DataConfig) -> datasets.Dataset:
     return _classification(texts, labels, cfg, "Which newsgroup is this post from?")
 
 
+@DATA_SOURCES.register("20newsgroups-shift")
+def newsgroups_shift(cfg: DataConfig) -> datasets.Dataset:
+    """20 Newsgroups instruction classification split into labelled source parties (data.shift.groups:
+    topics per party) and an unlabelled 'target' party with character-noised posts (`data.shift`)."""
+    from fedtune.data.shift import shifted_rows
+
+    return shifted_rows(*_orange_table("20newsgroups-train.tab", "Text", "Category"), cfg)
+
+
 @DATA_SOURCES.register("tweets-instruct")
 def tweets_instruct(cfg: DataConfig) -> datasets.Dataset:
     """2016 election tweets as instruction classification: tweet + "Who wrote this tweet?" -> the author."""

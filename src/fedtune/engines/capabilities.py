@@ -32,6 +32,8 @@ class EngineCapabilities:
         in simulation the experimenter measures the model with every client's data in hand.
     server: has a server (or a loop's process) that aggregates; False for a swarm of peer
         processes, which runs only serverless strategies (`peer_to_peer`) and no secure aggregation.
+    strategy_private: client state may hold a strategy's own tensors besides adapter tensors (FedMM's
+        duals), which evaluation leaves out of the model.
     """
 
     name: str
@@ -46,10 +48,11 @@ class EngineCapabilities:
     secure_codecs: str
     peer_to_peer: bool
     real_parties: bool = False
+    strategy_private: bool = False
     server: bool = True
 
 
-INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, True, True, "any", True)
+INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, True, True, "any", True, False, True)
 # on Flower, client state lives on each SuperNode's disk (`engines/flower/client_app.py`)
 FLOWER = EngineCapabilities("flower", True, True, False, False, False, False, False, False, "identity", False)
 # simulated dropouts, stragglers and attacks wrap the Flower engine in simulation as well
@@ -95,6 +98,14 @@ def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_co
         field,
         value,
         f"strategy {s!r} keeps client-side state between rounds, which this engine does not carry yet",
+        _INPROCESS,
+    )
+    need(
+        engine.strategy_private or not caps.strategy_private,
+        field,
+        value,
+        f"strategy {s!r} keeps its own client-side tensors (dual variables) besides the adapter, which this "
+        "engine's client state would load into the model",
         _INPROCESS,
     )
     need(

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fedtune.adapters import adapter_of
-from fedtune.client.run import ClientJob, ClientPlan, ClientReply, ClientState, advertise, run_client
+from fedtune.client.run import ClientJob, ClientPlan, ClientReply, ClientState, advertise, model_private, run_client
 from fedtune.client.store import ClientStateStore
 from fedtune.client.train import model_device
 from fedtune.codecs import serialize
@@ -96,7 +96,7 @@ class InProcessEngine:
     def _load(self, cid: str, state: AdapterState) -> None:
         """Client cid's model: the state it was sent plus what it keeps privately."""
         adapter_of(self.model).use_client_(self.model, self.plan.variants.get(cid))
-        set_state_(self.model, {**self.private_of(cid), **state})
+        set_state_(self.model, {**model_private(self.private_of(cid)), **state})
 
     def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, Any]]:
         """Each client's metrics on its own `split` ('test', 'val'; 'ood' = the mixture of every
@@ -105,7 +105,7 @@ class InProcessEngine:
         out: dict[str, dict[str, Any]] = {}
         shared: dict[int, dict[str, Any]] = {}  # OOD data is the same for all: score a shared model once
         for cid, state in states.items():
-            alone = not self.private_of(cid) and cid not in self.plan.variants
+            alone = not model_private(self.private_of(cid)) and cid not in self.plan.variants
             if split == "ood" and alone and id(state) in shared:
                 out[cid] = dict(shared[id(state)])
                 continue
@@ -242,7 +242,8 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     variants_per_client(cfg, ids)  # the lists' lengths are checked before the model loads
     cfg, precision, slow = run_precision(cfg)  # 'auto' dtype / bf16 for this device
     model, adapter_cfg = build_adapted_model(cfg, model_dir, ranks, tokenizer, shards)
-    strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
+    hidden = int(getattr(model.config, "hidden_size", 0) or 0)
+    strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model), hidden))
     caps = strategy.capabilities
     plan = build_plan(cfg, strategy, get_state(model), ids)
     if caps.pools_data and cfg.train.epochs is None:  # the pooled client trains as long as k clients would

@@ -110,8 +110,15 @@ def run_distill(
     spec, ev = components.build_train_spec(cfg), cfg.evaluation
     metrics_path = run_dir / io.METRICS
 
+    ood = fed.engine.ood_split() if ev.ood else None  # every party's test data, the same share of each
+
     def evaluate_all() -> dict[str, dict[str, float]]:
-        return {c: evaluate_party(models[c], shards[c], ev.batch_size, spec.bf16, ev.val) for c in ids}
+        out = {c: evaluate_party(models[c], shards[c], ev.batch_size, spec.bf16, ev.val) for c in ids}
+        if ood is not None:  # each party's own model on the mixture (evaluation.ood)
+            for c in ids:
+                r = evaluate_blocks(models[c], ood[0], ev.batch_size, spec.bf16, ood[1])
+                out[c].update(ood_loss=r["loss"], ood_ppl=r["ppl"], ood_tokens=r["tokens"])
+        return out
 
     # 2. start or resume (the checkpoint holds every party's adapter)
     if resume:

@@ -23,11 +23,11 @@ from fedtune.models.adapters import get_state, trainable_keys
 from fedtune.models.export import export_adapters
 from fedtune.privacy.accounting import sample_epsilons
 from fedtune.privacy.randomness import describe
-from fedtune.recipes.loops import own_loop
+from fedtune.recipes.loops import own_loop, task_loop
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary
-from fedtune.report.summary import progress_bars, round_line, run_table, samples, setup_lines, summary_json
+from fedtune.report.summary import progress_bars, round_line, setup_lines, summary_json
 from fedtune.report.trackers import Tracker, open_trackers
 from fedtune.sampling import evaluation_clients, sample_round
 from fedtune.secagg import SECURE_SUM, secure_sum
@@ -76,7 +76,8 @@ def run_federated(
     r = cfg.report
     trackers = open_trackers(r.trackers, run_dir, cfg.model_dump(), r.mlflow_uri, r.mlflow_experiment, cfg.name)
     try:
-        result = _run(cfg, run_dir, t_start, resume, progress, after_round, console, federation, trackers)
+        loop = task_loop(cfg) or _run  # `task: embedding` has its own loop (recipes/embedding.py)
+        result = loop(cfg, run_dir, t_start, resume, progress, after_round, console, federation, trackers)
     except BaseException as e:
         for t in trackers:
             t.finish(run_dir / "plots", "failed")
@@ -279,8 +280,7 @@ def receive(
     cfg: ExperimentConfig,
     caps: Any,
 ) -> tuple[list[ClientUpdate], list[ClientFailure], ClientUpdate | None]:
-    """Decode the uplink payloads (one decoder state per sender) and screen them: NaN/Inf,
-    unknown or missing keys, wrong shapes or dtypes, oversized payloads become failures."""
+    """Decode uplinks (a decoder state per sender), screen them: NaN/Inf, bad keys/shapes/dtypes/sizes fail."""
     updates, failures, presummed = [], [], None
     own = {cid: components.build_codec(cfg, client=cid) for cid in cfg.client_codecs}  # per-client uplinks
     for r in replies:
@@ -391,14 +391,3 @@ def round_extras(
 def _expected_delta(sent: AdapterState) -> dict[str, Any]:
     """An adapter delta has exactly the trainable keys a client received, at their shapes."""
     return {k: sent[k].shape for k in trainable_keys(sent)}
-
-
-def print_summary(run: RunResult, console: Console) -> None:
-    console.print(run_table(run.run_dir.name, run.records))
-    for cid, after, before in samples(run.records)[:2]:  # instruction data: before / after
-        console.print(f"[b]{cid}[/b] ...{after['prompt'][-160:]!r}", highlight=False)
-        console.print(f"  reference: {after['reference']!r}", highlight=False)
-        if before is not None:
-            console.print(f"  base model: {before['generation']!r}", highlight=False)
-        console.print(f"  fine-tuned: {after['generation']!r}", highlight=False)
-    console.print(f"run dir: {run.run_dir}  (plots/, adapters/, metrics.jsonl)")

@@ -1,4 +1,5 @@
-"""Which loop runs a strategy that has no place in the federated one (declared capabilities)."""
+"""Which loop runs a strategy that has no place in the federated one (declared capabilities), or
+a task that has its own (`task: embedding`)."""
 
 from __future__ import annotations
 
@@ -20,4 +21,13 @@ def own_loop(caps: Any) -> Callable[..., RunResult] | None:
         from fedtune.recipes.distill import run_distill
 
         return run_distill
+    return None
+
+
+def task_loop(cfg: Any) -> Callable[..., RunResult] | None:
+    """The GEM embedding loop for `task: embedding` (it builds its own parties and model), or None."""
+    if cfg.task == "embedding":
+        from fedtune.recipes.embedding import run_embedding
+
+        return run_embedding
     return None

@@ -266,3 +266,15 @@ def progress_bars(console: Console, show: bool) -> Progress:
         console=console,
         disable=not show or not console.is_terminal,
     )
+
+
+def print_summary(run: Any, console: Console) -> None:
+    """The end of a run on the console: the table, two instruction samples, where it is."""
+    console.print(run_table(run.run_dir.name, run.records))
+    for cid, after, before in samples(run.records)[:2]:  # instruction data: before / after
+        console.print(f"[b]{cid}[/b] ...{after['prompt'][-160:]!r}", highlight=False)
+        console.print(f"  reference: {after['reference']!r}", highlight=False)
+        if before is not None:
+            console.print(f"  base model: {before['generation']!r}", highlight=False)
+        console.print(f"  fine-tuned: {after['generation']!r}", highlight=False)
+    console.print(f"run dir: {run.run_dir}  (plots/, adapters/, metrics.jsonl)")

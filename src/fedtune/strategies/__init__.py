@@ -9,6 +9,7 @@ from fedtune.strategies import (  # noqa: F401
     fair,
     fedavg,
     fedkseed,
+    fedmm,
     fedopt,
     fedsb,
     ferret,

@@ -51,6 +51,8 @@ class Capabilities:
             travel (trust_distill): the loop is `recipes/distill.py`.
         own_sampling: its sampler picks each round's peers from its own parameters (MoDeST's
             trainers and aggregators): `sampling.fraction` and `sampling.min_clients` do not apply.
+        strategy_private: its clients keep tensors that are not adapter tensors (FedMM's dual
+            variables, under `client.run.STRATEGY_PRIVATE`): the engine must never load them into the model.
     """
 
     has_global: bool = True
@@ -73,6 +75,7 @@ class Capabilities:
     sharpness_aware: bool = False
     own_models: bool = False
     own_sampling: bool = False
+    strategy_private: bool = False
 
     def weight(self, num_examples: int) -> float:
         """A client's weight in a masked sum."""
@@ -93,6 +96,7 @@ class RunContext:
     sample_size: int = 1  # clients drawn per round (fixed scheme)
     client_ids: tuple[str, ...] = ()  # the registered clients (a decentralized strategy's peers)
     randomness: str = "seeded"  # privacy noise: 'seeded' (reproducible simulation) or 'secure' (OS CSPRNG)
+    hidden_size: int = 0  # the base model's hidden width (FedMM's discriminator input); 0: unknown
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from fedtune.client.ghost_noise import ghost_noise, ghost_noise_injected
+
+
+def test_ghost_noise_matches_its_formula_and_the_paper_variance():
+    torch.manual_seed(0)
+    x = torch.randn(256, 4) * 3.0 + 1.0
+    out = ghost_noise(x, 16, torch.Generator().manual_seed(0))
+    idx = torch.randint(256, (256, 16), generator=torch.Generator().manual_seed(0))
+    mean, var = x.mean(0), x.var(0, correction=0)
+    g_mean, g_var = x[idx].mean(1), x[idx].var(1, correction=0)
+    expected = (x - (g_mean - mean)) / torch.sqrt((g_var + 1e-3) / (var + 1e-3))
+    assert torch.allclose(out, expected, atol=1e-5)
+    shift = g_mean - mean  # zero mean, variance var / N
+    assert shift.mean(0).abs().max() < 4 * (var / 16 / 256).sqrt().max()
+    assert torch.allclose(shift.var(0), var / 16, rtol=0.25)
+
+
+def test_seeded():
+    x = torch.randn(32, 5)
+    a = ghost_noise(x, 4, torch.Generator().manual_seed(7))
+    b = ghost_noise(x, 4, torch.Generator().manual_seed(7))
+    c = ghost_noise(x, 4, torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from fedtune.config.inputs import ModelConfig
+    from fedtune.models.load import load_model, tiny_dir
+
+    cfg = ModelConfig(name="tiny", dtype="float32")
+    return load_model(str(tiny_dir(cfg, 0)), cfg)
+
+
+def test_noise_in_training_off_at_evaluation_and_hooks_removed(tiny):
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    tiny.eval()
+    clean = tiny(input_ids=ids).logits
+    with ghost_noise_injected(tiny, 4, torch.Generator().manual_seed(0)) as n:
+        assert n == 2 * tiny.config.num_hidden_layers + 1  # two RMSNorms per layer and the final norm
+        tiny.eval()
+        assert torch.equal(tiny(input_ids=ids).logits, clean)  # eval mode: no noise
+        tiny.train()
+        noisy = tiny(input_ids=ids).logits
+        assert not torch.allclose(noisy, clean)
+    tiny.train()
+    assert torch.equal(tiny(input_ids=ids).logits, clean)  # hooks gone
+    tiny.eval()
+
+
+def test_client_round_with_ghost_noise_is_seeded_and_differs_from_without(tiny_with_lora, random_shard):
+    from dataclasses import replace
+
+    from fedtune.client.round import client_round
+    from fedtune.client.train import TrainSpec
+
+    model, init = tiny_with_lora()
+    shard = random_shard("a")
+    spec = TrainSpec(steps=2, batch_size=4, lr=0.01)
+    ghost = replace(spec, ghost_batch=4)
+    d_off, _, _ = client_round(model, init, shard, spec, seed=0, rnd=1)
+    d_on, _, _ = client_round(model, init, shard, ghost, seed=0, rnd=1)
+    d_again, _, _ = client_round(model, init, shard, ghost, seed=0, rnd=1)
+    assert all(torch.equal(d_on[k], d_again[k]) for k in d_on)
+    assert any(not torch.allclose(d_on[k], d_off[k]) for k in d_on)
+    assert not any(h for m in model.modules() for h in m._forward_hooks.values())  # hooks removed

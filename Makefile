@@ -17,10 +17,10 @@ export HF_HUB_OFFLINE := 1
 endif
 WHEELHOUSE_OUT ?= wheelhouse
 
-EXTRAS  := dev,flower,dp,track,eval,tune
+EXTRAS  := dev,flower,dp,track,eval,tune,p2p
 TEST_STAMP := $(VENV)/.installed-test
 
-# the demo needs only the core package; the tests also need the extras (Flower, DP, trackers, lm-eval, optuna)
+# the demo needs only the core package; the tests also need the extras (Flower, DP, trackers, lm-eval, optuna, hivemind)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)

@@ -58,6 +58,10 @@ def run(
             raise FedtuneError("engine.name flower-deploy runs through `fedtune deploy CONFIG` (or `flwr run`)")
         if cfg.engine.name == "flower-sim":
             result = _run_flower_sim(cfg, resume is not None, overwrite)
+        elif cfg.engine.name == "p2p-local":
+            from fedtune.recipes.swarm import run_swarm
+
+            result = run_swarm(cfg, resume=resume is not None, overwrite=overwrite, console=err)
         else:
             result = run_federated(cfg, resume=resume is not None, overwrite=overwrite, progress=progress)
     except FedtuneError as e:
@@ -329,6 +333,46 @@ def wheelhouse(
     size = sum(w.stat().st_size for w in wheels) / 2**20
     out.print(f"{len(wheels)} wheels, {size:.0f} MiB in {dest}")
     out.print(f"offline, in a clone of fedtune: make demo WHEELHOUSE={dest.resolve()}")
+
+
+@app.command()
+def peer(
+    config: Annotated[Path, typer.Argument(help="the swarm's experiment YAML (the same file on every peer)")],
+    id_: Annotated[str, typer.Option("--id", help="this peer: a client id of the config, or its index (sorted)")],
+    initial_peers: Annotated[
+        list[str] | None,
+        typer.Option("--initial-peers", help="a multiaddr of a peer already running (repeat); none for the first"),
+    ] = None,
+    host: Annotated[str, typer.Option(help="address to listen on (0.0.0.0: every interface)")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="TCP port to listen on (0: any free port)")] = 0,
+    run_dir: Annotated[Path | None, typer.Option(help="where this peer keeps its state and records")] = None,
+    swarm: Annotated[str | None, typer.Option(help="the swarm's name (default: a hash of the config)")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run one peer of a serverless (gossip) experiment as its own process over hivemind: it holds only
+    its own data and state, and trains and mixes with its neighbours each round. Its multiaddrs are
+    printed and written to RUN_DIR/peers/<id>/maddrs.txt for the other peers' --initial-peers."""
+    _env()
+    from rich.console import Console
+
+    from fedtune import components
+    from fedtune.config import load_config
+    from fedtune.errors import ConfigError, FedtuneError
+
+    try:
+        cfg = load_config(config, set_ or [])
+        problems = components.check_engine(cfg, "p2p-local")
+        if problems:
+            raise ConfigError(problems)
+        from fedtune.recipes.peer import run_peer, swarm_name
+
+        _quiet_bars()
+        where = run_dir or Path(cfg.run_dir())
+        maddrs = [f"/ip4/{host}/tcp/{port}"]
+        done = run_peer(cfg, id_, where, swarm or swarm_name(cfg), initial_peers or [], maddrs, Console(stderr=True))
+    except FedtuneError as e:
+        _fail(e)
+    out.print(f"peer finished: {done}")
 
 
 @app.command("tune")

@@ -136,12 +136,18 @@ class CodecConfig(_Named):
 
 
 class EngineConfig(_Strict):
-    name: Literal["inprocess", "flower-sim", "flower-deploy"] = Field(
+    name: Literal["inprocess", "flower-sim", "flower-deploy", "p2p-local"] = Field(
         "inprocess",
         description="'inprocess' (default), 'flower-sim' (Flower's simulation runtime; extra 'flower'), "
-        "'flower-deploy' (set by `fedtune deploy` / the app it writes: SuperLink and SuperNodes)",
+        "'flower-deploy' (set by `fedtune deploy` / the app it writes: SuperLink and SuperNodes), 'p2p-local' "
+        "(a local swarm of `fedtune peer` processes over hivemind, for serverless strategies; extra 'p2p')",
     )
-    timeout: float = Field(600.0, gt=0.0, description="seconds to wait for client replies (Flower)")
+    timeout: float = Field(
+        600.0, gt=0.0, description="seconds to wait for client replies (Flower) or for a round's peer messages (p2p)"
+    )
+    join_timeout: float = Field(
+        120.0, gt=0.0, description="p2p: seconds a peer waits for every peer to join the swarm before round 1"
+    )
 
 
 class PrivacyConfig(_Strict):

@@ -30,6 +30,8 @@ class EngineCapabilities:
         simulation of the peer network in one process.
     real_parties: clients are separate parties whose evaluation replies leave them (a deployment);
         in simulation the experimenter measures the model with every client's data in hand.
+    server: has a server (or a loop's process) that aggregates; False for a swarm of peer
+        processes, which runs only serverless strategies (`peer_to_peer`) and no secure aggregation.
     strategy_private: client state may hold a strategy's own tensors besides adapter tensors (FedMM's
         duals), which evaluation leaves out of the model.
     """
@@ -47,6 +49,7 @@ class EngineCapabilities:
     peer_to_peer: bool
     real_parties: bool = False
     strategy_private: bool = False
+    server: bool = True
 
 
 INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, True, True, "any", True, False, True)
@@ -54,7 +57,17 @@ INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, 
 FLOWER = EngineCapabilities("flower", True, True, False, False, False, False, False, False, "identity", False)
 # simulated dropouts, stragglers and attacks wrap the Flower engine in simulation as well
 FLOWER_SIM = replace(FLOWER, name="flower-sim", fault_injection=True)
-ENGINES = {"inprocess": INPROCESS, "flower-sim": FLOWER_SIM, "flower-deploy": replace(FLOWER, real_parties=True)}
+# a local swarm of `fedtune peer` processes over hivemind: each peer holds its own data and state
+# on its own disk (client_state), messages are whole identity-coded adapters, failures are real
+P2P_LOCAL = EngineCapabilities(
+    "p2p-local", True, False, False, False, False, False, False, False, "identity", True, False, server=False
+)
+ENGINES = {
+    "inprocess": INPROCESS,
+    "flower-sim": FLOWER_SIM,
+    "flower-deploy": replace(FLOWER, real_parties=True),
+    "p2p-local": P2P_LOCAL,
+}
 
 _INPROCESS = "run it with engine.name: inprocess"
 
@@ -102,6 +115,23 @@ def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_co
         f"strategy {s!r} has no server (peers average with their graph neighbours), and Flower's runtime "
         "routes every message through the SuperLink",
         _INPROCESS,
+    )
+    need(
+        engine.server or caps.peer_to_peer,
+        field,
+        value,
+        f"strategy {s!r} aggregates on a server, and a swarm of peers has none (each peer trains and mixes "
+        "with its graph neighbours)",
+        "use a serverless strategy (strategy.name: gossip or modest), or engine.name: inprocess / flower-sim",
+    )
+    need(
+        engine.server or not cfg.secure_aggregation,
+        "secure_aggregation",
+        True,
+        "secure aggregation hides each update inside a server's sum, and a swarm has no server: each peer "
+        "receives its neighbours' adapters themselves",
+        "set secure_aggregation: false (the peers' libp2p streams are encrypted against outsiders, not against "
+        "the receiving neighbour), or use a server strategy on engine.name: inprocess / flower-deploy",
     )
     need(
         engine.name == "inprocess" or not caps.own_models,
@@ -162,6 +192,14 @@ def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_co
                 "engine.timeout seconds is a recorded failure",
                 f"drop sampling.{key} (use engine.timeout and sampling.min_updates)",
             )
+        need(
+            not getattr(cfg.sampling, "link_drop", 0.0),
+            "sampling.link_drop",
+            getattr(cfg.sampling, "link_drop", 0.0),
+            "simulated lossy links are for the in-process engine; between peer processes a message that does "
+            "not arrive by engine.timeout is really lost (recorded)",
+            "set sampling.link_drop: 0",
+        )
     need(
         engine.name != "flower" or cfg.engine.name != "flower-deploy" or cfg.randomness() == "secure",
         "privacy.randomness",

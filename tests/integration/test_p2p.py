@@ -150,7 +150,7 @@ def test_a_killed_peer_is_survived_and_a_restarted_one_rejoins_from_its_own_stat
     for p in ("email", "http"):
         assert sorted(lines[p]) == list(range(rounds + 1))
     without = [r for r in range(2, rounds + 1) if "json" not in lines["email"][r]["peer"]["live"]]
-    assert without and without[0] == 2
+    assert without and without[0] in (2, 3)  # json may have announced round 2 just before the kill
     merged = merge_records(run_dir, PEERS, rounds)
     for r in without:
         (failed,) = [x for x in merged if x["round"] == r and x["client"] == "json"]

@@ -110,17 +110,20 @@ class Swarm:
             time.sleep(POLL_SECONDS)
 
     def down(self, peers: Collection[str]) -> set[str]:
-        """The peers whose registered libp2p id was connected to this peer's daemon and has been
-        disconnected for LOST_GRACE_SECONDS (a killed peer); a restarted peer registers a new id and
-        is up again once `refresh` reads it. A peer never connected to is not judged."""
+        """The peers whose registered libp2p id was connected to this peer's daemon (seen connected
+        here, or a message exchanged with it) and has been disconnected for LOST_GRACE_SECONDS (a
+        killed peer); a restarted peer registers a new id and is up again once `refresh` reads it.
+        A peer never connected to is not judged."""
         if not peers:
             return set()
         connected = {str(p.peer_id.to_base58()) for p in self._run(self._p2p.list_peers(), 10.0)}
-        self._was_connected |= connected
+        with self._lock:  # also filled by every message sent or received (the event loop's thread)
+            self._was_connected |= connected
+            was_connected = set(self._was_connected)
         now, out = time.monotonic(), set()
         for p in peers:
             pid = self._ids[p].to_base58() if p in self._ids else None
-            if pid is None or pid not in self._was_connected or pid in connected:
+            if pid is None or pid not in was_connected or pid in connected:
                 if pid is not None:
                     self._lost_since.pop(pid, None)
                 continue
@@ -147,6 +150,7 @@ class Swarm:
             header = json.loads(await self._P2P.receive_raw_data(reader))
             payload = await self._P2P.receive_raw_data(reader)
             with self._lock:
+                self._was_connected.add(str(info.peer_id.to_base58()))
                 self._inbox[(str(header["kind"]), int(header["round"]), str(header["sender"]))] = payload
                 self._lock.notify_all()
             writer.write(ACK)  # the sender counts a message as delivered only on this byte
@@ -182,6 +186,8 @@ class Swarm:
                 return f"peer {peer!r} never joined the swarm"
             try:
                 self._run(asyncio.wait_for(self._send(peer, header, payload), timeout), timeout + 5.0)
+                with self._lock:  # a peer we exchanged a message with is judged once its connection is gone
+                    self._was_connected.add(self._ids[peer].to_base58())
                 return None
             except Exception as e:  # a dead peer: connection refused, reset or timed out
                 why = f"sending to peer {peer!r} failed: {type(e).__name__}: {e}".rstrip(": ")

@@ -5,6 +5,7 @@ simulation the run directory's `clients/`), never on the server."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from fedtune.client.run import ClientJob, ClientPlan, run_client
 from fedtune.client.store import ClientStateStore
 from fedtune.codecs import make_codec
 from fedtune.data.blocks import Shard
+from fedtune.engines.flower import profile
 from fedtune.engines.flower.wire import CONFIG_KEY, config_from_yaml, from_record, to_record
 from fedtune.errors import FedtuneError
 
@@ -50,29 +52,34 @@ def _shared(cfg_yaml: str) -> tuple[Any, ...]:
     """(cfg, tokenizer, shards, client ids, model, strategy, plan): loaded once per process and
     config, however many virtual SuperNodes it serves (one base model, shards built on first use)."""
     if cfg_yaml not in _PROCESS:
-        from fedtune import components
-        from fedtune.engines.federation import (
-            build_adapted_model,
-            load_shards,
-            rank_per_client,
-            resolve_auto,
-            run_precision,
-        )
-        from fedtune.engines.plan import build_plan
-        from fedtune.models.adapters import get_state, lora_scale
-        from fedtune.models.load import load_tokenizer, resolve_model_dir
+        with profile.phase("imports"):
+            from fedtune import components
+            from fedtune.engines.federation import (
+                build_adapted_model,
+                load_shards,
+                rank_per_client,
+                resolve_auto,
+                run_precision,
+            )
+            from fedtune.engines.plan import build_plan
+            from fedtune.models.adapters import get_state, lora_scale
+            from fedtune.models.load import load_tokenizer, resolve_model_dir
 
         cfg = config_from_yaml(cfg_yaml)
-        model_dir = resolve_model_dir(cfg.model, cfg.seed)
-        tokenizer = load_tokenizer(model_dir)
-        shards, _ = load_shards(cfg, tokenizer)
+        with profile.phase("tokenizer"):
+            model_dir = resolve_model_dir(cfg.model, cfg.seed)
+            tokenizer = load_tokenizer(model_dir)
+        with profile.phase("data"):
+            shards, _ = load_shards(cfg, tokenizer)
         ids = list(shards)
         cfg, _ = resolve_auto(cfg, ids, model_dir)  # the same picks as the server's
         ranks = rank_per_client(cfg, ids)
-        cfg, _, _ = run_precision(cfg)  # 'auto' dtype / bf16 for this SuperNode's device
-        model, _ = build_adapted_model(cfg, model_dir, ranks, tokenizer)
-        strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
-        plan = build_plan(cfg, strategy, get_state(model), ids)
+        with profile.phase("model"):
+            cfg, _, _ = run_precision(cfg)  # 'auto' dtype / bf16 for this SuperNode's device
+            model, _ = build_adapted_model(cfg, model_dir, ranks, tokenizer)
+        with profile.phase("plan"):
+            strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
+            plan = build_plan(cfg, strategy, get_state(model), ids)
         _PROCESS[cfg_yaml] = (cfg, tokenizer, shards, ids, model, strategy, plan)
     return _PROCESS[cfg_yaml]
 
@@ -84,7 +91,8 @@ def client_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> ClientR
 
         cfg, tokenizer, shards, ids, model, strategy, plan = _shared(cfg_yaml)
         cid = ids[partition_id]
-        shard = shards[cid]
+        with profile.phase("data"):
+            shard = shards[cid]
         if cfg.attack.kind == "data" and cid in attackers(ids, cfg.attack.fraction, cfg.seed):
             shard = corrupt_shard(shard, cfg.seed)  # simulation: this client poisons its text
         weight = strategy.capabilities.weight(shard.num_examples)
@@ -162,19 +170,23 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
+        started = time.time()
         rt = _runtime(context, cfg_yaml, state_root)
         stats = {f"stat-{k}": float(v) for k, v in rt.shard.stats.items()}  # counts only, never content
         order = int(context.node_config.get("partition-id", 0))  # the server lists clients in this order
         info = ConfigRecord({"client": rt.client_id, "order": order, "examples": int(rt.shard.num_examples), **stats})
+        profile.client_message("query", rt.client_id, started)
         return Message(RecordDict({"info": info}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        started = time.time()
         rt = _runtime(context, cfg_yaml, state_root)
         if "fitins.parameters" in msg.content.array_records:  # a SecAgg+ round
             return secure_train(rt, msg)
         reply = train_step(rt, job_of(rt, msg.content["config"], from_record(msg.content.array_records["payload"])))
         metrics = MetricRecord({**reply.metrics, "num-examples": reply.num_examples})
+        profile.client_message("train", rt.client_id, started)
         return Message(RecordDict({"payload": to_record(reply.payload), "metrics": metrics}), reply_to=msg)
 
     @app.evaluate()
@@ -183,6 +195,7 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
         from fedtune.evaluation.metrics import evaluate_split
         from fedtune.models.adapters import set_state_
 
+        started = time.time()
         rt = _runtime(context, cfg_yaml, state_root)
         state, _ = make_codec("identity").decode(from_record(msg.content.array_records["payload"]), None)
         adapter_of(rt.model).use_client_(rt.model, rt.plan.variants.get(rt.client_id))
@@ -206,6 +219,7 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
         numbers = {k: float(v) for k, v in res.items() if not isinstance(v, str)}
         texts = ConfigRecord({k: v for k, v in res.items() if isinstance(v, str)})  # generation samples
         out = RecordDict({"metrics": MetricRecord(numbers), "texts": texts})  # type: ignore[arg-type]
+        profile.client_message("evaluate", rt.client_id, started)
         return Message(out, reply_to=msg)
 
     return app

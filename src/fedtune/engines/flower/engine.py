@@ -19,6 +19,7 @@ from fedtune.data.report import stats_summary
 from fedtune.engines.capabilities import FLOWER
 from fedtune.engines.faults import FaultInjection, Faults, attackers
 from fedtune.engines.federation import Federation, device_facts
+from fedtune.engines.flower import profile
 from fedtune.engines.flower.secagg_plus import secure_round
 from fedtune.engines.flower.wire import from_record, to_record
 from fedtune.errors import FedtuneError
@@ -77,10 +78,12 @@ class FlowerEngine:
             for cid, content in contents.items()
         ]
         out: dict[str, Message | str] = {cid: "timeout: no reply" for cid in contents}
+        sent = time.time()
         for reply in self.grid.send_and_receive(msgs, timeout=self.timeout):
             cid = self.client_of.get(reply.metadata.src_node_id)
             if cid is not None:
                 out[cid] = f"error: {reply.error.reason}" if reply.has_error() else reply
+        profile.record(side="server", kind=kind, round=rnd, clients=sorted(contents), sent=sent, received=time.time())
         return out
 
     def run(self, jobs: Sequence[ClientJob], on_step: Any = None) -> list[ClientReply | ClientFailure]:

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import torch
 
 from fedtune.config.schema import DataConfig
 from fedtune.data.chat import PromptSet, Renderer, encode_examples, prompt_set
 from fedtune.data.dedup import split_order
+
+if TYPE_CHECKING:
+    import datasets
 
 
 @dataclass(frozen=True)

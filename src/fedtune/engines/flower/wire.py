@@ -1,16 +1,21 @@
 """Wire format: a payload is the codec's bytes as one uint8 Flower array, so bytes are counted
-exactly as in-process; the experiment config travels as YAML in the run config."""
+exactly as in-process; the experiment config travels as YAML in the run config. Imported by the
+ClientApp too: nothing here imports the server side."""
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from fedtune.config import ExperimentConfig, config_from_dict
+
+if TYPE_CHECKING:
+    from flwr.serverapp import Grid
 
 CONFIG_KEY = "fedtune-config"
 NUM_CLIENTS_KEY = "fedtune-num-clients"
@@ -22,6 +27,43 @@ def flower_defaults() -> None:
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+PULL_INTERVAL = 0.1
+"""Seconds between the server's pulls for replies: the interval of Flower's own in-memory grid
+(simulation); Flower's deployment grid waits 3 s between pulls, which every message paid."""
+
+
+def send_and_receive(grid: Any, messages: Iterable[Message], timeout: float | None) -> list[Message]:
+    """`Grid.send_and_receive` on Flower's public `push_messages` / `pull_messages`, pulling every
+    `PULL_INTERVAL` s: push every message, pull until each has its reply or `timeout` s have
+    passed (None: no limit), return the replies that came. A message the SuperLink did not accept
+    (no id) can get no reply and is not waited for; the replies returned are Flower's."""
+    ids = {i for i in grid.push_messages(messages) if i}
+    end = time.time() + (timeout if timeout is not None else 0.0)
+    out: list[Message] = []
+    while timeout is None or time.time() < end:
+        replies = list(grid.pull_messages(ids))
+        out.extend(replies)
+        ids.difference_update(r.metadata.reply_to_message_id for r in replies)
+        if not ids:
+            break
+        time.sleep(PULL_INTERVAL)
+    return out
+
+
+class PollingGrid:
+    """A Grid whose `send_and_receive` pulls every `PULL_INTERVAL` s (also inside Flower's SecAgg+
+    workflow, which calls it); the rest of the Grid API unchanged."""
+
+    def __init__(self, grid: Grid):
+        self._grid = grid
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return send_and_receive(self._grid, messages, timeout)
 
 
 def to_record(payload: bytes) -> ArrayRecord:

@@ -1,7 +1,9 @@
 """The fixed cost every Flower deployment message pays (issue #32), measured and split.
 
     flock /tmp/heavy.lock .venv/bin/python bench/flower_fixed_cost.py imports --label after
-    flock /tmp/heavy.lock .venv/bin/python bench/flower_fixed_cost.py deploy --label after --steps 4 10
+    flock /tmp/heavy.lock .venv/bin/python bench/flower_fixed_cost.py deploy --label after --steps 4
+    flock /tmp/heavy.lock .venv/bin/python bench/flower_fixed_cost.py deploy --label curve --light --rounds 1 \
+        --steps 4 10 20
     .venv/bin/python bench/flower_fixed_cost.py table --label before --label after
 
 The experiment is bench/engines.py's: configs/lm.yaml (SmolLM2-135M, LoRA r=8), two clients
@@ -49,13 +51,17 @@ HEAVY = [
 ]
 
 
-def overrides(steps: int, rounds: int) -> list[str]:
+LIGHT = ["train.batch_size=2", "data.block_size=64", "data.max_test_blocks=4"]  # a quarter of the step's work
+
+
+def overrides(steps: int, rounds: int, light: bool = False) -> list[str]:
     return [
         "model.name=smollm2",
         f"rounds={rounds}",
         "data.labels=[sci.med, rec.sport.hockey]",
         f"train.steps={steps}",
         "evaluation.every=1",
+        *(LIGHT if light else []),
     ]
 
 
@@ -148,10 +154,19 @@ def rounds_of(run_dir: Path) -> list[dict[str, float]]:
     return [r for r in recs if r["client"] is None and r["round"] > 0]
 
 
+def psutil_offset() -> float:
+    """How far psutil's process start times run early on this boot (/proc/stat's btime is whole seconds)."""
+    btime = next(int(x.split()[1]) for x in Path("/proc/stat").read_text().splitlines() if x.startswith("btime"))
+    return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME) - btime
+
+
 def messages(profile: Path) -> list[dict[str, float | str]]:
     """One row per (message, client): the server's send and receive times matched with the
     ClientApp line written between them."""
     lines = [json.loads(x) for x in profile.read_text().splitlines()]
+    for x in lines:  # lines of the first version took psutil's create_time: whole-second boot time
+        if x["side"] == "client" and "clock" not in x:
+            x["created"] += psutil_offset()
     servers = [x for x in lines if x["side"] == "server"]
     clients = [x for x in lines if x["side"] == "client"]
     rows = []
@@ -183,11 +198,11 @@ def messages(profile: Path) -> list[dict[str, float | str]]:
     return rows
 
 
-def deploy(label: str, steps_list: list[int], rounds: int) -> None:
+def deploy(label: str, steps_list: list[int], rounds: int, light: bool) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for steps in steps_list:
         base = OUT / label / f"steps{steps}"
-        common = ["configs/lm.yaml", *[x for o in overrides(steps, rounds) for x in ("--set", o)]]
+        common = ["configs/lm.yaml", *[x for o in overrides(steps, rounds, light) for x in ("--set", o)]]
         inproc = base / "inprocess"
         wall_in = run_cli(["run", *common, "--set", f"output_dir={inproc}", "--no-progress", "--overwrite"])
         dep, prof = base / "deploy", base / "profile.jsonl"
@@ -224,6 +239,7 @@ def table(labels: list[str]) -> None:
             )
         for res in sorted((OUT / label).glob("steps*/result.json"), key=lambda p: int(p.parent.name[5:])):
             r = json.loads(res.read_text())
+            r["messages"] = messages(res.parent / "profile.jsonl")  # with today's matching and clock correction
             for kind, key in (("train", "train_seconds"), ("evaluate", "eval_seconds")):
                 rows = [x for x in r["messages"] if x["kind"] == kind]
                 if not rows:
@@ -249,13 +265,14 @@ def main() -> None:
     p.add_argument("--label", required=True)
     p.add_argument("--steps", type=int, nargs="+", default=[4])
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--light", action="store_true", help=f"the ratio curve's lighter step: {' '.join(LIGHT)}")
     p = sub.add_parser("table")
     p.add_argument("--label", action="append", required=True)
     a = ap.parse_args()
     if a.cmd == "imports":
         imports(a.label, a.repeats)
     elif a.cmd == "deploy":
-        deploy(a.label, a.steps, a.rounds)
+        deploy(a.label, a.steps, a.rounds, a.light)
     else:
         table(a.label)
 

@@ -131,12 +131,12 @@ def test_a_deployment_clientapp_imports_no_server_side_and_no_data_stack_once_it
 
     # Act
     first = node()  # builds the shard from the corpus and caches it
-    second = node()
+    second = node()  # partition 1: the natural partition lists labels sorted (email, http, json, logging)
 
     # Assert
     assert first["app"] == [] and second["app"] == []
     assert second["setup"] == []
-    assert second["client"] == first["client"] == "json" and second["train"] == first["train"]
+    assert second["client"] == first["client"] == "http" and second["train"] == first["train"]
     assert list((tmp_path / "state" / "shards").glob("*.safetensors"))
 
 

@@ -106,6 +106,62 @@ def run_cli(*args: str):
 
 
 @pytest.fixture(scope="session")
+def fresh_cli(tmp_path_factory):
+    """A factory: `fedtune ARGS` in a fresh process forked from a server that has only imported
+    the CLI (tests/forkserver.py), so each call skips ~8 s of imports; returns a CompletedProcess.
+    For tests that want a process that never ran a run (a resume from disk alone); run_cli is
+    for tests of what a user sees from a cold start."""
+    import json
+    import select
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "200"}
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "forkserver.py")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert server.stdout is not None and server.stdin is not None
+    assert server.stdout.readline().strip() == "ready", "the fork server did not start"
+    out_dir = tmp_path_factory.mktemp("fresh-cli")
+    calls = iter(range(1_000_000))
+
+    def reply(timeout: float) -> dict:
+        assert server.stdout is not None
+        ready, _, _ = select.select([server.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"no answer from the fork server within {timeout} s")
+        line = server.stdout.readline()
+        assert line, "the fork server died"
+        return json.loads(line)
+
+    def run(*args: str, timeout: float = 900):
+        i = next(calls)
+        out, err = out_dir / f"{i}.out", out_dir / f"{i}.err"
+        req = {"args": list(args), "env": env, "stdout": str(out), "stderr": str(err)}
+        assert server.stdin is not None
+        server.stdin.write(json.dumps(req) + "\n")
+        server.stdin.flush()
+        pid = reply(60)["pid"]
+        try:
+            rc = reply(timeout)["rc"]
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            reply(60)  # the killed child's exit code: the server is ready for the next call
+            raise
+        return subprocess.CompletedProcess(["fedtune", *args], rc, out.read_text(), err.read_text())
+
+    yield run
+    server.stdin.close()
+    server.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
 def cli():
     """A factory: run the fedtune CLI in a subprocess; returns the CompletedProcess."""
     return run_cli

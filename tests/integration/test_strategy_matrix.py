@@ -82,22 +82,8 @@ def serialize(state: dict) -> bytes:
     return make_codec("identity").encode(state, None, torch.Generator())[0]
 
 
-def fedtune_cli(*args: str) -> None:
-    import os
-    import subprocess
-    import sys
-
-    r = subprocess.run(
-        [sys.executable, "-m", "fedtune.cli", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-
-
 @pytest.mark.parametrize("name", list(MATRIX))
-def test_strategy_end_to_end_and_resume(tiny_cfg, tmp_path, no_time, name: str) -> None:
+def test_strategy_end_to_end_and_resume(tiny_cfg, tmp_path, no_time, fresh_cli, name: str) -> None:
     import shutil
 
     over = (f"strategy.name={name.split(':')[0]}", "rounds=3", "train.steps=3", *MATRIX[name])
@@ -116,10 +102,12 @@ def test_strategy_end_to_end_and_resume(tiny_cfg, tmp_path, no_time, name: str) 
     if "rm_lora" in name:  # the mechanism, logged per round (mean over the round's clients)
         assert all(0.0 < rounds[r]["adapter_effective_rank"] <= 8.0 for r in (1, 2, 3))
 
-    # the copy cut after round 2, resumed by `fedtune run --resume` in a fresh process (test_resume
-    # and test_run_dir cover runs that really stop there: an exception, a SIGKILL mid-write)
+    # the copy cut after round 2, resumed by `fedtune run --resume` in a fresh process that knows
+    # only the run directory (forked from one that has only imported fedtune: tests/forkserver.py;
+    # test_resume and test_run_dir cover runs that really stop there: an exception, a SIGKILL mid-write)
     assert [r["round"] for r in io.read_jsonl(cut / io.METRICS)][-1] == 2
-    fedtune_cli("run", "--resume", str(cut), "--no-progress")
+    r = fresh_cli("run", "--resume", str(cut), "--no-progress", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
     assert no_time(io.read_jsonl(cut / io.METRICS)) == no_time(full)
 
 

@@ -47,7 +47,7 @@ demo: setup
 test: $(TEST_STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=40 tests
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check src tests bench

@@ -167,6 +167,7 @@ def cli():
     return run_cli
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test` runs 2 workers), the Flower tests run one after another on
     one worker: they start SuperLinks on fixed ports and Ray clusters, and two at once would

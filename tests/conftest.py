@@ -111,6 +111,7 @@ def fresh_cli(tmp_path_factory):
     the CLI (tests/forkserver.py), so each call skips ~8 s of imports; returns a CompletedProcess.
     For tests that want a process that never ran a run (a resume from disk alone); run_cli is
     for tests of what a user sees from a cold start."""
+    import itertools
     import json
     import select
     import signal
@@ -129,7 +130,7 @@ def fresh_cli(tmp_path_factory):
     assert server.stdout is not None and server.stdin is not None
     assert server.stdout.readline().strip() == "ready", "the fork server did not start"
     out_dir = tmp_path_factory.mktemp("fresh-cli")
-    calls = iter(range(1_000_000))
+    calls = itertools.count()
 
     def reply(timeout: float) -> dict:
         assert server.stdout is not None

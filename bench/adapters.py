@@ -10,8 +10,8 @@ every candidate size in CANDIDATES is injected into the real model (`build_adapt
 does) and its trainable parameters counted (the round-0 record's `trainable_parameters`); the
 candidate closest to the budget is used, and the table says its count and ratio to the budget.
 VeRA and IA3 cannot reach LoRA's count at a sensible size (that is their point): their rows say
-so. Prompt tuning is not in fedtune (PEFT's virtual tokens shift the positions fedtune's loss and
-evaluation index), so it has no row.
+so. Prompt tuning would need 800 virtual tokens (460,800 / 576) to reach the budget, six times the
+demo's 128-token blocks in every forward: its candidates stop at 100 tokens, and its row says so.
 
 Protocol, the same tuning budget for every kind: `--lrs` learning rates each (a factor 3 apart),
 the one with the best final mean *validation* accuracy kept; reported at that lr: own-test accuracy
@@ -39,6 +39,10 @@ CANDIDATES: dict[str, tuple[list[list[str]], list[float]]] = {
     "ia3": ([["adapter.kind=ia3"], ["adapter.kind=ia3", "adapter.target_modules=all-linear"]], [3e-3, 1e-2]),
     "loha": ([["adapter.kind=loha", f"adapter.r={r}"] for r in (2, 4, 6)], [1e-3, 3e-3]),
     "lokr": ([["adapter.kind=lokr", f"adapter.r={r}"] for r in (4, 8, 16)], [1e-3, 3e-3]),
+    "prompt_tuning": (
+        [["adapter.kind=prompt_tuning", f"adapter.num_virtual_tokens={n}"] for n in (20, 50, 100)],
+        [1e-2, 3e-2],
+    ),
     "moe_lora": ([["adapter.kind=moe_lora", "adapter.experts=4", f"adapter.r={r}"] for r in (1, 2, 4)], [1e-3, 3e-3]),
     "smore": (
         [["adapter.kind=smore", f"adapter.r={r}", f"adapter.experts={e}"] for r in (2, 4) for e in (2, 4)],

@@ -72,6 +72,7 @@ MATRIX = {
     "fedavg:ia3": ["adapter.kind=ia3", "train.lr=0.02"],
     "fedavg:loha": ["adapter.kind=loha"],
     "fedavg:lokr": ["adapter.kind=lokr"],
+    "fedavg:prompt_tuning": ["adapter.kind=prompt_tuning", "train.lr=0.05"],
 }
 
 

@@ -40,6 +40,7 @@ class Algebra(StrEnum):
     OTHER = "other"  # anything else (prompt embeddings, scaling vectors, ...)
     DORA = "dora"  # m * (W + s * B @ A) / ||W + s * B @ A||_row: LoRA keys plus <m>.lora_magnitude_vector [d]
     VERA = "vera"  # diag(b) @ B @ diag(d) @ A; A, B frozen, shared and seeded, never travel; b, d travel
+    PROMPT = "prompt"  # virtual-token embeddings put before the input (key prompt_embeddings [n, d])
 
 
 ALGEBRA_TEXT = {
@@ -50,6 +51,7 @@ ALGEBRA_TEXT = {
     Algebra.OTHER: "not a product of LoRA factors",
     Algebra.DORA: "m * (W + s * B @ A) / ||W + s * B @ A|| (DoRA's magnitude vector m rescales each row)",
     Algebra.VERA: "diag(b) @ B @ diag(d) @ A with A, B frozen shared random matrices (only b, d travel)",
+    Algebra.PROMPT: "virtual-token embeddings before the input (no weight offset)",
 }
 ANY_ALGEBRA: frozenset[Algebra] = frozenset(Algebra)
 

@@ -166,8 +166,26 @@ class LoKrAdapterConfig(AdapterOptions):
     decompose_factor: int = Field(-1, description="factor of the Kronecker split of each dimension (-1: balanced)")
 
 
-#: PEFT's methods beyond LoRA (`fedtune.adapters.dora`, `vera`, `ia3`, `loha`, `lokr`)
-PeftMethodConfig = DoraAdapterConfig | VeraAdapterConfig | IA3AdapterConfig | LoHaAdapterConfig | LoKrAdapterConfig
+class PromptTuningAdapterConfig(AdapterOptions):
+    """Prompt tuning through PEFT (arXiv:2104.08691): n learned virtual-token embeddings before the
+    input; r, alpha, dropout and target_modules are unused."""
+
+    kind: Literal["prompt_tuning"] = "prompt_tuning"
+    num_virtual_tokens: int = Field(8, ge=1, description="virtual tokens put before every input")
+    init: Literal["sample_vocab", "random"] = Field(
+        "sample_vocab", description="PEFT's init: embeddings of tokens sampled from the vocabulary, or random"
+    )
+
+
+#: PEFT's methods beyond LoRA (`fedtune.adapters.dora`, `vera`, `ia3`, `loha`, `lokr`, `prompt_tuning`)
+PeftMethodConfig = (
+    DoraAdapterConfig
+    | VeraAdapterConfig
+    | IA3AdapterConfig
+    | LoHaAdapterConfig
+    | LoKrAdapterConfig
+    | PromptTuningAdapterConfig
+)
 
 
 class RMLoraAdapterConfig(AdapterOptions):
@@ -212,6 +230,7 @@ ADAPTER_CONFIGS: dict[str, type[AdapterOptions]] = {
     "ia3": IA3AdapterConfig,
     "loha": LoHaAdapterConfig,
     "lokr": LoKrAdapterConfig,
+    "prompt_tuning": PromptTuningAdapterConfig,
     "rm_lora": RMLoraAdapterConfig,
     "smore": SMoREAdapterConfig,
 }

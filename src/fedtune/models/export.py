@@ -79,9 +79,16 @@ def export_merged(run_dir: Path, client: str | None = None) -> Path:
     plain model dir loadable with AutoModelForCausalLM.from_pretrained; written atomically."""
     import os
 
+    from fedtune.errors import FedtuneError
     from fedtune.files import temp_dir
 
     model, tokenizer = load_exported(run_dir, client)
+    if model.active_peft_config.is_prompt_learning:
+        raise FedtuneError(
+            f"{exported_adapter(run_dir, client)} is a {model.active_peft_config.peft_type.value} adapter: "
+            "virtual tokens, not a weight offset, so there is nothing to merge; load it with "
+            "PeftModel.from_pretrained (or `fedtune export` without --merged)"
+        )
     target = Path(run_dir) / "merged" / (client or "global").replace("/", "_")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(target.parent, ".merge-")

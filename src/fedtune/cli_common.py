@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config key: --set rounds=5")]
 out = Console()
 err = Console(stderr=True)
 

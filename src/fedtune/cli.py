@@ -162,6 +162,9 @@ def deploy(
     work: Annotated[Path, typer.Option(help="folder for certificates, Flower state and logs")] = Path("runs/deploy"),
     tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and the SuperLink")] = True,
     auth: Annotated[bool, typer.Option(help="SuperNode authentication: only registered node keys connect")] = True,
+    warm: Annotated[
+        bool, typer.Option(help="fork ClientApps from a process that imported them (--no-warm: cold starts)")
+    ] = True,
 ) -> None:
     """Run on Flower's deployment engine on this machine: a SuperLink and one SuperNode per client
     as separate processes (TLS, SuperNode authentication), then stop them all."""
@@ -182,7 +185,7 @@ def deploy(
             raise ConfigError(problems)
 
         n = len(partition(load_corpus(cfg.data), cfg.partition, cfg.seed))
-        run_dir = deploy_locally(cfg, n, work.resolve(), tls=tls, auth=auth)
+        run_dir = deploy_locally(cfg, n, work.resolve(), tls=tls, auth=auth, warm=warm)
     except FedtuneError as e:
         _fail(e)
     from fedtune.report.summary import load_run, run_table

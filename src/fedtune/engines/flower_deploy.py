@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from fedtune.config import ExperimentConfig, config_to_yaml
+from fedtune.engines.flower.warm import WARM_DIR_ENV
 from fedtune.errors import FedtuneError
 
 BIN = Path(sys.executable).parent
@@ -170,6 +171,7 @@ class LocalDeployment:
     port: int = 9192
     node_port: int = 9300
     grace: float = 10.0  # seconds a stopped process group gets to exit before SIGKILL
+    warm: bool = True  # SuperNodes fork their ClientApps from a warm zygote (`engines.flower.warm`)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -180,14 +182,14 @@ class LocalDeployment:
             raise FedtuneError("SuperNode authentication needs TLS (Flower refuses it on an insecure link)")
         self.node_keys = make_node_keys(self.root / "keys", self.num_nodes) if self.auth else []
 
-    def _spawn(self, name: str, cmd: list[str]) -> None:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (kept open for the process)
         self.procs[name] = subprocess.Popen(
             cmd,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.root,
-            env=flower_env(self.flwr_home),
+            env={**flower_env(self.flwr_home), **(env or {})},
             start_new_session=True,
         )
 
@@ -245,9 +247,12 @@ class LocalDeployment:
         raise FedtuneError(f"the SuperLink did not open port {self.port} within {timeout:.0f} s")
 
     def start_supernode(self, i: int, key: Path | None = None) -> None:
-        """SuperNode for partition i (with node i's private key, or `key`, when auth is on)."""
+        """SuperNode for partition i (with node i's private key, or `key`, when auth is on); with
+        `warm`, through `python -m fedtune.engines.flower.warm`, which becomes the same
+        `flower-supernode` with a warm zygote for its ClientApps."""
+        head = [sys.executable, "-m", "fedtune.engines.flower.warm"] if self.warm else [str(BIN / "flower-supernode")]
         cmd = [
-            str(BIN / "flower-supernode"),
+            *head,
             "--superlink",
             f"127.0.0.1:{self.port}",
             "--port",
@@ -258,10 +263,16 @@ class LocalDeployment:
         cmd += ["--root-certificates", str(self.certs["ca"])] if self.tls else ["--insecure"]
         if self.auth:
             cmd += ["--auth-supernode-private-key", str(key or self.node_keys[i][0])]
-        self._spawn(f"supernode-{i}", cmd)
+        warm_dir = {WARM_DIR_ENV: str(self.root / f"warm-{i}")} if self.warm else {}
+        self._spawn(f"supernode-{i}", cmd, warm_dir)
 
     def stop_supernode(self, i: int) -> None:
+        """A SuperNode shut down: SIGTERM, so it unregisters from the SuperLink."""
         self._kill(f"supernode-{i}")
+
+    def crash_supernode(self, i: int) -> None:
+        """A SuperNode's machine gone: SIGKILL to its whole group, nothing said to the SuperLink."""
+        self._kill(f"supernode-{i}", first=signal.SIGKILL)
 
     def write_connection(self) -> None:
         lines = ['[superlink]\ndefault = "fedtune"\n\n[superlink.fedtune]\n', f'address = "127.0.0.1:{self.port}"\n']
@@ -305,16 +316,16 @@ class LocalDeployment:
         self.procs["flwr-run"] = p  # type: ignore[assignment]
         return p
 
-    def _kill(self, name: str) -> None:
+    def _kill(self, name: str, first: signal.Signals = signal.SIGTERM) -> None:
         """Stop the process `name` and every process in its group (a SuperNode's `flower-superexec`
-        and the ClientApps it runs), waiting until none is left: SIGTERM first, SIGKILL to what is
-        still running after `grace` seconds. Waiting for the group leader alone returned while a
+        and the ClientApps it runs), waiting until none is left: `first` (SIGTERM), SIGKILL to what
+        is still running after `grace` seconds. Waiting for the group leader alone returned while a
         `flower-superexec` was still shutting down."""
         p = self.procs.pop(name, None)
         if p is None:
             return
         try:
-            os.killpg(p.pid, signal.SIGTERM)
+            os.killpg(p.pid, first)
         except ProcessLookupError:
             pass
         try:
@@ -357,15 +368,17 @@ def deploy_locally(
     tls: bool = True,
     auth: bool = True,
     timeout: float = 1800.0,
+    warm: bool = True,
 ) -> Path:
     """Run `cfg` on a SuperLink and one SuperNode per client on loopback; return the run dir.
-    With `auth` (needs TLS) each SuperNode gets a key pair and only registered keys may connect."""
+    With `auth` (needs TLS) each SuperNode gets a key pair and only registered keys may connect;
+    with `warm` each SuperNode forks its ClientApps from a warm zygote (`engines.flower.warm`)."""
     run_dir = Path(cfg.run_dir()).resolve()
     cfg = cfg.model_copy(update={"output_dir": str(run_dir)})
     if shutil.which("openssl") is None and tls:
         raise FedtuneError("TLS needs openssl on PATH (or pass --no-tls)")
     app = write_app(cfg, work / "app", num_clients)
-    with LocalDeployment(work, num_clients, tls=tls, auth=auth and tls) as dep:
+    with LocalDeployment(work, num_clients, tls=tls, auth=auth and tls, warm=warm) as dep:
         dep.start_superlink()
         dep.wait_for_superlink()
         for i in range(num_clients):

@@ -1,0 +1,254 @@
+"""Warm ClientApp processes for a Flower SuperNode: Flower's own `flwr-clientapp`, started by
+fork from a process that has already imported it and the training stack.
+
+A SuperNode in Flower's default `subprocess` isolation starts one `flwr-clientapp` process per
+message (its `flower-superexec` runs it by name, found on PATH), and each pays the imports of
+torch, transformers, peft and Flower's client modules again: most of the fixed cost a message
+pays on this project's CPUs (BENCHMARKS.md, "Flower deployment: the fixed cost each message pays").
+Flower's own warm executors exist only for Kubernetes and for other task types.
+
+`python -m fedtune.engines.flower.warm [flower-supernode arguments]` starts the SuperNode with:
+  - a *zygote*: a child process that imports those modules once (`PRELOAD`; nothing is run, no
+    thread is started: it refuses to serve otherwise), then forks one child per request; the child
+    takes the requester's argv, environment, working directory and standard streams, reseeds the
+    generators a fresh process would have seeded from the OS, and runs Flower's `flwr_clientapp()`
+    unchanged;
+  - a `flwr-clientapp` shim first on the SuperNode's PATH (`write_shim`): a light process that hands
+    its arguments and streams to the zygote, forwards SIGINT / SIGTERM to the forked child, and
+    exits with its exit code. Where the zygote cannot be reached it `exec`s Flower's own
+    `flwr-clientapp`: never worse than a cold start.
+Every process stays in the SuperNode's process group (stopping the group stops them all), and the
+zygote exits when the SuperNode does. What a ClientApp does, the messages and the records are
+Flower's and fedtune's as before; only the imports are paid once per node instead of per message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+SOCKET_ENV = "FEDTUNE_CLIENTAPP_ZYGOTE"  # the zygote's socket, read by the shim
+WARM_DIR_ENV = "FEDTUNE_WARM_DIR"  # where `supernode` puts the shim and the socket (default: a temp dir)
+PRELOAD = ("torch", "transformers", "peft", "flwr.supernode.cli.flwr_clientapp", "fedtune.engines.flower.client_app")
+ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"  # what `flwr-clientapp` runs (its console script)
+PID = struct.Struct("!i")  # the forked child's pid, then its exit status, each 4 bytes
+MAX_REQUEST = 1 << 20
+
+SHIM = '''#!{python} -S
+"""flwr-clientapp, started warm by fedtune's zygote (fedtune.engines.flower.warm); falls back to
+Flower's own `flwr-clientapp` ({real}) when the zygote cannot be reached."""
+import json, os, signal, socket, struct, sys
+
+REAL = {real!r}
+addr = os.environ.get({env!r}, "")
+try:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(addr)
+    req = json.dumps({{"argv": sys.argv, "env": dict(os.environ), "cwd": os.getcwd()}}).encode()
+    socket.send_fds(s, [struct.pack("!I", len(req)) + req], [0, 1, 2])
+    got = s.recv(4, socket.MSG_WAITALL)
+    if len(got) < 4:
+        raise OSError("the zygote closed the connection")
+except OSError:
+    os.execv(REAL, [REAL, *sys.argv[1:]])
+child = struct.unpack("!i", got)[0]
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda n, f: os.kill(child, n))
+while True:
+    try:
+        got = s.recv(4, socket.MSG_WAITALL)
+        break
+    except InterruptedError:
+        continue
+code = struct.unpack("!i", got)[0] if len(got) == 4 else 1
+if code < 0:  # the child died of a signal: so does the shim, as a cold process would have
+    signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+'''
+
+
+def write_shim(bin_dir: Path, real: Path) -> Path:
+    """A `flwr-clientapp` shim in `bin_dir` (put it first on the SuperNode's PATH); `real` is
+    Flower's own `flwr-clientapp`, run where the zygote cannot be reached."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / "flwr-clientapp"
+    tmp = bin_dir / ".flwr-clientapp.tmp"
+    tmp.write_text(SHIM.format(python=sys.executable, real=str(real), env=SOCKET_ENV))
+    tmp.chmod(0o755)
+    tmp.replace(path)  # atomic: a SuperExec never runs a half-written shim
+    return path
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict[str, object], list[int]]:
+    """One request: a 4-byte length, the JSON, and the requester's fds 0, 1, 2."""
+    data, fds, _, _ = socket.recv_fds(conn, 65536, 3)
+    if len(data) < 4:
+        raise OSError("short request")
+    (size,) = struct.unpack("!I", data[:4])
+    if size > MAX_REQUEST:
+        raise OSError(f"request of {size} bytes")
+    body = data[4:]
+    while len(body) < size:
+        more = conn.recv(size - len(body))
+        if not more:
+            raise OSError("request cut short")
+        body += more
+    return json.loads(body), fds
+
+
+def _run_child(request: dict[str, object], fds: list[int], entry: str) -> int:
+    """In the forked child: become the requester's process (argv, environment, working directory,
+    streams) and run `entry` ('module:function', Flower's `flwr-clientapp`); its exit code."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    env = request["env"]
+    assert isinstance(env, dict)
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+    os.chdir(str(request["cwd"]))
+    argv = request["argv"]
+    assert isinstance(argv, list)
+    sys.argv = [str(a) for a in argv]
+
+    import numpy as np
+    import torch
+
+    torch.seed()  # a fresh process's generators start from OS entropy; a forked one copies the zygote's
+    np.random.seed()
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads and threads.isdigit():
+        torch.set_num_threads(int(threads))
+
+    import importlib
+
+    module, func = entry.split(":")
+    try:
+        getattr(importlib.import_module(module), func)()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 (reported on the requester's stderr, as a cold process would)
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    return code
+
+
+def listen(sock_path: Path) -> socket.socket:
+    """The zygote's socket, bound before anything can ask for it (a shim that connects before the
+    imports are done waits in the backlog)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock_path.unlink(missing_ok=True)
+    listener.bind(str(sock_path))
+    listener.listen(64)
+    return listener
+
+
+def serve(listener: socket.socket, parent_pid: int, preload: tuple[str, ...] = PRELOAD, entry: str = ENTRY) -> None:
+    """The zygote: import `preload`, then fork one child running `entry` per request on
+    `listener` until `parent_pid` is gone."""
+    import importlib
+    import selectors
+
+    for name in preload:
+        importlib.import_module(name)
+    if threading.active_count() != 1:  # forking a process with threads can deadlock its children
+        names = [t.name for t in threading.enumerate()]
+        print(f"fedtune zygote: threads after the imports ({names}); not serving", file=sys.stderr)
+        listener.close()
+        return
+    waiting: dict[int, socket.socket] = {}  # forked child pid -> its requester's connection
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    while os.getppid() == parent_pid:
+        for _key, _ in sel.select(timeout=0.2):
+            conn, _addr = listener.accept()
+            try:
+                request, fds = _recv_request(conn)
+            except (OSError, ValueError):
+                conn.close()
+                continue
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # the child: never returns into the zygote's loop
+                listener.close()
+                conn.close()
+                code = 1
+                try:
+                    code = _run_child(request, fds, entry)
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            for fd in fds:
+                os.close(fd)
+            conn.sendall(PID.pack(pid))
+            waiting[pid] = conn
+        _reap(waiting)
+    listener.close()
+
+
+def _reap(waiting: dict[int, socket.socket]) -> None:
+    """Tell each finished child's requester its exit code."""
+    while waiting:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        conn = waiting.pop(pid, None)
+        if conn is not None:
+            try:
+                conn.sendall(PID.pack(os.waitstatus_to_exitcode(status)))
+            except OSError:
+                pass
+            conn.close()
+
+
+def supernode(args: list[str]) -> None:
+    """Start the zygote as a child, then become `flower-supernode args` with the shim first on
+    PATH (this process's pid stays the SuperNode's, so the zygote follows it). The shim and the
+    socket go in $FEDTUNE_WARM_DIR (else a temp dir); the zygote removes them when it ends (the
+    SuperNode gone, or SIGTERM to the group)."""
+    import shutil
+
+    bin_dir = Path(sys.executable).parent
+    given = os.environ.pop(WARM_DIR_ENV, "")
+    home = Path(given) if given else Path(tempfile.mkdtemp(prefix="fedtune-warm-"))
+    home.mkdir(parents=True, exist_ok=True)
+    write_shim(home / "bin", bin_dir / "flwr-clientapp")
+    sock = home / "zygote.sock"
+    listener = listen(sock)  # bound before the SuperNode starts: no shim finds it missing
+    me = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() == 0:
+        signal.signal(signal.SIGTERM, lambda n, f: sys.exit(0))
+        try:
+            serve(listener, me)
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+            os._exit(0)
+    listener.close()  # the SuperNode does not hold the zygote's socket
+    os.environ[SOCKET_ENV] = str(sock)
+    os.environ["PATH"] = f"{home / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+    exe = bin_dir / "flower-supernode"
+    os.execv(str(exe), [str(exe), *args])
+
+
+if __name__ == "__main__":
+    supernode(sys.argv[1:])

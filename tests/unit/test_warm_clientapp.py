@@ -1,0 +1,100 @@
+"""The warm `flwr-clientapp` (fedtune.engines.flower.warm): a shim hands its argv, environment,
+working directory and streams to a zygote that forks the process; exit codes and signals pass
+through; each child's generators are reseeded; without a zygote the shim runs the real binary."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from fedtune.engines.flower.warm import SOCKET_ENV, write_shim
+
+# the stand-in for Flower's flwr_clientapp(): what a forked child sees, written to its stdout
+APP = """
+import os, sys, time, torch
+def main():
+    print("argv", sys.argv[1:], "cwd", os.getcwd(), "env", os.environ.get("WARM_TEST"), flush=True)
+    print("draw", float(torch.rand(1)), "pid", os.getpid(), flush=True)
+    mode = sys.argv[1]
+    if mode == "sleep":
+        time.sleep(60)
+    sys.exit(int(mode))
+"""
+REAL = """#!{python}
+import sys
+print("cold", sys.argv[1:], flush=True)
+sys.exit(5)
+"""
+
+
+def start_zygote(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    (tmp_path / "fake_app.py").write_text(APP)
+    sock = tmp_path / "z.sock"
+    code = (
+        "import os; from pathlib import Path; from fedtune.engines.flower.warm import listen, serve; "
+        f"serve(listen(Path({str(sock)!r})), os.getppid(), preload=('torch', 'fake_app'), entry='fake_app:main')"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    z = subprocess.Popen([sys.executable, "-c", code], env=env)
+    deadline = time.monotonic() + 60
+    while not sock.exists() and time.monotonic() < deadline:  # bound first, then the imports
+        time.sleep(0.05)
+    return z, sock
+
+
+def shim(tmp_path: Path) -> Path:
+    real = tmp_path / "real-clientapp"
+    real.write_text(REAL.format(python=sys.executable))
+    real.chmod(0o755)
+    return write_shim(tmp_path / "bin", real)
+
+
+def run(exe: Path, args: list[str], sock: Path | None, cwd: Path, out: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "WARM_TEST": "from-the-requester"}
+    env.pop(SOCKET_ENV, None)
+    if sock is not None:
+        env[SOCKET_ENV] = str(sock)
+    return subprocess.Popen([str(exe), *args], env=env, cwd=cwd, stdout=out.open("wb"), stderr=subprocess.STDOUT)
+
+
+def test_forked_clientapps_take_the_requesters_process_and_report_its_exit(tmp_path) -> None:
+    exe = shim(tmp_path)
+    z, sock = start_zygote(tmp_path)
+    try:
+        work = tmp_path / "work"
+        work.mkdir()
+        a = run(exe, ["3", "x"], sock, work, tmp_path / "a.out")
+        b = run(exe, ["0"], sock, work, tmp_path / "b.out")
+        assert a.wait(timeout=120) == 3 and b.wait(timeout=120) == 0
+        outa, outb = (tmp_path / "a.out").read_text(), (tmp_path / "b.out").read_text()
+        assert f"argv ['3', 'x'] cwd {work} env from-the-requester" in outa
+        draws = [line.split()[1] for line in (outa + outb).splitlines() if line.startswith("draw")]
+        assert len(draws) == 2 and draws[0] != draws[1]  # reseeded: not the zygote's copied generator
+        pids = {int(line.split()[3]) for line in (outa + outb).splitlines() if line.startswith("draw")}
+        assert a.pid not in pids and b.pid not in pids  # forked by the zygote, not run by the shim
+
+        c = run(exe, ["sleep"], sock, work, tmp_path / "c.out")
+        deadline = time.monotonic() + 60
+        while "pid" not in (tmp_path / "c.out").read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = int((tmp_path / "c.out").read_text().split("pid")[1].split()[0])
+        c.send_signal(signal.SIGTERM)  # forwarded: the forked child ends, and the shim with its code
+        assert c.wait(timeout=60) == -signal.SIGTERM
+        time.sleep(0.5)
+        assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+    finally:
+        z.terminate()
+        z.wait(timeout=30)
+
+
+def test_without_a_zygote_the_shim_runs_the_real_clientapp(tmp_path) -> None:
+    exe = shim(tmp_path)
+    p = run(exe, ["--token", "t"], tmp_path / "absent.sock", tmp_path, tmp_path / "o.out")
+    assert p.wait(timeout=60) == 5
+    assert "cold ['--token', 't']" in (tmp_path / "o.out").read_text()
+    p = run(exe, ["--token", "t"], None, tmp_path, tmp_path / "o2.out")
+    assert p.wait(timeout=60) == 5

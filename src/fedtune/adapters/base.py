@@ -219,6 +219,13 @@ def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 ADAPTERS: Registry[type[AdapterBase]] = Registry("adapter kind")
 
 
+def no_dropout(dropout: float, why: str) -> list[Problem]:
+    """The problem of an `adapter.dropout` set for a kind that has none (`why`: what it has instead)."""
+    if dropout == 0.0:
+        return []
+    return [Problem("adapter.dropout", dropout, why, "drop adapter.dropout (or set it to 0)")]
+
+
 def detached(sd: Mapping[str, torch.Tensor]) -> AdapterState:
     """Detached fp32 CPU copies of adapter tensors (what travels)."""
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in sd.items()}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from fedtune.adapters.base import ADAPTERS, Algebra
+from fedtune.adapters.base import ADAPTERS, Algebra, no_dropout
 from fedtune.adapters.peft_tuner import PeftTuner, resolve_targets
 from fedtune.config.adapters import IA3AdapterConfig
 from fedtune.errors import Problem
@@ -42,13 +42,4 @@ class IA3(PeftTuner):
         return IA3Config(target_modules=targets, feedforward_modules=ff, fan_in_fan_out=model_type == "gpt2")
 
     def problems(self, *, dp: bool, dp_sgd: bool) -> list[Problem]:
-        if self.options.dropout == 0.0:
-            return []
-        return [
-            Problem(
-                "adapter.dropout",
-                self.options.dropout,
-                "(IA)^3 has no dropout: its vectors scale activations directly",
-                "drop adapter.dropout (or set it to 0)",
-            )
-        ]
+        return no_dropout(self.options.dropout, "(IA)^3 has no dropout: its vectors scale activations directly")

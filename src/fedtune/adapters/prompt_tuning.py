@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from fedtune.adapters.base import ADAPTERS, KIND_MARK, AdapterBase, Algebra, InjectContext
+from fedtune.adapters.base import ADAPTERS, KIND_MARK, AdapterBase, Algebra, InjectContext, no_dropout
 from fedtune.adapters.lora import write_peft_dir
 from fedtune.adapters.peft_tuner import seeded
 from fedtune.config.adapters import PromptTuningAdapterConfig
@@ -164,13 +164,4 @@ class PromptTuning(AdapterBase):
         return write_peft_dir({STATE_KEY: state[STATE_KEY]}, model.__dict__[CONFIG], base_model, out_dir)
 
     def problems(self, *, dp: bool, dp_sgd: bool) -> list[Problem]:
-        if self.options.dropout == 0.0:
-            return []
-        return [
-            Problem(
-                "adapter.dropout",
-                self.options.dropout,
-                "prompt tuning has no dropout: only the virtual-token embeddings train",
-                "drop adapter.dropout (or set it to 0)",
-            )
-        ]
+        return no_dropout(self.options.dropout, "prompt tuning has no dropout: only the virtual-token embeddings train")

@@ -68,6 +68,44 @@ def test_dora_and_smore_on_flower_match_inprocess(tiny_cfg, no_time, kind) -> No
     assert next(r for r in sim.records if r["round"] == 0 and r["client"] is None)["adapter"] == kind
 
 
+def test_trust_distill_on_flower_keeps_each_party_model_on_its_node_and_matches_inprocess(tiny_cfg, no_time) -> None:
+    """trust_distill on Flower: each party's own model (two depths and a random one) lives on its
+    SuperNode, only predictions and pseudo-labels travel; the records (losses, trust, bytes of
+    the payloads) are the in-process run's, and the server's checkpoint holds no party's weights."""
+    import torch
+
+    from fedtune.recipes.flower import run_simulation
+
+    over = [
+        "strategy.name=trust_distill",
+        'strategy.parties=[{}, {"layers": 1}, {"init": "random"}]',
+        "strategy.public_blocks=2",
+        "data.labels=[email, json, http]",
+        "rounds=2",
+        "train.steps=2",
+        "train.lr=0.02",
+    ]
+    local = run_federated(tiny_cfg(*over, name="inproc"), progress=False)
+    sim = run_simulation(tiny_cfg(*over, name="sim"), num_clients=3)
+    assert no_time(sim.records) == no_time(local.records)
+    last = [r for r in sim.records if r["round"] == 2 and r["client"]]
+    assert len(last) == 3 and all(r["bytes_up"] > 0 and r["trust"] and "test_ppl" in r for r in last)
+    assert torch.load(sim.run_dir / "checkpoint.pt", weights_only=False)["parties"] == {}
+    token = (sim.run_dir / ".run-token").read_text()
+    kept = sorted(
+        p.relative_to(sim.run_dir / "clients" / token).as_posix()
+        for p in (sim.run_dir / "clients" / token).rglob("*.pt")
+    )
+    assert kept == [
+        "email/round-1.pt",
+        "email/round-2.pt",
+        "http/round-1.pt",
+        "http/round-2.pt",
+        "json/round-1.pt",
+        "json/round-2.pt",
+    ]
+
+
 def test_secaggplus_on_flower_with_dp_matches_inprocess_secure_aggregation(tiny_cfg) -> None:
     """DP-FedAvg (clip on the client, distributed noise) under Flower's SecAgg+: the server sees
     only the unmasked mean, and the run ends where the in-process pairwise-masked run ends (both

@@ -83,9 +83,15 @@ def test_tokenizer_mismatch_refused_by_name(tiny_cfg):
     assert "tokenizer" in msg and "SmolLM2" in msg and "byte-level (tiny)" in msg
 
 
-def test_flower_refused_by_name(tiny_cfg):
-    with pytest.raises(ConfigError, match="trust_distill"):
-        tiny_cfg("strategy.name=trust_distill", "engine.name=flower-sim")
+def test_engines_and_sampling_it_cannot_run_are_refused_by_name(tiny_cfg):
+    """A swarm of peers has no server to mix predictions; sampling and simulated faults would be
+    ignored by the loop (every party works every round), so they are refused, not dropped."""
+    with pytest.raises(ConfigError, match="trust_distill.*own model"):
+        tiny_cfg("strategy.name=trust_distill", "engine.name=p2p-local")
+    for over in ("sampling.dropout=0.25", "sampling.fraction=0.5"):
+        with pytest.raises(ConfigError, match=over.split("=")[0]):
+            tiny_cfg("strategy.name=trust_distill", over)
+    tiny_cfg("strategy.name=trust_distill", "engine.name=flower-sim")  # its parties on their SuperNodes
 
 
 def test_public_corpus_must_not_be_client_data(tiny_cfg):

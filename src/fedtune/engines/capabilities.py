@@ -34,6 +34,8 @@ class EngineCapabilities:
         processes, which runs only serverless strategies (`peer_to_peer`) and no secure aggregation.
     strategy_private: client state may hold a strategy's own tensors besides adapter tensors (FedMM's
         duals), which evaluation leaves out of the model.
+    own_models: runs parties that each keep their own model and send predictions, not adapters
+        (trust_distill): the engine's `parties(...)` (`engines/parties.py`'s `Parties`).
     """
 
     name: str
@@ -50,11 +52,17 @@ class EngineCapabilities:
     real_parties: bool = False
     strategy_private: bool = False
     server: bool = True
+    own_models: bool = False
 
 
-INPROCESS = EngineCapabilities("inprocess", True, True, True, True, True, True, True, True, "any", True, False, True)
-# on Flower, client state lives on each SuperNode's disk (`engines/flower/client_app.py`)
-FLOWER = EngineCapabilities("flower", True, True, False, False, False, False, False, False, "identity", False)
+INPROCESS = EngineCapabilities(
+    "inprocess", True, True, True, True, True, True, True, True, "any", True, False, True, own_models=True
+)
+# on Flower, client state lives on each SuperNode's disk (`engines/flower/client_app.py`); a
+# trust_distill party's own model on its SuperNode (`engines/flower/parties.py`)
+FLOWER = EngineCapabilities(
+    "flower", True, True, False, False, False, False, False, False, "identity", False, own_models=True
+)
 # simulated dropouts, stragglers and attacks wrap the Flower engine in simulation as well
 FLOWER_SIM = replace(FLOWER, name="flower-sim", fault_injection=True)
 # a local swarm of `fedtune peer` processes over hivemind: each peer holds its own data and state
@@ -134,13 +142,30 @@ def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_co
         "the receiving neighbour), or use a server strategy on engine.name: inprocess / flower-deploy",
     )
     need(
-        engine.name == "inprocess" or not caps.own_models,
+        engine.own_models or not caps.own_models,
         field,
         value,
-        f"strategy {s!r} trains one model per party (each its own architecture) in this process; "
-        "its Flower messages (predictions, not adapters) are not written yet",
-        _INPROCESS,
+        f"strategy {s!r} runs parties that each keep their own model (each its own architecture) and a "
+        "server that mixes their predictions, which this engine does not carry",
+        "run it with engine.name: inprocess, flower-sim or flower-deploy",
     )
+    if caps.own_models:  # every party works every round: no sampling, no simulated faults
+        smp = cfg.sampling
+        for key, v, fix in (
+            ("fraction", smp.fraction, 1.0),
+            ("dropout", smp.dropout, 0.0),
+            ("straggler_fraction", smp.straggler_fraction, 0.0),
+            ("deadline", smp.deadline, None),
+        ):
+            need(
+                v == fix,
+                f"sampling.{key}",
+                v,
+                f"strategy {s!r} asks every party every round (the trust matrix is over all of them); "
+                "a party that really fails is recorded, but sampling and simulated faults are not applied",
+                f"set sampling.{key}: {'null' if fix is None else fix} "
+                "(to simulate a bad party: strategy.parties with {init: random})",
+            )
     need(
         engine.peer_scoring or not caps.scores_peers,
         field,

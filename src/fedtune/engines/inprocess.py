@@ -93,6 +93,12 @@ class InProcessEngine:
     def private_of(self, cid: str) -> AdapterState:
         return self.store.get(cid).private
 
+    def parties(self, cfg: ExperimentConfig, strategy: Any, model_dir: str, tokenizer: Any) -> Any:
+        """Every party's own model in this process, over this engine's shards (trust_distill)."""
+        from fedtune.engines.parties import local_parties
+
+        return local_parties(cfg, strategy, self, model_dir, tokenizer)
+
     def _load(self, cid: str, state: AdapterState) -> None:
         """Client cid's model: the state it was sent plus what it keeps privately."""
         adapter_of(self.model).use_client_(self.model, self.plan.variants.get(cid))

@@ -5,8 +5,9 @@ plus the distillation loss on its pseudo-labels)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -17,9 +18,19 @@ from fedtune.config import ExperimentConfig
 from fedtune.data.blocks import Shard, pack
 from fedtune.data.sources import load_corpus
 from fedtune.errors import ConfigError, Problem
+from fedtune.evaluation.metrics import evaluate_blocks
+from fedtune.models.adapters import get_state, set_state_
 from fedtune.models.load import load_model, model_type, resolve_device, resolve_model_dir
 from fedtune.seeding import derive_seed, torch_generator
-from fedtune.strategies.trust_distill import Party, Predictions, distill_loss, top_k_probs
+from fedtune.strategies.trust_distill import (
+    Party,
+    Predictions,
+    decode_predictions,
+    distill_loss,
+    encode_predictions,
+    top_k_probs,
+)
+from fedtune.types import AdapterState
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
@@ -152,3 +163,126 @@ def train_party_(
 
 def party_generator(seed: int, rnd: int, cid: str) -> torch.Generator:
     return torch_generator(seed, "distill-batches", rnd, cid)
+
+
+def evaluate_party(model: Any, shard: Shard, batch_size: int, bf16: bool, val: bool) -> dict[str, float]:
+    """A party's own model on its own test (and validation) split."""
+    out: dict[str, float] = {}
+    for split in ("test", "val") if val else ("test",):
+        blocks = getattr(shard, split)
+        if blocks.shape[0] == 0:
+            continue
+        r = evaluate_blocks(model, blocks, batch_size, bf16, shard.mask(split))
+        out.update({f"{split}_loss": r["loss"], f"{split}_ppl": r["ppl"], f"{split}_tokens": r["tokens"]})
+    return out
+
+
+@dataclass(frozen=True)
+class PartyWork:
+    """What a party does with its own model, wherever it lives: the same code in this process
+    and on a party's SuperNode, so both give the same numbers."""
+
+    cfg: ExperimentConfig
+    strategy: Any  # TrustDistill: top_k, values, weight
+    spec: TrainSpec
+    public: torch.Tensor
+
+    def predictions(self, model: Any) -> bytes:
+        """The payload a party sends up: its encoded top-k predictions on the public corpus."""
+        s, ev = self.strategy, self.cfg.evaluation
+        return encode_predictions(predict(model, self.public, s.top_k, ev.batch_size, self.spec.bf16), s.values)
+
+    def train_(self, model: Any, shard: Shard, label: bytes | None, rnd: int, cid: str) -> dict[str, float]:
+        """The round's local step, distilling from the pseudo-label payload it received (None:
+        warm-up, or no label this round)."""
+        target = None if label is None else decode_predictions(label)
+        gen = party_generator(self.cfg.seed, rnd, cid)
+        return train_party_(model, shard, self.public, target, self.spec, self.strategy.weight, gen)
+
+    def evaluate(self, model: Any, shard: Shard) -> dict[str, float]:
+        ev = self.cfg.evaluation
+        return evaluate_party(model, shard, ev.batch_size, self.spec.bf16, ev.val)
+
+
+def party_work(cfg: ExperimentConfig, strategy: Any, tokenizer: Any) -> PartyWork:
+    from fedtune import components
+
+    public = public_corpus(cfg, tokenizer, strategy.public, strategy.public_blocks, strategy.public_labels)
+    return PartyWork(cfg, strategy, components.build_train_spec(cfg), public)
+
+
+class Parties(Protocol):
+    """Where the parties' own models live and work (trust_distill). Predictions go up and
+    pseudo-labels come down as encoded payloads; a party's model never leaves it. A party that
+    does not answer is a failure (its reason, a string) for that step.
+
+    predict: each party's predictions payload for round rnd (its model after round rnd - 1).
+    train: round rnd's local step; `labels` holds the pseudo-label payloads (a party without one
+        trains on its own data only). Returns its losses, or the failure.
+    evaluate: each party's own model after round rnd on its own splits.
+    saved / restore_: the checkpoint's part (empty where every party keeps its own versions).
+    public_positions: token positions of the public corpus each party predicts on.
+    """
+
+    public_positions: int
+
+    def predict(self, rnd: int) -> dict[str, bytes | str]: ...
+
+    def train(self, rnd: int, labels: Mapping[str, bytes]) -> dict[str, dict[str, float] | str]: ...
+
+    def evaluate(self, rnd: int) -> dict[str, dict[str, float]]: ...
+
+    def saved(self) -> dict[str, AdapterState]: ...
+
+    def restore_(self, saved: Mapping[str, AdapterState]) -> None: ...
+
+
+class LocalParties:
+    """Every party's model in this process (the in-process engine); `ood` is the pooled test
+    mixture each party is also scored on (evaluation.ood), or None."""
+
+    def __init__(
+        self,
+        work: PartyWork,
+        models: Mapping[str, Any],
+        shards: Mapping[str, Shard],
+        eval_shards: Mapping[str, Shard],
+        ood: Any = None,
+    ):
+        self.work = work
+        self.models = dict(models)
+        self.shards = shards
+        self.eval_shards = eval_shards
+        self.ood = ood
+        self.public_positions = int(work.public.numel())
+
+    def predict(self, rnd: int) -> dict[str, bytes | str]:
+        return {c: self.work.predictions(m) for c, m in self.models.items()}
+
+    def train(self, rnd: int, labels: Mapping[str, bytes]) -> dict[str, dict[str, float] | str]:
+        return {c: self.work.train_(m, self.shards[c], labels.get(c), rnd, c) for c, m in self.models.items()}
+
+    def evaluate(self, rnd: int) -> dict[str, dict[str, float]]:
+        out = {c: self.work.evaluate(m, self.eval_shards[c]) for c, m in self.models.items()}
+        if self.ood is not None:  # each party's own model on the mixture (evaluation.ood)
+            ev, bf16 = self.work.cfg.evaluation, self.work.spec.bf16
+            for c, m in self.models.items():
+                r = evaluate_blocks(m, self.ood[0], ev.batch_size, bf16, self.ood[1])
+                out[c].update(ood_loss=r["loss"], ood_ppl=r["ppl"], ood_tokens=r["tokens"])
+        return out
+
+    def saved(self) -> dict[str, AdapterState]:
+        return {c: get_state(m) for c, m in self.models.items()}
+
+    def restore_(self, saved: Mapping[str, AdapterState]) -> None:
+        for c, m in self.models.items():
+            set_state_(m, saved[c])
+
+
+def local_parties(cfg: ExperimentConfig, strategy: Any, engine: Any, model_dir: str, tokenizer: Any) -> LocalParties:
+    """The in-process engine's parties: each its own model (`strategy.party(n)`) over the
+    engine's shards."""
+    ids = list(engine.eval_shards)
+    models = {c: build_party_model(cfg, model_dir, strategy.party(n), c) for n, c in enumerate(ids)}
+    ood = engine.ood_split() if cfg.evaluation.ood else None
+    return LocalParties(party_work(cfg, strategy, tokenizer), models, engine.shards, engine.eval_shards, ood)

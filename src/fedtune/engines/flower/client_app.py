@@ -47,28 +47,28 @@ class ClientRuntime:
 _RUNTIMES: dict[tuple[str, int, str], ClientRuntime] = {}
 # per config, what every client in this process shares: (cfg, model dir, tokenizer); every
 # client's shards (built only when a node's shard is not cached); (model, strategy, plan)
-_BASE: dict[str, tuple[Any, str, Any]] = {}
+_BASES: dict[str, tuple[Any, str, Any]] = {}
 _SHARDS: dict[str, Any] = {}
 _PROCESS: dict[str, tuple[Any, ...]] = {}
 
 
-def _base(cfg_yaml: str) -> tuple[Any, str, Any]:
-    """(cfg, model dir, tokenizer), once per process and config."""
-    if cfg_yaml not in _BASE:
+def node_base(cfg_yaml: str) -> tuple[Any, str, Any]:
+    """(cfg, model dir, tokenizer), once per process and config (parties too: `party_node.py`)."""
+    if cfg_yaml not in _BASES:
         with profile.phase("imports"):
             from fedtune.models.load import load_tokenizer, resolve_model_dir
         cfg = config_from_yaml(cfg_yaml)
         with profile.phase("tokenizer"):
             model_dir = resolve_model_dir(cfg.model, cfg.seed)
-            _BASE[cfg_yaml] = (cfg, model_dir, load_tokenizer(model_dir))
-    return _BASE[cfg_yaml]
+            _BASES[cfg_yaml] = (cfg, model_dir, load_tokenizer(model_dir))
+    return _BASES[cfg_yaml]
 
 
 def node_shard(cfg_yaml: str, partition_id: int, root: Path) -> tuple[list[str], Shard]:
     """(the run's client ids in partition order, partition `partition_id`'s shard): read from the
     node's shard cache under `root/shards` (`data.shard_cache`), else built from the corpus (read,
     partitioned and tokenized once per process) and written there for the node's next message."""
-    cfg, _, tokenizer = _base(cfg_yaml)
+    cfg, _, tokenizer = node_base(cfg_yaml)
 
     def build() -> tuple[list[str], Shard]:
         if cfg_yaml not in _SHARDS:
@@ -96,7 +96,7 @@ def _shared(cfg_yaml: str, ids: list[str]) -> tuple[Any, ...]:
             from fedtune.engines.plan import build_plan
             from fedtune.models.adapters import get_state, lora_scale
 
-        cfg, model_dir, tokenizer = _base(cfg_yaml)
+        cfg, model_dir, tokenizer = node_base(cfg_yaml)
         cfg, _ = resolve_auto(cfg, ids, model_dir)  # the same picks as the server's
         ranks = rank_per_client(cfg, ids)
         with profile.phase("model"):
@@ -125,7 +125,8 @@ def client_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> ClientR
     return _RUNTIMES[key]
 
 
-def _runtime(context: Context, cfg_yaml: str | None, state_root: str | None) -> ClientRuntime:
+def node_of(context: Context, cfg_yaml: str | None, state_root: str | None) -> tuple[str, int, str]:
+    """(the run's config YAML, this node's partition, its state root) from Flower's context."""
     from fedtune.cache import cache_dir
 
     text = cfg_yaml or str(context.run_config.get(CONFIG_KEY, ""))
@@ -133,7 +134,11 @@ def _runtime(context: Context, cfg_yaml: str | None, state_root: str | None) -> 
         raise FedtuneError(f"run config has no {CONFIG_KEY!r}; start the run with fedtune")
     root = str(context.node_config.get("state-dir", "")) or state_root or str(cache_dir() / "node-state")
     # one folder per client under the root (several SuperNodes may share a machine)
-    return client_runtime(text, int(context.node_config.get("partition-id", 0)), root)
+    return text, int(context.node_config.get("partition-id", 0)), root
+
+
+def _runtime(context: Context, cfg_yaml: str | None, state_root: str | None) -> ClientRuntime:
+    return client_runtime(*node_of(context, cfg_yaml, state_root))
 
 
 def job_of(rt: ClientRuntime, config: Any, payload: bytes) -> ClientJob:
@@ -247,7 +252,44 @@ def make_client_app(cfg_yaml: str | None = None, state_root: str | None = None) 
         profile.client_message("evaluate", rt.client_id, started)
         return Message(out, reply_to=msg)
 
+    _party_handlers(app, cfg_yaml, state_root)
     return app
+
+
+def _party_handlers(app: ClientApp, cfg_yaml: str | None, state_root: str | None) -> None:
+    """trust_distill's messages (`engines/flower/parties.py`): a party's own model on this node."""
+
+    def party(msg: Message, context: Context) -> tuple[Any, Any, int, str]:
+        from fedtune.engines.flower import party_node
+
+        config = msg.content.config_records["config"]
+        rt = party_node.party_runtime(*node_of(context, cfg_yaml, state_root))
+        return party_node, rt, int(str(config["round"])), str(config.get("run", ""))
+
+    @app.query("predict")
+    def predict(msg: Message, context: Context) -> Message:
+        started = time.time()
+        node, rt, rnd, run = party(msg, context)
+        out = RecordDict({"payload": to_record(node.predict(rt, rnd, run))})
+        profile.client_message("query.predict", rt.client_id, started)
+        return Message(out, reply_to=msg)
+
+    @app.train("distill")
+    def distill(msg: Message, context: Context) -> Message:
+        started = time.time()
+        node, rt, rnd, run = party(msg, context)
+        got = msg.content.array_records.get("payload")
+        losses = node.distill(rt, rnd, run, None if got is None else from_record(got))
+        profile.client_message("train.distill", rt.client_id, started)
+        return Message(RecordDict({"metrics": MetricRecord(losses)}), reply_to=msg)
+
+    @app.evaluate("party")
+    def evaluate(msg: Message, context: Context) -> Message:
+        started = time.time()
+        node, rt, rnd, run = party(msg, context)
+        metrics = MetricRecord(node.evaluate(rt, rnd, run))
+        profile.client_message("evaluate.party", rt.client_id, started)
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 client_app = make_client_app()  # for `flwr run` (deployment): config from the run config

@@ -71,7 +71,7 @@ class FlowerEngine:
             self.node_of[cid] = reply.metadata.src_node_id
             self.client_of[reply.metadata.src_node_id] = cid
 
-    def _send(self, kind: str, contents: Mapping[str, RecordDict], rnd: int) -> dict[str, Message | str]:
+    def send(self, kind: str, contents: Mapping[str, RecordDict], rnd: int) -> dict[str, Message | str]:
         self.refresh()
         msgs = [
             self.grid.create_message(content, kind, self.node_of[cid], group_id=f"{kind}-{rnd}")
@@ -85,6 +85,14 @@ class FlowerEngine:
                 out[cid] = f"error: {reply.error.reason}" if reply.has_error() else reply
         profile.record(side="server", kind=kind, round=rnd, clients=sorted(contents), sent=sent, received=time.time())
         return out
+
+    def parties(self, cfg: ExperimentConfig, strategy: Any, model_dir: str, tokenizer: Any) -> Any:
+        """trust_distill's parties: each on its own SuperNode (`engines/flower/parties.py`)."""
+        from fedtune.engines.flower.parties import FlowerParties
+        from fedtune.engines.parties import public_corpus
+
+        public = public_corpus(cfg, tokenizer, strategy.public, strategy.public_blocks, strategy.public_labels)
+        return FlowerParties(self, int(public.numel()))  # the public corpus is public: the server may read it
 
     def run(self, jobs: Sequence[ClientJob], on_step: Any = None) -> list[ClientReply | ClientFailure]:
         if not jobs:
@@ -100,7 +108,7 @@ class FlowerEngine:
             config.update({f"transform-{k}": v for k, v in j.transform.items()})
             contents[j.client_id] = RecordDict({"payload": to_record(j.payload), "config": ConfigRecord(config)})  # type: ignore[arg-type]
         out: list[ClientReply | ClientFailure] = []
-        answers = self._send("train", contents, jobs[0].round)
+        answers = self.send("train", contents, jobs[0].round)
         for j in jobs:
             reply = answers[j.client_id]
             if isinstance(reply, str):
@@ -122,7 +130,7 @@ class FlowerEngine:
             config = ConfigRecord({"round": 10**9, "split": split, "run": self.run_token})  # newest state
             contents[cid] = RecordDict({"payload": to_record(encoded[id(st)]), "config": config})
         out: dict[str, dict[str, Any]] = {}
-        for cid, reply in self._send("evaluate", contents, 0).items():
+        for cid, reply in self.send("evaluate", contents, 0).items():
             if not isinstance(reply, str) and "loss" in reply.content["metrics"]:  # down, or nothing to score
                 out[cid] = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
                 if "texts" in reply.content.config_records:

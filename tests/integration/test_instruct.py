@@ -155,3 +155,44 @@ def test_lm_eval_on_a_local_task_scores_the_adapter_as_fedtune_does(run, tmp_pat
     acc = sum(max(range(4), key=lambda j: o[j]) == d["answer"] for o, d in zip(ours, docs)) / len(docs)
     assert saved["results"]["colours"]["acc,none"] == pytest.approx(acc)
     assert "colours" in r.stdout and "acc" in r.stdout
+
+
+def test_trust_distill_parties_are_scored_with_the_task_metrics(tmp_path) -> None:
+    """A trust_distill party on instruction data gets the federated loop's task metrics (accuracy,
+    macro-F1, exact match on its own test prompts, and on the pooled mixture), not only perplexity;
+    the generated text stays on the party (no sample in the records)."""
+    from fedtune.config import load_config
+    from fedtune.recipes.federated import run_federated
+
+    data = chat_folder(tmp_path / "data")
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [
+            "data.source=files",
+            f"data.path={data}",
+            "data.format=messages",
+            "data.max_chars_per_doc=null",
+            "data.max_docs_per_label=null",
+            "data.labels=null",
+            "data.block_size=96",
+            "data.test_fraction=0.3",
+            "strategy.name=trust_distill",
+            'strategy.parties=[{}, {"layers": 1}]',
+            "strategy.public_blocks=2",
+            "rounds=1",
+            "train.steps=2",
+            "evaluation.ood=true",
+            "evaluation.max_examples=4",
+            "evaluation.generate=2",
+            "evaluation.max_new_tokens=3",
+            f"output_dir={tmp_path / 'run'}",
+        ],
+    )
+    recs = run_federated(cfg, overwrite=True, progress=False).records
+    for rnd in (0, 1):
+        parties = [r for r in recs if r["client"] and r["round"] == rnd]
+        assert {r["client"] for r in parties} == {"north", "south"}
+        for r in parties:
+            assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["ood_acc"] <= 1.0 and "test_macro_f1" in r
+            assert 0.0 <= r["test_exact_match"] <= 1.0 and "test_sample" not in r
+            assert r["test_tokens"] > 0

@@ -18,7 +18,7 @@ from fedtune.config import ExperimentConfig
 from fedtune.data.blocks import Shard, pack
 from fedtune.data.sources import load_corpus
 from fedtune.errors import ConfigError, Problem
-from fedtune.evaluation.metrics import evaluate_blocks
+from fedtune.evaluation.metrics import evaluate_split
 from fedtune.models.adapters import get_state, set_state_
 from fedtune.models.load import load_model, model_type, resolve_device, resolve_model_dir
 from fedtune.seeding import derive_seed, torch_generator
@@ -165,16 +165,10 @@ def party_generator(seed: int, rnd: int, cid: str) -> torch.Generator:
     return torch_generator(seed, "distill-batches", rnd, cid)
 
 
-def evaluate_party(model: Any, shard: Shard, batch_size: int, bf16: bool, val: bool) -> dict[str, float]:
-    """A party's own model on its own test (and validation) split."""
-    out: dict[str, float] = {}
-    for split in ("test", "val") if val else ("test",):
-        blocks = getattr(shard, split)
-        if blocks.shape[0] == 0:
-            continue
-        r = evaluate_blocks(model, blocks, batch_size, bf16, shard.mask(split))
-        out.update({f"{split}_loss": r["loss"], f"{split}_ppl": r["ppl"], f"{split}_tokens": r["tokens"]})
-    return out
+def scored(prefix: str, r: Mapping[str, Any]) -> dict[str, float]:
+    """An evaluation's numbers as record fields ({prefix}_loss, _ppl, _tokens and, on instruction
+    data, the task metrics); generation samples (text) stay on the party."""
+    return {f"{prefix}_{k}": v if isinstance(v, int) else float(v) for k, v in r.items() if not isinstance(v, str)}
 
 
 @dataclass(frozen=True)
@@ -186,6 +180,7 @@ class PartyWork:
     strategy: Any  # TrustDistill: top_k, values, weight
     spec: TrainSpec
     public: torch.Tensor
+    tokenizer: Any  # generation metrics on instruction data
 
     def predictions(self, model: Any) -> bytes:
         """The payload a party sends up: its encoded top-k predictions on the public corpus."""
@@ -200,15 +195,29 @@ class PartyWork:
         return train_party_(model, shard, self.public, target, self.spec, self.strategy.weight, gen)
 
     def evaluate(self, model: Any, shard: Shard) -> dict[str, float]:
-        ev = self.cfg.evaluation
-        return evaluate_party(model, shard, ev.batch_size, self.spec.bf16, ev.val)
+        """The party's own model on its own test (and validation) split: loss / ppl, and on
+        instruction data accuracy, macro-F1 and generation scores, as the federated loop's records."""
+        ev, out = self.cfg.evaluation, {}
+        for split in ("test", "val") if ev.val else ("test",):
+            blocks = getattr(shard, split)
+            if blocks.shape[0] > 0:
+                r = evaluate_split(
+                    model, blocks, shard.mask(split), shard.prompts.get(split), self.tokenizer, ev, self.spec.bf16
+                )
+                out.update(scored(split, r))
+        return out
+
+    def evaluate_on(self, model: Any, data: tuple[Any, Any, Any], prefix: str) -> dict[str, float]:
+        """The model on other data (blocks, mask, prompts): the pooled OOD mixture."""
+        r = evaluate_split(model, data[0], data[1], data[2], self.tokenizer, self.cfg.evaluation, self.spec.bf16)
+        return scored(prefix, r)
 
 
 def party_work(cfg: ExperimentConfig, strategy: Any, tokenizer: Any) -> PartyWork:
     from fedtune import components
 
     public = public_corpus(cfg, tokenizer, strategy.public, strategy.public_blocks, strategy.public_labels)
-    return PartyWork(cfg, strategy, components.build_train_spec(cfg), public)
+    return PartyWork(cfg, strategy, components.build_train_spec(cfg), public, tokenizer)
 
 
 class Parties(Protocol):
@@ -265,10 +274,8 @@ class LocalParties:
     def evaluate(self, rnd: int) -> dict[str, dict[str, float]]:
         out = {c: self.work.evaluate(m, self.eval_shards[c]) for c, m in self.models.items()}
         if self.ood is not None:  # each party's own model on the mixture (evaluation.ood)
-            ev, bf16 = self.work.cfg.evaluation, self.work.spec.bf16
             for c, m in self.models.items():
-                r = evaluate_blocks(m, self.ood[0], ev.batch_size, bf16, self.ood[1])
-                out[c].update(ood_loss=r["loss"], ood_ppl=r["ppl"], ood_tokens=r["tokens"])
+                out[c].update(self.work.evaluate_on(m, self.ood, "ood"))
         return out
 
     def saved(self) -> dict[str, AdapterState]:

@@ -56,16 +56,21 @@ def test_mix_is_the_trust_weighted_label():
 
 
 @pytest.mark.parametrize("values, step", [("fp16", 1e-3), ("uint8", 1 / 255)])
-def test_payload_round_trip_and_size(values, step):
+@pytest.mark.parametrize("vocab, id_bytes", [(49_152, 2), (65_536, 2), (65_537, 4)])
+def test_payload_round_trip_and_size(values, step, vocab, id_bytes):
+    """Ids travel in two bytes while the vocabulary fits in 16 bits (the last id, 65,535, too),
+    in four beyond; decoded exactly either way."""
     g = torch.Generator().manual_seed(0)
     p = torch.softmax(torch.randn(64, 10, generator=g), dim=-1).topk(4)
-    payload = encode_predictions((p.values, p.indices), values)
+    ids = p.indices.clone()
+    ids[0, 0] = vocab - 1  # the largest id this vocabulary has
+    payload = encode_predictions((p.values, ids), values)
     v, i = decode_predictions(payload)
-    assert torch.equal(i, p.indices)
+    assert torch.equal(i, ids) and i.dtype == torch.int64
     assert (v - p.values).abs().max() <= step
     width = 2 if values == "fp16" else 1
-    assert len(payload) >= 64 * 4 * (4 + width)  # int32 ids + the values, plus a small header
-    assert len(payload) < 64 * 4 * (4 + width) + 200
+    assert len(payload) >= 64 * 4 * (id_bytes + width)  # the ids + the values, plus a small header
+    assert len(payload) < 64 * 4 * (id_bytes + width) + 200
 
 
 def test_distill_loss_zero_when_model_matches_the_label():

@@ -53,11 +53,13 @@ def top_k_probs(logits: torch.Tensor, k: int) -> Predictions:
 
 
 def encode_predictions(pred: Predictions, values: Literal["fp16", "uint8"] = "fp16") -> bytes:
-    """The payload a party sends: ids as int32, probabilities as fp16 or uint8 (round(255 p),
-    probabilities lie in [0, 1], so the step is 1/255)."""
+    """The payload a party sends: ids as uint16 when every id fits (vocabularies up to 65,536
+    tokens: SmolLM2's 49,152, Llama 2's 32,000), else int32; probabilities as fp16 or uint8
+    (round(255 p), probabilities lie in [0, 1], so the step is 1/255)."""
     v, i = pred
     q = v.half() if values == "fp16" else (v.clamp(0, 1) * 255).round().to(torch.uint8)
-    return serialize({"i": i.to(torch.int32), "v": q})
+    ids = i.to(torch.uint16) if i.numel() == 0 or int(i.max()) < 2**16 else i.to(torch.int32)
+    return serialize({"i": ids, "v": q})
 
 
 def decode_predictions(payload: bytes) -> Predictions:

@@ -31,6 +31,26 @@ def chat_folder(root: Path) -> Path:
     return root
 
 
+def chat_run(data: Path, out: Path) -> list[str]:
+    """Overrides of configs/tiny.yaml for one round on `chat_folder`'s data, every task metric on."""
+    return [
+        "data.source=files",
+        f"data.path={data}",
+        "data.format=messages",
+        "data.max_chars_per_doc=null",
+        "data.max_docs_per_label=null",
+        "data.labels=null",
+        "data.block_size=96",
+        "data.test_fraction=0.3",
+        "rounds=1",
+        "evaluation.ood=true",
+        "evaluation.max_examples=4",
+        "evaluation.generate=2",
+        "evaluation.max_new_tokens=3",
+        f"output_dir={out}",
+    ]
+
+
 # the module-scoped runs below are made once: under pytest-xdist every worker that takes one of
 # this module's tests would otherwise make them again
 pytestmark = pytest.mark.xdist_group("instruct-runs")
@@ -45,24 +65,7 @@ def run(tmp_path_factory) -> Path:
     data = chat_folder(tmp / "data")
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
-        [
-            "data.source=files",
-            f"data.path={data}",
-            "data.format=messages",
-            "data.max_chars_per_doc=null",
-            "data.max_docs_per_label=null",
-            "data.labels=null",
-            "data.block_size=96",
-            "data.test_fraction=0.3",
-            "rounds=1",
-            "train.steps=3",
-            "train.dp_sgd.noise_multiplier=1.0",
-            "evaluation.ood=true",
-            "evaluation.max_examples=4",
-            "evaluation.generate=2",
-            "evaluation.max_new_tokens=3",
-            f"output_dir={tmp / 'run'}",
-        ],
+        [*chat_run(data, tmp / "run"), "train.steps=3", "train.dp_sgd.noise_multiplier=1.0"],
     )
     run_federated(cfg, overwrite=True, progress=False)
     return tmp / "run"
@@ -168,24 +171,11 @@ def test_trust_distill_parties_are_scored_with_the_task_metrics(tmp_path) -> Non
     cfg = load_config(
         ROOT / "configs" / "tiny.yaml",
         [
-            "data.source=files",
-            f"data.path={data}",
-            "data.format=messages",
-            "data.max_chars_per_doc=null",
-            "data.max_docs_per_label=null",
-            "data.labels=null",
-            "data.block_size=96",
-            "data.test_fraction=0.3",
+            *chat_run(data, tmp_path / "run"),
             "strategy.name=trust_distill",
             'strategy.parties=[{}, {"layers": 1}]',
             "strategy.public_blocks=2",
-            "rounds=1",
             "train.steps=2",
-            "evaluation.ood=true",
-            "evaluation.max_examples=4",
-            "evaluation.generate=2",
-            "evaluation.max_new_tokens=3",
-            f"output_dir={tmp_path / 'run'}",
         ],
     )
     recs = run_federated(cfg, overwrite=True, progress=False).records

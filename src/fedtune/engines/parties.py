@@ -197,18 +197,16 @@ class PartyWork:
     def evaluate(self, model: Any, shard: Shard) -> dict[str, float]:
         """The party's own model on its own test (and validation) split: loss / ppl, and on
         instruction data accuracy, macro-F1 and generation scores, as the federated loop's records."""
-        ev, out = self.cfg.evaluation, {}
-        for split in ("test", "val") if ev.val else ("test",):
+        out: dict[str, float] = {}
+        for split in ("test", "val") if self.cfg.evaluation.val else ("test",):
             blocks = getattr(shard, split)
             if blocks.shape[0] > 0:
-                r = evaluate_split(
-                    model, blocks, shard.mask(split), shard.prompts.get(split), self.tokenizer, ev, self.spec.bf16
-                )
-                out.update(scored(split, r))
+                out.update(self.evaluate_on(model, (blocks, shard.mask(split), shard.prompts.get(split)), split))
         return out
 
     def evaluate_on(self, model: Any, data: tuple[Any, Any, Any], prefix: str) -> dict[str, float]:
-        """The model on other data (blocks, mask, prompts): the pooled OOD mixture."""
+        """The model on (blocks, mask, prompts) as record fields named `prefix`: a split of the
+        party's own, or the pooled OOD mixture."""
         r = evaluate_split(model, data[0], data[1], data[2], self.tokenizer, self.cfg.evaluation, self.spec.bf16)
         return scored(prefix, r)
 

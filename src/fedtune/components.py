@@ -12,6 +12,7 @@ from fedtune.adapters import ADAPTERS, build_adapter
 from fedtune.client.train import TrainSpec
 from fedtune.codecs import CODECS
 from fedtune.codecs.build import build_codec as build_codec  # re-exported: the engines and loops build codecs here
+from fedtune.codecs.build import local_codec as local_codec
 from fedtune.config.schema import ExperimentConfig
 from fedtune.data.sources import DATA_SOURCES
 from fedtune.engines.capabilities import ENGINES, engine_problems
@@ -21,7 +22,7 @@ from fedtune.models.load import device_problem, model_problem, resolve_device
 from fedtune.registry import Registry
 from fedtune.strategies import STRATEGIES
 from fedtune.strategies.base import Capabilities, RunContext, algebra_problems
-from fedtune.strategies.decentralized import peer_problems
+from fedtune.strategies.decentralized import peer_codec_problems, peer_problems
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "strategy": STRATEGIES,
@@ -115,7 +116,7 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
                 "use another strategy (e.g. pcl with trust: weights, robust), or drop DP",
             )
         )
-    if _stateful(cfg, downlink=True):
+    if _stateful(cfg, downlink=True) and not caps.peer_to_peer:
         problems.append(
             Problem(
                 "downlink_codec" if cfg.downlink_codec is not None else "codec",
@@ -127,7 +128,9 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
         )
     down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
     if caps.peer_to_peer:
-        codecs = {"codec.name": cfg.codec.name, "downlink_codec.name": down.name}
+        down_name = cfg.downlink_codec.name if cfg.downlink_codec is not None else None
+        stateful = _stateful(cfg, False)
+        codecs = peer_codec_problems(name, cfg.codec.name, stateful, down_name, sorted(cfg.client_codecs))
         problems += peer_problems(name, codecs, cfg.privacy.randomness)
     if cfg.sampling.link_drop > 0 and not caps.peer_to_peer:
         peers = sorted(n for n in STRATEGIES.names() if STRATEGIES.get(n)().capabilities.peer_to_peer)

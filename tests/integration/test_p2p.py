@@ -2,8 +2,9 @@
 3 peers of the tiny model, each its own process group with its DHT process and p2pd daemon.
 
 - parity: the swarm's records and final adapters equal the in-process simulator's for a
-  deterministic gossip config. Each peer runs the same `run_client` step from the same seeds on
-  its own copy of the same model, receives the exact serialized bytes the simulator counts, and
+  deterministic gossip config with 8-bit quantized peer messages. Each peer runs the same
+  `run_client` step from the same seeds on its own copy of the same model, receives the exact
+  encoded bytes the simulator counts (the same seeded stochastic rounding), and
   mixes with the same coefficients in the same (sorted) order, so fp32 on a CPU gives the same
   numbers; the tolerance (rel 1e-6) only allows for a different thread count in a process.
 - churn: a killed peer does not stop the others (it is a recorded failure of that round and they
@@ -71,7 +72,7 @@ def all_gone(pids):
 
 def test_swarm_gives_the_simulators_numbers_and_leaves_no_process(tiny_cfg) -> None:
     # Arrange
-    cfg = swarm_cfg(tiny_cfg, "rounds=2", "engine.timeout=30", name="swarm")
+    cfg = swarm_cfg(tiny_cfg, "rounds=2", "engine.timeout=30", "codec.name=quantize", name="swarm")
     sim_cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"name": "inprocess"}), "name": "sim"})
     sim_cfg = sim_cfg.model_copy(update={"output_dir": str(tmp_of(cfg) / "sim")})
     # Act

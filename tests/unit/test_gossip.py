@@ -13,10 +13,16 @@ import pytest
 import torch
 
 from fedtune.client.run import PeerState
-from fedtune.codecs import serialize
-from fedtune.recipes.decentralized import exchange
+from fedtune.codecs import make_codec, serialize
+from fedtune.recipes.decentralized import Wire, exchange
 from fedtune.strategies.base import RunContext
-from fedtune.strategies.decentralized import Gossip, consensus_distance
+from fedtune.strategies.decentralized import (
+    PUSH_SUM_WEIGHT,
+    Gossip,
+    consensus_distance,
+    pack_message,
+    unpack_message,
+)
 from fedtune.topology import TopologySpec, build_graph, metropolis_weights, mixing_matrix, spectral_gap
 
 KEY = "m.lora_A.weight"
@@ -139,8 +145,11 @@ def test_the_config_checks_refuse_what_gossip_cannot_do(tiny_cfg) -> None:
 
     with pytest.raises(ConfigError, match="has no server"):
         tiny_cfg("strategy.name=gossip", "engine.name=flower-sim")
-    with pytest.raises(ConfigError, match="compressing peer messages is not implemented"):
-        tiny_cfg("strategy.name=gossip", "codec.name=fp16")
+    with pytest.raises(ConfigError, match="a stateful codec .* keeps one state per link"):
+        tiny_cfg("strategy.name=gossip", "codec.name=topk")
+    with pytest.raises(ConfigError, match="no server, so no downlink"):
+        tiny_cfg("strategy.name=gossip", "codec.name=fp16", "downlink_codec.name=fp16")
+    assert tiny_cfg("strategy.name=gossip", "codec.name=quantize").codec.name == "quantize"  # messages compress
     with pytest.raises(ConfigError, match="needs the individual updates"):
         tiny_cfg("strategy.name=gossip", "secure_aggregation=true")
     for name in ("gossip", "modest"):  # the round's sample is a seeded hash every peer computes
@@ -183,3 +192,35 @@ def test_frozen_shared_factors_are_not_sent_between_peers() -> None:
     out = mixed["a"].model()
     torch.testing.assert_close(out[m + SB_R], torch.full((2, 2), 3.0))
     torch.testing.assert_close(out[m + SB_A], init[m + SB_A])
+
+
+@pytest.mark.parametrize("name", ["fp16", "quantize"])
+def test_a_peer_message_decodes_as_its_codec_and_keeps_the_push_sum_weight_exact(name) -> None:
+    """Under push-sum the weight travels beside the codec's body in fp64, bit for bit; the
+    tensors decode exactly as the codec alone decodes them (same seeded generator)."""
+    codec = make_codec(name)
+    x = torch.linspace(-1.3, 0.7, 300).reshape(3, 100)
+    w = torch.tensor([1.0 / 3.0], dtype=torch.float64)
+    data = pack_message(codec, {KEY: x, PUSH_SUM_WEIGHT: w}, torch.Generator().manual_seed(5))
+    out = unpack_message(codec, data)
+    alone, _ = codec.decode(codec.encode({KEY: x}, None, torch.Generator().manual_seed(5))[0], None)
+    assert out[PUSH_SUM_WEIGHT].dtype == torch.float64 and out[PUSH_SUM_WEIGHT].item() == 1.0 / 3.0
+    torch.testing.assert_close(out[KEY], alone[KEY], rtol=0, atol=0)
+    assert not torch.equal(out[KEY], x)  # lossy: the receiver mixes what arrived, not the sender's tensor
+    assert len(data) < len(serialize({KEY: x, PUSH_SUM_WEIGHT: w}))
+
+
+def test_a_gossip_round_over_fp16_counts_the_half_precision_bytes_and_mixes_the_decoded_messages() -> None:
+    """Complete graph of two peers, W = [[1/2, 1/2], [1/2, 1/2]]: each peer mixes its own exact x
+    with the other's message as fp16 decoded it, x_a = (0.1 x + fp16(0.3 x)) / 2; each message
+    costs the fp16 payload's length."""
+    ids = ("a", "b")
+    g = Gossip(topology="complete", ctx=RunContext(client_ids=ids))
+    trained = {"a": peer(0.1), "b": peer(0.3)}
+    wire = Wire(make_codec("fp16"), seed=0)
+    mixed, per_peer, _ = exchange(g, 1, trained, wire=wire)
+    fp16_size = len(make_codec("fp16").encode({KEY: trained["b"].x[KEY]}, None, torch.Generator())[0])
+    assert per_peer["a"] == {"bytes_up": fp16_size, "bytes_down": fp16_size}
+    b_arrived = trained["b"].x[KEY].half().float()
+    torch.testing.assert_close(mixed["a"].x[KEY], (trained["a"].x[KEY] + b_arrived) / 2, rtol=0, atol=0)
+    assert not torch.equal(mixed["a"].x[KEY], (trained["a"].x[KEY] + trained["b"].x[KEY]) / 2)

@@ -51,3 +51,11 @@ def build_codec(cfg: ExperimentConfig, downlink: bool = False, client: str | Non
     if not downlink and client is not None:
         codec = cfg.client_codecs.get(client, codec)
     return Chain(tuple(CODECS.get(name)(**params) for name, params in codec_stages(codec)))
+
+
+def local_codec() -> Any:
+    """The identity codec of a hand-off inside one party (a peer's own model to its own client
+    step and its delta back): not a message, so never compressed nor counted."""
+    from fedtune.codecs import make_codec
+
+    return make_codec("identity")

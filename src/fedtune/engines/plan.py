@@ -70,12 +70,14 @@ def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, c
         transforms.append(MaskTransform(caps.sum_weight))
     keep = strategy.private_keys(init_state) if caps.client_private else set()
     adapter = build_adapter(cfg.adapter)
+    # a peer's step gets its own model and returns its delta inside the peer: `codec` is for its messages
+    local = caps.peer_to_peer
     return ClientPlan(
         spec=components.build_train_spec(cfg),
         seed=cfg.seed,
-        up_codec=components.build_codec(cfg),
-        client_up_codecs={cid: components.build_codec(cfg, client=cid) for cid in sorted(cfg.client_codecs)},
-        down_codec=components.build_codec(cfg, downlink=True),
+        up_codec=components.local_codec() if local else components.build_codec(cfg),
+        client_up_codecs={} if local else {c: components.build_codec(cfg, client=c) for c in sorted(cfg.client_codecs)},
+        down_codec=components.local_codec() if local else components.build_codec(cfg, downlink=True),
         step=strategy.client_train if caps.client_step else None,
         penalty=strategy.client_penalty if caps.client_penalty else None,
         transforms=tuple(transforms),

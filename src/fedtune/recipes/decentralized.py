@@ -10,7 +10,7 @@
         trained = x + delta for the trainers that replied (the round's live trainers)
         coef    = strategy.coefficients(rnd, live, roles)    {receiver: {sender: c}}, a row per receiver
         sent    = strategy.message(state)                    trainable keys (+ w): what goes on the wire
-        inbox   = each receiver's messages from its senders  bytes: len of each serialized message
+        inbox   = each receiver's messages from its senders  bytes: len of each encoded message (`codec`)
         mixed   = strategy.mix(j, own_j, inbox[j], coef[j])  each receiver mixes locally
         store   : version rnd of each trainer's and receiver's ClientState holds its new PeerState
         evaluate each scored peer's model (from the store) -> records -> checkpoint (round, init, ledger)
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ from rich.console import Console
 
 from fedtune import components
 from fedtune.client.run import ClientJob, ClientState, PeerState
-from fedtune.codecs import serialize
 from fedtune.config import ExperimentConfig, config_to_yaml
 from fedtune.engines.federation import Federation, variants_per_client
 from fedtune.engines.plan import privacy_facts
@@ -64,7 +63,7 @@ from fedtune.report.summary import progress_bars, round_line, setup_lines, summa
 from fedtune.report.trackers import Tracker
 from fedtune.sampling import evaluation_clients, online_clients
 from fedtune.seeding import torch_generator
-from fedtune.strategies.decentralized import PUSH_SUM_WEIGHT
+from fedtune.strategies.decentralized import PUSH_SUM_WEIGHT, is_identity, pack_message, unpack_message
 from fedtune.types import AdapterState, add_states
 
 PEER_SAMPLING = "seeded hash of (seed, round, peer): every peer computes the round's roles (public)"
@@ -116,8 +115,8 @@ def run_peers(
         )
     s = cfg.sampling
     sampler = strategy.sampler(s.fraction, s.min_clients, s.scheme)
-    own_codec = components.build_codec(cfg, downlink=True)  # identity (validated): z to the peer's own step
-    up_codec = components.build_codec(cfg)
+    own_codec = up_codec = components.local_codec()  # z to the peer's own step and its delta back: local
+    wire = Wire(components.build_codec(cfg), cfg.seed)  # what each peer message travels as
     chat = "data_chat_template" in fed.round0
     metrics_path, token = run_dir / io.METRICS, io.run_token(run_dir)
     for line in [] if resume else setup_lines(fed.round0, cfg.data.max_chars_per_doc):
@@ -160,7 +159,7 @@ def run_peers(
             sources = strategy.sources(rnd, roles.trainers, previous)
             needed = sorted({*sources.values(), *roles.trainers, *roles.mixers})
             held = {p: peer_state(store.get(p, before=rnd), init) for p in needed}
-            own, fetched = fetch(strategy, sources, held)
+            own, fetched = fetch(strategy, sources, held, wire, rnd)
 
             # train: each trainer runs the client step on its model z = x / w, then x <- x + delta
             models = {c: p.model() for c, p in own.items()}
@@ -174,7 +173,7 @@ def run_peers(
 
             # exchange: the live trainers message their receivers, then each receiver mixes its inbox
             links = Links(s.link_drop, cfg.seed)
-            mixed, sent, metrics = exchange(strategy, rnd, trained, roles, held, engine.peers, links)
+            mixed, sent, metrics = exchange(strategy, rnd, trained, roles, held, engine.peers, links, wire)
             for j in sorted({*trained, *mixed}):  # version rnd of each peer's own state
                 store.put(j, replace(store.get(j, before=rnd + 1), peer=mixed.get(j) or trained[j]), rnd)
             per_peer = merge_bytes(fetched, sent)
@@ -226,20 +225,36 @@ def run_peers(
     return RunResult(run_dir, records, max(r["round"] for r in records))
 
 
+@dataclass(frozen=True)
+class Wire:
+    """How a peer message travels: encoded by the run's `codec` (`pack_message`), with a seeded
+    generator per (kind, round, sender) so every process encodes a message alike; one encoding
+    per sender and round goes to all its receivers. `send` gives the bytes and what a receiver
+    decodes from them (the sender mixes its own exact state)."""
+
+    codec: Any = field(default_factory=components.local_codec)
+    seed: int = 0
+
+    def send(self, msg: AdapterState, kind: str, rnd: int, sender: str) -> tuple[bytes, AdapterState]:
+        data = pack_message(self.codec, msg, torch_generator(self.seed, "peer-message", kind, rnd, sender))
+        return data, (msg if is_identity(self.codec) else unpack_message(self.codec, data))
+
+
 def fetch(
-    strategy: Any, sources: Mapping[str, str], held: Mapping[str, PeerState]
+    strategy: Any, sources: Mapping[str, str], held: Mapping[str, PeerState], wire: Wire = Wire(), rnd: int = 0
 ) -> tuple[dict[str, PeerState], dict[str, dict[str, int]]]:
     """Each trainer's starting state: its own, or the model it fetches from its source (a
-    message: `strategy.message` of the source's state, counted once), and the bytes per peer."""
+    message: `strategy.message` of the source's state, encoded by `wire`, counted once), and
+    the bytes per peer."""
     own: dict[str, PeerState] = {}
     moved: list[dict[str, dict[str, int]]] = []
     for t, src in sorted(sources.items()):
         if src == t:
             own[t] = held[t]
             continue
-        msg = strategy.message(held[src])
+        data, msg = wire.send(strategy.message(held[src]), "fetch", rnd, src)
         own[t] = strategy.adopt(held[t], msg)
-        size = len(serialize(msg))
+        size = len(data)
         moved.append({src: {"bytes_up": size}, t: {"bytes_down": size}})
     return own, merge_bytes(*moved)
 
@@ -284,6 +299,7 @@ def exchange(
     held: Mapping[str, PeerState] | None = None,
     scorer: Any = None,
     links: Links = Links(),
+    wire: Wire = Wire(),
 ) -> tuple[dict[str, PeerState], dict[str, dict[str, int]], dict[str, Any]]:
     """One round's messages after training (`trained`: each live trainer's (x, w) after its step;
     `held`: the other receivers' states): each sender sends `strategy.message` to the receivers
@@ -291,21 +307,23 @@ def exchange(
     row, after scoring on its own data the models it asks for (`strategy.to_score`; Bristle's
     integrator) through `scorer` (the engine's `peers`: each receiver's own data, local, no
     bytes). Returns the receivers' mixed states, each peer's bytes sent and received (lengths of the
-    serialized messages, each message once) and the round's metrics (the strategy's, the largest
+    encoded messages (`wire`), each message once) and the round's metrics (the strategy's, the largest
     factor-mixing error, the message count). Gossip: the live peers are senders and receivers.
     A message lost on its link (`links`) is counted as sent, not received (`delivered`)."""
     live = sorted(trained)
     coef = strategy.coefficients(rnd, live, roles or Roles(tuple(live), tuple(live)))
     peers = {**(held or {}), **trained}
     senders = sorted({i for row in coef.values() for i in row})
-    sent = {i: strategy.message(peers[i]) for i in senders}
-    size = {i: len(serialize(m)) for i, m in sent.items()}
+    own = {i: strategy.message(peers[i]) for i in senders}
+    wired = {i: wire.send(own[i], "mix", rnd, i) for i in senders}
+    sent = {i: m for i, (_, m) in wired.items()}  # what a receiver decodes
+    size = {i: len(data) for i, (data, _) in wired.items()}
     per_peer = {c: {"bytes_up": 0, "bytes_down": 0} for c in sorted({*senders, *coef})}
     lost = {j: {i for i in coef[j] if i != j and links.lost(rnd, i, j)} for j in coef}
     for j in sorted(coef):
         for i in sorted(lost[j]):
             per_peer[i]["bytes_up"] += size[i]
-    push_sum = any(PUSH_SUM_WEIGHT in m for m in sent.values())
+    push_sum = any(PUSH_SUM_WEIGHT in m for m in own.values())
     coef = {j: delivered(coef[j], j, lost[j], push_sum) for j in coef}
     coef = {j: row for j, row in coef.items() if row}  # a receiver nothing reached keeps its model
     inbox = {j: {i: sent[i] for i in coef[j] if i != j} for j in coef}

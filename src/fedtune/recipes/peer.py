@@ -12,7 +12,7 @@ first use, and a peer uses only its own) and keeps its own state on its own disk
         train   : run_client on z = x / w; x <- x + delta; announce "trained" in the DHT
         live    = the trainers that announced before the deadline (the round barrier)
         coef    = strategy.coefficients(rnd, live, roles)   the simulator's coefficients
-        send    : serialize(strategy.message(mine)) to each receiver whose row names me
+        send    : strategy.message(mine), encoded by `codec` (`Wire`), to each receiver whose row names me
         inbox   = the messages of my row's senders that arrive by the deadline; a missing
                   one is a lost message, handled as the simulator does (`delivered`)
         mixed   = strategy.mix(me, mine, inbox, row)       the simulator's mix
@@ -37,7 +37,6 @@ from rich.console import Console
 
 from fedtune import components
 from fedtune.client.run import ClientJob
-from fedtune.codecs import deserialize, serialize
 from fedtune.config import ExperimentConfig, config_to_yaml
 from fedtune.engines.federation import variants_per_client
 from fedtune.engines.inprocess import inprocess_federation
@@ -46,13 +45,13 @@ from fedtune.engines.plan import privacy_facts
 from fedtune.errors import FedtuneError
 from fedtune.models.adapters import get_state
 from fedtune.models.export import export_adapters
-from fedtune.recipes.decentralized import PEER_SAMPLING, delivered, peer_state
+from fedtune.recipes.decentralized import PEER_SAMPLING, Wire, delivered, peer_state
 from fedtune.recipes.federated import receive, run_jobs
 from fedtune.report import io
 from fedtune.report.records import client_records, eval_records
 from fedtune.sampling import evaluation_clients, online_clients
 from fedtune.seeding import torch_generator
-from fedtune.strategies.decentralized import PUSH_SUM_WEIGHT
+from fedtune.strategies.decentralized import PUSH_SUM_WEIGHT, unpack_message
 from fedtune.types import ClientFailure, add_states
 
 PEERS_DIR = "peers"
@@ -107,7 +106,8 @@ def run_peer(
             "only: use strategy.name: gossip (or modest)"
         )
     sampler = strategy.sampler(s.fraction, s.min_clients, s.scheme)
-    own_codec, up_codec = components.build_codec(cfg, downlink=True), components.build_codec(cfg)
+    own_codec = up_codec = components.local_codec()  # my model to my own step and its delta back: local
+    wire = Wire(components.build_codec(cfg), cfg.seed)  # my messages, encoded as the simulator does
     init = get_state(fed.model)
     metrics_path, progress_path = mine / io.METRICS, mine / PROGRESS
 
@@ -147,7 +147,7 @@ def run_peer(
             if others and max(others.values()) >= rnd:  # a late (restarted) peer: the swarm is past rnd
                 console.print(f"peer {me}: round {rnd} is over in the swarm; skipped", highlight=False)
                 continue
-            line = peer_round(cfg, me, rnd, ids, strategy, engine, store, init, net, sampler, own_codec, up_codec)
+            line = peer_round(cfg, me, rnd, ids, strategy, engine, store, init, net, sampler, own_codec, up_codec, wire)
             if line is not None:
                 io.append_jsonl(metrics_path, [line])
             io.write_atomic(progress_path, json.dumps({"round": rnd}))
@@ -183,6 +183,7 @@ def peer_round(
     sampler: Any,
     own_codec: Any,
     up_codec: Any,
+    wire: Wire,
 ) -> dict[str, Any] | None:
     """Peer `me`'s round `rnd` (module docstring); its metrics line, or None if it had no role."""
     t0, s, timeout = time.perf_counter(), cfg.sampling, cfg.engine.timeout
@@ -199,7 +200,7 @@ def peer_round(
     # fetch: send my state to the trainers that start from it; receive mine if it is someone else's
     for t, src in sorted(sources.items()):
         if src == me and t != me:
-            data = serialize(strategy.message(held))
+            data, _ = wire.send(strategy.message(held), "fetch", rnd, me)
             why = net.send(t, "fetch", rnd, data, timeout)
             notes += [why] if why else []
             up += 0 if why else len(data)
@@ -211,7 +212,7 @@ def peer_round(
     if src != me:
         got = net.receive("fetch", rnd, [src], time.monotonic() + timeout, lambda m: past(net, m, rnd, me))
         if src in got:
-            own, down = strategy.adopt(held, deserialize(got[src])), down + len(got[src])
+            own, down = strategy.adopt(held, unpack_message(wire.codec, got[src])), down + len(got[src])
         else:
             notes.append(f"no model from source {src!r} within engine.timeout = {timeout:g} s; trained from my own")
 
@@ -233,7 +234,7 @@ def peer_round(
     live = sorted(net.gather(f"trained/{rnd}", roles.trainers, time.monotonic() + timeout, skip_down=True))
     coef = strategy.coefficients(rnd, live, roles)
     if updates:
-        data = serialize(strategy.message(mine))
+        data, _ = wire.send(strategy.message(mine), "mix", rnd, me)
         for j in sorted(coef):
             if j != me and me in coef[j]:
                 why = net.send(j, "mix", rnd, data, timeout)
@@ -245,7 +246,7 @@ def peer_round(
     if row:
         senders = [i for i in row if i != me]
         got = net.receive("mix", rnd, senders, time.monotonic() + timeout, lambda m: past(net, m, rnd, me))
-        inbox = {i: deserialize(b) for i, b in got.items()}
+        inbox = {i: unpack_message(wire.codec, b) for i, b in got.items()}
         down += sum(len(b) for b in got.values())
         missing = sorted(set(senders) - set(got))
         push_sum = PUSH_SUM_WEIGHT in strategy.message(mine)

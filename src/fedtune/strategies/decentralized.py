@@ -23,8 +23,10 @@ A peer's round: the round's sampler (`peer_sampling.HashSampler`, computed by ev
 says whether it takes part; if so it trains its model z = x / w with the client step
 (`run_client`), applies the step to x (x <- x + delta, as SGP), sends `message(x, w)` to its
 out-neighbours among the round's live peers and mixes its inbox with its own row of the round's
-coefficients (`coefficients`, from `fedtune.topology.round_weights`). Bytes are the lengths of
-the serialized messages, each counted once as sent.
+coefficients (`coefficients`, from `fedtune.topology.round_weights`). A message travels encoded
+by `codec` (stateless: identity, fp16, quantize; `pack_message`), one encoding per sender and round
+for all its receivers, who mix the decoded tensors; bytes are the lengths of the encoded messages,
+each counted once as sent.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from fedtune.client.run import PeerState
+from fedtune.codecs.base import deserialize, header_metadata, serialize
 from fedtune.errors import Problem
 from fedtune.models.adapters import trainable_keys
 from fedtune.peer_sampling import HashSampler, PeerSampler, Roles
@@ -57,23 +60,69 @@ from fedtune.types import AdapterState
 PUSH_SUM_WEIGHT = "push_sum_weight"  # the push-sum weight w that travels with a message (fp64, shape [1])
 
 
-def peer_codec_problems(name: str, codecs: dict[str, str]) -> list[Problem]:
-    """The first non-identity codec (field -> name): peer messages are whole fp32 adapters."""
-    for where, codec in codecs.items():
-        if codec != "identity":
-            why = (
-                f"strategy {name!r} sends whole adapters between peers, and compressing peer messages is not "
-                "implemented: the codec would change only the simulation's relay, not what is counted"
-            )
-            return [Problem(where, codec, why, "use codec: identity (and no downlink_codec)")]
-    return []
+def peer_codec_problems(
+    name: str, codec: str, stateful: bool, downlink: str | None, client_codecs: Sequence[str] = ()
+) -> list[Problem]:
+    """What a peer strategy cannot do with codecs: `codec` encodes every peer message (a stateless
+    one: one encoding per sender and round goes to all its receivers, so error feedback or lazy
+    uploads, whose state belongs to one link, are refused), and a peer has no downlink nor a
+    server-chosen codec per client."""
+    out = []
+    if stateful:
+        why = (
+            f"strategy {name!r} encodes each peer message once for all its receivers; a stateful codec (error "
+            "feedback, lazy uploads) keeps one state per link, which peer messages do not have"
+        )
+        out.append(Problem("codec", codec, why, "use a stateless codec on peer messages: identity, fp16 or quantize"))
+    if downlink is not None:
+        why = f"strategy {name!r} has no server, so no downlink: every peer message is encoded with `codec`"
+        out.append(Problem("downlink_codec", downlink, why, "drop downlink_codec (set codec for peer messages)"))
+    if client_codecs:
+        why = f"strategy {name!r} encodes every peer's messages with `codec` (a receiver decodes them alike)"
+        out.append(Problem("client_codecs", sorted(client_codecs), why, "drop client_codecs"))
+    return out
 
 
-def peer_problems(name: str, codecs: dict[str, str], randomness: str) -> list[Problem]:
-    """A peer strategy's config problems: a codec on peer messages (`peer_codec_problems`), and
+def is_identity(codec: Any) -> bool:
+    """A chain of identity stages only: its peer messages are the plain serialized tensors."""
+    return all(type(s).__name__ == "Identity" for s in codec.stages)
+
+
+PEER_MESSAGE_META = "fedtune.peer_message"  # header of a message whose push-sum weight travels beside the body
+
+
+def pack_message(codec: Any, msg: AdapterState, rng: torch.Generator) -> bytes:
+    """A peer message's bytes: with the identity codec the serialized tensors (as before codecs
+    applied here); else the codec's payload of the tensors, and under push-sum that payload as a
+    uint8 `body` beside the weight w in fp64 (a weight is never compressed: the sum of the
+    weights must stay exact)."""
+    if is_identity(codec):
+        return serialize(msg)
+    tensors = {k: v for k, v in msg.items() if k != PUSH_SUM_WEIGHT}
+    body: bytes = codec.encode(tensors, None, rng)[0]
+    if PUSH_SUM_WEIGHT not in msg:
+        return body
+    wrapped = {"body": torch.frombuffer(bytearray(body), dtype=torch.uint8), PUSH_SUM_WEIGHT: msg[PUSH_SUM_WEIGHT]}
+    return serialize(wrapped, {PEER_MESSAGE_META: "push-sum"})
+
+
+def unpack_message(codec: Any, data: bytes) -> AdapterState:
+    """The tensors a receiver mixes, from `pack_message`'s bytes."""
+    if is_identity(codec):
+        return deserialize(data)
+    if header_metadata(data).get(PEER_MESSAGE_META) == "push-sum":
+        outer = deserialize(data)
+        inner: AdapterState = codec.decode(outer["body"].numpy().tobytes(), None)[0]
+        return {**inner, PUSH_SUM_WEIGHT: outer[PUSH_SUM_WEIGHT]}
+    tensors: AdapterState = codec.decode(data, None)[0]
+    return tensors
+
+
+def peer_problems(name: str, codecs: list[Problem], randomness: str) -> list[Problem]:
+    """A peer strategy's config problems: its codec problems (`peer_codec_problems`), and
     `privacy.randomness: secure`, which asks for a secret round sample that a sample every peer
     computes from the seed cannot be."""
-    out = peer_codec_problems(name, codecs)
+    out = list(codecs)
     if randomness == "secure":
         why = (
             f"strategy {name!r} has no server to draw a secret sample: each round's peers are a seeded hash "

@@ -12,6 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FEDTUNE_CACHE", str(Path(tempfile.gettempdir()) / "fedtune-test-cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread per process: `make test` runs 2 workers on 2 cores, and every run a test
+# starts (CLI, Ray and Flower processes, peers) inherits this; two-thread pools on each of them
+# oversubscribe the cores, and the tiny models' small ops then spin-wait (a run took 1.9x longer).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 

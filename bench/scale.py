@@ -3,6 +3,7 @@ the sampled (and the 10 watched, `evaluation.clients: 10`) clients should cost a
 
     .venv/bin/python bench/scale.py                      # tiny model rows, personal state, Flower
     .venv/bin/python bench/scale.py --rows smollm2       # the SmolLM2 rows only
+    .venv/bin/python bench/scale.py --rows peers         # gossip (no server), N = 100 and 1,000 peers
 
 Data: Friends transcripts (61,510 lines), `partition.kind: iid` into N clients, blocks of 8
 tokens, 30 % of each client's lines for test; 3 rounds x 4 local steps (batch 4). Each row is a
@@ -41,6 +42,7 @@ TINY = ["configs/tiny.yaml", "data.max_train_blocks=64", "data.max_test_blocks=8
 # must); half of each client's lines test, and seed 1
 SMOL = ["configs/demo.yaml", "data.max_train_blocks=64", "data.max_test_blocks=8",
         "evaluation.generate=0", "data.test_fraction=0.5", "seed=1"]  # fmt: skip
+PEERS = ["strategy.name=gossip", "strategy.fanout=2"]  # fanout: the epidemic topology's s
 PERSONAL = {
     "pcl": ["strategy.name=pcl"],
     "tac": ["strategy.name=tac"],
@@ -55,6 +57,11 @@ def rows(which: str) -> dict[str, tuple[list[str], int]]:
         out |= {f"tiny fedavg N={n:,}": ([*TINY, "strategy.name=fedavg"], n) for n in (100, 1_000, 10_000)}
         out |= {f"tiny {m} N={n}": ([*TINY, *o], n) for m, o in PERSONAL.items() for n in (2, 100)}
         out["tiny fedavg N=1,000 flower-sim"] = ([*TINY, "strategy.name=fedavg", "engine.name=flower-sim"], 1_000)
+    if which in ("all", "peers"):  # serverless: the same sample of 10, each peer's model in its own state
+        for topo in ("ring", "epidemic"):
+            out |= {
+                f"tiny gossip {topo} N={n:,}": ([*TINY, *PEERS, f"strategy.topology={topo}"], n) for n in (100, 1_000)
+            }
     if which in ("all", "smollm2"):
         out |= {f"smollm2 fedavg N={n:,}": ([*SMOL, "strategy.name=fedavg"], n) for n in (100, 10_000)}
         out |= {f"smollm2 {m} N={n}": ([*SMOL, *o], n) for m, o in PERSONAL.items() for n in (2, 100)}
@@ -117,7 +124,7 @@ def same_numbers(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default="all", choices=["all", "tiny", "smollm2"])
+    ap.add_argument("--rows", default="all", choices=["all", "tiny", "peers", "smollm2"])
     ap.add_argument("--out", default="bench/out/scale")
     a = ap.parse_args()
     out = Path(a.out)
@@ -144,6 +151,13 @@ def main() -> None:
     if flw and ref:
         lines += ["", f"Flower vs in-process (N = 1,000): largest relative difference of any record field "
                   f"{same_numbers(flw['records'], ref['records']):.2e}"]  # fmt: skip
+    for topo in ("ring", "epidemic"):
+        big, small = res.get(f"tiny gossip {topo} N=1,000"), res.get(f"tiny gossip {topo} N=100")
+        if big and small:
+            lines.append(
+                f"\ngossip {topo}: N = 1,000 vs 100 peers: s / round x{big['round_s'] / small['round_s']:.2f}, "
+                f"peak RSS x{big['peak_rss_mb'] / small['peak_rss_mb']:.2f} (targets <= 1.3)"
+            )
     for model in ("tiny", "smollm2"):
         big, small = res.get(f"{model} fedavg N=10,000"), res.get(f"{model} fedavg N=100")
         if big and small:

@@ -2,7 +2,8 @@
 3 peers of the tiny model, each its own process group with its DHT process and p2pd daemon.
 
 - parity: the swarm's records and final adapters equal the in-process simulator's for a
-  deterministic gossip config with 8-bit quantized peer messages. Each peer runs the same
+  deterministic gossip config with 8-bit quantized peer messages, and for Bristle (each receiver
+  scores the models it received on its own data, in its own process). Each peer runs the same
   `run_client` step from the same seeds on its own copy of the same model, receives the exact
   encoded bytes the simulator counts (the same seeded stochastic rounding), and
   mixes with the same coefficients in the same (sorted) order, so fp32 on a CPU gives the same
@@ -70,9 +71,17 @@ def all_gone(pids):
     return alive
 
 
-def test_swarm_gives_the_simulators_numbers_and_leaves_no_process(tiny_cfg) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["codec.name=quantize"],  # 8-bit messages with seeded stochastic rounding
+        ["strategy.name=bristle_p2p", "strategy.reference_blocks=2"],  # each receiver scores on its own data
+    ],
+    ids=["gossip-q8", "bristle"],
+)
+def test_swarm_gives_the_simulators_numbers_and_leaves_no_process(tiny_cfg, extra) -> None:
     # Arrange
-    cfg = swarm_cfg(tiny_cfg, "rounds=2", "engine.timeout=30", "codec.name=quantize", name="swarm")
+    cfg = swarm_cfg(tiny_cfg, "rounds=2", "engine.timeout=30", *extra, name="swarm")
     sim_cfg = cfg.model_copy(update={"engine": cfg.engine.model_copy(update={"name": "inprocess"}), "name": "sim"})
     sim_cfg = sim_cfg.model_copy(update={"output_dir": str(tmp_of(cfg) / "sim")})
     # Act
@@ -119,7 +128,7 @@ def test_a_killed_peer_is_survived_and_a_restarted_one_rejoins_from_its_own_stat
     # process group: a machine gone) after round 1 and restarted at once. The others notice its
     # lost connection (2 s) instead of waiting out engine.timeout, go on without it, and wait for
     # it again once it registers anew.
-    rounds = 60  # 0.3-0.8 s each: time for the restarted process to come back (5-25 s here) before the end
+    rounds = 120  # 0.2-0.8 s each: the restarted process comes back after 5-25 s (round 53 of 120 alone)
     cfg = swarm_cfg(
         tiny_cfg, f"rounds={rounds}", "train.steps=1", "evaluation.every=100", "engine.timeout=20", name="churn"
     )

@@ -66,9 +66,10 @@ FLOWER = EngineCapabilities(
 # simulated dropouts, stragglers and attacks wrap the Flower engine in simulation as well
 FLOWER_SIM = replace(FLOWER, name="flower-sim", fault_injection=True)
 # a local swarm of `fedtune peer` processes over hivemind: each peer holds its own data and state
-# on its own disk (client_state), messages are whole identity-coded adapters, failures are real
+# on its own disk (client_state), messages are encoded by the run's (stateless) codec, a receiver
+# scores what it received on its own data (Bristle), failures are real
 P2P_LOCAL = EngineCapabilities(
-    "p2p-local", True, False, False, False, False, False, False, False, "identity", True, False, server=False
+    "p2p-local", True, False, True, False, False, False, False, False, "identity", True, False, server=False
 )
 ENGINES = {
     "inprocess": INPROCESS,

@@ -18,7 +18,7 @@ from fedtune.config import ExperimentConfig
 from fedtune.data.blocks import Shard, pack
 from fedtune.data.sources import load_corpus
 from fedtune.errors import ConfigError, Problem
-from fedtune.evaluation.metrics import evaluate_split
+from fedtune.evaluation.metrics import evaluate_split, record_fields
 from fedtune.models.adapters import get_state, set_state_
 from fedtune.models.load import load_model, model_type, resolve_device, resolve_model_dir
 from fedtune.seeding import derive_seed, torch_generator
@@ -165,12 +165,6 @@ def party_generator(seed: int, rnd: int, cid: str) -> torch.Generator:
     return torch_generator(seed, "distill-batches", rnd, cid)
 
 
-def scored(prefix: str, r: Mapping[str, Any]) -> dict[str, float]:
-    """An evaluation's numbers as record fields ({prefix}_loss, _ppl, _tokens and, on instruction
-    data, the task metrics); generation samples (text) stay on the party."""
-    return {f"{prefix}_{k}": v if isinstance(v, int) else float(v) for k, v in r.items() if not isinstance(v, str)}
-
-
 @dataclass(frozen=True)
 class PartyWork:
     """What a party does with its own model, wherever it lives: the same code in this process
@@ -208,7 +202,7 @@ class PartyWork:
         """The model on (blocks, mask, prompts) as record fields named `prefix`: a split of the
         party's own, or the pooled OOD mixture."""
         r = evaluate_split(model, data[0], data[1], data[2], self.tokenizer, self.cfg.evaluation, self.spec.bf16)
-        return scored(prefix, r)
+        return record_fields(prefix, r, tokens=True, sample=False)  # generated text stays on the party
 
 
 def party_work(cfg: ExperimentConfig, strategy: Any, tokenizer: Any) -> PartyWork:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,6 +60,22 @@ def evaluate_split(
         out.update(scores)
         if samples:
             out.update({f"sample_{k}": v for k, v in samples[0].items()})
+    return out
+
+
+TASK_METRICS = ("acc", "acc_norm", "macro_f1", "exact_match", "rouge_l")
+
+
+def record_fields(prefix: str, r: Mapping[str, Any], tokens: bool = False, sample: bool = True) -> dict[str, Any]:
+    """One `evaluate_split` result as record fields: {prefix}_loss, _ppl, the task metrics it
+    has, {prefix}_tokens when `tokens`, and the generation sample as {prefix}_sample when
+    `sample` (a party that keeps its generated text on its own node passes False)."""
+    out: dict[str, Any] = {f"{prefix}_loss": r["loss"], f"{prefix}_ppl": r["ppl"]}
+    if tokens:
+        out[f"{prefix}_tokens"] = r["tokens"]
+    out.update({f"{prefix}_{k}": r[k] for k in TASK_METRICS if k in r})
+    if sample and "sample_generation" in r:
+        out[f"{prefix}_sample"] = {k: r[f"sample_{k}"] for k in ("prompt", "reference", "generation")}
     return out
 
 

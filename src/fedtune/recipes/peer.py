@@ -15,7 +15,8 @@ first use, and a peer uses only its own) and keeps its own state on its own disk
         send    : strategy.message(mine), encoded by `codec` (`Wire`), to each receiver whose row names me
         inbox   = the messages of my row's senders that arrive by the deadline; a missing
                   one is a lost message, handled as the simulator does (`delivered`)
-        mixed   = strategy.mix(me, mine, inbox, row)       the simulator's mix
+        scored  = my losses, on my own data, of the models strategy.to_score asks for (Bristle)
+        mixed   = strategy.mix(me, mine, inbox, row, losses)   the simulator's mix
         store   : version rnd of my ClientState; evaluate my model; append my record; announce "done"
 
 Records: <run>/peers/<peer>/metrics.jsonl, one line per round the peer took part in: its client
@@ -252,7 +253,11 @@ def peer_round(
         push_sum = PUSH_SUM_WEIGHT in strategy.message(mine)
         row = delivered(row, me, set(missing), push_sum)  # the simulator's rule for a lost message
         if row:
-            mine, error = strategy.mix(me, mine, inbox, row)
+            inbox = {i: m for i, m in inbox.items() if i in row}
+            # Bristle's integrator: I score, on my own data, the models I ask for (local: nothing travels)
+            wanted = strategy.to_score(rnd, me, mine, inbox)
+            losses = engine.peers.receiver_losses({me: wanted}).get(me) if wanted else None
+            mine, error = strategy.mix(me, mine, inbox, row, losses)
     t_mix = time.perf_counter()
     if updates or row:
         store.put(me, replace(store.get(me, before=rnd + 1), peer=mine), rnd)

@@ -23,6 +23,7 @@ from fedtune.config import ExperimentConfig
 from fedtune.config.load import apply_overrides, config_from_dict, config_to_yaml, read_yaml, with_values
 from fedtune.config.space import SearchSpace, load_space
 from fedtune.errors import ConfigError, FedtuneError, Problem
+from fedtune.evaluation.metrics import TASK_METRICS
 from fedtune.recipes.tune_study import (
     distributions,
     finished,
@@ -35,7 +36,6 @@ from fedtune.recipes.tune_study import (
     trial_rows,
 )
 from fedtune.report import io
-from fedtune.report.records import TASK_METRICS
 from fedtune.report.trials import TrialRow, plot_trials, write_trials
 
 if TYPE_CHECKING:

@@ -6,20 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedtune.evaluation.metrics import summarize
+from fedtune.evaluation.metrics import TASK_METRICS, record_fields, summarize
 from fedtune.types import AdapterState, ClientFailure, ClientUpdate
-
-TASK_METRICS = ("acc", "acc_norm", "macro_f1", "exact_match", "rouge_l")
-
-
-def _scored(prefix: str, r: Mapping[str, Any]) -> dict[str, Any]:
-    """One evaluation's record fields: {prefix}_loss, _ppl and the task metrics it has, and a
-    generation sample as {prefix}_sample."""
-    out: dict[str, Any] = {f"{prefix}_loss": r["loss"], f"{prefix}_ppl": r["ppl"]}
-    out.update({f"{prefix}_{k}": r[k] for k in TASK_METRICS if k in r})
-    if "sample_generation" in r:
-        out[f"{prefix}_sample"] = {k: r[f"sample_{k}"] for k in ("prompt", "reference", "generation")}
-    return out
 
 
 def eval_records(
@@ -39,22 +27,22 @@ def eval_records(
     if caps.has_global or rnd == 0:
         res = engine.evaluate({cid: global_state for cid in client_ids})
         for cid, r in res.items():  # a client that is down is missing here
-            out[cid].update(_scored("global", r), test_tokens=r["tokens"])
+            out[cid].update(record_fields("global", r), test_tokens=r["tokens"])
     if personal is not None:
         res = engine.evaluate(dict(personal))
         for cid, r in res.items():
-            out[cid].update(_scored("personal", r), test_tokens=r["tokens"])
+            out[cid].update(record_fields("personal", r), test_tokens=r["tokens"])
     for cid in client_ids:
         kind = "personal" if "personal_loss" in out[cid] else "global"
         out[cid].update({f"test_{k[len(kind) + 1 :]}": v for k, v in list(out[cid].items()) if k.startswith(kind)})
     if val:  # the model each client ends with, on its own validation split (for tuning)
         states = {cid: (personal or {}).get(cid, global_state) for cid in client_ids}
         for cid, r in engine.evaluate(states, split="val").items():
-            out[cid].update({k: v for k, v in _scored("val", r).items() if k != "val_sample"})
+            out[cid].update(record_fields("val", r, sample=False))
     if ood:  # the model each client ends with, on the mixture of all clients' test data
         states = {cid: (personal or {}).get(cid, global_state) for cid in client_ids}
         for cid, r in engine.evaluate(states, split="ood").items():
-            out[cid].update(_scored("ood", r))
+            out[cid].update(record_fields("ood", r))
     return out
 
 

@@ -13,13 +13,14 @@ metrics line: data, partition, checks, model, the baseline evaluation), mean sec
 run directory, metrics.jsonl size. Personal-state rows: PCL, TAC and CoMiGS (1G1S) with N = 100
 against N = 2 (the state store holds at most 64 clients in memory). Flower row: the tiny N = 1,000
 run on Flower's simulation runtime (Ray, 1,000 virtual SuperNodes), compared record by record with
-the in-process run. Writes bench/out/scale.md and .json.
+the in-process run. Writes OUT.md and OUT.json (`--out`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -58,10 +59,9 @@ def rows(which: str) -> dict[str, tuple[list[str], int]]:
         out |= {f"tiny {m} N={n}": ([*TINY, *o], n) for m, o in PERSONAL.items() for n in (2, 100)}
         out["tiny fedavg N=1,000 flower-sim"] = ([*TINY, "strategy.name=fedavg", "engine.name=flower-sim"], 1_000)
     if which in ("all", "peers"):  # serverless: the same sample of 10, each peer's model in its own state
-        for topo in ("ring", "epidemic"):
-            out |= {
-                f"tiny gossip {topo} N={n:,}": ([*TINY, *PEERS, f"strategy.topology={topo}"], n) for n in (100, 1_000)
-            }
+        for topo, mixing in (("ring", "metropolis"), ("epidemic", "push_sum")):  # epidemic is directed
+            topo_over = [*TINY, *PEERS, f"strategy.topology={topo}", f"strategy.mixing={mixing}"]
+            out |= {f"tiny gossip {topo} N={n:,}": (topo_over, n) for n in (100, 1_000)}
     if which in ("all", "smollm2"):
         out |= {f"smollm2 fedavg N={n:,}": ([*SMOL, "strategy.name=fedavg"], n) for n in (100, 10_000)}
         out |= {f"smollm2 {m} N={n}": ([*SMOL, *o], n) for m, o in PERSONAL.items() for n in (2, 100)}
@@ -73,6 +73,7 @@ def measure(config: str, over: list[str], run_dir: Path) -> dict[str, Any]:
     for o in over:
         args += ["--set", o]
     metrics = run_dir / "metrics.jsonl"
+    shutil.rmtree(run_dir, ignore_errors=True)  # an old metrics.jsonl would read as round 0 at once
     t0 = time.perf_counter()
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak, first = [0], [0.0]
@@ -171,7 +172,7 @@ def main() -> None:
             if hi and lo:
                 lines.append(f"{model} {m}: peak RSS N = 100 / N = 2 = x{hi['peak_rss_mb'] / lo['peak_rss_mb']:.2f} "
                              "(target <= 1.5)")  # fmt: skip
-    (out.parent / "scale.md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

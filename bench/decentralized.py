@@ -1,0 +1,128 @@
+"""Without a server: gossip over several graphs, MoDeST, Bristle under attack, versus FedAvg
+(a server) and local training, and the real swarm against the simulator.
+
+    .venv/bin/python bench/decentralized.py                       # SmolLM2, the demo's instruction task (hours)
+    .venv/bin/python bench/decentralized.py --config configs/tiny.yaml --out bench/out/decentralized-tiny \
+        --set partition.kind=dirichlet --set partition.num_clients=9 --set partition.alpha=1.0 \
+        --set partition.min_docs=2 --set data.max_docs_per_label=24 --set rounds=4
+
+Every row runs the config's rounds, local steps and learning rate (the same budget for every
+method); rows differ only in the strategy block (and the attack for the attacked rows):
+- `local`, `fedavg`: no communication, and a server averaging everyone;
+- `gossip ring | torus | expander | complete | matching`: decentralized FedAvg (each peer trains,
+  then averages with its graph neighbours, Metropolis-Hastings weights); `torus` a 3 x 3 torus
+  (9 peers: `--set partition.num_clients=9`), `expander` a random 4-regular graph, `matching` a fresh random matching each round
+  (time-varying);
+- `modest`: MoDeST's seeded sample of trainers and aggregators each round;
+- `gossip ring, 25 % attackers` and `bristle ring, 25 % attackers`: a quarter of the peers send
+  sign-flipped updates (x4); Bristle's receivers score what they receive on their own data;
+- `swarm gossip ring`: the same `gossip ring` row as real peer processes over hivemind on
+  loopback (`engine.name: p2p-local`), its wall time against the simulator's.
+
+Reported per row (last round): mean and worst own-test accuracy (instruction data) or perplexity
+of the honest peers, consensus distance of the last round's peers (decentralized rows), bytes
+per peer per round (the real payloads: sent + received, averaged over the peers that took part),
+seconds of the rounds and of the whole run. Writes OUT.md and OUT.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from runs import run_rows
+
+ATTACK = ["attack.kind=sign_flip", "attack.scale=4", "attack.fraction=0.25"]
+SIM_ROWS: dict[str, list[str]] = {
+    "local": ['strategy={"name": "local"}'],
+    "fedavg": ['strategy={"name": "fedavg"}'],
+    "gossip ring": ['strategy={"name": "gossip", "topology": "ring"}'],
+    "gossip torus": ['strategy={"name": "gossip", "topology": "torus", "rows": 3}'],
+    "gossip expander": ['strategy={"name": "gossip", "topology": "regular", "degree": 4}'],
+    "gossip complete": ['strategy={"name": "gossip", "topology": "complete"}'],
+    "gossip matching": ['strategy={"name": "gossip", "topology": "matching"}'],
+    "modest": ['strategy={"name": "modest"}'],
+    "gossip ring, 25 % attackers": ['strategy={"name": "gossip", "topology": "ring"}', *ATTACK],
+    "bristle ring, 25 % attackers": ['strategy={"name": "bristle_p2p", "topology": "ring", "keep": 2}', *ATTACK],
+}
+
+
+def numbers(result: dict[str, Any]) -> dict[str, Any]:
+    recs = result["records"]
+    last = max(r["round"] for r in recs)
+    bad = set(next(r for r in recs if r["round"] == 0 and r["client"] is None).get("attackers", []))
+    peers = [r for r in recs if r["round"] == last and r["client"] and r["client"] not in bad]
+    key = "test_acc" if peers and all("test_acc" in r for r in peers) else "test_ppl"
+    vals = [r[key] for r in peers if key in r]
+    moved = [r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in recs if r["client"] and r["round"] > 0]
+    took = [r for r in recs if r["client"] and r["round"] > 0 and (r.get("bytes_up") or r.get("bytes_down"))]
+    summary = result["summary"]
+    final = summary["final"]
+    return {
+        "metric": key,
+        "mean": sum(vals) / len(vals) if vals else None,
+        "worst": (min(vals) if key == "test_acc" else max(vals)) if vals else None,
+        "consensus": final.get("consensus_distance"),
+        "bytes_per_peer_round": sum(moved) / len(took) if took else 0.0,
+        "rounds_s": summary.get("round_seconds"),
+        "wall_s": summary.get("wall_seconds"),
+    }
+
+
+def run_swarm_row(config: str, common: list[str], over: list[str], out: Path) -> dict[str, Any]:
+    """The `gossip ring` row as a local swarm of peer processes (a finished one is reused)."""
+    from rich.console import Console
+
+    from fedtune.config import load_config
+    from fedtune.recipes.swarm import run_swarm
+
+    d = out / "swarm_gossip_ring"
+    if not (d / "summary.json").exists():
+        cfg = load_config(config, [*common, *over, "engine.name=p2p-local", f"output_dir={d}", "name=swarm"])
+        t0 = time.perf_counter()
+        run_swarm(cfg, resume=False, overwrite=True, console=Console(stderr=True))
+        (d / "bench_wall.json").write_text(json.dumps({"wall_s": time.perf_counter() - t0}))
+    recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((d / "summary.json").read_text())
+    return {"records": recs, "summary": summary}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--out", default="bench/out/decentralized")
+    ap.add_argument("--set", action="append", default=[], help="an override for every row (key=value)")
+    ap.add_argument("--no-swarm", action="store_true", help="skip the real swarm row")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res = run_rows(SIM_ROWS, a.config, a.set, out)
+    if not a.no_swarm:
+        res["swarm gossip ring"] = run_swarm_row(a.config, a.set, SIM_ROWS["gossip ring"], out)
+    table = {row: numbers(r) for row, r in res.items()}
+    metric = table["local"]["metric"]
+    fmt = (lambda x: f"{100 * x:.1f} %") if metric == "test_acc" else (lambda x: f"{x:.2f}")
+    lines = [
+        f"Config {a.config} {' '.join(a.set)}; honest peers' last-round own-test {metric}.",
+        "",
+        f"| row | mean {metric} | worst {metric} | consensus distance | bytes / peer / round | rounds s | run s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row, t in table.items():
+        cons = "-" if t["consensus"] is None else f"{t['consensus']:.4f}"
+        mean = "-" if t["mean"] is None else fmt(t["mean"])
+        worst = "-" if t["worst"] is None else fmt(t["worst"])
+        lines.append(
+            f"| {row} | {mean} | {worst} | {cons} | {t['bytes_per_peer_round']:,.0f} | {t['rounds_s'] or 0:.1f} "
+            f"| {t['wall_s'] or 0:.1f} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(table, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -43,6 +43,11 @@ CANDIDATES: dict[str, tuple[list[list[str]], list[float]]] = {
         [["adapter.kind=prompt_tuning", f"adapter.num_virtual_tokens={n}"] for n in (20, 50, 100)],
         [1e-2, 3e-2],
     ),
+    # SmolLM2: 30 layers x (key, value) x 192 (3 kv heads x 64) = 11,520 a position; 40 = LoRA r=8's 460,800
+    "prefix_tuning": (
+        [["adapter.kind=prefix_tuning", f"adapter.num_virtual_tokens={n}"] for n in (20, 40, 80)],
+        [1e-2, 3e-2],
+    ),
     "moe_lora": ([["adapter.kind=moe_lora", "adapter.experts=4", f"adapter.r={r}"] for r in (1, 2, 4)], [1e-3, 3e-3]),
     "smore": (
         [["adapter.kind=smore", f"adapter.r={r}", f"adapter.experts={e}"] for r in (2, 4) for e in (2, 4)],

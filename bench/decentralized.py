@@ -11,8 +11,8 @@ method); rows differ only in the strategy block (and the attack for the attacked
 - `local`, `fedavg`: no communication, and a server averaging everyone;
 - `gossip ring | torus | expander | complete | matching`: decentralized FedAvg (each peer trains,
   then averages with its graph neighbours, Metropolis-Hastings weights); `torus` a 3 x 3 torus
-  (9 peers: `--set partition.num_clients=9`), `expander` a random 4-regular graph, `matching` a fresh random matching each round
-  (time-varying);
+  (9 peers: `--set partition.num_clients=9`), `expander` a random 4-regular graph, `matching` a
+  fresh random matching each round (time-varying);
 - `modest`: MoDeST's seeded sample of trainers and aggregators each round;
 - `gossip ring, 25 % attackers` and `bristle ring, 25 % attackers`: a quarter of the peers send
   sign-flipped updates (x4); Bristle's receivers score what they receive on their own data;

@@ -73,6 +73,7 @@ MATRIX = {
     "fedavg:loha": ["adapter.kind=loha"],
     "fedavg:lokr": ["adapter.kind=lokr"],
     "fedavg:prompt_tuning": ["adapter.kind=prompt_tuning", "train.lr=0.05"],
+    "fedavg:prefix_tuning": ["adapter.kind=prefix_tuning", "train.lr=0.05"],
 }
 
 

@@ -107,7 +107,7 @@ def test_each_kind_has_only_its_own_options_and_a_foreign_one_is_named() -> None
     assert "adapter.experts" in text and "not an option of adapter.kind 'lora'" in text and "moe_lora" in text
     assert "adapter.sb_init" in text and "set adapter.kind: lora_sb" in text
     with pytest.raises(ConfigError, match="'lora', 'lora_sb', 'moe_lora'"):
-        config({"kind": "prefix_tuning"})
+        config({"kind": "adalora"})
 
 
 def test_a_config_saved_by_an_older_fedtune_still_loads() -> None:

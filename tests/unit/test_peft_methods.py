@@ -143,6 +143,7 @@ COUNTS = {
     "ia3": 2 * (32 + 32 + 128),  # k, v out-scaled; down in-scaled
     "loha": 2 * 2 * ((64 * 4 + 4 * 64) + (32 * 4 + 4 * 64)),  # two products per module
     "prompt_tuning": 8 * 64,  # 8 virtual tokens (the default) x hidden
+    "prefix_tuning": 8 * 2 * 2 * 32,  # 8 positions x 2 layers x (key, value) x kv heads * head dim
 }
 
 
@@ -210,7 +211,7 @@ def config(kind: str, strategy: str, **params):
     return config_from_dict({"adapter": {"kind": kind}, "strategy": {"name": strategy, **params}})
 
 
-@pytest.mark.parametrize("kind", [*KINDS, "prompt_tuning"])
+@pytest.mark.parametrize("kind", [*KINDS, "prompt_tuning", "prefix_tuning"])
 @pytest.mark.parametrize("strategy,params", EXACT, ids=[s for s, _ in EXACT])
 def test_exact_strategies_refuse_the_peft_methods_by_name(strategy: str, params: dict, kind: str) -> None:
     from fedtune.adapters.base import ADAPTERS, ALGEBRA_TEXT
@@ -223,7 +224,7 @@ def test_exact_strategies_refuse_the_peft_methods_by_name(strategy: str, params:
     assert ALGEBRA_TEXT[ADAPTERS.get(kind).algebra] in p.constraint  # the reason: what this kind's update is
 
 
-@pytest.mark.parametrize("kind", [*KINDS, "prompt_tuning"])
+@pytest.mark.parametrize("kind", [*KINDS, "prompt_tuning", "prefix_tuning"])
 @pytest.mark.parametrize(
     "strategy,params", [("fedavg", {}), ("fedit", {}), ("fedadam", {"inner": "fedavg"}), ("local", {}), ("robust", {})]
 )

@@ -177,7 +177,16 @@ class PromptTuningAdapterConfig(AdapterOptions):
     )
 
 
-#: PEFT's methods beyond LoRA (`fedtune.adapters.dora`, `vera`, `ia3`, `loha`, `lokr`, `prompt_tuning`)
+class PrefixTuningAdapterConfig(AdapterOptions):
+    """Prefix tuning through PEFT (arXiv:2101.00190): n learned keys and values before every
+    attention layer's own; r, alpha, dropout and target_modules are unused."""
+
+    kind: Literal["prefix_tuning"] = "prefix_tuning"
+    num_virtual_tokens: int = Field(8, ge=1, description="prefix positions in front of every layer's keys and values")
+
+
+#: PEFT's methods beyond LoRA (`fedtune.adapters.dora`, `vera`, `ia3`, `loha`, `lokr`, `prompt_tuning`,
+#: `prefix_tuning`)
 PeftMethodConfig = (
     DoraAdapterConfig
     | VeraAdapterConfig
@@ -185,6 +194,7 @@ PeftMethodConfig = (
     | LoHaAdapterConfig
     | LoKrAdapterConfig
     | PromptTuningAdapterConfig
+    | PrefixTuningAdapterConfig
 )
 
 
@@ -231,6 +241,7 @@ ADAPTER_CONFIGS: dict[str, type[AdapterOptions]] = {
     "loha": LoHaAdapterConfig,
     "lokr": LoKrAdapterConfig,
     "prompt_tuning": PromptTuningAdapterConfig,
+    "prefix_tuning": PrefixTuningAdapterConfig,
     "rm_lora": RMLoraAdapterConfig,
     "smore": SMoREAdapterConfig,
 }

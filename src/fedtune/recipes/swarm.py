@@ -47,18 +47,29 @@ def peer_ids(cfg: ExperimentConfig) -> list[str]:
     return sorted(partition_ids(load_corpus(cfg.data), cfg.partition, cfg.seed))
 
 
+def peer_threads(peers: int) -> int:
+    """Intra-op threads for each of `peers` processes on this machine: its cores split between
+    them (at least 1), so the local swarm does not oversubscribe the cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, peers))
+
+
 def start_peer(
-    config: Path, peer: str, run_dir: Path, swarm: str, initial_peers: Sequence[str]
+    config: Path, peer: str, run_dir: Path, swarm: str, initial_peers: Sequence[str], threads: int | None = None
 ) -> subprocess.Popen[bytes]:
-    """`fedtune peer CONFIG --id PEER` as its own process group, logging to peers/<peer>.log."""
+    """`fedtune peer CONFIG --id PEER` as its own process group, logging to peers/<peer>.log;
+    `threads` sets its OMP / MKL thread count unless the environment already does."""
     log = Path(run_dir) / PEERS_DIR / f"{peer}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "fedtune.cli", "peer", str(config), "--id", peer, "--run-dir", str(run_dir)]
     cmd += ["--swarm", swarm, "--host", "127.0.0.1", "--port", "0"]
     for m in initial_peers:
         cmd += ["--initial-peers", m]
+    env = dict(os.environ)
+    if threads is not None:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, str(threads))
     with open(log, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def descendants(procs: Sequence[subprocess.Popen[bytes]]) -> set[int]:
@@ -116,9 +127,10 @@ def run_swarm(cfg: ExperimentConfig, *, resume: bool, overwrite: bool, console: 
     procs: list[subprocess.Popen[bytes]] = []
     seen: set[int] = set()
     try:
-        procs.append(start_peer(config, ids[0], run_dir, swarm, []))
+        threads = peer_threads(len(ids))  # the machine's cores split between its peers
+        procs.append(start_peer(config, ids[0], run_dir, swarm, [], threads))
         first = wait_for_maddrs(run_dir, ids[0], procs[0], time.monotonic() + cfg.engine.join_timeout)
-        procs += [start_peer(config, p, run_dir, swarm, first) for p in ids[1:]]
+        procs += [start_peer(config, p, run_dir, swarm, first, threads) for p in ids[1:]]
         t_up = time.perf_counter()
         while any(p.poll() is None for p in procs):
             seen |= descendants(procs)

@@ -4,6 +4,7 @@ training alone?
 
     .venv/bin/python bench/embedding.py                     # SmolLM2 (CPU: about 4 minutes; see below)
     .venv/bin/python bench/embedding.py --model tiny --out bench/out/embedding-smoke   # the script, in a minute
+    .venv/bin/python bench/embedding.py --instruction-examples 96    # + the demo's instruction task before / after
 
 Task: chatterbot-corpus question -> answer pairs, one party per topic (food, history, science,
 sports), each party's own question+answer text as its self-supervised training data, 2 rounds x
@@ -85,6 +86,41 @@ def mean_pooled_baseline(config: str, common: list[str]) -> dict[str, float]:
     return out
 
 
+def instruction_side(gem_run: Path, common: list[str], examples: int) -> dict[str, dict[str, float]]:
+    """GEM's other claim, that generation is kept: the demo's instruction task (20 Newsgroups
+    "which newsgroup?" by option likelihood, on the pooled class-balanced test prompts of its four
+    parties) scored with the base model and with the GEM FedAvg run's LoRA (its special-token
+    embeddings are not used by these prompts). The demo config with the GEM run's adapter shape."""
+    from fedtune.config import load_config
+    from fedtune.engines.inprocess import inprocess_federation
+    from fedtune.models.adapters import get_state
+    from fedtune.report import io
+
+    gem_cfg = load_config(gem_run / "config.yaml")
+    over = [
+        f"adapter.r={gem_cfg.adapter.r}",
+        f"adapter.alpha={gem_cfg.adapter.alpha}",
+        f"evaluation.max_examples={examples}",
+        f"output_dir={gem_run.parent / 'instruction-side'}",
+        *[o for o in common if o.startswith("model.") or o.startswith("train.bf16")],
+    ]
+    fed = inprocess_federation(load_config("configs/demo.yaml", over))
+    init = get_state(fed.model)
+    trained = io.load_checkpoint(gem_run / io.CHECKPOINT)["global"]
+    lora = {k: v for k, v in trained.items() if k in init}
+    missing = sorted(set(init) - set(lora))
+    if missing:
+        raise SystemExit(f"the GEM run's adapter lacks {len(missing)} of the demo model's keys, e.g. {missing[0]}")
+    first = fed.client_ids[0]  # the pooled test mixture is the same for every client: score it once
+    keys = ("acc", "acc_norm", "macro_f1", "exact_match", "loss", "choice_examples")
+    out = {}
+    for name, state in (("base model", init), ("GEM FedAvg adapter", {**init, **lora})):
+        r = fed.engine.evaluate({first: state}, split="ood")[first]
+        out[name] = {k: float(r[k]) for k in keys if k in r}
+        print(name, out[name], flush=True)
+    return out
+
+
 def table(rows: dict[str, dict[str, Any]]) -> str:
     cols = [*KEYS, "pooled_knn_topic_acc", "mean_lm_loss"]
     lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
@@ -98,6 +134,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     ap.add_argument("--out", default="bench/out/embedding")
+    ap.add_argument(
+        "--instruction-examples",
+        type=int,
+        default=0,
+        help="also score the demo's instruction task on this many "
+        "pooled test prompts with the base model and the GEM FedAvg adapter (SmolLM2 only; 0: skip)",
+    )
     a = ap.parse_args()
     common = SMOLLM2 if a.model == "smollm2" else TINY
     out = Path(a.out)
@@ -109,6 +152,14 @@ def main() -> None:
     for name, res in runs.items():
         rows[name] = [r for r in res["records"] if r["client"] is None][-1]
     md = f"# GEM embeddings ({a.model})\n\n{table(rows)}\n"
+    if a.instruction_examples and a.model == "smollm2":
+        side = instruction_side(out / "GEM_FedAvg", common, a.instruction_examples)
+        md += "\n| instruction task (demo, pooled test) | acc | acc_norm | macro-F1 | exact match | loss | prompts |\n"
+        md += "|---|---|---|---|---|---|---|\n"
+        for name, r in side.items():
+            cells = [f"{r.get(k, float('nan')):.3f}" for k in ("acc", "acc_norm", "macro_f1", "exact_match", "loss")]
+            md += f"| {name} | " + " | ".join(cells) + f" | {r.get('choice_examples', 0):.0f} |\n"
+        rows["instruction side"] = side
     (out.with_suffix(".md")).write_text(md)
     (out.with_suffix(".json")).write_text(json.dumps(rows, indent=1, default=str))
     print(md)

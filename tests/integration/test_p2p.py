@@ -124,10 +124,10 @@ def done_round(run_dir, peer):
 
 
 def test_a_killed_peer_is_survived_and_a_restarted_one_rejoins_from_its_own_state(tiny_cfg) -> None:
-    # Arrange: 3 peers, 60 short rounds (evaluated only at the end); "json" is killed (its whole
-    # process group: a machine gone) after round 1 and restarted at once. The others notice its
-    # lost connection (2 s) instead of waiting out engine.timeout, go on without it, and wait for
-    # it again once it registers anew.
+    # Arrange: 3 peers, 120 short rounds (evaluated only at the end); "json" is killed (its whole
+    # process group: a machine gone) after round 1 and restarted once the others have finished two
+    # rounds without it. They notice its lost connection (2 s) instead of waiting out
+    # engine.timeout, go on without it, and wait for it again once it registers anew.
     rounds = 120  # 0.2-0.8 s each: the restarted process comes back after 5-25 s (round 53 of 120 alone)
     cfg = swarm_cfg(
         tiny_cfg, f"rounds={rounds}", "train.steps=1", "evaluation.every=100", "engine.timeout=20", name="churn"
@@ -147,6 +147,9 @@ def test_a_killed_peer_is_survived_and_a_restarted_one_rejoins_from_its_own_stat
         # Act
         os.killpg(procs[2].pid, signal.SIGKILL)
         procs[2].wait()
+        killed_at = done_round(run_dir, "json")
+        # the others go on without it (a restart faster than their lost-connection wait would hide that)
+        wait_until(lambda: done_round(run_dir, "email") >= killed_at + 2, 90, "rounds without json")
         procs.append(start_peer(config, "json", run_dir, swarm, first))
         while any(p.poll() is None for p in procs[:2] + procs[3:]):
             seen |= descendants(procs)

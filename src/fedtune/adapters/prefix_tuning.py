@@ -25,18 +25,15 @@ it (the prefixes are averaged), and there is no merged export.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from fedtune.adapters.base import ADAPTERS, KIND_MARK, AdapterBase, Algebra, InjectContext, no_dropout
-from fedtune.adapters.lora import write_peft_dir
+from fedtune.adapters.base import ADAPTERS, Algebra, InjectContext
 from fedtune.adapters.peft_tuner import seeded
+from fedtune.adapters.prompt_tuning import PromptLearning, caller_inputs
 from fedtune.config.adapters import PrefixTuningAdapterConfig
-from fedtune.errors import FedtuneError, Problem
-from fedtune.types import AdapterState
 
 ENCODER = "fedtune_prefix_encoder"  # the PrefixEncoder's name as a submodule of the model
 STATE_KEY = "prompt_embeddings"  # as PEFT saves prefix tuning
@@ -68,19 +65,8 @@ def _before(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
     """The caller's inputs -> with the prefixes in the cache, the mask and positions extended."""
     from transformers import DynamicCache
 
-    if args:  # model(ids): the positional input_ids
-        kwargs = {"input_ids": args[0], **kwargs}
     n = prefix_table(model).shape[0]
-    ids = kwargs.get("input_ids")
-    batch = (ids if ids is not None else kwargs["inputs_embeds"]).shape[0]
-    mask = kwargs.get("attention_mask")
-    if mask is not None:
-        if mask.dim() != 2:
-            raise FedtuneError(
-                f"adapter.kind 'prefix_tuning' takes a 2-D attention mask, got {mask.dim()}-D: a caller that "
-                "builds its own attention mask cannot place the prefixes (use another adapter kind)"
-            )
-        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+    kwargs, batch = caller_inputs(args, kwargs, n, "prefix_tuning", "prefixes")
     past = kwargs.get("past_key_values")
     if _cache_length(past) == 0:  # the first call: the prefixes become the cache's first n positions
         cache = past if past is not None else DynamicCache(config=model.config)
@@ -95,13 +81,16 @@ def _before(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[
 
 @ADAPTERS.register("prefix_tuning", "Prefix tuning through PEFT: n learned keys and values before every layer's.")
 @dataclass(frozen=True)
-class PrefixTuning(AdapterBase):
+class PrefixTuning(PromptLearning):
     """Prefix tuning through PEFT's PrefixEncoder (arXiv:2101.00190): module docstring."""
 
     options: PrefixTuningAdapterConfig = field(default_factory=PrefixTuningAdapterConfig)
 
     kind: ClassVar[str] = "prefix_tuning"
     algebra: ClassVar[Algebra] = Algebra.PROMPT
+    encoder: ClassVar[str] = ENCODER
+    config_key: ClassVar[str] = CONFIG
+    trains: ClassVar[str] = "the prefixes"
 
     def peft_config(self, model: nn.Module) -> Any:
         from peft import PrefixTuningConfig
@@ -119,28 +108,5 @@ class PrefixTuning(AdapterBase):
         from peft.tuners.prefix_tuning import PrefixEncoder
 
         config = self.peft_config(model)
-        device = model.get_input_embeddings().weight.device
-        encoder = seeded(lambda: PrefixEncoder(config), ctx.seed).to(device)
-        model.requires_grad_(False)
-        model.add_module(ENCODER, encoder)
-        encoder.requires_grad_(True)
-        model.__dict__[KIND_MARK] = self.kind
-        model.__dict__[CONFIG] = config
-        model.register_forward_pre_hook(_before, with_kwargs=True)
-        return model
-
-    def parameters(self, model: Any) -> dict[str, nn.Parameter]:
-        return {STATE_KEY: model.get_submodule(ENCODER).embedding.weight}
-
-    def scale(self, model: Any) -> float:
-        return 1.0
-
-    def export(
-        self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, variant: int | None
-    ) -> Path:
-        """PEFT format: `prompt_embeddings` [n, L*2*kv*hd] and the PrefixTuningConfig (no merged
-        model: a prefix is not a weight offset)."""
-        return write_peft_dir({STATE_KEY: state[STATE_KEY]}, model.__dict__[CONFIG], base_model, out_dir)
-
-    def problems(self, *, dp: bool, dp_sgd: bool) -> list[Problem]:
-        return no_dropout(self.options.dropout, "prefix tuning has no dropout: only the prefixes train")
+        encoder = seeded(lambda: PrefixEncoder(config), ctx.seed).to(model.get_input_embeddings().weight.device)
+        return self.attach(model, encoder, config, ("pre", _before))

@@ -52,23 +52,34 @@ def _cached(kwargs: dict[str, Any]) -> bool:
     return past is not None and int(past.get_seq_length()) > 0
 
 
-def _before(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The model's inputs in the caller's frame -> with the virtual tokens (module docstring)."""
+def caller_inputs(
+    args: tuple[Any, ...], kwargs: dict[str, Any], n: int, kind: str, what: str
+) -> tuple[dict[str, Any], int]:
+    """A hooked call's inputs as keywords (a positional input_ids named) and its batch size, with
+    the caller's 2-D attention mask extended by n ones in front for the n `what` placed before
+    its tokens; a 4-D mask (a caller that builds its own) is refused, naming `kind`. Shared by
+    the prompt-learning kinds (this one, `prefix_tuning`)."""
     if args:  # model(ids): the positional input_ids
         kwargs = {"input_ids": args[0], **kwargs}
-    prompt = _prompt(model)
-    n = prompt.shape[0]
-    cached = _cached(kwargs)
     ids = kwargs.get("input_ids")
-    batch = (ids if ids is not None else kwargs["inputs_embeds"]).shape[0]
+    batch = int((ids if ids is not None else kwargs["inputs_embeds"]).shape[0])
     mask = kwargs.get("attention_mask")
     if mask is not None:
         if mask.dim() != 2:
             raise FedtuneError(
-                f"adapter.kind 'prompt_tuning' takes a 2-D attention mask, got {mask.dim()}-D: a caller that "
-                "builds its own attention mask cannot place the virtual tokens (use another adapter kind)"
+                f"adapter.kind {kind!r} takes a 2-D attention mask, got {mask.dim()}-D: a caller that "
+                f"builds its own attention mask cannot place the {what} (use another adapter kind)"
             )
         kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+    return kwargs, batch
+
+
+def _before(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The model's inputs in the caller's frame -> with the virtual tokens (module docstring)."""
+    prompt = _prompt(model)
+    n = prompt.shape[0]
+    kwargs, batch = caller_inputs(args, kwargs, n, "prompt_tuning", "virtual tokens")
+    cached = _cached(kwargs)
     pos = kwargs.get("position_ids")
     cache_pos = kwargs.get("cache_position")
     if cached:
@@ -112,15 +123,60 @@ def _after(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], outp
     return output
 
 
+@dataclass(frozen=True)
+class PromptLearning(AdapterBase):
+    """What the prompt-learning kinds share (this one, `prefix_tuning`): one PEFT encoder module,
+    added to the model as `encoder`, whose embedding table is the whole trainable state
+    (`prompt_embeddings`, as PEFT saves it), kept in the callers' frame by hooks; its PEFT config
+    under `config_key` for the export; no scale, no merge, no dropout."""
+
+    options: Any = None  # each kind's own options model (its field overrides this one)
+    encoder: ClassVar[str]
+    config_key: ClassVar[str]
+    trains: ClassVar[str]  # what trains, for the no-dropout problem
+
+    def attach(self, model: Any, encoder: nn.Module, config: Any, *hooks: tuple[str, Any]) -> Any:
+        """Freeze the base, add the trainable encoder and the (pre / post) forward hooks."""
+        model.requires_grad_(False)
+        model.add_module(self.encoder, encoder)
+        encoder.requires_grad_(True)
+        for when, hook in hooks:
+            register = model.register_forward_pre_hook if when == "pre" else model.register_forward_hook
+            register(hook, with_kwargs=True)
+        model.__dict__[KIND_MARK] = self.kind
+        model.__dict__[self.config_key] = config
+        return model
+
+    def parameters(self, model: Any) -> dict[str, nn.Parameter]:
+        return {STATE_KEY: model.get_submodule(self.encoder).embedding.weight}
+
+    def scale(self, model: Any) -> float:
+        return 1.0
+
+    def export(
+        self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, variant: int | None
+    ) -> Path:
+        """PEFT format: `prompt_embeddings` and the PEFT config (no merged model: virtual tokens
+        or prefixes are not a weight offset)."""
+        return write_peft_dir({STATE_KEY: state[STATE_KEY]}, model.__dict__[self.config_key], base_model, out_dir)
+
+    def problems(self, *, dp: bool, dp_sgd: bool) -> list[Problem]:
+        name = self.kind.replace("_", " ")
+        return no_dropout(self.options.dropout, f"{name} has no dropout: only {self.trains} train")
+
+
 @ADAPTERS.register("prompt_tuning", "Prompt tuning through PEFT: n learned virtual-token embeddings before the input.")
 @dataclass(frozen=True)
-class PromptTuning(AdapterBase):
+class PromptTuning(PromptLearning):
     """Prompt tuning through PEFT's PromptEmbedding (arXiv:2104.08691): module docstring."""
 
     options: PromptTuningAdapterConfig = field(default_factory=PromptTuningAdapterConfig)
 
     kind: ClassVar[str] = "prompt_tuning"
     algebra: ClassVar[Algebra] = Algebra.PROMPT
+    encoder: ClassVar[str] = ENCODER
+    config_key: ClassVar[str] = CONFIG
+    trains: ClassVar[str] = "the virtual-token embeddings"
 
     def peft_config(self, model: nn.Module) -> Any:
         from peft import PromptTuningConfig, PromptTuningInit
@@ -141,27 +197,4 @@ class PromptTuning(AdapterBase):
         config = self.peft_config(model)
         words = model.get_input_embeddings()
         encoder = seeded(lambda: PromptEmbedding(config, words), ctx.seed).to(words.weight.device)
-        model.requires_grad_(False)
-        model.add_module(ENCODER, encoder)
-        encoder.requires_grad_(True)
-        model.register_forward_pre_hook(_before, with_kwargs=True)
-        model.register_forward_hook(_after, with_kwargs=True)
-        model.__dict__[KIND_MARK] = self.kind
-        model.__dict__[CONFIG] = config
-        return model
-
-    def parameters(self, model: Any) -> dict[str, nn.Parameter]:
-        return {STATE_KEY: model.get_submodule(ENCODER).embedding.weight}
-
-    def scale(self, model: Any) -> float:
-        return 1.0
-
-    def export(
-        self, model: Any, state: AdapterState, out_dir: Path, base_model: str, peft_config: Any, variant: int | None
-    ) -> Path:
-        """PEFT format: `prompt_embeddings` [n, d] and the PromptTuningConfig (no merged model:
-        a prompt is not a weight offset)."""
-        return write_peft_dir({STATE_KEY: state[STATE_KEY]}, model.__dict__[CONFIG], base_model, out_dir)
-
-    def problems(self, *, dp: bool, dp_sgd: bool) -> list[Problem]:
-        return no_dropout(self.options.dropout, "prompt tuning has no dropout: only the virtual-token embeddings train")
+        return self.attach(model, encoder, config, ("pre", _before), ("post", _after))

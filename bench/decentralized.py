@@ -14,6 +14,8 @@ method); rows differ only in the strategy block (and the attack for the attacked
   (9 peers: `--set partition.num_clients=9`), `expander` a random 4-regular graph, `matching` a
   fresh random matching each round (time-varying);
 - `modest`: MoDeST's seeded sample of trainers and aggregators each round;
+- `pcl ring, val trust`: PCL's trust mix per peer (`pcl_p2p`), each receiver weighing its ring
+  neighbours by -perplexity on its own validation blocks;
 - `gossip ring, 25 % attackers` and `bristle ring, 25 % attackers`: a quarter of the peers send
   sign-flipped updates (x4); Bristle's receivers score what they receive on their own data;
 - `swarm gossip ring`: the same `gossip ring` row as real peer processes over hivemind on
@@ -45,6 +47,7 @@ SIM_ROWS: dict[str, list[str]] = {
     "gossip complete": ['strategy={"name": "gossip", "topology": "complete"}'],
     "gossip matching": ['strategy={"name": "gossip", "topology": "matching"}'],
     "modest": ['strategy={"name": "modest"}'],
+    "pcl ring, val trust": ['strategy={"name": "pcl_p2p", "topology": "ring", "trust": "val"}'],
     "gossip ring, 25 % attackers": ['strategy={"name": "gossip", "topology": "ring"}', *ATTACK],
     "bristle ring, 25 % attackers": ['strategy={"name": "bristle_p2p", "topology": "ring", "keep": 2}', *ATTACK],
 }

@@ -38,6 +38,7 @@ MATRIX = {
     "dfedsam": ["strategy.topology=ring", "train.sam_rho=0.05"],
     "dimat": ["strategy.topology=ring"],
     "bristle_p2p": ["strategy.topology=ring", "strategy.reference_blocks=2"],
+    "pcl_p2p": ["strategy.topology=ring", "strategy.trust=val"],
     "modest": ["strategy.trainers=2", "strategy.aggregators=2"],
     # codec state (error-feedback residuals) must survive the interruption too
     "fedavg:topk-ef-q4": [

@@ -18,6 +18,7 @@ from fedtune.strategies import (  # noqa: F401
     local,
     merge,
     modest,
+    pcl_p2p,
     personal,
     robust,
     safari,

@@ -237,7 +237,11 @@ class Wire:
 
     def send(self, msg: AdapterState, kind: str, rnd: int, sender: str) -> tuple[bytes, AdapterState]:
         data = pack_message(self.codec, msg, torch_generator(self.seed, "peer-message", kind, rnd, sender))
-        return data, (msg if is_identity(self.codec) else unpack_message(self.codec, data))
+        return data, (msg if is_identity(self.codec) else self.receive(data))
+
+    def receive(self, data: bytes) -> AdapterState:
+        """The tensors a receiver mixes, from a message's bytes."""
+        return unpack_message(self.codec, data)
 
 
 def fetch(

@@ -52,7 +52,7 @@ from fedtune.report import io
 from fedtune.report.records import client_records, eval_records
 from fedtune.sampling import evaluation_clients, online_clients
 from fedtune.seeding import torch_generator
-from fedtune.strategies.decentralized import PUSH_SUM_WEIGHT, unpack_message
+from fedtune.strategies.decentralized import PUSH_SUM_WEIGHT
 from fedtune.types import ClientFailure, add_states
 
 PEERS_DIR = "peers"
@@ -213,7 +213,7 @@ def peer_round(
     if src != me:
         got = net.receive("fetch", rnd, [src], time.monotonic() + timeout, lambda m: past(net, m, rnd, me))
         if src in got:
-            own, down = strategy.adopt(held, unpack_message(wire.codec, got[src])), down + len(got[src])
+            own, down = strategy.adopt(held, wire.receive(got[src])), down + len(got[src])
         else:
             notes.append(f"no model from source {src!r} within engine.timeout = {timeout:g} s; trained from my own")
 
@@ -247,7 +247,7 @@ def peer_round(
     if row:
         senders = [i for i in row if i != me]
         got = net.receive("mix", rnd, senders, time.monotonic() + timeout, lambda m: past(net, m, rnd, me))
-        inbox = {i: unpack_message(wire.codec, b) for i, b in got.items()}
+        inbox = {i: wire.receive(b) for i, b in got.items()}
         down += sum(len(b) for b in got.values())
         missing = sorted(set(senders) - set(got))
         push_sum = PUSH_SUM_WEIGHT in strategy.message(mine)

@@ -8,7 +8,8 @@
 
 Every row runs the config's rounds, local steps and learning rate (the same budget for every
 method); rows differ only in the strategy block (and the attack for the attacked rows):
-- `local`, `fedavg`: no communication, and a server averaging everyone;
+- `local`, `fedavg`: no communication, and a server averaging everyone; `diloco`: a server
+  averaging everyone with DiLoCo's outer Nesterov step (lr 0.7, momentum 0.9), the global baseline;
 - `gossip ring | torus | expander | complete | matching`: decentralized FedAvg (each peer trains,
   then averages with its graph neighbours, Metropolis-Hastings weights); `torus` a 3 x 3 torus
   (9 peers: `--set partition.num_clients=9`), `expander` a random 4-regular graph, `matching` a
@@ -41,6 +42,7 @@ ATTACK = ["attack.kind=sign_flip", "attack.scale=4", "attack.fraction=0.25"]
 SIM_ROWS: dict[str, list[str]] = {
     "local": ['strategy={"name": "local"}'],
     "fedavg": ['strategy={"name": "fedavg"}'],
+    "diloco": ['strategy={"name": "diloco"}'],
     "gossip ring": ['strategy={"name": "gossip", "topology": "ring"}'],
     "gossip torus": ['strategy={"name": "gossip", "topology": "torus", "rows": 3}'],
     "gossip expander": ['strategy={"name": "gossip", "topology": "regular", "degree": 4}'],

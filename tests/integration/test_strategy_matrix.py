@@ -17,6 +17,7 @@ MATRIX = {
     "fedadam": ["strategy.inner=ffa_lora", "strategy.server_lr=0.01", "train.lr=0.02"],
     "fedavgm": ["strategy.server_lr=1.0", "strategy.beta1=0.5"],
     "fedyogi": ["strategy.server_lr=0.01"],
+    "diloco": ["strategy.server_lr=0.7", "strategy.beta1=0.5"],
     "flexlora": ["adapter.ranks=[2, 4, 4, 8]"],
     "hetlora": ["adapter.ranks=[2, 4, 4, 8]"],
     "lora_fair": [],

@@ -48,6 +48,26 @@ def test_fedavgm_with_lr_1_and_no_momentum_is_fedavg() -> None:
     assert step2 > 1.5 * step1
 
 
+def test_diloco_outer_step_is_torch_sgd_nesterov_on_minus_the_pseudo_gradient() -> None:
+    """DiLoCo (arXiv:2311.08105): outer gradient = global - averaged model, Nesterov SGD, lr 0.7,
+    momentum 0.9; pinned to torch.optim.SGD over three rounds with different pseudo-gradients."""
+    g = torch.Generator().manual_seed(1)
+    glob = {"w": torch.randn(4, 3, generator=g)}
+    ref = torch.nn.Parameter(glob["w"].clone())
+    opt = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=True)
+    state: tuple = (glob, {}, {})
+    for _ in range(3):
+        target = state[0]["w"] + torch.randn(4, 3, generator=g)  # the round's averaged model
+        d = {"w": target - state[0]["w"]}
+        state = server_step("diloco", state[0], d, state[1], state[2], 0.7, 0.9, 0.99, 1e-3)
+        opt.zero_grad()
+        ref.grad = -d["w"].clone()
+        opt.step()
+        torch.testing.assert_close(state[0]["w"], ref.detach(), rtol=0, atol=1e-6)
+    s = STRATEGIES.get("diloco")()
+    assert (s.server_lr, s.beta1, s.inner) == (0.7, 0.9, "fedavg")  # the paper's outer settings
+
+
 def test_server_optimizer_refuses_a_nonlinear_inner_strategy() -> None:
     with pytest.raises(ConfigError, match="needs a linear strategy"):
         config_from_dict({"strategy": {"name": "fedadam", "inner": "local"}})

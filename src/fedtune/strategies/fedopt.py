@@ -1,5 +1,7 @@
 """Server optimizers on top of any strategy whose update is linear (Reddi et al., "Adaptive
-Federated Optimization", arXiv:2003.00295; FedAvgM: Hsu et al., arXiv:1909.06335).
+Federated Optimization", arXiv:2003.00295; FedAvgM: Hsu et al., arXiv:1909.06335; DiLoCo's outer
+Nesterov step: Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language
+Models", arXiv:2311.08105).
 
 The inner strategy's aggregate gives a pseudo-gradient D = new_global - global; the server then
 takes an optimizer step with D instead of applying it directly. Optimizer moments are part of
@@ -38,6 +40,10 @@ def server_step(
         if kind == "fedavgm":
             m2[k] = beta1 * mk + d
             new[k] = global_state[k] + lr * m2[k]
+            continue
+        if kind == "diloco":  # SGD with Nesterov momentum on the outer gradient -D (torch.optim.SGD's form)
+            m2[k] = beta1 * mk + d
+            new[k] = global_state[k] + lr * (d + beta1 * m2[k])
             continue
         vk = v.get(k, torch.full_like(d, tau**2))
         m2[k] = beta1 * mk + (1 - beta1) * d
@@ -97,6 +103,19 @@ class FedAvgM(_FedOpt):
     """FedAvgM: server momentum on the inner strategy's pseudo-gradient (arXiv:1909.06335)."""
 
     kind = "fedavgm"
+
+
+@STRATEGIES.register("diloco")
+@dataclass(frozen=True)
+class DiLoCo(_FedOpt):
+    """DiLoCo's outer optimizer (arXiv:2311.08105, Algorithm 1): the outer gradient is
+    global - mean(client models), i.e. -D, and the server takes a step of SGD with Nesterov
+    momentum on it (the paper's lr 0.7, momentum 0.9); the inner optimizer is the clients' own
+    (`train.optimizer`, AdamW by default, as in the paper). With `server_lr: 1, beta1: 0` it is
+    the inner strategy."""
+
+    kind = "diloco"
+    server_lr: float = 0.7
 
 
 @STRATEGIES.register("fedadam")

@@ -2,6 +2,7 @@
 task: does it help each party's model generalise to the other parties' data?
 
     .venv/bin/python bench/ghost_noise.py                       # configs/demo.yaml, SmolLM2
+    .venv/bin/python bench/ghost_noise.py --rows local "local + GNI 8"     # two of the rows
     .venv/bin/python bench/ghost_noise.py --config configs/tiny.yaml --out bench/out/ghost-smoke   # the script
 
 Task: configs/demo.yaml (four label-skewed parties, 3 rounds of FedAvg) with `evaluation.ood: true`:
@@ -35,9 +36,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--out", default="bench/out/ghost_noise")
+    ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="a subset of the rows")
     a = ap.parse_args()
     out = Path(a.out)
-    results = run_rows(ROWS, a.config, ["evaluation.ood=true"], out)
+    results = run_rows({r: ROWS[r] for r in a.rows}, a.config, ["evaluation.ood=true"], out)
     lines = ["| row | " + " | ".join(KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
     for row, res in results.items():
         cells = [f"{v:.4g}" if isinstance(v := final(res, k), float) else "-" for k in KEYS]

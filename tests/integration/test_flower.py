@@ -202,11 +202,12 @@ def flower_processes(work) -> list[tuple[int, str]]:
     return out
 
 
-def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time) -> None:
+def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time, monkeypatch) -> None:
     """SuperLink + 2 SuperNodes as separate processes with TLS and SuperNode authentication: an
     unregistered node is refused; the ServerApp is killed after round 1 and a new `flwr run`
     continues from the checkpoint; the numbers equal an uninterrupted in-process run; nothing is
-    left running afterwards."""
+    left running afterwards. Each node's zygote set the node up for the app before serving: no
+    ClientApp message paid a set-up phase (tokenizer, data, model, plan)."""
     import json
     import os
     import signal
@@ -222,7 +223,8 @@ def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time) 
     cfg = tiny_cfg(*over, name="deployed")
     run_dir = Path(cfg.run_dir()).resolve()
     app = write_app(cfg.model_copy(update={"output_dir": str(run_dir)}), tmp_path / "app", 2)
-    with LocalDeployment(tmp_path / "work", 2, tls=True, auth=True, port=9492, node_port=9500) as dep:
+    monkeypatch.setenv("FEDTUNE_PROFILE", str(tmp_path / "profile.jsonl"))  # inherited by every process
+    with LocalDeployment(tmp_path / "work", 2, tls=True, auth=True, port=9492, node_port=9500, app=app) as dep:
         dep.start_superlink()
         dep.wait_for_superlink()
         for i in range(2):
@@ -249,6 +251,12 @@ def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time) 
     assert all(x in lines for x in round1)  # round 1 kept as written (wall times too): resumed, not rerun
     assert no_time([json.loads(x) for x in lines]) == no_time(local.records)
     assert flower_processes(tmp_path / "work") == []
+    for i in range(2):
+        assert "set up ahead" in (tmp_path / "work" / f"supernode-{i}.log").read_text()
+    prof = [json.loads(x) for x in (tmp_path / "profile.jsonl").read_text().splitlines()]
+    handled = [p for p in prof if p["side"] == "client"]
+    assert {p["kind"] for p in handled} >= {"train", "evaluate"}
+    assert [p["setup"] for p in handled] == [{}] * len(handled)
 
 
 def wait_for_round(run_dir, rnd: int, timeout: float = 900) -> None:
@@ -281,7 +289,7 @@ def test_killed_supernode_is_a_recorded_failure_and_rejoins(tiny_cfg, tmp_path) 
     cfg = tiny_cfg(*over, name="fault")
     run_dir = Path(cfg.run_dir()).resolve()
     app = write_app(cfg.model_copy(update={"output_dir": str(run_dir)}), tmp_path / "app", 2)
-    with LocalDeployment(tmp_path / "work", 2, tls=False, port=9292, node_port=9400) as dep:
+    with LocalDeployment(tmp_path / "work", 2, tls=False, port=9292, node_port=9400, app=app) as dep:
         dep.start_superlink()
         dep.wait_for_superlink()
         dep.start_supernode(0)

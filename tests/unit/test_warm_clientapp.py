@@ -98,3 +98,32 @@ def test_without_a_zygote_the_shim_runs_the_real_clientapp(tmp_path) -> None:
     assert "cold ['--token', 't']" in (tmp_path / "o.out").read_text()
     p = run(exe, ["--token", "t"], None, tmp_path, tmp_path / "o2.out")
     assert p.wait(timeout=60) == 5
+
+
+def test_a_node_set_up_ahead_is_the_runtime_its_clientapp_uses(tiny_cfg, tmp_path) -> None:
+    """`preload_node` (what a zygote runs with $FEDTUNE_WARM_APP) caches the runtime under the key
+    the ClientApp computes from the run config Flower builds from the same app; a trust_distill app
+    gets its party's own model instead."""
+    from types import SimpleNamespace
+
+    from flwr.common.config import get_fused_config_from_dir
+
+    from fedtune.config import load_config
+    from fedtune.engines.flower import client_app, party_node
+    from fedtune.engines.flower_deploy import write_app
+
+    app = write_app(tiny_cfg("data.labels=[email, json]"), tmp_path / "app", 2)
+    node = {"partition-id": 1, "state-dir": str(tmp_path / "state")}
+    assert client_app.preload_node(app, node) == "json"
+    ctx = SimpleNamespace(run_config=get_fused_config_from_dir(app, {}), node_config=node)
+    key = client_app.node_of(ctx, None, None)
+    assert key in client_app._RUNTIMES
+    assert client_app.client_runtime(*key) is client_app._RUNTIMES[key]  # nothing built again
+
+    root = Path(__file__).resolve().parents[2]
+    distill = load_config(root / "configs" / "tiny-trust-distill.yaml", [f"output_dir={tmp_path / 'd'}"])
+    app2 = write_app(distill, tmp_path / "app2", 3)
+    assert client_app.preload_node(app2, {"partition-id": 0, "state-dir": str(tmp_path / "s2")}) == "email"
+    key2 = client_app.node_of(SimpleNamespace(run_config=get_fused_config_from_dir(app2, {}), node_config={
+        "partition-id": 0, "state-dir": str(tmp_path / "s2")}), None, None)  # fmt: skip
+    assert key2 in party_node._PARTIES and key2 not in client_app._RUNTIMES

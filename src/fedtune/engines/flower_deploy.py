@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from fedtune.config import ExperimentConfig, config_to_yaml
-from fedtune.engines.flower.warm import WARM_DIR_ENV
+from fedtune.engines.flower.warm import APP_ENV, WARM_DIR_ENV
 from fedtune.errors import FedtuneError
 
 BIN = Path(sys.executable).parent
@@ -172,6 +172,7 @@ class LocalDeployment:
     node_port: int = 9300
     grace: float = 10.0  # seconds a stopped process group gets to exit before SIGKILL
     warm: bool = True  # SuperNodes fork their ClientApps from a warm zygote (`engines.flower.warm`)
+    app: Path | None = None  # with `warm`: the app the zygotes set their node up for before serving
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -264,6 +265,8 @@ class LocalDeployment:
         if self.auth:
             cmd += ["--auth-supernode-private-key", str(key or self.node_keys[i][0])]
         warm_dir = {WARM_DIR_ENV: str(self.root / f"warm-{i}")} if self.warm else {}
+        if self.warm and self.app is not None:
+            warm_dir[APP_ENV] = str(self.app)
         self._spawn(f"supernode-{i}", cmd, warm_dir)
 
     def stop_supernode(self, i: int) -> None:
@@ -378,7 +381,7 @@ def deploy_locally(
     if shutil.which("openssl") is None and tls:
         raise FedtuneError("TLS needs openssl on PATH (or pass --no-tls)")
     app = write_app(cfg, work / "app", num_clients)
-    with LocalDeployment(work, num_clients, tls=tls, auth=auth and tls, warm=warm) as dep:
+    with LocalDeployment(work, num_clients, tls=tls, auth=auth and tls, warm=warm, app=app) as dep:
         dep.start_superlink()
         dep.wait_for_superlink()
         for i in range(num_clients):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,16 +126,47 @@ def client_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> ClientR
     return _RUNTIMES[key]
 
 
-def node_of(context: Context, cfg_yaml: str | None, state_root: str | None) -> tuple[str, int, str]:
-    """(the run's config YAML, this node's partition, its state root) from Flower's context."""
+def node_key(cfg_yaml: str, node_config: Mapping[str, Any], state_root: str | None) -> tuple[str, int, str]:
+    """(the run's config YAML, this node's partition, its state root): what a node's runtime is
+    cached under."""
     from fedtune.cache import cache_dir
 
+    root = str(node_config.get("state-dir", "")) or state_root or str(cache_dir() / "node-state")
+    # one folder per client under the root (several SuperNodes may share a machine)
+    return cfg_yaml, int(node_config.get("partition-id", 0)), root
+
+
+def node_of(context: Context, cfg_yaml: str | None, state_root: str | None) -> tuple[str, int, str]:
+    """`node_key` from Flower's context."""
     text = cfg_yaml or str(context.run_config.get(CONFIG_KEY, ""))
     if not text:
         raise FedtuneError(f"run config has no {CONFIG_KEY!r}; start the run with fedtune")
-    root = str(context.node_config.get("state-dir", "")) or state_root or str(cache_dir() / "node-state")
-    # one folder per client under the root (several SuperNodes may share a machine)
-    return text, int(context.node_config.get("partition-id", 0)), root
+    return node_key(text, context.node_config, state_root)
+
+
+def preload_node(app_dir: Path, node_config: Mapping[str, Any]) -> str:
+    """Set this node up, ahead of its first message, for the fedtune app in `app_dir` (what a warm
+    zygote does before it forks ClientApps: `engines.flower.warm`): the tokenizer, the shard, the
+    base model with its adapter, the strategy and plan (a party's own model for `own_models`
+    strategies), cached under the key the ClientApp computes from the run config Flower builds
+    from the same app. A run submitted with other values (`flwr run --run-config`) has another
+    key and sets itself up as before. Returns the client id."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    from fedtune.components import strategy_capabilities
+
+    text = str(get_fused_config_from_dir(Path(app_dir), {}).get(CONFIG_KEY, ""))
+    if not text:
+        raise FedtuneError(
+            f"{app_dir}/pyproject.toml has no {CONFIG_KEY!r} in [tool.flwr.app.config]: not a fedtune app"
+        )
+    key = node_key(text, node_config, None)
+    caps = strategy_capabilities(node_base(text)[0])
+    if caps is not None and caps.own_models:
+        from fedtune.engines.flower import party_node
+
+        return party_node.party_runtime(*key).client_id
+    return client_runtime(*key).client_id
 
 
 def _runtime(context: Context, cfg_yaml: str | None, state_root: str | None) -> ClientRuntime:

@@ -17,6 +17,11 @@ Flower's own warm executors exist only for Kubernetes and for other task types.
     its arguments and streams to the zygote, forwards SIGINT / SIGTERM to the forked child, and
     exits with its exit code. Where the zygote cannot be reached it `exec`s Flower's own
     `flwr-clientapp`: never worse than a cold start.
+With $FEDTUNE_WARM_APP naming the fedtune Flower app the node will run (`fedtune deploy` sets it),
+the zygote also sets the node up for that app's config before it serves (`node_warm_up`: the
+tokenizer, the node's shard, the base model with its adapter, the strategy and plan), so a
+forked ClientApp finds them in memory, shared copy-on-write; a run of another config sets itself
+up as before, and a failed set-up only costs the time it took (the zygote serves anyway).
 Every process stays in the SuperNode's process group (stopping the group stops them all), and the
 zygote exits when the SuperNode does. What a ClientApp does, the messages and the records are
 Flower's and fedtune's as before; only the imports are paid once per node instead of per message.
@@ -24,6 +29,7 @@ Flower's and fedtune's as before; only the imports are paid once per node instea
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -32,9 +38,11 @@ import struct
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 SOCKET_ENV = "FEDTUNE_CLIENTAPP_ZYGOTE"  # the zygote's socket, read by the shim
+APP_ENV = "FEDTUNE_WARM_APP"  # a fedtune Flower app dir: the zygote sets the node up for it first
 WARM_DIR_ENV = "FEDTUNE_WARM_DIR"  # where `supernode` puts the shim and the socket (default: a temp dir)
 PRELOAD = ("torch", "transformers", "peft", "flwr.supernode.cli.flwr_clientapp", "fedtune.engines.flower.client_app")
 ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"  # what `flwr-clientapp` runs (its console script)
@@ -156,14 +164,59 @@ def listen(sock_path: Path) -> socket.socket:
     return listener
 
 
-def serve(listener: socket.socket, parent_pid: int, preload: tuple[str, ...] = PRELOAD, entry: str = ENTRY) -> None:
-    """The zygote: import `preload`, then fork one child running `entry` per request on
-    `listener` until `parent_pid` is gone."""
+def node_warm_up(app_dir: str, node_config: str | None) -> None:
+    """Set this node up for the fedtune app in `app_dir` (`client_app.preload_node`), with the
+    node config Flower parses from `--node-config`. Torch runs on one thread meanwhile: a process
+    that forks must not have started OpenMP's thread pool (its children would inherit a pool
+    without its threads); the children start their own."""
+    import time
+
+    import torch
+    from flwr.common.config import parse_config_args
+
+    from fedtune.engines.flower import profile
+    from fedtune.engines.flower.client_app import preload_node
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    try:
+        client = preload_node(Path(app_dir), parse_config_args([node_config] if node_config else None))
+    finally:
+        torch.set_num_threads(threads)
+    profile.SETUP.clear()  # paid here, by no message
+    print(f"fedtune zygote: {client} set up ahead in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def _node_config(args: list[str]) -> str | None:
+    """The value of flower-supernode's `--node-config` in `args`, if given."""
+    for i, a in enumerate(args):
+        if a == "--node-config" and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith("--node-config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def serve(
+    listener: socket.socket,
+    parent_pid: int,
+    preload: tuple[str, ...] = PRELOAD,
+    entry: str = ENTRY,
+    warm_up: Callable[[], None] | None = None,
+) -> None:
+    """The zygote: import `preload`, run `warm_up` (a failure is reported and served past), then
+    fork one child running `entry` per request on `listener` until `parent_pid` is gone."""
     import importlib
     import selectors
 
     for name in preload:
         importlib.import_module(name)
+    if warm_up is not None:
+        try:
+            warm_up()
+        except Exception as e:  # noqa: BLE001 (never worse than without: each message sets itself up)
+            print(f"fedtune zygote: no set-up ahead ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
     if threading.active_count() != 1:  # forking a process with threads can deadlock its children
         names = [t.name for t in threading.enumerate()]
         print(f"fedtune zygote: threads after the imports ({names}); not serving", file=sys.stderr)
@@ -228,6 +281,8 @@ def supernode(args: list[str]) -> None:
 
     bin_dir = Path(sys.executable).parent
     given = os.environ.pop(WARM_DIR_ENV, "")
+    app = os.environ.pop(APP_ENV, "")
+    warm_up = functools.partial(node_warm_up, app, _node_config(args)) if app else None
     home = Path(given) if given else Path(tempfile.mkdtemp(prefix="fedtune-warm-"))
     home.mkdir(parents=True, exist_ok=True)
     write_shim(home / "bin", bin_dir / "flwr-clientapp")
@@ -239,7 +294,7 @@ def supernode(args: list[str]) -> None:
     if os.fork() == 0:
         signal.signal(signal.SIGTERM, lambda n, f: sys.exit(0))
         try:
-            serve(listener, me)
+            serve(listener, me, warm_up=warm_up)
         finally:
             shutil.rmtree(home, ignore_errors=True)
             os._exit(0)

@@ -198,7 +198,9 @@ def messages(profile: Path) -> list[dict[str, float | str]]:
     return rows
 
 
-def deploy(label: str, steps_list: list[int], rounds: int, light: bool, cold: bool = False) -> None:
+def deploy(
+    label: str, steps_list: list[int], rounds: int, light: bool, cold: bool = False, preload: bool = True
+) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for steps in steps_list:
         base = OUT / label / f"steps{steps}"
@@ -209,6 +211,7 @@ def deploy(label: str, steps_list: list[int], rounds: int, light: bool, cold: bo
         prof.unlink(missing_ok=True)
         dep_args = ["deploy", *common, "--set", f"output_dir={dep}", "--work", str(base / "work")]
         dep_args += ["--no-warm"] if cold else []
+        dep_args += [] if preload else ["--no-preload"]
         wall_dep = run_cli(dep_args, {"FEDTUNE_PROFILE": str(prof)})
         a, b = rounds_of(inproc), rounds_of(dep)
         result = {
@@ -268,13 +271,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--light", action="store_true", help=f"the ratio curve's lighter step: {' '.join(LIGHT)}")
     p.add_argument("--cold", action="store_true", help="`fedtune deploy --no-warm`: Flower's cold ClientApp processes")
+    p.add_argument("--no-preload", action="store_true", help="`fedtune deploy --no-preload`: warm, set up per message")
     p = sub.add_parser("table")
     p.add_argument("--label", action="append", required=True)
     a = ap.parse_args()
     if a.cmd == "imports":
         imports(a.label, a.repeats)
     elif a.cmd == "deploy":
-        deploy(a.label, a.steps, a.rounds, a.light, a.cold)
+        deploy(a.label, a.steps, a.rounds, a.light, a.cold, not a.no_preload)
     else:
         table(a.label)
 

@@ -165,6 +165,12 @@ def deploy(
     warm: Annotated[
         bool, typer.Option(help="fork ClientApps from a process that imported them (--no-warm: cold starts)")
     ] = True,
+    preload: Annotated[
+        bool,
+        typer.Option(
+            help="with --warm: nodes load tokenizer, shard and model before the run (--no-preload: per message)"
+        ),
+    ] = True,
 ) -> None:
     """Run on Flower's deployment engine on this machine: a SuperLink and one SuperNode per client
     as separate processes (TLS, SuperNode authentication), then stop them all."""
@@ -185,7 +191,7 @@ def deploy(
             raise ConfigError(problems)
 
         n = len(partition(load_corpus(cfg.data), cfg.partition, cfg.seed))
-        run_dir = deploy_locally(cfg, n, work.resolve(), tls=tls, auth=auth, warm=warm)
+        run_dir = deploy_locally(cfg, n, work.resolve(), tls=tls, auth=auth, warm=warm, preload=preload)
     except FedtuneError as e:
         _fail(e)
     from fedtune.report.summary import load_run, run_table

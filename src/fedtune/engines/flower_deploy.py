@@ -372,16 +372,18 @@ def deploy_locally(
     auth: bool = True,
     timeout: float = 1800.0,
     warm: bool = True,
+    preload: bool = True,
 ) -> Path:
     """Run `cfg` on a SuperLink and one SuperNode per client on loopback; return the run dir.
     With `auth` (needs TLS) each SuperNode gets a key pair and only registered keys may connect;
-    with `warm` each SuperNode forks its ClientApps from a warm zygote (`engines.flower.warm`)."""
+    with `warm` each SuperNode forks its ClientApps from a warm zygote (`engines.flower.warm`),
+    which with `preload` sets the node up for `cfg` before it serves."""
     run_dir = Path(cfg.run_dir()).resolve()
     cfg = cfg.model_copy(update={"output_dir": str(run_dir)})
     if shutil.which("openssl") is None and tls:
         raise FedtuneError("TLS needs openssl on PATH (or pass --no-tls)")
     app = write_app(cfg, work / "app", num_clients)
-    with LocalDeployment(work, num_clients, tls=tls, auth=auth and tls, warm=warm, app=app) as dep:
+    with LocalDeployment(work, num_clients, tls=tls, auth=auth and tls, warm=warm, app=app if preload else None) as dep:
         dep.start_superlink()
         dep.wait_for_superlink()
         for i in range(num_clients):

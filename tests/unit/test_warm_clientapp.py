@@ -16,8 +16,16 @@ from fedtune.engines.flower.warm import SOCKET_ENV, write_shim
 # the stand-in for Flower's flwr_clientapp(): what a forked child sees, written to its stdout
 APP = """
 import os, sys, time, torch
+WARMED = False
+def warm():  # a set-up ahead that shows a progress bar, as datasets' map does (tqdm starts a thread)
+    global WARMED
+    from tqdm import tqdm
+    list(tqdm(range(3), disable=True))
+    WARMED = True
+def broken():
+    raise RuntimeError("not a fedtune app")
 def main():
-    print("argv", sys.argv[1:], "cwd", os.getcwd(), "env", os.environ.get("WARM_TEST"), flush=True)
+    print("argv", sys.argv[1:], "cwd", os.getcwd(), "env", os.environ.get("WARM_TEST"), "warmed", WARMED, flush=True)
     print("draw", float(torch.rand(1)), "pid", os.getpid(), flush=True)
     mode = sys.argv[1]
     if mode == "sleep":
@@ -31,12 +39,13 @@ sys.exit(5)
 """
 
 
-def start_zygote(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def start_zygote(tmp_path: Path, warm_up: str = "None") -> tuple[subprocess.Popen[bytes], Path]:
     (tmp_path / "fake_app.py").write_text(APP)
     sock = tmp_path / "z.sock"
     code = (
-        "import os; from pathlib import Path; from fedtune.engines.flower.warm import listen, serve; "
-        f"serve(listen(Path({str(sock)!r})), os.getppid(), preload=('torch', 'fake_app'), entry='fake_app:main')"
+        "import os, fake_app; from pathlib import Path; from fedtune.engines.flower.warm import listen, serve; "
+        f"serve(listen(Path({str(sock)!r})), os.getppid(), preload=('torch', 'fake_app'), entry='fake_app:main', "
+        f"warm_up={warm_up})"
     )
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     z = subprocess.Popen([sys.executable, "-c", code], env=env)
@@ -89,6 +98,23 @@ def test_forked_clientapps_take_the_requesters_process_and_report_its_exit(tmp_p
     finally:
         z.terminate()
         z.wait(timeout=30)
+
+
+def test_a_zygote_serves_after_its_set_up_ahead_even_when_it_showed_a_bar_or_failed(tmp_path) -> None:
+    """The warm-up runs before the fork loop; tqdm's monitor thread (started by any bar, even a
+    disabled one) made the zygote refuse to serve: every message then ran cold. A failed warm-up
+    is reported and the zygote serves anyway."""
+    exe = shim(tmp_path)
+    for warm_up, warmed in (("fake_app.warm", "True"), ("fake_app.broken", "False")):
+        (tmp_path / "z.sock").unlink(missing_ok=True)
+        z, sock = start_zygote(tmp_path, warm_up)
+        try:
+            p = run(exe, ["0"], sock, tmp_path, tmp_path / "w.out")
+            assert p.wait(timeout=120) == 0, (tmp_path / "w.out").read_text()  # not the cold binary's 5
+            assert f"warmed {warmed}" in (tmp_path / "w.out").read_text()
+        finally:
+            z.terminate()
+            z.wait(timeout=30)
 
 
 def test_without_a_zygote_the_shim_runs_the_real_clientapp(tmp_path) -> None:

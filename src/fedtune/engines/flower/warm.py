@@ -214,12 +214,18 @@ def serve(
         importlib.import_module(name)
     if warm_up is not None:
         try:
+            import tqdm
+
+            tqdm.tqdm.monitor_interval = 0  # a progress bar (datasets' map) would start tqdm's monitor thread
+        except ImportError:
+            pass
+        try:
             warm_up()
         except Exception as e:  # noqa: BLE001 (never worse than without: each message sets itself up)
             print(f"fedtune zygote: no set-up ahead ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
     if threading.active_count() != 1:  # forking a process with threads can deadlock its children
         names = [t.name for t in threading.enumerate()]
-        print(f"fedtune zygote: threads after the imports ({names}); not serving", file=sys.stderr)
+        print(f"fedtune zygote: threads after the imports and set-up ({names}); not serving", file=sys.stderr)
         listener.close()
         return
     waiting: dict[int, socket.socket] = {}  # forked child pid -> its requester's connection

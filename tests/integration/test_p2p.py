@@ -76,8 +76,9 @@ def all_gone(pids):
     [
         ["codec.name=quantize"],  # 8-bit messages with seeded stochastic rounding
         ["strategy.name=bristle_p2p", "strategy.reference_blocks=2"],  # each receiver scores on its own data
+        ["strategy.name=pcl_p2p", "strategy.trust=val"],  # each receiver weighs by its own validation loss
     ],
-    ids=["gossip-q8", "bristle"],
+    ids=["gossip-q8", "bristle", "pcl-val"],
 )
 def test_swarm_gives_the_simulators_numbers_and_leaves_no_process(tiny_cfg, extra) -> None:
     # Arrange

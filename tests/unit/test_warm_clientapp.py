@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import torch
 
 from fedtune.engines.flower.warm import SOCKET_ENV, write_shim
 
@@ -126,7 +127,7 @@ def test_without_a_zygote_the_shim_runs_the_real_clientapp(tmp_path) -> None:
     assert p.wait(timeout=60) == 5
 
 
-def test_a_node_set_up_ahead_is_the_runtime_its_clientapp_uses(tiny_cfg, tmp_path) -> None:
+def test_a_node_set_up_ahead_is_the_runtime_its_clientapp_uses(tiny_cfg, tmp_path, monkeypatch) -> None:
     """`preload_node` (what a zygote runs with $FEDTUNE_WARM_APP) caches the runtime under the key
     the ClientApp computes from the run config Flower builds from the same app; a trust_distill app
     gets its party's own model instead."""
@@ -138,9 +139,13 @@ def test_a_node_set_up_ahead_is_the_runtime_its_clientapp_uses(tiny_cfg, tmp_pat
     from fedtune.engines.flower import client_app, party_node
     from fedtune.engines.flower_deploy import write_app
 
+    assert client_app._uses_cuda("cuda:0") and not client_app._uses_cuda("cpu")
+    client_app._uses_cuda("auto")
+    assert not torch.cuda.is_initialized()  # asked NVML (a CPU build: nothing at all), not the CUDA runtime
+    monkeypatch.setattr(client_app, "_uses_cuda", lambda device: False)  # the CPU path on any machine
     app = write_app(tiny_cfg("data.labels=[email, json]"), tmp_path / "app", 2)
     node = {"partition-id": 1, "state-dir": str(tmp_path / "state")}
-    assert client_app.preload_node(app, node) == "json"
+    assert client_app.preload_node(app, node).startswith("json: tokenizer, shard, model")
     ctx = SimpleNamespace(run_config=get_fused_config_from_dir(app, {}), node_config=node)
     key = client_app.node_of(ctx, None, None)
     assert key in client_app._RUNTIMES
@@ -149,7 +154,17 @@ def test_a_node_set_up_ahead_is_the_runtime_its_clientapp_uses(tiny_cfg, tmp_pat
     root = Path(__file__).resolve().parents[2]
     distill = load_config(root / "configs" / "tiny-trust-distill.yaml", [f"output_dir={tmp_path / 'd'}"])
     app2 = write_app(distill, tmp_path / "app2", 3)
-    assert client_app.preload_node(app2, {"partition-id": 0, "state-dir": str(tmp_path / "s2")}) == "email"
+    assert client_app.preload_node(app2, {"partition-id": 0, "state-dir": str(tmp_path / "s2")}).startswith("email:")
     key2 = client_app.node_of(SimpleNamespace(run_config=get_fused_config_from_dir(app2, {}), node_config={
         "partition-id": 0, "state-dir": str(tmp_path / "s2")}), None, None)  # fmt: skip
     assert key2 in party_node._PARTIES and key2 not in client_app._RUNTIMES
+
+    # on a CUDA device the zygote never touches CUDA (a forked child could not use it): no model
+    monkeypatch.setattr(client_app, "_uses_cuda", lambda device: device == "auto")  # as on a GPU machine
+    app3 = write_app(tiny_cfg("data.labels=[email, json]", "data.max_train_blocks=9", name="c"), tmp_path / "app3", 2)
+    what = client_app.preload_node(app3, {"partition-id": 0, "state-dir": str(tmp_path / "s3")})
+    assert what == "email: tokenizer and shard (the model loads per message on CUDA)"
+    assert not torch.cuda.is_initialized()
+    key3 = client_app.node_of(SimpleNamespace(run_config=get_fused_config_from_dir(app3, {}), node_config={
+        "partition-id": 0, "state-dir": str(tmp_path / "s3")}), None, None)  # fmt: skip
+    assert key3 not in client_app._RUNTIMES

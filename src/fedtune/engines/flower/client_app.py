@@ -5,6 +5,7 @@ simulation the run directory's `clients/`), never on the server."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -150,7 +151,9 @@ def preload_node(app_dir: Path, node_config: Mapping[str, Any]) -> str:
     base model with its adapter, the strategy and plan (a party's own model for `own_models`
     strategies), cached under the key the ClientApp computes from the run config Flower builds
     from the same app. A run submitted with other values (`flwr run --run-config`) has another
-    key and sets itself up as before. Returns the client id."""
+    key and sets itself up as before. On a CUDA device only the tokenizer and the shard: CUDA
+    initialised in a process does not survive its fork, so each message's process loads the
+    model there. Returns what was set up, for the node's log."""
     from flwr.common.config import get_fused_config_from_dir
 
     from fedtune.components import strategy_capabilities
@@ -161,12 +164,29 @@ def preload_node(app_dir: Path, node_config: Mapping[str, Any]) -> str:
             f"{app_dir}/pyproject.toml has no {CONFIG_KEY!r} in [tool.flwr.app.config]: not a fedtune app"
         )
     key = node_key(text, node_config, None)
-    caps = strategy_capabilities(node_base(text)[0])
+    cfg = node_base(text)[0]
+    if _uses_cuda(cfg.model.device):
+        ids, _ = node_shard(text, key[1], Path(key[2]).expanduser())
+        return f"{ids[key[1]]}: tokenizer and shard (the model loads per message on CUDA)"
+    caps = strategy_capabilities(cfg)
     if caps is not None and caps.own_models:
         from fedtune.engines.flower import party_node
 
-        return party_node.party_runtime(*key).client_id
-    return client_runtime(*key).client_id
+        return f"{party_node.party_runtime(*key).client_id}: tokenizer, shard and the party's model"
+    return f"{client_runtime(*key).client_id}: tokenizer, shard, model, strategy and plan"
+
+
+def _uses_cuda(device: str) -> bool:
+    """Whether `model.device` puts the model on a CUDA GPU here, asked without initialising CUDA
+    in this process (NVML's device count, as torch offers for processes that fork)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return True
+    if device != "auto" or not torch.backends.cuda.is_built():
+        return False
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    return bool(torch.cuda.is_available())
 
 
 def _runtime(context: Context, cfg_yaml: str | None, state_root: str | None) -> ClientRuntime:

@@ -181,11 +181,11 @@ def node_warm_up(app_dir: str, node_config: str | None) -> None:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     try:
-        client = preload_node(Path(app_dir), parse_config_args([node_config] if node_config else None))
+        what = preload_node(Path(app_dir), parse_config_args([node_config] if node_config else None))
     finally:
         torch.set_num_threads(threads)
     profile.SETUP.clear()  # paid here, by no message
-    print(f"fedtune zygote: {client} set up ahead in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    print(f"fedtune zygote: set up ahead in {time.perf_counter() - t0:.1f} s: {what}", file=sys.stderr, flush=True)
 
 
 def _node_config(args: list[str]) -> str | None:
@@ -214,7 +214,7 @@ def serve(
         importlib.import_module(name)
     if warm_up is not None:
         try:
-            import tqdm
+            import tqdm  # type: ignore[import-untyped]
 
             tqdm.tqdm.monitor_interval = 0  # a progress bar (datasets' map) would start tqdm's monitor thread
         except ImportError:

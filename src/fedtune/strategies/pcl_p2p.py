@@ -24,7 +24,6 @@ the server form). Push-sum is refused (its column sums would break). Round metri
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -35,7 +34,7 @@ from fedtune.client.run import PeerState
 from fedtune.errors import Problem
 from fedtune.strategies.base import STRATEGIES, Capabilities
 from fedtune.strategies.decentralized import Gossip, mix_inbox
-from fedtune.strategies.personal import weight_similarity
+from fedtune.strategies.personal import val_trust, weight_similarity
 from fedtune.types import AdapterState
 
 
@@ -46,7 +45,8 @@ def trust_row(
     if kind == "val":
         if losses is None:
             raise ValueError("pcl_p2p with trust 'val' scores models on each receiver's own data: it needs the engine")
-        scores = torch.tensor([-math.exp(min(losses[i], 50.0)) for i in senders], dtype=torch.float64)
+        # scores of Python floats, on the host on purpose: the row leaves as Python floats (.tolist())
+        scores = torch.tensor([val_trust(losses[i]) for i in senders], dtype=torch.float64)
     else:
         scores = weight_similarity([messages[i] for i in senders])[list(senders).index(me)]
     return dict(zip(senders, torch.softmax(scores, dim=0).tolist()))

@@ -4,6 +4,7 @@ others. CoMiGS (generalist experts shared, specialists and router kept on the cl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -121,6 +122,12 @@ class CoMiGS(StrategyBase):
 # -- PCL -----------------------------------------------------------------------------------------
 
 
+def val_trust(loss: float) -> float:
+    """PCL's 'val' trust score of a model: minus its perplexity on the scorer's validation blocks
+    (the loss clipped at 50 so a diverged model scores very low, never -inf)."""
+    return -math.exp(min(loss, 50.0))
+
+
 def softmax_rows(scores: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores.double(), dim=1)
 
@@ -225,7 +232,7 @@ class PCL(PerClient):
             raise ValueError(f"PCL trust {self.trust!r} needs the clients (an engine)")
         if self.trust == "val":
             losses = engine.peer_evaluate(dict(zip(ids, states)), split="val", max_blocks=self.val_blocks)
-            t = torch.tensor([[-float(np.exp(min(losses[i][j], 50.0))) for j in ids] for i in ids])
+            t = torch.tensor([[val_trust(losses[i][j]) for j in ids] for i in ids])
             sizes = [len(serialize(s)) for s in states]
             down = sum(sizes[j] for i in range(n) for j in range(n) if i != j)  # peers' adapters to i
             return t.double(), n * n * 4, down  # each client returns n perplexities

@@ -11,6 +11,8 @@ Rows (each the median step time over --steps optimizer steps after one warm-up s
   fedtune bf16 base, full head  the same with the LM head over every position (what TRL computes)
   ..., eager attention        model.attention: eager instead of transformers' default (sdpa)
   ..., grouped attention      model.attention: grouped (fedtune.models.attention; the demo's)
+  ..., packed                 train.packing: the batch's examples end to end in fewer rows
+                              (fedtune.client.packing), no padding run
   TRL SFTTrainer fp32 / bf16  completion-only loss, the same prompt/completion pairs (TRL applies
                               the same chat template), batch 4, the same LoRA; padding_free where
                               TRL allows it (it needs a flash-attention kernel: not on CPU), else padded
@@ -63,7 +65,15 @@ def real_tokens(mask: torch.Tensor) -> int:
 
 
 def fedtune_row(
-    cfg: Any, shard: Any, model_dir: str, bf16: bool, base: str, steps: int, full_head: bool, attention: str
+    cfg: Any,
+    shard: Any,
+    model_dir: str,
+    bf16: bool,
+    base: str,
+    steps: int,
+    full_head: bool,
+    attention: str,
+    packing: bool = False,
 ) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -74,7 +84,7 @@ def fedtune_row(
     mcfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": base, "attention": attention})})
     model, _ = build_adapted_model(mcfg, model_dir, {}, None)
     params = [p for p in model.parameters() if p.requires_grad]
-    spec = TrainSpec(steps=steps + 1, batch_size=cfg.train.batch_size, lr=cfg.train.lr, bf16=bf16)
+    spec = TrainSpec(steps=steps + 1, batch_size=cfg.train.batch_size, lr=cfg.train.lr, bf16=bf16, packing=packing)
     order = batch_indices(shard.num_examples, spec.batch_size, torch.Generator().manual_seed(0))  # = training's
     batches = [next(order) for _ in range(steps + 1)]
     tokens = [real_tokens(shard.train_mask[b]) for b in batches]
@@ -106,7 +116,7 @@ def fedtune_row(
         flops = []  # each timed step's FLOPs, counted afterwards (the counter slows what it counts)
         for b in batches[1:]:
             with FlopCounterMode(display=False) as fc:
-                train.lm_loss(model, shard.train[b], bf16, mask=shard.train_mask[b]).backward()
+                train.lm_loss(model, shard.train[b], bf16, mask=shard.train_mask[b], pack=packing).backward()
             flops.append(fc.get_total_flops())
             model.zero_grad(set_to_none=True)
     finally:
@@ -218,14 +228,17 @@ def main() -> None:
         ("fedtune bf16 base, eager attention", True, "bfloat16", False, "eager"),
         ("fedtune bf16 base, grouped attention", True, "bfloat16", False, "grouped"),
         ("fedtune fp32, eager attention", False, "float32", False, "eager"),
+        ("fedtune fp32, grouped attention", False, "float32", False, "grouped"),
+        ("fedtune fp32, grouped attention, packed", False, "float32", False, "grouped", True),
+        ("fedtune bf16 base, grouped attention, packed", True, "bfloat16", False, "grouped", True),
     ]
     wanted = [w for w in args.rows.split("|") if w]
-    for name, bf16, base, full, attention in plan:
+    for name, bf16, base, full, attention, *packed in plan:
         if wanted and not any(w in name for w in wanted):
             continue
         kind = torch.bfloat16 if bf16 else torch.float32
         before = gemm_peak(kind)  # this machine's speed drifts: the peak is taken around each row
-        rows[name] = fedtune_row(cfg, shard, model_dir, bf16, base, args.steps, full, attention)
+        rows[name] = fedtune_row(cfg, shard, model_dir, bf16, base, args.steps, full, attention, bool(packed))
         rows[name]["peak"] = "bf16" if bf16 else "fp32"
         rows[name]["peak_gflops"] = (before + gemm_peak(kind)) / 2
         print(name, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[name].items()}))

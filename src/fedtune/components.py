@@ -159,7 +159,26 @@ def check_task(cfg: ExperimentConfig) -> list[Problem]:
     from fedtune.embedding.checks import embedding_problems, ghost_noise_problems
 
     caps = strategy_capabilities(cfg)
-    return embedding_problems(cfg) + ghost_noise_problems(cfg, caps is not None and caps.client_step)
+    client_step = caps is not None and caps.client_step
+    return embedding_problems(cfg) + ghost_noise_problems(cfg, client_step) + packing_problems(cfg, client_step)
+
+
+def packing_problems(cfg: ExperimentConfig, client_step: bool) -> list[Problem]:
+    """train.packing needs fedtune's own local step on a generative task, and an adapter whose
+    forward keeps each token's position (`Adapter.packs`); the model type is checked with the
+    model (`model_limit_problems`)."""
+    if not cfg.train.packing:
+        return []
+    why = None
+    if cfg.task != "generate":
+        why = f"task {cfg.task!r} builds its own rows (GEM's summary tokens), which are not packed"
+    elif client_step:
+        why = f"strategy {cfg.strategy.name!r} trains with its own client update, which runs rows unpacked"
+    elif cfg.adapter.kind in ADAPTERS and not build_adapter(cfg.adapter).packs:
+        why = f"adapter.kind {cfg.adapter.kind!r} puts its virtual tokens before each row, not before each example"
+    if why is None:
+        return []
+    return [Problem("train.packing", True, why, "set train.packing: false")]
 
 
 def sam_problems(name: str, caps: Capabilities, rho: float, dp_sgd: bool) -> list[Problem]:
@@ -175,9 +194,22 @@ def sam_problems(name: str, caps: Capabilities, rho: float, dp_sgd: bool) -> lis
 
 
 def model_limit_problems(cfg: ExperimentConfig, model_dir: str) -> list[Problem]:
-    """The data must fit the model: data.block_size <= its maximum positions."""
-    from fedtune.models.load import max_positions
+    """The data must fit the model (data.block_size <= its maximum positions), and train.packing
+    needs a model type whose packed mask is checked (`client.packing.PACKABLE_MODEL_TYPES`)."""
+    from fedtune.client.packing import PACKABLE_MODEL_TYPES
+    from fedtune.models.load import max_positions, model_type
 
+    kind = model_type(model_dir)
+    if cfg.train.packing and kind not in PACKABLE_MODEL_TYPES:
+        return [
+            Problem(
+                "train.packing",
+                True,
+                f"model type {kind!r} ({model_dir}) is not one whose packed attention mask fedtune checks "
+                f"({', '.join(sorted(PACKABLE_MODEL_TYPES))})",
+                "set train.packing: false",
+            )
+        ]
     limit = max_positions(model_dir)
     if limit is not None and cfg.data.block_size > limit:
         return [

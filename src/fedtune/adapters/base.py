@@ -125,6 +125,7 @@ class Adapter(Protocol):
     kind: ClassVar[str]
     algebra: ClassVar[Algebra]
     frozen_suffixes: ClassVar[tuple[str, ...]]  # shared frozen tensors: never trained, never sent back
+    packs: ClassVar[bool]  # its forward keeps each token's position: rows may hold several examples (train.packing)
 
     def inject(self, model: Any, ctx: InjectContext) -> Any: ...
 
@@ -164,6 +165,7 @@ class AdapterBase:
     kind: ClassVar[str]
     algebra: ClassVar[Algebra]
     frozen_suffixes: ClassVar[tuple[str, ...]] = ()
+    packs: ClassVar[bool] = True
 
     def parameters(self, model: Any) -> dict[str, torch.nn.Parameter]:
         raise NotImplementedError

@@ -134,6 +134,7 @@ class PromptLearning(AdapterBase):
     encoder: ClassVar[str]
     config_key: ClassVar[str]
     trains: ClassVar[str]  # what trains, for the no-dropout problem
+    packs: ClassVar[bool] = False  # the virtual tokens go before each row, not before each packed example
 
     def attach(self, model: Any, encoder: nn.Module, config: Any, *hooks: tuple[str, Any]) -> Any:
         """Freeze the base, add the trainable encoder and the (pre / post) forward hooks."""

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.client.dp_sgd import Mechanism, Units, dp_step_
+from fedtune.client.packing import pack_rows
 from fedtune.client.sam import sam_perturb_, sam_restore_
 from fedtune.errors import TrainingDivergedError
 from fedtune.privacy.randomness import SecureNoise, SeededNoise
@@ -61,6 +62,7 @@ class TrainSpec:
     dp_randomness: str = "seeded"  # 'secure': Poisson batches and noise from the OS CSPRNG
     ghost_batch: int | None = None  # Ghost Noise Injection's ghost batch size (None = off)
     ghost_eps: float = 1e-3
+    packing: bool = False  # padding-free packing of a batch's examples (`client.packing`)
 
     def dp_rate(self, num_blocks: int) -> float:
         """DP-SGD's Poisson sampling rate q for a client with `num_blocks` training blocks."""
@@ -140,13 +142,21 @@ def _forward_takes_logits_to_keep(forward: Callable[..., Any]) -> bool:  # once 
     return "logits_to_keep" in inspect.signature(forward).parameters
 
 
-def target_loss(model: Any, batch: torch.Tensor, mask: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, int]:
+def target_loss(
+    model: Any, batch: torch.Tensor, mask: torch.Tensor, bf16: bool, pack: bool = False
+) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the `mask`ed targets of right-padded rows [B, T], and
     their count. The LM head and the softmax run only at the positions that predict a target: on
     instruction data a few answer tokens follow a long prompt, and the head (vocab x hidden) is
-    about a fifth of a small model's FLOPs. Same value as HF's loss (logits upcast to fp32)."""
+    about a fifth of a small model's FLOPs. Same value as HF's loss (logits upcast to fp32).
+    `pack`: the rows' examples run packed end to end in fewer rows (`client.packing`)."""
     dev = model_device(model)
     batch, mask = trim_padding(batch.to(dev), mask.to(dev))
+    extra: dict[str, Any] = {}
+    packed = pack_rows(batch, mask) if pack else None
+    if packed is not None:  # no cache: transformers reads packed positions only without one
+        batch, mask, extra["position_ids"] = packed.ids, packed.mask, packed.positions
+        extra["use_cache"] = False
     targets = mask[:, 1:]  # position t predicts token t + 1
     n = int(targets.sum())
     if n == 0:
@@ -155,9 +165,9 @@ def target_loss(model: Any, batch: torch.Tensor, mask: torch.Tensor, bf16: bool)
     labels = batch[:, 1:][:, cols].masked_fill(~targets[:, cols], -100)
     with autocast(bf16, dev, model):
         if _keeps_logits_subset(model):
-            logits = model(input_ids=batch, logits_to_keep=cols).logits
+            logits = model(input_ids=batch, logits_to_keep=cols, **extra).logits
         else:
-            logits = model(input_ids=batch).logits[:, cols]
+            logits = model(input_ids=batch, **extra).logits[:, cols]
     loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     return loss, n
 
@@ -166,13 +176,18 @@ AuxLoss = Callable[[], "torch.Tensor | None"]
 
 
 def lm_loss(
-    model: Any, batch: torch.Tensor, bf16: bool, aux: AuxLoss | None = None, mask: torch.Tensor | None = None
+    model: Any,
+    batch: torch.Tensor,
+    bf16: bool,
+    aux: AuxLoss | None = None,
+    mask: torch.Tensor | None = None,
+    pack: bool = False,
 ) -> torch.Tensor:
     """Mean next-token cross-entropy of a batch of packed blocks [B, T] plus the adapter's
     auxiliary loss of that forward pass (`aux()`: e.g. a mixture's weighted load-balancing loss,
-    None for none); `mask` [B, T]: only True tokens are targets."""
+    None for none); `mask` [B, T]: only True tokens are targets; `pack`: see `target_loss`."""
     if mask is not None:
-        total, n = target_loss(model, batch, mask, bf16)
+        total, n = target_loss(model, batch, mask, bf16, pack)
         loss = total / max(1, n)
     else:
         dev = model_device(model)
@@ -261,7 +276,7 @@ def accumulate_grads_(
     step_loss = 0.0
     for part_rows in rows:
         part = data.mask[part_rows] if data.mask is not None else None
-        loss = lm_loss(model, data.blocks[part_rows], spec.bf16, aux, part)
+        loss = lm_loss(model, data.blocks[part_rows], spec.bf16, aux, part, spec.packing)
         if extra_loss is not None:
             loss = loss + extra_loss()
         check_finite(model, loss, step, spec)

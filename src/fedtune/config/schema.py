@@ -105,14 +105,25 @@ class TrainConfig(_Strict):
     ghost_noise: GhostNoiseConfig | None = Field(
         None, description="Ghost Noise Injection as a regulariser of the local step (off by default)"
     )
+    packing: bool = Field(
+        False,
+        description="padding-free packing: a batch's right-padded examples (instruction data) run end to end in "
+        "fewer rows, each attending only to itself at its own positions (same loss, fewer padding tokens; "
+        "fedtune.client.packing); text data is already packed blocks",
+    )
 
     @model_validator(mode="after")
-    def _ghost_and_dp(self) -> TrainConfig:
+    def _exclusive_options(self) -> TrainConfig:
         if self.ghost_noise is not None and self.dp_sgd is not None:
             raise ValueError(
                 "train.ghost_noise mixes the statistics of a batch's examples into each one, so one example's "
                 "gradient depends on the others and DP-SGD's per-example bound no longer holds; drop "
                 "train.ghost_noise or train.dp_sgd"
+            )
+        if self.packing and self.dp_sgd is not None:
+            raise ValueError(
+                "train.packing packs a batch's examples into shared rows, but DP-SGD computes each example's "
+                "gradient alone (nothing to pack); drop train.packing or train.dp_sgd"
             )
         return self
 

@@ -22,7 +22,7 @@ from fedtune.engines.federation import Federation, device_facts
 from fedtune.engines.flower import profile
 from fedtune.engines.flower.secagg_plus import secure_round
 from fedtune.engines.flower.wire import from_record, to_record
-from fedtune.errors import FedtuneError
+from fedtune.errors import ConfigError, FedtuneError
 from fedtune.seeding import torch_generator
 from fedtune.types import AdapterState, ClientFailure
 
@@ -194,6 +194,9 @@ def flower_federation(
         node_of = discover_clients(grid, expected, timeout, examples, stats)
         ids = list(node_of)
         model_dir = resolve_model_dir(cfg.model, cfg.seed)
+        limits = components.model_limit_problems(cfg, model_dir)
+        if limits:
+            raise ConfigError(limits)
         cfg, auto = resolve_auto(cfg, ids, model_dir)  # the same picks as every SuperNode's
         ranks = rank_per_client(cfg, ids)
         tokenizer = load_tokenizer(model_dir)

@@ -20,16 +20,20 @@ WHEELHOUSE_OUT ?= wheelhouse
 EXTRAS  := dev,flower,dp,track,eval,tune,p2p
 TEST_STAMP := $(VENV)/.installed-test
 
+# pip would byte-compile every module it installs (24,000 files: 116 s on 2 cores); Python compiles
+# what it imports instead, once (5,200 modules for everything the tests import: 22 s)
+PIP     := $(BIN)/pip install -q --no-compile
+
 # the demo needs only the core package; the tests also need the extras (Flower, DP, trackers, lm-eval, optuna, hivemind)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH)
+	$(PIP) $(TORCH)
 	echo "$(TORCH)" > $(VENV)/constraints.txt
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e .
+	$(PIP) -c $(VENV)/constraints.txt -e .
 	touch $(STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
+	$(PIP) -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
 	touch $(TEST_STAMP)
 
 install: $(TEST_STAMP)

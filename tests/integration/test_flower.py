@@ -284,8 +284,8 @@ def test_killed_supernode_is_a_recorded_failure_and_rejoins(tiny_cfg, tmp_path) 
     # the timeout a second time); the SuperNode of 'json' crashes (SIGKILL: the SuperLink is not told)
     # after round 1 and is restarted at once: round 2 waits out engine.timeout for it (time for the new
     # node to register; a graceful stop would unregister it and the rounds would race the restart),
-    # round 3 finds the restarted node by its new node id
-    over = ["data.labels=[email, json]", "rounds=4", "train.steps=2", "engine.timeout=45", "evaluation.every=4"]
+    # round 3 (the last) finds the restarted node by its new node id
+    over = ["data.labels=[email, json]", "rounds=3", "train.steps=2", "engine.timeout=45", "evaluation.every=3"]
     cfg = tiny_cfg(*over, name="fault")
     run_dir = Path(cfg.run_dir()).resolve()
     app = write_app(cfg.model_copy(update={"output_dir": str(run_dir)}), tmp_path / "app", 2)

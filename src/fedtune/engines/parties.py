@@ -13,6 +13,7 @@ import torch
 
 from fedtune.adapters import build_adapter
 from fedtune.adapters.base import InjectContext
+from fedtune.client.packing import PACKABLE_MODEL_TYPES
 from fedtune.client.train import TrainSpec, autocast, batch_indices, lm_loss, make_optimizer, model_device
 from fedtune.config import ExperimentConfig
 from fedtune.data.blocks import Shard, pack
@@ -77,6 +78,9 @@ def build_party_model(cfg: ExperimentConfig, base_dir: str, party: Party, cid: s
     if party.init == "random":
         reinit_(model, derive_seed(cfg.seed, "party-init", cid))
     kind = model_type(model_dir)
+    if cfg.train.packing and kind not in PACKABLE_MODEL_TYPES:
+        why = f"party {cid!r}'s model type {kind!r} is not one whose packed attention mask fedtune checks"
+        raise ConfigError([Problem("train.packing", True, why, "set train.packing: false")])
     ctx = InjectContext(seed=derive_seed(cfg.seed, "adapter-init"), model_type=kind, train_lr=cfg.train.lr)
     model = build_adapter(cfg.adapter).inject(model, ctx)
     for p in model.parameters():
@@ -142,7 +146,7 @@ def train_party_(
     model.train()
     for _ in range(spec.steps):
         b = next(own)
-        loss = lm_loss(model, shard.train[b], spec.bf16, mask=mask[b] if mask is not None else None)
+        loss = lm_loss(model, shard.train[b], spec.bf16, mask=mask[b] if mask is not None else None, pack=spec.packing)
         sums["train_loss"] += float(loss.detach())
         if target is not None:
             p = next(pub)

@@ -67,3 +67,26 @@ def test_client_round_with_ghost_noise_is_seeded_and_differs_from_without(tiny_w
     assert all(torch.equal(d_on[k], d_again[k]) for k in d_on)
     assert any(not torch.allclose(d_on[k], d_off[k]) for k in d_on)
     assert not any(h for m in model.modules() for h in m._forward_hooks.values())  # hooks removed
+
+
+def test_the_configured_eps_reaches_the_injected_noise(tiny_with_lora, random_shard, monkeypatch):
+    """`train.ghost_noise.eps` is the eps of every injected transform (it was dropped: the hooks
+    always used the default 1e-3)."""
+    from dataclasses import replace
+
+    from fedtune.client import ghost_noise as gn
+    from fedtune.client.round import client_round
+    from fedtune.client.train import TrainSpec
+
+    seen = set()
+    real = gn.ghost_noise
+
+    def spy(x, n, gen, eps=1e-3):
+        seen.add(eps)
+        return real(x, n, gen, eps)
+
+    monkeypatch.setattr(gn, "ghost_noise", spy)
+    model, init = tiny_with_lora()
+    spec = replace(TrainSpec(steps=1, batch_size=4, lr=0.01), ghost_batch=4, ghost_eps=0.25)
+    client_round(model, init, random_shard("a"), spec, seed=0, rnd=1)
+    assert seen == {0.25}

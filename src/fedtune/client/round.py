@@ -85,7 +85,9 @@ def client_round(
     extra = (lambda: reduce(torch.add, [t() for t in terms])) if terms else None  # noqa: E731
     ghost: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if spec.ghost_batch is not None:  # a regulariser of this local step only (eval mode: no noise)
-        ghost = ghost_noise_injected(model, spec.ghost_batch, torch_generator(seed, "ghost", rnd, shard.client_id))
+        ghost = ghost_noise_injected(
+            model, spec.ghost_batch, torch_generator(seed, "ghost", rnd, shard.client_id), spec.ghost_eps
+        )
     with ghost:
         metrics = local_train_(
             model,

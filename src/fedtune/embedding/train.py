@@ -55,7 +55,9 @@ def local_gem_train_(
     total = spec.num_steps(len(rows))
     ghost: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if spec.ghost_batch is not None:
-        ghost = ghost_noise_injected(model, spec.ghost_batch, torch_generator(seed, "ghost", rnd, client_id))
+        ghost = ghost_noise_injected(
+            model, spec.ghost_batch, torch_generator(seed, "ghost", rnd, client_id), spec.ghost_eps
+        )
     losses: list[float] = []
     t0 = time.perf_counter()
     model.train()

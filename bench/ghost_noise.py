@@ -26,6 +26,11 @@ ROWS = {
     "fedavg": ["strategy.name=fedavg"],
     "fedavg + GNI 32": ["strategy.name=fedavg", "train.ghost_noise.batch_size=32"],
     "fedavg + GNI 8": ["strategy.name=fedavg", "train.ghost_noise.batch_size=8"],
+    "fedavg + GNI 8, final norm": [
+        "strategy.name=fedavg",
+        "train.ghost_noise.batch_size=8",
+        "train.ghost_noise.last=1",
+    ],
     "local": ["strategy.name=local"],
     "local + GNI 8": ["strategy.name=local", "train.ghost_noise.batch_size=8"],
 }

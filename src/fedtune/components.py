@@ -373,7 +373,8 @@ def run_context(cfg: ExperimentConfig, client_ids: list[str], lora_scale: float,
 def build_train_spec(cfg: ExperimentConfig) -> TrainSpec:
     fields = cfg.train.model_dump(exclude={"dp_sgd", "client_lr", "ghost_noise"})
     if cfg.train.ghost_noise is not None:
-        fields.update(ghost_batch=cfg.train.ghost_noise.batch_size, ghost_eps=cfg.train.ghost_noise.eps)
+        gni = cfg.train.ghost_noise
+        fields.update(ghost_batch=gni.batch_size, ghost_eps=gni.eps, ghost_last=gni.last)
     if cfg.train.dp_sgd is not None:
         fields.update(
             dp_clip=cfg.train.dp_sgd.clip, dp_noise=cfg.train.dp_sgd.noise_multiplier, dp_randomness=cfg.randomness()

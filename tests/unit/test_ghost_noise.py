@@ -90,3 +90,22 @@ def test_the_configured_eps_reaches_the_injected_noise(tiny_with_lora, random_sh
     spec = replace(TrainSpec(steps=1, batch_size=4, lr=0.01), ghost_batch=4, ghost_eps=0.25)
     client_round(model, init, random_shard("a"), spec, seed=0, rnd=1)
     assert seen == {0.25}
+
+
+def test_last_injects_at_the_final_norm_only(tiny):
+    """`train.ghost_noise.last: 1`: one hook, on the model's final norm (the last in module order);
+    the hidden states before it are the clean model's, the logits are not."""
+    ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    tiny.eval()
+    clean = tiny(input_ids=ids, output_hidden_states=True)
+    final_norm = tiny.model.norm
+    with ghost_noise_injected(tiny, 4, torch.Generator().manual_seed(0), last=1) as n:
+        assert n == 1 and len(final_norm._forward_hooks) == 1
+        tiny.train()
+        noisy = tiny(input_ids=ids, output_hidden_states=True)
+        tiny.eval()
+    # every decoder layer's output is untouched (the last hidden state is the final norm's output)
+    for a, b in zip(clean.hidden_states[:-1], noisy.hidden_states[:-1]):
+        assert torch.equal(a, b)
+    assert not torch.allclose(noisy.logits, clean.logits)
+    assert not final_norm._forward_hooks

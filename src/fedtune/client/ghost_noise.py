@@ -17,7 +17,9 @@ injects it at the output of every RMSNorm / LayerNorm module during local traini
 tokens of the micro-batch as the batch (*chosen*: the paper's placement in layer-normalized
 transformers could not be retrieved here; per-token statistics give a usable batch at the small
 batch sizes of LLM fine-tuning). Modules in eval mode pass through unchanged, so evaluation and
-export never see noise. Randomness comes from the injected generator only.
+export never see noise. Randomness comes from the injected generator only. `last` (config
+`train.ghost_noise.last`) restricts it to the last k norm modules: on a frozen pretrained LLM the
+noise at every norm compounds (BENCHMARKS.md, measured by `bench/ghost_scale.py`).
 """
 
 from __future__ import annotations
@@ -51,10 +53,12 @@ def _is_norm(module: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def ghost_noise_injected(model: Any, ghost_batch: int, gen: torch.Generator, eps: float = 1e-3) -> Iterator[int]:
-    """Inside the block, every norm module of `model` in training mode has GNI applied to its
-    output (tokens of the batch as batch elements, padding included); yields how many modules.
-    The hooks are removed on exit."""
+def ghost_noise_injected(
+    model: Any, ghost_batch: int, gen: torch.Generator, eps: float = 1e-3, last: int | None = None
+) -> Iterator[int]:
+    """Inside the block, every norm module of `model` (or only the `last` ones, in module order)
+    in training mode has GNI applied to its output (tokens of the batch as batch elements, padding
+    included); yields how many modules. The hooks are removed on exit."""
 
     def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor | None:
         if not module.training or not isinstance(out, torch.Tensor):
@@ -62,7 +66,8 @@ def ghost_noise_injected(model: Any, ghost_batch: int, gen: torch.Generator, eps
         flat = out.reshape(-1, out.shape[-1])  # [B * T, d]
         return ghost_noise(flat, ghost_batch, gen, eps).reshape(out.shape)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if _is_norm(m)]
+    norms = [m for m in model.modules() if _is_norm(m)]
+    handles = [m.register_forward_hook(hook) for m in (norms[-last:] if last else norms)]
     try:
         yield len(handles)
     finally:

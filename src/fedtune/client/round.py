@@ -86,7 +86,11 @@ def client_round(
     ghost: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if spec.ghost_batch is not None:  # a regulariser of this local step only (eval mode: no noise)
         ghost = ghost_noise_injected(
-            model, spec.ghost_batch, torch_generator(seed, "ghost", rnd, shard.client_id), spec.ghost_eps
+            model,
+            spec.ghost_batch,
+            torch_generator(seed, "ghost", rnd, shard.client_id),
+            spec.ghost_eps,
+            spec.ghost_last,
         )
     with ghost:
         metrics = local_train_(

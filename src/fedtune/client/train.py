@@ -62,6 +62,7 @@ class TrainSpec:
     dp_randomness: str = "seeded"  # 'secure': Poisson batches and noise from the OS CSPRNG
     ghost_batch: int | None = None  # Ghost Noise Injection's ghost batch size (None = off)
     ghost_eps: float = 1e-3
+    ghost_last: int | None = None  # only the last k norm modules (None = every one)
     packing: bool = False  # padding-free packing of a batch's examples (`client.packing`)
 
     def dp_rate(self, num_blocks: int) -> float:

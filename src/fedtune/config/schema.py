@@ -63,6 +63,12 @@ class GhostNoiseConfig(_Strict):
         16, ge=2, description="ghost batch size N: the shift's variance is var / N (smaller = more noise)"
     )
     eps: float = Field(1e-3, gt=0.0, description="added to both variances of the scale ratio")
+    last: int | None = Field(
+        None,
+        ge=1,
+        description="inject only at the last `last` norm modules (in module order; 1 = the final norm before "
+        "the LM head); None = every norm (BENCHMARKS: on a pretrained LLM every norm compounds the noise)",
+    )
 
 
 class TrainConfig(_Strict):

@@ -56,7 +56,7 @@ def local_gem_train_(
     ghost: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if spec.ghost_batch is not None:
         ghost = ghost_noise_injected(
-            model, spec.ghost_batch, torch_generator(seed, "ghost", rnd, client_id), spec.ghost_eps
+            model, spec.ghost_batch, torch_generator(seed, "ghost", rnd, client_id), spec.ghost_eps, spec.ghost_last
         )
     losses: list[float] = []
     t0 = time.perf_counter()

@@ -4,6 +4,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,45 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", category=FutureWarning)
+
+COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black"}
+
+
+def chat_folder(
+    root: Path, n: int = 14, prefix: Any = lambda i: f"Case {i}: ", system: str | None = "Answer with one word."
+) -> Path:
+    """Two clients' chat files (JSONL, messages format, with options); each asks about the colour
+    of things: `n` rows, the user turn `prefix(i)` + the question, after an optional system turn."""
+    import json
+
+    for c, things in {"north": ["sky", "snow"], "south": ["grass", "coal"]}.items():
+        d = root / c
+        d.mkdir(parents=True)
+        rows = []
+        for i in range(n):
+            thing = things[i % 2]
+            msgs = [] if system is None else [{"role": "system", "content": system}]
+            msgs += [
+                {"role": "user", "content": f"{prefix(i)}what colour is the {thing}?"},
+                {"role": "assistant", "content": COLORS[thing]},
+            ]
+            rows.append({"messages": msgs, "options": sorted(COLORS.values())})
+        (d / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def chat_data(data: Path, block_size: int, test_fraction: float) -> list[str]:
+    """Overrides of configs/tiny.yaml that read `chat_folder`'s files whole."""
+    return [
+        "data.source=files",
+        f"data.path={data}",
+        "data.format=messages",
+        "data.max_chars_per_doc=null",
+        "data.max_docs_per_label=null",
+        "data.labels=null",
+        f"data.block_size={block_size}",
+        f"data.test_fraction={test_fraction}",
+    ]
 
 
 @pytest.fixture(autouse=True)

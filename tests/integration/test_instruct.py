@@ -8,40 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
-
-COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black"}
-
-
-def chat_folder(root: Path) -> Path:
-    """Two clients; each asks about the colour of things (JSONL, messages format, with options)."""
-    for c, things in {"north": ["sky", "snow"], "south": ["grass", "coal"]}.items():
-        d = root / c
-        d.mkdir(parents=True)
-        rows = []
-        for i in range(14):
-            thing = things[i % 2]
-            msgs = [
-                {"role": "system", "content": "Answer with one word."},
-                {"role": "user", "content": f"Case {i}: what colour is the {thing}?"},
-                {"role": "assistant", "content": COLORS[thing]},
-            ]
-            rows.append({"messages": msgs, "options": sorted(COLORS.values())})
-        (d / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return root
+from conftest import COLORS, ROOT, chat_data, chat_folder, run_cli
 
 
 def chat_run(data: Path, out: Path) -> list[str]:
     """Overrides of configs/tiny.yaml for one round on `chat_folder`'s data, every task metric on."""
     return [
-        "data.source=files",
-        f"data.path={data}",
-        "data.format=messages",
-        "data.max_chars_per_doc=null",
-        "data.max_docs_per_label=null",
-        "data.labels=null",
-        "data.block_size=96",
-        "data.test_fraction=0.3",
+        *chat_data(data, 96, 0.3),
         "rounds=1",
         "evaluation.ood=true",
         "evaluation.max_examples=4",

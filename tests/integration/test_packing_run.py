@@ -3,34 +3,18 @@ gives the unpacked run's records (to float rounding), and packing really happene
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
-
-COLORS = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black"}
+from conftest import ROOT, chat_data, chat_folder
 
 
 def varied_chat(root: Path) -> Path:
     """Two clients asking about colours, one prompt in four with 20 filler words: rows of very
     different lengths (about 60 and 200 bytes), as real instruction data has."""
-    for c, things in {"north": ["sky", "snow"], "south": ["grass", "coal"]}.items():
-        d = root / c
-        d.mkdir(parents=True)
-        rows = []
-        for i in range(16):
-            thing = things[i % 2]
-            filler = " ".join(["please"] * (20 if i % 4 == 0 else 1))
-            msgs = [
-                {"role": "user", "content": f"{filler}: what colour is the {thing}?"},
-                {"role": "assistant", "content": COLORS[thing]},
-            ]
-            rows.append({"messages": msgs, "options": sorted(COLORS.values())})
-        (d / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return root
+    return chat_folder(root, 16, lambda i: " ".join(["please"] * (20 if i % 4 == 0 else 1)) + ": ", None)
 
 
 def _close(a: object, b: object, where: str) -> None:
@@ -51,14 +35,7 @@ def test_a_packed_run_gives_the_unpacked_runs_records(tmp_path, monkeypatch, no_
 
     data = varied_chat(tmp_path / "data")
     over = [
-        "data.source=files",
-        f"data.path={data}",
-        "data.format=messages",
-        "data.max_chars_per_doc=null",
-        "data.max_docs_per_label=null",
-        "data.labels=null",
-        "data.block_size=256",
-        "data.test_fraction=0.25",
+        *chat_data(data, 256, 0.25),
         "rounds=2",
         "train.steps=3",
         "evaluation.max_examples=4",

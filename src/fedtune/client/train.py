@@ -6,7 +6,6 @@ second parameter group on its own alternating schedule (CoMiGS's routers).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import math
@@ -18,6 +17,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fedtune.client.device import autocast as autocast
+from fedtune.client.device import model_device as model_device
 from fedtune.client.dp_sgd import Mechanism, Units, dp_step_
 from fedtune.client.packing import pack_rows
 from fedtune.client.sam import sam_perturb_, sam_restore_
@@ -96,32 +97,6 @@ def batch_indices(n: int, batch_size: int, gen: torch.Generator) -> Iterator[tor
             buf = torch.cat([buf, torch.randperm(n, generator=gen)])
         yield buf[:batch_size]
         buf = buf[batch_size:]
-
-
-def autocast(
-    bf16: bool, device: torch.device | str = "cpu", model: Any = None
-) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on the device's type (cpu or cuda); a no-op when off. Given the `model`, its PEFT
-    layers also leave their input's dtype alone (PEFT's `disable_input_dtype_casting`): by default a
-    LoRA layer casts its bf16 input to the fp32 adapter's dtype, and autocast casts it straight back
-    to bf16 for the matmul, an exact round trip that only copies (about 5 % of a bf16 step of
-    SmolLM2-135M with LoRA on q, v; BENCHMARKS.md)."""
-    if not bf16:
-        return contextlib.nullcontext()
-    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(kind, dtype=torch.bfloat16))
-    if model is not None:
-        from peft.helpers import disable_input_dtype_casting
-
-        stack.enter_context(disable_input_dtype_casting(model))
-    return stack
-
-
-def model_device(model: Any) -> torch.device:
-    """Where the model's weights are (batches built on the CPU move there)."""
-    first = next(iter(model.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 def trim_padding(batch: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -232,6 +232,7 @@ class PCL(PerClient):
             raise ValueError(f"PCL trust {self.trust!r} needs the clients (an engine)")
         if self.trust == "val":
             losses = engine.peer_evaluate(dict(zip(ids, states)), split="val", max_blocks=self.val_blocks)
+            # Python floats from the engine: the server's trust matrix lives on the host on purpose
             t = torch.tensor([[val_trust(losses[i][j]) for j in ids] for i in ids])
             sizes = [len(serialize(s)) for s in states]
             down = sum(sizes[j] for i in range(n) for j in range(n) if i != j)  # peers' adapters to i

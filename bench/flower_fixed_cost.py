@@ -199,7 +199,13 @@ def messages(profile: Path) -> list[dict[str, float | str]]:
 
 
 def deploy(
-    label: str, steps_list: list[int], rounds: int, light: bool, cold: bool = False, preload: bool = True
+    label: str,
+    steps_list: list[int],
+    rounds: int,
+    light: bool,
+    cold: bool = False,
+    preload: bool = True,
+    flower_polls: bool = False,
 ) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for steps in steps_list:
@@ -212,7 +218,8 @@ def deploy(
         dep_args = ["deploy", *common, "--set", f"output_dir={dep}", "--work", str(base / "work")]
         dep_args += ["--no-warm"] if cold else []
         dep_args += [] if preload else ["--no-preload"]
-        wall_dep = run_cli(dep_args, {"FEDTUNE_PROFILE": str(prof)})
+        polls = {"FEDTUNE_SUPERNODE_POLL": "flower"} if flower_polls else {}
+        wall_dep = run_cli(dep_args, {"FEDTUNE_PROFILE": str(prof), **polls})
         a, b = rounds_of(inproc), rounds_of(dep)
         result = {
             "steps": steps,
@@ -272,13 +279,18 @@ def main() -> None:
     p.add_argument("--light", action="store_true", help=f"the ratio curve's lighter step: {' '.join(LIGHT)}")
     p.add_argument("--cold", action="store_true", help="`fedtune deploy --no-warm`: Flower's cold ClientApp processes")
     p.add_argument("--no-preload", action="store_true", help="`fedtune deploy --no-preload`: warm, set up per message")
+    p.add_argument(
+        "--flower-polls",
+        action="store_true",
+        help="FEDTUNE_SUPERNODE_POLL=flower: Flower's own SuperNode sleeps",
+    )
     p = sub.add_parser("table")
     p.add_argument("--label", action="append", required=True)
     a = ap.parse_args()
     if a.cmd == "imports":
         imports(a.label, a.repeats)
     elif a.cmd == "deploy":
-        deploy(a.label, a.steps, a.rounds, a.light, a.cold, not a.no_preload)
+        deploy(a.label, a.steps, a.rounds, a.light, a.cold, not a.no_preload, a.flower_polls)
     else:
         table(a.label)
 

@@ -252,7 +252,9 @@ def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time, 
     assert no_time([json.loads(x) for x in lines]) == no_time(local.records)
     assert flower_processes(tmp_path / "work") == []
     for i in range(2):
-        assert "set up ahead in" in (tmp_path / "work" / f"supernode-{i}.log").read_text()
+        log = (tmp_path / "work" / f"supernode-{i}.log").read_text()
+        assert "set up ahead in" in log
+        assert "the SuperNode loop's sleeps capped at 0.25 s" in log
     prof = [json.loads(x) for x in (tmp_path / "profile.jsonl").read_text().splitlines()]
     handled = [p for p in prof if p["side"] == "client"]
     assert {p["kind"] for p in handled} >= {"train", "evaluate"}

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import torch
 
 from fedtune.engines.flower.warm import SOCKET_ENV, write_shim
@@ -168,3 +169,48 @@ def test_a_node_set_up_ahead_is_the_runtime_its_clientapp_uses(tiny_cfg, tmp_pat
     key3 = client_app.node_of(SimpleNamespace(run_config=get_fused_config_from_dir(app3, {}), node_config={
         "partition-id": 0, "state-dir": str(tmp_path / "s3")}), None, None)  # fmt: skip
     assert key3 not in client_app._RUNTIMES
+
+
+def test_the_supernode_sleeps_capped_are_flowers_own() -> None:
+    """What `cap_supernode_polls` relies on, read from the installed Flower: its SuperNode loop uses
+    `time` only to sleep, 3 s when it pulled nothing and 0.5 s while it waits for a reply. A Flower
+    release that changes them fails here, not silently in a deployment."""
+    import inspect
+    import re
+
+    from flwr.supernode import start_client_internal as loop
+
+    src = inspect.getsource(loop)
+    assert set(re.findall(r"\btime\.(\w+)", src)) == {"sleep"}
+    assert re.findall(r"\btime\.sleep\(([^)]*)\)", src) == ["3", "0.5", "0.5"]
+
+
+def test_capped_sleeps_in_the_supernode_loop(monkeypatch) -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    from fedtune.engines.flower import warm
+
+    slept: list[float] = []
+    capped = warm.CappedSleep(0.25, slept.append)
+    for s in (3, 0.5, 0.1):
+        capped.sleep(s)
+    assert slept == [0.25, 0.25, 0.1]
+    monkeypatch.setattr(loop, "time", loop.time)  # restored after the test
+    warm.cap_supernode_polls(0.2)
+    assert isinstance(loop.time, warm.CappedSleep) and loop.time.cap == 0.2
+
+
+def test_the_poll_cap_setting_is_checked_before_any_process_starts(tmp_path, monkeypatch) -> None:
+    from fedtune.engines.flower.warm import POLL_ENV, POLL_S, poll_cap
+    from fedtune.engines.flower_deploy import LocalDeployment
+    from fedtune.errors import FedtuneError
+
+    assert (poll_cap(None), poll_cap(""), poll_cap("flower"), poll_cap("0.1")) == (POLL_S, POLL_S, None, 0.1)
+    for bad in ("0", "-1", "5", "fast"):
+        with pytest.raises(ValueError, match=f"{POLL_ENV}='{bad}'"):
+            poll_cap(bad)
+    monkeypatch.setenv(POLL_ENV, "fast")
+    with pytest.raises(FedtuneError, match=f"{POLL_ENV}='fast'"):
+        LocalDeployment(tmp_path / "work", 1, tls=False)
+    assert not (tmp_path / "work" / "supernode-0.log").exists()
+    LocalDeployment(tmp_path / "cold", 1, tls=False, warm=False)  # Flower's own SuperNode: the setting is not used

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from fedtune.config import ExperimentConfig, config_to_yaml
-from fedtune.engines.flower.warm import APP_ENV, WARM_DIR_ENV
+from fedtune.engines.flower.warm import APP_ENV, POLL_ENV, WARM_DIR_ENV, poll_cap
 from fedtune.errors import FedtuneError
 
 BIN = Path(sys.executable).parent
@@ -182,6 +182,11 @@ class LocalDeployment:
         if self.auth and not self.tls:
             raise FedtuneError("SuperNode authentication needs TLS (Flower refuses it on an insecure link)")
         self.node_keys = make_node_keys(self.root / "keys", self.num_nodes) if self.auth else []
+        if self.warm:
+            try:
+                poll_cap(os.environ.get(POLL_ENV))  # refused here, before any process starts
+            except ValueError as e:
+                raise FedtuneError(str(e)) from None
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 (kept open for the process)

@@ -22,6 +22,13 @@ the zygote also sets the node up for that app's config before it serves (`node_w
 tokenizer, the node's shard, the base model with its adapter, the strategy and plan), so a
 forked ClientApp finds them in memory, shared copy-on-write; a run of another config sets itself
 up as before, and a failed set-up only costs the time it took (the zygote serves anyway).
+The SuperNode itself is Flower's `flower-supernode`, run in this process with one change: its
+message loop (`flwr.supernode.start_client_internal`, Flower 1.41) sleeps a fixed 3 s whenever it
+pulled nothing and polls its own state every 0.5 s for the ClientApp's reply, neither settable; a
+message arriving during the 3 s sleep waits for it, so those sleeps are capped at
+$FEDTUNE_SUPERNODE_POLL seconds (`POLL_S`; `flower` keeps Flower's). What is polled, and when a
+message is taken or a reply pushed, are Flower's; `tests/unit/test_warm_clientapp.py` fails if a
+Flower release changes the sleeps this caps (flwr is pinned).
 Every process stays in the SuperNode's process group (stopping the group stops them all), and the
 zygote exits when the SuperNode does. What a ClientApp does, the messages and the records are
 Flower's and fedtune's as before; only the imports are paid once per node instead of per message.
@@ -46,6 +53,8 @@ APP_ENV = "FEDTUNE_WARM_APP"  # a fedtune Flower app dir: the zygote sets the no
 WARM_DIR_ENV = "FEDTUNE_WARM_DIR"  # where `supernode` puts the shim and the socket (default: a temp dir)
 PRELOAD = ("torch", "transformers", "peft", "flwr.supernode.cli.flwr_clientapp", "fedtune.engines.flower.client_app")
 ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"  # what `flwr-clientapp` runs (its console script)
+POLL_ENV = "FEDTUNE_SUPERNODE_POLL"  # cap on the SuperNode loop's sleeps, seconds ("flower": Flower's own)
+POLL_S = 0.25  # the default cap: Flower's own deployment grid waits at most 0.25 s between pulls
 PID = struct.Struct("!i")  # the forked child's pid, then its exit status, each 4 bytes
 MAX_REQUEST = 1 << 20
 
@@ -278,14 +287,56 @@ def _reap(waiting: dict[int, socket.socket]) -> None:
             conn.close()
 
 
+class CappedSleep:
+    """Stands in for the `time` module inside Flower's SuperNode loop (`start_client_internal`,
+    whose only use of `time` is `time.sleep`): every sleep lasts at most `cap` seconds."""
+
+    def __init__(self, cap: float, sleep: Callable[[float], None]) -> None:
+        self.cap = cap
+        self._sleep = sleep
+
+    def sleep(self, seconds: float) -> None:
+        self._sleep(min(seconds, self.cap))
+
+
+def poll_cap(value: str | None) -> float | None:
+    """The cap $FEDTUNE_SUPERNODE_POLL asks for (None: Flower's sleeps unchanged); ValueError
+    naming the variable for anything else."""
+    if value is None or value == "":
+        return POLL_S
+    if value == "flower":
+        return None
+    try:
+        cap = float(value)
+    except ValueError:
+        cap = -1.0
+    if not 0 < cap <= 3:
+        raise ValueError(f"{POLL_ENV}={value!r}: give seconds in (0, 3], or 'flower' for Flower's own sleeps")
+    return cap
+
+
+def cap_supernode_polls(cap: float) -> None:
+    """Cap the sleeps of Flower's SuperNode loop in this process at `cap` seconds."""
+    import time
+
+    from flwr.supernode import start_client_internal as loop
+
+    loop.time = CappedSleep(cap, time.sleep)  # type: ignore[assignment,attr-defined]
+
+
 def supernode(args: list[str]) -> None:
-    """Start the zygote as a child, then become `flower-supernode args` with the shim first on
-    PATH (this process's pid stays the SuperNode's, so the zygote follows it). The shim and the
-    socket go in $FEDTUNE_WARM_DIR (else a temp dir); the zygote removes them when it ends (the
-    SuperNode gone, or SIGTERM to the group)."""
+    """Start the zygote as a child, then run `flower-supernode args` in this process with the shim
+    first on PATH and its loop's sleeps capped (`cap_supernode_polls`; this process's pid stays
+    the SuperNode's, so the zygote follows it). The shim and the socket go in $FEDTUNE_WARM_DIR
+    (else a temp dir); the zygote removes them when it ends (the SuperNode gone, or SIGTERM to
+    the group)."""
     import shutil
 
     bin_dir = Path(sys.executable).parent
+    try:
+        cap = poll_cap(os.environ.get(POLL_ENV))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     given = os.environ.pop(WARM_DIR_ENV, "")
     app = os.environ.pop(APP_ENV, "")
     warm_up = functools.partial(node_warm_up, app, _node_config(args)) if app else None
@@ -307,8 +358,14 @@ def supernode(args: list[str]) -> None:
     listener.close()  # the SuperNode does not hold the zygote's socket
     os.environ[SOCKET_ENV] = str(sock)
     os.environ["PATH"] = f"{home / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
-    exe = bin_dir / "flower-supernode"
-    os.execv(str(exe), [str(exe), *args])
+    sys.argv = [str(bin_dir / "flower-supernode"), *args]
+    from flwr.supernode.cli import flower_supernode  # what the `flower-supernode` script runs
+
+    if cap is not None:
+        cap_supernode_polls(cap)
+        print(f"fedtune: the SuperNode loop's sleeps capped at {cap} s ({POLL_ENV})", file=sys.stderr, flush=True)
+    flower_supernode()
+    sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ training alone?
     .venv/bin/python bench/embedding.py                     # SmolLM2 (CPU: about 4 minutes; see below)
     .venv/bin/python bench/embedding.py --model tiny --out bench/out/embedding-smoke   # the script, in a minute
     .venv/bin/python bench/embedding.py --instruction-examples 96    # + the demo's instruction task before / after
+    .venv/bin/python bench/embedding.py --source stdlib-docstrings   # docstring -> code; or --source 20newsgroups
 
 Task: chatterbot-corpus question -> answer pairs, one party per topic (food, history, science,
 sports), each party's own question+answer text as its self-supervised training data, 2 rounds x
@@ -50,6 +51,22 @@ SMOLLM2 = [
     "evaluation.max_examples=16",
 ]
 TINY = ["data.labels=[food,history,science,sports]", "rounds=2", "train.steps=2"]
+# --source: the other pair sets (`fedtune.data.pairs`), one party per label, SmolLM2 only.
+# Their texts are longer than chatterbot's, so blocks of 128 tokens (a step costs about twice as much).
+SOURCES = {
+    "chatterbot": [],
+    "stdlib-docstrings": [  # a function's docstring -> its code; one party per top-level package
+        "data.source=stdlib-docstrings",
+        "data.labels=[email,http,logging,xml]",
+        "data.block_size=128",
+    ],
+    "20newsgroups": [  # a post's opening words (subject line and first words) -> the rest of the post
+        "data.source=20newsgroups",
+        "data.labels=[comp.graphics,rec.sport.hockey,sci.med,talk.politics.guns]",
+        "data.max_chars_per_doc=600",
+        "data.block_size=128",
+    ],
+}
 METHODS = {"GEM local-only": ["strategy.name=local"], "GEM FedAvg": ["strategy.name=fedavg"]}
 KEYS = ("mean_recall@1", "mean_mrr", "worst_mrr", "pooled_recall@1", "pooled_mrr", "pooled_ndcg@10")
 
@@ -133,7 +150,8 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
-    ap.add_argument("--out", default="bench/out/embedding")
+    ap.add_argument("--out", default=None, help="default bench/out/embedding (chatterbot), else embedding-SOURCE")
+    ap.add_argument("--source", choices=list(SOURCES), default="chatterbot", help="the pairs (SmolLM2 only)")
     ap.add_argument(
         "--instruction-examples",
         type=int,
@@ -142,8 +160,10 @@ def main() -> None:
         "pooled test prompts with the base model and the GEM FedAvg adapter (SmolLM2 only; 0: skip)",
     )
     a = ap.parse_args()
-    common = SMOLLM2 if a.model == "smollm2" else TINY
-    out = Path(a.out)
+    if a.source != "chatterbot" and a.model != "smollm2":
+        raise SystemExit("--source other than chatterbot is for --model smollm2")
+    common = [*SMOLLM2, *SOURCES[a.source]] if a.model == "smollm2" else TINY
+    out = Path(a.out or ("bench/out/embedding" if a.source == "chatterbot" else f"bench/out/embedding-{a.source}"))
     out.mkdir(parents=True, exist_ok=True)
     runs = run_rows(METHODS, CONFIG, common, out)
     rows: dict[str, dict[str, Any]] = {"base mean-pooled": mean_pooled_baseline(CONFIG, common)}
@@ -151,7 +171,7 @@ def main() -> None:
     rows["base GEM token (round 0)"] = next(r for r in first if r["client"] is None and r["round"] == 0)
     for name, res in runs.items():
         rows[name] = [r for r in res["records"] if r["client"] is None][-1]
-    md = f"# GEM embeddings ({a.model})\n\n{table(rows)}\n"
+    md = f"# GEM embeddings ({a.model}, {a.source})\n\n{table(rows)}\n"
     if a.instruction_examples and a.model == "smollm2":
         side = instruction_side(out / "GEM_FedAvg", common, a.instruction_examples)
         md += "\n| instruction task (demo, pooled test) | acc | acc_norm | macro-F1 | exact match | loss | prompts |\n"

@@ -5,6 +5,7 @@
     flock /tmp/heavy.lock .venv/bin/python bench/flower_fixed_cost.py deploy --label curve --light --rounds 1 \
         --steps 4 10 20
     .venv/bin/python bench/flower_fixed_cost.py table --label before --label after
+    .venv/bin/python bench/flower_fixed_cost.py idle --polls 0.25 1 flower   # CPU of an idle deployment
 
 The experiment is bench/engines.py's: configs/lm.yaml (SmolLM2-135M, LoRA r=8), two clients
 (sci.med, rec.sport.hockey), 2 rounds, evaluated every round, on `fedtune deploy` (TLS, SuperNode
@@ -233,6 +234,51 @@ def deploy(
         print(steps, result["inprocess"], result["deploy"], result["ppl"], flush=True)
 
 
+# --- idle -------------------------------------------------------------------------------------------
+
+
+def idle(polls: list[str], nodes: int, seconds: float) -> None:
+    """CPU an idle loopback deployment burns (SuperLink, SuperExecs, SuperNodes and their zygotes,
+    no run submitted), per process, for each FEDTUNE_SUPERNODE_POLL value in `polls`: the price of
+    polling more often. CPU time, so it holds even on a loaded machine."""
+    import psutil
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from fedtune.engines.flower_deploy import LocalDeployment
+
+    for poll in polls:
+        os.environ["FEDTUNE_SUPERNODE_POLL"] = poll
+        with tempfile.TemporaryDirectory() as tmp, LocalDeployment(Path(tmp), nodes, port=9692, node_port=9700) as dep:
+            dep.start_superlink()
+            dep.wait_for_superlink()
+            for i in range(nodes):
+                dep.start_supernode(i)
+            time.sleep(40)  # imports, the zygotes, registration
+            procs = [
+                q for p in dep.procs.values() for q in [psutil.Process(p.pid), *psutil.Process(p.pid).children(True)]
+            ]
+
+            def cpu(procs: list[psutil.Process] = procs) -> dict[int, tuple[float, str]]:
+                out = {}
+                for q in procs:
+                    try:
+                        c = q.cpu_times()
+                        out[q.pid] = (c.user + c.system, " ".join(q.cmdline()[1:3])[-50:])
+                    except psutil.Error:
+                        pass
+                return out
+
+            a, t0 = cpu(), time.perf_counter()
+            time.sleep(seconds)
+            b, wall = cpu(), time.perf_counter() - t0
+        share = {pid: 100 * (b[pid][0] - a[pid][0]) / wall for pid in b if pid in a}
+        print(
+            f"FEDTUNE_SUPERNODE_POLL={poll}: {sum(share.values()):.1f} % of one core in all ({nodes} idle SuperNodes)"
+        )
+        for pid, pct in sorted(share.items(), key=lambda x: -x[1]):
+            print(f"  {pct:5.1f} %  {b[pid][1]}")
+
+
 # --- table ------------------------------------------------------------------------------------------
 
 
@@ -284,6 +330,10 @@ def main() -> None:
         action="store_true",
         help="FEDTUNE_SUPERNODE_POLL=flower: Flower's own SuperNode sleeps",
     )
+    p = sub.add_parser("idle")
+    p.add_argument("--polls", nargs="+", default=["0.25", "flower"])
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=30.0)
     p = sub.add_parser("table")
     p.add_argument("--label", action="append", required=True)
     a = ap.parse_args()
@@ -291,6 +341,8 @@ def main() -> None:
         imports(a.label, a.repeats)
     elif a.cmd == "deploy":
         deploy(a.label, a.steps, a.rounds, a.light, a.cold, not a.no_preload, a.flower_polls)
+    elif a.cmd == "idle":
+        idle(a.polls, a.nodes, a.seconds)
     else:
         table(a.label)
 

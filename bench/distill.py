@@ -12,9 +12,10 @@ Rows, the same rounds, steps and learning rate for every method (the config's):
   random: the bad party the trust weights should ignore). FedAvg cannot run this row at all.
 
 Reported per row (last round): mean and worst own-test accuracy (instruction data) or perplexity
-of the honest parties (every party but those with `"init": "random"`), MB moved (the real
-payloads), the trust the honest parties give the random party (mean of their trust rows), and
-seconds of the rounds. Writes OUT.md and OUT.json.
+of the honest parties, the same on the out-of-distribution split (`evaluation.ood`: the demo's
+class-balanced test of all parties, which a label-skewed party mostly has not seen), per party too
+(every party but those with `"init": "random"`), MB moved (the real payloads), the trust the
+honest parties give the random party (mean of their trust rows), and seconds of the rounds. Writes OUT.md and OUT.json.
 """
 
 from __future__ import annotations
@@ -43,11 +44,16 @@ def row_numbers(result: dict[str, Any], bad: set[str]) -> dict[str, Any]:
     key = "test_acc" if all("test_acc" in r for r in honest) else "test_ppl"
     vals = [r[key] for r in honest]
     trust = [v for r in honest for c, v in (r.get("trust") or {}).items() if c in bad]
+    ood_key = key.replace("test_", "ood_")
+    ood = [r[ood_key] for r in honest if ood_key in r]
     final = result["summary"]["final"]
     return {
         "metric": key,
         "mean": sum(vals) / len(vals),
         "worst": min(vals) if key == "test_acc" else max(vals),
+        "ood_mean": sum(ood) / len(ood) if ood else None,
+        "ood_worst": (min(ood) if key == "test_acc" else max(ood)) if ood else None,
+        "per_party": {r["client"]: {"own": r[key], "ood": r.get(ood_key)} for r in honest},
         "mb": (final.get("cum_bytes") or 0) / 1e6,
         "trust_in_bad": sum(trust) / len(trust) if trust else None,
         "rounds_s": result["summary"].get("round_seconds"),
@@ -86,17 +92,30 @@ def main() -> None:
         f"Config {a.config}; mixed parties {parties} (bad: {', '.join(sorted(bad)) or 'none'}); "
         f"honest parties' last-round own-test {metric}.",
         "",
-        f"| row | mean {metric} | worst {metric} | MB moved | x FedAvg bytes | trust in the bad party | rounds s |",
-        "|---|---|---|---|---|---|---|",
+        f"| row | mean {metric} | worst {metric} | mean ood | worst ood | MB moved | x FedAvg bytes "
+        "| trust in the bad party | rounds s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     fed_mb = table["fedavg"]["mb"] or float("nan")
+
+    def fmt(x: float | None) -> str:
+        if x is None:
+            return "-"
+        return f"{100 * x:.1f} %" if metric == "test_acc" else f"{x:.2f}"
+
     for row, t in table.items():
-        fmt = (lambda x: f"{100 * x:.1f} %") if metric == "test_acc" else (lambda x: f"{x:.2f}")
         trust = "-" if t["trust_in_bad"] is None else f"{t['trust_in_bad']:.3f}"
         lines.append(
-            f"| {row} | {fmt(t['mean'])} | {fmt(t['worst'])} | {t['mb']:.2f} | {t['mb'] / fed_mb:.3f} | {trust} "
-            f"| {t['rounds_s'] or 0:.0f} |"
+            f"| {row} | {fmt(t['mean'])} | {fmt(t['worst'])} | {fmt(t['ood_mean'])} | {fmt(t['ood_worst'])} "
+            f"| {t['mb']:.2f} | {t['mb'] / fed_mb:.3f} | {trust} | {t['rounds_s'] or 0:.0f} |"
         )
+    lines += ["", f"Per honest party, own test / out-of-distribution test ({metric}):", ""]
+    parties_seen = sorted({c for t in table.values() for c in t["per_party"]})
+    lines += ["| row | " + " | ".join(parties_seen) + " |", "|---" * (len(parties_seen) + 1) + "|"]
+    for row, t in table.items():
+        cells = [t["per_party"].get(c) for c in parties_seen]
+        text = ["-" if x is None else f"{fmt(x['own'])} / {fmt(x['ood'])}" for x in cells]
+        lines.append(f"| {row} | " + " | ".join(text) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(table, indent=1))
     print("\n".join(lines))

@@ -147,3 +147,38 @@ def test_defaults_are_auto_and_every_shipped_config_loads() -> None:
     )
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(path)
+
+
+@pytest.mark.parametrize(("native", "want"), [(EMULATED, False), (NATIVE, True)])
+def test_trust_distill_parties_train_in_the_precision_auto_chose(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, native: Any, want: bool
+) -> None:
+    """Each trust_distill party's own model and local step resolve 'auto' for the device, as the
+    engine's model does. They used to get the unresolved config: `train.bf16: auto` reached the
+    step as the string 'auto', which is truthy, so every party trained under bf16 autocast even
+    where bf16 is emulated (the demo's SmolLM2 rows on an AVX2 CPU: about 100x slower matmuls)."""
+    from fedtune.config.load import load_config
+    from fedtune.engines import parties
+    from fedtune.recipes.federated import run_federated
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    seen: list[Any] = []
+    step = parties.train_party_
+
+    def spy(model: Any, shard: Any, public: Any, target: Any, spec: Any, weight: float, gen: Any) -> Any:
+        seen.append((spec.bf16, next(p for p in model.parameters() if not p.requires_grad).dtype))
+        return step(model, shard, public, target, spec, weight, gen)
+
+    monkeypatch.setattr(parties, "train_party_", spy)
+    over = ["model.dtype=auto", "train.bf16=auto", "rounds=1", "train.steps=1", "evaluation.every=5"]
+    cfg = load_config(ROOT / "configs" / "tiny-trust-distill.yaml", [*over, f"output_dir={tmp_path}"])
+    run_federated(cfg, progress=False)
+    base = torch.bfloat16 if want else torch.float32
+    assert seen and all(s == (want, base) for s in seen), seen
+
+
+def test_a_train_spec_refuses_an_unresolved_bf16() -> None:
+    from fedtune.client.train import TrainSpec
+
+    with pytest.raises(TypeError, match="run_precision"):
+        TrainSpec(bf16="auto")  # type: ignore[arg-type]

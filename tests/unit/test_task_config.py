@@ -7,8 +7,8 @@ from fedtune.embedding.checks import embedding_problems, ghost_noise_problems
 
 
 def test_ghost_noise_is_off_by_default_and_reaches_the_train_spec():
-    assert build_train_spec(ExperimentConfig()).ghost_batch is None
-    spec = build_train_spec(ExperimentConfig(train={"ghost_noise": {"batch_size": 8, "eps": 0.01}}))
+    assert build_train_spec(ExperimentConfig(train={"bf16": False})).ghost_batch is None
+    spec = build_train_spec(ExperimentConfig(train={"bf16": False, "ghost_noise": {"batch_size": 8, "eps": 0.01}}))
     assert spec.ghost_batch == 8 and spec.ghost_eps == 0.01
 
 

@@ -66,6 +66,13 @@ class TrainSpec:
     ghost_last: int | None = None  # only the last k norm modules (None = every one)
     packing: bool = False  # padding-free packing of a batch's examples (`client.packing`)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.bf16, bool):  # 'auto' is truthy: it would turn autocast on everywhere
+            raise TypeError(
+                f"TrainSpec.bf16 = {self.bf16!r}: resolve train.bf16 for the device first "
+                "(engines.federation.run_precision) and pass True or False"
+            )
+
     def dp_rate(self, num_blocks: int) -> float:
         """DP-SGD's Poisson sampling rate q for a client with `num_blocks` training blocks."""
         return min(1.0, self.batch_size * self.grad_accum / max(1, num_blocks))

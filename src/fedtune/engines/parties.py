@@ -18,6 +18,7 @@ from fedtune.client.train import TrainSpec, autocast, batch_indices, lm_loss, ma
 from fedtune.config import ExperimentConfig
 from fedtune.data.blocks import Shard, pack
 from fedtune.data.sources import load_corpus
+from fedtune.engines.federation import run_precision
 from fedtune.errors import ConfigError, Problem
 from fedtune.evaluation.metrics import evaluate_split, record_fields
 from fedtune.models.adapters import get_state, set_state_
@@ -284,7 +285,9 @@ class LocalParties:
 
 def local_parties(cfg: ExperimentConfig, strategy: Any, engine: Any, model_dir: str, tokenizer: Any) -> LocalParties:
     """The in-process engine's parties: each its own model (`strategy.party(n)`) over the
-    engine's shards."""
+    engine's shards, in the precision this process's device runs ('auto' resolved, as the
+    engine's own model)."""
+    cfg, _, _ = run_precision(cfg)
     ids = list(engine.eval_shards)
     models = {c: build_party_model(cfg, model_dir, strategy.party(n), c) for n, c in enumerate(ids)}
     ood = engine.ood_split() if cfg.evaluation.ood else None

@@ -55,12 +55,14 @@ def party_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> PartyRun
     if key not in _PARTIES:
         from fedtune import components
         from fedtune.engines.faults import attackers, corrupt_shard
+        from fedtune.engines.federation import run_precision
         from fedtune.engines.parties import build_party_model, party_work
         from fedtune.models.adapters import get_state
 
         root = Path(state_root).expanduser()
         ids, shard = node_shard(cfg_yaml, partition_id, root)
         cfg, model_dir, tokenizer = node_base(cfg_yaml)
+        cfg, _, _ = run_precision(cfg)  # 'auto' dtype / bf16 for this party's own device
         cid = ids[partition_id]
         strategy = components.build_strategy(cfg, components.run_context(cfg, ids, 1.0))  # no adapter scale
         with profile.phase("model"):

@@ -180,10 +180,13 @@ def tune_main(a: argparse.Namespace) -> None:
             settings = TuneSettings(trials=a.tune, metric=TUNE_METRIC, study_dir=d)
             tune(Path(a.config), d / "space.yaml", settings, method_overrides(a, m))
         study = open_method_study(a, m, d, create=False)
-        done = [] if study is None else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        ended = (
+            [] if study is None else study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        )
+        done = [t for t in ended if t.state == TrialState.COMPLETE]
         grid = [t for t in done if t.params["train.lr"] in METHODS[m][1][:2]]
-        if len(grid) < 2 or len(done) < a.tune:
-            print(f"{m}: {len(done)} of {a.tune} trials complete; not tabulated", flush=True)
+        if len(grid) < 2 or len(ended) < a.tune:
+            print(f"{m}: {len(ended)} of {a.tune} trials finished; not tabulated", flush=True)
             continue
         res = {t.number: trial_result(d, t.number) for t in done}
         # both picks by the grid's rule (validation accuracy, ties: validation perplexity), so they
@@ -193,7 +196,7 @@ def tune_main(a: argparse.Namespace) -> None:
             "tuned": max(res, key=lambda n: score(res[n])),
         }
         row: dict[str, Any] = {
-            "trials": {t.number: (t.params["train.lr"], t.value) for t in done},
+            "trials": {t.number: (t.params["train.lr"], t.value, t.state.name.lower()) for t in ended},
             "best_yaml_trial": study.best_trial.number,
         }
         for how, n in picks.items():
@@ -221,7 +224,9 @@ def tune_main(a: argparse.Namespace) -> None:
         "|---|---|---|---|---|---|",
     ]
     for m, row in table.items():
-        tried = ", ".join(f"{lr:.3g} -> {pct(v)}" for lr, v in row["trials"].values())
+        tried = ", ".join(
+            f"{lr:.3g} -> {pct(v)}{'' if s == 'complete' else ' ' + s}" for lr, v, s in row["trials"].values()
+        )
         cells = []
         for how in ("grid", "tuned"):
             p = row[how]

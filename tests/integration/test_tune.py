@@ -83,6 +83,23 @@ def test_a_useless_trial_is_pruned_after_round_one_and_the_others_complete(study
             assert summary["round"] == 2 and summary["mean_val_ppl"] == t.value
 
 
+def test_a_trial_that_ran_every_round_is_complete_not_pruned(tmp_path) -> None:
+    """The pruner stops trials early; after the last round there is nothing left to stop. Here the
+    useless lr's one round ends above the threshold: before, the trial was PRUNED after its last
+    round (no value; with the median pruner and `evaluation.every` = rounds, every trial worse than
+    the median was)."""
+    space = tmp_path / "space.yaml"
+    space.write_text(f"train.lr: {{choices: [{BAD:.1e}]}}\n")
+    d = tmp_path / "study"
+    args = ["tune", TINY, "--space", str(space), "--trials", "1", "--study-dir", str(d), "--set", "rounds=1"]
+    args += ["--pruner", f"threshold:{THRESHOLD:g}", "--set", f"output_dir={tmp_path / 'base'}"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    (t,) = load(d).trials
+    assert t.state == optuna.trial.TrialState.COMPLETE and t.value == t.intermediate_values[1] > THRESHOLD
+    assert io.read_status(d / "trial-000")["state"] == "complete"
+
+
 def test_table_csv_and_plot_of_the_trials(study) -> None:
     d = study["dir"]
     rows = list(csv.DictReader((d / "trials.csv").open()))

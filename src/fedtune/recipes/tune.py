@@ -153,25 +153,30 @@ def final_value(records: Sequence[dict[str, Any]], metric: str) -> float | None:
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, base: dict[str, Any], run_dir: Path, metric: str) -> None:
     """One federated run with the trial's values; the value of every evaluated round goes to the
-    pruner as it finishes (`run_federated`'s after_round). Told to the study: COMPLETE with the
-    final value, PRUNED, or FAIL with the error; an interruption leaves it RUNNING (resumable)."""
+    pruner as it finishes (`run_federated`'s after_round), except the last round's: a pruner stops
+    a trial early, and a trial that ran every round is finished (its value is the result). Told
+    to the study: COMPLETE with the final value, PRUNED, or FAIL with the error; an interruption
+    leaves it RUNNING (resumable)."""
     import optuna
     from optuna.trial import TrialState
 
     from fedtune.recipes.federated import run_federated
+
+    rounds = 0  # the trial's cfg.rounds, set once its config is built
 
     def after_round(rnd: int) -> None:
         value = round_value(run_dir, rnd, metric)
         if value is None:  # not evaluated this round (evaluation.every)
             return
         trial.report(value, rnd)
-        if trial.should_prune():
+        if rnd < rounds and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after round {rnd} ({metric} = {value:.4g})")
 
     trial.set_user_attr("run_dir", run_dir.name)
     with (run_dir.parent / f"{run_dir.name}.log").open("w") as log:
         try:
             cfg = config_from_dict(with_values(base, {**trial_values(trial.params), "output_dir": str(run_dir)}))
+            rounds = cfg.rounds
             result = run_federated(
                 cfg, overwrite=True, progress=False, after_round=after_round, console=Console(file=log, width=120)
             )

@@ -70,7 +70,9 @@ def test_random_party_ends_with_trust_near_zero(full):
     assert received[bad] < 0.05
     assert all(received[c] > 10 * received[bad] for c in good)
     rows = {r["client"]: r["trust"] for r in last}
-    assert all(abs(sum(row.values()) - 1) < 1e-6 for row in rows.values())
+    # the record keeps each weight to 6 decimals: a row sums to 1 within half a unit of the 6th per
+    # weight (1e-6 failed on an AVX-512 CPU: 0.672817 + 0.320243 + 0.006941 = 1.000001)
+    assert all(abs(sum(row.values()) - 1) <= len(row) * 5e-7 + 1e-12 for row in rows.values())
     assert (full.run_dir / "plots" / "trust.png").exists()
 
 

@@ -213,7 +213,8 @@ def test_deployment_tls_auth_and_serverapp_restart(tiny_cfg, tmp_path, no_time, 
     import signal
     from pathlib import Path
 
-    from fedtune.engines.flower_deploy import LocalDeployment, make_node_keys, write_app
+    from fedtune.engines.flower_deploy import LocalDeployment, write_app
+    from fedtune.engines.flower_keys import make_node_keys
 
     # evaluated before round 1 and after the last (each message is a fresh ClientApp process)
     over = ["data.labels=[email, json]", "rounds=2", "train.steps=2", "evaluation.every=2"]

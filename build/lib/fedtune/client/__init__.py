@@ -1,1 +1,0 @@
-"""Client side: local training and the per-round client function."""

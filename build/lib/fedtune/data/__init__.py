@@ -1,1 +1,0 @@
-"""Data: sources, partitioning, per-client blocks."""

@@ -1,1 +1,0 @@
-"""Engines: where client rounds run."""

@@ -1,1 +1,0 @@
-"""Privacy: accounting (dp-accounting, for the mechanism as run) and the source of DP randomness."""

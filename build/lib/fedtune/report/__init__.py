@@ -1,1 +1,0 @@
-"""Reports: metrics log, tables, plots."""

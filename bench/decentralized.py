@@ -120,9 +120,9 @@ def plot(res: dict[str, dict[str, Any]], rows: dict[str, list[str]], path: Path)
 
     graphs = []
     for row, r in res.items():
-        over = rows.get(row, rows["gossip ring"] if row.startswith("swarm") else [])
+        over = rows.get(row, [])  # the swarm row is not in `rows`: its graph is the simulator's ring
         strat = next((json.loads(o.split("=", 1)[1]) for o in over if o.startswith("strategy=")), {})
-        if "topology" in strat and "attackers" not in row and not row.startswith("swarm"):
+        if "topology" in strat and "attackers" not in row:
             graphs.append((row, strat, r["records"]))
     fig, axes = plt.subplots(1, len(graphs) + 1, figsize=(3.2 * (len(graphs) + 1), 3.4), squeeze=False)
     key = "test_acc" if all(any("test_acc" in x for x in recs) for _, _, recs in graphs) else "test_ppl"

@@ -190,3 +190,34 @@ def test_a_killed_peer_is_survived_and_a_restarted_one_rejoins_from_its_own_stat
         if r > back
     )
     assert all_gone(seen) == []
+
+
+def test_a_peer_whose_initial_peers_are_gone_exits_with_a_named_error(tmp_path) -> None:
+    """`fedtune peer` given the multiaddr of a swarm that has finished: exit 2, the address and the fix
+    on stderr, no traceback (hivemind's daemon says only "failed to connect to bootstrap peers")."""
+    import socket
+
+    from conftest import ROOT, run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gone = f"/ip4/127.0.0.1/tcp/{port}/p2p/QmS2H7Yx3gpuqMUZrYdCGwqd9THWK5eYKaYFTPEMYKbxFJ"
+    sets = ["strategy.name=gossip", "engine.name=p2p-local", "data.labels=[email,json,http]"]
+    r = run_cli(
+        "peer",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--id",
+        "http",
+        "--initial-peers",
+        gone,
+        "--host",
+        "127.0.0.1",
+        "--run-dir",
+        str(tmp_path / "run"),
+        *[x for kv in sets for x in ("--set", kv)],
+    )
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    err = " ".join(r.stderr.split())  # rich wraps long lines
+    assert f"peer 'http' reached none of its --initial-peers ({gone})" in err and "start a new one" in err

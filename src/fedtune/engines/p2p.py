@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -41,6 +42,33 @@ def require_hivemind() -> Any:
     return hivemind
 
 
+def start_error(me: str, initial_peers: Sequence[str], host_maddrs: Sequence[str], reason: str) -> str:
+    """What went wrong when a peer's libp2p daemon did not start, and the fix: `reason` is hivemind's
+    "Daemon failed to start: <the daemon's last log line>"."""
+    why = re.sub(r"^Daemon failed to start: (\d{4}/\d\d/\d\d \d\d:\d\d:\d\d )?", "", reason.strip())
+    if "bootstrap peers" in why:
+        return (
+            f"peer {me!r} reached none of its --initial-peers ({', '.join(initial_peers)}): {why}. Give the "
+            "multiaddrs of a peer that is running now (a peer prints them when it starts and writes them to "
+            "RUN_DIR/peers/<id>/maddrs.txt); a swarm whose peers have all finished cannot be joined: start a new "
+            "one, its first peer with no --initial-peers"
+        )
+    if "parse multiaddr" in why:
+        return (
+            f"peer {me!r}: {why}. A multiaddr looks like /ip4/192.0.2.1/tcp/31337/p2p/<peer id> for "
+            "--initial-peers (copy it from the running peer's output) and /ip4/0.0.0.0/tcp/31337 to listen on"
+        )
+    if "listen" in why:
+        return (
+            f"peer {me!r} cannot listen on {', '.join(host_maddrs)}: {why}. Pick a free --port (0: any free "
+            "port) or another --host"
+        )
+    return (
+        f"peer {me!r}: hivemind's libp2p daemon did not start ({why}); --initial-peers "
+        f"{' '.join(initial_peers) or '(none)'}, listening on {', '.join(host_maddrs)}"
+    )
+
+
 class Swarm:
     """One peer's membership in a swarm: a hivemind DHT node (its own process, with its p2pd
     daemon) and a replica of its P2P client in this process, on an event loop in a thread.
@@ -63,7 +91,13 @@ class Swarm:
         self._ids: dict[str, Any] = {}  # peer -> PeerID
         self._was_connected: set[str] = set()  # libp2p ids this peer's daemon has been connected to
         self._lost_since: dict[str, float] = {}  # libp2p id -> when its connection was first seen gone
-        self.dht = hm.DHT(initial_peers=list(initial_peers), host_maddrs=list(host_maddrs), start=True, **DHT_OPTIONS)
+        from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+
+        try:
+            peers, maddrs = list(initial_peers), list(host_maddrs)
+            self.dht = hm.DHT(initial_peers=peers, host_maddrs=maddrs, start=True, **DHT_OPTIONS)
+        except P2PDaemonError as e:
+            raise FedtuneError(start_error(me, initial_peers, host_maddrs, str(e))) from e
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fedtune-p2p", daemon=True)
         self._thread.start()

@@ -3,6 +3,7 @@
     .venv/bin/python bench/adapters.py --count-only          # the budget matching alone (minutes)
     .venv/bin/python bench/adapters.py                       # every kind x (fedavg, local) x 2 lrs
     .venv/bin/python bench/adapters.py --kinds lora,dora --lrs 1 --out bench/out/adapters-smoke
+    .venv/bin/python bench/adapters.py --kinds dora,smore --strategies fedavg   # a subset of the rows
 
 Task: configs/demo.yaml (SmolLM2-135M-Instruct, four parties, Dirichlet over four newsgroups) with
 `evaluation.val: true`. Budget: LoRA r=8 on the demo's targets. How it is matched: for each kind,
@@ -93,11 +94,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/adapters")
     ap.add_argument("--kinds", default=",".join(CANDIDATES))
     ap.add_argument("--lrs", type=int, default=2, help="learning rates tried per kind and strategy (same for all)")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="of " + ",".join(STRATEGIES))
     ap.add_argument("--count-only", action="store_true", help="only the budget matching")
     a = ap.parse_args()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     kinds = [k for k in a.kinds.split(",") if k]
+    strategies = [s for s in a.strategies.split(",") if s]
     matched = match(kinds)
     out.with_name(out.name + "-budget.json").write_text(json.dumps(matched, indent=1))
     if a.count_only:
@@ -105,7 +108,7 @@ def main() -> None:
     rows = {
         f"{k} {s} lr {lr:g}": [*matched[k]["overrides"], f"strategy.name={s}", f"train.lr={lr}"]
         for k in kinds
-        for s in STRATEGIES
+        for s in strategies
         for lr in CANDIDATES[k][1][: a.lrs]
     }
     res = run_rows(rows, CONFIG, COMMON, out)
@@ -123,7 +126,7 @@ def main() -> None:
         return f"{100 * x:.1f} %" if isinstance(x, int | float) else "-"
 
     for k in kinds:
-        for s in STRATEGIES:
+        for s in strategies:
             cands = {lr: res[f"{k} {s} lr {lr:g}"] for lr in CANDIDATES[k][1][: a.lrs]}
             best = max(cands, key=lambda lr: score(cands[lr]))
             r = cands[best]

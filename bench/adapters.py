@@ -4,6 +4,7 @@
     .venv/bin/python bench/adapters.py                       # every kind x (fedavg, local) x 2 lrs
     .venv/bin/python bench/adapters.py --kinds lora,dora --lrs 1 --out bench/out/adapters-smoke
     .venv/bin/python bench/adapters.py --kinds dora,smore --strategies fedavg   # a subset of the rows
+    .venv/bin/python bench/adapters.py --lr-of fedavg     # local at the lr FedAvg's finished rows chose
 
 Task: configs/demo.yaml (SmolLM2-135M-Instruct, four parties, Dirichlet over four newsgroups) with
 `evaluation.val: true`. Budget: LoRA r=8 on the demo's targets. How it is matched: for each kind,
@@ -95,6 +96,11 @@ def main() -> None:
     ap.add_argument("--kinds", default=",".join(CANDIDATES))
     ap.add_argument("--lrs", type=int, default=2, help="learning rates tried per kind and strategy (same for all)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help="of " + ",".join(STRATEGIES))
+    ap.add_argument(
+        "--lr-of",
+        default=None,
+        help="a strategy whose finished rows chose each kind's lr: the other strategies run at that lr alone",
+    )
     ap.add_argument("--count-only", action="store_true", help="only the budget matching")
     a = ap.parse_args()
     out = Path(a.out)
@@ -105,16 +111,28 @@ def main() -> None:
     out.with_name(out.name + "-budget.json").write_text(json.dumps(matched, indent=1))
     if a.count_only:
         return
-    rows = {
-        f"{k} {s} lr {lr:g}": [*matched[k]["overrides"], f"strategy.name={s}", f"train.lr={lr}"]
-        for k in kinds
-        for s in strategies
-        for lr in CANDIDATES[k][1][: a.lrs]
-    }
+
+    def named(k: str, s: str, lr: float) -> tuple[str, list[str]]:
+        return f"{k} {s} lr {lr:g}", [*matched[k]["overrides"], f"strategy.name={s}", f"train.lr={lr}"]
+
+    lrs = {(k, s): CANDIDATES[k][1][: a.lrs] for k in kinds for s in strategies}
+    how = f"{a.lrs} lr(s) per kind and strategy, chosen by final mean validation accuracy."
+    if a.lr_of:  # the other strategies at the lr the finished rows of --lr-of chose
+        done = run_rows(
+            dict(named(k, a.lr_of, lr) for k in kinds for lr in CANDIDATES[k][1][: a.lrs]), CONFIG, COMMON, out, True
+        )
+        for k in kinds:
+            cands = {lr: done[n] for lr in CANDIDATES[k][1][: a.lrs] if (n := named(k, a.lr_of, lr)[0]) in done}
+            if len(cands) < a.lrs:
+                raise SystemExit(f"{k}: the {a.lr_of} rows are not all finished in {out}; run them first")
+            for s in strategies:
+                if s != a.lr_of:
+                    lrs[(k, s)] = [max(cands, key=lambda lr: score(cands[lr]))]
+        how = f"{a.lrs} lr(s) per kind for {a.lr_of}, chosen by final mean validation accuracy; the others at its lr."
+    rows = dict(named(k, s, lr) for k in kinds for s in strategies for lr in lrs[(k, s)])
     res = run_rows(rows, CONFIG, COMMON, out)
     lines = [
-        f"Budget: LoRA r=8 ({matched.get('lora', {}).get('count', '-')} trainable); {a.lrs} lr(s) per kind "
-        "and strategy, chosen by final mean validation accuracy.",
+        f"Budget: LoRA r=8 ({matched.get('lora', {}).get('count', '-')} trainable); {how}",
         "",
         "| kind | trainable (x budget) | strategy | lr | val acc | own-test acc (mean / worst) | balanced acc "
         "| MB moved | rounds s |",
@@ -127,7 +145,7 @@ def main() -> None:
 
     for k in kinds:
         for s in strategies:
-            cands = {lr: res[f"{k} {s} lr {lr:g}"] for lr in CANDIDATES[k][1][: a.lrs]}
+            cands = {lr: res[named(k, s, lr)[0]] for lr in lrs[(k, s)]}
             best = max(cands, key=lambda lr: score(cands[lr]))
             r = cands[best]
             row = {

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fedtune.adapters import ADAPTERS
 from fedtune.config import config_from_dict
 from fedtune.errors import ConfigError
 from fedtune.report.io import read_jsonl
@@ -124,3 +125,20 @@ def test_bf16_adapters_take_the_bf16_activations_without_an_fp32_round_trip(tiny
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, ours[n], rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("kind", ADAPTERS.names())
+def test_every_adapter_kind_runs_on_a_bf16_base_under_bf16_autocast(tiny_cfg, kind: str) -> None:
+    """What `auto` picks where bf16 is native (CUDA, AVX512-BF16 / AMX CPUs). Two defects it caught on
+    SmolLM2 (bench/adapters.py): PEFT's `disable_input_dtype_casting` raised AttributeError on IA3 and
+    VeRA layers (they never set `cast_input_dtype_enabled`), and VeRA's frozen A, B took the bf16
+    base's dtype, so the warm-up forward (no autocast) met fp32 input and a bf16 A."""
+    from fedtune.recipes.federated import run_federated
+
+    cfg = tiny_cfg("model.dtype=bfloat16", "train.bf16=true", f"adapter.kind={kind}", "rounds=1", "train.steps=1")
+    run_federated(cfg, progress=False)
+    records = read_jsonl(Path(cfg.run_dir()) / "metrics.jsonl")
+    train = [r for r in records if r.get("round") == 1 and "train_loss" in r]
+    assert train and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in train)
+    final = next(r for r in records if r["round"] == 1 and r["client"] is None)
+    assert torch.isfinite(torch.tensor(final["mean_ppl"]))

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
+
 from fedtune.adapters.base import ADAPTERS, Algebra
 from fedtune.adapters.peft_tuner import ADAPTER_NAME, PeftTuner, resolve_targets
 from fedtune.config.adapters import VeraAdapterConfig
@@ -47,10 +49,18 @@ class VeRA(PeftTuner):
 
     def add_to(self, model: Any, config: Any) -> Any:
         """VeRA's shared matrices live on PEFT's tuner (so PEFT's functional API refuses VeRA);
-        its layers hold them too, so the tuner's model is the injected model."""
+        its layers hold them too, so the tuner's model is the injected model. PEFT gives A and B the
+        base's dtype; they are kept in fp32 like the trained vectors b, d (on a bf16 base a forward
+        without autocast cast the input to d's fp32 and then met a bf16 A), and autocast runs the
+        products in bf16 where it is on."""
         from peft.tuners.vera import VeraModel
 
-        return VeraModel(model, config, ADAPTER_NAME).model
+        model = VeraModel(model, config, ADAPTER_NAME).model
+        for m in model.modules():
+            for buffers in (getattr(m, "vera_A", None), getattr(m, "vera_B", None)):
+                if buffers is not None and buffers[ADAPTER_NAME].dtype != torch.float32:
+                    buffers[ADAPTER_NAME] = buffers[ADAPTER_NAME].float()  # shared by the layers: cast once
+        return model
 
     def shared_tensors(self, model: Any) -> AdapterState:
         """The frozen A, B, keyed as PeftModel.save_pretrained writes them."""

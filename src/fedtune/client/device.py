@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+MISSING = object()
 
 
 def autocast(
@@ -22,10 +25,30 @@ def autocast(
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast(kind, dtype=torch.bfloat16))
     if model is not None:
-        from peft.helpers import disable_input_dtype_casting
-
-        stack.enter_context(disable_input_dtype_casting(model))
+        stack.enter_context(input_casting_off(model))
     return stack
+
+
+@contextlib.contextmanager
+def input_casting_off(model: Any) -> Iterator[None]:
+    """PEFT's `disable_input_dtype_casting` for every PEFT layer: PEFT 0.21's helper reads
+    `cast_input_dtype_enabled` from each layer, which its IA3 and VeRA layers never set (their
+    `_cast_input_dtype` defaults it to on), so it raised AttributeError on them. Restores each
+    layer as it was (the attribute removed where it was absent)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers: list[Any] = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m.__dict__.get("cast_input_dtype_enabled", MISSING) for m in layers]
+    for m in layers:
+        m.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for m, was in zip(layers, before, strict=True):
+            if was is MISSING:
+                del m.cast_input_dtype_enabled
+            else:
+                m.cast_input_dtype_enabled = was
 
 
 def model_device(model: Any) -> torch.device:

@@ -11,7 +11,8 @@ Task: configs/demo.yaml (SmolLM2-135M-Instruct, four parties, Dirichlet over fou
 every candidate size in CANDIDATES is injected into the real model (`build_adapted_model`, as a run
 does) and its trainable parameters counted (the round-0 record's `trainable_parameters`); the
 candidate closest to the budget is used, and the table says its count and ratio to the budget.
-VeRA and IA3 cannot reach LoRA's count at a sensible size (that is their point): their rows say
+VeRA and IA3 cannot reach LoRA's count at a sensible size (that is their point; VeRA would need
+r = 7296, whose shared projections cost 3x the base model's FLOPs a token): their rows say
 so. Prompt tuning would need 800 virtual tokens (460,800 / 576) to reach the budget, six times the
 demo's 128-token blocks in every forward: its candidates stop at 100 tokens, and its row says so.
 
@@ -37,7 +38,11 @@ CANDIDATES: dict[str, tuple[list[list[str]], list[float]]] = {
     "lora": ([BUDGET], [1e-3, 3e-3]),
     "rm_lora": ([["adapter.kind=rm_lora", "adapter.r=8"]], [1e-3, 3e-3]),
     "dora": ([["adapter.kind=dora", f"adapter.r={r}"] for r in (6, 7, 8)], [1e-3, 3e-3]),
-    "vera": ([["adapter.kind=vera", f"adapter.r={r}"] for r in (1024, 4096, 7296)], [3e-3, 1e-2]),
+    # VeRA's b, d are (d_out + r) a layer, so LoRA's count needs r = 7296; but every token then runs
+    # through the shared [r, 576] A and B[:d_out]: 2 x 576 x 7296 + 2 x 7296 x d_out = 16.8 MFLOP for q
+    # (11.2 for v: d_out 192), 0.84 GFLOP a token over 30 layers, about 3x the whole base model's
+    # 2N = 0.27 GFLOP. The paper's sizes stop at r = 1024 (0.12 GFLOP a token): so does the bench.
+    "vera": ([["adapter.kind=vera", f"adapter.r={r}"] for r in (256, 1024)], [3e-3, 1e-2]),
     "ia3": ([["adapter.kind=ia3"], ["adapter.kind=ia3", "adapter.target_modules=all-linear"]], [3e-3, 1e-2]),
     "loha": ([["adapter.kind=loha", f"adapter.r={r}"] for r in (2, 4, 6)], [1e-3, 3e-3]),
     "lokr": ([["adapter.kind=lokr", f"adapter.r={r}"] for r in (4, 8, 16)], [1e-3, 3e-3]),

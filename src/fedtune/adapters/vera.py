@@ -51,8 +51,8 @@ class VeRA(PeftTuner):
         """VeRA's shared matrices live on PEFT's tuner (so PEFT's functional API refuses VeRA);
         its layers hold them too, so the tuner's model is the injected model. PEFT gives A and B the
         base's dtype; they are kept in fp32 like the trained vectors b, d (on a bf16 base a forward
-        without autocast cast the input to d's fp32 and then met a bf16 A), and autocast runs the
-        products in bf16 where it is on."""
+        without autocast cast the input to d's fp32 and then met a bf16 A; the same failure as
+        huggingface/peft issue #1872), and autocast runs the products in bf16 where it is on."""
         from peft.tuners.vera import VeraModel
 
         model = VeraModel(model, config, ADAPTER_NAME).model

@@ -33,8 +33,9 @@ def autocast(
 def input_casting_off(model: Any) -> Iterator[None]:
     """PEFT's `disable_input_dtype_casting` for every PEFT layer: PEFT 0.21's helper reads
     `cast_input_dtype_enabled` from each layer, which its IA3 and VeRA layers never set (their
-    `_cast_input_dtype` defaults it to on), so it raised AttributeError on them. Restores each
-    layer as it was (the attribute removed where it was absent)."""
+    `_cast_input_dtype` defaults it to on), so it raised AttributeError on them (a fix upstream,
+    huggingface/peft PR #3439, was closed unmerged). Restores each layer as it was (the attribute
+    removed where it was absent)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers: list[Any] = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]

@@ -5,6 +5,7 @@
     .venv/bin/python bench/adapters.py --kinds lora,dora --lrs 1 --out bench/out/adapters-smoke
     .venv/bin/python bench/adapters.py --kinds dora,smore --strategies fedavg   # a subset of the rows
     .venv/bin/python bench/adapters.py --lr-of fedavg     # local at the lr FedAvg's finished rows chose
+    .venv/bin/python bench/adapters.py --kinds smore --strategies fedavg,local,comigs --lr-of fedavg
 
 Task: configs/demo.yaml (SmolLM2-135M-Instruct, four parties, Dirichlet over four newsgroups) with
 `evaluation.val: true`. Budget: LoRA r=8 on the demo's targets. How it is matched: for each kind,
@@ -19,7 +20,8 @@ demo's 128-token blocks in every forward: its candidates stop at 100 tokens, and
 Protocol, the same tuning budget for every kind: `--lrs` learning rates each (a factor 3 apart),
 the one with the best final mean *validation* accuracy kept; reported at that lr: own-test accuracy
 (mean / worst party), balanced accuracy on every party's test data (`ood`), MB moved, seconds of
-the rounds. Writes OUT.md and OUT.json.
+the rounds (their training part in brackets: a personalizing strategy's final evaluation scores one
+model per party, so its rounds take longer at the same training). Writes OUT.md and OUT.json.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ CANDIDATES: dict[str, tuple[list[list[str]], list[float]]] = {
     ),
 }
 STRATEGIES = ["fedavg", "local"]
+# strategies beyond the default two, with their overrides and the kinds they apply to: CoMiGS's preset
+# 1G1S (one expert per level averaged, the rest and the routers kept by each party) needs a router
+ROUTED = {"moe_lora", "smore"}
+EXTRA = {"comigs": (["strategy.preset=1G1S"], ROUTED)}
 COMMON = ["evaluation.val=true"]
 
 
@@ -100,7 +106,11 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/adapters")
     ap.add_argument("--kinds", default=",".join(CANDIDATES))
     ap.add_argument("--lrs", type=int, default=2, help="learning rates tried per kind and strategy (same for all)")
-    ap.add_argument("--strategies", default=",".join(STRATEGIES), help="of " + ",".join(STRATEGIES))
+    ap.add_argument(
+        "--strategies",
+        default=",".join(STRATEGIES),
+        help="of " + ",".join([*STRATEGIES, *EXTRA]) + " (comigs: the routed kinds only)",
+    )
     ap.add_argument(
         "--lr-of",
         default=None,
@@ -118,9 +128,13 @@ def main() -> None:
         return
 
     def named(k: str, s: str, lr: float) -> tuple[str, list[str]]:
-        return f"{k} {s} lr {lr:g}", [*matched[k]["overrides"], f"strategy.name={s}", f"train.lr={lr}"]
+        extra = EXTRA[s][0] if s in EXTRA else []
+        return f"{k} {s} lr {lr:g}", [*matched[k]["overrides"], f"strategy.name={s}", *extra, f"train.lr={lr}"]
 
-    lrs = {(k, s): CANDIDATES[k][1][: a.lrs] for k in kinds for s in strategies}
+    def applies(k: str, s: str) -> bool:
+        return s not in EXTRA or k in EXTRA[s][1]
+
+    lrs = {(k, s): CANDIDATES[k][1][: a.lrs] for k in kinds for s in strategies if applies(k, s)}
     how = f"{a.lrs} lr(s) per kind and strategy, chosen by final mean validation accuracy."
     if a.lr_of:  # the other strategies at the lr the finished rows of --lr-of chose
         done = run_rows(
@@ -131,16 +145,16 @@ def main() -> None:
             if len(cands) < a.lrs:
                 raise SystemExit(f"{k}: the {a.lr_of} rows are not all finished in {out}; run them first")
             for s in strategies:
-                if s != a.lr_of:
+                if s != a.lr_of and applies(k, s):
                     lrs[(k, s)] = [max(cands, key=lambda lr: score(cands[lr]))]
         how = f"{a.lrs} lr(s) per kind for {a.lr_of}, chosen by final mean validation accuracy; the others at its lr."
-    rows = dict(named(k, s, lr) for k in kinds for s in strategies for lr in lrs[(k, s)])
+    rows = dict(named(k, s, lr) for (k, s), lrs_ks in lrs.items() for lr in lrs_ks)
     res = run_rows(rows, CONFIG, COMMON, out)
     lines = [
         f"Budget: LoRA r=8 ({matched.get('lora', {}).get('count', '-')} trainable); {how}",
         "",
         "| kind | trainable (x budget) | strategy | lr | val acc | own-test acc (mean / worst) | balanced acc "
-        "| MB moved | rounds s |",
+        "| MB moved | rounds s (training) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     table: dict[str, Any] = {}
@@ -149,7 +163,7 @@ def main() -> None:
         return f"{100 * x:.1f} %" if isinstance(x, int | float) else "-"
 
     for k in kinds:
-        for s in strategies:
+        for s in [s for s in strategies if applies(k, s)]:
             cands = {lr: res[named(k, s, lr)[0]] for lr in lrs[(k, s)]}
             best = max(cands, key=lambda lr: score(cands[lr]))
             r = cands[best]
@@ -161,12 +175,13 @@ def main() -> None:
                 "balanced_acc": final(r, "ood_mean_acc"),
                 "mb": (final(r, "cum_bytes") or 0) / 1e6,
                 "rounds_s": r["summary"].get("round_seconds"),
+                "train_s": r["summary"].get("train_seconds"),
             }
             table[f"{k} {s}"] = row
             lines.append(
                 f"| {k} | {matched[k]['count']:,} ({matched[k]['ratio']:.2f}) | {s} | {best:g} | {pct(row['val_acc'])} "
                 f"| {pct(row['acc'])} / {pct(row['worst_acc'])} | {pct(row['balanced_acc'])} | {row['mb']:.1f} "
-                f"| {row['rounds_s'] or 0:.0f} |"
+                f"| {row['rounds_s'] or 0:.0f} ({row['train_s'] or 0:.0f}) |"
             )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(table, indent=1))

@@ -115,6 +115,36 @@ def test_strategy_end_to_end_and_resume(tiny_cfg, tmp_path, no_time, fresh_cli, 
     assert no_time(io.read_jsonl(cut / io.METRICS)) == no_time(full)
 
 
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_strategy_runs_on_a_bf16_base_under_bf16_autocast(tiny_cfg, name: str) -> None:
+    """What `auto` picks where bf16 is native (CUDA, AVX512-BF16 / AMX CPUs), which the fp32 matrix
+    above never runs: IA3 and VeRA crashed there (test_device). A strategy that writes offsets into
+    the base weights (its declared `base_offsets`) refuses a bf16 base by name, and runs on an fp32
+    base under bf16 autocast, as `auto` then gives it."""
+    from fedtune.components import strategy_capabilities
+    from fedtune.errors import ConfigError
+
+    over = (f"strategy.name={name.split(':')[0]}", *MATRIX[name], "rounds=1", "train.steps=1", "train.bf16=true")
+    cfg = tiny_cfg(*over, "model.dtype=float32", name="fp32-base")
+    caps = strategy_capabilities(cfg)
+    assert caps is not None
+    if caps.base_offsets:
+        with pytest.raises(ConfigError, match="writes offsets into the base weights"):
+            tiny_cfg(*over, "model.dtype=bfloat16")
+    else:
+        cfg = tiny_cfg(*over, "model.dtype=bfloat16")
+    run = run_federated(cfg, progress=False)
+    rounds = {r["round"]: r for r in run.records if r["client"] is None}
+    assert rounds[0]["base_dtype"] == ("float32" if caps.base_offsets else "bfloat16")
+    assert rounds[0]["bf16_autocast"] is True
+    clients = [r for r in run.records if r["round"] == 1 and r["client"] is not None]
+    # train_loss where the strategy releases it (DP-FedAvg does not); every client's test loss
+    losses = [r[k] for r in clients for k in ("train_loss", "test_loss", "personal_loss") if k in r]
+    assert len([r for r in clients if "test_loss" in r]) == len(clients) > 0
+    assert all(torch.isfinite(torch.tensor(x)) for x in losses)
+    assert torch.isfinite(torch.tensor(rounds[1]["mean_ppl"]))
+
+
 @pytest.mark.parametrize("name", ["fedex_lora", "flora", "ffa_lora", "fedsb"])
 def test_exported_adapter_reproduces_the_global_model(tiny_cfg, name: str) -> None:
     from peft import PeftModel

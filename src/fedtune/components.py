@@ -21,7 +21,7 @@ from fedtune.models.gpu import kernels_problems, quantize_problems
 from fedtune.models.load import device_problem, model_problem, resolve_device
 from fedtune.registry import Registry
 from fedtune.strategies import STRATEGIES
-from fedtune.strategies.base import Capabilities, RunContext, algebra_problems
+from fedtune.strategies.base import Capabilities, RunContext, StrategyCore, algebra_problems
 from fedtune.strategies.decentralized import peer_codec_problems, peer_problems
 
 REGISTRIES: dict[str, Registry[Any]] = {
@@ -338,12 +338,12 @@ def check_engine(cfg: ExperimentConfig, engine: str | None = None) -> list[Probl
     return engine_problems(ENGINES[name], cfg, caps, stateful)
 
 
-def build_strategy(cfg: ExperimentConfig, ctx: RunContext) -> Any:
+def build_strategy(cfg: ExperimentConfig, ctx: RunContext) -> StrategyCore:
     """Instantiate the configured strategy with its run context, from the validated (type-coerced)
     parameters, never the raw strings of a YAML file or `--set`."""
     cls = STRATEGIES.get(cfg.strategy.name)
     params = TypeAdapter(cls).validate_python(cfg.strategy.params()) if cfg.strategy.params() else cls()
-    return dataclasses.replace(params, ctx=ctx)
+    return dataclasses.replace(params, ctx=ctx)  # type: ignore[no-any-return]  # the registry's classes
 
 
 def run_context(cfg: ExperimentConfig, client_ids: list[str], lora_scale: float, hidden_size: int = 0) -> RunContext:

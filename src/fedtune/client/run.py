@@ -21,13 +21,33 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from fedtune.adapters.base import Adapter
-from fedtune.client.round import client_round
+from fedtune.client.round import PenaltyFactory, client_round
 from fedtune.client.train import TrainSpec
+from fedtune.codecs.base import Codec
 from fedtune.data.blocks import Shard
 from fedtune.seeding import torch_generator
 from fedtune.types import AdapterState
 
 StepCallback = Callable[[int, int, float], None]
+
+
+class ClientStep(Protocol):
+    """A strategy's own client update in place of the first-order round (`capabilities.client_step`:
+    FedKSeed, Ferret, FedMM): (delta, metrics, new private state)."""
+
+    def __call__(
+        self,
+        model: Any,
+        received: AdapterState,
+        private: AdapterState,
+        shard: Shard,
+        spec: TrainSpec,
+        seed: int,
+        rnd: int,
+        on_step: StepCallback | None = None,
+        adapter: Adapter | None = None,
+    ) -> tuple[AdapterState, dict[str, float], AdapterState]: ...
+
 
 # private tensors under this key prefix belong to a strategy's client step (FedMM's dual variables),
 # not to the model: engines never load them into it (`model_private`)
@@ -155,15 +175,15 @@ class ClientPlan:
 
     spec: TrainSpec
     seed: int
-    up_codec: Any
-    down_codec: Any
-    step: Any = None
-    penalty: Any = None
+    up_codec: Codec
+    down_codec: Codec
+    step: ClientStep | None = None
+    penalty: PenaltyFactory | None = None
     transforms: Sequence[UpdateTransform] = ()
     variants: Mapping[str, int] = field(default_factory=dict)
     adapter: Adapter | None = None
     client_lr: Mapping[str, float] = field(default_factory=dict)
-    client_up_codecs: Mapping[str, Any] = field(default_factory=dict)
+    client_up_codecs: Mapping[str, Codec] = field(default_factory=dict)
     private_init: AdapterState = field(default_factory=dict)
     secure_aggregation: bool = False
     randomness: str = "seeded"

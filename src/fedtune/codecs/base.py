@@ -29,7 +29,16 @@ META_KEY = "fedtune-codec"
 
 
 class Codec(Protocol):
-    """Encode adapter tensors to bytes and back; codec state is a value passed in and returned."""
+    """Encode adapter tensors to bytes and back; codec state is a value passed in and returned.
+    A codec is a chain of stages (`Chain`); `stages` are its steps in order."""
+
+    @property
+    def stages(self) -> tuple[Any, ...]: ...
+
+    @property
+    def stateful(self) -> bool:
+        """Whether any stage keeps state between messages (error feedback)."""
+        ...
 
     def init_state(self) -> Any: ...
 

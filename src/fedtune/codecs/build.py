@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtune.codecs.base import CODECS
+from fedtune.codecs.base import CODECS, Codec
 from fedtune.config.schema import ExperimentConfig
 from fedtune.errors import Problem
 from fedtune.registry import check_named
@@ -42,7 +42,7 @@ def check_codec(field: str, codec: Any) -> list[Problem]:
     return problems
 
 
-def build_codec(cfg: ExperimentConfig, downlink: bool = False, client: str | None = None) -> Any:
+def build_codec(cfg: ExperimentConfig, downlink: bool = False, client: str | None = None) -> Codec:
     """The uplink codec (`codec`; a client's own from `client_codecs` when given), or the
     downlink one (`downlink_codec`, default: `codec`)."""
     from fedtune.codecs import Chain
@@ -53,7 +53,7 @@ def build_codec(cfg: ExperimentConfig, downlink: bool = False, client: str | Non
     return Chain(tuple(CODECS.get(name)(**params) for name, params in codec_stages(codec)))
 
 
-def local_codec() -> Any:
+def local_codec() -> Codec:
     """The identity codec of a hand-off inside one party (a peer's own model to its own client
     step and its delta back): not a message, so never compressed nor counted."""
     from fedtune.codecs import make_codec

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fedtune.adapters import build_adapter
 from fedtune.errors import Problem
+
+if TYPE_CHECKING:
+    from fedtune.client.run import ClientJob, ClientReply
+    from fedtune.types import AdapterState, ClientFailure
 
 
 @dataclass(frozen=True)
@@ -254,8 +258,12 @@ class Engine(Protocol):
     capabilities: EngineCapabilities
     peers: Any
 
-    def run(self, jobs: Sequence[Any], on_step: Any = None) -> list[Any]: ...
+    def run(self, jobs: Sequence[ClientJob], on_step: Any = None) -> list[ClientReply | ClientFailure]: ...
 
-    def evaluate(self, states: Mapping[str, Any], split: str = "test") -> dict[str, dict[str, Any]]: ...
+    def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, Any]]: ...
 
     def private_of(self, cid: str) -> Any: ...
+
+    def parties(self, cfg: Any, strategy: Any, model_dir: str, tokenizer: Any) -> Any:
+        """The parties of an own-models strategy (trust_distill): their own models, where they live."""
+        ...

@@ -18,6 +18,7 @@ import torch
 
 from fedtune.client.run import ClientJob, ClientReply
 from fedtune.data.blocks import Shard
+from fedtune.engines.capabilities import Engine
 from fedtune.seeding import numpy_rng, torch_generator
 from fedtune.types import AdapterState, ClientFailure
 
@@ -109,7 +110,7 @@ class Faults:
 class FaultInjection:
     """Wraps an engine: injected failures never reach it; the survivors run there."""
 
-    def __init__(self, engine: Any, faults: Faults, seed: int):
+    def __init__(self, engine: Engine, faults: Faults, seed: int):
         self.engine = engine
         self.faults = faults
         self.seed = seed
@@ -117,7 +118,8 @@ class FaultInjection:
         self.peers = engine.peers
 
     def run(self, jobs: Sequence[ClientJob], on_step: Any = None) -> list[ClientReply | ClientFailure]:
-        f, out = self.faults, {}
+        f = self.faults
+        out: dict[str, ClientReply | ClientFailure] = {}
         times = {}
         for job in jobs:
             if f.dropped(self.seed, job.round, job.client_id):
@@ -139,7 +141,11 @@ class FaultInjection:
         return [out[j.client_id] for j in jobs]
 
     def evaluate(self, states: Mapping[str, AdapterState], split: str = "test") -> dict[str, dict[str, Any]]:
-        return self.engine.evaluate(states, split)  # type: ignore[no-any-return]
+        return self.engine.evaluate(states, split)
 
     def private_of(self, cid: str) -> AdapterState | None:
         return self.engine.private_of(cid)  # type: ignore[no-any-return]
+
+    def parties(self, cfg: Any, strategy: Any, model_dir: str, tokenizer: Any) -> Any:
+        # never reached through faults: validation refuses injected faults for an own-models strategy
+        return self.engine.parties(cfg, strategy, model_dir, tokenizer)

@@ -22,11 +22,13 @@ from fedtune.data.partition import partition_ids
 from fedtune.data.report import stats_summary
 from fedtune.data.shards import ClientShards
 from fedtune.data.sources import load_corpus
+from fedtune.engines.capabilities import Engine
 from fedtune.errors import ConfigError, Problem
 from fedtune.models.adapters import lora_config, trainable_parameter_count
 from fedtune.models.load import load_model, model_type, resolve_device
 from fedtune.models.precision import Precision, choose_precision, precision_warning
 from fedtune.seeding import derive_seed
+from fedtune.strategies.base import StrategyCore
 
 
 def load_shards(cfg: ExperimentConfig, tokenizer: Any) -> tuple[ClientShards, dict[str, Any]]:
@@ -226,8 +228,8 @@ class Federation:
     model: Any
     model_dir: str
     adapter_cfg: Any
-    strategy: Any
-    engine: Any
+    strategy: StrategyCore
+    engine: Engine
     collected_bytes: int = 0
     round0: dict[str, Any] = field(default_factory=dict)
     store: Any = None

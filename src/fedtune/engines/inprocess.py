@@ -21,7 +21,7 @@ from fedtune.config import ExperimentConfig
 from fedtune.config.schema import EvalConfig
 from fedtune.data.blocks import Shard, pooled
 from fedtune.data.chat import PromptSet
-from fedtune.engines.capabilities import INPROCESS
+from fedtune.engines.capabilities import INPROCESS, Engine
 from fedtune.engines.faults import FaultInjection, Faults, PoisonedShards, attackers
 from fedtune.engines.federation import (
     Federation,
@@ -263,7 +263,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
         train = PoisonedShards(shards, bad, cfg.seed)
     warmup = _warm_up(model, torch.zeros((1, cfg.data.block_size), dtype=torch.long))  # builds no shard
     store = ClientStateStore(Path(cfg.run_dir()) / "clients", plan.initial_state())
-    engine: Any = InProcessEngine(
+    engine: Engine = InProcessEngine(
         model, train, plan, store, eval_shards=shards, evaluation=cfg.evaluation, tokenizer=tokenizer
     )
     s = cfg.sampling
@@ -274,6 +274,24 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     facts = device_facts(model, precision, slow)
     round0 = {**data, **facts, **auto, "warmup_seconds": warmup, **({"attackers": sorted(bad)} if bad else {})}
     return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, collected, round0, store)
+
+
+def with_store(engine: Engine, store: ClientStateStore) -> Engine:
+    """The same in-process engine (under its injected faults, if any) with its clients' states in
+    `store` (a peer's own disk): a new engine, nothing set on the old one."""
+    if isinstance(engine, FaultInjection):
+        return FaultInjection(with_store(engine.engine, store), engine.faults, engine.seed)
+    if not isinstance(engine, InProcessEngine):
+        raise TypeError(f"with_store takes an in-process engine, not {type(engine).__name__}")
+    return InProcessEngine(
+        engine.model,
+        engine.shards,
+        engine.plan,
+        store,
+        eval_shards=engine.eval_shards,
+        evaluation=engine.evaluation,
+        tokenizer=engine.tokenizer,
+    )
 
 
 def _warm_up(model: Any, block: torch.Tensor) -> float:

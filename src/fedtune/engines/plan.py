@@ -15,6 +15,7 @@ from fedtune.data.blocks import Shard
 from fedtune.engines.faults import AttackTransform, attackers
 from fedtune.sampling import SAMPLING_NOTES
 from fedtune.secagg import MaskTransform
+from fedtune.strategies.base import ClientTransformStrategy, StrategyCore, client_step_of, client_transform_of
 from fedtune.types import AdapterState
 
 
@@ -22,13 +23,13 @@ from fedtune.types import AdapterState
 class StrategyTransform:
     """A strategy's client-side step before masking (DP-FedAvg: clip + noise share)."""
 
-    strategy: Any
+    strategy: ClientTransformStrategy
 
     def __call__(self, delta: AdapterState, job: ClientJob, shard: Shard, state: Any) -> AdapterState:
         # noise shares are sized for the fewest clients whose sum can come out: all participants
         # in-process (known before masking), SecAgg+'s reconstruction threshold on Flower
         n = int(job.transform.get("noise_parties", max(1, len(job.participants))))
-        return self.strategy.client_transform(delta, job.transform, job.round, job.client_id, n)  # type: ignore[no-any-return]
+        return self.strategy.client_transform(delta, job.transform, job.round, job.client_id, n)
 
 
 SECAGG_NOTES = {
@@ -55,7 +56,9 @@ def privacy_facts(cfg: ExperimentConfig, caps: Any) -> dict[str, str]:
     return facts
 
 
-def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, client_ids: Sequence[str]) -> ClientPlan:
+def build_plan(
+    cfg: ExperimentConfig, strategy: StrategyCore, init_state: AdapterState, client_ids: Sequence[str]
+) -> ClientPlan:
     """Transforms run in this order: attack injection (simulation), the strategy's client step
     under secure aggregation (DP clip and noise share), secure-aggregation masking."""
     caps = strategy.capabilities
@@ -63,8 +66,9 @@ def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, c
     if cfg.attack.kind not in ("none", "data"):
         bad = attackers(list(client_ids), cfg.attack.fraction, cfg.seed)
         transforms.append(AttackTransform(cfg.attack.kind, cfg.attack.scale, bad, cfg.seed))
-    if cfg.secure_aggregation and caps.client_transform:
-        transforms.append(StrategyTransform(strategy))
+    client_transform = client_transform_of(strategy)
+    if cfg.secure_aggregation and client_transform is not None:
+        transforms.append(StrategyTransform(client_transform))
     masks = cfg.secure_aggregation and cfg.engine.name == "inprocess"  # on Flower, SecAgg+ masks
     if masks:
         transforms.append(MaskTransform(caps.sum_weight))
@@ -72,13 +76,14 @@ def build_plan(cfg: ExperimentConfig, strategy: Any, init_state: AdapterState, c
     adapter = build_adapter(cfg.adapter)
     # a peer's step gets its own model and returns its delta inside the peer: `codec` is for its messages
     local = caps.peer_to_peer
+    step = client_step_of(strategy)
     return ClientPlan(
         spec=components.build_train_spec(cfg),
         seed=cfg.seed,
         up_codec=components.local_codec() if local else components.build_codec(cfg),
         client_up_codecs={} if local else {c: components.build_codec(cfg, client=c) for c in sorted(cfg.client_codecs)},
         down_codec=components.local_codec() if local else components.build_codec(cfg, downlink=True),
-        step=strategy.client_train if caps.client_step else None,
+        step=step.client_train if step is not None else None,
         penalty=strategy.client_penalty if caps.client_penalty else None,
         transforms=tuple(transforms),
         variants=adapter.client_variants(list(client_ids)),

@@ -36,6 +36,7 @@ from rich.console import Console
 
 from fedtune import components
 from fedtune.client.run import ClientJob, ClientState, PeerState
+from fedtune.codecs.base import Codec
 from fedtune.config import ExperimentConfig, config_to_yaml
 from fedtune.engines.federation import Federation, variants_per_client
 from fedtune.engines.plan import privacy_facts
@@ -63,7 +64,14 @@ from fedtune.report.summary import progress_bars, round_line, setup_lines, summa
 from fedtune.report.trackers import Tracker
 from fedtune.sampling import evaluation_clients, online_clients
 from fedtune.seeding import torch_generator
-from fedtune.strategies.decentralized import PUSH_SUM_WEIGHT, is_identity, pack_message, unpack_message
+from fedtune.strategies.decentralized import (
+    PUSH_SUM_WEIGHT,
+    PeerStrategy,
+    as_peer_strategy,
+    is_identity,
+    pack_message,
+    unpack_message,
+)
 from fedtune.types import AdapterState, add_states
 
 PEER_SAMPLING = "seeded hash of (seed, round, peer): every peer computes the round's roles (public)"
@@ -84,7 +92,7 @@ def peer_models(
 
 
 def final_models(
-    cfg: ExperimentConfig, strategy: Any, store: Any, ids: Sequence[str], init: AdapterState, rnd: int
+    cfg: ExperimentConfig, strategy: PeerStrategy, store: Any, ids: Sequence[str], init: AdapterState, rnd: int
 ) -> dict[str, AdapterState]:
     """The model each peer holds after round `rnd`: the one it would start round rnd + 1 from
     (gossip: its own; MoDeST: an aggregate of round rnd)."""
@@ -106,7 +114,8 @@ def run_peers(
     trackers: Sequence[Tracker] = (),
 ) -> RunResult:
     # 1. the peers, their store (the engine's), the round's sampler and the local hand-off codec
-    strategy, engine, store, ids = fed.strategy, fed.engine, fed.store, fed.client_ids
+    strategy = as_peer_strategy(fed.strategy, cfg.strategy.name)
+    engine, store, ids = fed.engine, fed.store, fed.client_ids
     caps = strategy.capabilities
     if store is None:
         raise FedtuneError(
@@ -232,7 +241,7 @@ class Wire:
     per sender and round goes to all its receivers. `send` gives the bytes and what a receiver
     decodes from them (the sender mixes its own exact state)."""
 
-    codec: Any = field(default_factory=components.local_codec)
+    codec: Codec = field(default_factory=components.local_codec)
     seed: int = 0
 
     def send(self, msg: AdapterState, kind: str, rnd: int, sender: str) -> tuple[bytes, AdapterState]:
@@ -245,7 +254,7 @@ class Wire:
 
 
 def fetch(
-    strategy: Any, sources: Mapping[str, str], held: Mapping[str, PeerState], wire: Wire = Wire(), rnd: int = 0
+    strategy: PeerStrategy, sources: Mapping[str, str], held: Mapping[str, PeerState], wire: Wire = Wire(), rnd: int = 0
 ) -> tuple[dict[str, PeerState], dict[str, dict[str, int]]]:
     """Each trainer's starting state: its own, or the model it fetches from its source (a
     message: `strategy.message` of the source's state, encoded by `wire`, counted once), and
@@ -296,7 +305,7 @@ def delivered(row: Mapping[str, float], me: str, lost: set[str], push_sum: bool)
 
 
 def exchange(
-    strategy: Any,
+    strategy: PeerStrategy,
     rnd: int,
     trained: Mapping[str, PeerState],
     roles: Roles | None = None,
@@ -359,7 +368,7 @@ def merge_bytes(*parts: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, 
 
 
 def own_jobs(
-    rnd: int, models: Mapping[str, AdapterState], trainers: Sequence[str], codec: Any, seed: int, token: str
+    rnd: int, models: Mapping[str, AdapterState], trainers: Sequence[str], codec: Codec, seed: int, token: str
 ) -> list[ClientJob]:
     """Each trainer's client-step job on its own model (a local hand-off, not a message)."""
     out = []

@@ -37,7 +37,14 @@ from fedtune.report.records import round_summary
 from fedtune.report.summary import round_line, summary_json
 from fedtune.report.trackers import Tracker
 from fedtune.report.trust import plot_trust
-from fedtune.strategies.trust_distill import consensus_gap, decode_predictions, encode_predictions, mix, trust_matrix
+from fedtune.strategies.trust_distill import (
+    TrustDistill,
+    consensus_gap,
+    decode_predictions,
+    encode_predictions,
+    mix,
+    trust_matrix,
+)
 
 
 def exchange(
@@ -73,6 +80,8 @@ def run_distill(
 ) -> RunResult:
     # 1. the parties (their own models and data: in this process, or on their own machines)
     strategy, ids = fed.strategy, fed.client_ids
+    if not isinstance(strategy, TrustDistill):  # the recipe of capabilities.own_models: trust_distill's alone
+        raise TypeError(f"run_distill runs trust_distill, not {type(strategy).__name__}")
     tokenizer = load_tokenizer(fed.model_dir)
     vocab = int(fed.model.config.vocab_size)
     parties = fed.engine.parties(cfg, strategy, fed.model_dir, tokenizer)

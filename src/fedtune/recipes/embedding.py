@@ -31,6 +31,7 @@ from fedtune.report import io
 from fedtune.report.trackers import Tracker
 from fedtune.sampling import sample_round
 from fedtune.seeding import torch_generator
+from fedtune.strategies.base import server_strategy
 from fedtune.types import AdapterState, ClientUpdate
 
 if TYPE_CHECKING:
@@ -73,7 +74,8 @@ def run_embedding(
     device = next(model.parameters()).device
     tokens = torch.nn.Parameter(init_tokens(model, k, torch_generator(cfg.seed, "gem-init")).to(device))
     tokens.requires_grad_(False)
-    strategy = components.build_strategy(cfg, components.run_context(cfg, ids, lora_scale(model)))
+    ctx = components.run_context(cfg, ids, lora_scale(model))
+    strategy = server_strategy(components.build_strategy(cfg, ctx), cfg.strategy.name)
     caps, spec = strategy.capabilities, components.build_train_spec(cfg)
     bs, bf16, knn = cfg.evaluation.batch_size, spec.bf16, cfg.embedding.knn_topics
     metrics_path = run_dir / io.METRICS
@@ -100,7 +102,8 @@ def run_embedding(
         t0 = time.perf_counter()
         sampled = sample_round(ids, cfg.sampling, cfg.seed, rnd, cfg.randomness())
         sent = strategy.configure(rnd, sampled, sstate)
-        updates, recs = [], []
+        updates: list[ClientUpdate] = []
+        recs: list[dict[str, Any]] = []
         for cid in sampled:
             delta, m = local_gem_train_(
                 model, tokens, sent[cid], parties[cid].train, spec, cfg.embedding.ntp_weight, cfg.seed, rnd, cid

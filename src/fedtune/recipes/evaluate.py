@@ -4,6 +4,7 @@ run's checkpoint and client states. Writes RUN_DIR/eval/all-clients.jsonl (one r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from fedtune.errors import FedtuneError
 from fedtune.recipes.decentralized import final_models
 from fedtune.report import io
 from fedtune.report.records import eval_records
+from fedtune.strategies.base import server_strategy
+from fedtune.strategies.decentralized import as_peer_strategy
+from fedtune.types import AdapterState
 
 
 def evaluate_all(run_dir: Path) -> list[dict[str, Any]]:
@@ -28,11 +32,14 @@ def evaluate_all(run_dir: Path) -> list[dict[str, Any]]:
     fed = inprocess_federation(cfg)
     ckpt = io.load_checkpoint(run_dir / io.CHECKPOINT)
     rnd, caps = int(ckpt["round"]), fed.strategy.capabilities
-    glob, personal = ckpt.get("global", {}), None
+    glob: AdapterState = ckpt.get("global", {})
+    personal: Mapping[str, AdapterState] | None = None
     if caps.peer_to_peer:  # each peer's model is in its own client state (the run's store)
-        glob, personal = ckpt["init"], final_models(cfg, fed.strategy, fed.store, fed.client_ids, ckpt["init"], rnd)
+        peer = as_peer_strategy(fed.strategy, cfg.strategy.name)
+        glob, personal = ckpt["init"], final_models(cfg, peer, fed.store, fed.client_ids, ckpt["init"], rnd)
     elif caps.personalized:
-        personal = fed.strategy.configure(rnd + 1, fed.client_ids, ckpt["strategy_state"])
+        server = server_strategy(fed.strategy, cfg.strategy.name)
+        personal = server.configure(rnd + 1, fed.client_ids, ckpt["strategy_state"])
     ev = cfg.evaluation
     evals = eval_records(rnd, caps, fed.engine, fed.client_ids, glob, personal, ev.ood, ev.val)
     records = [{"round": rnd, "client": cid, **evals[cid]} for cid in fed.client_ids]

@@ -5,7 +5,7 @@ evaluate -> append records + checkpoint) -> export + report."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +14,9 @@ from rich.console import Console
 
 from fedtune import components
 from fedtune.client.run import ClientJob, ClientReply
+from fedtune.codecs.base import Codec
 from fedtune.config import ExperimentConfig, config_to_yaml
+from fedtune.engines.capabilities import Engine
 from fedtune.engines.federation import Federation, variants_per_client
 from fedtune.engines.inprocess import inprocess_federation
 from fedtune.engines.plan import privacy_facts
@@ -32,7 +34,7 @@ from fedtune.report.trackers import Tracker, open_trackers
 from fedtune.sampling import evaluation_clients, sample_round
 from fedtune.secagg import SECURE_SUM, secure_sum
 from fedtune.seeding import torch_generator
-from fedtune.strategies.base import Aggregate
+from fedtune.strategies.base import Aggregate, Strategy, client_transform_of, server_strategy
 from fedtune.types import AdapterState, ClientFailure, ClientUpdate
 from fedtune.validation import screen
 
@@ -105,7 +107,8 @@ def _run(
     loop = own_loop(fed.strategy.capabilities)  # no server (peers), or each party's own model (distill)
     if loop is not None:
         return loop(cfg, fed, run_dir, t_start, resume, progress, after_round, console, trackers)
-    strategy, engine, caps, ids = fed.strategy, fed.engine, fed.strategy.capabilities, fed.client_ids
+    strategy = server_strategy(fed.strategy, cfg.strategy.name)
+    engine, caps, ids = fed.engine, strategy.capabilities, fed.client_ids
     chat = "data_chat_template" in fed.round0  # instruction data (DP-SGD's unit is one example)
     up_codec, down_codec = components.build_codec(cfg), components.build_codec(cfg, downlink=True)
     metrics_path, token = run_dir / io.METRICS, io.run_token(run_dir)
@@ -212,7 +215,7 @@ def _run(
 
 
 def run_jobs(
-    engine: Any, jobs: list[ClientJob], on_step: Any, rnd: int, run_dir: Path
+    engine: Engine, jobs: list[ClientJob], on_step: Any, rnd: int, run_dir: Path
 ) -> list[ClientReply | ClientFailure]:
     """The engine's replies to this round's jobs; a diverged client names the checkpoint to resume."""
     try:
@@ -252,16 +255,17 @@ def log_round(
 def make_jobs(
     rnd: int,
     trainers: list[str],
-    sent: dict[str, AdapterState],
-    down_codec: Any,
+    sent: Mapping[str, AdapterState],
+    down_codec: Codec,
     codec_states: dict[str, Any],
     cfg: ExperimentConfig,
-    strategy: Any,
+    strategy: Strategy,
     sstate: Any,
     token: str,
 ) -> list[ClientJob]:
     """Encode each trainer's downlink payload (one encoder state per receiver)."""
-    transform = strategy.client_transform_config(sstate) if strategy.capabilities.client_transform else {}
+    client_transform = client_transform_of(strategy)
+    transform = client_transform.client_transform_config(sstate) if client_transform is not None else {}
     jobs = []
     for cid in trainers:
         payload, codec_states["down:" + cid] = down_codec.encode(
@@ -274,9 +278,9 @@ def make_jobs(
 def receive(
     replies: list[ClientReply | ClientFailure],
     jobs: list[ClientJob],
-    up_codec: Any,
+    up_codec: Codec,
     codec_states: dict[str, Any],
-    sent: dict[str, AdapterState],
+    sent: Mapping[str, AdapterState],
     cfg: ExperimentConfig,
     caps: Any,
 ) -> tuple[list[ClientUpdate], list[ClientFailure], ClientUpdate | None]:

@@ -38,21 +38,24 @@ from rich.console import Console
 
 from fedtune import components
 from fedtune.client.run import ClientJob
+from fedtune.codecs.base import Codec
 from fedtune.config import ExperimentConfig, config_to_yaml
+from fedtune.engines.capabilities import Engine
 from fedtune.engines.federation import variants_per_client
-from fedtune.engines.inprocess import inprocess_federation
+from fedtune.engines.inprocess import inprocess_federation, with_store
 from fedtune.engines.p2p import Swarm
 from fedtune.engines.plan import privacy_facts
 from fedtune.errors import FedtuneError
 from fedtune.models.adapters import get_state
 from fedtune.models.export import export_adapters
+from fedtune.peer_sampling import PeerSampler
 from fedtune.recipes.decentralized import PEER_SAMPLING, Wire, delivered, peer_state
 from fedtune.recipes.federated import receive, run_jobs
 from fedtune.report import io
 from fedtune.report.records import client_records, eval_records
 from fedtune.sampling import evaluation_clients, online_clients
 from fedtune.seeding import torch_generator
-from fedtune.strategies.decentralized import PUSH_SUM_WEIGHT
+from fedtune.strategies.decentralized import PUSH_SUM_WEIGHT, PeerStrategy, as_peer_strategy
 from fedtune.types import ClientFailure, add_states
 
 PEERS_DIR = "peers"
@@ -94,18 +97,13 @@ def run_peer(
     t_start = time.perf_counter()
     # 1. this peer's federation: every client id is known (the partition is public), only its shard is built
     fed = inprocess_federation(cfg.model_copy(update={"output_dir": str(run_dir)}))  # its store is replaced below
-    ids, strategy, engine = fed.client_ids, fed.strategy, fed.engine
+    ids, strategy = fed.client_ids, as_peer_strategy(fed.strategy, cfg.strategy.name)
     me = resolve_peer(ids, given_id)
     mine = peer_dir(run_dir, me)
     mine.mkdir(parents=True, exist_ok=True)
     store = type(fed.store)(mine / "clients", fed.store.initial)  # my state on my own disk
-    engine.store = store
+    engine = with_store(fed.engine, store)
     caps, s, timeout = strategy.capabilities, cfg.sampling, cfg.engine.timeout
-    if not caps.peer_to_peer:
-        raise FedtuneError(
-            f"strategy.name {cfg.strategy.name!r} aggregates on a server; a peer runs serverless strategies "
-            "only: use strategy.name: gossip (or modest)"
-        )
     sampler = strategy.sampler(s.fraction, s.min_clients, s.scheme)
     own_codec = up_codec = components.local_codec()  # my model to my own step and its delta back: local
     wire = Wire(components.build_codec(cfg), cfg.seed)  # my messages, encoded as the simulator does
@@ -176,14 +174,14 @@ def peer_round(
     me: str,
     rnd: int,
     ids: list[str],
-    strategy: Any,
-    engine: Any,
+    strategy: PeerStrategy,
+    engine: Engine,
     store: Any,
     init: Any,
     net: Swarm,
-    sampler: Any,
-    own_codec: Any,
-    up_codec: Any,
+    sampler: PeerSampler,
+    own_codec: Codec,
+    up_codec: Codec,
     wire: Wire,
 ) -> dict[str, Any] | None:
     """Peer `me`'s round `rnd` (module docstring); its metrics line, or None if it had no role."""

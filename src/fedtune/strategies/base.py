@@ -8,16 +8,21 @@ and returned. What a strategy can do beyond the three core methods is declared d
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
 import torch
 
 from fedtune.adapters.base import ADAPTERS, ALGEBRA_TEXT, ANY_ALGEBRA, Algebra
-from fedtune.errors import Problem
+from fedtune.errors import FedtuneError, Problem
 from fedtune.registry import Registry
 from fedtune.types import AdapterState, ClientUpdate
+
+if TYPE_CHECKING:
+    from fedtune.adapters.base import Adapter
+    from fedtune.client.train import TrainSpec
+    from fedtune.data.blocks import Shard
 
 
 @dataclass(frozen=True)
@@ -133,12 +138,23 @@ class PeerScoring(Protocol):
     ) -> dict[str, dict[str, float]]: ...
 
 
-class Strategy(Protocol):
-    """Server-side logic of a method. State is a plain value passed in and returned, so a
-    checkpoint is just that value and a resumed run continues exactly."""
+class StrategyCore(Protocol):
+    """What every registered strategy has (`StrategyBase` gives the defaults): its declared
+    capabilities, the run's facts, and the client-side parts the plan takes. The loops narrow it by
+    a declared capability: to `Strategy` (a server aggregates), `PeerStrategy` (`peer_to_peer`),
+    `ClientStepStrategy` (`client_step`), `ClientTransformStrategy` (`client_transform`)."""
 
     capabilities: Capabilities
     ctx: RunContext
+
+    def private_keys(self, state: AdapterState) -> set[str]: ...
+
+    def client_penalty(self, params: Mapping[str, torch.nn.Parameter], received: AdapterState) -> Any: ...
+
+
+class Strategy(StrategyCore, Protocol):
+    """Server-side logic of a method. State is a plain value passed in and returned, so a
+    checkpoint is just that value and a resumed run continues exactly."""
 
     def init_state(self, global_state: AdapterState) -> Any: ...
 
@@ -147,6 +163,52 @@ class Strategy(Protocol):
     def aggregate(
         self, rnd: int, updates: Sequence[ClientUpdate], state: Any, peers: PeerScoring | None = None
     ) -> Aggregate: ...
+
+
+class ClientStepStrategy(StrategyCore, Protocol):
+    """`capabilities.client_step`: the strategy's own client update (`client.run.ClientStep`)."""
+
+    def client_train(
+        self,
+        model: Any,
+        received: AdapterState,
+        private: AdapterState,
+        shard: Shard,
+        spec: TrainSpec,
+        seed: int,
+        rnd: int,
+        on_step: Callable[[int, int, float], None] | None = None,
+        adapter: Adapter | None = None,
+    ) -> tuple[AdapterState, dict[str, float], AdapterState]: ...
+
+
+class ClientTransformStrategy(StrategyCore, Protocol):
+    """`capabilities.client_transform`: a client-side step on the update before secure-aggregation
+    masking (DP-FedAvg's clip and noise share), with what the client needs from the server state."""
+
+    def client_transform_config(self, state: Any) -> dict[str, Any]: ...
+
+    def client_transform(self, delta: AdapterState, state: Any, rnd: int, client_id: str, n: int) -> AdapterState: ...
+
+
+def client_step_of(strategy: StrategyCore) -> ClientStepStrategy | None:
+    """The strategy as a ClientStepStrategy where it declares `capabilities.client_step` (the
+    registry's contract: a declared capability comes with its methods), else None."""
+    return cast(ClientStepStrategy, strategy) if strategy.capabilities.client_step else None
+
+
+def client_transform_of(strategy: StrategyCore) -> ClientTransformStrategy | None:
+    """The strategy as a ClientTransformStrategy where it declares `capabilities.client_transform`."""
+    return cast(ClientTransformStrategy, strategy) if strategy.capabilities.client_transform else None
+
+
+def server_strategy(strategy: StrategyCore, name: str) -> Strategy:
+    """`strategy` as the federated loop sees it: every strategy that declares neither
+    `peer_to_peer` nor `own_models` (those have their own loops) aggregates on a server."""
+    caps = strategy.capabilities
+    if caps.peer_to_peer or caps.own_models:
+        raise FedtuneError(f"strategy.name {name!r} has its own loop (peer_to_peer / own_models), not a server's")
+    return cast(Strategy, strategy)
 
 
 STRATEGIES: Registry[type] = Registry("strategy")

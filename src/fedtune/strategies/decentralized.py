@@ -34,16 +34,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import torch
 
 from fedtune.client.run import PeerState
-from fedtune.codecs.base import deserialize, header_metadata, serialize
-from fedtune.errors import Problem
+from fedtune.codecs.base import Codec, deserialize, header_metadata, serialize
+from fedtune.errors import FedtuneError, Problem
 from fedtune.models.adapters import trainable_keys
 from fedtune.peer_sampling import HashSampler, PeerSampler, Roles
-from fedtune.strategies.base import STRATEGIES, Capabilities, StrategyBase, weighted_mean
+from fedtune.strategies.base import STRATEGIES, Capabilities, StrategyBase, StrategyCore, weighted_mean
 from fedtune.strategies.lora_math import covariance_error, lora_modules, mean_of_products, relative_error
 from fedtune.topology import (
     SPECTRAL_GAP_MAX_PEERS,
@@ -83,7 +83,7 @@ def peer_codec_problems(
     return out
 
 
-def is_identity(codec: Any) -> bool:
+def is_identity(codec: Codec) -> bool:
     """A chain of identity stages only: its peer messages are the plain serialized tensors."""
     return all(type(s).__name__ == "Identity" for s in codec.stages)
 
@@ -91,7 +91,7 @@ def is_identity(codec: Any) -> bool:
 PEER_MESSAGE_META = "fedtune.peer_message"  # header of a message whose push-sum weight travels beside the body
 
 
-def pack_message(codec: Any, msg: AdapterState, rng: torch.Generator) -> bytes:
+def pack_message(codec: Codec, msg: AdapterState, rng: torch.Generator) -> bytes:
     """A peer message's bytes: with the identity codec the serialized tensors (as before codecs
     applied here); else the codec's payload of the tensors, and under push-sum that payload as a
     uint8 `body` beside the weight w in fp64 (a weight is never compressed: the sum of the
@@ -106,7 +106,7 @@ def pack_message(codec: Any, msg: AdapterState, rng: torch.Generator) -> bytes:
     return serialize(wrapped, {PEER_MESSAGE_META: "push-sum"})
 
 
-def unpack_message(codec: Any, data: bytes) -> AdapterState:
+def unpack_message(codec: Codec, data: bytes) -> AdapterState:
     """The tensors a receiver mixes, from `pack_message`'s bytes."""
     if is_identity(codec):
         return deserialize(data)
@@ -161,7 +161,7 @@ def mixing_error(states: Sequence[AdapterState], weights: Sequence[float]) -> fl
     return relative_error(exact, {m: exact[m] - e for m, e in covariance_error(states, weights).items()})
 
 
-class PeerStrategy(Protocol):
+class PeerStrategy(StrategyCore, Protocol):
     """What a decentralized strategy (`capabilities.peer_to_peer`) gives the serverless loop
     (`recipes/decentralized.py`); every method is a peer's own computation from public facts."""
 
@@ -207,6 +207,17 @@ class PeerStrategy(Protocol):
     ) -> dict[str, Any]:
         """The round's metrics from its coefficients and the receivers' models after mixing."""
         ...
+
+
+def as_peer_strategy(strategy: StrategyCore, name: str) -> PeerStrategy:
+    """`strategy` as the serverless loop sees it: its declared `capabilities.peer_to_peer` says it
+    has PeerStrategy's methods (the registry's contract); `name` is the configured strategy.name."""
+    if not strategy.capabilities.peer_to_peer:
+        raise FedtuneError(
+            f"strategy.name {name!r} aggregates on a server; a peer runs serverless strategies "
+            "only: use strategy.name: gossip (or modest)"
+        )
+    return cast(PeerStrategy, strategy)
 
 
 def adopt_model(own: PeerState, message: AdapterState) -> PeerState:

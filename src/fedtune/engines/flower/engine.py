@@ -16,7 +16,7 @@ from fedtune.client.run import ClientJob, ClientReply
 from fedtune.codecs import make_codec
 from fedtune.config import ExperimentConfig
 from fedtune.data.report import stats_summary
-from fedtune.engines.capabilities import FLOWER
+from fedtune.engines.capabilities import FLOWER, Engine
 from fedtune.engines.faults import FaultInjection, Faults, attackers
 from fedtune.engines.federation import Federation, device_facts
 from fedtune.engines.flower import profile
@@ -207,7 +207,7 @@ def flower_federation(
         from fedtune.report.io import run_token
 
         token = run_token(Path(cfg.run_dir()))
-        engine: Any = FlowerEngine(
+        engine: Engine = FlowerEngine(
             grid, node_of, timeout, context=context, weights=weights, secure=cfg.secure_aggregation, run=token
         )
         s = cfg.sampling

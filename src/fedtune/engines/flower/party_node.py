@@ -58,6 +58,7 @@ def party_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> PartyRun
         from fedtune.engines.federation import run_precision
         from fedtune.engines.parties import build_party_model, party_work
         from fedtune.models.adapters import get_state
+        from fedtune.strategies.trust_distill import TrustDistill
 
         root = Path(state_root).expanduser()
         ids, shard = node_shard(cfg_yaml, partition_id, root)
@@ -65,6 +66,8 @@ def party_runtime(cfg_yaml: str, partition_id: int, state_root: str) -> PartyRun
         cfg, _, _ = run_precision(cfg)  # 'auto' dtype / bf16 for this party's own device
         cid = ids[partition_id]
         strategy = components.build_strategy(cfg, components.run_context(cfg, ids, 1.0))  # no adapter scale
+        if not isinstance(strategy, TrustDistill):  # a party node serves capabilities.own_models: trust_distill
+            raise TypeError(f"a party node runs trust_distill, not {type(strategy).__name__}")
         with profile.phase("model"):
             model = build_party_model(cfg, model_dir, strategy.party(partition_id), cid)
         with profile.phase("data"):

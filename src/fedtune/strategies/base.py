@@ -8,7 +8,7 @@ and returned. What a strategy can do beyond the three core methods is declared d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast
 
@@ -20,9 +20,7 @@ from fedtune.registry import Registry
 from fedtune.types import AdapterState, ClientUpdate
 
 if TYPE_CHECKING:
-    from fedtune.adapters.base import Adapter
-    from fedtune.client.train import TrainSpec
-    from fedtune.data.blocks import Shard
+    from fedtune.client.run import ClientStep
 
 
 @dataclass(frozen=True)
@@ -166,20 +164,11 @@ class Strategy(StrategyCore, Protocol):
 
 
 class ClientStepStrategy(StrategyCore, Protocol):
-    """`capabilities.client_step`: the strategy's own client update (`client.run.ClientStep`)."""
+    """`capabilities.client_step`: the strategy's own client update, a `client.run.ClientStep`
+    (the method `client_train(model, received, private, shard, spec, seed, rnd, on_step, adapter)`)."""
 
-    def client_train(
-        self,
-        model: Any,
-        received: AdapterState,
-        private: AdapterState,
-        shard: Shard,
-        spec: TrainSpec,
-        seed: int,
-        rnd: int,
-        on_step: Callable[[int, int, float], None] | None = None,
-        adapter: Adapter | None = None,
-    ) -> tuple[AdapterState, dict[str, float], AdapterState]: ...
+    @property
+    def client_train(self) -> ClientStep: ...
 
 
 class ClientTransformStrategy(StrategyCore, Protocol):

@@ -64,10 +64,10 @@ CANDIDATES: dict[str, tuple[list[list[str]], list[float]]] = {
     ),
 }
 STRATEGIES = ["fedavg", "local"]
-# strategies beyond the default two, with their overrides and the kinds they apply to: CoMiGS's preset
-# 1G1S (one expert per level averaged, the rest and the routers kept by each party) needs a router
-ROUTED = {"moe_lora", "smore"}
-EXTRA = {"comigs": (["strategy.preset=1G1S"], ROUTED)}
+# strategies beyond the default two, with their overrides: CoMiGS's preset 1G1S (one expert per level
+# averaged, the rest and the routers kept by each party); each runs on the kinds its declared
+# algebras accept (CoMiGS: the mixtures, MoE-LoRA and S'MoRE)
+EXTRA = {"comigs": ["strategy.preset=1G1S"]}
 COMMON = ["evaluation.val=true"]
 
 
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument(
         "--strategies",
         default=",".join(STRATEGIES),
-        help="of " + ",".join([*STRATEGIES, *EXTRA]) + " (comigs: the routed kinds only)",
+        help="of " + ",".join([*STRATEGIES, *EXTRA]) + " (each on the kinds its declared algebras accept)",
     )
     ap.add_argument(
         "--lr-of",
@@ -128,11 +128,14 @@ def main() -> None:
         return
 
     def named(k: str, s: str, lr: float) -> tuple[str, list[str]]:
-        extra = EXTRA[s][0] if s in EXTRA else []
+        extra = EXTRA.get(s, [])
         return f"{k} {s} lr {lr:g}", [*matched[k]["overrides"], f"strategy.name={s}", *extra, f"train.lr={lr}"]
 
     def applies(k: str, s: str) -> bool:
-        return s not in EXTRA or k in EXTRA[s][1]
+        from fedtune.strategies import STRATEGIES as REGISTERED
+        from fedtune.strategies.base import algebra_problems
+
+        return not algebra_problems(s, REGISTERED.get(s)().capabilities, k)
 
     lrs = {(k, s): CANDIDATES[k][1][: a.lrs] for k in kinds for s in strategies if applies(k, s)}
     how = f"{a.lrs} lr(s) per kind and strategy, chosen by final mean validation accuracy."

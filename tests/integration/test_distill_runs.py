@@ -96,3 +96,16 @@ def test_resumed_equals_uninterrupted(tiny_cfg, interrupt_after, no_time, full):
     interrupt_after(cfg, 2)
     resumed = run_federated(cfg, resume=True, progress=False)
     assert no_time(resumed.records) == no_time(full.records)
+
+
+def test_eval_all_scores_each_party_own_model_from_the_checkpoint(full):
+    """`fedtune eval --all` on a trust_distill run: each party's own model restored from the
+    checkpoint gives the loop's last-round numbers (it stopped with an error before)."""
+    from fedtune.recipes.evaluate import evaluate_all
+
+    last = {r["client"]: r for r in full.records if r["round"] == 3 and r["client"] is not None}
+    got = {r["client"]: r for r in evaluate_all(full.run_dir)}
+    assert set(got) == set(last) and all(r["round"] == 3 for r in got.values())
+    for key in ("test_loss", "ood_loss"):
+        assert {c: r[key] for c, r in got.items()} == pytest.approx({c: r[key] for c, r in last.items()}, abs=1e-6)
+    assert len({r["test_loss"] for r in got.values()}) == 3  # three different models, not one

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from fedtune.data.blocks import Shard
 from fedtune.engines.capabilities import Engine
 from fedtune.seeding import numpy_rng, torch_generator
 from fedtune.types import AdapterState, ClientFailure
+
+if TYPE_CHECKING:
+    from fedtune.engines.parties import Parties
 
 
 def attackers(client_ids: Sequence[str], fraction: float, seed: int) -> frozenset[str]:
@@ -146,6 +149,6 @@ class FaultInjection:
     def private_of(self, cid: str) -> AdapterState | None:
         return self.engine.private_of(cid)  # type: ignore[no-any-return]
 
-    def parties(self, cfg: Any, strategy: Any, model_dir: str, tokenizer: Any) -> Any:
+    def parties(self, cfg: Any, strategy: Any, model_dir: str, tokenizer: Any) -> Parties:
         # never reached through faults: validation refuses injected faults for an own-models strategy
         return self.engine.parties(cfg, strategy, model_dir, tokenizer)

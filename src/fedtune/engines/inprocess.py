@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,9 @@ from fedtune.evaluation.metrics import evaluate_blocks, evaluate_split
 from fedtune.models.adapters import get_state, lora_scale, set_state_
 from fedtune.models.load import load_tokenizer, resolve_model_dir
 from fedtune.types import AdapterState, ClientFailure
+
+if TYPE_CHECKING:
+    from fedtune.engines.parties import Parties
 
 StepCallback = Callable[[str, int, int, float], None]
 
@@ -93,7 +96,7 @@ class InProcessEngine:
     def private_of(self, cid: str) -> AdapterState:
         return self.store.get(cid).private
 
-    def parties(self, cfg: ExperimentConfig, strategy: Any, model_dir: str, tokenizer: Any) -> Any:
+    def parties(self, cfg: ExperimentConfig, strategy: Any, model_dir: str, tokenizer: Any) -> Parties:
         """Every party's own model in this process, over this engine's shards (trust_distill)."""
         from fedtune.engines.parties import local_parties
 

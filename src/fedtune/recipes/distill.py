@@ -126,11 +126,11 @@ def run_distill(
                     sizes[c]["bytes_down"] = len(payload)
         t_agg = time.perf_counter()
         losses: dict[str, dict[str, float]] = {}
-        for c, got in parties.train(rnd, down).items():
-            if isinstance(got, str):
-                failures.setdefault(c, got)
+        for c, trained in parties.train(rnd, down).items():
+            if isinstance(trained, str):
+                failures.setdefault(c, trained)
             else:
-                losses[c] = got
+                losses[c] = trained
         t_train = time.perf_counter()
         last = rnd == cfg.rounds
         evals = parties.evaluate(rnd) if last or rnd % cfg.evaluation.every == 0 else {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
@@ -25,6 +25,9 @@ from fedtune.engines.flower.wire import from_record, to_record
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.seeding import torch_generator
 from fedtune.types import AdapterState, ClientFailure
+
+if TYPE_CHECKING:
+    from fedtune.engines.parties import Parties
 
 
 class FlowerEngine:
@@ -86,7 +89,7 @@ class FlowerEngine:
         profile.record(side="server", kind=kind, round=rnd, clients=sorted(contents), sent=sent, received=time.time())
         return out
 
-    def parties(self, cfg: ExperimentConfig, strategy: Any, model_dir: str, tokenizer: Any) -> Any:
+    def parties(self, cfg: ExperimentConfig, strategy: Any, model_dir: str, tokenizer: Any) -> Parties:
         """trust_distill's parties: each on its own SuperNode (`engines/flower/parties.py`)."""
         from fedtune.engines.flower.parties import FlowerParties
         from fedtune.engines.parties import public_corpus

@@ -6,14 +6,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedtune.engines.capabilities import Engine
 from fedtune.evaluation.metrics import TASK_METRICS, record_fields, summarize
+from fedtune.strategies.base import Capabilities
 from fedtune.types import AdapterState, ClientFailure, ClientUpdate
 
 
 def eval_records(
     rnd: int,
-    caps: Any,
-    engine: Any,
+    caps: Capabilities,
+    engine: Engine,
     client_ids: Sequence[str],
     global_state: AdapterState,
     personal: Mapping[str, AdapterState] | None,

@@ -16,6 +16,7 @@ from fedtune.errors import Problem
 if TYPE_CHECKING:
     from fedtune.client.run import ClientJob, ClientReply
     from fedtune.engines.parties import Parties
+    from fedtune.strategies.trust_distill import TrustDistill
     from fedtune.types import AdapterState, ClientFailure
 
 
@@ -265,6 +266,6 @@ class Engine(Protocol):
 
     def private_of(self, cid: str) -> Any: ...
 
-    def parties(self, cfg: Any, strategy: Any, model_dir: str, tokenizer: Any) -> Parties:
+    def parties(self, cfg: Any, strategy: TrustDistill, model_dir: str, tokenizer: Any) -> Parties:
         """The parties of an own-models strategy (trust_distill): their own models, where they live."""
         ...

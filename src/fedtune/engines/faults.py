@@ -24,6 +24,7 @@ from fedtune.types import AdapterState, ClientFailure
 
 if TYPE_CHECKING:
     from fedtune.engines.parties import Parties
+    from fedtune.strategies.trust_distill import TrustDistill
 
 
 def attackers(client_ids: Sequence[str], fraction: float, seed: int) -> frozenset[str]:
@@ -149,6 +150,6 @@ class FaultInjection:
     def private_of(self, cid: str) -> AdapterState | None:
         return self.engine.private_of(cid)  # type: ignore[no-any-return]
 
-    def parties(self, cfg: Any, strategy: Any, model_dir: str, tokenizer: Any) -> Parties:
+    def parties(self, cfg: Any, strategy: TrustDistill, model_dir: str, tokenizer: Any) -> Parties:
         # never reached through faults: validation refuses injected faults for an own-models strategy
         return self.engine.parties(cfg, strategy, model_dir, tokenizer)

@@ -42,6 +42,7 @@ from fedtune.types import AdapterState, ClientFailure
 
 if TYPE_CHECKING:
     from fedtune.engines.parties import Parties
+    from fedtune.strategies.trust_distill import TrustDistill
 
 StepCallback = Callable[[str, int, int, float], None]
 
@@ -96,7 +97,7 @@ class InProcessEngine:
     def private_of(self, cid: str) -> AdapterState:
         return self.store.get(cid).private
 
-    def parties(self, cfg: ExperimentConfig, strategy: Any, model_dir: str, tokenizer: Any) -> Parties:
+    def parties(self, cfg: ExperimentConfig, strategy: TrustDistill, model_dir: str, tokenizer: Any) -> Parties:
         """Every party's own model in this process, over this engine's shards (trust_distill)."""
         from fedtune.engines.parties import local_parties
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -27,12 +27,16 @@ from fedtune.seeding import derive_seed, torch_generator
 from fedtune.strategies.trust_distill import (
     Party,
     Predictions,
+    TrustDistill,
     decode_predictions,
     distill_loss,
     encode_predictions,
     top_k_probs,
 )
 from fedtune.types import AdapterState
+
+if TYPE_CHECKING:
+    from fedtune.engines.inprocess import InProcessEngine
 
 
 def decoder_layers(model: Any) -> torch.nn.ModuleList:
@@ -176,7 +180,7 @@ class PartyWork:
     and on a party's SuperNode, so both give the same numbers."""
 
     cfg: ExperimentConfig
-    strategy: Any  # TrustDistill: top_k, values, weight
+    strategy: TrustDistill
     spec: TrainSpec
     public: torch.Tensor
     tokenizer: Any  # generation metrics on instruction data
@@ -210,7 +214,7 @@ class PartyWork:
         return record_fields(prefix, r, tokens=True, sample=False)  # generated text stays on the party
 
 
-def party_work(cfg: ExperimentConfig, strategy: Any, tokenizer: Any) -> PartyWork:
+def party_work(cfg: ExperimentConfig, strategy: TrustDistill, tokenizer: Any) -> PartyWork:
     from fedtune import components
 
     public = public_corpus(cfg, tokenizer, strategy.public, strategy.public_blocks, strategy.public_labels)
@@ -283,7 +287,9 @@ class LocalParties:
             set_state_(m, saved[c])
 
 
-def local_parties(cfg: ExperimentConfig, strategy: Any, engine: Any, model_dir: str, tokenizer: Any) -> LocalParties:
+def local_parties(
+    cfg: ExperimentConfig, strategy: TrustDistill, engine: InProcessEngine, model_dir: str, tokenizer: Any
+) -> LocalParties:
     """The in-process engine's parties: each its own model (`strategy.party(n)`) over the
     engine's shards, in the precision this process's device runs ('auto' resolved, as the
     engine's own model)."""

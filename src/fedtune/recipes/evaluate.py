@@ -20,6 +20,7 @@ from fedtune.report import io
 from fedtune.report.records import eval_records
 from fedtune.strategies.base import server_strategy
 from fedtune.strategies.decentralized import as_peer_strategy
+from fedtune.strategies.trust_distill import TrustDistill
 from fedtune.types import AdapterState
 
 
@@ -54,6 +55,8 @@ def evaluate_all(run_dir: Path) -> list[dict[str, Any]]:
 def _own_models(fed: Federation, cfg: ExperimentConfig, ckpt: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """Every party's own model, restored from the checkpoint, on its own splits (and the pooled
     mixture under evaluation.ood): the records the distillation loop writes for its last round."""
+    if not isinstance(fed.strategy, TrustDistill):  # the one strategy of capabilities.own_models
+        raise TypeError(f"own models are trust_distill's, not {type(fed.strategy).__name__}'s")
     parties = fed.engine.parties(cfg, fed.strategy, fed.model_dir, load_tokenizer(fed.model_dir))
     parties.restore_(ckpt["parties"])
     return parties.evaluate(int(ckpt["round"]))

@@ -28,6 +28,7 @@ from fedtune.types import AdapterState, ClientFailure
 
 if TYPE_CHECKING:
     from fedtune.engines.parties import Parties
+    from fedtune.strategies.trust_distill import TrustDistill
 
 
 class FlowerEngine:
@@ -89,7 +90,7 @@ class FlowerEngine:
         profile.record(side="server", kind=kind, round=rnd, clients=sorted(contents), sent=sent, received=time.time())
         return out
 
-    def parties(self, cfg: ExperimentConfig, strategy: Any, model_dir: str, tokenizer: Any) -> Parties:
+    def parties(self, cfg: ExperimentConfig, strategy: TrustDistill, model_dir: str, tokenizer: Any) -> Parties:
         """trust_distill's parties: each on its own SuperNode (`engines/flower/parties.py`)."""
         from fedtune.engines.flower.parties import FlowerParties
         from fedtune.engines.parties import public_corpus

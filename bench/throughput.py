@@ -78,7 +78,7 @@ def fedtune_row(
     from torch.utils.flop_counter import FlopCounterMode
 
     from fedtune.client import train
-    from fedtune.client.train import TrainSpec, batch_indices, local_train_
+    from fedtune.client.train import TrainData, TrainSpec, batch_indices, local_train_
     from fedtune.engines.federation import build_adapted_model
 
     mcfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": base, "attention": attention})})
@@ -112,7 +112,7 @@ def fedtune_row(
     try:
         gen = torch.Generator().manual_seed(0)  # the same stream local_train_ draws its batches from
         last[0] = time.perf_counter()
-        out = local_train_(model, params, shard.train, spec, gen, mask=shard.train_mask, on_step=on_step)
+        out = local_train_(model, params, TrainData(shard.train, shard.train_mask), spec, gen, on_step=on_step)
         flops = []  # each timed step's FLOPs, counted afterwards (the counter slows what it counts)
         for b in batches[1:]:
             with FlopCounterMode(display=False) as fc:

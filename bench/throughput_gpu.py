@@ -115,7 +115,7 @@ def bare_row(shape: str, batches: list[torch.Tensor], device: torch.device, seq:
 
 
 def fedtune_row(shape: str, batches: list[torch.Tensor], device: torch.device, seq: int) -> dict[str, Any]:
-    from fedtune.client.train import TrainSpec, local_train_
+    from fedtune.client.train import TrainData, TrainSpec, local_train_
     from fedtune.config.schema import LoraAdapterConfig
     from fedtune.models.adapters import inject_, lora_config
 
@@ -124,7 +124,7 @@ def fedtune_row(shape: str, batches: list[torch.Tensor], device: torch.device, s
     spec = TrainSpec(steps=1, batch_size=batches[0].shape[0], lr=1e-4, bf16=True, max_grad_norm=None)
 
     def step(batch: torch.Tensor) -> torch.Tensor:  # one local_train_ step on exactly this batch
-        out = local_train_(model, params, batch, spec, torch.Generator().manual_seed(0))
+        out = local_train_(model, params, TrainData(batch), spec, torch.Generator().manual_seed(0))
         return torch.tensor(out["train_loss"])
 
     return timed(step, batches, device, model)

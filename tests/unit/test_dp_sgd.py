@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fedtune.client.train import TrainSpec, local_train_
+from fedtune.client.train import TrainData, TrainSpec, local_train_
 from fedtune.models.adapters import adapter_parameters, get_state, select_trainable_, trainable_keys
 
 
@@ -32,11 +32,11 @@ def change(model, before):
 def test_without_noise_or_binding_clip_dp_sgd_is_the_plain_sgd_step(tiny_with_lora) -> None:
     base = dict(steps=1, batch_size=6, lr=0.1, optimizer="sgd", max_grad_norm=None)
     model, params, blocks, before = setup(tiny_with_lora)
-    local_train_(model, params, blocks, TrainSpec(**base), torch.Generator().manual_seed(0))
+    local_train_(model, params, TrainData(blocks), TrainSpec(**base), torch.Generator().manual_seed(0))
     plain = change(model, before)
     model, params, blocks, before = setup(tiny_with_lora)
     stats = local_train_(
-        model, params, blocks, TrainSpec(**base, dp_clip=1e6, dp_noise=0.0), torch.Generator().manual_seed(0)
+        model, params, TrainData(blocks), TrainSpec(**base, dp_clip=1e6, dp_noise=0.0), torch.Generator().manual_seed(0)
     )
     dp = change(model, before)  # q = 6/6 = 1: every block is in the batch
     assert stats["dp_rate"] == 1.0 and stats["dp_steps"] == 1.0
@@ -49,7 +49,7 @@ def test_each_example_is_clipped_to_c(tiny_with_lora) -> None:
     for n in (1, 6):
         model, params, blocks, before = setup(tiny_with_lora, n)
         spec = TrainSpec(steps=1, batch_size=n, lr=lr, optimizer="sgd", max_grad_norm=None, dp_clip=clip, dp_noise=0.0)
-        local_train_(model, params, blocks, spec, torch.Generator().manual_seed(0))
+        local_train_(model, params, TrainData(blocks), spec, torch.Generator().manual_seed(0))
         step = float(change(model, before).norm())  # lr * (sum of n clipped gradients) / n
         if n == 1:  # one example, gradient norm far above C: the step is exactly lr * C
             assert step == pytest.approx(lr * clip, rel=1e-4)
@@ -61,7 +61,7 @@ def test_noise_standard_deviation_is_sigma_times_c(tiny_with_lora) -> None:
     clip, sigma, lr, n = 1e-7, 2.0, 1.0, 4
     model, params, blocks, before = setup(tiny_with_lora, n)
     spec = TrainSpec(steps=1, batch_size=n, lr=lr, optimizer="sgd", max_grad_norm=None, dp_clip=clip, dp_noise=sigma)
-    local_train_(model, params, blocks, spec, torch.Generator().manual_seed(0))
+    local_train_(model, params, TrainData(blocks), spec, torch.Generator().manual_seed(0))
     noise = change(model, before) * n / lr  # = -(clipped sum + noise); the clipped sum is <= n * C
     assert noise.numel() == 896  # rank-2 LoRA on q, v of 2 layers: sample std within ~2.4 % (one s.e.)
     assert float(noise.std()) == pytest.approx(sigma * clip, rel=0.08)
@@ -83,7 +83,7 @@ def test_poisson_batches_have_the_expected_size(tiny_with_lora) -> None:
     spec = TrainSpec(steps=60, batch_size=2, lr=1e-4, optimizer="sgd", dp_clip=1.0, dp_noise=0.5)
     try:
         train.lm_loss = count
-        stats = local_train_(model, params, blocks, spec, torch.Generator().manual_seed(0))
+        stats = local_train_(model, params, TrainData(blocks), spec, torch.Generator().manual_seed(0))
     finally:
         train.lm_loss = real
     assert set(sizes) == {1}  # one backward per example
@@ -131,7 +131,7 @@ def test_unit_document_packs_each_document_alone_and_clips_all_its_blocks_togeth
     clip, lr = 1e-4, 0.5
     spec = TrainSpec(steps=1, batch_size=2, lr=lr, optimizer="sgd", max_grad_norm=None, dp_clip=clip, dp_noise=0.0)
     stats = local_train_(
-        model, params, blocks[:3], spec, torch.Generator().manual_seed(0), docs=docs[:3], mask=mask[:3]
+        model, params, TrainData(blocks[:3], mask[:3], docs[:3]), spec, torch.Generator().manual_seed(0)
     )  # one document: q = min(1, 2 / 1) = 1, it is always drawn
     assert stats["dp_rate"] == 1.0
     assert float(change(model, before).norm()) == pytest.approx(lr * clip, rel=1e-4)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fedtune.client.train import TrainSpec, local_train_, proximal_term
+from fedtune.client.train import TrainData, TrainSpec, local_train_, proximal_term
 from fedtune.config import config_from_dict
 from fedtune.errors import ConfigError
 from fedtune.strategies.base import STRATEGIES
@@ -85,7 +85,7 @@ def test_fedprox_term_pulls_towards_the_received_weights() -> None:
     local_train_(
         M(),
         [w],
-        torch.zeros(4, 2, dtype=torch.long),
+        TrainData(torch.zeros(4, 2, dtype=torch.long)),
         spec,
         torch.Generator(),
         extra_loss=proximal_term([w], [anchor], mu=2.0),

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fedtune.client.train import TrainSpec, get_lr, local_train_
+from fedtune.client.train import TrainData, TrainSpec, get_lr, local_train_
 from fedtune.errors import TrainingDivergedError
 
 
@@ -36,7 +36,9 @@ class Quadratic(torch.nn.Module):
 def test_local_train_minimises_the_loss_and_reports_it() -> None:
     m = Quadratic()
     spec = TrainSpec(steps=200, lr=0.1, batch_size=2, max_grad_norm=None)
-    metrics = local_train_(m, [m.w], torch.zeros(8, 4, dtype=torch.long), spec, torch.Generator().manual_seed(0))
+    metrics = local_train_(
+        m, [m.w], TrainData(torch.zeros(8, 4, dtype=torch.long)), spec, torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(m.w.detach(), torch.full((4,), 3.0), atol=1e-2, rtol=0)
     assert metrics["steps"] == 200 and metrics["train_last_loss"] < 1e-3
 
@@ -46,7 +48,7 @@ def test_nan_loss_stops_training() -> None:
     with torch.no_grad():
         m.w[0] = math.nan
     with pytest.raises(TrainingDivergedError, match="loss is nan at local step 0"):
-        local_train_(m, [m.w], torch.zeros(4, 4, dtype=torch.long), TrainSpec(steps=3), torch.Generator())
+        local_train_(m, [m.w], TrainData(torch.zeros(4, 4, dtype=torch.long)), TrainSpec(steps=3), torch.Generator())
 
 
 def test_gradient_checkpointing_recomputes_layers_and_keeps_the_lora_gradients() -> None:

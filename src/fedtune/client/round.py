@@ -12,7 +12,7 @@ import torch
 from fedtune.adapters import adapter_of
 from fedtune.adapters.base import Adapter
 from fedtune.client.ghost_noise import ghost_noise_injected
-from fedtune.client.train import SideGroup, TrainSpec, local_train_, proximal_term
+from fedtune.client.train import SideGroup, TrainData, TrainSpec, local_train_, proximal_term
 from fedtune.data.blocks import Shard
 from fedtune.models.adapters import (
     adapter_parameters,
@@ -69,7 +69,9 @@ def client_round(
     side = None
     if group is not None:
         lr = group.lr if group.lr is not None else spec.lr
-        side = SideGroup([by_key[k] for k in group.keys], lr, group.every, group.steps, group.name)
+        own = TrainData(shard.val, shard.val_mask) if shard.val.shape[0] > 0 else None  # else the training rows
+        offset = (rnd - 1) * spec.num_steps(int(shard.train.shape[0]))
+        side = SideGroup([by_key[k] for k in group.keys], lr, group.every, group.steps, group.name, own, offset)
     # the region each parameter really has for this client (a rank-r_k client inside the max-rank
     # LoRA): DP-SGD's noise goes only there, so the padded rows stay exactly zero
     regions = [lora[k].shape if k in lora else by_key[k].shape for k in main.keys]
@@ -96,19 +98,14 @@ def client_round(
         metrics = local_train_(
             model,
             params,
-            shard.train,
+            TrainData(shard.train, shard.train_mask, shard.train_doc if spec.dp_noise is not None else None),
             spec,
             gen,
             extra_loss=extra,
             on_step=on_step,
             side=side,
             aux=lambda: adapter.aux_loss(model),
-            router_blocks=shard.val,
             regions=regions,
-            docs=shard.train_doc if spec.dp_noise is not None else None,
-            mask=shard.train_mask,
-            router_mask=shard.val_mask if shard.val.shape[0] > 0 else shard.train_mask,
-            step_offset=(rnd - 1) * spec.num_steps(int(shard.train.shape[0])),
         )
     trained = get_state(model)
     metrics = {**metrics, **adapter.state_metrics(model, trained)}  # e.g. RM-LoRA's effective rank

@@ -38,6 +38,24 @@ class SideGroup:
     every: int = 0
     steps: int = 1
     name: str = "side"  # its steps' mean loss is recorded as <name>_loss
+    data: TrainData | None = None  # its own rows (CoMiGS: the validation split); None = the main rows
+    offset: int = 0  # steps of the main parameters in the client's earlier rounds (the schedule's count)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The rows a local step trains on: blocks [N, T]; `mask` [N, T] the target tokens of each
+    block (instruction data: the completions; padding of DP-SGD's unit 'document' blocks is never a
+    target), None = every token; `docs` [N] (DP-SGD's unit 'document') the document of each block:
+    documents, not blocks, are Poisson-sampled and clipped (all blocks of a document together)."""
+
+    blocks: torch.Tensor
+    mask: torch.Tensor | None = None
+    docs: torch.Tensor | None = None
+
+    def batches(self, batch_size: int, gen: torch.Generator) -> Batches:
+        n = int(self.blocks.shape[0])
+        return Batches(self.blocks, self.mask, batch_indices(n, batch_size, gen))
 
 
 @dataclass(frozen=True)
@@ -278,7 +296,7 @@ def only_trains_(on: list[torch.nn.Parameter], off: list[torch.nn.Parameter]) ->
 def local_train_(
     model: Any,
     params: list[torch.nn.Parameter],
-    blocks: torch.Tensor,
+    data: TrainData,
     spec: TrainSpec,
     gen: torch.Generator,
     *,
@@ -286,41 +304,30 @@ def local_train_(
     on_step: Callable[[int, int, float], None] | None = None,
     side: SideGroup | None = None,
     aux: AuxLoss | None = None,
-    router_blocks: torch.Tensor | None = None,
-    step_offset: int = 0,
     regions: list[torch.Size] | None = None,
-    docs: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    router_mask: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Train `params` of `model` in place on `blocks` [N, T]; return train metrics.
+    """Train `params` of `model` in place on `data`; return train metrics.
 
     `extra_loss` adds a term to every micro-batch loss (e.g. a FedProx proximal term).
     `side` (mixture-of-experts routers): with side.every > 0 they follow CoMiGS's alternating
     schedule: after every every-th step of `params` (counted over the client's whole training,
-    from `step_offset`), side.steps steps of their own AdamW on `router_blocks` (the validation
-    split) with the same loss; otherwise they train jointly with `params`. `aux` adds the
-    adapter's auxiliary loss of each forward pass (a mixture's load balancing).
-    `regions`: for each of `params`, the leading sub-shape the client really trains (its own
-    rank inside a larger padded LoRA); DP-SGD adds noise only there. `mask` [N, T]: the target
-    tokens of each block (instruction data: the completions; padding of DP-SGD's unit 'document'
-    blocks is never a target); None = every token. `router_mask`: the same for `router_blocks`.
-    `docs` (DP-SGD's unit 'document'): the document of each block; documents, not blocks, are
-    Poisson-sampled and clipped (all blocks of a document together): `client.dp_sgd`.
-    Raises TrainingDivergedError on a NaN or infinite loss.
+    from `side.offset`), side.steps steps of their own AdamW on `side.data` with the same loss;
+    otherwise they train jointly with `params`. `aux` adds the adapter's auxiliary loss of each
+    forward pass (a mixture's load balancing). `regions`: for each of `params`, the leading
+    sub-shape the client really trains (its own rank inside a larger padded LoRA); DP-SGD adds
+    noise only there. With `spec.dp_noise` set, `data.docs` makes documents DP-SGD's units
+    (`client.dp_sgd`). Raises TrainingDivergedError on a NaN or infinite loss.
     """
+    blocks, mask = data.blocks, data.mask
     total = spec.num_steps(int(blocks.shape[0]))
     side = side if side is not None else SideGroup([], spec.lr)
     alternate = bool(side.params) and side.every > 0
     trained = params if alternate else params + side.params
     opt = make_optimizer(trained, spec)
-    data = Batches(blocks, mask, batch_indices(int(blocks.shape[0]), spec.batch_size, gen))
+    batches = data.batches(spec.batch_size, gen)
     if alternate:
-        own = router_blocks is not None and router_blocks.shape[0] > 0
-        rblocks = router_blocks if router_blocks is not None and own else blocks
-        side_data = Batches(
-            rblocks, router_mask if own else mask, batch_indices(int(rblocks.shape[0]), spec.batch_size, gen)
-        )
+        side_data = side.data if side.data is not None and side.data.blocks.shape[0] > 0 else data
+        side_batches = side_data.batches(spec.batch_size, gen)
         side_opt = torch.optim.AdamW(side.params, lr=side.lr, weight_decay=spec.weight_decay)
         only_trains_([], side.params)
     model.train()
@@ -328,7 +335,7 @@ def local_train_(
     losses: list[float] = []
     side_losses: list[float] = []
     dp = spec.dp_noise is not None
-    units = Units.of(int(blocks.shape[0]), docs)
+    units = Units.of(int(blocks.shape[0]), data.docs)
     # seeded: the training generator (reproducible simulation); secure: the OS CSPRNG
     noise = SecureNoise() if spec.dp_randomness == "secure" else SeededNoise(gen)
     mech = Mechanism(spec.dp_rate(units.count), float(spec.dp_clip or 1.0), float(spec.dp_noise or 0.0))
@@ -352,12 +359,12 @@ def local_train_(
                 continue
             losses.append(loss_or_none)
         else:
-            losses.append(accumulated_step_(model, opt, trained, data, spec, len(losses), aux, extra_loss))
-        if alternate and (step_offset + step + 1) % side.every == 0:
+            losses.append(accumulated_step_(model, opt, trained, batches, spec, len(losses), aux, extra_loss))
+        if alternate and (side.offset + step + 1) % side.every == 0:
             only_trains_(side.params, trained)
             for _ in range(side.steps):
                 side_losses.append(
-                    accumulated_step_(model, side_opt, side.params, side_data, spec, len(losses), aux, extra_loss)
+                    accumulated_step_(model, side_opt, side.params, side_batches, spec, len(losses), aux, extra_loss)
                 )
             only_trains_(trained, side.params)
         if on_step is not None:

@@ -26,7 +26,7 @@ import torch
 
 from fedtune.adapters import adapter_of
 from fedtune.adapters.base import Adapter
-from fedtune.client.train import TrainSpec, local_train_
+from fedtune.client.train import TrainData, TrainSpec, local_train_
 from fedtune.data.blocks import Shard
 from fedtune.models.adapters import get_state, select_trainable_, set_state_, trainable_keys
 from fedtune.seeding import derive_seed, torch_generator
@@ -186,11 +186,10 @@ class Ferret(StrategyBase):
         metrics = local_train_(
             model,
             params,
-            shard.train,
+            TrainData(shard.train, shard.train_mask),
             sgd,
             gen,
             on_step=on_step,
-            mask=shard.train_mask,
             aux=lambda: aux.aux_loss(model),
         )
         trained = get_state(model)

@@ -124,6 +124,33 @@ def test_comigs_presets_share_generalist_residuals_and_keep_routers_private(pres
     assert any(".smore_W_out." in k for k in shared) == bool(shared_experts)
 
 
+def private_key(key: str) -> str:
+    """A shared-layout key in the private layout: the structure loses its expert index."""
+    return key[: -len(".0")] if ".smore_W_" in key else key
+
+
+def test_a_private_structure_is_the_same_tree_kept_on_the_client_under_comigs() -> None:
+    """adapter.share_structure=false: W_l and W_out carry no expert index, so CoMiGS 1G1S keeps them
+    on the client with the routers and specialists; the values (seeded init) and the model's output
+    are those of the shared layout, only the keys differ."""
+    from fedtune.strategies import STRATEGIES
+
+    ids = torch.randint(0, 300, (2, 8), generator=torch.Generator().manual_seed(1))
+    _, shared_model = tiny(SMoREAdapterConfig(experts=2))
+    _, own_model = tiny(SMoREAdapterConfig(experts=2, share_structure=False))
+    shared, own = get_state(shared_model), get_state(own_model)
+    assert {private_key(k): v for k, v in shared.items()}.keys() == own.keys()
+    assert all(torch.equal(own[private_key(k)], v) for k, v in shared.items())  # the same seeded init
+    moved = {k: v + 0.01 * (i + 1) for i, (k, v) in enumerate(sorted(shared.items()))}
+    set_state_(shared_model, moved)
+    set_state_(own_model, {private_key(k): v for k, v in moved.items()})
+    torch.testing.assert_close(own_model(input_ids=ids).logits, shared_model(input_ids=ids).logits)
+    comigs = STRATEGIES.get("comigs")(preset="1G1S")
+    sent = set(own) - comigs.private_keys(own)
+    assert sent and not any(".smore_W_" in k for k in sent)  # every W_l and W_out stays on the client
+    assert sent == {k for k in shared if k not in comigs.private_keys(shared) and ".smore_W_" not in k}
+
+
 EXACT = [
     ("flora", {}),
     ("fedex_lora", {}),
@@ -154,8 +181,9 @@ def test_fedavg_family_and_comigs_take_smore(strategy: str) -> None:
     assert config_from_dict({"adapter": {"kind": "smore"}, "strategy": {"name": strategy}}).adapter.kind == "smore"
 
 
-def test_export_and_load_give_the_same_logits(tmp_path) -> None:
-    adapter, model = tiny(SMoREAdapterConfig(levels=2, experts=3, fanout=2))
+@pytest.mark.parametrize("share_structure", [True, False])
+def test_export_and_load_give_the_same_logits(tmp_path, share_structure: bool) -> None:
+    adapter, model = tiny(SMoREAdapterConfig(levels=2, experts=3, fanout=2, share_structure=share_structure))
     set_state_(model, {k: v + 0.02 * torch.randn_like(v) for k, v in get_state(model).items()})
     ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(1))
     out = adapter.export(model, get_state(model), tmp_path / "a", "tiny", None, None)

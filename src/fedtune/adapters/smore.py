@@ -28,8 +28,9 @@ Switch gate adds one; `aux_loss` is None here).
 
 Federated like the mixture adapter: state keys are expert-indexed (`moe_lora.expert_index`), so
 CoMiGS's presets pick what is shared: generalists j < G at every level, plus the tree's structure
-(W_l, W_out, stored as expert 0 of their own lists) whenever G >= 1; routers (D, G_l, K_l) and
-specialists stay on the client. FedAvg-family strategies average everything; the exact LoRA
+(W_l, W_out, stored as expert 0 of their own lists) whenever G >= 1, unless
+`adapter.share_structure: false` (then W_l and W_out are plain tensors, with no expert index, and
+stay on the client); routers (D, G_l, K_l) and specialists stay on the client. FedAvg-family strategies average everything; the exact LoRA
 strategies refuse it (algebra MIXTURE). Exported as `smore_adapter.safetensors` +
 `smore_config.json` (PEFT has no S'MoRE): load with `load_smore_adapter`.
 
@@ -91,7 +92,8 @@ def inject_smore_(model: nn.Module, targets: list[str], info: dict[str, Any], se
             parent_name, _, leaf = p.rpartition(".")
             parent = mods[parent_name] if parent_name else model
             opts = {k: info[k] for k in ("r", "levels", "experts", "fanout", "hidden", "gate_dim", "activation")}
-            layer = SMoRELinear(mods[p], dropout=info["dropout"], **opts)
+            shared = bool(info.get("share_structure", True))  # adapters exported before the option share it
+            layer = SMoRELinear(mods[p], dropout=info["dropout"], share_structure=shared, **opts)
             setattr(parent, leaf, layer.to(weight_of(mods[p]).device))
     finally:
         torch.random.set_rng_state(saved)
@@ -144,6 +146,7 @@ class SMoRE(AdapterBase):
             "gate_dim": o.gate_dim,
             "activation": o.activation,
             "dropout": o.dropout,
+            "share_structure": o.share_structure,
         }
         targets = target_names(model, lora_config(o, ctx.model_type).target_modules)
         return inject_smore_(model, targets, info, ctx.seed)

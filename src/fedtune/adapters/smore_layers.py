@@ -46,7 +46,9 @@ class SMoRELinear(nn.Module):
     smore_W_l<l>.0 [h, h] (l >= 2), smore_W_out.0 [out, h] (zero: the start is the base),
     smore_router_down [g, in], smore_router_gate_l<l> [s, g (1 + L - l)], smore_router_key_l<l>
     [s, g] (l >= 2). The structure (W_l, W_out) is stored as 'expert 0' of its own lists, so
-    CoMiGS's presets share it exactly when they share a generalist."""
+    CoMiGS's presets share it exactly when they share a generalist; with share_structure=False it
+    is a plain tensor (smore_W_l<l>, smore_W_out: no expert index), which CoMiGS keeps on the
+    client (the same values: the same seeded init)."""
 
     def __init__(
         self,
@@ -60,6 +62,7 @@ class SMoRELinear(nn.Module):
         gate_dim: int,
         activation: str,
         dropout: float = 0.0,
+        share_structure: bool = True,
     ):
         super().__init__()
         self.base_layer = base_layer
@@ -75,11 +78,13 @@ class SMoRELinear(nn.Module):
             nn.init.normal_(gate, std=0.02)
             setattr(self, f"smore_router_gate_l{level}", gate)
             if level >= 2:
-                setattr(self, f"smore_W_l{level}", _params(1, hidden, hidden))
+                wl = _params(1, hidden, hidden)
+                setattr(self, f"smore_W_l{level}", wl if share_structure else wl[0])
                 key = nn.Parameter(torch.empty(experts, gate_dim))
                 nn.init.normal_(key, std=1.0)
                 setattr(self, f"smore_router_key_l{level}", key)
-        self.smore_W_out = _params(1, d_out, hidden, zero=True)
+        w_out = _params(1, d_out, hidden, zero=True)
+        self.smore_W_out = w_out if share_structure else w_out[0]
         self.smore_router_down = nn.Parameter(torch.empty(gate_dim, d_in))
         nn.init.normal_(self.smore_router_down, std=1.0 / math.sqrt(d_in))
 
@@ -117,11 +122,16 @@ class SMoRELinear(nn.Module):
             w = weights[level]  # [N, P_l, s]
             pre = own[:, None].expand(-1, w.shape[1], -1, -1)  # [N, P_l, s, h]
             if agg is not None:
-                wl = getattr(self, f"smore_W_l{level}")[0]
+                wl = self._structure(f"smore_W_l{level}")
                 pre = pre + (agg @ wl.T).reshape(pre.shape)  # the child subtree of each node
             agg = (w[..., None] * sigma(pre)).sum(-2)  # [N, P_l, h]
         assert agg is not None
-        return torch.as_tensor(agg[:, 0] @ self.smore_W_out[0].T)
+        return torch.as_tensor(agg[:, 0] @ self._structure("smore_W_out").T)
+
+    def _structure(self, name: str) -> torch.Tensor:
+        """W_l or W_out: expert 0 of its list (shared with the generalists), or a plain tensor."""
+        p = getattr(self, name)
+        return torch.as_tensor(p[0] if isinstance(p, nn.ParameterList) else p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.as_tensor(self.base_layer(x))

@@ -228,6 +228,11 @@ class SMoREAdapterConfig(AdapterOptions):
     )
     router_steps: int = Field(1, ge=1, description="router steps each time")
     router_lr: float | None = Field(None, gt=0.0, description="router learning rate (default: train.lr)")
+    share_structure: bool = Field(
+        True,
+        description="CoMiGS shares the tree's structure (inter-level maps W_l, output map W_out) with its "
+        "generalists; false: they stay on each client (FedAvg averages everything either way)",
+    )
 
 
 #: The options model of each adapter kind (`adapter.kind` selects one; a new kind adds a row).

@@ -62,7 +62,20 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
         )
     refused = bool(problems)
     dp = cfg.strategy.name == "dp_fedavg" or cfg.train.dp_sgd is not None
-    adapter_problems = build_adapter(cfg.adapter).problems(dp=dp, dp_sgd=cfg.train.dp_sgd is not None)
+    adapter = build_adapter(cfg.adapter)
+    adapter_problems = adapter.problems(dp=dp, dp_sgd=cfg.train.dp_sgd is not None)
+    if cfg.train.dp_sgd is not None:  # a group on its own schedule takes plain steps, outside DP-SGD
+        adapter_problems += [
+            Problem(
+                f"adapter.{g.name}_every",
+                g.every,
+                f"the adapter's {g.name} group takes its own steps (on the validation split) outside DP-SGD's "
+                "clipping, noise and accounting",
+                f"set adapter.{g.name}_every: 0 (the group then trains inside DP-SGD) or drop train.dp_sgd",
+            )
+            for g in adapter.param_groups(())
+            if g.every > 0
+        ]
     problems += adapter_problems
     ranks_refused = any(p.field == "adapter.ranks" for p in adapter_problems)
     auto = getattr(cfg.adapter, "auto", None)

@@ -46,5 +46,15 @@ def test_dp_sgd_is_refused_where_it_does_not_apply(tiny_cfg) -> None:
 
     with pytest.raises(ConfigError, match="train.dp_sgd"):
         tiny_cfg("train.dp_sgd.clip=1.0", "strategy.name=fedkseed")
-    with pytest.raises(ConfigError, match="adapter.router_every"):
-        tiny_cfg("train.dp_sgd.clip=1.0", "adapter.kind=moe_lora", "strategy.name=comigs")
+    # every adapter with a group on its own schedule (plain steps outside DP-SGD), by its declared
+    # param_groups: S'MoRE's routers ran outside DP-SGD under a full epsilon before
+    for kind in ("moe_lora", "smore"):
+        for strategy in ("comigs", "fedavg"):
+            with pytest.raises(ConfigError, match="adapter.router_every"):
+                tiny_cfg(
+                    "train.dp_sgd.clip=1.0",
+                    f"adapter.kind={kind}",
+                    "adapter.router_every=1",
+                    f"strategy.name={strategy}",
+                )
+        tiny_cfg("train.dp_sgd.clip=1.0", f"adapter.kind={kind}", "adapter.router_every=0", "strategy.name=comigs")

@@ -66,7 +66,9 @@ class ParamGroup:
         lr: learning rate of the group's own optimizer (None: train.lr); used when `every` > 0.
         every: 0 = trained jointly with the other groups; n > 0 = after every n-th step of the
             joint groups, `steps` steps of this group alone on the validation split (CoMiGS's
-            alternating router schedule).
+            alternating router schedule): plain steps, so DP-SGD refuses a group with every > 0
+            (`components.check_strategy`, from `param_groups(())`: the schedule is declared by the
+            options, not by the keys). Its options are `adapter.<name>_every` / `_steps` / `_lr`.
         steps: steps each time (with `every` > 0).
     """
 

@@ -275,19 +275,6 @@ class MoELoRA(AdapterBase):
         info = {**moe_info(model), "base_model_name_or_path": base_model, "client_experts": variant}
         return save_moe_adapter(state, info, out_dir)
 
-    def problems(self, *, dp: bool, dp_sgd: bool) -> list[Problem]:
-        o = self.options
-        if dp_sgd and o.router != "frozen" and o.router_every > 0:
-            return [
-                Problem(
-                    "adapter.router_every",
-                    o.router_every,
-                    "the alternating router steps read the validation split outside DP-SGD's accounting",
-                    "set adapter.router_every: 0 (routers train inside DP-SGD) or drop train.dp_sgd",
-                )
-            ]
-        return []
-
     def client_problems(self, client_ids: Sequence[str]) -> list[Problem]:
         counts, n = self.options.experts, len(client_ids)
         if not isinstance(counts, list) or len(counts) == n:

@@ -30,9 +30,10 @@ Federated like the mixture adapter: state keys are expert-indexed (`moe_lora.exp
 CoMiGS's presets pick what is shared: generalists j < G at every level, plus the tree's structure
 (W_l, W_out, stored as expert 0 of their own lists) whenever G >= 1, unless
 `adapter.share_structure: false` (then W_l and W_out are plain tensors, with no expert index, and
-stay on the client); routers (D, G_l, K_l) and specialists stay on the client. FedAvg-family strategies average everything; the exact LoRA
-strategies refuse it (algebra MIXTURE). Exported as `smore_adapter.safetensors` +
-`smore_config.json` (PEFT has no S'MoRE): load with `load_smore_adapter`.
+stay on the client); routers (D, G_l, K_l) and specialists stay on the client. FedAvg-family
+strategies average everything; the exact LoRA strategies refuse it (algebra MIXTURE). Exported
+as `smore_adapter.safetensors` + `smore_config.json` (PEFT has no S'MoRE): load with
+`load_smore_adapter`.
 
 Trainable parameters per wrapped layer (no biases):
     L s r (in + h) + (L - 1) h^2 + out h + g in + s g sum_{l=1..L} (1 + L - l) + (L - 1) s g

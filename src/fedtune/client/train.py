@@ -322,6 +322,8 @@ def local_train_(
     total = spec.num_steps(int(blocks.shape[0]))
     side = side if side is not None else SideGroup([], spec.lr)
     alternate = bool(side.params) and side.every > 0
+    if alternate and spec.dp_noise is not None:  # validation refuses it (components.check_strategy)
+        raise ValueError(f"the {side.name} group's own steps would run outside DP-SGD: set its every to 0")
     trained = params if alternate else params + side.params
     opt = make_optimizer(trained, spec)
     batches = data.batches(spec.batch_size, gen)

@@ -99,6 +99,17 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
                 "use kind: always with this strategy",
             )
         )
+    if caps.accounts_sampling and cfg.sampling.scheme == "poisson" and cfg.sampling.min_updates > 1:
+        problems.append(
+            Problem(
+                "sampling.min_updates",
+                cfg.sampling.min_updates,
+                f"strategy {name!r} under Poisson sampling releases a noised model every round (skipping a round "
+                "with few updates would reveal how many clients were drawn, which the accountant's "
+                "amplification hides)",
+                "set sampling.min_updates: 1 (or 0) with Poisson sampling, or use scheme: fixed",
+            )
+        )
     if cfg.secure_aggregation and not caps.sum_only:
         sums = sorted(n for n in STRATEGIES.names() if STRATEGIES.get(n)().capabilities.sum_only)
         problems.append(

@@ -58,3 +58,22 @@ def test_dp_sgd_is_refused_where_it_does_not_apply(tiny_cfg) -> None:
                     f"strategy.name={strategy}",
                 )
         tiny_cfg("train.dp_sgd.clip=1.0", f"adapter.kind={kind}", "adapter.router_every=0", "strategy.name=comigs")
+
+
+def test_a_poisson_round_that_draws_nobody_still_releases_noise_and_counts(tiny_cfg) -> None:
+    """DP-FedAvg under Poisson sampling at q = 0.25 over 4 clients: seed 0 draws nobody in round 2.
+    That round now aggregates noise alone and the accountant counts it (it was skipped, the model
+    kept, and round 2's epsilon missing: 5.27 reported over 6 rounds where 5 were counted)."""
+    pytest.importorskip("dp_accounting", reason="needs the dp extra")
+    from fedtune.errors import ConfigError
+    from fedtune.strategies.dp import epsilon
+
+    over = ("strategy.name=dp_fedavg", "strategy.clip=0.1", "sampling.scheme=poisson", "sampling.fraction=0.25")
+    run = run_federated(tiny_cfg(*over, "rounds=2", "train.steps=2"), progress=False)
+    summary = {r["round"]: r for r in run.records if r["client"] is None}
+    sampled = {r["round"]: r["sampled"] for r in run.records if r["client"] is not None and r["sampled"]}
+    assert 1 in sampled and 2 not in sampled and "skipped" not in summary[2]  # nobody drawn, still a round
+    assert summary[2]["epsilon"] == pytest.approx(epsilon(0.25, 1.0, 2, 1e-5), rel=1e-9)
+    assert summary[2]["mean_ppl"] != summary[1]["mean_ppl"]  # the noise moved the model
+    with pytest.raises(ConfigError, match="sampling.min_updates"):
+        tiny_cfg(*over, "sampling.min_updates=2")

@@ -21,9 +21,10 @@ class DPSGDConfig(_Strict):
     )
     unit: Literal["block", "document"] = Field(
         "block",
-        description="the unit of privacy: 'block' (one packed block_size-token block; a document spanning m "
-        "blocks is protected at group size m) or 'document' (each document is packed on its own, padded, and "
-        "all its blocks are sampled, clipped and counted together as one example)",
+        description="the unit of privacy: 'block' (one block_size-token block of the concatenated stream; no "
+        "bound for a document: adding or removing one shifts every later block) or 'document' (each document "
+        "is packed on its own, padded, and all its blocks are sampled, clipped and counted together as one "
+        "example)",
     )
 
 

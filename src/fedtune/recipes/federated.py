@@ -157,8 +157,11 @@ def _run(
             if cfg.secure_aggregation and updates:  # the strategy sees only the unmasked sum
                 updates = [presummed or secure_sum(updates, caps.sum_weight)]
 
-            # aggregate (too few replies: keep the global model; the failures are recorded)
-            skipped = len(sent_updates) < cfg.sampling.min_updates or not updates
+            # aggregate (too few replies: keep the global model; the failures are recorded). A strategy
+            # that accounts for Poisson sampling aggregates every round, an empty one too (noise alone):
+            # whether a round is skipped would depend on who is in the data
+            released = caps.accounts_sampling and cfg.sampling.scheme == "poisson"
+            skipped = not released and (len(sent_updates) < cfg.sampling.min_updates or not updates)
             agg = Aggregate(global_state, sstate) if skipped else strategy.aggregate(rnd, updates, sstate, engine.peers)
             global_state, sstate = agg.global_state, agg.state
             t_agg = time.perf_counter()
@@ -384,8 +387,9 @@ def round_extras(
                 if chat
                 else "document: every block of a document is sampled and clipped together"
                 if dp.unit == "document"
-                else f"block: one packed {cfg.data.block_size}-token block (a document spanning m blocks is "
-                "protected at group size m)"
+                else f"block: one packed {cfg.data.block_size}-token block of the concatenated stream (no "
+                "document-level bound: adding or removing a document shifts every later block; use unit: "
+                "document)"
             ),
             sample_dp_randomness=describe(cfg.randomness()),
         )

@@ -7,7 +7,13 @@ Each round, over the n updates that arrived (all transmitted tensors of one clie
     clip:   D_k <- D_k * min(1, S / ||D_k||)
     noise:  sum_k D_k + N(0, (sigma S)^2 I)      ('server'; 'distributed': each client adds
             N(0, (sigma S)^2 / n I) to its own clipped update, the same total in distribution)
-    apply:  global <- global + (noisy sum) / n
+    apply:  global <- global + (noisy sum) / n        (Poisson sampling: / q N, the expected count)
+
+Under Poisson sampling the mechanism runs every round, a round that drew nobody too: noise alone
+on a zero sum, counted by the accountant (skipping it would release whether the draw was empty,
+which the amplified epsilon does not cover; `sampling.min_updates` > 1 is refused for the same
+reason). The noise scales (adaptive clipping's count noise, hence z_delta) follow q N, never the
+drawn count.
 
 What is noised is what travels: A and B for `inner: fedavg / fedit`, only B for `ffa_lora`, only
 R for `fedsb`, so the same sigma gives the same epsilon but very different noise per parameter.
@@ -43,6 +49,7 @@ from typing import Any, Literal
 
 import torch
 
+from fedtune.models.adapters import trainable_keys
 from fedtune.privacy.accounting import Sampling, adaptive_value_sigma, epsilon_of, epsilon_sample_known
 from fedtune.privacy.randomness import describe, noise_source
 from fedtune.strategies.base import (
@@ -81,24 +88,40 @@ class DPFedAvg(StrategyBase):
     adaptive: bool = False
     target_quantile: float = 0.5
     clip_lr: float = 0.2
-    count_noise: float | None = None  # sigma_b; default max(n / 20 (Andrew et al.), noise_multiplier)
+    count_noise: float | None = (
+        None  # sigma_b; default max(m / 20 (Andrew et al.), noise_multiplier), m = expected count
+    )
     delta: float = 1e-5
     target_epsilon: float | None = None
 
     # with secure aggregation: clip + noise share on the client, an unweighted masked sum
     capabilities = Capabilities(sum_only=True, sum_weight="uniform", client_transform=True, accounts_sampling=True)
 
-    def count_sigma(self, n: int) -> float | None:
-        """sigma_b, the noise on the count of unclipped updates (adaptive clipping only)."""
+    def count_sigma(self, n: float) -> float | None:
+        """sigma_b, the noise on the count of unclipped updates (adaptive clipping only); n is the
+        expected client count (`expected_count`)."""
         if not self.adaptive:
             return None
         return self.count_noise if self.count_noise is not None else max(n / 20, self.noise_multiplier)
 
-    def value_sigma(self, n: int) -> float:
+    def value_sigma(self, n: float) -> float:
         """The noise multiplier actually added to the clipped sum: sigma, or with adaptive
         clipping z_delta > sigma, so that value and count noise together cost sigma."""
         cs = self.count_sigma(n)
         return self.noise_multiplier if cs is None else adaptive_value_sigma(self.noise_multiplier, cs)
+
+    def expected_count(self, n: int) -> float:
+        """The client count the noise and the mean use: q N under Poisson sampling (the drawn count
+        depends on who is in the data: a noise scale or denominator that followed it would leak
+        it), else the n updates that arrived."""
+        c = self.ctx
+        return c.sampling_rate * c.num_clients if c.sampling_scheme == "poisson" and c.sampling_rate < 1 else n
+
+    def travelling(self, rnd: int, state: dict[str, Any]) -> AdapterState:
+        """The tensors a client's update has this round (what the inner strategy sends, less the
+        frozen ones): what an empty round's noise goes on."""
+        sent = next(iter(self._inner().configure(rnd, ["-"], state["inner"]).values()))
+        return {k: sent[k] for k in trainable_keys(sent)}
 
     def sampling(self) -> Sampling:
         c = self.ctx
@@ -113,7 +136,8 @@ class DPFedAvg(StrategyBase):
         if self.noise == "distributed":  # from the client's own randomness
             noise = noise_source(self.ctx.randomness, self.ctx.seed, "dp-noise", rnd, client_id)
             for k in sorted(out):
-                out[k] += noise.normal(out[k].shape, torch.float64) * (self.value_sigma(n) * clip / math.sqrt(n))
+                sigma = self.value_sigma(self.expected_count(n))
+                out[k] += noise.normal(out[k].shape, torch.float64) * (sigma * clip / math.sqrt(n))
         return out
 
     def client_transform_config(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -164,13 +188,18 @@ class DPFedAvg(StrategyBase):
     def aggregate(
         self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None
     ) -> Aggregate:
-        if not updates:
+        c = self.ctx
+        poisson = c.sampling_scheme == "poisson" and c.sampling_rate < 1
+        if not updates and not poisson:  # nothing released; the round is not counted
             return Aggregate(state["global"], state)
         ups = sorted_updates(updates)
         s = float(state["clip"])
-        if ups[0].client_id == "secure-sum":  # clipped (and noised) on the clients; only the sum is known
+        norms: list[float] = []
+        if not ups:  # Poisson: nobody drawn (or every drawn client failed): the mechanism still runs, noise alone
+            n = 0
+            total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in self.travelling(rnd, state).items()}
+        elif ups[0].client_id == "secure-sum":  # clipped (and noised) on the clients; only the sum is known
             n = int(round(ups[0].num_examples))
-            norms: list[float] = []
             total = {k: v.double() * n for k, v in ups[0].delta.items()}
         else:
             n = len(ups)
@@ -179,21 +208,21 @@ class DPFedAvg(StrategyBase):
             for u in ups:
                 for k, v in self.privatize(u.delta, s, rnd, u.client_id, n).items():
                     total[k] += v
-        if self.noise == "server":
+        m = self.expected_count(n)
+        if self.noise == "server" or n == 0:  # no client shares in an empty round: the server adds it all
             noise = noise_source(self.ctx.randomness, self.ctx.seed, "dp-noise", rnd)
             for k in sorted(total):
-                total[k] += noise.normal(total[k].shape, torch.float64) * (self.value_sigma(n) * s)
+                total[k] += noise.normal(total[k].shape, torch.float64) * (self.value_sigma(m) * s)
         # Poisson sampling: divide by the expected count q N, not the drawn one (how many clients were
         # drawn depends on who is in the data, and the accountant covers the noised sum only)
-        c = self.ctx
-        denom = c.sampling_rate * c.num_clients if c.sampling_scheme == "poisson" and c.sampling_rate < 1 else n
+        denom = m
         mean = {k: (v / denom).float() for k, v in total.items()}
         new = add_states(state["global"], mean)
         inner = {**state["inner"], "global": new}
 
         # adaptive clipping (Andrew et al.): centred bits b_k - 1/2 (sensitivity 1/2), noised;
         # only the noised count is released
-        count_sigma = self.count_sigma(n)
+        count_sigma = self.count_sigma(m)
         next_clip, noisy_fraction = s, None
         if count_sigma is not None:
             below = sum(nk <= s for nk in norms)
@@ -202,7 +231,7 @@ class DPFedAvg(StrategyBase):
             b = centred / denom + 0.5
             next_clip = s * math.exp(-self.clip_lr * (b - self.target_quantile))
             noisy_fraction = 1.0 - b
-        sigmas = [self.value_sigma(n)] + ([2 * count_sigma] if count_sigma is not None else [])
+        sigmas = [self.value_sigma(m)] + ([2 * count_sigma] if count_sigma is not None else [])
         rounds = state["rounds"] + 1
         sampling = self.sampling()
         eps = epsilon_of(sampling, sigmas, rounds, self.delta)

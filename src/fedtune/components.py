@@ -294,6 +294,16 @@ def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Pr
         k = sample_size(n, cfg.sampling.fraction, cfg.sampling.min_clients)
         built = TypeAdapter(cls).validate_python(cfg.strategy.params())
         out += built.sample_problems(k) + built.network_problems(client_ids, cfg.seed)
+        if cfg.secure_aggregation and cfg.sampling.scheme == "fixed" and k < 2:  # the sum of one is its update
+            out.append(
+                Problem(
+                    "sampling.fraction",
+                    cfg.sampling.fraction,
+                    f"secure aggregation over {k} client a round reveals that client's update (the sum of one); "
+                    f"{n} clients, min_clients {cfg.sampling.min_clients}",
+                    "sample at least 2 clients a round (raise sampling.fraction or set sampling.min_clients: 2)",
+                )
+            )
     return out
 
 

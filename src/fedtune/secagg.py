@@ -19,6 +19,9 @@ unmask (simulation only, named so in the records). The participants are the clie
 reply (the in-process engine knows its injected dropouts before masking); if a masked upload is
 lost or rejected after masking, the round is aborted (its masks would not cancel), never summed
 wrong: Bonawitz et al.'s secret-shared recovery is what Flower's SecAgg+ adds on a deployment.
+A round with one participant (after dropouts) is not run: the sum of one is its update
+(`engines/inprocess.py`; fixed-size sampling of fewer than 2 is refused at validation). The sum
+itself is what is released: n - 1 participants colluding with the server learn the n-th update.
 """
 
 from __future__ import annotations

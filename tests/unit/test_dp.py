@@ -149,6 +149,7 @@ def test_an_empty_poisson_round_releases_noise_alone_and_is_counted(mode: str) -
     state = s.init_state({KEY: torch.zeros(200, 200), "m.lora_A.weight": torch.ones(2, 2)})
     res = s.aggregate(1, [], state)
     assert res.state["rounds"] == 1 and res.metrics["epsilon"] == pytest.approx(epsilon(0.25, 1.3, 1, 1e-5))
+    assert res.metrics["dp_noise"].startswith("server" if mode == "server" else "distributed without secure")
     noise_on_sum = res.global_state[KEY] * (0.25 * 4)  # the mean divides by q N = 1
     assert float(noise_on_sum.std()) == pytest.approx(1.3 * 0.5, rel=0.02)
     # fixed-size sampling: an empty round releases nothing and is not counted

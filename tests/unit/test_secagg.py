@@ -110,3 +110,23 @@ def test_secure_mode_writes_no_private_key_and_records_its_randomness(tiny_cfg) 
     assert not any("train_loss" in r for r in run.records)
     last = next(r for r in run.records if r["round"] == 1 and r["client"] is None)
     assert last["failures"] == 0 and last["mean_ppl"] != round0["mean_ppl"]  # it trained and aggregated
+
+
+def test_a_round_of_one_participant_never_uploads_its_update(tiny_cfg) -> None:
+    """The sum of one update is that update: fixed-size samples of one are refused before any
+    training, and a Poisson round that draws exactly one client (round 4 here, seed 0: 'http')
+    is not run (a failure with the reason, nothing uploaded, the model kept). Before, that
+    client's masked upload was its update in the clear (no pair to mask with)."""
+    from fedtune.errors import ConfigError
+    from fedtune.recipes.federated import run_federated
+
+    with pytest.raises(ConfigError, match="sampling.fraction"):
+        run_federated(tiny_cfg("secure_aggregation=true", "sampling.fraction=0.25", name="one"), progress=False)
+    over = ("secure_aggregation=true", "sampling.scheme=poisson", "sampling.fraction=0.25", "rounds=4")
+    run = run_federated(tiny_cfg(*over, "train.steps=1", name="poisson"), progress=False)
+    four = [r for r in run.records if r["round"] == 4 and r["client"] is not None and r["sampled"]]
+    assert [r["client"] for r in four] == ["http"]
+    assert "2 participants" in four[0]["failure"] and not four[0].get("bytes_up")
+    summary = {r["round"]: r for r in run.records if r["client"] is None}
+    assert summary[4]["failures"] == 1 and summary[4]["mean_ppl"] == summary[3]["mean_ppl"]
+    assert summary[3]["failures"] == 0 and summary[3]["mean_ppl"] != summary[1]["mean_ppl"]  # two: it ran

@@ -235,7 +235,16 @@ class DPFedAvg(StrategyBase):
         rounds = state["rounds"] + 1
         sampling = self.sampling()
         eps = epsilon_of(sampling, sigmas, rounds, self.delta)
+        secure = bool(ups) and ups[0].client_id == "secure-sum"
         metrics: dict[str, Any] = {
+            "dp_noise": (
+                "server: drawn by the server, which sees each update"
+                if self.noise == "server"
+                else "distributed: each client's share, added on the client before masking"
+                if secure
+                else "distributed without secure aggregation: the shares are drawn by the server, which sees each "
+                "update (no more than noise: server)"
+            ),
             "epsilon": eps,
             "dp_delta": self.delta,
             "dp_randomness": describe(self.ctx.randomness),

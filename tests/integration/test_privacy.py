@@ -77,3 +77,21 @@ def test_a_poisson_round_that_draws_nobody_still_releases_noise_and_counts(tiny_
     assert summary[2]["mean_ppl"] != summary[1]["mean_ppl"]  # the noise moved the model
     with pytest.raises(ConfigError, match="sampling.min_updates"):
         tiny_cfg(*over, "sampling.min_updates=2")
+
+
+def test_dp_sgd_counts_the_steps_of_a_rejected_upload(tiny_cfg) -> None:
+    """An upload the server decoded and then rejected (here: over sampling.max_update_mb) came from
+    DP-SGD steps the accountant must count: each client's epsilon equals that of the same run with
+    every upload accepted (same rates and steps). It was 0 before, the round record too."""
+    over = ("rounds=2", "train.steps=2", "train.dp_sgd.noise_multiplier=1.0", "train.dp_sgd.clip=0.5")
+    clean = run_federated(tiny_cfg(*over, name="clean"), progress=False).records
+    rejected = run_federated(tiny_cfg(*over, "sampling.max_update_mb=0.001", name="rejected"), progress=False).records
+    for rnd in (1, 2):
+        got = {r["client"]: r for r in rejected if r["round"] == rnd and r["client"] is not None}
+        want = {r["client"]: r["sample_epsilon"] for r in clean if r["round"] == rnd and r["client"] is not None}
+        assert all(r["failure"].startswith("rejected") for r in got.values())
+        assert {c: r["sample_epsilon"] for c, r in got.items()} == pytest.approx(want, rel=1e-12)
+        summary = next(r for r in rejected if r["round"] == rnd and r["client"] is None)
+        assert (
+            summary["sample_epsilon"] == pytest.approx(max(want.values()), rel=1e-12) and summary["sample_epsilon"] > 0
+        )

@@ -55,6 +55,7 @@ from fedtune.recipes.federated import (
     receive,
     round_extras,
     run_jobs,
+    trained_replies,
     update_ledger,
 )
 from fedtune.report import io
@@ -189,7 +190,8 @@ def run_peers(
             if any(fetched):
                 metrics["fetch_messages"] = sum(1 for t, src in sources.items() if t != src)
             up = sum(p["bytes_up"] for p in per_peer.values())
-            eps = sample_epsilons(ledger.dp_steps, updates, cfg.train.dp_sgd) if cfg.train.dp_sgd else {}
+            ran = trained_replies(replies)
+            eps = sample_epsilons(ledger.dp_steps, ran, cfg.train.dp_sgd) if cfg.train.dp_sgd else {}
             stop = budget_stop(cfg, ledger.cum_bytes + up) or dp_sgd_stop(cfg, eps)
             t_agg = time.perf_counter()
 
@@ -209,7 +211,7 @@ def run_peers(
             summary = round_summary(evals, up, 0, ledger.cum_bytes, len(failures))
             summary.update(metrics)
             summary.update(train_seconds=t_train - t0, aggregate_seconds=t_agg - t_train, eval_seconds=t_eval - t_agg)
-            ledger = update_ledger(ledger, summary, updates, eps, stop)
+            ledger = update_ledger(ledger, summary, ran, eps, stop)
             summary.update(round_extras(cfg, updates, failures, False, ledger, chat))
             summary["wall_seconds"] = time.perf_counter() - t0
             t_io = time.perf_counter()

@@ -168,7 +168,8 @@ def _run(
 
             # bytes (every number is the length of a real payload), stop conditions
             up, down = round_bytes(caps.transmits, sent_updates, failures, jobs, agg, fed.collected_bytes * (rnd == 1))
-            eps = sample_epsilons(ledger.dp_steps, sent_updates, cfg.train.dp_sgd) if cfg.train.dp_sgd else {}
+            trained = trained_replies(replies)
+            eps = sample_epsilons(ledger.dp_steps, trained, cfg.train.dp_sgd) if cfg.train.dp_sgd else {}
             stop = agg.stop or budget_stop(cfg, ledger.cum_bytes + up + down) or dp_sgd_stop(cfg, eps)
 
             # evaluate, log, checkpoint
@@ -187,7 +188,7 @@ def _run(
             summary = round_summary(evals, up, down, ledger.cum_bytes, len(failures))
             summary.update(agg.metrics)
             summary.update(train_seconds=t_train - t0, aggregate_seconds=t_agg - t_train, eval_seconds=t_eval - t_agg)
-            ledger = update_ledger(ledger, summary, sent_updates, eps, stop)
+            ledger = update_ledger(ledger, summary, trained, eps, stop)
             summary.update(round_extras(cfg, sent_updates, failures, skipped, ledger, chat))
             summary["wall_seconds"] = time.perf_counter() - t0
             t_io = time.perf_counter()
@@ -334,15 +335,22 @@ def dp_sgd_stop(cfg: ExperimentConfig, eps: dict[str, tuple[float, float]]) -> s
     )
 
 
+def trained_replies(replies: Sequence[ClientReply | ClientFailure]) -> list[ClientReply]:
+    """The clients whose training DP-SGD's accountant counts: every one that replied, a rejected
+    upload too (the server decoded it, and the client's state carries those steps into its later
+    uploads); failures never trained (injected faults stop a client before it runs)."""
+    return [r for r in replies if isinstance(r, ClientReply) and r.client_id != SECURE_SUM]
+
+
 def update_ledger(
     ledger: Ledger,
     summary: dict[str, Any],
-    updates: list[ClientUpdate],
+    trained: Sequence[ClientReply],
     eps: dict[str, tuple[float, float]],
     stop: str | None,
 ) -> Ledger:
     steps = dict(ledger.dp_steps)
-    for u in updates:
+    for u in trained:
         if "dp_steps" in u.metrics:
             steps[u.client_id] = steps.get(u.client_id, 0) + int(u.metrics["dp_steps"])
     worst = max([ledger.sample_epsilon, *(e for e, _ in eps.values())])

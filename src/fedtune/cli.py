@@ -111,9 +111,14 @@ def _resume_config(cfg_path: Path, overrides: list[str], run_dir: Path) -> Any:
             f"--resume cannot change {', '.join(bad)} (it would change the experiment whose rounds are already "
             f"done); only {', '.join(RESUMABLE)} can change on resume. Start a new run (--set name=OTHER) instead"
         )
+    ckpt = run_dir / io.CHECKPOINT
+    done = int(io.load_checkpoint(ckpt)["round"]) if ckpt.exists() and changed else 0
+    if cfg.rounds < done:
+        raise FedtuneError(
+            f"--resume --set rounds={cfg.rounds}: {run_dir} has already done {done} rounds; rounds can only grow "
+            f"on resume (set rounds >= {done})"
+        )
     if changed:
-        ckpt = run_dir / io.CHECKPOINT
-        done = int(io.load_checkpoint(ckpt)["round"]) if ckpt.exists() else 0
         old = cfg_path.read_text()
         notes = [line for line in old.splitlines() if line.startswith("# resumed")]
         notes.append(f"# resumed after round {done} with: " + ", ".join(f"{k}={after.get(k)}" for k in changed))

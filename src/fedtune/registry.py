@@ -91,7 +91,10 @@ def check_named(field: str, registry: Registry[type], name: str, params: dict[st
                 loc = ".".join(str(x) for x in err["loc"])
                 problems.append(
                     Problem(
-                        f"{field}.{loc}", err.get("input"), err["msg"], "see `fedtune ls` for the parameter's meaning"
+                        f"{field}.{loc}",
+                        err.get("input"),
+                        err["msg"],
+                        f"give {field}.{loc} a value that satisfies this (`fedtune ls` says what it means)",
                     )
                 )
         except (TypeError, ValueError) as e:

@@ -212,3 +212,49 @@ def test_eval_all_scores_every_client_as_the_loop_did(tiny_cfg) -> None:
         if x["client"] in loop:
             assert x["test_ppl"] == pytest.approx(loop[x["client"]]["test_ppl"], rel=1e-6)
     assert "4 clients: mean ppl" in r.stdout
+
+
+def test_overwrite_never_deletes_a_folder_that_is_not_a_run(tiny_cfg, tmp_path) -> None:
+    """--overwrite replaces a run, never a user's folder (it deleted any folder before); an
+    output_dir that is a file is named (it crashed twice)."""
+    folder = tmp_path / "precious"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("important")
+    cfg = tiny_cfg(f"output_dir={folder}", name="x")
+    for overwrite in (False, True):
+        with pytest.raises(FedtuneError, match="holds no fedtune run"):
+            run_federated(cfg, progress=False, overwrite=overwrite)
+    assert (folder / "thesis.txt").read_text() == "important" and len(list(folder.iterdir())) == 1
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FedtuneError, match="is a file"):
+        run_federated(tiny_cfg(f"output_dir={tmp_path / 'afile'}", name="y"), progress=False)
+
+
+def test_resume_cannot_shrink_the_rounds_already_done(tiny_cfg) -> None:
+    from typer.testing import CliRunner
+
+    from fedtune.cli import app
+
+    cfg = tiny_cfg("rounds=2", "train.steps=1", name="two")
+    run_federated(cfg, progress=False)
+    before = (Path(cfg.run_dir()) / io.CONFIG).read_text()
+    r = CliRunner().invoke(app, ["run", "--resume", cfg.run_dir(), "--no-progress", "--set", "rounds=1"])
+    assert r.exit_code != 0 and "already done 2 rounds" in " ".join(r.output.split())
+    assert (Path(cfg.run_dir()) / io.CONFIG).read_text() == before  # it rewrote config.yaml to rounds: 1
+
+
+def test_a_divergence_in_round_1_says_nothing_is_kept(tiny_cfg, monkeypatch) -> None:
+    """Round 1's divergence promised a round-0 checkpoint that does not exist (the directory is
+    removed) and a `--resume --set train.lr` that resume refuses."""
+    import torch
+
+    import fedtune.client.train as train
+    from fedtune.errors import TrainingDivergedError
+
+    real = train.lm_loss
+    monkeypatch.setattr(train, "lm_loss", lambda model, batch, *args: real(model, batch, *args) * torch.nan)
+    cfg = tiny_cfg("rounds=1", name="diverged")
+    with pytest.raises(TrainingDivergedError) as e:
+        run_federated(cfg, progress=False)
+    assert "nothing was trained, so nothing is kept" in str(e.value) and "--resume" not in str(e.value)
+    assert not Path(cfg.run_dir()).exists()

@@ -36,6 +36,30 @@ def test_unknown_strategy_parameter() -> None:
     assert p.startswith("strategy.momentum = 0.9: unknown parameter of strategy 'fedavg'")
 
 
+@pytest.mark.parametrize(
+    ("strategy", "field"),
+    [
+        ({"name": "dp_fedavg", "delta": 5}, "strategy.delta"),  # an epsilon "at delta 5" was reported
+        ({"name": "dp_fedavg", "target_epsilon": -1}, "strategy.target_epsilon"),
+        ({"name": "dp_fedavg", "clip": -0.1}, "strategy.clip"),  # flipped every update's sign
+        ({"name": "dp_fedavg", "noise_multiplier": -1.0}, "strategy.noise_multiplier"),  # crashed after round 1
+        ({"name": "tac", "clusters": 0}, "strategy.clusters"),  # crashed after round 1
+        ({"name": "robust", "rule": "norm_bound", "max_norm": -1}, "strategy.max_norm"),
+        ({"name": "robust", "f": -2}, "strategy.f"),
+        ({"name": "fedadam", "beta1": 1.5}, "strategy.beta1"),
+        ({"name": "gossip", "p": 2.0}, "strategy.p"),
+    ],
+)
+def test_strategy_parameters_out_of_range_are_refused_by_name(strategy: dict, field: str) -> None:
+    (p,) = problems({"strategy": strategy})
+    assert p.startswith(f"{field} = ") and "Fix: give " in p
+
+
+def test_non_finite_numbers_are_refused() -> None:
+    (p,) = problems({"train": {"lr": float("inf")}})
+    assert p.startswith("train.lr = inf")
+
+
 def test_missing_data_path_and_model() -> None:
     ps = problems({"data": {"source": "files", "path": "/nope/x.jsonl"}, "model": {"name": "/nope/model"}})
     assert any(p.startswith("data.path = '/nope/x.jsonl': does not exist") for p in ps)

@@ -225,9 +225,11 @@ def run_jobs(
     try:
         return list(engine.run(jobs, on_step))
     except TrainingDivergedError as e:
+        if rnd == 1:  # nothing was trained: a new run leaves no directory (report.io.mark_failed)
+            raise TrainingDivergedError(f"round 1: {e}; nothing was trained, so nothing is kept") from None
         raise TrainingDivergedError(
-            f"round {rnd}: {e}. The last good checkpoint (round {rnd - 1}) is kept in {run_dir}; "
-            f"fix the config and resume with `fedtune run --resume {run_dir} --set train.lr=...`"
+            f"round {rnd}: {e}. Rounds 1-{rnd - 1} are kept in {run_dir} (a resume continues the same "
+            "experiment, so it cannot change train.lr: start a new run with --set train.lr=... --set name=OTHER)"
         ) from None
 
 

@@ -102,7 +102,14 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
             raise ResumeError(f"{run_dir} has no {CHECKPOINT}; nothing to resume (run without --resume)")
         remove_temp_files(run_dir)
         return run_dir
+    if run_dir.is_file():
+        raise FedtuneError(f"output dir {run_dir} is a file; set output_dir (or name) to a folder")
     if run_dir.exists() and any(run_dir.iterdir()):
+        if not (run_dir / TOKEN).exists() and not (run_dir / STATUS).exists():  # never delete what is not a run
+            raise FedtuneError(
+                f"output dir {run_dir} is not empty and holds no fedtune run (no {STATUS} or {TOKEN}); nothing "
+                "there is touched: set output_dir (or name) to a new or empty folder"
+            )
         state = read_status(run_dir).get("state")
         restartable = state == "failed" and not (run_dir / CHECKPOINT).exists()  # failed before round 1
         if not overwrite and not restartable:

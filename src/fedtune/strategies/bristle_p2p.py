@@ -39,6 +39,7 @@ from fedtune.errors import Problem
 from fedtune.seeding import numpy_rng
 from fedtune.strategies.base import STRATEGIES, Capabilities
 from fedtune.strategies.decentralized import Gossip, mix_inbox
+from fedtune.strategies.params import Count, NonNegative, NonNegativeCount
 from fedtune.types import AdapterState
 
 
@@ -79,10 +80,10 @@ class BristleP2P(Gossip):
     weight by its trust (module docstring; `tolerance`: the relative loss increase at which
     trust reaches 0). Same round metrics as gossip."""
 
-    keep: int | None = None
-    explore: int = 0
-    tolerance: float = 0.2
-    reference_blocks: int = 4
+    keep: Count | None = None
+    explore: NonNegativeCount = 0
+    tolerance: NonNegative = 0.2
+    reference_blocks: Count = 4
 
     capabilities = Capabilities(
         has_global=False, personalized=True, transmits=False, peer_to_peer=True, scores_peers=True

@@ -45,6 +45,7 @@ from fedtune.models.adapters import trainable_keys
 from fedtune.peer_sampling import HashSampler, PeerSampler, Roles
 from fedtune.strategies.base import STRATEGIES, Capabilities, StrategyBase, StrategyCore, weighted_mean
 from fedtune.strategies.lora_math import covariance_error, lora_modules, mean_of_products, relative_error
+from fedtune.strategies.params import Count, Probability
 from fedtune.topology import (
     SPECTRAL_GAP_MAX_PEERS,
     TopologySpec,
@@ -272,13 +273,13 @@ class Gossip(StrategyBase):
     `graph_spectral_gap` of a static graph's whole matrix, `gossip_messages`."""
 
     topology: Literal["ring", "complete", "regular", "erdos_renyi", "edges", "torus", "matching", "epidemic"] = "ring"
-    degree: int = 4
-    p: float = 0.5
+    degree: Count = 4
+    p: Probability = 0.5
     edges: tuple[tuple[str, str], ...] = ()
     edges_file: str | None = None
     directed: bool = False
-    rows: int | None = None
-    fanout: int = 1
+    rows: Count | None = None
+    fanout: Count = 1
     resample: bool = False
     mixing: Literal["metropolis", "max_degree", "push_sum"] = "metropolis"
     rejoin: Literal["own", "fetch"] = "own"

@@ -61,6 +61,7 @@ from fedtune.strategies.base import (
     inner_strategy,
     sorted_updates,
 )
+from fedtune.strategies.params import NonNegative, OpenUnit, Positive
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
 SUM_STRATEGIES = ("fedavg", "fedit", "ffa_lora", "fedsb")
@@ -82,17 +83,17 @@ class DPFedAvg(StrategyBase):
     fixed or adaptive clipping, epsilon from an RDP accountant every round (module docstring)."""
 
     inner: Literal["fedavg", "fedit", "ffa_lora", "fedsb"] = "fedavg"
-    clip: float = 0.1
-    noise_multiplier: float = 1.0
+    clip: Positive = 0.1
+    noise_multiplier: Positive = 1.0
     noise: Literal["server", "distributed"] = "server"
     adaptive: bool = False
-    target_quantile: float = 0.5
-    clip_lr: float = 0.2
-    count_noise: float | None = (
+    target_quantile: OpenUnit = 0.5
+    clip_lr: NonNegative = 0.2
+    count_noise: Positive | None = (
         None  # sigma_b; default max(m / 20 (Andrew et al.), noise_multiplier), m = expected count
     )
-    delta: float = 1e-5
-    target_epsilon: float | None = None
+    delta: OpenUnit = 1e-5
+    target_epsilon: Positive | None = None
 
     # with secure aggregation: clip + noise share on the client, an unweighted masked sum
     capabilities = Capabilities(sum_only=True, sum_weight="uniform", client_transform=True, accounts_sampling=True)

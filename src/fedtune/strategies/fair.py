@@ -30,6 +30,7 @@ from fedtune.strategies.base import (
 )
 from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, relative_error
 from fedtune.strategies.merge import weighted_products
+from fedtune.strategies.params import NonNegative, NonNegativeCount, Positive
 from fedtune.types import ClientUpdate, add_states
 
 
@@ -61,9 +62,9 @@ class LoRAFAIR(GlobalModel):
     approaches sum_k p_k B_k A_k; no extra bytes. Objective and solver in the module docstring."""
 
     objective: Literal["cosine", "frobenius"] = "cosine"
-    lam: float = 0.01
-    steps: int = 50
-    server_lr: float = 1e-3
+    lam: NonNegative = 0.01
+    steps: NonNegativeCount = 50
+    server_lr: Positive = 1e-3
 
     capabilities = Capabilities(algebras=EXACT_LORA)
 

@@ -50,6 +50,7 @@ from fedtune.strategies.base import (
     example_weights,
     sorted_updates,
 )
+from fedtune.strategies.params import Count, Positive
 from fedtune.types import AdapterState, ClientUpdate
 
 G_KEY, P_KEY, SCALARS = "fedkseed.G", "fedkseed.p", "fedkseed.g"
@@ -107,9 +108,9 @@ class FedKSeed(StrategyBase):
     """FedKSeed: zeroth-order local steps on K shared seeds; only scalars travel (see the module
     docstring). `pro`: FedKSeed-Pro seed probabilities; `one_byte`: one byte per scalar."""
 
-    num_seeds: int = 4096
-    eps: float = 5e-4
-    lr: float | None = None  # default: train.lr
+    num_seeds: Count = 4096
+    eps: Positive = 5e-4
+    lr: Positive | None = None  # default: train.lr
     pro: bool = False
     one_byte: bool = False
     full: bool = False  # perturb the adapted layers' base weights instead of the adapter

@@ -35,6 +35,7 @@ from fedtune.models.adapters import trainable_keys
 from fedtune.strategies.base import STRATEGIES, Aggregate, Capabilities, PeerScoring, StrategyBase, sorted_updates
 from fedtune.strategies.fedmm_client import adversarial_round, init_discriminator
 from fedtune.strategies.minimax import consensus, message_mu
+from fedtune.strategies.params import Count, NonNegative, Positive
 from fedtune.types import AdapterState, ClientUpdate
 
 
@@ -57,11 +58,11 @@ class FedMM(StrategyBase):
 
     method: Literal["fedmm", "gda", "source_only"] = "fedmm"
     unlabelled: tuple[str, ...] = ("target",)
-    mu: float = 1.0
+    mu: NonNegative = 1.0
     growth: float = 1.0
-    adv_weight: float = 0.1
-    disc_width: int = 64
-    disc_lr: float | None = None
+    adv_weight: NonNegative = 0.1
+    disc_width: Count = 64
+    disc_lr: Positive | None = None
 
     capabilities = Capabilities(client_private=True, client_step=True, strategy_private=True)
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fedtune.strategies.base import STRATEGIES, Aggregate, PeerScoring, StrategyBase, inner_strategy
+from fedtune.strategies.params import Decay, Positive
 from fedtune.types import AdapterState, ClientUpdate
 
 LINEAR = ("fedavg", "fedit", "ffa_lora")
@@ -59,10 +60,10 @@ def server_step(
 @dataclass(frozen=True)
 class _FedOpt(StrategyBase):
     inner: str = "fedavg"
-    server_lr: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
+    server_lr: Positive = 1.0
+    beta1: Decay = 0.9
+    beta2: Decay = 0.99
+    tau: Positive = 1e-3
 
     kind = ""
 
@@ -115,7 +116,7 @@ class DiLoCo(_FedOpt):
     the inner strategy."""
 
     kind = "diloco"
-    server_lr: float = 0.7
+    server_lr: Positive = 0.7
 
 
 @STRATEGIES.register("fedadam")
@@ -124,7 +125,7 @@ class FedAdam(_FedOpt):
     """FedAdam: Adam on the server over the inner strategy's pseudo-gradient (arXiv:2003.00295)."""
 
     kind = "fedadam"
-    server_lr: float = 1e-2
+    server_lr: Positive = 1e-2
 
 
 @STRATEGIES.register("fedyogi")
@@ -133,4 +134,4 @@ class FedYogi(_FedOpt):
     """FedYogi: Yogi's additive second moment on the server (arXiv:2003.00295)."""
 
     kind = "fedyogi"
-    server_lr: float = 1e-2
+    server_lr: Positive = 1e-2

@@ -39,6 +39,7 @@ from fedtune.strategies.base import (
     example_weights,
     sorted_updates,
 )
+from fedtune.strategies.params import Count, Positive
 from fedtune.types import AdapterState, ClientUpdate
 
 COORDS, COUNTS = "ferret.gamma", "ferret.k"
@@ -116,9 +117,9 @@ def apply_round(
 class Ferret(StrategyBase):
     """Ferret: SGD locally, upload the update's coordinates on shared random bases (module docstring)."""
 
-    bases: int = 200  # K
-    server_lr: float = 1.0
-    clip: float = 10.0
+    bases: Count = 200  # K
+    server_lr: Positive = 1.0
+    clip: Positive = 10.0
 
     # each client keeps its copy of the global model and trains with its own step
     capabilities = Capabilities(client_private=True, client_step=True)

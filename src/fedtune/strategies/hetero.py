@@ -14,6 +14,7 @@ from fedtune.models.adapters import pad_to
 from fedtune.strategies.base import EXACT_LORA, STRATEGIES, Capabilities, Combined, GlobalModel, example_weights
 from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, lora_modules
 from fedtune.strategies.merge import client_states, truncate_rank, weighted_products
+from fedtune.strategies.params import NonNegative, Probability
 from fedtune.types import AdapterState, ClientUpdate
 
 
@@ -66,8 +67,8 @@ class HetLoRA(GlobalModel):
     client's loss adds lambda * sum ||A[gamma r:]|| ||B[:, gamma r:]||, and its rank drops to
     floor(gamma r) when its tail product is below the global model's. Inexact (like FedIT)."""
 
-    prune_lambda: float = 0.01
-    prune_gamma: float = 0.99
+    prune_lambda: NonNegative = 0.01
+    prune_gamma: Probability = 0.99
     capabilities = Capabilities(heterogeneous_ranks=True, client_penalty=True, algebras=EXACT_LORA)
 
     def init_state(self, global_state: AdapterState) -> dict[str, Any]:

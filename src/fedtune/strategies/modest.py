@@ -31,6 +31,7 @@ from fedtune.errors import Problem
 from fedtune.peer_sampling import ModestSampler, Roles
 from fedtune.strategies.base import STRATEGIES, Capabilities, StrategyBase
 from fedtune.strategies.decentralized import adopt_model, consensus_distance, mix_inbox, peer_message
+from fedtune.strategies.params import Count, Probability
 from fedtune.types import AdapterState
 
 
@@ -51,9 +52,9 @@ class MoDeST(StrategyBase):
     sample replaces `sampling.fraction`. Metrics: `consensus_distance` among the aggregators
     (0 when all received every model), `aggregated` (1 if they averaged), message counts."""
 
-    trainers: int = 2
-    aggregators: int = 1
-    success_fraction: float = 1.0
+    trainers: Count = 2
+    aggregators: Count = 1
+    success_fraction: Probability = 1.0
 
     capabilities = Capabilities(
         has_global=False, personalized=True, transmits=False, peer_to_peer=True, own_sampling=True

@@ -27,6 +27,7 @@ from fedtune.strategies.base import (
     sorted_updates,
     weighted_mean,
 )
+from fedtune.strategies.params import Count, NonNegativeCount, Positive
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
 COMIGS_PRESETS = {"1G1S": 1, "2G": 2, "2S": 0}
@@ -68,7 +69,7 @@ class CoMiGS(StrategyBase):
     different numbers of experts (adapter.experts: [2, 2, 4, 4]); the first G are shared."""
 
     preset: Literal["1G1S", "2G", "2S"] | None = None
-    generalists: int = 1
+    generalists: NonNegativeCount = 1
     weighting: Literal["uniform", "examples"] = "uniform"  # the paper averages uniformly
 
     capabilities = Capabilities(
@@ -166,7 +167,7 @@ def topk_l1_distances(logits: Sequence[tuple[torch.Tensor, torch.Tensor]], vocab
     return d / positions
 
 
-def pcl_weights(kind: str, scores: torch.Tensor, temperature: float = 10.0) -> torch.Tensor:
+def pcl_weights(kind: str, scores: torch.Tensor, temperature: Positive = 10.0) -> torch.Tensor:
     """Row-softmax trust from a score matrix: 'weights' S (similarity), 'val' T = -perplexity,
     'predictions' -temperature * D / ||D_row||_1."""
     if kind == "predictions":
@@ -186,11 +187,11 @@ class PCL(PerClient):
     The server relays; the trust matrix is logged every round (round record 'trust')."""
 
     trust: Literal["weights", "val", "predictions"] = "weights"
-    top_k: int = 100
-    temperature: float = 10.0
-    reference_blocks: int = 2
-    val_blocks: int = 16  # 'val': validation blocks each peer model is scored on
-    warmup_rounds: int = 0
+    top_k: Count = 100
+    temperature: Positive = 10.0
+    reference_blocks: Count = 2
+    val_blocks: Count = 16  # 'val': validation blocks each peer model is scored on
+    warmup_rounds: NonNegativeCount = 0
 
     @property
     def capabilities(self) -> Capabilities:  # type: ignore[override]
@@ -252,7 +253,7 @@ class PCL(PerClient):
 # -- TAC -----------------------------------------------------------------------------------------
 
 
-def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, n_init: int = 10, iters: int = 100) -> np.ndarray:
+def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, n_init: Count = 10, iters: int = 100) -> np.ndarray:
     """Lloyd's k-means with k-means++ seeding, best of n_init; labels renumbered in order of first
     appearance (so the same partition always gets the same labels)."""
     n = x.shape[0]
@@ -290,8 +291,8 @@ class TAC(PerClient):
     example-weighted averaging inside each cluster; each client receives its cluster's adapter.
     The cluster assignment is logged every round (round record 'clusters')."""
 
-    clusters: int = 2
-    n_init: int = 10
+    clusters: Count = 2
+    n_init: Count = 10
 
     def aggregate(
         self, rnd: int, updates: Sequence[ClientUpdate], state: dict[str, Any], peers: PeerScoring | None = None

@@ -18,9 +18,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import reduce
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 
 from fedtune.codecs import serialize
 from fedtune.seeding import numpy_rng
@@ -36,6 +37,7 @@ from fedtune.strategies.base import (
 )
 from fedtune.strategies.hetero import svd_factors
 from fedtune.strategies.lora_math import A_SUFFIX, B_SUFFIX, lora_modules
+from fedtune.strategies.params import Count, NonNegativeCount, Positive
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
 
@@ -96,9 +98,9 @@ class Robust(GlobalModel):
     (or mean, for comparison), for `f` assumed attackers; `space` update or dw (module docstring)."""
 
     rule: Literal["krum", "multikrum", "median", "trimmed_mean", "norm_bound", "mean"] = "multikrum"
-    f: int = 1
-    trim: float = 0.2
-    max_norm: float | None = None
+    f: NonNegativeCount = 1
+    trim: Annotated[float, Field(ge=0, lt=0.5)] = 0.2
+    max_norm: Positive | None = None
     space: Literal["update", "dw"] = "update"
 
     @property
@@ -200,9 +202,9 @@ class Bristle(GlobalModel):
 
     Needs the engine (server-side scoring), so it runs in-process."""
 
-    keep: int | None = None  # None: score every update
-    explore: int = 0
-    reference_blocks: int = 2
+    keep: Count | None = None  # None: score every update
+    explore: NonNegativeCount = 0
+    reference_blocks: Count = 2
 
     # the server scores candidates on reference blocks that clients contribute (raw tokens)
     capabilities = Capabilities(scores_peers=True, raw_data=True)

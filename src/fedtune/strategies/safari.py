@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fedtune.strategies.base import STRATEGIES, Combined, GlobalModel, weighted_mean
+from fedtune.strategies.params import NonNegativeCount
 from fedtune.types import AdapterState, ClientUpdate, add_states
 
 
@@ -37,7 +38,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 class Safari(GlobalModel):
     """SAFARI: a surrogate from the most similar clients replaces each missing update."""
 
-    neighbours: int = 1
+    neighbours: NonNegativeCount = 1
 
     def combine(self, rnd: int, updates: list[ClientUpdate], state: dict[str, Any]) -> Combined:
         last: dict[str, AdapterState] = dict(state.get("last", {}))

@@ -35,6 +35,7 @@ import torch
 from fedtune.codecs import deserialize, serialize
 from fedtune.errors import Problem
 from fedtune.strategies.base import STRATEGIES, Aggregate, Capabilities, PeerScoring, StrategyBase
+from fedtune.strategies.params import Count, NonNegative, NonNegativeCount
 from fedtune.types import AdapterState, ClientUpdate
 
 Predictions = tuple[torch.Tensor, torch.Tensor]  # (probabilities [P, k] float, token ids [P, k] int64)
@@ -209,11 +210,11 @@ class TrustDistill(StrategyBase):
 
     public: str = "stdlib-docstrings"
     public_labels: list[str] | None = None
-    public_blocks: int = 8
-    top_k: int = 20
+    public_blocks: Count = 8
+    top_k: Count = 20
     values: Literal["fp16", "uint8"] = "fp16"
-    weight: float = 0.5
-    warmup_rounds: int = 1
+    weight: NonNegative = 0.5
+    warmup_rounds: NonNegativeCount = 1
     parties: list[dict[str, Any]] | None = field(default=None)
 
     capabilities = Capabilities(has_global=False, personalized=True, own_models=True)

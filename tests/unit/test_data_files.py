@@ -88,3 +88,31 @@ def test_jsonl_client_data_is_never_copied_into_the_huggingface_cache(tmp_path, 
     assert sorted(set(ds["label"])) == ["ward-a", "ward-b"] and len(ds) == 8
     for d in (hf, tmp_path / "hf-home"):
         assert not d.exists() or not any(os.scandir(d))
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ('{"text": "a", "label": "x"}\n{"label": "x"}\n', "row 2: data.text_column 'text' is nan"),  # became "nan"
+        ('{"text": "a", "label": "x"}\n{"text": null, "label": "x"}\n', "row 2: data.text_column 'text'"),
+        ('{"text": "a", "label": "x"}\n{"text": 12345, "label": "x"}\n', "row 2: data.text_column 'text' is 12345"),
+        ('{"text": ["a", "b"], "label": "x"}\n', "row 1: data.text_column 'text' is ['a', 'b']"),
+        ('{"text": "a", "label": "x"}\n{"text": "b"}\n', "row 2: data.label_column 'label' is nan"),  # client "nan"
+    ],
+)
+def test_a_missing_or_non_text_cell_is_refused_by_file_and_row(tmp_path, rows: str, message: str) -> None:
+    f = tmp_path / "all.jsonl"
+    f.write_text(rows)
+    with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        read_user_files(cfg(f))
+
+
+def test_an_empty_csv_cell_is_refused_and_integer_labels_are_kept(tmp_path) -> None:
+    f = tmp_path / "all.csv"
+    f.write_text("text,label\nhello,x\n,y\n")
+    with pytest.raises(DataError, match="row 2: data.text_column 'text' is ''"):
+        read_user_files(cfg(f))
+    g = tmp_path / "ints.jsonl"
+    g.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 2}\n')
+    texts, labels, _ = read_user_files(cfg(g))
+    assert texts == ["a", "b"] and labels == ["1", "2"]

@@ -89,9 +89,25 @@ def _table(f: Path, cfg: DataConfig) -> tuple[list[str], list[str] | None]:
     elif cfg.text_column not in df.columns:
         raise DataError(f"data.text_column = {cfg.text_column!r} is not a column of {f}; columns: {list(df.columns)}")
     else:
-        texts = [str(t) for t in df[cfg.text_column].tolist()]
-    labels = [str(x) for x in df[cfg.label_column].tolist()] if cfg.label_column in df.columns else None
+        texts = [_cell(t, f, i, f"data.text_column {cfg.text_column!r}") for i, t in enumerate(df[cfg.text_column])]
+    labels = None
+    if cfg.label_column in df.columns:
+        where = f"data.label_column {cfg.label_column!r}"
+        labels = [_cell(x, f, i, where, numbers=True) for i, x in enumerate(df[cfg.label_column])]
     return texts, labels
+
+
+def _cell(value: Any, f: Path, i: int, where: str, numbers: bool = False) -> str:
+    """One table cell as text: a non-empty string (a label may also be an integer); a missing,
+    empty, null or structured value is refused by file and row (it became the text "nan", or a
+    client named "nan", before)."""
+    ok = isinstance(value, str) or (numbers and isinstance(value, int) and not isinstance(value, bool))
+    if not ok or not str(value).strip():
+        raise DataError(
+            f"{f} row {i + 1}: {where} is {value!r}, not a non-empty string; fix or remove the row "
+            "(every row needs its text" + (" and its label" if numbers else "") + ")"
+        )
+    return str(value)
 
 
 def _looks_like_lines(f: Path) -> bool:

@@ -110,6 +110,16 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
                 "set sampling.min_updates: 1 (or 0) with Poisson sampling, or use scheme: fixed",
             )
         )
+    if cfg.secure_aggregation and cfg.codec.name != "identity":
+        problems.append(
+            Problem(
+                "codec.name",
+                cfg.codec.name,
+                "under secure aggregation a client uploads its masked fixed-point share (int64 words), which an "
+                "uplink codec cannot compress (in-process it was silently left as it was)",
+                "use codec: identity (a downlink_codec still compresses what the server sends)",
+            )
+        )
     if cfg.secure_aggregation and not caps.sum_only:
         sums = sorted(n for n in STRATEGIES.names() if STRATEGIES.get(n)().capabilities.sum_only)
         problems.append(

@@ -84,6 +84,11 @@ def test_secure_aggregation_is_refused_for_non_sum_strategies(tiny_cfg) -> None:
     # DP-FedAvg clips on the clients and works with secure aggregation, but not with adaptive
     # clipping, which needs each client's clipped bit in the clear
     tiny_cfg("secure_aggregation=true", "strategy.name=dp_fedavg")
+    # an uplink codec cannot compress a masked share: it was silently not applied in-process
+    for codec in ("quantize", "topk"):
+        with pytest.raises(ConfigError, match="codec.name"):
+            tiny_cfg("secure_aggregation=true", f"codec.name={codec}", "downlink_codec.name=identity")
+    tiny_cfg("secure_aggregation=true", "downlink_codec.name=fp16")  # the downlink is not masked
     with pytest.raises(ConfigError, match="strategy.adaptive"):
         tiny_cfg("secure_aggregation=true", "strategy.name=dp_fedavg", "strategy.adaptive=true")
 

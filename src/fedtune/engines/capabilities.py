@@ -31,7 +31,8 @@ class EngineCapabilities:
     ood: the out-of-distribution test (every client's test data pooled).
     per_client_experts: mixture adapters with a different expert count per client.
     client_data_init: LoRA-SB initialised from a client's data on the server.
-    secure_codecs: codecs allowed with secure aggregation ('any' or 'identity').
+    secure_codecs: downlink codecs allowed with secure aggregation ('any' or 'identity'; an uplink
+        codec is refused on every engine: a masked share cannot be compressed).
     peer_to_peer: runs strategies without a server (gossip between peers); in-process it is a
         simulation of the peer network in one process.
     real_parties: clients are separate parties whose evaluation replies leave them (a deployment);
@@ -190,14 +191,13 @@ def engine_problems(engine: EngineCapabilities, cfg: Any, caps: Any, stateful_co
     for n in build_adapter(cfg.adapter).engine_needs():  # what the adapter needs from the engine, as data
         need(bool(getattr(engine, n.capability)), n.field, n.value, n.reason, n.fix.format(inprocess=_INPROCESS))
     down = cfg.downlink_codec if cfg.downlink_codec is not None else cfg.codec
-    if cfg.secure_aggregation and engine.secure_codecs == "identity":
-        bad = cfg.codec if cfg.codec.name != "identity" else down
-        need(
-            bad.name == "identity",
-            "codec.name" if bad is cfg.codec else "downlink_codec.name",
-            bad.name,
+    if cfg.secure_aggregation and engine.secure_codecs == "identity" and cfg.codec.name == "identity":
+        need(  # an uplink codec is refused on every engine (components.check_strategy)
+            down.name == "identity",
+            "downlink_codec.name",
+            down.name,
             "with secure aggregation, SecAgg+ quantizes and masks the update itself",
-            "use codec: identity (and no downlink_codec)",
+            "use no downlink_codec (identity)",
         )
     if not engine.fault_injection:
         need(

@@ -124,3 +124,11 @@ def test_nothing_leaves_the_dp_guarantee_and_stateful_downlinks_are_refused(tiny
     with pytest.raises(ConfigError, match="stateful codec"):
         tiny_cfg("codec.name=topk")
     tiny_cfg("codec.name=topk", "downlink_codec.name=identity")
+
+
+def test_a_key_given_twice_in_the_yaml_is_refused_with_its_lines(tmp_path) -> None:
+    """yaml.safe_load kept the last of two keys silently: a second `train:` replaced the first."""
+    f = tmp_path / "dup.yaml"
+    f.write_text("rounds: 2\ntrain:\n  steps: 4\n  lr: 0.01\nmodel: {name: tiny}\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"key 'train' is given twice \(lines 2 and 6\)"):
+        load_config(f)

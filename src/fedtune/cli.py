@@ -283,7 +283,7 @@ def data_report(
     except FedtuneError as e:
         _fail(e)
     out.print(report_table(shards.stats, cfg.data.source, cfg.data.block_size))
-    note = cut_message(summary, cfg.data.max_chars_per_doc)
+    note = cut_message(summary, cfg.data.max_chars_per_doc, cfg.data.max_docs_per_label)
     out.print(f"[yellow]not used whole[/yellow]: {note}" if note else "[green]every document is used whole[/green]")
 
 

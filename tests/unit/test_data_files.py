@@ -116,3 +116,22 @@ def test_an_empty_csv_cell_is_refused_and_integer_labels_are_kept(tmp_path) -> N
     g.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 2}\n')
     texts, labels, _ = read_user_files(cfg(g))
     assert texts == ["a", "b"] and labels == ["1", "2"]
+
+
+def test_documents_past_max_docs_per_label_are_counted_and_said(tmp_path) -> None:
+    """data.max_docs_per_label kept 8 of 20 documents a client and the report said 'every
+    document is used whole'; the source now counts what the cap left out."""
+    import json
+
+    from fedtune.data.report import cut_message, stats_summary
+    from fedtune.data.sources import load_corpus
+
+    root = folder(tmp_path, {c: {f"{i}.txt": f"{c} doc {i}" for i in range(20)} for c in ("a", "b")})
+    ds = load_corpus(cfg(root, max_docs_per_label=8))
+    facts = json.loads(ds.info.description)
+    assert len(ds) == 16 and facts["docs_over_label_cap"] == 24 and facts["files_read"] == 40
+    summary = stats_summary({}, facts)
+    assert cut_message(summary, None, 8) == "data.max_docs_per_label = 8 left out 24 documents of the chosen labels"
+    whole = load_corpus(cfg(root))
+    assert json.loads(whole.info.description)["docs_over_label_cap"] == 0
+    assert cut_message(stats_summary({}, json.loads(whole.info.description)), None) is None

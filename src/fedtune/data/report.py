@@ -32,12 +32,19 @@ def stats_summary(stats: Mapping[str, Mapping[str, float]], files: Mapping[str, 
         )
     if files and files.get("files_skipped"):
         out["data_files_skipped"] = list(files["files_skipped"])
+    if files and files.get("docs_over_label_cap"):
+        out["data_docs_over_label_cap"] = int(files["docs_over_label_cap"])
     return out
 
 
-def cut_message(summary: Mapping[str, Any], max_chars: int | None) -> str | None:
+def cut_message(summary: Mapping[str, Any], max_chars: int | None, max_docs: int | None = None) -> str | None:
     """One line for the console when anything was left out (None when the data is used whole)."""
     parts = []
+    if summary.get("data_docs_over_label_cap"):
+        parts.append(
+            f"data.max_docs_per_label = {max_docs} left out {summary['data_docs_over_label_cap']} documents "
+            "of the chosen labels"
+        )
     if summary.get("data_docs_cut"):
         parts.append(
             f"data.max_chars_per_doc = {max_chars} cut {summary['data_docs_cut']} documents "

@@ -67,6 +67,7 @@ def _finish(
                 f"available labels: {sorted(set(labels))[:40]}"
             )
     per_label: dict[str, int] = {}
+    over_cap = 0  # documents of a kept label past data.max_docs_per_label (reported, never silent)
     out_t, out_l, cut = [], [], []
     extra = extra or {}
     out_x: dict[str, list[str]] = {k: [] for k in extra}
@@ -74,6 +75,7 @@ def _finish(
         if keep is not None and lab not in keep:
             continue
         if cfg.max_docs_per_label is not None and per_label.get(lab, 0) >= cfg.max_docs_per_label:
+            over_cap += 1
             continue
         per_label[lab] = per_label.get(lab, 0) + 1
         kept = t[: cfg.max_chars_per_doc] if cfg.max_chars_per_doc else t
@@ -86,8 +88,11 @@ def _finish(
         raise DataError(f"data source {cfg.source!r} produced no documents; check data.labels / data.path")
     import datasets  # here, not at import: a node with its shard cached never loads it (pandas, pyarrow)
 
-    # chars_cut: what data.max_chars_per_doc removed from each document (reported, never silent)
-    return datasets.Dataset.from_dict({"text": out_t, "label": out_l, "chars_cut": cut, **out_x})
+    # chars_cut: what data.max_chars_per_doc removed from each document (reported, never silent);
+    # the description: what the source left out before any client got a document
+    ds = datasets.Dataset.from_dict({"text": out_t, "label": out_l, "chars_cut": cut, **out_x})
+    ds.info.description = json.dumps({"docs_over_label_cap": over_cap})
+    return ds
 
 
 @DATA_SOURCES.register("20newsgroups")
@@ -312,7 +317,7 @@ def files(cfg: DataConfig) -> datasets.Dataset:
         ds = _finish([r["text"] for r in rows], labels, cfg, extra)
     else:
         ds = _finish(texts, labels, cfg)
-    ds.info.description = json.dumps(describe(report))
+    ds.info.description = json.dumps({**json.loads(ds.info.description), **describe(report)})
     return ds
 
 

@@ -70,7 +70,7 @@ def round_line(rnd: int, rounds: int, summary: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def setup_lines(round0: dict[str, Any], max_chars: int | None) -> list[str]:
+def setup_lines(round0: dict[str, Any], max_chars: int | None, max_docs: int | None = None) -> list[str]:
     """What a new run says before round 1: the device and precision picked (and why; a warning when
     bf16 is set where it is only emulated), and what of the data was not used whole."""
     from fedtune.data.report import cut_message
@@ -87,7 +87,7 @@ def setup_lines(round0: dict[str, Any], max_chars: int | None) -> list[str]:
         )
     if round0.get("precision_warning"):
         out.append(f"[yellow]warning[/yellow]: {round0['precision_warning']}")
-    note = cut_message(round0, max_chars)
+    note = cut_message(round0, max_chars, max_docs)
     if note:
         out.append(f"[yellow]data not used whole[/yellow]: {note} (details: `fedtune data CONFIG`)")
     return out

@@ -304,6 +304,17 @@ def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Pr
         k = sample_size(n, cfg.sampling.fraction, cfg.sampling.min_clients)
         built = TypeAdapter(cls).validate_python(cfg.strategy.params())
         out += built.sample_problems(k) + built.network_problems(client_ids, cfg.seed)
+        most = k if cfg.sampling.scheme == "fixed" else n  # the most updates a round can have
+        if cfg.sampling.min_updates > most:
+            out.append(
+                Problem(
+                    "sampling.min_updates",
+                    cfg.sampling.min_updates,
+                    f"a round has at most {most} updates ({n} clients, {cfg.sampling.scheme} sampling), so every "
+                    "round would be skipped and nothing trained",
+                    f"set sampling.min_updates to at most {most}",
+                )
+            )
         if cfg.secure_aggregation and cfg.sampling.scheme == "fixed" and k < 2:  # the sum of one is its update
             out.append(
                 Problem(

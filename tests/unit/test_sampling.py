@@ -78,3 +78,14 @@ def test_secure_sampling_is_secret_not_a_function_of_the_seed(scheme: str, monke
         assert all(len(p) == 10 and len(set(p)) == 10 and set(p) <= set(IDS) for p in first)
     else:  # each client in with probability 1/4: 200 expected inclusions over 20 rounds of 40
         assert 140 < sum(map(len, first)) < 260
+
+
+def test_a_min_updates_no_round_can_meet_is_refused(tiny_cfg) -> None:
+    """4 clients, min_updates 10: every round was skipped, the run ended 'complete' untrained."""
+    from fedtune.errors import ConfigError
+    from fedtune.recipes.federated import run_federated
+
+    with pytest.raises(ConfigError, match="sampling.min_updates = 10: a round has at most 4 updates"):
+        run_federated(tiny_cfg("sampling.min_updates=10", name="never"), progress=False)
+    with pytest.raises(ConfigError, match="at most 2 updates"):
+        run_federated(tiny_cfg("sampling.fraction=0.5", "sampling.min_updates=3", name="never2"), progress=False)

@@ -258,3 +258,19 @@ def test_a_divergence_in_round_1_says_nothing_is_kept(tiny_cfg, monkeypatch) -> 
         run_federated(cfg, progress=False)
     assert "nothing was trained, so nothing is kept" in str(e.value) and "--resume" not in str(e.value)
     assert not Path(cfg.run_dir()).exists()
+
+
+def test_a_cut_last_record_is_not_read_and_damage_is_named(tmp_path) -> None:
+    """A crash during an append leaves a last line without its newline: not a record (`fedtune
+    report` died on it with a JSONDecodeError traceback). A bad line elsewhere, or a damaged
+    checkpoint, is named by file (a checkpoint: "unexpected error (a bug)" before)."""
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"round": 0}\n{"round": 1}\n{"rou')
+    assert io.read_jsonl(f) == [{"round": 0}, {"round": 1}]
+    f.write_text('{"round": 0}\n{"rou\n{"round": 1}\n')
+    with pytest.raises(FedtuneError, match="metrics.jsonl line 2 is not JSON"):
+        io.read_jsonl(f)
+    ckpt = tmp_path / io.CHECKPOINT
+    ckpt.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(FedtuneError, match="cannot be read .* the file is damaged"):
+        io.load_checkpoint(ckpt)

@@ -132,3 +132,11 @@ def test_a_key_given_twice_in_the_yaml_is_refused_with_its_lines(tmp_path) -> No
     f.write_text("rounds: 2\ntrain:\n  steps: 4\n  lr: 0.01\nmodel: {name: tiny}\ntrain:\n  lr: 0.1\n")
     with pytest.raises(ConfigError, match=r"key 'train' is given twice \(lines 2 and 6\)"):
         load_config(f)
+
+
+def test_a_tiny_model_transformers_cannot_build_is_a_config_problem() -> None:
+    """heads 5 with hidden 64 raised a transformers traceback from inside `fedtune validate`."""
+    (p,) = problems({"model": {"name": "tiny", "tiny": {"heads": 5}}})
+    assert p.startswith("model.tiny = ") and "multiple of heads = 5" in p
+    (p,) = problems({"model": {"name": "tiny", "tiny": {"heads": 5, "hidden": 80}}})
+    assert "heads // 2 key/value heads" in p

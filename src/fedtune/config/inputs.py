@@ -20,6 +20,22 @@ class TinyModelConfig(_Strict):
     hidden: int = Field(64, ge=8)
     heads: int = Field(4, ge=1)
 
+    @model_validator(mode="after")
+    def _buildable(self) -> TinyModelConfig:
+        """The shapes transformers accepts (it raised from inside `fedtune validate` before)."""
+        if self.hidden % self.heads or (self.arch == "llama" and (self.hidden // self.heads) % 2):
+            raise ValueError(
+                f"hidden = {self.hidden} must be a multiple of heads = {self.heads}"
+                + (" with an even head width (rotary embeddings)" if self.arch == "llama" else "")
+                + ": e.g. heads 4 for hidden 64"
+            )
+        if self.arch == "llama" and self.heads % max(1, self.heads // 2):
+            raise ValueError(
+                f"heads = {self.heads}: the tiny llama has heads // 2 key/value heads, which must divide the "
+                "heads: use 1, 2, 3 or an even number"
+            )
+        return self
+
 
 class ModelConfig(_Strict):
     name: str = Field(

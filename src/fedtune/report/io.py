@@ -30,7 +30,22 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a JSONL file. A last line without its newline is an append a crash cut
+    short (`files.append_jsonl` writes line + newline, fsynced): it never completed, so it is not
+    a record; any other line that is not JSON is damage, named by file and line."""
+    text = path.read_text()
+    lines = text.split("\n")
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]  # the cut append (or nothing)
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise FedtuneError(f"{path} line {i + 1} is not JSON ({e.msg}): the file is damaged") from None
+    return out
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -38,7 +53,11 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    out: dict[str, Any] = torch.load(path, weights_only=False)
+    """A run's checkpoint (written atomically: a damaged one was changed after it was written)."""
+    try:
+        out: dict[str, Any] = torch.load(path, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # what torch raises for a cut or foreign file
+        raise ResumeError(f"{path} cannot be read ({type(e).__name__}: {str(e)[:200]}): the file is damaged") from None
     return out
 
 

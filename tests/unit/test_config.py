@@ -25,6 +25,12 @@ def test_every_problem_is_reported_at_once() -> None:
     assert "greater than or equal to 1" in rounds and "Fix:" in rounds
 
 
+def test_unknown_names_are_reported_with_a_schema_problem() -> None:
+    """A schema problem (rounds 0) hid the unknown names: one problem of four was reported."""
+    ps = problems({"rounds": 0, "strategy": {"name": "fedavgg"}, "codec": {"name": "zip"}, "data": {"source": "wiki"}})
+    assert sorted(p.split(" = ")[0] for p in ps) == ["codec.name", "data.source", "rounds", "strategy.name"]
+
+
 def test_unknown_strategy_and_codec_name_valid_ones() -> None:
     ps = problems({"strategy": {"name": "fedmagic"}, "codec": {"name": "zip"}})
     assert any("strategy.name = 'fedmagic': unknown strategy" in p and "fedavg" in p for p in ps)

@@ -174,12 +174,34 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     try:
         cfg = ExperimentConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(problems_from_validation(err, raw)) from None
+    except ValidationError as err:  # and the names that need no valid config: every problem at once
+        found = problems_from_validation(err, raw)
+        known = {p.field for p in found}
+        raise ConfigError(found + [p for p in name_problems(raw) if p.field not in known]) from None
     problems = check_components(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def name_problems(raw: dict[str, Any]) -> list[Problem]:
+    """Unknown component names, read from the raw YAML (so they are reported with a schema
+    problem elsewhere, which stops the full checks of `check_components`)."""
+    from fedtune import components  # registers everything
+    from fedtune.registry import check_named
+
+    out: list[Problem] = []
+    for field, kind in (("strategy", "strategy"), ("codec", "codec"), ("downlink_codec", "codec")):
+        section = raw.get(field)
+        name = section.get("name") if isinstance(section, dict) else None
+        if isinstance(name, str) and name != "chain" and name not in components.REGISTRIES[kind]:
+            out += check_named(field, components.REGISTRIES[kind], name, {})
+    data = raw.get("data")
+    source = data.get("source") if isinstance(data, dict) else None
+    if isinstance(source, str) and source not in components.REGISTRIES["data source"]:
+        names = ", ".join(components.REGISTRIES["data source"].names())
+        out.append(Problem("data.source", source, "unknown data source", f"use one of: {names}"))
+    return out
 
 
 def check_components(cfg: ExperimentConfig) -> list[Problem]:

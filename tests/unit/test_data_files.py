@@ -58,6 +58,14 @@ def test_a_non_utf8_file_is_an_error_naming_it_or_skipped_and_counted(tmp_path) 
         read_user_files(cfg(root))
     texts, _, report = read_user_files(cfg(root, on_decode_error="skip"))
     assert texts == ["x", "z"] and report.skipped == [str(root / "a" / "2.txt")]
+    # tables too (the option was ignored for .jsonl / .csv: always an error)
+    tables = folder(
+        tmp_path / "t", {"a": {"1.jsonl": '{"text": "x"}\n{"text": "y"}\n', "2.jsonl": b'{"text": "' + bad + b'"}\n'}}
+    )
+    with pytest.raises(DataError, match=r"2\.jsonl is not UTF-8 text"):
+        read_user_files(cfg(tables))
+    texts, _, report = read_user_files(cfg(tables, on_decode_error="skip"))
+    assert texts == ["x", "y"] and report.skipped == [str(tables / "a" / "2.jsonl")]
 
 
 def test_stray_files_are_listed_by_path(tmp_path) -> None:

@@ -132,6 +132,8 @@ def _documents(files: list[Path], cfg: DataConfig, report: FileReport) -> tuple[
             if text is not None:
                 texts += _split(text, cfg.split_documents)
             continue
+        if f.suffix.lower() in (".jsonl", ".json", ".csv") and _decode(f, cfg, report) is None:
+            continue  # not UTF-8, and on_decode_error: skip (counted); parquet is binary
         rows, row_labels = _table(f, cfg)
         texts += rows
         if row_labels is not None:

@@ -262,6 +262,22 @@ def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Pr
     client), train.client_lr's client ids and the strategy on the configured sample size (Krum's n >= 2f + 3, ...)."""
     out = []
     n, ids = len(client_ids), ", ".join(client_ids)
+    folders: dict[
+        str, str
+    ] = {}  # a client's exported adapter: adapters/<id with / as _>; 'global' is the global model's
+    for cid in client_ids:
+        name = cid.replace("/", "_")
+        if name == "global" or name in folders:
+            clash = "the global model's" if name == "global" else f"client {folders[name]!r}'s"
+            out.append(
+                Problem(
+                    "client id",
+                    cid,
+                    f"its adapter folder adapters/{name} would be {clash}",
+                    "rename that client's folder or label",
+                )
+            )
+        folders[name] = cid
     if cfg.adapter.ranks is not None and len(cfg.adapter.ranks) != n:
         out.append(
             Problem(

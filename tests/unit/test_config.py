@@ -146,3 +146,19 @@ def test_a_tiny_model_transformers_cannot_build_is_a_config_problem() -> None:
     assert p.startswith("model.tiny = ") and "multiple of heads = 5" in p
     (p,) = problems({"model": {"name": "tiny", "tiny": {"heads": 5, "hidden": 80}}})
     assert "heads // 2 key/value heads" in p
+
+
+def test_client_ids_that_would_share_an_adapter_folder_are_refused() -> None:
+    """A client named 'global' exported its personal adapter where `fedtune export RUN` reads the
+    global model; 'a/b' and 'a_b' shared adapters/a_b."""
+    from fedtune import components
+
+    cfg = load_config("configs/tiny.yaml")
+    got = [str(p) for p in components.per_client_problems(cfg, ["global", "a/b", "a_b", "c"])]
+    assert len(got) == 2 and "adapters/global would be the global model's" in got[0]
+    assert "adapters/a_b would be client 'a/b''s" in got[1]
+
+
+def test_instruction_columns_with_plain_text_are_refused() -> None:
+    (p,) = problems({"data": {"source": "files", "path": "configs", "columns": {"prompt": "q"}}})
+    assert "data.format is 'text'" in p

@@ -170,6 +170,11 @@ class DataConfig(_Strict):
                 f"data.columns has unknown keys {unknown}; use prompt, completion, messages, "
                 "instruction, input, output, options"
             )
+        if self.columns and self.format == "text":
+            raise ValueError(
+                f"data.columns = {self.columns} renames instruction columns, but data.format is 'text' (it reads "
+                "data.text_column); set data.format, or drop data.columns"
+            )
         return self
 
     @model_validator(mode="after")

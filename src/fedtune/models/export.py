@@ -55,7 +55,8 @@ def exported_adapter(run_dir: Path, client: str | None = None) -> Path:
         have = sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").exists()) if root.exists() else []
         raise FedtuneError(
             f"{out} holds no PEFT adapter; this run exported: {', '.join(have) or 'none'} "
-            "(a mixture of experts exports moe_adapter.safetensors, which PEFT cannot load or merge)"
+            "(only PEFT's own kinds export in PEFT format: MoE-LoRA and S'MoRE write moe_adapter / smore_adapter "
+            "safetensors, which PEFT cannot load or merge)"
         )
     return out
 

@@ -123,18 +123,22 @@ def test_existing_run_dir_is_not_overwritten_silently(runs) -> None:
 
 def test_validate_runs_every_check_run_does_for_several_configs(tmp_path) -> None:
     """The landed `validate` passed all of these; `run` then failed on them."""
+    import yaml
+
     cases = {
-        "ranks.yaml": "strategy: {name: flora}\nadapter: {ranks: [2, 4]}\n",  # 2 ranks for 4 clients
-        "long.yaml": "evaluation: {batch_size: 8}\n",  # with --set data.block_size below
-        "dirichlet.yaml": "partition: {kind: dirichlet, num_clients: 12, alpha: 1.0, min_docs: 1}\n",
-        "ok.yaml": "rounds: 1\n",
+        "ranks.yaml": {"strategy": {"name": "flora"}, "adapter": {"ranks": [2, 4]}},  # 2 ranks for 4 clients
+        "long.yaml": {"data": {"block_size": 4096}},  # above the tiny model's 2048 positions
+        "dirichlet.yaml": {"partition": {"kind": "dirichlet", "num_clients": 12, "alpha": 1.0, "min_docs": 1}},
+        "ok.yaml": {"rounds": 1},
     }
     paths = []
     for name, extra in cases.items():
+        raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+        for key, value in extra.items():  # each section updated in place (a repeated YAML key is refused)
+            raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
         p = tmp_path / name
-        text = (ROOT / "configs" / "tiny.yaml").read_text() + extra
-        p.write_text(text.replace("block_size: 64", "block_size: 4096") if name == "long.yaml" else text)
-        paths.append(str(p))  # (block_size 4096 is above the tiny model's 2048 positions)
+        p.write_text(yaml.safe_dump(raw))
+        paths.append(str(p))
     r = fedtune("validate", *paths)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "one rank per client is needed; there are 4 clients" in r.stderr

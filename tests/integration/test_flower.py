@@ -135,10 +135,12 @@ def test_secaggplus_on_flower_with_dp_matches_inprocess_secure_aggregation(tiny_
             assert b["epsilon"] == a["epsilon"] and b["failures"] == 0
         if a["client"] and a["round"] > 0:  # SecAgg+ moves keys and shares besides the masked vector
             assert b["bytes_up"] > 0 and "failure" not in b
-    with pytest.raises(ConfigError, match="SecAgg\\+ quantizes"):
-        from fedtune.recipes.flower import check_flower
+    from fedtune.recipes.flower import check_flower
 
-        check_flower(tiny_cfg(*over, "codec.name=fp16", "engine.name=flower-sim"))
+    with pytest.raises(ConfigError, match="codec.name"):  # an uplink codec: refused on every engine
+        tiny_cfg(*over, "codec.name=fp16", "engine.name=flower-sim")
+    with pytest.raises(ConfigError, match="SecAgg\\+ quantizes"):  # a downlink codec: on Flower
+        check_flower(tiny_cfg(*over, "downlink_codec.name=fp16", "engine.name=flower-sim"))
 
 
 def test_secaggplus_noise_shares_are_sized_for_the_reconstruction_threshold() -> None:

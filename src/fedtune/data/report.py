@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+SOURCE_FACTS = ("data_docs_over_label_cap",)  # known where the corpus is read: console, not the record
 CUTS = ("docs_cut", "chars_cut", "tokens_dropped", "blocks_capped", "examples_truncated", "examples_dropped")
 
 

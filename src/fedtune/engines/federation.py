@@ -220,6 +220,9 @@ class Federation:
     Attributes:
         collected_bytes: raw training data the centralized baseline collects (uplink, round 1).
         round0: facts for the round-0 record (e.g. the simulated attackers).
+        source_facts: what the data source left out before any client got a document (documents
+            past data.max_docs_per_label): said on the console, not recorded, since only an engine
+            that reads the corpus in this process knows it (the records of every engine stay equal).
         store: the clients' state store where it is in this process (in-process: the one the
             engine reads and writes; a decentralized run keeps each peer's model there), else None.
     """
@@ -233,3 +236,4 @@ class Federation:
     collected_bytes: int = 0
     round0: dict[str, Any] = field(default_factory=dict)
     store: Any = None
+    source_facts: dict[str, Any] = field(default_factory=dict)

@@ -21,6 +21,7 @@ from fedtune.config import ExperimentConfig
 from fedtune.config.schema import EvalConfig
 from fedtune.data.blocks import Shard, pooled
 from fedtune.data.chat import PromptSet
+from fedtune.data.report import SOURCE_FACTS
 from fedtune.engines.capabilities import INPROCESS, Engine
 from fedtune.engines.faults import FaultInjection, Faults, PoisonedShards, attackers
 from fedtune.engines.federation import (
@@ -249,6 +250,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
         raise ConfigError(limits)
     tokenizer = load_tokenizer(model_dir)
     shards, data = load_shards(cfg, tokenizer)
+    source = {k: data.pop(k) for k in SOURCE_FACTS if k in data}  # console only (Federation.source_facts)
     ids = list(shards)
     cfg, auto = resolve_auto(cfg, ids, model_dir)  # adapter.auto: ranks and upload codecs per client
     ranks = rank_per_client(cfg, ids)
@@ -280,7 +282,7 @@ def inprocess_federation(cfg: ExperimentConfig) -> Federation:
     collected = _data_bytes(shards) if caps.pools_data else 0
     facts = device_facts(model, precision, slow)
     round0 = {**data, **facts, **auto, "warmup_seconds": warmup, **({"attackers": sorted(bad)} if bad else {})}
-    return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, collected, round0, store)
+    return Federation(ids, model, model_dir, adapter_cfg, strategy, engine, collected, round0, store, source)
 
 
 def with_store(engine: Engine, store: ClientStateStore) -> Engine:

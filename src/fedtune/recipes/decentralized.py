@@ -129,7 +129,11 @@ def run_peers(
     wire = Wire(components.build_codec(cfg), cfg.seed)  # what each peer message travels as
     chat = "data_chat_template" in fed.round0
     metrics_path, token = run_dir / io.METRICS, io.run_token(run_dir)
-    for line in [] if resume else setup_lines(fed.round0, cfg.data.max_chars_per_doc, cfg.data.max_docs_per_label):
+    for line in (
+        []
+        if resume
+        else setup_lines({**fed.round0, **fed.source_facts}, cfg.data.max_chars_per_doc, cfg.data.max_docs_per_label)
+    ):
         console.print(line, highlight=False)
 
     # 2. start or resume (the checkpoint holds no peer model: they are in the peers' states)

@@ -112,7 +112,11 @@ def _run(
     chat = "data_chat_template" in fed.round0  # instruction data (DP-SGD's unit is one example)
     up_codec, down_codec = components.build_codec(cfg), components.build_codec(cfg, downlink=True)
     metrics_path, token = run_dir / io.METRICS, io.run_token(run_dir)
-    for line in [] if resume else setup_lines(fed.round0, cfg.data.max_chars_per_doc, cfg.data.max_docs_per_label):
+    for line in (
+        []
+        if resume
+        else setup_lines({**fed.round0, **fed.source_facts}, cfg.data.max_chars_per_doc, cfg.data.max_docs_per_label)
+    ):
         console.print(line, highlight=False)
 
     # 2. start or resume

@@ -159,3 +159,36 @@ def test_per_client_gives_each_client_the_lr_of_its_own_best_trial(tmp_path) -> 
     assert sorted(own) == clients and all(len(v) == 2 for v in own.values())
     best = load_config(d / "best.yaml")
     assert best.train.client_lr == {c: min(own[c])[1] for c in clients}
+
+
+def test_a_study_interrupted_in_a_trial_resumes_to_the_same_trials(tmp_path, monkeypatch) -> None:
+    """Ctrl-C in trial 1, then the same command again: the re-run and every later trial propose
+    what the uninterrupted study did, so best.yaml is the same. The sampler was seeded from all
+    trials, the failed one included: the resumed study's later values and its best differed."""
+    import fedtune.recipes.federated as recipe
+    from fedtune.recipes.tune import TuneSettings
+    from fedtune.recipes.tune import tune as run_tune
+
+    space = ROOT / "configs" / "spaces" / "lr-rank-steps.yaml"
+    over = ["rounds=1", "train.steps=2", f"output_dir={tmp_path / 'base'}"]
+    full = run_tune(Path(TINY), space, TuneSettings(4, pruner="none", study_dir=tmp_path / "full"), over)
+
+    real, calls = recipe.run_federated, {"n": 0}
+
+    def interrupted(cfg, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(recipe, "run_federated", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(Path(TINY), space, TuneSettings(4, pruner="none", study_dir=tmp_path / "cut"), over)
+    monkeypatch.setattr(recipe, "run_federated", real)
+    cut = run_tune(Path(TINY), space, TuneSettings(4, pruner="none", study_dir=tmp_path / "cut"), over)
+
+    def done(rows):
+        return [(r.params, r.value) for r in rows if r.state == "COMPLETE"]
+
+    assert len(done(full.rows)) == 4 and done(cut.rows) == done(full.rows)
+    assert full.best is not None and cut.best is not None and cut.best.params == full.best.params

@@ -32,6 +32,7 @@ from fedtune.recipes.tune_study import (
     pruner_problems,
     recover_interrupted,
     require_optuna,
+    sampler_for,
     study_lock,
     trial_rows,
 )
@@ -100,6 +101,7 @@ def tune(
         # 3. trials
         dists = distributions(space)
         while (done := finished(study)) < settings.trials:
+            study.sampler = sampler_for(cfg.seed, done, settings.trials)  # the same seeds resumed or not
             trial = study.ask(dists)
             shown = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
             console.print(f"trial {trial.number} ({done + 1}/{settings.trials}): {shown}", highlight=False)

@@ -57,7 +57,8 @@ def open_study(
 ) -> optuna.Study:
     """The study in STUDY/study.db (created, or loaded with its trials); its metric and space
     must be the ones it was started with. TPE is seeded from the experiment's seed and the number
-    of trials so far, so a resumed study does not propose its first values again."""
+    of trials finished so far (`sampler_for`, again before every proposal), so a resumed study
+    proposes what an uninterrupted one would."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say what each trial did
@@ -78,10 +79,19 @@ def open_study(
                 f"the study in {study_dir} was started with {key} {before}, not {value}: its trials are not "
                 "comparable. Use the same settings to resume it, or --study-dir NEW for a new study"
             )
-    startup = min(10, max(2, trials // 2))  # TPE models the space after these random trials
-    seed = derive_seed(seed, "tune", len(study.trials)) % 2**32  # numpy RandomState seeds are 32-bit
-    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
+    study.sampler = sampler_for(seed, finished(study), trials)
     return study
+
+
+def sampler_for(seed: int, done: int, trials: int) -> optuna.samplers.BaseSampler:
+    """The sampler of the next proposal, seeded from the run seed and the trials finished so far:
+    an interrupted trial (failed, then queued again) does not shift the seeds, so a resumed study
+    proposes what an uninterrupted one would (seeding from all trials, failed ones included, once
+    per process, made the resumed study's later trials and its best differ)."""
+    import optuna
+
+    startup = min(10, max(2, trials // 2))  # TPE models the space after these random trials
+    return optuna.samplers.TPESampler(seed=derive_seed(seed, "tune", done) % 2**32, n_startup_trials=startup)
 
 
 def space_json(space: SearchSpace) -> str:

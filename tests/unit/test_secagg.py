@@ -134,4 +134,5 @@ def test_a_round_of_one_participant_never_uploads_its_update(tiny_cfg) -> None:
     assert "2 participants" in four[0]["failure"] and not four[0].get("bytes_up")
     summary = {r["round"]: r for r in run.records if r["client"] is None}
     assert summary[4]["failures"] == 1 and summary[4]["mean_ppl"] == summary[3]["mean_ppl"]
+    assert summary[4]["bytes_down"] == four[0]["bytes_down"] > 0  # the round's payload was sent, and counted
     assert summary[3]["failures"] == 0 and summary[3]["mean_ppl"] != summary[1]["mean_ppl"]  # two: it ran

@@ -79,7 +79,7 @@ class InProcessEngine:
         secure = self.plan.secure_aggregation
         if secure and len(jobs) == 1:  # a sum of one is that client's update: it never trains or uploads
             reason = "secure aggregation needs 2 participants: 1 this round (its masked upload would be its update)"
-            return [ClientFailure(jobs[0].client_id, reason)]
+            return [ClientFailure(jobs[0].client_id, reason, len(jobs[0].payload))]  # sent, as a dropout's
         keyed: dict[str, ClientState] = {}  # the round's key pairs: in memory only, never in the store
         if secure:  # the key-advertising step: public keys go through the server to every participant
             keys = {}

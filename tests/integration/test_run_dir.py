@@ -274,3 +274,17 @@ def test_a_cut_last_record_is_not_read_and_damage_is_named(tmp_path) -> None:
     ckpt.write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(FedtuneError, match="cannot be read .* the file is damaged"):
         io.load_checkpoint(ckpt)
+
+
+def test_a_resumed_run_splits_the_wall_time_of_all_its_processes(tiny_cfg, interrupt_after) -> None:
+    """summary.json of a resumed run: wall_seconds covered the last process only, while its parts
+    (set-up, rounds) came from every process's records, so the parts summed to more than the whole;
+    the resuming process's own set-up was in neither."""
+    cfg = tiny_cfg("rounds=3", "train.steps=20", name="twice")
+    interrupt_after(cfg, 1)
+    run = run_federated(cfg, resume=True, progress=False)
+    s = json.loads((run.run_dir / io.SUMMARY).read_text())
+    r0 = next(r for r in run.records if r["client"] is None and r["round"] == 0)
+    assert s["setup_seconds"] > r0["setup_seconds"]  # + the resuming process's set-up
+    assert s["setup_seconds"] + s["round_seconds"] + s["io_seconds"] <= s["wall_seconds"]
+    assert s["wall_seconds"] - (s["setup_seconds"] + s["round_seconds"] + s["io_seconds"]) < 2.0  # export, plots

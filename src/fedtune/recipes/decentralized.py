@@ -143,6 +143,7 @@ def run_peers(
         kept = [r for r in io.read_jsonl(metrics_path) if r["round"] <= ckpt["round"]]
         io.write_jsonl(metrics_path, kept)  # drop records of a round that was never checkpointed
         console.print(f"resuming {run_dir} after round {ckpt['round']}")
+        ledger.resume_setup += time.perf_counter() - t_start  # this process's set-up (summary.json's split)
     else:
         io.write_atomic(run_dir / io.CONFIG, config_to_yaml(cfg))
         init, ledger, start = get_state(fed.model), Ledger(), 1
@@ -220,7 +221,7 @@ def run_peers(
             summary["wall_seconds"] = time.perf_counter() - t0
             t_io = time.perf_counter()
             log_round(metrics_path, trackers, rnd, recs, summary)
-            io.save_checkpoint(run_dir / io.CHECKPOINT, {"round": rnd, "init": init, "ledger": ledger.__dict__})
+            io.save_checkpoint(run_dir / io.CHECKPOINT, {"round": rnd, "init": init, "ledger": ledger.saved(t_start)})
             ledger.io_seconds += time.perf_counter() - t_io
             bars.update(round_task, completed=rnd)
             if progress and not console.is_terminal:
@@ -236,7 +237,7 @@ def run_peers(
     personal = final_models(cfg, strategy, store, ids, init, max(r["round"] for r in records))
     export_adapters(run_dir, fed, None, personal, engine.private_of, variants_per_client(cfg, ids), caps.client_private)
     plot_runs({cfg.name: records}, run_dir / "plots")
-    io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, time.perf_counter() - t_start, ledger.io_seconds))
+    io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, ledger.wall(t_start), ledger))
     return RunResult(run_dir, records, max(r["round"] for r in records))
 
 

@@ -95,6 +95,7 @@ def run_distill(
         kept = [r for r in io.read_jsonl(metrics_path) if r["round"] <= ckpt["round"]]
         io.write_jsonl(metrics_path, kept)  # drop records of a round that was never checkpointed
         console.print(f"resuming {run_dir} after round {ckpt['round']}")
+        ledger.resume_setup += time.perf_counter() - t_start  # this process's set-up (summary.json's split)
     else:
         io.write_atomic(run_dir / io.CONFIG, config_to_yaml(cfg))
         ledger, start = Ledger(), 1
@@ -153,7 +154,7 @@ def run_distill(
         summary["wall_seconds"] = time.perf_counter() - t0
         t_io = time.perf_counter()
         log_round(metrics_path, trackers, rnd, recs, summary)
-        ckpt = {"round": rnd, "parties": parties.saved(), "ledger": ledger.__dict__}
+        ckpt = {"round": rnd, "parties": parties.saved(), "ledger": ledger.saved(t_start)}
         io.save_checkpoint(run_dir / io.CHECKPOINT, ckpt)
         ledger.io_seconds += time.perf_counter() - t_io
         if progress and not console.is_terminal:
@@ -165,5 +166,5 @@ def run_distill(
     records = io.read_jsonl(metrics_path)
     plot_runs({cfg.name: records}, run_dir / "plots")
     plot_trust(records, run_dir / "plots")
-    io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, time.perf_counter() - t_start, ledger.io_seconds))
+    io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, ledger.wall(t_start), ledger))
     return RunResult(run_dir, records, max(r["round"] for r in records))

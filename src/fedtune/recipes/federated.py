@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,16 @@ class Ledger:
     sample_epsilon: float = 0.0
     stopped: str | None = None
     io_seconds: float = 0.0  # appending records + writing checkpoints (of the rounds checkpointed)
+    wall_before: float = 0.0  # wall seconds of the run's earlier processes, up to their last checkpoint
+    resume_setup: float = 0.0  # set-up seconds of the processes that resumed the run
+
+    def saved(self, t_start: float) -> dict[str, Any]:
+        """The checkpoint's part: the totals, with this process's seconds so far in `wall_before`."""
+        return {**self.__dict__, "wall_before": self.wall(t_start)}
+
+    def wall(self, t_start: float) -> float:
+        """The run's wall seconds so far, over every process (a resumed run's summary splits them)."""
+        return self.wall_before + time.perf_counter() - t_start
 
 
 def run_federated(
@@ -127,6 +137,7 @@ def _run(
         kept = [r for r in io.read_jsonl(metrics_path) if r["round"] <= ckpt["round"]]
         io.write_jsonl(metrics_path, kept)  # drop records of a round that was never checkpointed
         console.print(f"resuming {run_dir} after round {ckpt['round']}")
+        ledger.resume_setup += time.perf_counter() - t_start  # this process's set-up (summary.json's split)
     else:
         io.write_atomic(run_dir / io.CONFIG, config_to_yaml(cfg))
         global_state = get_state(fed.model)
@@ -198,7 +209,7 @@ def _run(
             t_io = time.perf_counter()
             log_round(metrics_path, trackers, rnd, recs, summary)
             state = {"round": rnd, "global": global_state, "strategy_state": sstate, "codec_states": codec_states}
-            io.save_checkpoint(run_dir / io.CHECKPOINT, {**state, "ledger": ledger.__dict__})
+            io.save_checkpoint(run_dir / io.CHECKPOINT, {**state, "ledger": ledger.saved(t_start)})
             ledger.io_seconds += time.perf_counter() - t_io
             bars.update(round_task, completed=rnd)
             if progress and not console.is_terminal:  # batch jobs: one line a round
@@ -218,7 +229,7 @@ def _run(
     if on_clients:
         console.print(f"personal adapters of {', '.join(on_clients)} stay on their clients (their private tensors)")
     plot_runs({cfg.name: records}, run_dir / "plots")
-    io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, time.perf_counter() - t_start, ledger.io_seconds))
+    io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, ledger.wall(t_start), ledger))
     return RunResult(run_dir, records, max(r["round"] for r in records))
 
 
@@ -360,7 +371,7 @@ def update_ledger(
         if "dp_steps" in u.metrics:
             steps[u.client_id] = steps.get(u.client_id, 0) + int(u.metrics["dp_steps"])
     worst = max([ledger.sample_epsilon, *(e for e, _ in eps.values())])
-    return Ledger(summary["cum_bytes"], steps, worst, stop, ledger.io_seconds)
+    return replace(ledger, cum_bytes=summary["cum_bytes"], dp_steps=steps, sample_epsilon=worst, stopped=stop)
 
 
 def round_extras(

@@ -152,7 +152,7 @@ def run_swarm(cfg: ExperimentConfig, *, resume: bool, overwrite: bool, console: 
     next(r for r in records if r["round"] == 0 and r["client"] is None)["swarm_start_seconds"] = t_up - t_start
     io.write_jsonl(run_dir / io.METRICS, records)
     plot_runs({cfg.name: records}, run_dir / "plots")
-    io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, time.perf_counter() - t_start, 0.0))
+    io.write_atomic(run_dir / io.SUMMARY, summary_json(cfg, records, time.perf_counter() - t_start))
     final = max(r["round"] for r in records)
     io.write_status(run_dir, "complete", round=final)
     return RunResult(run_dir, records, final)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -227,12 +227,24 @@ def load_run(run_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
     return d.name, read_jsonl(d / METRICS)
 
 
-def summary_json(cfg: Any, records: Sequence[dict[str, Any]], total_seconds: float, io_seconds: float = 0.0) -> str:
-    """summary.json: the final numbers; written last, so its presence marks a completed run."""
+class RunTotals(Protocol):
+    """What summary.json reads of a loop's running totals (`recipes.federated.Ledger`)."""
+
+    io_seconds: float
+    resume_setup: float
+
+
+def summary_json(
+    cfg: Any, records: Sequence[dict[str, Any]], total_seconds: float, ledger: RunTotals | None = None
+) -> str:
+    """summary.json: the final numbers; written last, so its presence marks a completed run.
+    `total_seconds` covers every process of the run (`Ledger.wall`); `ledger` gives the I/O seconds
+    and the set-up seconds of the processes that resumed it (part of set-up)."""
     import json
 
     rr = round_rows(records)
     rounds = [r for r in rr if r["round"] > 0]
+    setup = (rr[0].get("setup_seconds", 0.0) if rr else 0.0) + (ledger.resume_setup if ledger else 0.0)
     return json.dumps(
         {
             "name": cfg.name,
@@ -243,12 +255,12 @@ def summary_json(cfg: Any, records: Sequence[dict[str, Any]], total_seconds: flo
             "clients": client_rows(records),
             "final": rr[-1] if rr else {},
             "wall_seconds": total_seconds,  # the whole run: set-up, rounds, evaluation, export
-            "setup_seconds": rr[0].get("setup_seconds", 0.0) if rr else 0.0,
+            "setup_seconds": setup,  # a resumed run's: the first process's and each resuming one's
             "round_seconds": sum(r.get("wall_seconds", 0.0) for r in rounds),
             "train_seconds": sum(r.get("train_seconds", 0.0) for r in rounds),
             "aggregate_seconds": sum(r.get("aggregate_seconds", 0.0) for r in rounds),
             "eval_seconds": sum(r.get("eval_seconds", 0.0) for r in rounds),
-            "io_seconds": io_seconds,  # records and checkpoints
+            "io_seconds": ledger.io_seconds if ledger else 0.0,  # records and checkpoints
             "warmup_seconds": rr[0].get("warmup_seconds", 0.0) if rr else 0.0,
         },
         indent=2,

@@ -167,7 +167,7 @@ def topk_l1_distances(logits: Sequence[tuple[torch.Tensor, torch.Tensor]], vocab
     return d / positions
 
 
-def pcl_weights(kind: str, scores: torch.Tensor, temperature: Positive = 10.0) -> torch.Tensor:
+def pcl_weights(kind: str, scores: torch.Tensor, temperature: float = 10.0) -> torch.Tensor:
     """Row-softmax trust from a score matrix: 'weights' S (similarity), 'val' T = -perplexity,
     'predictions' -temperature * D / ||D_row||_1."""
     if kind == "predictions":
@@ -253,7 +253,7 @@ class PCL(PerClient):
 # -- TAC -----------------------------------------------------------------------------------------
 
 
-def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, n_init: Count = 10, iters: int = 100) -> np.ndarray:
+def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, n_init: int = 10, iters: int = 100) -> np.ndarray:
     """Lloyd's k-means with k-means++ seeding, best of n_init; labels renumbered in order of first
     appearance (so the same partition always gets the same labels)."""
     n = x.shape[0]

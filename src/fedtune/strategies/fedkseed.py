@@ -14,8 +14,10 @@ K random seeds, so a round moves scalars instead of tensors.
   arXiv:2306.10015; the paper's 16 ln|g| in [-127, 127] plus a sign needs 9 bits, so the log
   resolution here is 1/8).
 - Server: G_j += sum_k p_k g_{k,t} for every step t of client k that drew seed j.
-- FedKSeed-Pro (`pro: true`): p(seed j) = softmax(minmax(mean_history |clip(g, +-1000)|)), sent as
-  fp16 with G.
+- FedKSeed-Pro (`pro: true`): p(seed j) = softmax(minmax(mean_history |clip(g, +-1000)|)), rounded
+  to fp16 (clients use exactly those values) and sent with G; the downlink codec decides its wire
+  width (the identity codec sends every float tensor as fp32: 4 bytes a seed, `downlink_codec: fp16`
+  halves G's and p's bytes).
 
 - `full: true` (small models): the perturbed tensors are the base weights of every adapted
   linear layer (use `adapter.target_modules: all-linear` for all of them), carried as dense

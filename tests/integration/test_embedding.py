@@ -40,6 +40,17 @@ def test_records_hold_retrieval_per_party_and_pooled(run: Path):
     # training moved the model: the pooled scores at round 0 and 2 differ
     first = [r for r in records if r["client"] is None][0]
     assert first["pooled_mrr"] != final["pooled_mrr"]
+    # the cost: each round's bytes are its parties' payloads, and summary.json splits the time
+    # (it held only the final record, and no round said its bytes up / down)
+    for rnd in (1, 2):
+        summary = next(r for r in records if r["client"] is None and r["round"] == rnd)
+        mine = [r for r in records if r["client"] is not None and r["round"] == rnd]
+        assert summary["bytes_up"] == sum(r["bytes_up"] for r in mine) > 0 and summary["failures"] == 0
+        assert summary["bytes_down"] == sum(r["bytes_down"] for r in mine) > 0
+    s = json.loads((run / "summary.json").read_text())
+    assert s["cum_bytes"] == final["cum_bytes"] and s["setup_seconds"] > 0
+    assert s["setup_seconds"] + s["round_seconds"] <= s["wall_seconds"]
+    assert s["train_seconds"] + s["aggregate_seconds"] + s["eval_seconds"] <= s["round_seconds"]
 
 
 def test_embed_equals_plain_transformers_and_peft(run: Path, tmp_path: Path):

@@ -109,15 +109,18 @@ def run_embedding(
                 model, tokens, sent[cid], parties[cid].train, spec, cfg.embedding.ntp_weight, cfg.seed, rnd, cid
             )
             down, up = len(serialize(sent[cid])), len(serialize(delta))  # the real payloads' lengths
-            updates.append(ClientUpdate(cid, delta, len(parties[cid].train), m, down, up))
+            updates.append(ClientUpdate(cid, delta, len(parties[cid].train), m, up, down))
             recs.append(
                 {"round": rnd, "client": cid, **m, "bytes_up": up * caps.transmits, "bytes_down": down * caps.transmits}
             )
+        t_agg = time.perf_counter()
         agg = strategy.aggregate(rnd, updates, sstate)
         global_state, sstate = agg.global_state, agg.state
-        cum += sum(r["bytes_up"] + r["bytes_down"] for r in recs)
+        up, down = sum(r["bytes_up"] for r in recs), sum(r["bytes_down"] for r in recs)
+        cum += up + down
         t_train = time.perf_counter()
-        summary = {"round": rnd, "client": None, "cum_bytes": cum, "train_seconds": t_train - t0}
+        summary = {"round": rnd, "client": None, "bytes_up": up, "bytes_down": down, "cum_bytes": cum, "failures": 0}
+        summary.update(train_seconds=t_agg - t0, aggregate_seconds=t_train - t_agg)
         if updates:
             summary["train_loss"] = sum(u.metrics["train_loss"] for u in updates) / len(updates)
         if rnd == cfg.rounds or rnd % cfg.evaluation.every == 0:
@@ -143,7 +146,23 @@ def run_embedding(
         out = run_dir / "adapters" / name.replace("/", "_")
         export_gem(model, state, out, base, adapter_cfg, k, cfg.data.block_size - k)
     records = io.read_jsonl(metrics_path)
-    io.write_atomic(run_dir / io.SUMMARY, json.dumps({"name": cfg.name, "task": "embedding", "final": records[-1]}))
+    rounds = [r for r in records if r["client"] is None and r["round"] > 0]
+    setup = next((r.get("setup_seconds", 0.0) for r in records if r["client"] is None and r["round"] == 0), 0.0)
+    totals = {k: sum(r.get(k, 0.0) for r in rounds) for k in ("train_seconds", "aggregate_seconds", "eval_seconds")}
+    facts = {
+        "name": cfg.name,
+        "task": "embedding",
+        "strategy": cfg.strategy.name,
+        "status": "complete",
+        "final": records[-1],
+        "wall_seconds": time.perf_counter() - t_start,  # this process's (a resumed run: since it resumed)
+        "setup_seconds": setup,
+        "round_seconds": sum(r.get("wall_seconds", 0.0) for r in rounds),
+        **totals,
+        "cum_bytes": cum,
+        "failures": 0,  # every sampled party trains in this process
+    }
+    io.write_atomic(run_dir / io.SUMMARY, json.dumps(facts, indent=2, sort_keys=True))
     return RunResult(run_dir, records, max(r["round"] for r in records))
 
 

@@ -189,3 +189,21 @@ def test_stragglers_past_the_deadline_are_recorded_and_min_updates_holds_the_mod
         if "skipped" in s:  # nothing aggregated: every client's global test ppl is unchanged
             assert s["mean_ppl"] == pytest.approx(prev["mean_ppl"], rel=1e-9)
     assert any("skipped" in s for s in rounds)
+
+
+@pytest.mark.parametrize("trust", ["val", "predictions"])
+def test_pcl_client_records_carry_the_scoring_traffic(tiny_cfg, trust: str) -> None:
+    """PCL's peer scoring moves the peers' adapters down ('val') or each client's top-k predictions
+    up and the reference set down ('predictions'): the client records held only the adapter's own
+    payloads (5 % of the run's bytes for 'predictions'). Now a round's client records sum to its
+    summary, less the reference set's collection, which is no one client's upload."""
+    run = run_federated(
+        tiny_cfg("strategy.name=pcl", f"strategy.trust={trust}", "rounds=2", name=trust), progress=False
+    )
+    for rnd in (1, 2):
+        summary = next(r for r in run.records if r["client"] is None and r["round"] == rnd)
+        mine = [r for r in run.records if r["client"] is not None and r["round"] == rnd]
+        assert len(mine) == 4 and all(r["bytes_down"] > 0 and r["bytes_up"] > 0 for r in mine)
+        assert sum(r["bytes_down"] for r in mine) == summary["bytes_down"]
+        collected = summary["bytes_up"] - sum(r["bytes_up"] for r in mine)
+        assert collected == 0 if trust == "val" or rnd == 2 else collected > 0

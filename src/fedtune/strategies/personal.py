@@ -213,22 +213,31 @@ class PCL(PerClient):
         if rnd <= self.warmup_rounds or len(ids) < 2:
             return Aggregate(state["init"], new)
         states = [clients[c] for c in ids]
-        scores, up, down = self.scores(rnd, ids, states, peers)
+        scores, traffic, shared = self.scores(rnd, ids, states, peers)
         w = pcl_weights(self.trust, scores, self.temperature)
         rows = {u.client_id for u in updates}  # clients present this round take the mix
         for i, cid in enumerate(ids):
             if cid in rows:
                 clients[cid] = weighted_mean(states, w[i].tolist())
         metrics = {"trust": [[round(float(x), 6) for x in row] for row in w], "trust_clients": ids}
-        return Aggregate(state["init"], new, metrics, bytes_up=up, bytes_down=down)
+        # each client's record: its adapter's payloads plus what scoring moved to and from it
+        sent = {u.client_id: (u.bytes_up, u.bytes_down) for u in updates}
+        per_client = {
+            c: {"bytes_up": sent.get(c, (0, 0))[0] + up, "bytes_down": sent.get(c, (0, 0))[1] + down}
+            for c, (up, down) in traffic.items()
+        }
+        up_total = sum(u for u, _ in traffic.values()) + shared[0]
+        down_total = sum(d for _, d in traffic.values()) + shared[1]
+        return Aggregate(state["init"], new, metrics, bytes_up=up_total, bytes_down=down_total, per_client=per_client)
 
     def scores(
         self, rnd: int, ids: list[str], states: list[AdapterState], engine: PeerScoring | None
-    ) -> tuple[torch.Tensor, int, int]:
-        """(score matrix, extra uplink bytes, extra downlink bytes) for this round's trust."""
+    ) -> tuple[torch.Tensor, dict[str, tuple[int, int]], tuple[int, int]]:
+        """(score matrix, each client's scoring bytes (up, down), bytes no one client's (up, down):
+        the reference set's collection) for this round's trust; every number a payload's length."""
         n = len(ids)
         if self.trust == "weights":  # the server has every adapter already
-            return weight_similarity(states), 0, 0
+            return weight_similarity(states), {}, (0, 0)
         if engine is None:
             raise ValueError(f"PCL trust {self.trust!r} needs the clients (an engine)")
         if self.trust == "val":
@@ -236,18 +245,18 @@ class PCL(PerClient):
             # Python floats from the engine: the server's trust matrix lives on the host on purpose
             t = torch.tensor([[val_trust(losses[i][j]) for j in ids] for i in ids])
             sizes = [len(serialize(s)) for s in states]
-            down = sum(sizes[j] for i in range(n) for j in range(n) if i != j)  # peers' adapters to i
-            return t.double(), n * n * 4, down  # each client returns n perplexities
+            row = len(serialize({"val_loss": torch.zeros(n)}))  # each client returns its n perplexities
+            traffic = {c: (row, sum(sizes) - sizes[i]) for i, c in enumerate(ids)}  # the peers' adapters down
+            return t.double(), traffic, (0, 0)
         ref = engine.reference_blocks(self.reference_blocks)
         logits = engine.reference_logits(dict(zip(ids, states)), ref, self.top_k)
         vocab = int(max(int(idx.max()) for _, idx in logits.values()) + 1)
         d = topk_l1_distances([logits[c] for c in ids], vocab)
-        up = sum(len(serialize({"v": v.half(), "i": i.to(torch.int32)})) for v, i in logits.values())
+        ups = {c: len(serialize({"v": v.half(), "i": i.to(torch.int32)})) for c, (v, i) in logits.items()}
         if rnd == 1 + self.warmup_rounds:  # the shared reference set is collected and sent out once
             ref_bytes = len(serialize({"tokens": ref.to(torch.int32)}))
-            up, down = up + ref_bytes, n * ref_bytes
-            return d, up, down
-        return d, up, 0
+            return d, {c: (ups[c], ref_bytes) for c in ids}, (ref_bytes, 0)
+        return d, {c: (ups[c], 0) for c in ids}, (0, 0)
 
 
 # -- TAC -----------------------------------------------------------------------------------------

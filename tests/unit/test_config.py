@@ -162,3 +162,11 @@ def test_client_ids_that_would_share_an_adapter_folder_are_refused() -> None:
 def test_instruction_columns_with_plain_text_are_refused() -> None:
     (p,) = problems({"data": {"source": "files", "path": "configs", "columns": {"prompt": "q"}}})
     assert "data.format is 'text'" in p
+
+
+def test_a_boolean_where_a_number_belongs_is_refused() -> None:
+    """pydantic's lax mode read `rounds: true` as 1 and `lr: true` as 1.0, silently."""
+    ps = problems({"rounds": True, "train": {"lr": True}, "adapter": {"kind": "lora", "r": True}})
+    assert sorted(p.split(" = ")[0] for p in ps) == ["adapter.r", "rounds", "train.lr"]
+    assert all("a boolean where a number belongs" in p for p in ps)
+    assert config_from_dict({"train": {"bf16": True}, "evaluation": {"ood": True}}).train.bf16 is True

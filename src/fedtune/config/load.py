@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -172,16 +172,52 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    booleans = boolean_problems(ExperimentConfig, raw)
     try:
         cfg = ExperimentConfig.model_validate(raw)
     except ValidationError as err:  # and the names that need no valid config: every problem at once
         found = problems_from_validation(err, raw)
         known = {p.field for p in found}
-        raise ConfigError(found + [p for p in name_problems(raw) if p.field not in known]) from None
+        more = [p for p in [*booleans, *name_problems(raw)] if p.field not in known]
+        raise ConfigError(found + more) from None
+    if booleans:
+        raise ConfigError(booleans)
     problems = check_components(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def boolean_problems(model: type[BaseModel], raw: Any, prefix: str = "") -> list[Problem]:
+    """`rounds: true` or `train.lr: true` where a number belongs (pydantic's lax mode reads a
+    boolean as 1 or 1.0, silently), found by walking the raw YAML along the schema's sections."""
+    if not isinstance(raw, dict):
+        return []
+    out = []
+    for name, info in model.model_fields.items():
+        if name not in raw:
+            continue
+        value, field = raw[name], f"{prefix}{name}"
+        if isinstance(value, bool) and _numeric(info.annotation):
+            out.append(Problem(field, value, "a boolean where a number belongs", f"give {field} a number"))
+        elif isinstance(value, dict):
+            if name == "adapter" and model is ExperimentConfig:  # a union chosen by `kind`
+                section: Any = ADAPTER_CONFIGS.get(str(value.get("kind", "lora")))
+            else:
+                section = next((a for a in (info.annotation, *get_args(info.annotation)) if _is_model(a)), None)
+            if section is not None:
+                out += boolean_problems(section, value, f"{field}.")
+    return out
+
+
+def _numeric(annotation: Any) -> bool:
+    """int or float, or an optional one (not bool, not a union with other types)."""
+    args = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) else [annotation]
+    return bool(args) and all(a in (int, float) for a in args)
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def name_problems(raw: dict[str, Any]) -> list[Problem]:

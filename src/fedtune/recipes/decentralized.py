@@ -47,7 +47,6 @@ from fedtune.peer_sampling import Roles
 from fedtune.privacy.accounting import sample_epsilons
 from fedtune.recipes.federated import (
     AfterRound,
-    Ledger,
     RunResult,
     budget_stop,
     dp_sgd_stop,
@@ -55,9 +54,8 @@ from fedtune.recipes.federated import (
     receive,
     round_extras,
     run_jobs,
-    trained_replies,
-    update_ledger,
 )
+from fedtune.recipes.ledger import Ledger, trained_replies, update_ledger
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import client_records, eval_records, round_summary

@@ -30,7 +30,8 @@ from rich.console import Console
 from fedtune.config import ExperimentConfig, config_to_yaml
 from fedtune.engines.federation import Federation
 from fedtune.models.load import load_tokenizer
-from fedtune.recipes.federated import AfterRound, Ledger, RunResult, log_round
+from fedtune.recipes.federated import AfterRound, RunResult, log_round
+from fedtune.recipes.ledger import Ledger
 from fedtune.report import io
 from fedtune.report.plots import plot_runs
 from fedtune.report.records import round_summary

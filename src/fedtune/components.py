@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from fedtune.adapters import ADAPTERS, build_adapter
+from fedtune.adapters.base import schedule_problems
 from fedtune.client.train import TrainSpec
 from fedtune.codecs import CODECS
 from fedtune.codecs.build import build_codec as build_codec  # re-exported: the engines and loops build codecs here
@@ -17,9 +18,12 @@ from fedtune.config.schema import ExperimentConfig
 from fedtune.data.sources import DATA_SOURCES
 from fedtune.engines.capabilities import ENGINES, engine_problems
 from fedtune.errors import Problem
+from fedtune.models.export import folder_problems
 from fedtune.models.gpu import kernels_problems, quantize_problems
 from fedtune.models.load import device_problem, model_problem, resolve_device
 from fedtune.registry import Registry
+from fedtune.sampling import accounted_sampling_problems, round_problems
+from fedtune.secagg import uplink_codec_problems
 from fedtune.strategies import STRATEGIES
 from fedtune.strategies.base import Capabilities, RunContext, StrategyCore, algebra_problems
 from fedtune.strategies.decentralized import peer_codec_problems, peer_problems
@@ -65,17 +69,7 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
     adapter = build_adapter(cfg.adapter)
     adapter_problems = adapter.problems(dp=dp, dp_sgd=cfg.train.dp_sgd is not None)
     if cfg.train.dp_sgd is not None:  # a group on its own schedule takes plain steps, outside DP-SGD
-        adapter_problems += [
-            Problem(
-                f"adapter.{g.name}_every",
-                g.every,
-                f"the adapter's {g.name} group takes its own steps (on the validation split) outside DP-SGD's "
-                "clipping, noise and accounting",
-                f"set adapter.{g.name}_every: 0 (the group then trains inside DP-SGD) or drop train.dp_sgd",
-            )
-            for g in adapter.param_groups(())
-            if g.every > 0
-        ]
+        adapter_problems += schedule_problems(adapter)
     problems += adapter_problems
     ranks_refused = any(p.field == "adapter.ranks" for p in adapter_problems)
     auto = getattr(cfg.adapter, "auto", None)
@@ -99,27 +93,10 @@ def check_strategy(cfg: ExperimentConfig) -> list[Problem]:
                 "use kind: always with this strategy",
             )
         )
-    if caps.accounts_sampling and cfg.sampling.scheme == "poisson" and cfg.sampling.min_updates > 1:
-        problems.append(
-            Problem(
-                "sampling.min_updates",
-                cfg.sampling.min_updates,
-                f"strategy {name!r} under Poisson sampling releases a noised model every round (skipping a round "
-                "with few updates would reveal how many clients were drawn, which the accountant's "
-                "amplification hides)",
-                "set sampling.min_updates: 1 (or 0) with Poisson sampling, or use scheme: fixed",
-            )
-        )
-    if cfg.secure_aggregation and cfg.codec.name != "identity":
-        problems.append(
-            Problem(
-                "codec.name",
-                cfg.codec.name,
-                "under secure aggregation a client uploads its masked fixed-point share (int64 words), which an "
-                "uplink codec cannot compress (in-process it was silently left as it was)",
-                "use codec: identity (a downlink_codec still compresses what the server sends)",
-            )
-        )
+    if caps.accounts_sampling:
+        problems += accounted_sampling_problems(cfg.sampling, name)
+    if cfg.secure_aggregation:
+        problems += uplink_codec_problems(cfg.codec.name)
     if cfg.secure_aggregation and not caps.sum_only:
         sums = sorted(n for n in STRATEGIES.names() if STRATEGIES.get(n)().capabilities.sum_only)
         problems.append(
@@ -262,22 +239,7 @@ def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Pr
     client), train.client_lr's client ids and the strategy on the configured sample size (Krum's n >= 2f + 3, ...)."""
     out = []
     n, ids = len(client_ids), ", ".join(client_ids)
-    folders: dict[
-        str, str
-    ] = {}  # a client's exported adapter: adapters/<id with / as _>; 'global' is the global model's
-    for cid in client_ids:
-        name = cid.replace("/", "_")
-        if name == "global" or name in folders:
-            clash = "the global model's" if name == "global" else f"client {folders[name]!r}'s"
-            out.append(
-                Problem(
-                    "client id",
-                    cid,
-                    f"its adapter folder adapters/{name} would be {clash}",
-                    "rename that client's folder or label",
-                )
-            )
-        folders[name] = cid
+    out += folder_problems(client_ids)
     if cfg.adapter.ranks is not None and len(cfg.adapter.ranks) != n:
         out.append(
             Problem(
@@ -320,27 +282,7 @@ def per_client_problems(cfg: ExperimentConfig, client_ids: list[str]) -> list[Pr
         k = sample_size(n, cfg.sampling.fraction, cfg.sampling.min_clients)
         built = TypeAdapter(cls).validate_python(cfg.strategy.params())
         out += built.sample_problems(k) + built.network_problems(client_ids, cfg.seed)
-        most = k if cfg.sampling.scheme == "fixed" else n  # the most updates a round can have
-        if cfg.sampling.min_updates > most:
-            out.append(
-                Problem(
-                    "sampling.min_updates",
-                    cfg.sampling.min_updates,
-                    f"a round has at most {most} updates ({n} clients, {cfg.sampling.scheme} sampling), so every "
-                    "round would be skipped and nothing trained",
-                    f"set sampling.min_updates to at most {most}",
-                )
-            )
-        if cfg.secure_aggregation and cfg.sampling.scheme == "fixed" and k < 2:  # the sum of one is its update
-            out.append(
-                Problem(
-                    "sampling.fraction",
-                    cfg.sampling.fraction,
-                    f"secure aggregation over {k} client a round reveals that client's update (the sum of one); "
-                    f"{n} clients, min_clients {cfg.sampling.min_clients}",
-                    "sample at least 2 clients a round (raise sampling.fraction or set sampling.min_clients: 2)",
-                )
-            )
+        out += round_problems(cfg.sampling, n, k, cfg.secure_aggregation)
     return out
 
 

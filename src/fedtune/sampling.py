@@ -15,6 +15,7 @@ import random
 from collections.abc import Sequence
 
 from fedtune.config.schema import AvailabilityConfig, SamplingConfig
+from fedtune.errors import Problem
 from fedtune.seeding import numpy_rng
 
 
@@ -80,3 +81,48 @@ def sample_round(
     """This round's participants: the sampling scheme applied to the clients online in `rnd`."""
     online = online_clients(client_ids, s.availability, seed, rnd)
     return sample_clients(online, s.fraction, s.min_clients, seed, rnd, s.scheme, randomness) if online else []
+
+
+def round_problems(s: SamplingConfig, n: int, k: int, secure: bool) -> list[Problem]:
+    """A round size the config can never use: more required updates than a round can have (every
+    round would be skipped, nothing trained), or a secure sum over one client (its update)."""
+    out = []
+    most = k if s.scheme == "fixed" else n  # the most updates a round can have
+    if s.min_updates > most:
+        out.append(
+            Problem(
+                "sampling.min_updates",
+                s.min_updates,
+                f"a round has at most {most} updates ({n} clients, {s.scheme} sampling), so every "
+                "round would be skipped and nothing trained",
+                f"set sampling.min_updates to at most {most}",
+            )
+        )
+    if secure and s.scheme == "fixed" and k < 2:  # the sum of one is its update
+        out.append(
+            Problem(
+                "sampling.fraction",
+                s.fraction,
+                f"secure aggregation over {k} client a round reveals that client's update (the sum of one); "
+                f"{n} clients, min_clients {s.min_clients}",
+                "sample at least 2 clients a round (raise sampling.fraction or set sampling.min_clients: 2)",
+            )
+        )
+    return out
+
+
+def accounted_sampling_problems(s: SamplingConfig, strategy: str) -> list[Problem]:
+    """A strategy whose privacy accounting depends on the sampling (DP-FedAvg): under Poisson
+    sampling it releases a noised model every round, so no round may be skipped for few updates."""
+    if s.scheme != "poisson" or s.min_updates <= 1:
+        return []
+    return [
+        Problem(
+            "sampling.min_updates",
+            s.min_updates,
+            f"strategy {strategy!r} under Poisson sampling releases a noised model every round (skipping a round "
+            "with few updates would reveal how many clients were drawn, which the accountant's "
+            "amplification hides)",
+            "set sampling.min_updates: 1 (or 0) with Poisson sampling, or use scheme: fixed",
+        )
+    ]

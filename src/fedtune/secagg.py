@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedtune.errors import Problem
 from fedtune.types import AdapterState, ClientUpdate
 
 SECURE_SUM = "secure-sum"  # the id of the one update a strategy sees under secure aggregation
@@ -126,3 +127,19 @@ def secure_sum(updates: Sequence[ClientUpdate], weighting: str = "examples") -> 
     n = sum(1.0 if weighting == "uniform" else float(u.num_examples) for u in updates)
     total = unmask_sum([u.delta for u in updates])
     return ClientUpdate(SECURE_SUM, {k: v / n for k, v in total.items()}, n, {}, 0, 0)  # type: ignore[arg-type]
+
+
+def uplink_codec_problems(codec: str) -> list[Problem]:
+    """A client uploads its masked fixed-point share (int64 words), which an uplink codec cannot
+    compress (in-process it was silently left as it was): only the identity codec, on every engine."""
+    if codec == "identity":
+        return []
+    return [
+        Problem(
+            "codec.name",
+            codec,
+            "under secure aggregation a client uploads its masked fixed-point share (int64 words), which an "
+            "uplink codec cannot compress (in-process it was silently left as it was)",
+            "use codec: identity (a downlink_codec still compresses what the server sends)",
+        )
+    ]

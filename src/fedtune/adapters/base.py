@@ -246,3 +246,20 @@ def adapter_of(model: Any) -> Adapter:
     cls: Any = ADAPTERS.get(adapter_kind(model))
     adapter: Adapter = cls()
     return adapter
+
+
+def schedule_problems(adapter: Adapter) -> list[Problem]:
+    """Under DP-SGD: every parameter group on its own schedule (declared by `param_groups`; the
+    schedule is the options', not the keys') takes plain steps outside DP-SGD's clipping, noise and
+    accounting, so it is refused, whatever the adapter kind."""
+    return [
+        Problem(
+            f"adapter.{g.name}_every",
+            g.every,
+            f"the adapter's {g.name} group takes its own steps (on the validation split) outside DP-SGD's "
+            "clipping, noise and accounting",
+            f"set adapter.{g.name}_every: 0 (the group then trains inside DP-SGD) or drop train.dp_sgd",
+        )
+        for g in adapter.param_groups(())
+        if g.every > 0
+    ]

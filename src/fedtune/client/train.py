@@ -53,10 +53,6 @@ class TrainData:
     mask: torch.Tensor | None = None
     docs: torch.Tensor | None = None
 
-    def batches(self, batch_size: int, gen: torch.Generator) -> Batches:
-        n = int(self.blocks.shape[0])
-        return Batches(self.blocks, self.mask, batch_indices(n, batch_size, gen))
-
 
 @dataclass(frozen=True)
 class TrainSpec:
@@ -326,10 +322,11 @@ def local_train_(
         raise ValueError(f"the {side.name} group's own steps would run outside DP-SGD: set its every to 0")
     trained = params if alternate else params + side.params
     opt = make_optimizer(trained, spec)
-    batches = data.batches(spec.batch_size, gen)
+    batches = Batches(blocks, mask, batch_indices(int(blocks.shape[0]), spec.batch_size, gen))
     if alternate:
         side_data = side.data if side.data is not None and side.data.blocks.shape[0] > 0 else data
-        side_batches = side_data.batches(spec.batch_size, gen)
+        rows = int(side_data.blocks.shape[0])
+        side_batches = Batches(side_data.blocks, side_data.mask, batch_indices(rows, spec.batch_size, gen))
         side_opt = torch.optim.AdamW(side.params, lr=side.lr, weight_decay=spec.weight_decay)
         only_trains_([], side.params)
     model.train()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.adapters import adapter_of
+from fedtune.errors import Problem
 from fedtune.types import AdapterState
 
 
@@ -28,7 +29,7 @@ def export_adapters(
     base = str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir
 
     def write(state: AdapterState, name: str, cid: str | None) -> None:
-        out = run_dir / "adapters" / name.replace("/", "_")
+        out = run_dir / "adapters" / adapter_folder(name)
         variant = variants.get(cid) if cid else None
         adapter_of(fed.model).export(fed.model, state, out, base, fed.adapter_cfg, variant)
 
@@ -49,7 +50,7 @@ def exported_adapter(run_dir: Path, client: str | None = None) -> Path:
     from fedtune.errors import FedtuneError
 
     root = Path(run_dir) / "adapters"
-    name = (client or "global").replace("/", "_")
+    name = adapter_folder(client or "global")
     out = root / name
     if not (out / "adapter_config.json").exists():
         have = sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").exists()) if root.exists() else []
@@ -112,3 +113,29 @@ def reply(run_dir: Path, prompt: str, client: str | None = None, max_new_tokens:
     model, tokenizer = load_exported(run_dir, client)
     r = Renderer(tokenizer)
     return generate(model, tokenizer, r.ids(r.text([{"role": "user", "content": prompt}], True)), max_new_tokens, False)
+
+
+def adapter_folder(name: str) -> str:
+    """The folder under RUN/adapters of the global model ('global') or of a client's own model."""
+    return name.replace("/", "_")
+
+
+def folder_problems(client_ids: list[str]) -> list[Problem]:
+    """Client ids whose exported adapters would share a folder: 'global' (the global model's), or
+    two ids that differ only by '/' and '_'."""
+    out: list[Problem] = []
+    folders: dict[str, str] = {}  # folder -> the client id that has it
+    for cid in client_ids:
+        name = adapter_folder(cid)
+        if name == "global" or name in folders:
+            clash = "the global model's" if name == "global" else f"client {folders[name]!r}'s"
+            out.append(
+                Problem(
+                    "client id",
+                    cid,
+                    f"its adapter folder adapters/{name} would be {clash}",
+                    "rename that client's folder or label",
+                )
+            )
+        folders[name] = cid
+    return out

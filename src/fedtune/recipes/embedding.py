@@ -26,6 +26,7 @@ from fedtune.engines.federation import build_adapted_model, run_precision
 from fedtune.errors import FedtuneError
 from fedtune.files import write_atomic
 from fedtune.models.adapters import lora_scale
+from fedtune.models.export import adapter_folder
 from fedtune.models.load import load_tokenizer, resolve_model_dir
 from fedtune.report import io
 from fedtune.report.trackers import Tracker
@@ -143,7 +144,7 @@ def run_embedding(
     base = str(Path(model_dir).resolve()) if Path(model_dir).exists() else model_dir
     exports = {"global": global_state} if caps.has_global else dict(strategy.configure(cfg.rounds + 1, ids, sstate))
     for name, state in exports.items():
-        out = run_dir / "adapters" / name.replace("/", "_")
+        out = run_dir / "adapters" / adapter_folder(name)
         export_gem(model, state, out, base, adapter_cfg, k, cfg.data.block_size - k)
     records = io.read_jsonl(metrics_path)
     rounds = [r for r in records if r["client"] is None and r["round"] > 0]

@@ -245,7 +245,7 @@ class PCL(PerClient):
             # Python floats from the engine: the server's trust matrix lives on the host on purpose
             t = torch.tensor([[val_trust(losses[i][j]) for j in ids] for i in ids])
             sizes = [len(serialize(s)) for s in states]
-            row = len(serialize({"val_loss": torch.zeros(n)}))  # each client returns its n perplexities
+            row = len(serialize({"val_loss": torch.zeros(n)}))  # a reply of n perplexities: a size, on the host
             traffic = {c: (row, sum(sizes) - sizes[i]) for i, c in enumerate(ids)}  # the peers' adapters down
             return t.double(), traffic, (0, 0)
         ref = engine.reference_blocks(self.reference_blocks)
